@@ -1,0 +1,352 @@
+//! Diagnostics as data: a stable [`Code`], a severity, a primary span whose
+//! label stands alone, secondary spans, notes and help.
+//!
+//! Every layer of the front end (lexer, parser, checker) pushes
+//! [`Diagnostic`]s into a vector and carries on; only the driver decides to
+//! stop. [`render`] is the one renderer: plain text (no colour) so that
+//! snapshots and terminals show the same bytes. `docs/diagnostics.md` lists
+//! every code with a failing example and its fix.
+
+use std::fmt;
+
+use codespan_reporting::diagnostic as cs;
+use codespan_reporting::files::SimpleFile;
+use codespan_reporting::term;
+
+/// A half-open byte range `start..end` in the one source file of a compile.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Span {
+    /// Offset of the first byte.
+    pub start: u32,
+    /// Offset one past the last byte.
+    pub end: u32,
+}
+
+impl Span {
+    /// A span from byte offsets; offsets past `u32::MAX` saturate (sources
+    /// that large are rejected before lexing).
+    pub fn new(start: usize, end: usize) -> Span {
+        let clamp = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        Span {
+            start: clamp(start),
+            end: clamp(end.max(start)),
+        }
+    }
+
+    /// The smallest span covering both.
+    pub fn to(self, other: Span) -> Span {
+        Span {
+            start: self.start.min(other.start),
+            end: self.end.max(other.end),
+        }
+    }
+
+    /// The byte range, for slicing the source.
+    pub fn range(self) -> std::ops::Range<usize> {
+        self.start as usize..self.end as usize
+    }
+}
+
+/// How bad a diagnostic is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// The file is still compiled; the user should look.
+    Warning,
+    /// The file is rejected.
+    Error,
+}
+
+macro_rules! codes {
+    ($($variant:ident = $text:literal, $summary:literal;)*) => {
+        /// Every diagnostic gradc can emit, with its stable code. The list is
+        /// closed: `docs/diagnostics.md` and `tests/ui/` cover each one.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum Code {
+            $(#[doc = $summary] $variant,)*
+        }
+
+        impl Code {
+            /// All codes, in order.
+            pub const ALL: &'static [Code] = &[$(Code::$variant,)*];
+
+            /// The stable code, such as `E0101`.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Code::$variant => $text,)* }
+            }
+
+            /// One line saying what the code means.
+            pub fn summary(self) -> &'static str {
+                match self { $(Code::$variant => $summary,)* }
+            }
+        }
+    };
+}
+
+codes! {
+    InvalidCharacter = "E0001", "a character that cannot start any token";
+    UnexpectedToken = "E0002", "a token where the grammar expects something else";
+    UnexpectedEof = "E0003", "the file ends in the middle of a construct";
+    InvalidUtf8 = "E0004", "the file is not valid UTF-8";
+    TooDeep = "E0005", "an expression nests deeper than the compiler's limit";
+    BadLiteral = "E0006", "a number literal that does not fit its type";
+    UnterminatedString = "E0007", "a string literal with no closing quote";
+    TooLarge = "E0008", "a source file larger than the compiler's limit";
+    UnknownName = "E0101", "a name that is not defined at this point";
+    DuplicateName = "E0102", "a name defined twice in one scope (names are immutable, no shadowing)";
+    UseBeforeDefinition = "E0103", "a name used above the line that defines it";
+    UnknownFunction = "E0104", "a call of a function that is neither built in nor defined";
+    RecursiveFunction = "E0105", "a function that calls itself, directly or through others";
+    UnknownDimension = "E0106", "a symbolic dimension in a reshape that no input declares";
+    WrongArity = "E0201", "a call with too many or too few arguments";
+    UnknownArgument = "E0202", "a named argument the callee does not take";
+    MissingArgument = "E0203", "a call that leaves a required argument out";
+    DuplicateArgument = "E0204", "an argument given twice";
+    WrongArgumentKind = "E0205", "an argument of the wrong kind (a tensor where a number is wanted, or the reverse)";
+    DtypeMismatch = "E0301", "operands of different float types";
+    NotInteger = "E0302", "labels and indices must be `i32`";
+    NotFloat = "E0303", "arithmetic and layers need `f32` or `f64`, not `i32`";
+    ShapeMismatch = "E0401", "shapes that cannot be broadcast or must be equal";
+    MatmulMismatch = "E0402", "matrix product operands whose inner dimensions differ";
+    BadAxis = "E0403", "an axis outside the operand's rank";
+    ReshapeCount = "E0404", "a reshape that changes the number of elements";
+    Overflow = "E0405", "a shape whose element count overflows";
+    WrongRank = "E0406", "an operand with the wrong number of dimensions";
+    LossNotScalar = "E0501", "a `loss` whose value is not a scalar";
+    SecondLoss = "E0502", "a model with more than one `loss`";
+    DropoutProbability = "E0503", "a dropout probability outside [0, 1)";
+    UnknownInitializer = "E0504", "an initializer that does not exist, or with wrong arguments";
+    NotABuffer = "E0505", "batch-norm statistics that are not `buffer`s";
+    RetainUnknown = "E0506", "`retain` of a name that is not a value of the model";
+    UnknownModel = "E0601", "a `train` block naming no model or an unknown one";
+    UnknownOptimizer = "E0602", "an optimizer that does not exist";
+    UnknownTrainEntry = "E0603", "an entry the `train` block does not have";
+    BadTrainValue = "E0604", "a `train` entry with a value it cannot take";
+    DuplicateTrain = "E0605", "two `train` blocks for one model, or one entry given twice";
+    UnknownSchedule = "E0606", "a learning-rate schedule that does not exist";
+    TrainWithoutLoss = "E0607", "a `train` block for a model with no `loss`";
+    UnusedValue = "W0001", "a value that nothing uses";
+}
+
+/// A labelled span.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Label {
+    /// Where.
+    pub span: Span,
+    /// What is wrong there; may be empty.
+    pub message: String,
+}
+
+/// One finding about the source: what, where, and how to fix it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// Error or warning.
+    pub severity: Severity,
+    /// Stable code.
+    pub code: Code,
+    /// Lowercase headline, no final period, identifiers in backticks.
+    pub message: String,
+    /// The span the message is about.
+    pub primary: Label,
+    /// Related places (the call of an inlined function, the first definition).
+    pub secondary: Vec<Label>,
+    /// Extra facts.
+    pub notes: Vec<String>,
+    /// What would fit.
+    pub help: Option<String>,
+}
+
+impl Diagnostic {
+    /// An error with a primary span and its label.
+    pub fn error(code: Code, span: Span, message: impl Into<String>) -> Diagnostic {
+        Diagnostic {
+            severity: Severity::Error,
+            code,
+            message: message.into(),
+            primary: Label {
+                span,
+                message: String::new(),
+            },
+            secondary: Vec::new(),
+            notes: Vec::new(),
+            help: None,
+        }
+    }
+
+    /// A warning with a primary span.
+    pub fn warning(code: Code, span: Span, message: impl Into<String>) -> Diagnostic {
+        Diagnostic {
+            severity: Severity::Warning,
+            ..Diagnostic::error(code, span, message)
+        }
+    }
+
+    /// Sets the primary label's text.
+    pub fn with_label(mut self, message: impl Into<String>) -> Diagnostic {
+        self.primary.message = message.into();
+        self
+    }
+
+    /// Adds a secondary labelled span.
+    pub fn with_secondary(mut self, span: Span, message: impl Into<String>) -> Diagnostic {
+        self.secondary.push(Label {
+            span,
+            message: message.into(),
+        });
+        self
+    }
+
+    /// Adds a note.
+    pub fn with_note(mut self, note: impl Into<String>) -> Diagnostic {
+        self.notes.push(note.into());
+        self
+    }
+
+    /// Sets the help line.
+    pub fn with_help(mut self, help: impl Into<String>) -> Diagnostic {
+        self.help = Some(help.into());
+        self
+    }
+
+    /// Whether this diagnostic rejects the file.
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Renders diagnostics as plain text in the rustc style, each naming
+/// `file:line:col` and underlining its spans.
+pub fn render(file_name: &str, source: &str, diagnostics: &[Diagnostic]) -> String {
+    let file = SimpleFile::new(file_name, source);
+    let config = term::Config::default();
+    let mut out = String::new();
+    for diagnostic in diagnostics {
+        let mut labels = vec![
+            cs::Label::primary((), clamp(diagnostic.primary.span, source))
+                .with_message(diagnostic.primary.message.clone()),
+        ];
+        for label in &diagnostic.secondary {
+            labels.push(
+                cs::Label::secondary((), clamp(label.span, source))
+                    .with_message(label.message.clone()),
+            );
+        }
+        let mut notes = diagnostic.notes.clone();
+        if let Some(help) = &diagnostic.help {
+            notes.push(format!("help: {help}"));
+        }
+        let severity = match diagnostic.severity {
+            Severity::Error => cs::Severity::Error,
+            Severity::Warning => cs::Severity::Warning,
+        };
+        let rendered = cs::Diagnostic::new(severity)
+            .with_code(diagnostic.code.as_str())
+            .with_message(diagnostic.message.clone())
+            .with_labels(labels)
+            .with_notes(notes);
+        match term::emit_into_string(&config, &file, &rendered) {
+            Ok(text) => out.push_str(&text),
+            // A span that codespan cannot place (it never should: spans are
+            // clamped) still gets its message out.
+            Err(_) => out.push_str(&format!(
+                "{}[{}]: {}\n",
+                severity_word(diagnostic.severity),
+                diagnostic.code,
+                diagnostic.message
+            )),
+        }
+    }
+    out
+}
+
+fn severity_word(severity: Severity) -> &'static str {
+    match severity {
+        Severity::Error => "error",
+        Severity::Warning => "warning",
+    }
+}
+
+/// Keeps a span inside the source and on character boundaries, so the
+/// renderer can always place it.
+fn clamp(span: Span, source: &str) -> std::ops::Range<usize> {
+    let mut start = (span.start as usize).min(source.len());
+    let mut end = (span.end as usize).min(source.len()).max(start);
+    while !source.is_char_boundary(start) {
+        start -= 1;
+    }
+    while !source.is_char_boundary(end) {
+        end += 1;
+    }
+    start..end
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_col(source: &str, offset: u32) -> (usize, usize) {
+    let offset = (offset as usize).min(source.len());
+    let before = &source[..floor_boundary(source, offset)];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before[line_start..].chars().count() + 1;
+    (line, col)
+}
+
+fn floor_boundary(source: &str, mut offset: usize) -> usize {
+    while !source.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    offset
+}
+
+/// "Did you mean" support: the candidate closest to `name` by edit
+/// distance, if it is close enough to be a plausible typo.
+pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (name.chars().count() / 3).max(1);
+    let mut best: Option<(usize, &str)> = None;
+    for candidate in candidates {
+        let distance = edit_distance(name, candidate);
+        if distance <= limit && best.is_none_or(|(d, c)| (distance, candidate) < (d, c)) {
+            best = Some((distance, candidate));
+        }
+    }
+    best.map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = previous + usize::from(ca != *cb);
+            previous = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(previous + 1);
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closest_finds_typos_only() {
+        assert_eq!(closest("relu", ["relu6", "gelu", "exp"]), Some("gelu"));
+        assert_eq!(closest("w1", ["w2", "b1"]), Some("b1"));
+        assert_eq!(closest("zzzzzz", ["relu"]), None);
+    }
+
+    #[test]
+    fn line_col_counts_characters() {
+        let source = "ab\nçd";
+        assert_eq!(line_col(source, 0), (1, 1));
+        assert_eq!(line_col(source, 3), (2, 1));
+        assert_eq!(line_col(source, 5), (2, 2));
+    }
+}
