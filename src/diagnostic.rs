@@ -105,12 +105,15 @@ codes! {
     DtypeMismatch = "E0301", "operands of different float types";
     NotInteger = "E0302", "labels and indices must be `i32`";
     NotFloat = "E0303", "arithmetic and layers need `f32` or `f64`, not `i32`";
+    UnknownDtype = "E0304", "an element type other than `f32`, `f64` and `i32`";
     ShapeMismatch = "E0401", "shapes that cannot be broadcast or must be equal";
     MatmulMismatch = "E0402", "matrix product operands whose inner dimensions differ";
     BadAxis = "E0403", "an axis outside the operand's rank";
     ReshapeCount = "E0404", "a reshape that changes the number of elements";
     Overflow = "E0405", "a shape whose element count overflows";
     WrongRank = "E0406", "an operand with the wrong number of dimensions";
+    SymbolicParam = "E0407", "a param or buffer whose shape is not fixed, or a dimension below 1";
+    StatementNotAllowed = "E0507", "a statement where it cannot stand (an `input` inside a function)";
     LossNotScalar = "E0501", "a `loss` whose value is not a scalar";
     SecondLoss = "E0502", "a model with more than one `loss`";
     DropoutProbability = "E0503", "a dropout probability outside [0, 1)";
@@ -348,5 +351,35 @@ mod tests {
         assert_eq!(line_col(source, 0), (1, 1));
         assert_eq!(line_col(source, 3), (2, 1));
         assert_eq!(line_col(source, 5), (2, 2));
+        let index = LineIndex::new(source);
+        assert_eq!(index.line_col(source, 0), (1, 1));
+        assert_eq!(index.line_col(source, 2), (1, 3));
+        assert_eq!(index.line_col(source, 3), (2, 1));
+        assert_eq!(index.line_col(source, 5), (2, 2));
+    }
+}
+
+/// Maps byte offsets to 1-based lines and columns quickly.
+#[derive(Clone, Debug)]
+pub struct LineIndex {
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    /// Indexes the line starts of a source.
+    pub fn new(source: &str) -> LineIndex {
+        let mut starts = vec![0];
+        starts.extend(source.match_indices('\n').map(|(i, _)| i + 1));
+        LineIndex { starts }
+    }
+
+    /// 1-based line and column (in characters) of `offset` in `source`.
+    pub fn line_col(&self, source: &str, offset: u32) -> (u32, u32) {
+        let offset = floor_boundary(source, (offset as usize).min(source.len()));
+        let line = self.starts.partition_point(|&s| s <= offset).max(1);
+        let start = self.starts[line - 1].min(offset);
+        let col = source[start..offset].chars().count() + 1;
+        let clamp = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        (clamp(line), clamp(col))
     }
 }

@@ -10,5 +10,9 @@
 //!
 //! [`driver`] runs the stages in order; `docs/architecture.md` is the map.
 
+pub mod cli;
 pub mod diagnostic;
+pub mod driver;
+pub mod ir;
+pub mod lower;
 pub mod syntax;

@@ -303,7 +303,7 @@ impl BinaryOp {
 }
 
 /// A call argument, positional or named.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Arg {
     /// The name in `name = value`.
     pub name: Option<Ident>,

@@ -1,0 +1,244 @@
+//! The command-line interface: argument parsing with `clap` and one
+//! function per subcommand. Each returns an [`ExitStatus`]; `main` maps it
+//! to the process exit code (0 success, 1 the input has errors, 2 usage or
+//! I/O errors). Output to stdout is the command's result; diagnostics and
+//! messages go to stderr.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::driver::{self, Compilation};
+use crate::ir::{DType, Mode, dot, text};
+use crate::lower::LowerOptions;
+
+/// How a command ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// Done, exit 0.
+    Success,
+    /// The input has errors, exit 1.
+    Failure,
+    /// Usage or I/O error, exit 2.
+    Error,
+}
+
+impl ExitStatus {
+    /// The process exit code.
+    pub fn code(self) -> i32 {
+        match self {
+            ExitStatus::Success => 0,
+            ExitStatus::Failure => 1,
+            ExitStatus::Error => 2,
+        }
+    }
+}
+
+/// gradc: a static computation-graph compiler for training neural models.
+#[derive(Debug, Parser)]
+#[command(name = "gradc", version, about, long_about = None)]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a model file: parse, resolve, type and shape-check every model
+    #[command(
+        after_help = "Examples:\n  gradc check examples/digits_mlp.grad\n  gradc check model.grad --dtype f64\n\nExit status: 0 when the file is valid, 1 when it has errors, 2 for usage or I/O errors."
+    )]
+    Check {
+        /// The `.grad` file.
+        file: PathBuf,
+        /// Compile every float value in this element type.
+        #[arg(long, value_enum)]
+        dtype: Option<FloatType>,
+    },
+    /// Print a model's graph as canonical text or Graphviz DOT
+    #[command(
+        after_help = "Examples:\n  gradc graph examples/digits_mlp.grad\n  gradc graph examples/bn_dropout.grad --mode eval\n  gradc graph examples/residual.grad --format dot | dot -Tsvg > residual.svg"
+    )]
+    Graph {
+        /// The `.grad` file.
+        file: PathBuf,
+        /// The model to print (needed when the file has several).
+        #[arg(long)]
+        model: Option<String>,
+        /// Train mode (dropout active, batch statistics) or eval mode.
+        #[arg(long, value_enum, default_value_t = ModeArg::Train)]
+        mode: ModeArg,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Which stage of the pipeline to print.
+        #[arg(long, value_enum, default_value_t = Stage::Forward)]
+        stage: Stage,
+        /// Compile every float value in this element type.
+        #[arg(long, value_enum)]
+        dtype: Option<FloatType>,
+    },
+}
+
+/// `--mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Training graph.
+    Train,
+    /// Inference graph.
+    Eval,
+}
+
+/// `--format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Canonical text IR.
+    Text,
+    /// Graphviz DOT.
+    Dot,
+}
+
+/// `--stage`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Stage {
+    /// The forward graph as lowered from the source.
+    Forward,
+}
+
+/// `--dtype`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FloatType {
+    /// 32-bit floats.
+    F32,
+    /// 64-bit floats.
+    F64,
+}
+
+impl FloatType {
+    fn options(dtype: Option<FloatType>) -> LowerOptions {
+        LowerOptions {
+            float_dtype: dtype.map(|d| match d {
+                FloatType::F32 => DType::F32,
+                FloatType::F64 => DType::F64,
+            }),
+        }
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> ExitStatus {
+    match cli.command {
+        Command::Check { file, dtype } => check(&file, FloatType::options(dtype)),
+        Command::Graph {
+            file,
+            model,
+            mode,
+            format,
+            stage: Stage::Forward,
+            dtype,
+        } => graph(
+            &file,
+            model.as_deref(),
+            mode,
+            format,
+            FloatType::options(dtype),
+        ),
+    }
+}
+
+/// Compiles a file and prints its diagnostics to stderr; `None` on an I/O
+/// error (already reported).
+fn compile(file: &Path, options: LowerOptions) -> Option<Compilation> {
+    match driver::compile_file(file, options) {
+        Ok(compilation) => {
+            if !compilation.diagnostics.is_empty() {
+                eprint!("{}", compilation.render_diagnostics());
+            }
+            Some(compilation)
+        }
+        Err(error) => {
+            eprintln!("error: cannot read {}: {error}", file.display());
+            None
+        }
+    }
+}
+
+fn check(file: &Path, options: LowerOptions) -> ExitStatus {
+    let Some(compilation) = compile(file, options) else {
+        return ExitStatus::Error;
+    };
+    let errors = compilation
+        .diagnostics
+        .iter()
+        .filter(|d| d.is_error())
+        .count();
+    if errors > 0 {
+        eprintln!(
+            "error: {} has {errors} error{}",
+            file.display(),
+            if errors == 1 { "" } else { "s" }
+        );
+        return ExitStatus::Failure;
+    }
+    let models: Vec<String> = compilation.models.iter().map(driver::summary).collect();
+    let count = compilation.models.len();
+    println!(
+        "ok: {}: {count} model{}{}{}",
+        file.display(),
+        if count == 1 { "" } else { "s" },
+        if count == 0 { "" } else { "; " },
+        models.join("; ")
+    );
+    ExitStatus::Success
+}
+
+fn graph(
+    file: &Path,
+    model: Option<&str>,
+    mode: ModeArg,
+    format: Format,
+    options: LowerOptions,
+) -> ExitStatus {
+    let Some(compilation) = compile(file, options) else {
+        return ExitStatus::Error;
+    };
+    if compilation.has_errors() {
+        return ExitStatus::Failure;
+    }
+    let lowered = match compilation.model(model) {
+        Ok(lowered) => lowered,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitStatus::Error;
+        }
+    };
+    let mode = match mode {
+        ModeArg::Train => Mode::Train,
+        ModeArg::Eval => Mode::Eval,
+    };
+    let graph = lowered.graph(mode);
+    let rendered = match format {
+        Format::Text => text::to_text(graph),
+        Format::Dot => dot::to_dot(graph),
+    };
+    print_out(&rendered)
+}
+
+/// Writes to stdout; a closed pipe is not an error worth a panic.
+fn print_out(text: &str) -> ExitStatus {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => ExitStatus::Success,
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitStatus::Success,
+        Err(error) => {
+            eprintln!("error: cannot write output: {error}");
+            ExitStatus::Error
+        }
+    }
+}

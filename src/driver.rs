@@ -1,0 +1,174 @@
+//! The driver: runs the front end's stages in order on one source file and
+//! keeps what each produced.
+//!
+//! Stages, in order: decode (UTF-8), [`syntax::parse`], [`lower::lower`].
+//! A stage's diagnostics never stop the next one unless it has nothing to
+//! give it, so one run reports as much as it can. This is the library's
+//! entry point; the CLI and the tests go through it.
+
+use std::path::Path;
+
+use crate::diagnostic::{Code, Diagnostic, Span, render};
+use crate::ir::{Graph, Mode, Role};
+use crate::lower::{self, LowerOptions, LoweredModel};
+use crate::syntax;
+
+/// A compiled file: its source, its models and every diagnostic.
+#[derive(Clone, Debug)]
+pub struct Compilation {
+    /// The name diagnostics show for the file.
+    pub file_name: String,
+    /// The source text (invalid UTF-8 replaced, for rendering).
+    pub source: String,
+    /// Models that lowered without errors.
+    pub models: Vec<LoweredModel>,
+    /// Every diagnostic, errors and warnings, in source order.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Compilation {
+    /// Whether any diagnostic is an error.
+    pub fn has_errors(&self) -> bool {
+        self.diagnostics.iter().any(Diagnostic::is_error)
+    }
+
+    /// Renders every diagnostic as plain text.
+    pub fn render_diagnostics(&self) -> String {
+        render(&self.file_name, &self.source, &self.diagnostics)
+    }
+
+    /// The model called `name`, or the only one when `name` is `None`.
+    pub fn model(&self, name: Option<&str>) -> Result<&LoweredModel, String> {
+        match name {
+            Some(name) => self.models.iter().find(|m| m.name == name).ok_or_else(|| {
+                let names: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+                format!(
+                    "no model `{name}` in {}; models: {}",
+                    self.file_name,
+                    names.join(", ")
+                )
+            }),
+            None => match self.models.as_slice() {
+                [one] => Ok(one),
+                [] => Err(format!("{} defines no model", self.file_name)),
+                many => {
+                    let names: Vec<&str> = many.iter().map(|m| m.name.as_str()).collect();
+                    Err(format!(
+                        "{} defines several models ({}); choose one with --model",
+                        self.file_name,
+                        names.join(", ")
+                    ))
+                }
+            },
+        }
+    }
+}
+
+/// Compiles source bytes; invalid UTF-8 is a diagnostic.
+pub fn compile_bytes(file_name: &str, bytes: &[u8], options: LowerOptions) -> Compilation {
+    match std::str::from_utf8(bytes) {
+        Ok(source) => compile_source(file_name, source, options),
+        Err(error) => {
+            let valid = error.valid_up_to();
+            let source = String::from_utf8_lossy(bytes).into_owned();
+            let width = source[valid..].chars().next().map_or(0, char::len_utf8);
+            let diagnostic = Diagnostic::error(
+                Code::InvalidUtf8,
+                Span::new(valid, valid + width),
+                "the file is not valid UTF-8",
+            )
+            .with_label(format!(
+                "invalid byte 0x{:02X} at offset {valid}",
+                bytes[valid]
+            ))
+            .with_help("save the file as UTF-8");
+            Compilation {
+                file_name: file_name.to_string(),
+                source,
+                models: Vec::new(),
+                diagnostics: vec![diagnostic],
+            }
+        }
+    }
+}
+
+/// Compiles a source string.
+pub fn compile_source(file_name: &str, source: &str, options: LowerOptions) -> Compilation {
+    let (ast, mut diagnostics) = syntax::parse(source);
+    let (models, lowered) = lower::lower(&ast, source, options);
+    diagnostics.extend(lowered);
+    diagnostics.sort_by_key(|d| (d.primary.span.start, d.code));
+    Compilation {
+        file_name: file_name.to_string(),
+        source: source.to_string(),
+        models,
+        diagnostics,
+    }
+}
+
+/// Reads and compiles a file. Only I/O errors are `Err`.
+pub fn compile_file(path: &Path, options: LowerOptions) -> std::io::Result<Compilation> {
+    let bytes = std::fs::read(path)?;
+    Ok(compile_bytes(&path.display().to_string(), &bytes, options))
+}
+
+/// Parameter counts of a graph: (params, trainable elements, frozen
+/// elements).
+pub fn parameter_counts(graph: &Graph) -> (usize, u64, u64) {
+    let mut params = 0;
+    let mut trainable = 0;
+    let mut frozen = 0;
+    for id in graph.ids() {
+        let node = graph.node(id);
+        let count = node.shape().fixed_count().unwrap_or(0);
+        match node.role {
+            Role::Param => {
+                params += 1;
+                trainable += count;
+            }
+            Role::FrozenParam => {
+                params += 1;
+                frozen += count;
+            }
+            _ => {}
+        }
+    }
+    (params, trainable, frozen)
+}
+
+/// A one-line summary of a model, as `gradc check` prints it.
+pub fn summary(model: &LoweredModel) -> String {
+    let graph = model.graph(Mode::Train);
+    let (params, trainable, frozen) = parameter_counts(graph);
+    let mut line = format!(
+        "{}: {params} param{}, {} parameters",
+        model.name,
+        if params == 1 { "" } else { "s" },
+        thousands(trainable + frozen)
+    );
+    if frozen > 0 {
+        line.push_str(&format!(
+            " ({} trainable, {} frozen)",
+            thousands(trainable),
+            thousands(frozen)
+        ));
+    }
+    line.push_str(&format!(", {} nodes", graph.len()));
+    if graph.loss().is_none() {
+        line.push_str(", no loss");
+    }
+    line
+}
+
+/// `1234567` as `1,234,567`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

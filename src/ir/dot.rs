@@ -1,0 +1,70 @@
+//! Graphviz DOT export: each node labelled with its op, type and source
+//! line; params, frozen params, buffers, inputs, outputs and the loss drawn
+//! apart. Node names follow the canonical numbering of [`super::text`].
+
+use std::collections::HashMap;
+use std::fmt::Write;
+
+use super::graph::{Graph, NodeId, Role};
+
+/// Renders the graph in DOT.
+pub fn to_dot(graph: &Graph) -> String {
+    let order = graph.topo_order().unwrap_or_else(|| graph.ids());
+    let number: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "digraph \"{} ({})\" {{",
+        escape(&graph.model),
+        graph.mode
+    );
+    out.push_str("  rankdir=TB;\n  node [shape=box, fontname=\"monospace\", fontsize=10];\n");
+    for &id in &order {
+        let node = graph.node(id);
+        let mut title = node.op.name();
+        if let Some(name) = &node.name {
+            let _ = write!(title, " {name}");
+        }
+        let mut label = format!(
+            "%{}: {}\\n{}\\nline {}",
+            number[&id],
+            escape(&title),
+            node.ty,
+            node.origin.line
+        );
+        let style = match &node.role {
+            Role::Input => "shape=ellipse, style=filled, fillcolor=\"#dbe9f6\"",
+            Role::Param => "shape=box, style=\"filled,bold\", fillcolor=\"#ffd966\"",
+            Role::FrozenParam => {
+                label.push_str("\\nfrozen");
+                "shape=box, style=\"filled,dashed\", fillcolor=\"#d9d9d9\""
+            }
+            Role::Buffer => "shape=box, style=\"filled,rounded\", fillcolor=\"#e2f0d9\"",
+            Role::Output(name) => {
+                let _ = write!(label, "\\noutput {}", escape(name));
+                "shape=box, style=filled, fillcolor=\"#c9daf8\""
+            }
+            Role::Loss => {
+                label.push_str("\\nloss");
+                "shape=doubleoctagon, style=filled, fillcolor=\"#f4cccc\""
+            }
+            Role::Intermediate => "shape=box",
+        };
+        let _ = writeln!(out, "  n{} [label=\"{label}\", {style}];", number[&id]);
+    }
+    for &id in &order {
+        for (position, operand) in graph.operands(id).iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "  n{} -> n{} [label=\"{position}\"];",
+                number[operand], number[&id]
+            );
+        }
+    }
+    out.push_str("}\n");
+    out
+}
+
+fn escape(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('"', "\\\"")
+}

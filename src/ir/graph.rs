@@ -1,0 +1,282 @@
+//! The graph: nodes owned by one `petgraph::StableGraph`, addressed by
+//! [`NodeId`].
+//!
+//! Edges carry the operand index, so a node's operands are its incoming
+//! edges sorted by that index; nothing else stores them. Roles (input,
+//! param, frozen param, buffer, output, loss) live on the nodes, so passes
+//! never have to remap handles held outside the graph. `NodeIndex` never
+//! leaves this module: everything else speaks [`NodeId`].
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fmt;
+
+use petgraph::Direction;
+use petgraph::stable_graph::{NodeIndex, StableGraph};
+use petgraph::visit::EdgeRef;
+
+use super::op::Op;
+use super::types::{DType, Shape, Type};
+use crate::diagnostic::Span;
+
+/// A node's id. Stable across removals of other nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(u32);
+
+impl NodeId {
+    fn index(self) -> NodeIndex {
+        NodeIndex::new(self.0 as usize)
+    }
+
+    fn from_index(index: NodeIndex) -> NodeId {
+        NodeId(u32::try_from(index.index()).unwrap_or(u32::MAX))
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "%{}", self.0)
+    }
+}
+
+/// Which graph a model was lowered to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mode {
+    /// Dropout active, batch-norm on batch statistics.
+    Train,
+    /// Dropout is the identity, batch-norm on running statistics.
+    Eval,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Train => "train",
+            Mode::Eval => "eval",
+        })
+    }
+}
+
+/// What a node is to the model.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// Data fed each step (`input`).
+    Input,
+    /// A trainable leaf (`param`).
+    Param,
+    /// A leaf that gets neither a gradient nor an update (`frozen param`).
+    FrozenParam,
+    /// Model state (`buffer`).
+    Buffer,
+    /// Any other value.
+    Intermediate,
+    /// A named result of the forward pass.
+    Output(String),
+    /// The scalar the backward pass differentiates.
+    Loss,
+}
+
+/// Where a node came from in the source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Origin {
+    /// The expression or declaration (inside a function when inlined).
+    pub span: Span,
+    /// Its 1-based line.
+    pub line: u32,
+    /// Its 1-based column.
+    pub col: u32,
+    /// The outermost call that inlined it, when it comes from a function.
+    pub call_site: Option<Span>,
+    /// The `no_grad` keyword of the block it was computed in, if any.
+    pub no_grad: Option<Span>,
+}
+
+/// One value of the graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    /// The operation.
+    pub op: Op,
+    /// Element type and shape.
+    pub ty: Type,
+    /// Role in the model.
+    pub role: Role,
+    /// The declared or `let` name, if any.
+    pub name: Option<String>,
+    /// Whether `retain` asks for its gradient.
+    pub retain: bool,
+    /// Provenance.
+    pub origin: Origin,
+}
+
+impl Node {
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.ty.dtype
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &Shape {
+        &self.ty.shape
+    }
+}
+
+/// A computation graph of one model in one mode.
+#[derive(Clone, Debug)]
+pub struct Graph {
+    /// The model's name.
+    pub model: String,
+    /// Train or eval.
+    pub mode: Mode,
+    inner: StableGraph<Node, u32>,
+}
+
+impl Graph {
+    /// An empty graph.
+    pub fn new(model: impl Into<String>, mode: Mode) -> Graph {
+        Graph {
+            model: model.into(),
+            mode,
+            inner: StableGraph::new(),
+        }
+    }
+
+    /// Adds a node with its operands in order.
+    pub fn add(&mut self, node: Node, operands: &[NodeId]) -> NodeId {
+        let index = self.inner.add_node(node);
+        for (i, operand) in operands.iter().enumerate() {
+            let position = u32::try_from(i).unwrap_or(u32::MAX);
+            self.inner.add_edge(operand.index(), index, position);
+        }
+        NodeId::from_index(index)
+    }
+
+    /// The node behind an id. Panics on a removed id, which is a compiler
+    /// bug, never a user error.
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.inner[id.index()]
+    }
+
+    /// Mutable access to a node.
+    pub fn node_mut(&mut self, id: NodeId) -> &mut Node {
+        &mut self.inner[id.index()]
+    }
+
+    /// Whether the id names a live node.
+    pub fn contains(&self, id: NodeId) -> bool {
+        self.inner.contains_node(id.index())
+    }
+
+    /// Number of live nodes.
+    pub fn len(&self) -> usize {
+        self.inner.node_count()
+    }
+
+    /// Whether the graph has no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.inner.node_count() == 0
+    }
+
+    /// Live node ids in creation order.
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.inner.node_indices().map(NodeId::from_index).collect()
+    }
+
+    /// A node's operands, ordered by operand position.
+    pub fn operands(&self, id: NodeId) -> Vec<NodeId> {
+        let mut edges: Vec<(u32, NodeId)> = self
+            .inner
+            .edges_directed(id.index(), Direction::Incoming)
+            .map(|e| (*e.weight(), NodeId::from_index(e.source())))
+            .collect();
+        edges.sort();
+        edges.into_iter().map(|(_, n)| n).collect()
+    }
+
+    /// The operand positions recorded on a node's incoming edges, sorted.
+    pub fn operand_positions(&self, id: NodeId) -> Vec<u32> {
+        let mut positions: Vec<u32> = self
+            .inner
+            .edges_directed(id.index(), Direction::Incoming)
+            .map(|e| *e.weight())
+            .collect();
+        positions.sort_unstable();
+        positions
+    }
+
+    /// The nodes that use a node, sorted by id, once each.
+    pub fn users(&self, id: NodeId) -> Vec<NodeId> {
+        let mut users: Vec<NodeId> = self
+            .inner
+            .neighbors_directed(id.index(), Direction::Outgoing)
+            .map(NodeId::from_index)
+            .collect();
+        users.sort();
+        users.dedup();
+        users
+    }
+
+    /// Removes a node and its edges.
+    pub fn remove(&mut self, id: NodeId) -> Option<Node> {
+        self.inner.remove_node(id.index())
+    }
+
+    /// Nodes in topological order, ties broken by creation order, so the
+    /// order is deterministic. `None` if the graph has a cycle.
+    pub fn topo_order(&self) -> Option<Vec<NodeId>> {
+        let mut pending: std::collections::HashMap<NodeId, usize> =
+            std::collections::HashMap::new();
+        let mut ready = BinaryHeap::new();
+        for id in self.ids() {
+            let count = self
+                .inner
+                .edges_directed(id.index(), Direction::Incoming)
+                .count();
+            if count == 0 {
+                ready.push(Reverse(id));
+            } else {
+                pending.insert(id, count);
+            }
+        }
+        let mut order = Vec::with_capacity(self.len());
+        while let Some(Reverse(id)) = ready.pop() {
+            order.push(id);
+            for edge in self.inner.edges_directed(id.index(), Direction::Outgoing) {
+                let user = NodeId::from_index(edge.target());
+                if let Some(count) = pending.get_mut(&user) {
+                    *count -= 1;
+                    if *count == 0 {
+                        pending.remove(&user);
+                        ready.push(Reverse(user));
+                    }
+                }
+            }
+        }
+        (order.len() == self.len()).then_some(order)
+    }
+
+    /// The node with role [`Role::Loss`], if any.
+    pub fn loss(&self) -> Option<NodeId> {
+        self.ids()
+            .into_iter()
+            .find(|&id| self.node(id).role == Role::Loss)
+    }
+
+    /// Output nodes with their names, in creation order.
+    pub fn outputs(&self) -> Vec<(String, NodeId)> {
+        self.ids()
+            .into_iter()
+            .filter_map(|id| match &self.node(id).role {
+                Role::Output(name) => Some((name.clone(), id)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Nodes with a given role, in creation order.
+    pub fn with_role(&self, role: &Role) -> Vec<NodeId> {
+        self.ids()
+            .into_iter()
+            .filter(|&id| &self.node(id).role == role)
+            .collect()
+    }
+}

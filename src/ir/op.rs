@@ -1,0 +1,723 @@
+//! The closed set of IR operations and their typing rules.
+//!
+//! Every pass, printer and (later) derivative rule is an exhaustive `match`
+//! over [`Op`], so adding an op makes the compiler list every place to
+//! update. [`Op::infer`] is the one typing and shape rule per op: lowering
+//! uses it to type new nodes and the verifier uses it to re-check them.
+
+use std::fmt;
+
+use super::types::{DType, Dim, Shape, Type};
+
+/// An elementwise function of one float tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum UnaryFn {
+    /// `-x`
+    Neg,
+    /// `exp(x)`
+    Exp,
+    /// natural `log(x)`
+    Log,
+    /// `sqrt(x)`
+    Sqrt,
+    /// `abs(x)`
+    Abs,
+    /// `tanh(x)`
+    Tanh,
+    /// `1 / (1 + exp(-x))`
+    Sigmoid,
+    /// `max(x, 0)`
+    Relu,
+    /// exact GELU, `x * (1 + erf(x / sqrt(2))) / 2`
+    Gelu,
+    /// `log(1 + exp(x))`
+    Softplus,
+    /// `sin(x)`
+    Sin,
+    /// `cos(x)`
+    Cos,
+}
+
+impl UnaryFn {
+    /// Every unary function, in order.
+    pub const ALL: &'static [UnaryFn] = &[
+        UnaryFn::Neg,
+        UnaryFn::Exp,
+        UnaryFn::Log,
+        UnaryFn::Sqrt,
+        UnaryFn::Abs,
+        UnaryFn::Tanh,
+        UnaryFn::Sigmoid,
+        UnaryFn::Relu,
+        UnaryFn::Gelu,
+        UnaryFn::Softplus,
+        UnaryFn::Sin,
+        UnaryFn::Cos,
+    ];
+
+    /// The name used in the language and the text IR.
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryFn::Neg => "neg",
+            UnaryFn::Exp => "exp",
+            UnaryFn::Log => "log",
+            UnaryFn::Sqrt => "sqrt",
+            UnaryFn::Abs => "abs",
+            UnaryFn::Tanh => "tanh",
+            UnaryFn::Sigmoid => "sigmoid",
+            UnaryFn::Relu => "relu",
+            UnaryFn::Gelu => "gelu",
+            UnaryFn::Softplus => "softplus",
+            UnaryFn::Sin => "sin",
+            UnaryFn::Cos => "cos",
+        }
+    }
+}
+
+/// An elementwise function of two float tensors, with broadcasting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BinaryFn {
+    /// `a + b`
+    Add,
+    /// `a - b`
+    Sub,
+    /// `a * b`
+    Mul,
+    /// `a / b`
+    Div,
+    /// `a ** b`
+    Pow,
+    /// `maximum(a, b)`
+    Maximum,
+    /// `minimum(a, b)`
+    Minimum,
+}
+
+impl BinaryFn {
+    /// The name used in the text IR.
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryFn::Add => "add",
+            BinaryFn::Sub => "sub",
+            BinaryFn::Mul => "mul",
+            BinaryFn::Div => "div",
+            BinaryFn::Pow => "pow",
+            BinaryFn::Maximum => "maximum",
+            BinaryFn::Minimum => "minimum",
+        }
+    }
+}
+
+/// A reduction over some axes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ReduceFn {
+    /// Sum.
+    Sum,
+    /// Arithmetic mean.
+    Mean,
+    /// Maximum.
+    Max,
+    /// `log(sum(exp(x)))`, computed stably.
+    LogSumExp,
+}
+
+impl ReduceFn {
+    /// The name used in the language and the text IR.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceFn::Sum => "sum",
+            ReduceFn::Mean => "mean",
+            ReduceFn::Max => "max",
+            ReduceFn::LogSumExp => "logsumexp",
+        }
+    }
+}
+
+/// How a param or buffer gets its first value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// All zeros.
+    Zeros,
+    /// All ones.
+    Ones,
+    /// Every element `c`.
+    Constant(f64),
+    /// Normal with mean and standard deviation.
+    Normal {
+        /// Mean.
+        mean: f64,
+        /// Standard deviation.
+        std: f64,
+    },
+    /// Uniform on `[lo, hi)`.
+    Uniform {
+        /// Lower bound.
+        lo: f64,
+        /// Upper bound.
+        hi: f64,
+    },
+    /// Glorot normal, `std = sqrt(2 / (fan_in + fan_out))`.
+    XavierNormal,
+    /// Glorot uniform, bound `sqrt(6 / (fan_in + fan_out))`.
+    XavierUniform,
+    /// He normal, `std = sqrt(2 / fan_in)`.
+    KaimingNormal,
+    /// He uniform, bound `sqrt(6 / fan_in)`.
+    KaimingUniform,
+}
+
+impl fmt::Display for Init {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Init::Zeros => f.write_str("zeros"),
+            Init::Ones => f.write_str("ones"),
+            Init::Constant(c) => write!(f, "constant({c:?})"),
+            Init::Normal { mean, std } => write!(f, "normal({mean:?}, {std:?})"),
+            Init::Uniform { lo, hi } => write!(f, "uniform({lo:?}, {hi:?})"),
+            Init::XavierNormal => f.write_str("xavier_normal"),
+            Init::XavierUniform => f.write_str("xavier_uniform"),
+            Init::KaimingNormal => f.write_str("kaiming_normal"),
+            Init::KaimingUniform => f.write_str("kaiming_uniform"),
+        }
+    }
+}
+
+/// One IR operation. Operands are the node's inputs, in order; the arity
+/// of each op is fixed except for `Concat`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// Data fed each step. No operands.
+    Input,
+    /// A param (trainable or frozen: the node's role says). No operands.
+    Param(Init),
+    /// Model state updated in train mode. No operands.
+    Buffer(Init),
+    /// A scalar constant of the node's dtype. No operands.
+    Constant(f64),
+    /// `f(x)` elementwise.
+    Unary(UnaryFn),
+    /// `x if x > 0 else slope * x`.
+    LeakyRelu {
+        /// Slope for negative inputs.
+        slope: f64,
+    },
+    /// `min(max(x, lo), hi)`.
+    Clamp {
+        /// Lower bound.
+        lo: f64,
+        /// Upper bound.
+        hi: f64,
+    },
+    /// `f(a, b)` elementwise with broadcasting.
+    Binary(BinaryFn),
+    /// `a @ b`: `[M, K] @ [K, N]` or batched `[B, M, K] @ [K, N]`.
+    MatMul,
+    /// Swaps the last two axes.
+    Transpose,
+    /// A reduction over sorted, distinct axes.
+    Reduce {
+        /// Which reduction.
+        func: ReduceFn,
+        /// Axes reduced, sorted, distinct, within the rank.
+        axes: Vec<usize>,
+        /// Whether reduced axes stay as size 1.
+        keepdims: bool,
+    },
+    /// `exp(x) / sum(exp(x))` along an axis.
+    Softmax {
+        /// The axis.
+        axis: usize,
+    },
+    /// `x - logsumexp(x)` along an axis.
+    LogSoftmax {
+        /// The axis.
+        axis: usize,
+    },
+    /// Same elements, the node's shape.
+    Reshape,
+    /// Joins operands along an axis.
+    Concat {
+        /// The axis.
+        axis: usize,
+    },
+    /// Zeroes each element with probability `p` and scales the rest by
+    /// `1 / (1 - p)`. Only in train-mode graphs.
+    Dropout {
+        /// Drop probability in `[0, 1)`.
+        p: f64,
+    },
+    /// Operands `x, gamma, beta, running_mean, running_var`; normalizes over
+    /// every axis but 1. Train mode uses the batch statistics (biased
+    /// variance); eval mode the running ones.
+    BatchNorm {
+        /// Added to the variance.
+        eps: f64,
+        /// Weight of the new statistics in the running update.
+        momentum: f64,
+        /// Train-mode statistics.
+        training: bool,
+    },
+    /// Operands `x, gamma, beta`; normalizes over the last axis.
+    LayerNorm {
+        /// Added to the variance.
+        eps: f64,
+    },
+    /// Operands `ids` (i32) and `table` `[V, D]`: rows of the table.
+    Embedding,
+    /// Operands `logits [N, C]`, `labels i32 [N]`: mean negative
+    /// log-likelihood of log-softmax.
+    CrossEntropy,
+    /// Mean squared error of two equal shapes.
+    Mse,
+    /// Mean binary cross-entropy of logits and targets of equal shapes.
+    BceWithLogits,
+    /// The operand, as a constant to the backward pass.
+    StopGradient,
+    /// The operand unchanged; carries a second role for one value.
+    Identity,
+}
+
+/// Why an op cannot take its operands. `operand` indexes the offending
+/// operand so that the caller can point at its source.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TypeError {
+    /// Wrong number of operands (a compiler bug if lowering made it).
+    Arity {
+        /// Operands expected.
+        expected: usize,
+        /// Operands given.
+        found: usize,
+    },
+    /// Float operands of different widths.
+    DtypeMismatch {
+        /// The first operand's type.
+        first: DType,
+        /// The offending operand.
+        operand: usize,
+        /// Its type.
+        found: DType,
+    },
+    /// An integer operand where a float is needed.
+    NotFloat {
+        /// The offending operand.
+        operand: usize,
+    },
+    /// A float operand where labels or indices are needed.
+    NotInteger {
+        /// The offending operand.
+        operand: usize,
+        /// Its type.
+        found: DType,
+    },
+    /// Shapes that neither broadcast nor match where they must.
+    Shapes {
+        /// What the rule needed, in words.
+        what: String,
+        /// The two operands involved.
+        operands: (usize, usize),
+    },
+    /// Matrix product inner dimensions differ.
+    Inner {
+        /// The left operand's last dim.
+        left: Dim,
+        /// The right operand's first dim.
+        right: Dim,
+    },
+    /// An operand has the wrong rank.
+    Rank {
+        /// The offending operand.
+        operand: usize,
+        /// Ranks accepted, in words.
+        expected: &'static str,
+        /// Its rank.
+        found: usize,
+    },
+    /// An axis out of range.
+    Axis {
+        /// The axis.
+        axis: usize,
+        /// The operand's rank.
+        rank: usize,
+    },
+    /// The result would have too many elements.
+    Overflow,
+    /// A reshape that changes the element count.
+    Count {
+        /// Elements before.
+        from: Shape,
+        /// Shape after.
+        to: Shape,
+    },
+}
+
+impl Op {
+    /// The op's name in the text IR.
+    pub fn name(&self) -> String {
+        match self {
+            Op::Input => "input".into(),
+            Op::Param(_) => "param".into(),
+            Op::Buffer(_) => "buffer".into(),
+            Op::Constant(_) => "constant".into(),
+            Op::Unary(f) => f.name().into(),
+            Op::LeakyRelu { .. } => "leaky_relu".into(),
+            Op::Clamp { .. } => "clamp".into(),
+            Op::Binary(f) => f.name().into(),
+            Op::MatMul => "matmul".into(),
+            Op::Transpose => "transpose".into(),
+            Op::Reduce { func, .. } => func.name().into(),
+            Op::Softmax { .. } => "softmax".into(),
+            Op::LogSoftmax { .. } => "log_softmax".into(),
+            Op::Reshape => "reshape".into(),
+            Op::Concat { .. } => "concat".into(),
+            Op::Dropout { .. } => "dropout".into(),
+            Op::BatchNorm { training: true, .. } => "batch_norm.train".into(),
+            Op::BatchNorm {
+                training: false, ..
+            } => "batch_norm.eval".into(),
+            Op::LayerNorm { .. } => "layer_norm".into(),
+            Op::Embedding => "embedding".into(),
+            Op::CrossEntropy => "cross_entropy".into(),
+            Op::Mse => "mse".into(),
+            Op::BceWithLogits => "bce_with_logits".into(),
+            Op::StopGradient => "stop_gradient".into(),
+            Op::Identity => "identity".into(),
+        }
+    }
+
+    /// Attributes printed after the name, such as `axis=1`.
+    pub fn attributes(&self) -> String {
+        match self {
+            Op::Param(init) | Op::Buffer(init) => format!("init={init}"),
+            Op::Constant(c) => format!("{c:?}"),
+            Op::LeakyRelu { slope } => format!("slope={slope:?}"),
+            Op::Clamp { lo, hi } => format!("lo={lo:?} hi={hi:?}"),
+            Op::Reduce { axes, keepdims, .. } => {
+                let axes: Vec<String> = axes.iter().map(ToString::to_string).collect();
+                format!("axes=[{}] keepdims={keepdims}", axes.join(", "))
+            }
+            Op::Softmax { axis } | Op::LogSoftmax { axis } | Op::Concat { axis } => {
+                format!("axis={axis}")
+            }
+            Op::Dropout { p } => format!("p={p:?}"),
+            Op::BatchNorm { eps, momentum, .. } => format!("eps={eps:?} momentum={momentum:?}"),
+            Op::LayerNorm { eps } => format!("eps={eps:?}"),
+            Op::Input
+            | Op::Unary(_)
+            | Op::Binary(_)
+            | Op::MatMul
+            | Op::Transpose
+            | Op::Reshape
+            | Op::Embedding
+            | Op::CrossEntropy
+            | Op::Mse
+            | Op::BceWithLogits
+            | Op::StopGradient
+            | Op::Identity => String::new(),
+        }
+    }
+
+    /// Whether the op is a leaf (takes no operands).
+    pub fn is_leaf(&self) -> bool {
+        matches!(
+            self,
+            Op::Input | Op::Param(_) | Op::Buffer(_) | Op::Constant(_)
+        )
+    }
+
+    /// The result type of the op applied to operands of these types.
+    /// Leaves and `Reshape` take their type from the node (`declared`); for
+    /// the others `declared` is ignored.
+    pub fn infer(&self, operands: &[&Type], declared: &Type) -> Result<Type, TypeError> {
+        match self {
+            Op::Input | Op::Param(_) | Op::Buffer(_) | Op::Constant(_) => {
+                arity(operands, 0)?;
+                Ok(declared.clone())
+            }
+            Op::Unary(_) | Op::LeakyRelu { .. } | Op::Clamp { .. } | Op::Dropout { .. } => {
+                arity(operands, 1)?;
+                float(operands, 0)?;
+                Ok(operands[0].clone())
+            }
+            Op::StopGradient | Op::Identity => {
+                arity(operands, 1)?;
+                Ok(operands[0].clone())
+            }
+            Op::Binary(_) => {
+                arity(operands, 2)?;
+                let dtype = same_float(operands)?;
+                let shape = operands[0]
+                    .shape
+                    .broadcast(&operands[1].shape)
+                    .ok_or_else(|| TypeError::Shapes {
+                        what: "shapes that broadcast".into(),
+                        operands: (0, 1),
+                    })?;
+                Ok(Type::new(dtype, shape))
+            }
+            Op::MatMul => {
+                arity(operands, 2)?;
+                let dtype = same_float(operands)?;
+                let (a, b) = (&operands[0].shape, &operands[1].shape);
+                rank_in(a, 0, 2, 3, "2 or 3")?;
+                rank_in(b, 1, 2, 2, "2")?;
+                let k_left = &a.0[a.rank() - 1];
+                let k_right = &b.0[0];
+                if k_left != k_right {
+                    return Err(TypeError::Inner {
+                        left: k_left.clone(),
+                        right: k_right.clone(),
+                    });
+                }
+                let mut dims = a.0[..a.rank() - 1].to_vec();
+                dims.push(b.0[1].clone());
+                Ok(Type::new(dtype, Shape(dims)))
+            }
+            Op::Transpose => {
+                arity(operands, 1)?;
+                let shape = &operands[0].shape;
+                if shape.rank() < 2 {
+                    return Err(TypeError::Rank {
+                        operand: 0,
+                        expected: "at least 2",
+                        found: shape.rank(),
+                    });
+                }
+                let mut dims = shape.0.clone();
+                let n = dims.len();
+                dims.swap(n - 1, n - 2);
+                Ok(Type::new(operands[0].dtype, Shape(dims)))
+            }
+            Op::Reduce { axes, keepdims, .. } => {
+                arity(operands, 1)?;
+                float(operands, 0)?;
+                let shape = &operands[0].shape;
+                for &axis in axes {
+                    check_axis(axis, shape)?;
+                }
+                let dims = shape
+                    .0
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, d)| match (axes.contains(&i), keepdims) {
+                        (false, _) => Some(d.clone()),
+                        (true, true) => Some(Dim::Fixed(1)),
+                        (true, false) => None,
+                    })
+                    .collect();
+                Ok(Type::new(operands[0].dtype, Shape(dims)))
+            }
+            Op::Softmax { axis } | Op::LogSoftmax { axis } => {
+                arity(operands, 1)?;
+                float(operands, 0)?;
+                check_axis(*axis, &operands[0].shape)?;
+                Ok(operands[0].clone())
+            }
+            Op::Reshape => {
+                arity(operands, 1)?;
+                let from = &operands[0].shape;
+                let counts = (from.element_count(), declared.shape.element_count());
+                match counts {
+                    (Some(a), Some(b)) if a == b => {
+                        Ok(Type::new(operands[0].dtype, declared.shape.clone()))
+                    }
+                    (_, None) => Err(TypeError::Overflow),
+                    _ => Err(TypeError::Count {
+                        from: from.clone(),
+                        to: declared.shape.clone(),
+                    }),
+                }
+            }
+            Op::Concat { axis } => {
+                if operands.is_empty() {
+                    return Err(TypeError::Arity {
+                        expected: 1,
+                        found: 0,
+                    });
+                }
+                let first = operands[0];
+                check_axis(*axis, &first.shape)?;
+                let mut total = 0u64;
+                for (i, operand) in operands.iter().enumerate() {
+                    if operand.dtype != first.dtype {
+                        return Err(TypeError::DtypeMismatch {
+                            first: first.dtype,
+                            operand: i,
+                            found: operand.dtype,
+                        });
+                    }
+                    let same_rank = operand.shape.rank() == first.shape.rank();
+                    let others_agree = same_rank
+                        && (0..first.shape.rank())
+                            .all(|d| d == *axis || operand.shape.0[d] == first.shape.0[d]);
+                    if !others_agree {
+                        return Err(TypeError::Shapes {
+                            what: format!("equal shapes except along axis {axis}"),
+                            operands: (0, i),
+                        });
+                    }
+                    match &operand.shape.0[*axis] {
+                        Dim::Fixed(n) => {
+                            total = total.checked_add(*n).ok_or(TypeError::Overflow)?
+                        }
+                        Dim::Sym(_) => {
+                            return Err(TypeError::Shapes {
+                                what: format!("a fixed size along the concatenated axis {axis}"),
+                                operands: (0, i),
+                            });
+                        }
+                    }
+                }
+                let mut dims = first.shape.0.clone();
+                dims[*axis] = Dim::Fixed(total);
+                let shape = Shape(dims);
+                shape.element_count().ok_or(TypeError::Overflow)?;
+                Ok(Type::new(first.dtype, shape))
+            }
+            Op::BatchNorm { .. } => {
+                arity(operands, 5)?;
+                let dtype = same_float(operands)?;
+                let x = &operands[0].shape;
+                rank_in(x, 0, 2, usize::MAX, "at least 2")?;
+                let channels = Shape(vec![x.0[1].clone()]);
+                for (i, operand) in operands.iter().enumerate().skip(1) {
+                    if operand.shape != channels {
+                        return Err(TypeError::Shapes {
+                            what: format!("shape {channels} (the channel axis 1 of the input)"),
+                            operands: (0, i),
+                        });
+                    }
+                }
+                Ok(Type::new(dtype, x.clone()))
+            }
+            Op::LayerNorm { .. } => {
+                arity(operands, 3)?;
+                let dtype = same_float(operands)?;
+                let x = &operands[0].shape;
+                rank_in(x, 0, 1, usize::MAX, "at least 1")?;
+                let features = Shape(vec![x.0[x.rank() - 1].clone()]);
+                for (i, operand) in operands.iter().enumerate().skip(1) {
+                    if operand.shape != features {
+                        return Err(TypeError::Shapes {
+                            what: format!("shape {features} (the last axis of the input)"),
+                            operands: (0, i),
+                        });
+                    }
+                }
+                Ok(Type::new(dtype, x.clone()))
+            }
+            Op::Embedding => {
+                arity(operands, 2)?;
+                integer(operands, 0)?;
+                float(operands, 1)?;
+                let table = &operands[1].shape;
+                rank_in(table, 1, 2, 2, "2")?;
+                let mut dims = operands[0].shape.0.clone();
+                dims.push(table.0[1].clone());
+                let shape = Shape(dims);
+                shape.element_count().ok_or(TypeError::Overflow)?;
+                Ok(Type::new(operands[1].dtype, shape))
+            }
+            Op::CrossEntropy => {
+                arity(operands, 2)?;
+                float(operands, 0)?;
+                integer(operands, 1)?;
+                let (logits, labels) = (&operands[0].shape, &operands[1].shape);
+                rank_in(logits, 0, 2, 2, "2 ([batch, classes])")?;
+                rank_in(labels, 1, 1, 1, "1 ([batch])")?;
+                if logits.0[0] != labels.0[0] {
+                    return Err(TypeError::Shapes {
+                        what: "the same batch size".into(),
+                        operands: (0, 1),
+                    });
+                }
+                Ok(Type::new(operands[0].dtype, Shape::scalar()))
+            }
+            Op::Mse | Op::BceWithLogits => {
+                arity(operands, 2)?;
+                let dtype = same_float(operands)?;
+                if operands[0].shape != operands[1].shape {
+                    return Err(TypeError::Shapes {
+                        what: "equal shapes (no broadcasting in losses)".into(),
+                        operands: (0, 1),
+                    });
+                }
+                Ok(Type::new(dtype, Shape::scalar()))
+            }
+        }
+    }
+}
+
+fn arity(operands: &[&Type], expected: usize) -> Result<(), TypeError> {
+    if operands.len() == expected {
+        Ok(())
+    } else {
+        Err(TypeError::Arity {
+            expected,
+            found: operands.len(),
+        })
+    }
+}
+
+fn float(operands: &[&Type], i: usize) -> Result<(), TypeError> {
+    if operands[i].dtype.is_float() {
+        Ok(())
+    } else {
+        Err(TypeError::NotFloat { operand: i })
+    }
+}
+
+fn integer(operands: &[&Type], i: usize) -> Result<(), TypeError> {
+    if operands[i].dtype == DType::I32 {
+        Ok(())
+    } else {
+        Err(TypeError::NotInteger {
+            operand: i,
+            found: operands[i].dtype,
+        })
+    }
+}
+
+/// All operands float and of one width; returns it.
+fn same_float(operands: &[&Type]) -> Result<DType, TypeError> {
+    for i in 0..operands.len() {
+        float(operands, i)?;
+    }
+    let first = operands[0].dtype;
+    match operands.iter().position(|t| t.dtype != first) {
+        Some(i) => Err(TypeError::DtypeMismatch {
+            first,
+            operand: i,
+            found: operands[i].dtype,
+        }),
+        None => Ok(first),
+    }
+}
+
+fn rank_in(
+    shape: &Shape,
+    operand: usize,
+    lo: usize,
+    hi: usize,
+    expected: &'static str,
+) -> Result<(), TypeError> {
+    if (lo..=hi).contains(&shape.rank()) {
+        Ok(())
+    } else {
+        Err(TypeError::Rank {
+            operand,
+            expected,
+            found: shape.rank(),
+        })
+    }
+}
+
+fn check_axis(axis: usize, shape: &Shape) -> Result<(), TypeError> {
+    if axis < shape.rank() {
+        Ok(())
+    } else {
+        Err(TypeError::Axis {
+            axis,
+            rank: shape.rank(),
+        })
+    }
+}

@@ -1,0 +1,71 @@
+//! The canonical text form of a graph: one line per node in topological
+//! order, ids renumbered from `%0`, so the same model always prints the same
+//! bytes. Snapshot tests store this text.
+//!
+//! ```text
+//! graph digits_mlp (train)
+//!   %0 = input x : f32[B, 64]  @3:5
+//!   %8 = relu %7 : f32[B, 128]  @12:18  let h  retain
+//!   %13 = cross_entropy %12, %1 : f32[]  @17:10  loss
+//! ```
+
+use std::collections::HashMap;
+use std::fmt::Write;
+
+use super::graph::{Graph, NodeId, Role};
+
+/// Renders the canonical text form.
+pub fn to_text(graph: &Graph) -> String {
+    let order = graph.topo_order().unwrap_or_else(|| graph.ids());
+    let number: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let mut out = String::new();
+    let _ = writeln!(out, "graph {} ({})", graph.model, graph.mode);
+    for &id in &order {
+        let node = graph.node(id);
+        let mut line = format!("  %{} = ", number[&id]);
+        line.push_str(&node.op.name());
+        if let (true, Some(name)) = (node.op.is_leaf(), &node.name) {
+            let _ = write!(line, " {name}");
+        }
+        let operands: Vec<String> = graph
+            .operands(id)
+            .iter()
+            .map(|o| format!("%{}", number[o]))
+            .collect();
+        if !operands.is_empty() {
+            let _ = write!(line, " {}", operands.join(", "));
+        }
+        let attributes = node.op.attributes();
+        if !attributes.is_empty() {
+            let _ = write!(line, " {attributes}");
+        }
+        let _ = write!(
+            line,
+            " : {}  @{}:{}",
+            node.ty, node.origin.line, node.origin.col
+        );
+        if node.origin.call_site.is_some() {
+            line.push_str(" (inlined)");
+        }
+        match &node.role {
+            Role::FrozenParam => line.push_str("  frozen"),
+            Role::Output(name) => {
+                let _ = write!(line, "  output {name}");
+            }
+            Role::Loss => line.push_str("  loss"),
+            Role::Input | Role::Param | Role::Buffer | Role::Intermediate => {}
+        }
+        if let (false, Some(name)) = (node.op.is_leaf(), &node.name) {
+            let _ = write!(line, "  let {name}");
+        }
+        if node.retain {
+            line.push_str("  retain");
+        }
+        if node.origin.no_grad.is_some() {
+            line.push_str("  no_grad");
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,1056 @@
+//! Lowering of expressions: operators, built-in calls, inlined user
+//! functions and initializers, with the diagnostics each can raise.
+
+use super::builtins::{self, Builtin, Kind};
+use super::{Binding, BindingKind, Frame, Lowering, MAX_CALL_DEPTH, Value};
+use crate::diagnostic::{Code, Diagnostic, Span, closest};
+use crate::ir::{BinaryFn, Dim, Init, Mode, Op, Role, Shape, Type, TypeError, UnaryFn};
+use crate::syntax::ast::{Arg, BinaryOp, ExprId, ExprKind, Function, Ident, UnaryOp};
+
+/// An operand ready for an op: its node, its source span and what the
+/// user calls it in messages.
+struct Operand {
+    value: Value,
+    span: Span,
+    name: &'static str,
+}
+
+impl Lowering<'_, '_> {
+    /// Lowers one expression.
+    pub(super) fn expr(&mut self, id: ExprId) -> Value {
+        let expr = self.ast().expr(id);
+        let span = expr.span;
+        match &expr.kind {
+            ExprKind::Number { value, .. } => Value::Scalar(*value),
+            ExprKind::Name(name) => self.lookup(name, span),
+            ExprKind::Unary {
+                op: UnaryOp::Neg,
+                operand,
+            } => {
+                let operand = *operand;
+                match self.expr(operand) {
+                    Value::Scalar(v) => Value::Scalar(-v),
+                    value => self.apply(
+                        Op::Unary(UnaryFn::Neg),
+                        "-",
+                        vec![Operand {
+                            value,
+                            span: self.ast().expr(operand).span,
+                            name: "operand",
+                        }],
+                        span,
+                    ),
+                }
+            }
+            ExprKind::Binary { op, lhs, rhs } => {
+                let (op, lhs, rhs) = (*op, *lhs, *rhs);
+                self.binary(op, lhs, rhs, span)
+            }
+            ExprKind::Call { callee, args } => self.call(callee, args, span),
+            ExprKind::Bool(_) | ExprKind::Str(_) | ExprKind::List(_) => {
+                let what = match &expr.kind {
+                    ExprKind::Bool(_) => "a boolean",
+                    ExprKind::Str(_) => "a string",
+                    _ => "a list",
+                };
+                self.report(
+                    Diagnostic::error(Code::WrongArgumentKind, span, format!("{what} is not a tensor value"))
+                        .with_label("a tensor is expected here")
+                        .with_help("lists, strings and booleans only stand as arguments such as `axis = [0, 1]`"),
+                );
+                Value::Poison
+            }
+            ExprKind::Error => Value::Poison,
+        }
+    }
+
+    fn binary(&mut self, op: BinaryOp, lhs: ExprId, rhs: ExprId, span: Span) -> Value {
+        let left = self.expr(lhs);
+        let right = self.expr(rhs);
+        if let (Value::Scalar(a), Value::Scalar(b)) = (left, right) {
+            let folded = match op {
+                BinaryOp::Add => Some(a + b),
+                BinaryOp::Sub => Some(a - b),
+                BinaryOp::Mul => Some(a * b),
+                BinaryOp::Div => Some(a / b),
+                BinaryOp::Pow => Some(a.powf(b)),
+                BinaryOp::MatMul => None,
+            };
+            if let Some(v) = folded {
+                return Value::Scalar(v);
+            }
+        }
+        let ir_op = match op {
+            BinaryOp::Add => Op::Binary(BinaryFn::Add),
+            BinaryOp::Sub => Op::Binary(BinaryFn::Sub),
+            BinaryOp::Mul => Op::Binary(BinaryFn::Mul),
+            BinaryOp::Div => Op::Binary(BinaryFn::Div),
+            BinaryOp::Pow => Op::Binary(BinaryFn::Pow),
+            BinaryOp::MatMul => Op::MatMul,
+        };
+        let operands = vec![
+            Operand {
+                value: left,
+                span: self.ast().expr(lhs).span,
+                name: "left operand",
+            },
+            Operand {
+                value: right,
+                span: self.ast().expr(rhs).span,
+                name: "right operand",
+            },
+        ];
+        self.apply(ir_op, op.symbol(), operands, span)
+    }
+
+    /// Applies an op: gives weak scalars the dtype of the tensors they
+    /// meet, types the result and reports a type error at the operands.
+    fn apply(&mut self, op: Op, what: &str, operands: Vec<Operand>, span: Span) -> Value {
+        self.apply_typed(op, what, operands, span, None)
+    }
+
+    fn apply_typed(
+        &mut self,
+        op: Op,
+        what: &str,
+        operands: Vec<Operand>,
+        span: Span,
+        declared: Option<Type>,
+    ) -> Value {
+        if operands.iter().any(|o| o.value == Value::Poison) {
+            return Value::Poison;
+        }
+        let tensor_dtype = operands
+            .iter()
+            .find_map(|o| match o.value {
+                Value::Node(id) if self.graph.node(id).dtype().is_float() => {
+                    Some(self.graph.node(id).dtype())
+                }
+                _ => None,
+            })
+            .unwrap_or(self.default_float);
+        let mut ids = Vec::with_capacity(operands.len());
+        for operand in &operands {
+            ids.push(match operand.value {
+                Value::Node(id) => id,
+                Value::Scalar(v) => self.constant(v, tensor_dtype, operand.span),
+                Value::Poison => return Value::Poison,
+            });
+        }
+        let types: Vec<Type> = ids
+            .iter()
+            .map(|&id| self.graph.node(id).ty.clone())
+            .collect();
+        let refs: Vec<&Type> = types.iter().collect();
+        let declared = declared.unwrap_or_else(|| Type::new(tensor_dtype, Shape::scalar()));
+        match op.infer(&refs, &declared) {
+            Ok(ty) => Value::Node(self.add_node(op, ty, &ids, span)),
+            Err(error) => {
+                self.type_error(error, &op, what, &operands, &types, span);
+                Value::Poison
+            }
+        }
+    }
+
+    fn type_error(
+        &mut self,
+        error: TypeError,
+        op: &Op,
+        what: &str,
+        operands: &[Operand],
+        types: &[Type],
+        span: Span,
+    ) {
+        let label = |i: usize| format!("{}: `{}`", operands[i].name, types[i]);
+        let diagnostic = match error {
+            TypeError::Arity { expected, found } => Diagnostic::error(
+                Code::WrongArity,
+                span,
+                format!("`{what}` takes {expected} operands but {found} were given"),
+            ),
+            TypeError::DtypeMismatch { first, operand, found } => Diagnostic::error(
+                Code::DtypeMismatch,
+                span,
+                format!("mismatched element types in `{what}`: `{first}` and `{found}`"),
+            )
+            .with_secondary(operands[0].span, label(0))
+            .with_secondary(operands[operand].span, label(operand))
+            .with_help("declare both with the same element type, or compile the whole model with `--dtype f64`"),
+            TypeError::NotFloat { operand } => Diagnostic::error(
+                Code::NotFloat,
+                operands[operand].span,
+                format!("`{what}` needs a float {}, not `{}`", operands[operand].name, types[operand]),
+            )
+            .with_label(label(operand))
+            .with_help("`i32` values are labels and indices; declare data as `f32`"),
+            TypeError::NotInteger { operand, found } => {
+                let role = if *op == Op::Embedding { "indices" } else { "labels" };
+                Diagnostic::error(
+                    Code::NotInteger,
+                    operands[operand].span,
+                    format!("{role} of `{what}` must be `i32`, not `{found}`"),
+                )
+                .with_label(label(operand))
+                .with_help(format!("declare the {role} as `i32`, for example `input y: i32[B]`"))
+            }
+            TypeError::Shapes { what: needed, operands: (a, b) } => Diagnostic::error(
+                Code::ShapeMismatch,
+                span,
+                format!("shape mismatch in `{what}`: `{}` and `{}`", types[a].shape, types[b].shape),
+            )
+            .with_label(format!("needs {needed}"))
+            .with_secondary(operands[a].span, label(a))
+            .with_secondary(operands[b].span, label(b))
+            .with_help(shape_help(op, &types[a].shape, &types[b].shape)),
+            TypeError::Inner { left, right } => {
+                let mut diagnostic = Diagnostic::error(
+                    Code::MatmulMismatch,
+                    span,
+                    format!("matrix product of `{}` and `{}`: inner dimensions {left} and {right} differ", types[0].shape, types[1].shape),
+                )
+                .with_label("the left operand's last dimension must equal the right operand's first")
+                .with_secondary(operands[0].span, label(0))
+                .with_secondary(operands[1].span, label(1));
+                let b = &types[1].shape;
+                if b.rank() == 2 && b.0[1] == left {
+                    diagnostic = diagnostic.with_help("`transpose(...)` the right operand to make it fit");
+                }
+                diagnostic
+            }
+            TypeError::Rank { operand, expected, found } => Diagnostic::error(
+                Code::WrongRank,
+                operands[operand].span,
+                format!("`{what}` needs a {} of rank {expected}, not {found}", operands[operand].name),
+            )
+            .with_label(label(operand)),
+            TypeError::Axis { axis, rank } => Diagnostic::error(
+                Code::BadAxis,
+                span,
+                format!("axis {axis} is out of range for rank {rank}"),
+            ),
+            TypeError::Overflow => Diagnostic::error(Code::Overflow, span, "the element count of the result overflows")
+                .with_label(format!("`{what}` makes a tensor too large to address")),
+            TypeError::Count { from, to } => Diagnostic::error(
+                Code::ReshapeCount,
+                span,
+                format!("cannot reshape `{from}` into `{to}`: the element counts differ"),
+            )
+            .with_label(format!("`{}` elements into `{}`", count_text(&from), count_text(&to)))
+            .with_help("the product of the new dimensions must equal the old one; one dimension may be `-1`"),
+        };
+        self.report(diagnostic);
+    }
+
+    fn call(&mut self, callee: &Ident, args: &[Arg], span: Span) -> Value {
+        let name = callee.name.as_str();
+        if let Some(&function) = self.cx.functions.get(name) {
+            return self.inline(function, args, span);
+        }
+        let Some(builtin) = Builtin::from_name(name) else {
+            let candidates = builtins::NAMES
+                .iter()
+                .copied()
+                .chain(self.cx.functions.keys().copied());
+            let mut diagnostic = Diagnostic::error(
+                Code::UnknownFunction,
+                callee.span,
+                format!("unknown function `{name}`"),
+            )
+            .with_label("neither built in nor defined with `fn`");
+            if let Some(near) = closest(name, candidates) {
+                diagnostic = diagnostic.with_help(format!("did you mean `{near}`?"));
+            }
+            self.report(diagnostic);
+            return Value::Poison;
+        };
+        let params = builtin.params();
+        let mut found = Vec::new();
+        let slots = builtins::bind(self.ast(), name, params, args, span, &mut found);
+        for diagnostic in found {
+            self.report(diagnostic);
+        }
+        let Some(slots) = slots else {
+            return Value::Poison;
+        };
+        self.builtin(builtin, name, &slots, span)
+    }
+
+    fn inline(&mut self, function: &Function, args: &[Arg], span: Span) -> Value {
+        let name = function.name.name.clone();
+        if self.cx.recursive.contains(&name) {
+            return Value::Poison;
+        }
+        if self.calls.len() >= MAX_CALL_DEPTH {
+            self.report(
+                Diagnostic::error(
+                    Code::TooDeep,
+                    span,
+                    format!("function calls nest deeper than {MAX_CALL_DEPTH} levels"),
+                )
+                .with_label("this call is too deep"),
+            );
+            return Value::Poison;
+        }
+        let params: Vec<builtins::Param> = function
+            .params
+            .iter()
+            .map(|p| builtins::Param {
+                name: p.name.as_str(),
+                kind: Kind::Tensor,
+                optional: false,
+            })
+            .collect();
+        let mut found = Vec::new();
+        let slots = builtins::bind(self.ast(), &name, &params, args, span, &mut found);
+        for diagnostic in found {
+            self.report(diagnostic);
+        }
+        let Some(slots) = slots else {
+            return Value::Poison;
+        };
+        let values: Vec<Value> = slots
+            .iter()
+            .map(|slot| slot.map_or(Value::Poison, |e| self.expr(e)))
+            .collect();
+        let mut frame = Frame::default();
+        super::collect_defined(&function.body, &mut frame.defined);
+        for (param, value) in function.params.iter().zip(values) {
+            frame.bindings.insert(
+                param.name.clone(),
+                Binding {
+                    value,
+                    span: param.span,
+                    kind: BindingKind::FunctionParam,
+                    used: true,
+                },
+            );
+        }
+        self.frames.push(frame);
+        self.calls.push((span, name));
+        self.stmts(&function.body, true);
+        let result = self.expr_checked(function.result);
+        self.calls.pop();
+        self.frames.pop();
+        result
+    }
+
+    fn builtin(
+        &mut self,
+        builtin: Builtin,
+        name: &str,
+        slots: &[Option<ExprId>],
+        span: Span,
+    ) -> Value {
+        let params = builtin.params();
+        let tensor = |this: &mut Self, i: usize| -> Operand {
+            let expr = slots[i].expect("bind fills required slots");
+            Operand {
+                value: this.expr(expr),
+                span: this.ast().expr(expr).span,
+                name: params[i].name,
+            }
+        };
+        match builtin {
+            Builtin::Unary(f) => {
+                let x = tensor(self, 0);
+                self.apply(Op::Unary(f), name, vec![x], span)
+            }
+            Builtin::StopGradient => {
+                let x = tensor(self, 0);
+                self.apply(Op::StopGradient, name, vec![x], span)
+            }
+            Builtin::Transpose => {
+                let x = tensor(self, 0);
+                self.apply(Op::Transpose, name, vec![x], span)
+            }
+            Builtin::LeakyRelu => {
+                let x = tensor(self, 0);
+                let Some(slope) = self.number_or(slots[1], 0.01, name, "slope") else {
+                    return Value::Poison;
+                };
+                self.apply(Op::LeakyRelu { slope }, name, vec![x], span)
+            }
+            Builtin::Maximum | Builtin::Minimum => {
+                let (a, b) = (tensor(self, 0), tensor(self, 1));
+                let f = if builtin == Builtin::Maximum {
+                    BinaryFn::Maximum
+                } else {
+                    BinaryFn::Minimum
+                };
+                self.apply(Op::Binary(f), name, vec![a, b], span)
+            }
+            Builtin::Clamp => {
+                let x = tensor(self, 0);
+                let lo = self.number(slots[1], name, "lo");
+                let hi = self.number(slots[2], name, "hi");
+                let (Some(lo), Some(hi)) = (lo, hi) else {
+                    return Value::Poison;
+                };
+                if lo > hi {
+                    self.report(
+                        Diagnostic::error(
+                            Code::WrongArgumentKind,
+                            span,
+                            format!("`clamp` bounds are reversed: {lo} > {hi}"),
+                        )
+                        .with_label("`lo` must not exceed `hi`"),
+                    );
+                    return Value::Poison;
+                }
+                self.apply(Op::Clamp { lo, hi }, name, vec![x], span)
+            }
+            Builtin::Reduce(func) => {
+                let x = tensor(self, 0);
+                let Some(shape) = self.shape_of(x.value) else {
+                    return Value::Poison;
+                };
+                let axes = match slots[1] {
+                    None => Some((0..shape.rank()).collect()),
+                    Some(expr) => self.axes(expr, &shape),
+                };
+                let keepdims = match slots[2] {
+                    None => Some(false),
+                    Some(expr) => self.boolean(expr, name, "keepdims"),
+                };
+                let (Some(axes), Some(keepdims)) = (axes, keepdims) else {
+                    return Value::Poison;
+                };
+                self.apply(
+                    Op::Reduce {
+                        func,
+                        axes,
+                        keepdims,
+                    },
+                    name,
+                    vec![x],
+                    span,
+                )
+            }
+            Builtin::Softmax | Builtin::LogSoftmax => {
+                let x = tensor(self, 0);
+                let Some(shape) = self.shape_of(x.value) else {
+                    return Value::Poison;
+                };
+                let axis = match slots[1] {
+                    None if shape.rank() > 0 => Some(shape.rank() - 1),
+                    None => {
+                        self.report(
+                            Diagnostic::error(
+                                Code::WrongRank,
+                                x.span,
+                                format!("`{name}` needs at least one axis"),
+                            )
+                            .with_label("this is a scalar"),
+                        );
+                        None
+                    }
+                    Some(expr) => self.axis(expr, &shape),
+                };
+                let Some(axis) = axis else {
+                    return Value::Poison;
+                };
+                let op = if builtin == Builtin::Softmax {
+                    Op::Softmax { axis }
+                } else {
+                    Op::LogSoftmax { axis }
+                };
+                self.apply(op, name, vec![x], span)
+            }
+            Builtin::Reshape => {
+                let x = tensor(self, 0);
+                let Some(shape) = self.shape_of(x.value) else {
+                    return Value::Poison;
+                };
+                let Some(target) =
+                    self.dims(slots[1].expect("bind fills required slots"), &shape, span)
+                else {
+                    return Value::Poison;
+                };
+                let dtype = match x.value {
+                    Value::Node(id) => self.graph.node(id).dtype(),
+                    _ => self.default_float,
+                };
+                self.apply_typed(
+                    Op::Reshape,
+                    name,
+                    vec![x],
+                    span,
+                    Some(Type::new(dtype, target)),
+                )
+            }
+            Builtin::Concat => {
+                let list = slots[0].expect("bind fills required slots");
+                let list_expr = self.ast().expr(list);
+                let ExprKind::List(items) = &list_expr.kind else {
+                    self.report(
+                        Diagnostic::error(
+                            Code::WrongArgumentKind,
+                            list_expr.span,
+                            "`concat` takes a list of tensors",
+                        )
+                        .with_label("not a list")
+                        .with_help("write `concat([a, b], axis = 1)`"),
+                    );
+                    return Value::Poison;
+                };
+                if items.is_empty() {
+                    self.report(
+                        Diagnostic::error(
+                            Code::WrongArgumentKind,
+                            list_expr.span,
+                            "`concat` of an empty list",
+                        )
+                        .with_label("needs at least one tensor"),
+                    );
+                    return Value::Poison;
+                }
+                let items = items.clone();
+                let operands: Vec<Operand> = items
+                    .iter()
+                    .map(|&e| Operand {
+                        value: self.expr(e),
+                        span: self.ast().expr(e).span,
+                        name: "operand",
+                    })
+                    .collect();
+                let Some(shape) = self.shape_of(operands[0].value) else {
+                    return Value::Poison;
+                };
+                let axis = match slots[1] {
+                    None if shape.rank() > 0 => Some(0),
+                    None => None,
+                    Some(expr) => self.axis(expr, &shape),
+                };
+                let Some(axis) = axis else {
+                    if slots[1].is_none() {
+                        self.report(
+                            Diagnostic::error(
+                                Code::WrongRank,
+                                operands[0].span,
+                                "`concat` needs tensors of rank 1 or more",
+                            )
+                            .with_label("this is a scalar"),
+                        );
+                    }
+                    return Value::Poison;
+                };
+                self.apply(Op::Concat { axis }, name, operands, span)
+            }
+            Builtin::Dropout => {
+                let x = tensor(self, 0);
+                let Some(p) = self.number(slots[1], name, "p") else {
+                    return Value::Poison;
+                };
+                if !(0.0..1.0).contains(&p) {
+                    let at = self.ast().expr(slots[1].expect("required")).span;
+                    self.report(
+                        Diagnostic::error(Code::DropoutProbability, at, format!("dropout probability {p} is outside [0, 1)"))
+                            .with_label("must be at least 0 and below 1")
+                            .with_help("`p` is the probability of zeroing an element, as in `torch.nn.Dropout(p)`"),
+                    );
+                    return Value::Poison;
+                }
+                match self.mode {
+                    // Dropout is the identity in eval mode: no node at all.
+                    Mode::Eval => x.value,
+                    Mode::Train => self.apply(Op::Dropout { p }, name, vec![x], span),
+                }
+            }
+            Builtin::BatchNorm => {
+                let operands: Vec<Operand> = (0..5).map(|i| tensor(self, i)).collect();
+                let eps = self.number_or(slots[5], 1e-5, name, "eps");
+                let momentum = self.number_or(slots[6], 0.1, name, "momentum");
+                let (Some(eps), Some(momentum)) = (eps, momentum) else {
+                    return Value::Poison;
+                };
+                for operand in &operands[3..] {
+                    if let Value::Node(id) = operand.value
+                        && self.graph.node(id).role != Role::Buffer
+                    {
+                        let what = operand.name;
+                        self.report(
+                            Diagnostic::error(
+                                Code::NotABuffer,
+                                operand.span,
+                                format!("`{what}` of `batch_norm` must be a `buffer`"),
+                            )
+                            .with_label("not a buffer")
+                            .with_help(format!(
+                                "declare it as `buffer {what}: f32[C] = {}`",
+                                if what == "running_var" {
+                                    "ones"
+                                } else {
+                                    "zeros"
+                                }
+                            )),
+                        );
+                        return Value::Poison;
+                    }
+                }
+                let training = self.mode == Mode::Train;
+                self.apply(
+                    Op::BatchNorm {
+                        eps,
+                        momentum,
+                        training,
+                    },
+                    name,
+                    operands,
+                    span,
+                )
+            }
+            Builtin::LayerNorm => {
+                let operands: Vec<Operand> = (0..3).map(|i| tensor(self, i)).collect();
+                let Some(eps) = self.number_or(slots[3], 1e-5, name, "eps") else {
+                    return Value::Poison;
+                };
+                self.apply(Op::LayerNorm { eps }, name, operands, span)
+            }
+            Builtin::Embedding | Builtin::CrossEntropy | Builtin::Mse | Builtin::BceWithLogits => {
+                let operands = vec![tensor(self, 0), tensor(self, 1)];
+                let op = match builtin {
+                    Builtin::Embedding => Op::Embedding,
+                    Builtin::CrossEntropy => Op::CrossEntropy,
+                    Builtin::Mse => Op::Mse,
+                    _ => Op::BceWithLogits,
+                };
+                self.apply(op, name, operands, span)
+            }
+        }
+    }
+
+    fn shape_of(&self, value: Value) -> Option<Shape> {
+        match value {
+            Value::Node(id) => Some(self.graph.node(id).shape().clone()),
+            Value::Scalar(_) => Some(Shape::scalar()),
+            Value::Poison => None,
+        }
+    }
+
+    /// A compile-time number for parameter `param` of `callee`.
+    fn number(&mut self, slot: Option<ExprId>, callee: &str, param: &str) -> Option<f64> {
+        let expr = slot?;
+        let span = self.ast().expr(expr).span;
+        match self.expr(expr) {
+            Value::Scalar(v) => Some(v),
+            Value::Poison => None,
+            Value::Node(_) => {
+                self.report(
+                    Diagnostic::error(
+                        Code::WrongArgumentKind,
+                        span,
+                        format!("`{param}` of `{callee}` must be a number"),
+                    )
+                    .with_label("this is a tensor")
+                    .with_help("write a number literal here"),
+                );
+                None
+            }
+        }
+    }
+
+    fn number_or(
+        &mut self,
+        slot: Option<ExprId>,
+        default: f64,
+        callee: &str,
+        param: &str,
+    ) -> Option<f64> {
+        match slot {
+            None => Some(default),
+            Some(_) => self.number(slot, callee, param),
+        }
+    }
+
+    fn boolean(&mut self, expr: ExprId, callee: &str, param: &str) -> Option<bool> {
+        let e = self.ast().expr(expr);
+        match e.kind {
+            ExprKind::Bool(b) => Some(b),
+            _ => {
+                let span = e.span;
+                self.report(
+                    Diagnostic::error(
+                        Code::WrongArgumentKind,
+                        span,
+                        format!("`{param}` of `{callee}` must be `true` or `false`"),
+                    )
+                    .with_label("not a boolean"),
+                );
+                None
+            }
+        }
+    }
+
+    /// An integer known at compile time.
+    fn integer(&mut self, expr: ExprId, what: &str) -> Option<i64> {
+        let span = self.ast().expr(expr).span;
+        match self.expr(expr) {
+            Value::Scalar(v) if v.fract() == 0.0 && v.abs() < 1e15 => Some(v as i64),
+            Value::Poison => None,
+            _ => {
+                self.report(
+                    Diagnostic::error(
+                        Code::WrongArgumentKind,
+                        span,
+                        format!("{what} must be an integer"),
+                    )
+                    .with_label("not an integer"),
+                );
+                None
+            }
+        }
+    }
+
+    fn axis(&mut self, expr: ExprId, shape: &Shape) -> Option<usize> {
+        let span = self.ast().expr(expr).span;
+        let axis = self.integer(expr, "an axis")?;
+        match shape.axis(axis) {
+            Some(axis) => Some(axis),
+            None => {
+                let rank = shape.rank();
+                let help = if rank == 0 {
+                    "a scalar has no axes".to_string()
+                } else {
+                    format!(
+                        "axes of a rank-{rank} tensor run from {} to {}",
+                        -(rank as i64),
+                        rank - 1
+                    )
+                };
+                self.report(
+                    Diagnostic::error(
+                        Code::BadAxis,
+                        span,
+                        format!("axis {axis} is out of range for `{shape}`"),
+                    )
+                    .with_label(format!("the operand has rank {rank}"))
+                    .with_help(help),
+                );
+                None
+            }
+        }
+    }
+
+    fn axes(&mut self, expr: ExprId, shape: &Shape) -> Option<Vec<usize>> {
+        let e = self.ast().expr(expr);
+        let items = match &e.kind {
+            ExprKind::List(items) => items.clone(),
+            _ => vec![expr],
+        };
+        let mut axes = Vec::new();
+        for item in items {
+            let axis = self.axis(item, shape)?;
+            if axes.contains(&axis) {
+                let span = self.ast().expr(item).span;
+                self.report(
+                    Diagnostic::error(Code::BadAxis, span, format!("axis {axis} is listed twice"))
+                        .with_label("repeated axis"),
+                );
+                return None;
+            }
+            axes.push(axis);
+        }
+        axes.sort_unstable();
+        Some(axes)
+    }
+
+    /// The target shape of a reshape: integers, symbols and at most one
+    /// `-1`, which is inferred from the element count of `from`.
+    fn dims(&mut self, expr: ExprId, from: &Shape, call: Span) -> Option<Shape> {
+        let e = self.ast().expr(expr);
+        let ExprKind::List(items) = &e.kind else {
+            let span = e.span;
+            self.report(
+                Diagnostic::error(
+                    Code::WrongArgumentKind,
+                    span,
+                    "`shape` of `reshape` must be a list of dimensions",
+                )
+                .with_label("not a list")
+                .with_help("write `reshape(x, [B, 8, 8])`"),
+            );
+            return None;
+        };
+        let items = items.clone();
+        let mut dims: Vec<Option<Dim>> = Vec::new();
+        let mut inferred: Option<Span> = None;
+        for item in items {
+            let e = self.ast().expr(item);
+            let span = e.span;
+            if let ExprKind::Name(name) = &e.kind {
+                if self.symbols.contains(name) {
+                    dims.push(Some(Dim::Sym(name.clone())));
+                    continue;
+                }
+                let name = name.clone();
+                let near =
+                    closest(&name, self.symbols.iter().map(String::as_str)).map(str::to_string);
+                let mut diagnostic = Diagnostic::error(
+                    Code::UnknownDimension,
+                    span,
+                    format!("unknown dimension `{name}`"),
+                )
+                .with_label("no input declares this symbolic dimension");
+                diagnostic = match near {
+                    Some(near) => diagnostic.with_help(format!("did you mean `{near}`?")),
+                    None => diagnostic.with_help(
+                        "symbolic dimensions come from `input` declarations such as `f32[B, 64]`",
+                    ),
+                };
+                self.report(diagnostic);
+                return None;
+            }
+            let n = self.integer(item, "a dimension")?;
+            match n {
+                -1 if inferred.is_none() => {
+                    inferred = Some(span);
+                    dims.push(None);
+                }
+                -1 => {
+                    self.report(
+                        Diagnostic::error(
+                            Code::ReshapeCount,
+                            span,
+                            "only one dimension can be `-1`",
+                        )
+                        .with_label("second `-1`")
+                        .with_secondary(inferred.unwrap_or(span), "first `-1`"),
+                    );
+                    return None;
+                }
+                n if n >= 1 => dims.push(Some(Dim::Fixed(n as u64))),
+                _ => {
+                    self.report(
+                        Diagnostic::error(
+                            Code::ReshapeCount,
+                            span,
+                            format!("dimension {n} is not a size"),
+                        )
+                        .with_label("sizes are at least 1, or `-1` to infer one"),
+                    );
+                    return None;
+                }
+            }
+        }
+        let known = Shape(dims.iter().flatten().cloned().collect());
+        let Some(known_count) = known.element_count() else {
+            self.report(Diagnostic::error(
+                Code::Overflow,
+                call,
+                "the element count of the reshape target overflows",
+            ));
+            return None;
+        };
+        let Some(position) = dims.iter().position(Option::is_none) else {
+            return Some(known);
+        };
+        // Infer the `-1`: the input's symbols must include the target's,
+        // and what is left over must be one symbol or a fixed factor.
+        let (from_fixed, mut from_symbols) = from.element_count()?;
+        for symbol in &known_count.1 {
+            match from_symbols.iter().position(|s| s == symbol) {
+                Some(i) => {
+                    from_symbols.remove(i);
+                }
+                None => from_symbols.push(format!("?{symbol}")),
+            }
+        }
+        let dim = match from_symbols.as_slice() {
+            [] if known_count.0 > 0 && from_fixed % known_count.0 == 0 => {
+                Some(Dim::Fixed(from_fixed / known_count.0))
+            }
+            [symbol] if !symbol.starts_with('?') && from_fixed == known_count.0 => {
+                Some(Dim::Sym(symbol.clone()))
+            }
+            _ => None,
+        };
+        let Some(dim) = dim else {
+            self.report(
+                Diagnostic::error(
+                    Code::ReshapeCount,
+                    inferred.unwrap_or(call),
+                    format!("cannot infer `-1` when reshaping `{from}`"),
+                )
+                .with_label(format!(
+                    "`{}` elements do not divide into `{}` and one more dimension",
+                    count_text(from),
+                    count_text(&known)
+                ))
+                .with_help("write every dimension explicitly"),
+            );
+            return None;
+        };
+        dims[position] = Some(dim);
+        Some(Shape(dims.into_iter().flatten().collect()))
+    }
+
+    /// Checks an initializer expression against the param's type.
+    pub(super) fn initializer(&mut self, expr: ExprId, ty: &Type) -> Option<Init> {
+        const INITS: &[&str] = &[
+            "zeros",
+            "ones",
+            "constant",
+            "normal",
+            "uniform",
+            "xavier_normal",
+            "xavier_uniform",
+            "kaiming_normal",
+            "kaiming_uniform",
+        ];
+        let e = self.ast().expr(expr);
+        let span = e.span;
+        let (name, args): (String, Vec<Arg>) = match &e.kind {
+            ExprKind::Name(name) => (name.clone(), Vec::new()),
+            ExprKind::Call { callee, args } => (callee.name.clone(), args.clone()),
+            ExprKind::Number { value, .. } => return Some(Init::Constant(*value)),
+            _ => {
+                self.report(
+                    Diagnostic::error(Code::UnknownInitializer, span, "this is not an initializer")
+                        .with_label("expected an initializer")
+                        .with_help(format!("initializers are {}", INITS.join(", "))),
+                );
+                return None;
+            }
+        };
+        use builtins::Kind::Number;
+        let params: &[builtins::Param] = match name.as_str() {
+            "zeros" | "ones" | "xavier_normal" | "xavier_uniform" | "kaiming_normal"
+            | "kaiming_uniform" => &[],
+            "constant" => &[builtins::Param {
+                name: "value",
+                kind: Number,
+                optional: false,
+            }],
+            "normal" => &[
+                builtins::Param {
+                    name: "mean",
+                    kind: Number,
+                    optional: true,
+                },
+                builtins::Param {
+                    name: "std",
+                    kind: Number,
+                    optional: true,
+                },
+            ],
+            "uniform" => &[
+                builtins::Param {
+                    name: "lo",
+                    kind: Number,
+                    optional: true,
+                },
+                builtins::Param {
+                    name: "hi",
+                    kind: Number,
+                    optional: true,
+                },
+            ],
+            _ => {
+                let mut diagnostic = Diagnostic::error(
+                    Code::UnknownInitializer,
+                    span,
+                    format!("unknown initializer `{name}`"),
+                )
+                .with_label("not an initializer");
+                diagnostic = match closest(&name, INITS.iter().copied()) {
+                    Some(near) => diagnostic.with_help(format!("did you mean `{near}`?")),
+                    None => diagnostic.with_help(format!("initializers are {}", INITS.join(", "))),
+                };
+                self.report(diagnostic);
+                return None;
+            }
+        };
+        let mut found = Vec::new();
+        let slots = builtins::bind(self.ast(), &name, params, &args, span, &mut found);
+        for diagnostic in found {
+            self.report(diagnostic);
+        }
+        let slots = slots?;
+        let mut numbers = Vec::new();
+        for (slot, param) in slots.iter().zip(params) {
+            numbers.push(match slot {
+                Some(_) => self.number(*slot, &name, param.name)?,
+                None => f64::NAN,
+            });
+        }
+        let or = |v: f64, default: f64| if v.is_nan() { default } else { v };
+        let init = match name.as_str() {
+            "zeros" => Init::Zeros,
+            "ones" => Init::Ones,
+            "constant" => Init::Constant(numbers[0]),
+            "normal" => Init::Normal {
+                mean: or(numbers[0], 0.0),
+                std: or(numbers[1], 1.0),
+            },
+            "uniform" => Init::Uniform {
+                lo: or(numbers[0], 0.0),
+                hi: or(numbers[1], 1.0),
+            },
+            "xavier_normal" => Init::XavierNormal,
+            "xavier_uniform" => Init::XavierUniform,
+            "kaiming_normal" => Init::KaimingNormal,
+            _ => Init::KaimingUniform,
+        };
+        let bad = match init {
+            Init::Normal { std, .. } if std < 0.0 => {
+                Some("the standard deviation must not be negative".to_string())
+            }
+            Init::Uniform { lo, hi } if lo > hi => {
+                Some(format!("the bounds are reversed: {lo} > {hi}"))
+            }
+            Init::XavierNormal
+            | Init::XavierUniform
+            | Init::KaimingNormal
+            | Init::KaimingUniform
+                if ty.shape.rank() < 2 =>
+            {
+                Some(format!(
+                    "`{name}` needs a tensor of rank 2 or more to compute its fans, not `{}`",
+                    ty.shape
+                ))
+            }
+            _ => None,
+        };
+        if let Some(reason) = bad {
+            self.report(
+                Diagnostic::error(
+                    Code::UnknownInitializer,
+                    span,
+                    format!("`{name}` cannot initialize this tensor"),
+                )
+                .with_label(reason)
+                .with_help(
+                    "use `zeros` or `normal(0, 0.02)` for vectors, as PyTorch does for biases",
+                ),
+            );
+            return None;
+        }
+        Some(init)
+    }
+}
+
+fn count_text(shape: &Shape) -> String {
+    match shape.element_count() {
+        Some((fixed, symbols)) if symbols.is_empty() => fixed.to_string(),
+        Some((1, symbols)) => symbols.join("*"),
+        Some((fixed, symbols)) => format!("{}*{fixed}", symbols.join("*")),
+        None => "too many".to_string(),
+    }
+}
+
+fn shape_help(op: &Op, a: &Shape, b: &Shape) -> String {
+    match op {
+        Op::Mse | Op::BceWithLogits => {
+            if a.rank() + 1 == b.rank() || b.rank() + 1 == a.rank() {
+                "reshape one side so both shapes are equal; PyTorch would silently broadcast `[B]` against `[B, 1]` into `[B, B]`".into()
+            } else {
+                "the prediction and the target must have the same shape".into()
+            }
+        }
+        Op::CrossEntropy => "logits are `[batch, classes]` and labels `[batch]`".into(),
+        Op::Binary(_) => {
+            "dimensions must be equal or 1, compared from the right (NumPy broadcasting)".into()
+        }
+        _ => "make the shapes agree".into(),
+    }
+}
