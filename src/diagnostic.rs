@@ -90,7 +90,6 @@ codes! {
     TooDeep = "E0005", "an expression nests deeper than the compiler's limit";
     BadLiteral = "E0006", "a number literal that does not fit its type";
     UnterminatedString = "E0007", "a string literal with no closing quote";
-    TooLarge = "E0008", "a source file larger than the compiler's limit";
     UnknownName = "E0101", "a name that is not defined at this point";
     DuplicateName = "E0102", "a name defined twice in one scope (names are immutable, no shadowing)";
     UseBeforeDefinition = "E0103", "a name used above the line that defines it";
@@ -225,6 +224,19 @@ impl fmt::Display for Code {
 /// Renders diagnostics as plain text in the rustc style, each naming
 /// `file:line:col` and underlining its spans.
 pub fn render(file_name: &str, source: &str, diagnostics: &[Diagnostic]) -> String {
+    // Control characters (a NUL byte, say) would reach the terminal raw;
+    // show them as `?`, which keeps every byte offset.
+    let shown: String = source
+        .chars()
+        .map(|c| {
+            if c.is_control() && !matches!(c, '\n' | '\t' | '\r') && c.len_utf8() == 1 {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect();
+    let source = shown.as_str();
     let file = SimpleFile::new(file_name, source);
     let config = term::Config::default();
     let mut out = String::new();
@@ -308,10 +320,17 @@ fn floor_boundary(source: &str, mut offset: usize) -> usize {
 /// "Did you mean" support: the candidate closest to `name` by edit
 /// distance, if it is close enough to be a plausible typo.
 pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    let limit = (name.chars().count() / 3).max(1);
+    // One-letter names are all one edit apart; only a case slip counts.
+    let length = name.chars().count();
+    let limit = if length == 1 { 0 } else { (length / 3).max(1) };
     let mut best: Option<(usize, &str)> = None;
     for candidate in candidates {
-        let distance = edit_distance(name, candidate);
+        // A difference in case only is the likeliest typo of all.
+        let distance = if candidate.eq_ignore_ascii_case(name) {
+            0
+        } else {
+            edit_distance(name, candidate)
+        };
         if distance <= limit && best.is_none_or(|(d, c)| (distance, candidate) < (d, c)) {
             best = Some((distance, candidate));
         }
@@ -343,6 +362,7 @@ mod tests {
         assert_eq!(closest("relu", ["relu6", "gelu", "exp"]), Some("gelu"));
         assert_eq!(closest("w1", ["w2", "b1"]), Some("b1"));
         assert_eq!(closest("zzzzzz", ["relu"]), None);
+        assert_eq!(closest("W", ["b", "w"]), Some("w"));
     }
 
     #[test]

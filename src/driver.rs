@@ -97,6 +97,11 @@ pub fn compile_source(file_name: &str, source: &str, options: LowerOptions) -> C
     let (ast, mut diagnostics) = syntax::parse(source);
     let (models, lowered) = lower::lower(&ast, source, options);
     diagnostics.extend(lowered);
+    // Unused-value warnings in a file that does not compile are mostly
+    // echoes of its errors.
+    if diagnostics.iter().any(Diagnostic::is_error) {
+        diagnostics.retain(|d| d.code != Code::UnusedValue);
+    }
     diagnostics.sort_by_key(|d| (d.primary.span.start, d.code));
     Compilation {
         file_name: file_name.to_string(),
@@ -106,8 +111,18 @@ pub fn compile_source(file_name: &str, source: &str, options: LowerOptions) -> C
     }
 }
 
-/// Reads and compiles a file. Only I/O errors are `Err`.
+/// The largest source file gradc reads, in bytes: spans are `u32` offsets.
+pub const MAX_SOURCE_BYTES: u64 = 1 << 30;
+
+/// Reads and compiles a file. Only I/O errors (and files too large to be a
+/// model) are `Err`.
 pub fn compile_file(path: &Path, options: LowerOptions) -> std::io::Result<Compilation> {
+    let size = std::fs::metadata(path)?.len();
+    if size > MAX_SOURCE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "the file has {size} bytes; gradc reads model files of at most {MAX_SOURCE_BYTES} bytes"
+        )));
+    }
     let bytes = std::fs::read(path)?;
     Ok(compile_bytes(&path.display().to_string(), &bytes, options))
 }

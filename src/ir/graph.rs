@@ -85,8 +85,9 @@ pub struct Origin {
     pub line: u32,
     /// Its 1-based column.
     pub col: u32,
-    /// The outermost call that inlined it, when it comes from a function.
-    pub call_site: Option<Span>,
+    /// The outermost call that inlined it, when it comes from a function:
+    /// its span, line and column.
+    pub call_site: Option<(Span, u32, u32)>,
     /// The `no_grad` keyword of the block it was computed in, if any.
     pub no_grad: Option<Span>,
 }

@@ -6,6 +6,7 @@
 //! graph digits_mlp (train)
 //!   %0 = input x : f32[B, 64]  @3:5
 //!   %8 = relu %7 : f32[B, 128]  @12:18  let h  retain
+//!   %9 = add %7, %3 : f32[B, 64]  @3:21 (inlined at 25:18)
 //!   %13 = cross_entropy %12, %1 : f32[]  @17:10  loss
 //! ```
 
@@ -44,8 +45,8 @@ pub fn to_text(graph: &Graph) -> String {
             " : {}  @{}:{}",
             node.ty, node.origin.line, node.origin.col
         );
-        if node.origin.call_site.is_some() {
-            line.push_str(" (inlined)");
+        if let Some((_, call_line, call_col)) = node.origin.call_site {
+            let _ = write!(line, " (inlined at {call_line}:{call_col})");
         }
         match &node.role {
             Role::FrozenParam => line.push_str("  frozen"),

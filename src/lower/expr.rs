@@ -161,7 +161,7 @@ impl Lowering<'_, '_> {
         types: &[Type],
         span: Span,
     ) {
-        let label = |i: usize| format!("{}: `{}`", operands[i].name, types[i]);
+        let label = |i: usize| format!("{}: `{}`", shown(operands[i].name), types[i]);
         let diagnostic = match error {
             TypeError::Arity { expected, found } => Diagnostic::error(
                 Code::WrongArity,
@@ -179,7 +179,7 @@ impl Lowering<'_, '_> {
             TypeError::NotFloat { operand } => Diagnostic::error(
                 Code::NotFloat,
                 operands[operand].span,
-                format!("`{what}` needs a float {}, not `{}`", operands[operand].name, types[operand]),
+                format!("`{what}` needs a float {}, not `{}`", shown(operands[operand].name), types[operand]),
             )
             .with_label(label(operand))
             .with_help("`i32` values are labels and indices; declare data as `f32`"),
@@ -220,7 +220,7 @@ impl Lowering<'_, '_> {
             TypeError::Rank { operand, expected, found } => Diagnostic::error(
                 Code::WrongRank,
                 operands[operand].span,
-                format!("`{what}` needs a {} of rank {expected}, not {found}", operands[operand].name),
+                format!("`{what}` needs {} of rank {expected}, not {found}", shown(operands[operand].name)),
             )
             .with_label(label(operand)),
             TypeError::Axis { axis, rank } => Diagnostic::error(
@@ -1026,6 +1026,16 @@ impl Lowering<'_, '_> {
             return None;
         }
         Some(init)
+    }
+}
+
+/// An operand's name for messages: parameter names in backticks, words
+/// such as "left operand" as they are.
+fn shown(name: &str) -> String {
+    if name.contains(' ') || name == "operand" {
+        name.to_string()
+    } else {
+        format!("`{name}`")
     }
 }
 

@@ -352,8 +352,12 @@ fn lower_model(
         outputs: HashMap::new(),
         diagnostics,
     };
+    let before = lowering.diagnostics.len();
     lowering.stmts(&model.body, false);
-    if mode == Mode::Train {
+    let clean = !lowering.diagnostics[before..]
+        .iter()
+        .any(Diagnostic::is_error);
+    if mode == Mode::Train && clean {
         lowering.warn_unused();
     }
     lowering.graph
@@ -418,11 +422,15 @@ impl<'a> Lowering<'a, '_> {
 
     fn origin(&self, span: Span) -> Origin {
         let (line, col) = self.cx.lines.line_col(self.cx.source, span.start);
+        let call_site = self.calls.first().map(|&(call, _)| {
+            let (line, col) = self.cx.lines.line_col(self.cx.source, call.start);
+            (call, line, col)
+        });
         Origin {
             span,
             line,
             col,
-            call_site: self.calls.first().map(|c| c.0),
+            call_site,
             no_grad: self.no_grad,
         }
     }
@@ -611,10 +619,13 @@ impl<'a> Lowering<'a, '_> {
         let mut diagnostic =
             Diagnostic::error(Code::UnknownName, span, format!("unknown name `{name}`"))
                 .with_label("not defined in this scope");
-        if let Some(near) = near {
+        let in_model = self.frames.len() > 1 && self.frames[0].bindings.contains_key(name);
+        if in_model {
+            diagnostic = diagnostic.with_help(format!(
+                "a function sees only its parameters and its own `let`s; pass `{name}` as an argument"
+            ));
+        } else if let Some(near) = near {
             diagnostic = diagnostic.with_help(format!("did you mean `{near}`?"));
-        } else if self.frames.len() > 1 {
-            diagnostic = diagnostic.with_help("a function sees only its parameters and its own `let`s; pass the value as an argument");
         }
         self.report(diagnostic);
         Value::Poison

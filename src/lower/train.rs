@@ -262,7 +262,14 @@ pub fn check_train_blocks(
 
 fn check_block(ast: &Ast, train: &Train, diagnostics: &mut Vec<Diagnostic>) -> TrainConfig {
     let mut entries: Vec<Entry> = Vec::new();
+    // After an unknown entry name, its values are skipped rather than
+    // reported again.
+    let mut skipping = false;
     for item in &train.items {
+        if skipping && !matches!(item, TrainItem::Word(w) if ENTRIES.contains(&w.name.as_str())) {
+            continue;
+        }
+        skipping = false;
         let (span, value) = match item {
             TrainItem::Word(word) if ENTRIES.contains(&word.name.as_str()) => {
                 entries.push(Entry {
@@ -287,7 +294,10 @@ fn check_block(ast: &Ast, train: &Train, diagnostics: &mut Vec<Diagnostic>) -> T
             }
         };
         match (entries.last_mut(), value) {
-            (None, Some(Const::Word(word))) => diagnostics.push(unknown_entry(&word, span)),
+            (None, Some(Const::Word(word))) => {
+                diagnostics.push(unknown_entry(&word, span));
+                skipping = true;
+            }
             (None, _) => diagnostics.push(
                 Diagnostic::error(
                     Code::UnknownTrainEntry,

@@ -25,9 +25,6 @@ lalrpop_mod!(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Never {}
 
-/// The largest source file gradc reads, in bytes. Spans are `u32` offsets.
-pub const MAX_SOURCE_BYTES: usize = 64 << 20;
-
 /// State shared by the grammar's actions: the expression arena and the
 /// syntax errors recovered so far.
 #[derive(Default)]
@@ -117,6 +114,20 @@ impl Builder {
 
 /// Turns lalrpop's list of expected terminals into words.
 fn describe_expected(expected: &[String]) -> String {
+    let has = |terminal: &str| expected.iter().any(|e| e == terminal);
+    if has("\"let\"") && has("\"input\"") {
+        return if has("\"}\"") {
+            "a statement (`input`, `param`, `let`, `output`, `loss`, ...) or `}`".to_string()
+        } else {
+            "a statement (`input`, `param`, `let`, `output`, `loss`, ...)".to_string()
+        };
+    }
+    if has("IDENT") && has("INT") && has("\"(\"") {
+        return "an expression".to_string();
+    }
+    if has("\"model\"") && has("\"fn\"") {
+        return "`model`, `fn` or `train`".to_string();
+    }
     let mut words: Vec<String> = expected
         .iter()
         .map(|terminal| match terminal.as_str() {
@@ -147,16 +158,6 @@ fn describe_expected(expected: &[String]) -> String {
 /// and every syntax diagnostic found.
 pub fn parse(source: &str) -> (Ast, Vec<Diagnostic>) {
     let mut diagnostics = Vec::new();
-    if source.len() > MAX_SOURCE_BYTES {
-        diagnostics.push(
-            Diagnostic::error(Code::TooLarge, Span::new(0, 0), "source file too large")
-                .with_label(format!("this file has {} bytes", source.len()))
-                .with_help(format!(
-                    "gradc reads files of at most {MAX_SOURCE_BYTES} bytes"
-                )),
-        );
-        return (Ast::default(), diagnostics);
-    }
     let tokens = lexer::lex(source, &mut diagnostics);
     if let Some(too_deep) = lexer::check_nesting(&tokens) {
         diagnostics.push(too_deep);
