@@ -90,6 +90,7 @@ codes! {
     TooDeep = "E0005", "an expression nests deeper than the compiler's limit";
     BadLiteral = "E0006", "a number literal that does not fit its type";
     UnterminatedString = "E0007", "a string literal with no closing quote";
+    TooManyNodes = "E0008", "a model whose inlined graph exceeds the compiler's node limit";
     UnknownName = "E0101", "a name that is not defined at this point";
     DuplicateName = "E0102", "a name defined twice in one scope (names are immutable, no shadowing)";
     UseBeforeDefinition = "E0103", "a name used above the line that defines it";

@@ -2,7 +2,7 @@
 //! functions and initializers, with the diagnostics each can raise.
 
 use super::builtins::{self, Builtin, Kind};
-use super::{Binding, BindingKind, Frame, Lowering, MAX_CALL_DEPTH, Value};
+use super::{Binding, BindingKind, Frame, Lowering, MAX_CALL_DEPTH, MAX_NODES, Value};
 use crate::diagnostic::{Code, Diagnostic, Span, closest};
 use crate::ir::{BinaryFn, Dim, Init, Mode, Op, Role, Shape, Type, TypeError, UnaryFn};
 use crate::syntax::ast::{Arg, BinaryOp, ExprId, ExprKind, Function, Ident, UnaryOp};
@@ -277,7 +277,20 @@ impl Lowering<'_, '_> {
 
     fn inline(&mut self, function: &Function, args: &[Arg], span: Span) -> Value {
         let name = function.name.name.clone();
-        if self.cx.recursive.contains(&name) {
+        if self.cx.recursive.contains(&name) || self.too_many_nodes {
+            return Value::Poison;
+        }
+        if self.graph.len() > MAX_NODES {
+            self.too_many_nodes = true;
+            self.report(
+                Diagnostic::error(
+                    Code::TooManyNodes,
+                    span,
+                    format!("the model expands to more than {MAX_NODES} nodes"),
+                )
+                .with_label("inlining stopped at this call")
+                .with_help("functions are inlined at every call; a function that calls another twice doubles the graph at each level"),
+            );
             return Value::Poison;
         }
         if self.calls.len() >= MAX_CALL_DEPTH {

@@ -29,6 +29,9 @@ use train::TrainConfig;
 pub const MAX_EXPR_DEPTH: u32 = 256;
 /// Deepest chain of inlined function calls.
 pub const MAX_CALL_DEPTH: usize = 32;
+/// Most nodes one model's graph may have. Functions that call each other
+/// twice per level would otherwise expand exponentially.
+pub const MAX_NODES: usize = 1 << 18;
 
 /// Options that change how a file lowers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -325,6 +328,7 @@ struct Lowering<'a, 'd> {
     /// Calls being inlined, outermost first: (call span, function name).
     calls: Vec<(Span, String)>,
     depth_reported: bool,
+    too_many_nodes: bool,
     loss: Option<Span>,
     outputs: HashMap<String, Span>,
     diagnostics: &'d mut Vec<Diagnostic>,
@@ -348,6 +352,7 @@ fn lower_model(
         no_grad: None,
         calls: Vec::new(),
         depth_reported: false,
+        too_many_nodes: false,
         loss: None,
         outputs: HashMap::new(),
         diagnostics,
@@ -414,8 +419,16 @@ impl<'a> Lowering<'a, '_> {
     /// Records a diagnostic, adding the calls it sits in when it comes from
     /// inside an inlined function.
     fn report(&mut self, mut diagnostic: Diagnostic) {
-        for (span, name) in self.calls.iter().rev() {
+        // The innermost calls are the useful ones; a long chain is counted.
+        const SHOWN: usize = 4;
+        for (span, name) in self.calls.iter().rev().take(SHOWN) {
             diagnostic = diagnostic.with_secondary(*span, format!("in this call of `{name}`"));
+        }
+        if self.calls.len() > SHOWN {
+            let (span, name) = &self.calls[0];
+            diagnostic = diagnostic
+                .with_secondary(*span, format!("in this call of `{name}`, the outermost"))
+                .with_note(format!("inlined through {} nested calls", self.calls.len()));
         }
         self.diagnostics.push(diagnostic);
     }
