@@ -156,7 +156,9 @@ pub enum Init {
         /// Upper bound.
         hi: f64,
     },
-    /// Glorot normal, `std = sqrt(2 / (fan_in + fan_out))`.
+    /// Glorot normal, `std = sqrt(2 / (fan_in + fan_out))`. Fans follow the
+    /// `x @ w` layout: `fan_in` is the product of every dimension but the
+    /// last, `fan_out` the last (see `docs/language.md`).
     XavierNormal,
     /// Glorot uniform, bound `sqrt(6 / (fan_in + fan_out))`.
     XavierUniform,

@@ -1,0 +1,88 @@
+//! The documentation stays true: every model example in
+//! `docs/language.md` compiles, `docs/diagnostics.md` lists every
+//! diagnostic code, and every source file opens with a `//!` doc line.
+
+use std::path::Path;
+
+use gradc::diagnostic::Code;
+use gradc::driver::compile_source;
+use gradc::lower::LowerOptions;
+
+fn read(relative: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(relative))
+        .expect("doc exists")
+}
+
+/// The unlabelled fenced code blocks of a Markdown text.
+fn code_blocks(markdown: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match (&mut current, line.trim_start().starts_with("```")) {
+            (None, true) if line.trim() == "```" => current = Some(String::new()),
+            (None, true) => current = Some("\u{0}skip".to_string()),
+            (Some(block), true) => {
+                if !block.starts_with('\u{0}') {
+                    blocks.push(block.clone());
+                }
+                current = None;
+            }
+            (Some(block), false) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            (None, false) => {}
+        }
+    }
+    blocks
+}
+
+#[test]
+fn language_reference_examples_compile() {
+    let mut checked = 0;
+    for block in code_blocks(&read("docs/language.md")) {
+        if !block.contains("model ") || block.contains("file      =") {
+            continue;
+        }
+        let compilation = compile_source("docs/language.md", &block, LowerOptions::default());
+        assert!(
+            !compilation.has_errors(),
+            "{block}\n{}",
+            compilation.render_diagnostics()
+        );
+        checked += 1;
+    }
+    assert!(checked >= 6, "only {checked} examples found");
+}
+
+#[test]
+fn diagnostics_reference_lists_every_code() {
+    let doc = read("docs/diagnostics.md");
+    for code in Code::ALL {
+        assert!(
+            doc.contains(&format!("## {}", code.as_str())),
+            "docs/diagnostics.md has no section for {code}"
+        );
+    }
+}
+
+#[test]
+fn every_source_file_starts_with_a_module_doc() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut stack = vec![root.join("src"), root.join("tests"), root.join("benches")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("readable dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).expect("readable file");
+                assert!(
+                    text.starts_with("//!"),
+                    "{} does not start with `//!`",
+                    path.display()
+                );
+            }
+        }
+    }
+}
