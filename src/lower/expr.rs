@@ -2,7 +2,7 @@
 //! functions and initializers, with the diagnostics each can raise.
 
 use super::builtins::{self, Builtin, Kind};
-use super::{Binding, BindingKind, Frame, Lowering, MAX_CALL_DEPTH, MAX_NODES, Value};
+use super::{Binding, BindingKind, Frame, Lowering, MAX_CALL_DEPTH, MAX_NODES, MAX_WORK, Value};
 use crate::diagnostic::{Code, Diagnostic, Span, closest};
 use crate::ir::{BinaryFn, Dim, Init, Mode, Op, Role, Shape, Type, TypeError, UnaryFn};
 use crate::syntax::ast::{Arg, BinaryOp, ExprId, ExprKind, Function, Ident, UnaryOp};
@@ -18,6 +18,7 @@ struct Operand {
 impl Lowering<'_, '_> {
     /// Lowers one expression.
     pub(super) fn expr(&mut self, id: ExprId) -> Value {
+        self.work += 1;
         let expr = self.ast().expr(id);
         let span = expr.span;
         match &expr.kind {
@@ -280,13 +281,13 @@ impl Lowering<'_, '_> {
         if self.cx.recursive.contains(&name) || self.too_many_nodes {
             return Value::Poison;
         }
-        if self.graph.len() > MAX_NODES {
+        if self.graph.len() > MAX_NODES || self.work > MAX_WORK {
             self.too_many_nodes = true;
             self.report(
                 Diagnostic::error(
                     Code::TooManyNodes,
                     span,
-                    format!("the model expands to more than {MAX_NODES} nodes"),
+                    format!("inlining expands the model past the limit of {MAX_NODES} nodes or {MAX_WORK} expressions"),
                 )
                 .with_label("inlining stopped at this call")
                 .with_help("functions are inlined at every call; a function that calls another twice doubles the graph at each level"),

@@ -32,6 +32,10 @@ pub const MAX_CALL_DEPTH: usize = 32;
 /// Most nodes one model's graph may have. Functions that call each other
 /// twice per level would otherwise expand exponentially.
 pub const MAX_NODES: usize = 1 << 18;
+/// Most expressions lowering may visit while inlining one model. Calls whose
+/// arguments are numbers or poisoned values build no nodes, so the node
+/// limit alone would not stop exponential inlining.
+pub const MAX_WORK: usize = 1 << 20;
 
 /// Options that change how a file lowers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -329,6 +333,8 @@ struct Lowering<'a, 'd> {
     calls: Vec<(Span, String)>,
     depth_reported: bool,
     too_many_nodes: bool,
+    /// Expressions visited so far, for [`MAX_WORK`].
+    work: usize,
     loss: Option<Span>,
     outputs: HashMap<String, Span>,
     diagnostics: &'d mut Vec<Diagnostic>,
@@ -353,6 +359,7 @@ fn lower_model(
         calls: Vec::new(),
         depth_reported: false,
         too_many_nodes: false,
+        work: 0,
         loss: None,
         outputs: HashMap::new(),
         diagnostics,
