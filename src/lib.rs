@@ -9,6 +9,26 @@
 //! 3. [`ir`] holds the graph, its verifier and its text and DOT forms.
 //!
 //! [`driver`] runs the stages in order; `docs/architecture.md` is the map.
+//!
+//! ```
+//! use gradc::driver::compile_source;
+//! use gradc::ir::{Mode, text};
+//! use gradc::lower::LowerOptions;
+//!
+//! let source = "model m {
+//!     input x: f32[B, 3]
+//!     param w: f32[3, 2] = xavier_uniform
+//!     output y = relu(x @ w)
+//! }";
+//! let compilation = compile_source("m.grad", source, LowerOptions::default());
+//! assert!(!compilation.has_errors(), "{}", compilation.render_diagnostics());
+//! let graph = compilation.models[0].graph(Mode::Train);
+//! assert!(text::to_text(graph).contains("relu"));
+//!
+//! // A shape error is a diagnostic naming the line and column.
+//! let bad = compile_source("bad.grad", "model m { input x: f32[2] output y = x @ x }", LowerOptions::default());
+//! assert!(bad.render_diagnostics().contains("bad.grad:1:38"));
+//! ```
 
 pub mod cli;
 pub mod diagnostic;
