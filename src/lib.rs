@@ -30,9 +30,13 @@
 //! assert!(bad.render_diagnostics().contains("bad.grad:1:38"));
 //! ```
 
+pub mod autodiff;
 pub mod cli;
 pub mod diagnostic;
 pub mod driver;
+pub mod gradcheck;
+pub mod interp;
 pub mod ir;
 pub mod lower;
+pub mod random;
 pub mod syntax;

@@ -1,6 +1,8 @@
 //! Graphviz DOT export: each node labelled with its op, type and source
 //! line; params, frozen params, buffers, inputs, outputs and the loss drawn
-//! apart. Node names follow the canonical numbering of [`super::text`].
+//! apart, and backward nodes (pink, with their `grad_fn`) and gradients
+//! (green) apart from the forward ones; edges into backward nodes are
+//! dashed. Node names follow the canonical numbering of [`super::text`].
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -48,15 +50,33 @@ pub fn to_dot(graph: &Graph) -> String {
                 label.push_str("\\nloss");
                 "shape=doubleoctagon, style=filled, fillcolor=\"#f4cccc\""
             }
+            Role::Gradient(name) => {
+                let _ = write!(label, "\\ngrad {}", escape(name));
+                "shape=box, style=\"filled,bold\", fillcolor=\"#d9ead3\""
+            }
+            Role::Intermediate if node.backward.is_some() => {
+                "shape=box, style=filled, fillcolor=\"#ead1dc\""
+            }
             Role::Intermediate => "shape=box",
         };
+        if let Some(backward) = &node.backward {
+            let of = number
+                .get(&backward.forward)
+                .map_or("?".to_string(), |n| format!("%{n}"));
+            let _ = write!(label, "\\n{} of {of}", backward.grad_fn);
+        }
         let _ = writeln!(out, "  n{} [label=\"{label}\", {style}];", number[&id]);
     }
     for &id in &order {
+        let style = if graph.node(id).backward.is_some() {
+            ", style=dashed"
+        } else {
+            ""
+        };
         for (position, operand) in graph.operands(id).iter().enumerate() {
             let _ = writeln!(
                 out,
-                "  n{} -> n{} [label=\"{position}\"];",
+                "  n{} -> n{} [label=\"{position}\"{style}];",
                 number[operand], number[&id]
             );
         }

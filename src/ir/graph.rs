@@ -74,6 +74,17 @@ pub enum Role {
     Output(String),
     /// The scalar the backward pass differentiates.
     Loss,
+    /// `d(loss)/d(name)` for a trainable param or a retained value.
+    Gradient(String),
+}
+
+/// What a backward node differentiates.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Backward {
+    /// The forward node whose derivative rule produced this node.
+    pub forward: NodeId,
+    /// PyTorch's `grad_fn` name for that rule, such as `MatMulBackward`.
+    pub grad_fn: &'static str,
 }
 
 /// Where a node came from in the source.
@@ -105,8 +116,10 @@ pub struct Node {
     pub name: Option<String>,
     /// Whether `retain` asks for its gradient.
     pub retain: bool,
-    /// Provenance.
+    /// Provenance. A backward node carries its forward node's origin.
     pub origin: Origin,
+    /// Set on the nodes of the backward pass.
+    pub backward: Option<Backward>,
 }
 
 impl Node {

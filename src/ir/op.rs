@@ -247,6 +247,10 @@ pub enum Op {
     Dropout {
         /// Drop probability in `[0, 1)`.
         p: f64,
+        /// Which dropout of the model this is (0, 1, ... in source order):
+        /// part of the key of its random mask, so that every backend draws
+        /// the same mask for the same (seed, step, key, element).
+        key: u32,
     },
     /// Operands `x, gamma, beta, running_mean, running_var`; normalizes over
     /// every axis but 1. Train mode uses the batch statistics (biased
@@ -277,6 +281,21 @@ pub enum Op {
     StopGradient,
     /// The operand unchanged; carries a second role for one value.
     Identity,
+    /// The vector-Jacobian product of `forward` with respect to its operand
+    /// `operand`. Operands: the upstream gradient (the type of the forward
+    /// output), the forward op's operands, and the forward output. The
+    /// result has the operand's type, except for elementwise binary ops,
+    /// whose result has the broadcast shape (a `SumTo` follows). Built by
+    /// `autodiff`; the rule of each op is in `autodiff::rules`.
+    Vjp {
+        /// The forward op being differentiated.
+        forward: Box<Op>,
+        /// Which of its operands the gradient is for.
+        operand: usize,
+    },
+    /// Sums the operand over the axes broadcasting added or stretched, down
+    /// to the node's shape (which must broadcast to the operand's).
+    SumTo,
 }
 
 /// Why an op cannot take its operands. `operand` indexes the offending
@@ -383,6 +402,8 @@ impl Op {
             Op::BceWithLogits => "bce_with_logits".into(),
             Op::StopGradient => "stop_gradient".into(),
             Op::Identity => "identity".into(),
+            Op::Vjp { forward, operand } => format!("{}.vjp{operand}", forward.name()),
+            Op::SumTo => "sum_to".into(),
         }
     }
 
@@ -400,7 +421,7 @@ impl Op {
             Op::Softmax { axis } | Op::LogSoftmax { axis } | Op::Concat { axis } => {
                 format!("axis={axis}")
             }
-            Op::Dropout { p } => format!("p={p:?}"),
+            Op::Dropout { p, key } => format!("p={p:?} key={key}"),
             Op::BatchNorm { eps, momentum, .. } => format!("eps={eps:?} momentum={momentum:?}"),
             Op::LayerNorm { eps } => format!("eps={eps:?}"),
             Op::Input
@@ -414,7 +435,9 @@ impl Op {
             | Op::Mse
             | Op::BceWithLogits
             | Op::StopGradient
-            | Op::Identity => String::new(),
+            | Op::Identity
+            | Op::SumTo => String::new(),
+            Op::Vjp { forward, .. } => forward.attributes(),
         }
     }
 
@@ -427,8 +450,8 @@ impl Op {
     }
 
     /// The result type of the op applied to operands of these types.
-    /// Leaves and `Reshape` take their type from the node (`declared`); for
-    /// the others `declared` is ignored.
+    /// Leaves, `Reshape` and `SumTo` take their type from the node
+    /// (`declared`); for the others `declared` is ignored.
     pub fn infer(&self, operands: &[&Type], declared: &Type) -> Result<Type, TypeError> {
         match self {
             Op::Input | Op::Param(_) | Op::Buffer(_) | Op::Constant(_) => {
@@ -633,6 +656,45 @@ impl Op {
                     });
                 }
                 Ok(Type::new(operands[0].dtype, Shape::scalar()))
+            }
+            Op::Vjp { forward, operand } => {
+                let n = operands.len();
+                if n < 3 {
+                    return Err(TypeError::Arity {
+                        expected: 3,
+                        found: n,
+                    });
+                }
+                let (grad, forward_operands, output) =
+                    (operands[0], &operands[1..n - 1], operands[n - 1]);
+                if forward.infer(forward_operands, output)? != *output || grad != output {
+                    return Err(TypeError::Shapes {
+                        what: "the forward op's types and a gradient of its output's type".into(),
+                        operands: (0, n - 1),
+                    });
+                }
+                let Some(&input) = forward_operands.get(*operand) else {
+                    return Err(TypeError::Arity {
+                        expected: operand + 1,
+                        found: forward_operands.len(),
+                    });
+                };
+                match **forward {
+                    Op::Binary(_) => Ok(Type::new(input.dtype, output.shape.clone())),
+                    _ => Ok(input.clone()),
+                }
+            }
+            Op::SumTo => {
+                arity(operands, 1)?;
+                match declared.shape.broadcast(&operands[0].shape) {
+                    Some(shape) if shape == operands[0].shape => {
+                        Ok(Type::new(operands[0].dtype, declared.shape.clone()))
+                    }
+                    _ => Err(TypeError::Shapes {
+                        what: format!("a shape that broadcasts to it, not {}", declared.shape),
+                        operands: (0, 0),
+                    }),
+                }
             }
             Op::Mse | Op::BceWithLogits => {
                 arity(operands, 2)?;

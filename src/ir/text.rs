@@ -8,7 +8,11 @@
 //!   %8 = relu %7 : f32[B, 128]  @12:18  let h  retain
 //!   %9 = add %7, %3 : f32[B, 64]  @3:21 (inlined at 25:18)
 //!   %13 = cross_entropy %12, %1 : f32[]  @17:10  loss
+//!   %15 = cross_entropy.vjp0 %14, %12, %1, %13 : f32[B, 10]  @17:10  CrossEntropyBackward of %13
 //! ```
+//!
+//! Backward nodes (`gradc graph --stage backward`) carry their forward
+//! node's source position and name the `grad_fn` that produced them.
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -54,6 +58,9 @@ pub fn to_text(graph: &Graph) -> String {
                 let _ = write!(line, "  output {name}");
             }
             Role::Loss => line.push_str("  loss"),
+            Role::Gradient(name) => {
+                let _ = write!(line, "  grad {name}");
+            }
             Role::Input | Role::Param | Role::Buffer | Role::Intermediate => {}
         }
         if let (false, Some(name)) = (node.op.is_leaf(), &node.name) {
@@ -64,6 +71,12 @@ pub fn to_text(graph: &Graph) -> String {
         }
         if node.origin.no_grad.is_some() {
             line.push_str("  no_grad");
+        }
+        if let Some(backward) = &node.backward {
+            let of = number
+                .get(&backward.forward)
+                .map_or("?".to_string(), |n| format!("%{n}"));
+            let _ = write!(line, "  {} of {of}", backward.grad_fn);
         }
         out.push_str(&line);
         out.push('\n');

@@ -567,7 +567,11 @@ impl Lowering<'_, '_> {
                 match self.mode {
                     // Dropout is the identity in eval mode: no node at all.
                     Mode::Eval => x.value,
-                    Mode::Train => self.apply(Op::Dropout { p }, name, vec![x], span),
+                    Mode::Train => {
+                        let key = self.dropouts;
+                        self.dropouts += 1;
+                        self.apply(Op::Dropout { p, key }, name, vec![x], span)
+                    }
                 }
             }
             Builtin::BatchNorm => {

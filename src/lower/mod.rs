@@ -335,6 +335,8 @@ struct Lowering<'a, 'd> {
     too_many_nodes: bool,
     /// Expressions visited so far, for [`MAX_WORK`].
     work: usize,
+    /// Dropouts lowered so far: the next one's mask key.
+    dropouts: u32,
     loss: Option<Span>,
     outputs: HashMap<String, Span>,
     diagnostics: &'d mut Vec<Diagnostic>,
@@ -360,6 +362,7 @@ fn lower_model(
         depth_reported: false,
         too_many_nodes: false,
         work: 0,
+        dropouts: 0,
         loss: None,
         outputs: HashMap::new(),
         diagnostics,
@@ -464,6 +467,7 @@ impl<'a> Lowering<'a, '_> {
             name: None,
             retain: false,
             origin: self.origin(span),
+            backward: None,
         };
         self.graph.add(node, operands)
     }

@@ -1,0 +1,255 @@
+//! Reverse-mode automatic differentiation as a graph transform.
+//!
+//! [`differentiate`] takes a forward graph with a `loss` and returns the
+//! joint graph: the forward nodes plus the backward nodes that compute
+//! `d(loss)/d(p)` for every trainable param `p` and every retained value.
+//! The sweep is tinygrad's: visit, in reverse topological order, only the
+//! nodes between the loss and the wanted leaves; apply each op's rule
+//! ([`rules::rule`]) to get one gradient per operand; accumulate with `+`
+//! where a value fans out; sum back over broadcast axes (`sum_to`).
+//!
+//! What is a constant to the backward pass: `stop_gradient`, everything
+//! computed inside `no_grad`, inputs, buffers, frozen params, labels and
+//! indices. Frozen params are never wanted, so the backward subgraph that
+//! would only serve them is never built (pruned, not computed and dropped).
+//! Every backward node records its forward node and `grad_fn` name.
+
+pub mod rules;
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+
+use crate::ir::{Backward, BinaryFn, Graph, Node, NodeId, Op, Role, Shape, Type};
+use rules::Rule;
+
+/// Why a graph could not be differentiated: always a compiler bug or a
+/// missing rule, never a user error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AutodiffError {
+    /// An op on the gradient path has no derivative rule.
+    MissingRule {
+        /// The op's name.
+        op: String,
+        /// Its 1-based source line.
+        line: u32,
+    },
+    /// The forward graph has a cycle or fails typing.
+    InvalidGraph(String),
+}
+
+impl fmt::Display for AutodiffError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AutodiffError::MissingRule { op, line } => {
+                write!(
+                    f,
+                    "no derivative rule for `{op}` (line {line}) on the gradient path"
+                )
+            }
+            AutodiffError::InvalidGraph(why) => {
+                write!(f, "cannot differentiate an invalid graph: {why}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for AutodiffError {}
+
+/// Which nodes the backward pass touches.
+#[derive(Clone, Debug, Default)]
+pub struct Reach {
+    /// Nodes whose value depends differentiably on a wanted leaf (a
+    /// trainable param or a retained value).
+    pub depends: BTreeSet<NodeId>,
+    /// Nodes the loss depends on (the loss included), through any edge.
+    pub feeds_loss: BTreeSet<NodeId>,
+}
+
+impl Reach {
+    /// Whether a gradient from the loss reaches `id`.
+    pub fn gets_gradient(&self, id: NodeId) -> bool {
+        self.depends.contains(&id) && self.feeds_loss.contains(&id)
+    }
+}
+
+/// Whether gradient can flow from `user` back into its operand at
+/// `position`.
+pub fn flows(graph: &Graph, user: NodeId, position: usize) -> bool {
+    let node = graph.node(user);
+    node.origin.no_grad.is_none()
+        && matches!(
+            rules::rule(&node.op, position),
+            Rule::Vjp | Rule::PassThrough
+        )
+}
+
+/// The leaves and values whose gradients the backward pass computes:
+/// trainable params and retained values.
+pub fn wanted(graph: &Graph) -> BTreeSet<NodeId> {
+    graph
+        .ids()
+        .into_iter()
+        .filter(|&id| {
+            let node = graph.node(id);
+            node.role == Role::Param || node.retain
+        })
+        .collect()
+}
+
+/// Computes [`Reach`] for a forward graph.
+pub fn reach(graph: &Graph) -> Result<Reach, AutodiffError> {
+    let order = graph
+        .topo_order()
+        .ok_or_else(|| AutodiffError::InvalidGraph("it has a cycle".into()))?;
+    let wanted = wanted(graph);
+    let mut reach = Reach::default();
+    for &id in &order {
+        let differentiable_input = graph
+            .operands(id)
+            .iter()
+            .enumerate()
+            .any(|(i, operand)| reach.depends.contains(operand) && flows(graph, id, i));
+        if wanted.contains(&id) || differentiable_input {
+            reach.depends.insert(id);
+        }
+    }
+    if let Some(loss) = graph.loss() {
+        let mut stack = vec![loss];
+        while let Some(id) = stack.pop() {
+            if reach.feeds_loss.insert(id) {
+                stack.extend(graph.operands(id));
+            }
+        }
+    }
+    Ok(reach)
+}
+
+/// Builds the joint forward and backward graph. A graph without a loss
+/// comes back unchanged.
+pub fn differentiate(forward: &Graph) -> Result<Graph, AutodiffError> {
+    let mut graph = forward.clone();
+    let Some(loss) = graph.loss() else {
+        return Ok(graph);
+    };
+    let reach = reach(&graph)?;
+    let order = graph
+        .topo_order()
+        .ok_or_else(|| AutodiffError::InvalidGraph("it has a cycle".into()))?;
+    let mut grads: HashMap<NodeId, NodeId> = HashMap::new();
+    if reach.gets_gradient(loss) {
+        let seed = backward_node(
+            &graph,
+            loss,
+            Op::Constant(1.0),
+            Type::new(graph.node(loss).dtype(), Shape::scalar()),
+            "GradSeed",
+        );
+        grads.insert(loss, graph.add(seed, &[]));
+    }
+    for &id in order.iter().rev() {
+        let Some(&upstream) = grads.get(&id) else {
+            continue;
+        };
+        let node = graph.node(id).clone();
+        if node.origin.no_grad.is_some() {
+            continue;
+        }
+        let operands = graph.operands(id);
+        for (position, &operand) in operands.iter().enumerate() {
+            if !reach.gets_gradient(operand) {
+                continue;
+            }
+            let contribution = match rules::rule(&node.op, position) {
+                Rule::Vjp => vjp(&mut graph, id, &node, position, upstream, &operands)?,
+                Rule::PassThrough => upstream,
+                Rule::Stopped | Rule::NotDifferentiable => continue,
+                Rule::Missing => {
+                    return Err(AutodiffError::MissingRule {
+                        op: node.op.name(),
+                        line: node.origin.line,
+                    });
+                }
+            };
+            let total = match grads.get(&operand) {
+                None => contribution,
+                Some(&previous) => {
+                    let ty = graph.node(previous).ty.clone();
+                    let sum = backward_node(
+                        &graph,
+                        operand,
+                        Op::Binary(BinaryFn::Add),
+                        ty,
+                        "AccumulateGrad",
+                    );
+                    graph.add(sum, &[previous, contribution])
+                }
+            };
+            grads.insert(operand, total);
+        }
+    }
+    // Mark the gradients the backward graph exists to compute.
+    for id in wanted(&graph) {
+        let Some(&grad) = grads.get(&id) else {
+            continue;
+        };
+        let name = graph.node(id).name.clone().unwrap_or_default();
+        let target = if graph.node(grad).role == Role::Intermediate {
+            grad
+        } else {
+            let ty = graph.node(grad).ty.clone();
+            let copy = backward_node(&graph, id, Op::Identity, ty, "AccumulateGrad");
+            graph.add(copy, &[grad])
+        };
+        graph.node_mut(target).role = Role::Gradient(name);
+    }
+    Ok(graph)
+}
+
+/// The vector-Jacobian product node for operand `position` of `id`, followed
+/// by a `sum_to` when broadcasting stretched the operand.
+fn vjp(
+    graph: &mut Graph,
+    id: NodeId,
+    node: &Node,
+    position: usize,
+    upstream: NodeId,
+    operands: &[NodeId],
+) -> Result<NodeId, AutodiffError> {
+    let op = Op::Vjp {
+        forward: Box::new(node.op.clone()),
+        operand: position,
+    };
+    let mut inputs = vec![upstream];
+    inputs.extend_from_slice(operands);
+    inputs.push(id);
+    let types: Vec<Type> = inputs.iter().map(|&i| graph.node(i).ty.clone()).collect();
+    let refs: Vec<&Type> = types.iter().collect();
+    let operand_type = graph.node(operands[position]).ty.clone();
+    let ty = op.infer(&refs, &operand_type).map_err(|e| {
+        AutodiffError::InvalidGraph(format!("{} rejects its gradient: {e:?}", node.op.name()))
+    })?;
+    let grad_fn = rules::grad_fn(&node.op);
+    let product = backward_node(graph, id, op, ty.clone(), grad_fn);
+    let product = graph.add(product, &inputs);
+    if ty.shape == operand_type.shape {
+        return Ok(product);
+    }
+    let reduce = backward_node(graph, id, Op::SumTo, operand_type, grad_fn);
+    Ok(graph.add(reduce, &[product]))
+}
+
+fn backward_node(graph: &Graph, forward: NodeId, op: Op, ty: Type, grad_fn: &'static str) -> Node {
+    let origin = graph.node(forward).origin;
+    Node {
+        op,
+        ty,
+        role: Role::Intermediate,
+        name: None,
+        retain: false,
+        origin: crate::ir::Origin {
+            no_grad: None,
+            ..origin
+        },
+        backward: Some(Backward { forward, grad_fn }),
+    }
+}

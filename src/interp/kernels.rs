@@ -1,0 +1,419 @@
+//! Forward kernels of the reference interpreter: one plain function per op,
+//! written for clarity, not speed. Each computes in `f64`; the caller rounds
+//! to the node's element type. The semantics are PyTorch's (see
+//! `docs/language.md`); the matching derivative kernels are in
+//! [`super::vjp`].
+
+use super::InterpError;
+use super::tensor::{Tensor, broadcast_map, reduce_map};
+use crate::ir::{BinaryFn, ReduceFn, UnaryFn};
+use crate::random::uniform_at;
+
+/// `1 / sqrt(2 pi)`.
+const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+/// A unary function's value.
+pub fn unary(f: UnaryFn, x: f64) -> f64 {
+    match f {
+        UnaryFn::Neg => -x,
+        UnaryFn::Exp => x.exp(),
+        UnaryFn::Log => x.ln(),
+        UnaryFn::Sqrt => x.sqrt(),
+        UnaryFn::Abs => x.abs(),
+        UnaryFn::Tanh => x.tanh(),
+        UnaryFn::Sigmoid => sigmoid(x),
+        UnaryFn::Relu => {
+            if x > 0.0 {
+                x
+            } else {
+                0.0
+            }
+        }
+        UnaryFn::Gelu => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+        UnaryFn::Softplus => softplus(x),
+        UnaryFn::Sin => x.sin(),
+        UnaryFn::Cos => x.cos(),
+    }
+}
+
+/// The logistic function, stable for large `|x|`.
+pub fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// PyTorch's `softplus` with `beta = 1, threshold = 20`: the identity above
+/// the threshold.
+pub fn softplus(x: f64) -> f64 {
+    if x > 20.0 { x } else { x.exp().ln_1p() }
+}
+
+/// GELU's derivative, `Phi(x) + x phi(x)`.
+pub fn gelu_derivative(x: f64) -> f64 {
+    let cdf = 0.5 * (1.0 + libm::erf(x / std::f64::consts::SQRT_2));
+    let pdf = INV_SQRT_2PI * (-0.5 * x * x).exp();
+    cdf + x * pdf
+}
+
+/// A binary function's value.
+pub fn binary(f: BinaryFn, a: f64, b: f64) -> f64 {
+    match f {
+        BinaryFn::Add => a + b,
+        BinaryFn::Sub => a - b,
+        BinaryFn::Mul => a * b,
+        BinaryFn::Div => a / b,
+        BinaryFn::Pow => a.powf(b),
+        BinaryFn::Maximum => {
+            if a.is_nan() || b.is_nan() {
+                f64::NAN
+            } else {
+                a.max(b)
+            }
+        }
+        BinaryFn::Minimum => {
+            if a.is_nan() || b.is_nan() {
+                f64::NAN
+            } else {
+                a.min(b)
+            }
+        }
+    }
+}
+
+/// Applies an elementwise binary function with broadcasting.
+pub fn broadcast_binary(
+    a: &Tensor,
+    b: &Tensor,
+    out_shape: &[usize],
+    f: impl Fn(f64, f64) -> f64,
+) -> Vec<f64> {
+    let ma = broadcast_map(&a.shape, out_shape);
+    let mb = broadcast_map(&b.shape, out_shape);
+    ma.iter()
+        .zip(&mb)
+        .map(|(&i, &j)| f(a.data[i], b.data[j]))
+        .collect()
+}
+
+/// `a @ b`: `[M, K] @ [K, N]` or `[B, M, K] @ [K, N]`.
+pub fn matmul(a: &[f64], a_shape: &[usize], b: &[f64], b_shape: &[usize]) -> Vec<f64> {
+    let (m, k) = (a_shape[a_shape.len() - 2], a_shape[a_shape.len() - 1]);
+    let n = b_shape[1];
+    let batch: usize = a_shape[..a_shape.len() - 2].iter().product();
+    let mut out = vec![0.0; batch * m * n];
+    for t in 0..batch {
+        for i in 0..m {
+            let row = &a[(t * m + i) * k..(t * m + i + 1) * k];
+            let target = &mut out[(t * m + i) * n..(t * m + i + 1) * n];
+            for (p, &av) in row.iter().enumerate() {
+                let brow = &b[p * n..(p + 1) * n];
+                for (o, &bv) in target.iter_mut().zip(brow) {
+                    *o += av * bv;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Swaps the last two axes.
+pub fn transpose(x: &[f64], shape: &[usize]) -> Vec<f64> {
+    let rank = shape.len();
+    let (r, c) = (shape[rank - 2], shape[rank - 1]);
+    let batch: usize = shape[..rank - 2].iter().product();
+    let mut out = vec![0.0; x.len()];
+    for t in 0..batch {
+        let base = t * r * c;
+        for i in 0..r {
+            for j in 0..c {
+                out[base + j * r + i] = x[base + i * c + j];
+            }
+        }
+    }
+    out
+}
+
+/// A reduction; the result has the reduced axes as size 1 (the caller
+/// reshapes for `keepdims = false`).
+pub fn reduce(func: ReduceFn, x: &Tensor, axes: &[usize]) -> (Vec<f64>, Vec<usize>) {
+    let (map, kept) = reduce_map(&x.shape, axes);
+    let groups: usize = kept.iter().product();
+    let count = (x.len() / groups.max(1)).max(1) as f64;
+    let out = match func {
+        ReduceFn::Sum | ReduceFn::Mean => {
+            let mut out = vec![0.0; groups];
+            for (i, &v) in x.data.iter().enumerate() {
+                out[map[i]] += v;
+            }
+            if func == ReduceFn::Mean {
+                for v in &mut out {
+                    *v /= count;
+                }
+            }
+            out
+        }
+        ReduceFn::Max => group_max(&x.data, &map, groups),
+        ReduceFn::LogSumExp => {
+            let max = group_max(&x.data, &map, groups);
+            let mut sum = vec![0.0; groups];
+            for (i, &v) in x.data.iter().enumerate() {
+                let m = max[map[i]];
+                sum[map[i]] += if m.is_finite() { (v - m).exp() } else { 1.0 };
+            }
+            max.iter()
+                .zip(&sum)
+                .map(|(&m, &s)| if m.is_finite() { m + s.ln() } else { m })
+                .collect()
+        }
+    };
+    (out, kept)
+}
+
+/// The maximum of each group (NaN wins, as in PyTorch).
+pub fn group_max(data: &[f64], map: &[usize], groups: usize) -> Vec<f64> {
+    let mut out = vec![f64::NEG_INFINITY; groups];
+    for (i, &v) in data.iter().enumerate() {
+        let m = &mut out[map[i]];
+        if v.is_nan() || *m < v {
+            *m = if m.is_nan() { *m } else { v };
+        }
+    }
+    out
+}
+
+/// Softmax along one axis, stable for huge inputs.
+pub fn softmax(x: &Tensor, axis: usize) -> Vec<f64> {
+    let (map, kept) = reduce_map(&x.shape, &[axis]);
+    let groups = kept.iter().product();
+    let max = group_max(&x.data, &map, groups);
+    let exps: Vec<f64> = x
+        .data
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v - max[map[i]]).exp())
+        .collect();
+    let mut sum = vec![0.0; groups];
+    for (i, &e) in exps.iter().enumerate() {
+        sum[map[i]] += e;
+    }
+    exps.iter()
+        .enumerate()
+        .map(|(i, &e)| e / sum[map[i]])
+        .collect()
+}
+
+/// Log-softmax along one axis: `x - logsumexp(x)`.
+pub fn log_softmax(x: &Tensor, axis: usize) -> Vec<f64> {
+    let (lse, _) = reduce(ReduceFn::LogSumExp, x, &[axis]);
+    let (map, _) = reduce_map(&x.shape, &[axis]);
+    x.data
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v - lse[map[i]])
+        .collect()
+}
+
+/// Joins tensors along an axis.
+pub fn concat(inputs: &[&Tensor], axis: usize, out_shape: &[usize]) -> Vec<f64> {
+    let outer: usize = out_shape[..axis].iter().product();
+    let inner: usize = out_shape[axis + 1..].iter().product();
+    let mut out = Vec::with_capacity(out_shape.iter().product());
+    for o in 0..outer {
+        for input in inputs {
+            let block = input.shape[axis] * inner;
+            out.extend_from_slice(&input.data[o * block..(o + 1) * block]);
+        }
+    }
+    out
+}
+
+/// The dropout keep-mask scale of each element: `1 / (1 - p)` where kept,
+/// 0 where dropped. Element `i` is dropped when
+/// `uniform_at(seed, step, key, i) < p`.
+pub fn dropout_scale(p: f64, key: u32, len: usize, seed: u64, step: u64) -> Vec<f64> {
+    let scale = 1.0 / (1.0 - p);
+    (0..len)
+        .map(|i| {
+            if uniform_at(seed, step, key, i as u64) < p {
+                0.0
+            } else {
+                scale
+            }
+        })
+        .collect()
+}
+
+/// Per-channel statistics over every axis but 1 (`x: [N, C, ...]`):
+/// the channel of each element, the channel count and the elements per
+/// channel.
+pub fn channels(shape: &[usize]) -> (Vec<usize>, usize, usize) {
+    let c = shape[1];
+    let inner: usize = shape[2..].iter().product();
+    let len: usize = shape.iter().product();
+    let channel = (0..len).map(|i| (i / inner) % c).collect();
+    (channel, c, len / c.max(1))
+}
+
+/// Mean and biased variance of each group.
+pub fn group_moments(data: &[f64], group: &[usize], groups: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut count = vec![0usize; groups];
+    let mut mean = vec![0.0; groups];
+    for (i, &v) in data.iter().enumerate() {
+        mean[group[i]] += v;
+        count[group[i]] += 1;
+    }
+    for (m, &n) in mean.iter_mut().zip(&count) {
+        *m /= n.max(1) as f64;
+    }
+    let mut var = vec![0.0; groups];
+    for (i, &v) in data.iter().enumerate() {
+        let d = v - mean[group[i]];
+        var[group[i]] += d * d;
+    }
+    for (s, &n) in var.iter_mut().zip(&count) {
+        *s /= n.max(1) as f64;
+    }
+    (mean, var)
+}
+
+/// The output of train-mode batch-norm and its new running mean and
+/// variance.
+pub type BatchNormTrain = (Vec<f64>, Vec<f64>, Vec<f64>);
+
+/// Batch-norm in train mode: the output and the updated running mean and
+/// variance (momentum-weighted, with the unbiased batch variance).
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running: (&Tensor, &Tensor),
+    eps: f64,
+    momentum: f64,
+) -> Result<BatchNormTrain, InterpError> {
+    let (channel, c, per) = channels(&x.shape);
+    if per < 2 {
+        return Err(InterpError::Runtime(format!(
+            "batch_norm in train mode needs more than 1 value per channel, got input shape {:?}",
+            x.shape
+        )));
+    }
+    let (mean, var) = group_moments(&x.data, &channel, c);
+    let out = x
+        .data
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let k = channel[i];
+            (v - mean[k]) / (var[k] + eps).sqrt() * gamma.data[k] + beta.data[k]
+        })
+        .collect();
+    let unbiased = per as f64 / (per as f64 - 1.0);
+    let new_mean = (0..c)
+        .map(|k| (1.0 - momentum) * running.0.data[k] + momentum * mean[k])
+        .collect();
+    let new_var = (0..c)
+        .map(|k| (1.0 - momentum) * running.1.data[k] + momentum * var[k] * unbiased)
+        .collect();
+    Ok((out, new_mean, new_var))
+}
+
+/// Batch-norm in eval mode, on the running statistics.
+pub fn batch_norm_eval(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+) -> Vec<f64> {
+    let (channel, _, _) = channels(&x.shape);
+    x.data
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let k = channel[i];
+            (v - mean.data[k]) / (var.data[k] + eps).sqrt() * gamma.data[k] + beta.data[k]
+        })
+        .collect()
+}
+
+/// The row (last-axis group) of each element, and the row length.
+pub fn rows(shape: &[usize]) -> (Vec<usize>, usize, usize) {
+    let d = shape.last().copied().unwrap_or(1).max(1);
+    let len: usize = shape.iter().product();
+    ((0..len).map(|i| i / d).collect(), len / d, d)
+}
+
+/// Layer-norm over the last axis.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Vec<f64> {
+    let (row, n, d) = rows(&x.shape);
+    let (mean, var) = group_moments(&x.data, &row, n);
+    x.data
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            (v - mean[row[i]]) / (var[row[i]] + eps).sqrt() * gamma.data[i % d] + beta.data[i % d]
+        })
+        .collect()
+}
+
+/// Checks that every index is in `0..limit`.
+pub fn check_indices(values: &[f64], limit: usize, what: &str) -> Result<(), InterpError> {
+    match values.iter().position(|&v| v < 0.0 || v >= limit as f64) {
+        Some(i) => Err(InterpError::Runtime(format!(
+            "{what} {} at position {i} is out of range 0..{limit}",
+            values[i]
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Rows of `table: [V, D]` picked by `ids`.
+pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Vec<f64>, InterpError> {
+    let (v, d) = (table.shape[0], table.shape[1]);
+    check_indices(&ids.data, v, "embedding index")?;
+    let mut out = Vec::with_capacity(ids.len() * d);
+    for &id in &ids.data {
+        let row = id as usize;
+        out.extend_from_slice(&table.data[row * d..(row + 1) * d]);
+    }
+    Ok(out)
+}
+
+/// Mean cross-entropy of `logits: [N, C]` and `labels: [N]`.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<f64, InterpError> {
+    let (n, c) = (logits.shape[0], logits.shape[1]);
+    check_indices(&labels.data, c, "label")?;
+    let log_p = log_softmax(logits, 1);
+    let total: f64 = (0..n)
+        .map(|i| -log_p[i * c + labels.data[i] as usize])
+        .sum();
+    Ok(total / n.max(1) as f64)
+}
+
+/// Mean squared error.
+pub fn mse(pred: &Tensor, target: &Tensor) -> f64 {
+    let n = pred.len().max(1) as f64;
+    pred.data
+        .iter()
+        .zip(&target.data)
+        .map(|(p, t)| (p - t) * (p - t))
+        .sum::<f64>()
+        / n
+}
+
+/// Mean binary cross-entropy with logits, stable for large `|x|`.
+pub fn bce_with_logits(logits: &Tensor, target: &Tensor) -> f64 {
+    let n = logits.len().max(1) as f64;
+    logits
+        .data
+        .iter()
+        .zip(&target.data)
+        .map(|(&x, &t)| x.max(0.0) - x * t + (-x.abs()).exp().ln_1p())
+        .sum::<f64>()
+        / n
+}

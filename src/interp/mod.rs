@@ -1,0 +1,326 @@
+//! The reference interpreter: a plain, readable evaluator of any graph
+//! (forward or joint forward-backward, train or eval mode) in `f32` or
+//! `f64`. It is the executable semantics of the IR: every faster path is
+//! tested against it.
+//!
+//! [`evaluate`] binds the graph's leaves (inputs, params, buffers) to
+//! tensors by name, binds the symbolic dimensions from their shapes, and
+//! runs every node in topological order with the kernels of [`kernels`]
+//! and [`vjp`]. Dropout masks come from a counter-based generator keyed by
+//! `(seed, step, dropout key, element index)`, so any backend reproduces
+//! them. Train-mode batch-norm also yields the updated running statistics.
+
+pub mod kernels;
+pub mod tensor;
+pub mod vjp;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use crate::ir::{DType, Dim, Graph, NodeId, Op, Role, Shape};
+pub use tensor::Tensor;
+
+/// What the random parts of a step depend on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Context {
+    /// The run's seed.
+    pub seed: u64,
+    /// The step counter.
+    pub step: u64,
+}
+
+/// Why a graph could not be evaluated.
+#[derive(Clone, Debug, PartialEq)]
+pub enum InterpError {
+    /// A leaf has no tensor.
+    Missing {
+        /// The leaf's name.
+        name: String,
+        /// Its declared type.
+        expected: String,
+    },
+    /// A tensor does not fit its leaf's declared type.
+    Mismatch {
+        /// The leaf's name.
+        name: String,
+        /// The declared type, with bound dimensions filled in.
+        expected: String,
+        /// What was given.
+        found: String,
+    },
+    /// A value the data made invalid (a label out of range, say).
+    Runtime(String),
+    /// A compiler bug.
+    Internal(String),
+}
+
+impl fmt::Display for InterpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InterpError::Missing { name, expected } => {
+                write!(f, "no tensor for `{name}` (expected {expected})")
+            }
+            InterpError::Mismatch {
+                name,
+                expected,
+                found,
+            } => {
+                write!(
+                    f,
+                    "tensor `{name}` is {found} but the model declares {expected}"
+                )
+            }
+            InterpError::Runtime(message) => f.write_str(message),
+            InterpError::Internal(message) => write!(f, "internal error: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for InterpError {}
+
+/// The values of an evaluated graph.
+#[derive(Clone, Debug, Default)]
+pub struct Evaluation {
+    /// Every node's value.
+    pub values: HashMap<NodeId, Tensor>,
+    /// New values of buffers that train-mode batch-norm updated, by name.
+    pub buffer_updates: BTreeMap<String, Tensor>,
+    /// The symbolic dimensions as bound by the leaves.
+    pub dims: BTreeMap<String, usize>,
+}
+
+impl Evaluation {
+    /// The value of the node with a role.
+    pub fn by_role(&self, graph: &Graph, role: &Role) -> Option<&Tensor> {
+        graph
+            .with_role(role)
+            .first()
+            .and_then(|id| self.values.get(id))
+    }
+}
+
+/// Evaluates every node of `graph`, with the leaves bound by name.
+pub fn evaluate(
+    graph: &Graph,
+    leaves: &BTreeMap<String, Tensor>,
+    context: Context,
+) -> Result<Evaluation, InterpError> {
+    evaluate_with(graph, leaves, context, &HashMap::new())
+}
+
+/// Like [`evaluate`], with some nodes' values given instead of computed
+/// (finite differences with respect to an intermediate value use this).
+pub fn evaluate_with(
+    graph: &Graph,
+    leaves: &BTreeMap<String, Tensor>,
+    context: Context,
+    overrides: &HashMap<NodeId, Tensor>,
+) -> Result<Evaluation, InterpError> {
+    let order = graph
+        .topo_order()
+        .ok_or_else(|| InterpError::Internal("the graph has a cycle".into()))?;
+    let mut evaluation = Evaluation::default();
+    // Bind leaves first, in creation order, so a dimension is bound by the
+    // first input that declares it.
+    for &id in &order {
+        let node = graph.node(id);
+        if !matches!(node.op, Op::Input | Op::Param(_) | Op::Buffer(_)) {
+            continue;
+        }
+        let name = node.name.clone().unwrap_or_default();
+        let Some(tensor) = leaves.get(&name) else {
+            return Err(InterpError::Missing {
+                name,
+                expected: node.ty.to_string(),
+            });
+        };
+        let value = bind_leaf(
+            &name,
+            tensor,
+            node.dtype(),
+            node.shape(),
+            &mut evaluation.dims,
+        )?;
+        evaluation.values.insert(id, value);
+    }
+    for &id in &order {
+        if evaluation.values.contains_key(&id) {
+            continue;
+        }
+        if let Some(value) = overrides.get(&id) {
+            evaluation.values.insert(id, value.clone());
+            continue;
+        }
+        let node = graph.node(id);
+        let operands = graph.operands(id);
+        let inputs: Vec<&Tensor> = operands.iter().map(|o| &evaluation.values[o]).collect();
+        let shape = concrete(node.shape(), &evaluation.dims)?;
+        let (data, updates) = run(&node.op, &inputs, &shape, context)?;
+        if let Some((mean, var)) = updates {
+            for (operand, data) in [(operands[3], mean), (operands[4], var)] {
+                let buffer = graph.node(operand);
+                let name = buffer.name.clone().unwrap_or_default();
+                let shape = inputs[if operand == operands[3] { 3 } else { 4 }]
+                    .shape
+                    .clone();
+                evaluation
+                    .buffer_updates
+                    .insert(name, Tensor::new(buffer.dtype(), shape, data));
+            }
+        }
+        if data.len() != shape.iter().product::<usize>() {
+            return Err(InterpError::Internal(format!(
+                "`{}` produced {} elements for shape {shape:?}",
+                node.op.name(),
+                data.len()
+            )));
+        }
+        evaluation
+            .values
+            .insert(id, Tensor::new(node.dtype(), shape, data));
+    }
+    Ok(evaluation)
+}
+
+/// Checks a leaf tensor against its declaration, binding symbols; converts
+/// floats to the declared width.
+fn bind_leaf(
+    name: &str,
+    tensor: &Tensor,
+    dtype: DType,
+    shape: &Shape,
+    dims: &mut BTreeMap<String, usize>,
+) -> Result<Tensor, InterpError> {
+    let expected = |dims: &BTreeMap<String, usize>| {
+        let dims: Vec<String> = shape
+            .0
+            .iter()
+            .map(|d| match d {
+                Dim::Sym(s) => dims.get(s).map_or(s.clone(), |n| format!("{s}={n}")),
+                Dim::Fixed(n) => n.to_string(),
+            })
+            .collect();
+        format!("{dtype}[{}]", dims.join(", "))
+    };
+    let found = format!("{}{:?}", tensor.dtype, tensor.shape);
+    let mismatch = |expected: String| InterpError::Mismatch {
+        name: name.to_string(),
+        expected,
+        found: found.clone(),
+    };
+    if dtype.is_float() != tensor.dtype.is_float() || tensor.shape.len() != shape.rank() {
+        return Err(mismatch(expected(dims)));
+    }
+    for (dim, &size) in shape.0.iter().zip(&tensor.shape) {
+        match dim {
+            Dim::Fixed(n) if *n as usize != size => return Err(mismatch(expected(dims))),
+            Dim::Sym(s) => match dims.get(s) {
+                Some(&bound) if bound != size => return Err(mismatch(expected(dims))),
+                Some(_) => {}
+                None if size == 0 => return Err(mismatch(expected(dims))),
+                None => {
+                    dims.insert(s.clone(), size);
+                }
+            },
+            Dim::Fixed(_) => {}
+        }
+    }
+    Ok(tensor.cast(dtype))
+}
+
+/// A declared shape with its symbols replaced by their bound sizes.
+pub fn concrete(shape: &Shape, dims: &BTreeMap<String, usize>) -> Result<Vec<usize>, InterpError> {
+    shape
+        .0
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => Ok(*n as usize),
+            Dim::Sym(s) => dims
+                .get(s)
+                .copied()
+                .ok_or_else(|| InterpError::Internal(format!("dimension `{s}` is not bound"))),
+        })
+        .collect()
+}
+
+type Updates = Option<(Vec<f64>, Vec<f64>)>;
+
+/// Runs one non-leaf op.
+fn run(
+    op: &Op,
+    inputs: &[&Tensor],
+    shape: &[usize],
+    context: Context,
+) -> Result<(Vec<f64>, Updates), InterpError> {
+    let x = || inputs[0];
+    let data = match op {
+        Op::Input | Op::Param(_) | Op::Buffer(_) => {
+            return Err(InterpError::Internal("leaves are bound, not run".into()));
+        }
+        Op::Constant(c) => vec![*c],
+        Op::Unary(f) => x().data.iter().map(|&v| kernels::unary(*f, v)).collect(),
+        Op::LeakyRelu { slope } => x()
+            .data
+            .iter()
+            .map(|&v| if v > 0.0 { v } else { v * slope })
+            .collect(),
+        Op::Clamp { lo, hi } => x()
+            .data
+            .iter()
+            .map(|&v| if v.is_nan() { v } else { v.clamp(*lo, *hi) })
+            .collect(),
+        Op::Binary(f) => kernels::broadcast_binary(inputs[0], inputs[1], shape, |a, b| {
+            kernels::binary(*f, a, b)
+        }),
+        Op::MatMul => kernels::matmul(
+            &inputs[0].data,
+            &inputs[0].shape,
+            &inputs[1].data,
+            &inputs[1].shape,
+        ),
+        Op::Transpose => kernels::transpose(&x().data, &x().shape),
+        Op::Reduce { func, axes, .. } => kernels::reduce(*func, x(), axes).0,
+        Op::Softmax { axis } => kernels::softmax(x(), *axis),
+        Op::LogSoftmax { axis } => kernels::log_softmax(x(), *axis),
+        Op::Reshape | Op::StopGradient | Op::Identity => x().data.clone(),
+        Op::Concat { axis } => kernels::concat(inputs, *axis, shape),
+        Op::Dropout { p, key } => {
+            let scale = kernels::dropout_scale(*p, *key, x().len(), context.seed, context.step);
+            x().data.iter().zip(scale).map(|(v, s)| v * s).collect()
+        }
+        Op::BatchNorm {
+            eps,
+            momentum,
+            training,
+        } => {
+            let [x, gamma, beta, mean, var] =
+                [inputs[0], inputs[1], inputs[2], inputs[3], inputs[4]];
+            if *training {
+                let (out, new_mean, new_var) =
+                    kernels::batch_norm_train(x, gamma, beta, (mean, var), *eps, *momentum)?;
+                return Ok((out, Some((new_mean, new_var))));
+            }
+            kernels::batch_norm_eval(x, gamma, beta, mean, var, *eps)
+        }
+        Op::LayerNorm { eps } => kernels::layer_norm(inputs[0], inputs[1], inputs[2], *eps),
+        Op::Embedding => kernels::embedding(inputs[0], inputs[1])?,
+        Op::CrossEntropy => vec![kernels::cross_entropy(inputs[0], inputs[1])?],
+        Op::Mse => vec![kernels::mse(inputs[0], inputs[1])],
+        Op::BceWithLogits => vec![kernels::bce_with_logits(inputs[0], inputs[1])],
+        Op::Vjp { forward, operand } => {
+            let n = inputs.len();
+            let (g, forward_inputs, output) = (inputs[0], &inputs[1..n - 1], inputs[n - 1]);
+            vjp::vjp(
+                forward,
+                *operand,
+                g,
+                forward_inputs,
+                output,
+                shape,
+                &context,
+            )?
+        }
+        Op::SumTo => tensor::sum_to(&x().data, &x().shape, shape),
+    };
+    Ok((data, None))
+}
