@@ -337,6 +337,8 @@ struct Lowering<'a, 'd> {
     work: usize,
     /// Dropouts lowered so far: the next one's mask key.
     dropouts: u32,
+    /// Diagnostics already reported, by code and primary span.
+    reported: std::collections::HashSet<(Code, Span)>,
     loss: Option<Span>,
     outputs: HashMap<String, Span>,
     diagnostics: &'d mut Vec<Diagnostic>,
@@ -363,6 +365,7 @@ fn lower_model(
         too_many_nodes: false,
         work: 0,
         dropouts: 0,
+        reported: std::collections::HashSet::new(),
         loss: None,
         outputs: HashMap::new(),
         diagnostics,
@@ -429,6 +432,12 @@ impl<'a> Lowering<'a, '_> {
     /// Records a diagnostic, adding the calls it sits in when it comes from
     /// inside an inlined function.
     fn report(&mut self, mut diagnostic: Diagnostic) {
+        // A function inlined many times would repeat its errors: report each
+        // (code, place) once.
+        let key = (diagnostic.code, diagnostic.primary.span);
+        if !self.reported.insert(key) {
+            return;
+        }
         // The innermost calls are the useful ones; a long chain is counted.
         const SHOWN: usize = 4;
         for (span, name) in self.calls.iter().rev().take(SHOWN) {
