@@ -128,6 +128,7 @@ codes! {
     UnknownSchedule = "E0606", "a learning-rate schedule that does not exist";
     TrainWithoutLoss = "E0607", "a `train` block for a model with no `loss`";
     UnusedValue = "W0001", "a value that nothing uses";
+    NoGradient = "W0002", "a trainable param that no gradient from the loss can reach";
 }
 
 /// A labelled span.

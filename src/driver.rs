@@ -97,6 +97,9 @@ pub fn compile_source(file_name: &str, source: &str, options: LowerOptions) -> C
     let (ast, mut diagnostics) = syntax::parse(source);
     let (models, lowered) = lower::lower(&ast, source, options);
     diagnostics.extend(lowered);
+    for model in &models {
+        diagnostics.extend(gradient_warnings(&model.train, &diagnostics));
+    }
     // Unused-value warnings in a file that does not compile are mostly
     // echoes of its errors.
     if diagnostics.iter().any(Diagnostic::is_error) {
@@ -113,6 +116,58 @@ pub fn compile_source(file_name: &str, source: &str, options: LowerOptions) -> C
 
 /// The largest source file gradc reads, in bytes: spans are `u32` offsets.
 pub const MAX_SOURCE_BYTES: u64 = 1 << 30;
+
+/// W0002 for every trainable param of a model with a loss that no gradient
+/// can reach, pointing at the declaration and at what blocks the gradient.
+/// A param that nothing uses at all already has W0001.
+fn gradient_warnings(graph: &Graph, earlier: &[Diagnostic]) -> Vec<Diagnostic> {
+    let Ok(ledger) = crate::ledger::ledger(graph, 1) else {
+        return Vec::new();
+    };
+    if !ledger.has_loss {
+        return Vec::new();
+    }
+    let mut warnings = Vec::new();
+    for entry in &ledger.params {
+        let crate::ledger::Case::Unreachable { blockers } = &entry.case else {
+            continue;
+        };
+        // Unused on purpose (`_name`), or already reported as unused.
+        let unused = earlier
+            .iter()
+            .any(|d| d.code == Code::UnusedValue && d.primary.span == entry.span);
+        if unused || entry.name.starts_with('_') {
+            continue;
+        }
+        let reasons: Vec<String> = blockers
+            .iter()
+            .map(crate::ledger::Blocker::describe)
+            .collect();
+        let mut warning = Diagnostic::warning(
+            Code::NoGradient,
+            entry.span,
+            format!("param `{}` never gets a gradient", entry.name),
+        )
+        .with_label("trainable, but no gradient from the loss reaches it")
+        .with_note(format!("{}, so training never changes it", reasons.join("; ")))
+        .with_help(format!(
+            "use `{}` on a differentiable path to the loss, or declare it `frozen param` if it is meant to stay fixed",
+            entry.name
+        ));
+        for blocker in blockers {
+            if let Some(at) = blocker.loc() {
+                let label = match blocker {
+                    crate::ledger::Blocker::StopGradient(_) => "the gradient stops here",
+                    crate::ledger::Blocker::NoGrad(_) => "computed without gradient here",
+                    _ => "not differentiable with respect to this operand",
+                };
+                warning = warning.with_secondary(at.span, label);
+            }
+        }
+        warnings.push(warning);
+    }
+    warnings
+}
 
 /// Reads and compiles a file. Only I/O errors (and files too large to be a
 /// model) are `Err`.

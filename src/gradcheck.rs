@@ -139,12 +139,29 @@ fn index_limit(graph: &Graph, id: NodeId) -> usize {
     if limit == usize::MAX { 2 } else { limit.max(1) }
 }
 
-/// Checks every param and retained gradient of a forward graph (best
-/// compiled in `f64`) against finite differences.
+/// Checks every param and retained gradient of a forward graph compiled in
+/// `f64` against finite differences of the same graph.
 pub fn gradcheck(forward: &Graph, options: Options) -> Result<Vec<Report>, Error> {
+    gradcheck_against(forward, forward, options)
+}
+
+/// Checks the gradients of `analytic` (the model compiled in any float
+/// type, `f32` say) against finite differences of `forward`, the same model
+/// compiled in `f64`: finite differences in `f32` would drown in rounding.
+/// Both graphs see the same leaves, rounded to `analytic`'s types.
+pub fn gradcheck_against(
+    analytic: &Graph,
+    forward: &Graph,
+    options: Options,
+) -> Result<Vec<Report>, Error> {
     let loss = forward.loss().ok_or(Error::NoLoss)?;
-    let joint = autodiff::differentiate(forward).map_err(Error::Autodiff)?;
-    let leaves = random_leaves(forward, options.seed, options.dim_size);
+    let joint = autodiff::differentiate(analytic).map_err(Error::Autodiff)?;
+    let mut leaves = random_leaves(analytic, options.seed, options.dim_size);
+    for tensor in leaves.values_mut() {
+        if tensor.dtype.is_float() {
+            *tensor = tensor.cast(DType::F64);
+        }
+    }
     let context = Context {
         seed: options.seed,
         step: 0,
@@ -180,7 +197,7 @@ pub fn gradcheck(forward: &Graph, options: Options) -> Result<Vec<Report>, Error
         let analytic = joint
             .with_role(&Role::Gradient(name.clone()))
             .first()
-            .map(|g| evaluation.values[g].clone())
+            .map(|g| evaluation.values[g].cast(DType::F64))
             .unwrap_or_else(|| Tensor::zeros(node.dtype(), &base.values[&id].shape));
         let value = base.values[&id].clone();
         let elements = sample(value.len(), options.max_elements, &mut stream);

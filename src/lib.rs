@@ -37,6 +37,8 @@ pub mod driver;
 pub mod gradcheck;
 pub mod interp;
 pub mod ir;
+pub mod ledger;
 pub mod lower;
 pub mod random;
 pub mod syntax;
+pub mod tensor_file;

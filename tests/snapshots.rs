@@ -3,7 +3,8 @@
 //! - `ui`: every failing input under `tests/ui/` renders its diagnostics
 //!   (plain text, no colour) to a blessed snapshot;
 //! - `graphs`: every model in `examples/*.grad` and `tests/data/**/*.grad`
-//!   prints its train and eval graphs in canonical text, each verified.
+//!   prints its train and eval graphs, forward and joint forward-backward,
+//!   in canonical text, each verified; and its gradient ledger.
 //!
 //! Re-bless with `INSTA_UPDATE=always cargo test` (or `cargo insta review`)
 //! and read every changed `.snap` before committing; CI never writes them.
@@ -15,6 +16,7 @@ use gradc::diagnostic::Code;
 use gradc::driver::{Compilation, compile_bytes};
 use gradc::ir::{Mode, text, verify};
 use gradc::lower::LowerOptions;
+use gradc::{autodiff, ledger};
 
 /// Compiles a file under the repository root, naming it by its relative path.
 fn compile(path: &Path) -> Compilation {
@@ -55,6 +57,9 @@ fn ui_inputs_cover_every_code() {
     assert!(missing.is_empty(), "no tests/ui input produces {missing:?}");
 }
 
+/// Snapshots of every stage of every model of a file: the forward graphs of
+/// both modes, the joint forward and backward graph of both modes, and the
+/// gradient ledger.
 fn check_graphs(snapshot: &str, path: &Path) {
     let compilation = compile(path);
     assert!(
@@ -74,6 +79,26 @@ fn check_graphs(snapshot: &str, path: &Path) {
         }
     }
     insta::assert_snapshot!(snapshot, out);
+    let mut backward = String::new();
+    let mut explained = String::new();
+    for model in &compilation.models {
+        for mode in [Mode::Train, Mode::Eval] {
+            let joint =
+                autodiff::differentiate(model.graph(mode)).expect("every model differentiates");
+            if let Err(errors) = verify::verify(&joint) {
+                panic!(
+                    "{} ({mode}) backward graph fails the verifier: {errors:#?}",
+                    model.name
+                );
+            }
+            backward.push_str(&text::to_text(&joint));
+            backward.push('\n');
+        }
+        let ledger = ledger::ledger(model.graph(Mode::Train), 32).expect("ledger");
+        explained.push_str(&ledger::render(&ledger));
+    }
+    insta::assert_snapshot!(format!("{snapshot}_backward"), backward);
+    insta::assert_snapshot!(format!("{snapshot}_explain"), explained);
 }
 
 #[test]

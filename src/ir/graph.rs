@@ -87,6 +87,17 @@ pub struct Backward {
     pub grad_fn: &'static str,
 }
 
+/// A place in the source with its line and column, resolved once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct Loc {
+    /// The span.
+    pub span: Span,
+    /// Its 1-based line.
+    pub line: u32,
+    /// Its 1-based column.
+    pub col: u32,
+}
+
 /// Where a node came from in the source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Origin {
@@ -96,11 +107,10 @@ pub struct Origin {
     pub line: u32,
     /// Its 1-based column.
     pub col: u32,
-    /// The outermost call that inlined it, when it comes from a function:
-    /// its span, line and column.
-    pub call_site: Option<(Span, u32, u32)>,
+    /// The outermost call that inlined it, when it comes from a function.
+    pub call_site: Option<Loc>,
     /// The `no_grad` keyword of the block it was computed in, if any.
-    pub no_grad: Option<Span>,
+    pub no_grad: Option<Loc>,
 }
 
 /// One value of the graph.

@@ -49,8 +49,8 @@ pub fn to_text(graph: &Graph) -> String {
             " : {}  @{}:{}",
             node.ty, node.origin.line, node.origin.col
         );
-        if let Some((_, call_line, call_col)) = node.origin.call_site {
-            let _ = write!(line, " (inlined at {call_line}:{call_col})");
+        if let Some(call) = node.origin.call_site {
+            let _ = write!(line, " (inlined at {}:{})", call.line, call.col);
         }
         match &node.role {
             Role::FrozenParam => line.push_str("  frozen"),

@@ -20,7 +20,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use crate::diagnostic::{Code, Diagnostic, LineIndex, Span, closest};
 use crate::ir::{
-    DType, Dim, Graph, Init, Mode, Node, NodeId, Op, Origin, Role, Shape, Type, verify,
+    DType, Dim, Graph, Init, Loc, Mode, Node, NodeId, Op, Origin, Role, Shape, Type, verify,
 };
 use crate::syntax::ast::{Ast, DimExpr, ExprId, ExprKind, Function, Item, Model, Stmt, TypeExpr};
 use train::TrainConfig;
@@ -454,16 +454,17 @@ impl<'a> Lowering<'a, '_> {
 
     fn origin(&self, span: Span) -> Origin {
         let (line, col) = self.cx.lines.line_col(self.cx.source, span.start);
-        let call_site = self.calls.first().map(|&(call, _)| {
-            let (line, col) = self.cx.lines.line_col(self.cx.source, call.start);
-            (call, line, col)
-        });
+        let loc = |span: Span| {
+            let (line, col) = self.cx.lines.line_col(self.cx.source, span.start);
+            Loc { span, line, col }
+        };
+        let call_site = self.calls.first().map(|&(call, _)| loc(call));
         Origin {
             span,
             line,
             col,
             call_site,
-            no_grad: self.no_grad,
+            no_grad: self.no_grad.map(loc),
         }
     }
 

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod commands;
+
 use crate::driver::{self, Compilation};
 use crate::ir::{DType, Mode, dot, text};
 use crate::lower::LowerOptions;
@@ -81,6 +83,66 @@ pub enum Command {
         #[arg(long, value_enum)]
         dtype: Option<FloatType>,
     },
+    /// Run one forward and backward pass on given tensors
+    #[command(
+        after_help = "Examples:\n  gradc grad examples/digits_mlp.grad --tensors in.safetensors --out grads.safetensors\n  gradc grad model.grad --tensors in.safetensors --out out.safetensors --dtype f64 --mode eval\n\nIN holds every input, param and buffer by its declared name (F32 or F64 floats, I32 or I64 labels).\nOUT gets `loss`, every output by name, `grad.<param>` for every trainable param and\n`grad.<name>` for every retained value; it is written atomically."
+    )]
+    Grad {
+        /// The `.grad` file.
+        file: PathBuf,
+        /// A safetensors file with every input, param and buffer by name.
+        #[arg(long, value_name = "IN.safetensors")]
+        tensors: PathBuf,
+        /// Where to write the loss, outputs and gradients.
+        #[arg(long, value_name = "OUT.safetensors")]
+        out: PathBuf,
+        /// The model (needed when the file has several).
+        #[arg(long)]
+        model: Option<String>,
+        /// Train mode (dropout active, batch statistics) or eval mode.
+        #[arg(long, value_enum, default_value_t = ModeArg::Train)]
+        mode: ModeArg,
+        /// Element type of every float value.
+        #[arg(long, value_enum, default_value_t = FloatType::F32)]
+        dtype: FloatType,
+        /// Seed of the dropout masks.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Check every gradient against finite differences on random inputs
+    #[command(
+        after_help = "Examples:\n  gradc gradcheck examples/digits_mlp.grad\n  gradc gradcheck examples/bn_dropout.grad --mode eval --seed 3\n\nPrints the worst relative error of every param and retained gradient; exits 1 when one\nexceeds the tolerance (1e-6 in f64, 1e-4 in f32, where the finite differences still run in f64)."
+    )]
+    Gradcheck {
+        /// The `.grad` file.
+        file: PathBuf,
+        /// The model (needed when the file has several).
+        #[arg(long)]
+        model: Option<String>,
+        /// Train or eval mode.
+        #[arg(long, value_enum, default_value_t = ModeArg::Train)]
+        mode: ModeArg,
+        /// Element type of every float value.
+        #[arg(long, value_enum, default_value_t = FloatType::F64)]
+        dtype: FloatType,
+        /// Seed of the random inputs, params and dropout masks.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Size given to every symbolic dimension.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+    },
+    /// Explain which params get gradients, before anything runs
+    #[command(
+        after_help = "Examples:\n  gradc explain examples/frozen_features.grad\n  gradc explain tests/data/gradient_control.grad\n\nFor every param: trainable or frozen, whether a gradient reaches it from the loss and\nwhy not, and its grad_fn chain; what the frozen subgraphs save; what writes buffers."
+    )]
+    Explain {
+        /// The `.grad` file.
+        file: PathBuf,
+        /// The model (needed when the file has several).
+        #[arg(long)]
+        model: Option<String>,
+    },
 }
 
 /// `--mode`.
@@ -106,6 +168,8 @@ pub enum Format {
 pub enum Stage {
     /// The forward graph as lowered from the source.
     Forward,
+    /// The joint forward and backward graph, with `grad_fn` names.
+    Backward,
 }
 
 /// `--dtype`.
@@ -118,7 +182,7 @@ pub enum FloatType {
 }
 
 impl FloatType {
-    fn options(dtype: Option<FloatType>) -> LowerOptions {
+    pub(crate) fn options(dtype: Option<FloatType>) -> LowerOptions {
         LowerOptions {
             float_dtype: dtype.map(|d| match d {
                 FloatType::F32 => DType::F32,
@@ -137,21 +201,57 @@ pub fn run(cli: Cli) -> ExitStatus {
             model,
             mode,
             format,
-            stage: Stage::Forward,
+            stage,
             dtype,
         } => graph(
             &file,
             model.as_deref(),
             mode,
             format,
+            stage,
             FloatType::options(dtype),
         ),
+        Command::Grad {
+            file,
+            tensors,
+            out,
+            model,
+            mode,
+            dtype,
+            seed,
+        } => commands::grad(
+            &file,
+            &tensors,
+            &out,
+            model.as_deref(),
+            mode.into(),
+            dtype,
+            seed,
+        ),
+        Command::Gradcheck {
+            file,
+            model,
+            mode,
+            dtype,
+            seed,
+            batch,
+        } => commands::gradcheck(&file, model.as_deref(), mode.into(), dtype, seed, batch),
+        Command::Explain { file, model } => commands::explain(&file, model.as_deref()),
+    }
+}
+
+impl From<ModeArg> for Mode {
+    fn from(mode: ModeArg) -> Mode {
+        match mode {
+            ModeArg::Train => Mode::Train,
+            ModeArg::Eval => Mode::Eval,
+        }
     }
 }
 
 /// Compiles a file and prints its diagnostics to stderr; `None` on an I/O
 /// error (already reported).
-fn compile(file: &Path, options: LowerOptions) -> Option<Compilation> {
+pub(crate) fn compile(file: &Path, options: LowerOptions) -> Option<Compilation> {
     match driver::compile_file(file, options) {
         Ok(compilation) => {
             if !compilation.diagnostics.is_empty() {
@@ -200,6 +300,7 @@ fn graph(
     model: Option<&str>,
     mode: ModeArg,
     format: Format,
+    stage: Stage,
     options: LowerOptions,
 ) -> ExitStatus {
     let Some(compilation) = compile(file, options) else {
@@ -215,11 +316,21 @@ fn graph(
             return ExitStatus::Error;
         }
     };
-    let mode = match mode {
-        ModeArg::Train => Mode::Train,
-        ModeArg::Eval => Mode::Eval,
+    let forward = lowered.graph(mode.into());
+    let joint;
+    let graph = match stage {
+        Stage::Forward => forward,
+        Stage::Backward => match crate::autodiff::differentiate(forward) {
+            Ok(differentiated) => {
+                joint = differentiated;
+                &joint
+            }
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitStatus::Error;
+            }
+        },
     };
-    let graph = lowered.graph(mode);
     let rendered = match format {
         Format::Text => text::to_text(graph),
         Format::Dot => dot::to_dot(graph),
@@ -228,7 +339,7 @@ fn graph(
 }
 
 /// Writes to stdout; a closed pipe is not an error worth a panic.
-fn print_out(text: &str) -> ExitStatus {
+pub(crate) fn print_out(text: &str) -> ExitStatus {
     let mut stdout = std::io::stdout().lock();
     match stdout
         .write_all(text.as_bytes())

@@ -1,0 +1,263 @@
+//! The commands that run graphs: `grad` (one forward and backward pass on
+//! given tensors), `gradcheck` (gradients against finite differences) and
+//! `explain` (the gradient ledger).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::{ExitStatus, FloatType, compile, print_out};
+use crate::autodiff;
+use crate::driver::Compilation;
+use crate::gradcheck::{self, Options};
+use crate::interp::{self, Context, Tensor};
+use crate::ir::{Graph, Mode, Op, Role};
+use crate::ledger;
+use crate::lower::{LowerOptions, LoweredModel};
+use crate::tensor_file;
+
+/// Compiles and picks the model; prints why not and returns the status.
+fn compiled(file: &Path, dtype: Option<FloatType>) -> Result<Compilation, ExitStatus> {
+    let options: LowerOptions = FloatType::options(dtype);
+    let compilation = compile(file, options).ok_or(ExitStatus::Error)?;
+    if compilation.has_errors() {
+        return Err(ExitStatus::Failure);
+    }
+    Ok(compilation)
+}
+
+fn pick<'c>(
+    compilation: &'c Compilation,
+    model: Option<&str>,
+) -> Result<&'c LoweredModel, ExitStatus> {
+    compilation.model(model).map_err(|message| {
+        eprintln!("error: {message}");
+        ExitStatus::Error
+    })
+}
+
+/// `gradc grad`.
+pub fn grad(
+    file: &Path,
+    tensors: &Path,
+    out: &Path,
+    model: Option<&str>,
+    mode: Mode,
+    dtype: FloatType,
+    seed: u64,
+) -> ExitStatus {
+    match run_grad(file, tensors, out, model, mode, dtype, seed) {
+        Ok(status) | Err(status) => status,
+    }
+}
+
+fn run_grad(
+    file: &Path,
+    tensors: &Path,
+    out: &Path,
+    model: Option<&str>,
+    mode: Mode,
+    dtype: FloatType,
+    seed: u64,
+) -> Result<ExitStatus, ExitStatus> {
+    let compilation = compiled(file, Some(dtype))?;
+    let lowered = pick(&compilation, model)?;
+    let forward = lowered.graph(mode);
+    let joint = autodiff::differentiate(forward).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitStatus::Error
+    })?;
+    let given = tensor_file::read(tensors).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitStatus::Error
+    })?;
+    let leaves = leaves_for(forward, &given)?;
+    let evaluation = interp::evaluate(&joint, &leaves, Context { seed, step: 0 }).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitStatus::Error
+    })?;
+    let mut result: BTreeMap<String, Tensor> = BTreeMap::new();
+    let loss = joint.loss();
+    if let Some(loss) = loss {
+        result.insert("loss".into(), evaluation.values[&loss].clone());
+    }
+    for (name, id) in joint.outputs() {
+        result.insert(name, evaluation.values[&id].clone());
+    }
+    for id in autodiff::wanted(forward) {
+        let node = forward.node(id);
+        let name = node.name.clone().unwrap_or_default();
+        let gradient = joint
+            .with_role(&Role::Gradient(name.clone()))
+            .first()
+            .map(|g| evaluation.values[g].clone());
+        let value = match gradient {
+            Some(value) => value,
+            None => {
+                if loss.is_some() {
+                    eprintln!(
+                        "warning: no gradient reaches `{name}` (line {}); grad.{name} is all zeros (see `gradc explain`)",
+                        node.origin.line
+                    );
+                }
+                Tensor::zeros(node.dtype(), &evaluation.values[&id].shape)
+            }
+        };
+        result.insert(format!("grad.{name}"), value);
+    }
+    tensor_file::write(out, &result).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitStatus::Error
+    })?;
+    let loss_text = result
+        .get("loss")
+        .map_or("no loss".to_string(), |l| format!("loss {}", l.data[0]));
+    println!(
+        "{}: {loss_text}; wrote {} tensors to {}",
+        lowered.name,
+        result.len(),
+        out.display()
+    );
+    Ok(ExitStatus::Success)
+}
+
+/// The leaf tensors a graph needs, from what the file gave: every input,
+/// param and buffer by name, converted to the model's float width. A
+/// missing tensor or a wrong element kind is an error naming it; extra
+/// tensors get a warning. Shapes are checked when the graph is evaluated.
+fn leaves_for(
+    graph: &Graph,
+    given: &BTreeMap<String, Tensor>,
+) -> Result<BTreeMap<String, Tensor>, ExitStatus> {
+    let mut leaves = BTreeMap::new();
+    let mut missing = Vec::new();
+    for id in graph.ids() {
+        let node = graph.node(id);
+        if !matches!(node.op, Op::Input | Op::Param(_) | Op::Buffer(_)) {
+            continue;
+        }
+        let name = node.name.clone().unwrap_or_default();
+        match given.get(&name) {
+            None => missing.push(format!("`{name}` ({})", node.ty)),
+            Some(tensor) if tensor.dtype.is_float() != node.dtype().is_float() => {
+                eprintln!(
+                    "error: tensor `{name}` is {}{:?} but the model declares {}",
+                    tensor.dtype, tensor.shape, node.ty
+                );
+                return Err(ExitStatus::Error);
+            }
+            Some(tensor) => {
+                leaves.insert(name, tensor.cast(node.dtype()));
+            }
+        }
+    }
+    if !missing.is_empty() {
+        eprintln!("error: the tensors file has no {}", missing.join(", no "));
+        return Err(ExitStatus::Error);
+    }
+    for name in given.keys() {
+        if !leaves.contains_key(name) {
+            eprintln!(
+                "warning: ignoring tensor `{name}`: the model has no input, param or buffer of that name"
+            );
+        }
+    }
+    Ok(leaves)
+}
+
+/// `gradc gradcheck`.
+pub fn gradcheck(
+    file: &Path,
+    model: Option<&str>,
+    mode: Mode,
+    dtype: FloatType,
+    seed: u64,
+    batch: usize,
+) -> ExitStatus {
+    // Finite differences always run on the model compiled in f64; the
+    // gradients checked are those of the chosen type.
+    let (compilation, reference) = match (
+        compiled(file, Some(dtype)),
+        compiled(file, Some(FloatType::F64)),
+    ) {
+        (Ok(compilation), Ok(reference)) => (compilation, reference),
+        (Err(status), _) | (_, Err(status)) => return status,
+    };
+    let (lowered, reference) = match (pick(&compilation, model), pick(&reference, model)) {
+        (Ok(lowered), Ok(reference)) => (lowered, reference),
+        (Err(status), _) | (_, Err(status)) => return status,
+    };
+    let tolerance = match dtype {
+        FloatType::F64 => 1e-6,
+        FloatType::F32 => 1e-4,
+    };
+    let step = 1e-4;
+    let options = Options {
+        seed,
+        dim_size: batch.max(1),
+        max_elements: 64,
+        step,
+    };
+    let reports =
+        match gradcheck::gradcheck_against(lowered.graph(mode), reference.graph(mode), options) {
+            Ok(reports) => reports,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitStatus::Error;
+            }
+        };
+    let mut out = format!(
+        "gradcheck of `{}` ({mode} mode, {}, seed {seed}, symbolic dimensions = {}): tolerance {tolerance:e}\n",
+        lowered.name,
+        match dtype {
+            FloatType::F32 => "f32",
+            FloatType::F64 => "f64",
+        },
+        options.dim_size
+    );
+    let width = reports.iter().map(|r| r.name.len()).max().unwrap_or(0) + 5;
+    let mut failed = 0;
+    for report in &reports {
+        let ok = report.relative_error <= tolerance;
+        failed += usize::from(!ok);
+        out.push_str(&format!(
+            "  {:<width$} {:>4} elements  worst relative error {:.2e}  {}\n",
+            format!("grad.{}", report.name),
+            report.checked,
+            report.relative_error,
+            if ok { "ok" } else { "FAILED" }
+        ));
+    }
+    if reports.is_empty() {
+        out.push_str("  no trainable param or retained value to check\n");
+    }
+    out.push_str(&format!(
+        "{} passed, {failed} failed\n",
+        reports.len() - failed
+    ));
+    let printed = print_out(&out);
+    if failed > 0 {
+        ExitStatus::Failure
+    } else {
+        printed
+    }
+}
+
+/// `gradc explain`.
+pub fn explain(file: &Path, model: Option<&str>) -> ExitStatus {
+    let compilation = match compiled(file, None) {
+        Ok(compilation) => compilation,
+        Err(status) => return status,
+    };
+    let lowered = match pick(&compilation, model) {
+        Ok(lowered) => lowered,
+        Err(status) => return status,
+    };
+    let batch = lowered.train_config.as_ref().map_or(32, |c| c.batch);
+    match ledger::ledger(lowered.graph(Mode::Train), batch) {
+        Ok(ledger) => print_out(&ledger::render(&ledger)),
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitStatus::Error
+        }
+    }
+}

@@ -1,0 +1,523 @@
+//! The gradient ledger: for every param of a model, before anything runs,
+//! whether a gradient can reach it from the loss, why not, and the chain of
+//! `grad_fn`s it would arrive through (`gradc explain`).
+//!
+//! It sorts params into the four cases a PyTorch user meets when they print
+//! gradients before and after `backward()` and params before and after
+//! `optimizer.step()`:
+//!
+//! 1. gets a gradient and is updated;
+//! 2. frozen but on a gradient path: gradient not computed, never updated;
+//! 3. no gradient can reach it (and why: not used by the loss, behind
+//!    `stop_gradient`, only under `no_grad`, only through a
+//!    non-differentiable operand);
+//! 4. changed outside the optimizer: buffers only, since the language has
+//!    no assignment, written by train-mode batch-norm.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::fmt::Write;
+
+use crate::autodiff::{self, AutodiffError, rules};
+use crate::diagnostic::Span;
+use crate::driver::thousands;
+use crate::ir::{Dim, Graph, Loc, NodeId, Op, Role};
+
+/// Why no gradient reaches a param.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Blocker {
+    /// The loss does not depend on it at all.
+    NotUsed,
+    /// A path goes through `stop_gradient` (or `detach`) here.
+    StopGradient(Loc),
+    /// A path goes through a value computed inside the `no_grad` block
+    /// whose keyword is here.
+    NoGrad(Loc),
+    /// A path goes through an operand with no derivative (labels, indices,
+    /// running statistics) of this op.
+    NotDifferentiable(String, Loc),
+}
+
+impl Blocker {
+    /// The blocker in words.
+    pub fn describe(&self) -> String {
+        match self {
+            Blocker::NotUsed => "the loss does not use it at all".into(),
+            Blocker::StopGradient(at) => {
+                format!(
+                    "its path to the loss goes through `stop_gradient` at {}:{}",
+                    at.line, at.col
+                )
+            }
+            Blocker::NoGrad(at) => {
+                format!("it is only used inside `no_grad` at {}:{}", at.line, at.col)
+            }
+            Blocker::NotDifferentiable(op, at) => format!(
+                "it only reaches the loss through a non-differentiable operand of `{op}` at {}:{}",
+                at.line, at.col
+            ),
+        }
+    }
+
+    /// Where the blocker is, if anywhere.
+    pub fn loc(&self) -> Option<Loc> {
+        match self {
+            Blocker::NotUsed => None,
+            Blocker::StopGradient(at) | Blocker::NoGrad(at) | Blocker::NotDifferentiable(_, at) => {
+                Some(*at)
+            }
+        }
+    }
+}
+
+/// The four cases.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Case {
+    /// Case 1: a trainable param on a gradient path.
+    Updated {
+        /// `grad_fn`s from the loss down to the param.
+        chain: Vec<&'static str>,
+    },
+    /// Case 2: a frozen param on a gradient path.
+    FrozenOnPath {
+        /// The chain its gradient would take.
+        chain: Vec<&'static str>,
+    },
+    /// A frozen param that no gradient could reach anyway.
+    FrozenOffPath {
+        /// Why.
+        blockers: Vec<Blocker>,
+    },
+    /// Case 3: a trainable param no gradient can reach.
+    Unreachable {
+        /// Why.
+        blockers: Vec<Blocker>,
+    },
+}
+
+/// One param's line in the ledger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamEntry {
+    /// Its name.
+    pub name: String,
+    /// Its declared type, as text.
+    pub ty: String,
+    /// Element count.
+    pub elements: u64,
+    /// The declaration.
+    pub span: Span,
+    /// Its line.
+    pub line: u32,
+    /// Which case.
+    pub case: Case,
+}
+
+/// A buffer and what writes it (case 4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BufferEntry {
+    /// Its name.
+    pub name: String,
+    /// Its line.
+    pub line: u32,
+    /// The ops that update it in train mode: (op, line, col).
+    pub written_by: Vec<(String, u32, u32)>,
+}
+
+/// What freezing saves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Frozen params.
+    pub params: usize,
+    /// Their elements, whose gradients are never computed.
+    pub elements: u64,
+    /// Backward nodes not built.
+    pub nodes: usize,
+    /// Their floating-point operations per step.
+    pub flops: u64,
+    /// The size symbolic dimensions were given for counting.
+    pub batch: u64,
+}
+
+/// The ledger of one model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ledger {
+    /// The model.
+    pub model: String,
+    /// Whether the model has a loss at all.
+    pub has_loss: bool,
+    /// Every param, in declaration order.
+    pub params: Vec<ParamEntry>,
+    /// Retained values: (name, line).
+    pub retained: Vec<(String, u32)>,
+    /// Every buffer.
+    pub buffers: Vec<BufferEntry>,
+    /// What freezing saves.
+    pub pruned: Pruned,
+}
+
+/// Builds the ledger of a train-mode forward graph; `batch` sizes the
+/// symbolic dimensions for the FLOP count.
+pub fn ledger(graph: &Graph, batch: u64) -> Result<Ledger, AutodiffError> {
+    let feeds_loss = autodiff::reach(graph)?.feeds_loss;
+    let mut params = Vec::new();
+    for id in graph.ids() {
+        let node = graph.node(id);
+        if !matches!(node.role, Role::Param | Role::FrozenParam) {
+            continue;
+        }
+        let frozen = node.role == Role::FrozenParam;
+        let case = match path_to_loss(graph, id, &feeds_loss) {
+            Ok(chain) if frozen => Case::FrozenOnPath { chain },
+            Ok(chain) => Case::Updated { chain },
+            Err(blockers) if frozen => Case::FrozenOffPath { blockers },
+            Err(blockers) => Case::Unreachable { blockers },
+        };
+        params.push(ParamEntry {
+            name: node.name.clone().unwrap_or_default(),
+            ty: node.ty.to_string(),
+            elements: node.shape().fixed_count().unwrap_or(0),
+            span: node.origin.span,
+            line: node.origin.line,
+            case,
+        });
+    }
+    let retained = graph
+        .ids()
+        .into_iter()
+        .filter(|&id| graph.node(id).retain)
+        .map(|id| {
+            (
+                graph.node(id).name.clone().unwrap_or_default(),
+                graph.node(id).origin.line,
+            )
+        })
+        .collect();
+    let mut buffers = Vec::new();
+    for id in graph.with_role(&Role::Buffer) {
+        let written_by = graph
+            .users(id)
+            .into_iter()
+            .filter(|&user| {
+                let position = graph.operands(user).iter().position(|&o| o == id);
+                matches!(graph.node(user).op, Op::BatchNorm { training: true, .. })
+                    && position >= Some(3)
+            })
+            .map(|user| {
+                let node = graph.node(user);
+                (node.op.name(), node.origin.line, node.origin.col)
+            })
+            .collect();
+        let node = graph.node(id);
+        buffers.push(BufferEntry {
+            name: node.name.clone().unwrap_or_default(),
+            line: node.origin.line,
+            written_by,
+        });
+    }
+    Ok(Ledger {
+        model: graph.model.clone(),
+        has_loss: graph.loss().is_some(),
+        params,
+        retained,
+        buffers,
+        pruned: pruned(graph, batch)?,
+    })
+}
+
+/// The shortest differentiable path from a param to the loss, as the
+/// `grad_fn` chain from the loss down; or every blocker met on the way.
+fn path_to_loss(
+    graph: &Graph,
+    param: NodeId,
+    feeds_loss: &BTreeSet<NodeId>,
+) -> Result<Vec<&'static str>, Vec<Blocker>> {
+    if !feeds_loss.contains(&param) {
+        return Err(vec![Blocker::NotUsed]);
+    }
+    let loss = graph.loss().ok_or_else(|| vec![Blocker::NotUsed])?;
+    let mut parent: HashMap<NodeId, NodeId> = HashMap::new();
+    let mut queue = VecDeque::from([param]);
+    let mut seen = BTreeSet::from([param]);
+    let mut blockers = BTreeSet::new();
+    while let Some(id) = queue.pop_front() {
+        if id == loss {
+            let mut chain = Vec::new();
+            let mut at = loss;
+            while at != param {
+                let op = &graph.node(at).op;
+                if *op != Op::Identity {
+                    chain.push(rules::grad_fn(op));
+                }
+                at = parent[&at];
+            }
+            return Ok(chain);
+        }
+        for user in graph.users(id) {
+            if !feeds_loss.contains(&user) {
+                continue;
+            }
+            let node = graph.node(user);
+            for (position, &operand) in graph.operands(user).iter().enumerate() {
+                if operand != id {
+                    continue;
+                }
+                if autodiff::flows(graph, user, position) {
+                    if seen.insert(user) {
+                        parent.insert(user, id);
+                        queue.push_back(user);
+                    }
+                    continue;
+                }
+                let here = Loc {
+                    span: node.origin.span,
+                    line: node.origin.line,
+                    col: node.origin.col,
+                };
+                blockers.insert(
+                    match (node.origin.no_grad, rules::rule(&node.op, position)) {
+                        (Some(block), _) => Blocker::NoGrad(block),
+                        (None, rules::Rule::Stopped) => Blocker::StopGradient(here),
+                        (None, _) => Blocker::NotDifferentiable(node.op.name(), here),
+                    },
+                );
+            }
+        }
+    }
+    Err(blockers.into_iter().collect())
+}
+
+/// What the frozen params save: the backward nodes that differentiating
+/// them too would add.
+fn pruned(graph: &Graph, batch: u64) -> Result<Pruned, AutodiffError> {
+    let frozen = graph.with_role(&Role::FrozenParam);
+    let elements = frozen
+        .iter()
+        .map(|&id| graph.node(id).shape().fixed_count().unwrap_or(0))
+        .sum();
+    let actual = autodiff::differentiate(graph)?;
+    let mut thawed = graph.clone();
+    for &id in &frozen {
+        thawed.node_mut(id).role = Role::Param;
+    }
+    let unpruned = autodiff::differentiate(&thawed)?;
+    let backward_flops = |g: &Graph| -> (usize, u64) {
+        let nodes: Vec<NodeId> = g
+            .ids()
+            .into_iter()
+            .filter(|&id| g.node(id).backward.is_some())
+            .collect();
+        (
+            nodes.len(),
+            nodes.iter().map(|&id| flops(g, id, batch)).sum(),
+        )
+    };
+    let (nodes_actual, flops_actual) = backward_flops(&actual);
+    let (nodes_unpruned, flops_unpruned) = backward_flops(&unpruned);
+    Ok(Pruned {
+        params: frozen.len(),
+        elements,
+        nodes: nodes_unpruned.saturating_sub(nodes_actual),
+        flops: flops_unpruned.saturating_sub(flops_actual),
+        batch,
+    })
+}
+
+/// Element count of a node with symbolic dimensions set to `batch`.
+fn count(graph: &Graph, id: NodeId, batch: u64) -> u64 {
+    graph
+        .node(id)
+        .shape()
+        .0
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => *n,
+            Dim::Sym(_) => batch,
+        })
+        .fold(1u64, |a, b| a.saturating_mul(b))
+}
+
+/// An estimate of a node's floating-point operations: `2 m k n` for a
+/// matrix product (and for each of its two VJPs), a few per element for
+/// everything else.
+pub fn flops(graph: &Graph, id: NodeId, batch: u64) -> u64 {
+    let node = graph.node(id);
+    let operands = graph.operands(id);
+    let op = match &node.op {
+        Op::Vjp { forward, .. } => forward.as_ref(),
+        op => op,
+    };
+    match op {
+        Op::MatMul => {
+            // Forward `[.., m, k] @ [k, n]`; its VJPs read the same operands.
+            let (a, b) = match &node.op {
+                Op::Vjp { .. } => (operands[1], operands[2]),
+                _ => (operands[0], operands[1]),
+            };
+            let k = match graph.node(b).shape().0.first() {
+                Some(Dim::Fixed(k)) => *k,
+                _ => batch,
+            };
+            let out = count(graph, a, batch).saturating_mul(count(graph, b, batch)) / k.max(1);
+            out.saturating_mul(2)
+        }
+        Op::Input
+        | Op::Param(_)
+        | Op::Buffer(_)
+        | Op::Constant(_)
+        | Op::Reshape
+        | Op::Identity
+        | Op::StopGradient => 0,
+        Op::Softmax { .. }
+        | Op::LogSoftmax { .. }
+        | Op::CrossEntropy
+        | Op::BatchNorm { .. }
+        | Op::LayerNorm { .. } => {
+            let input = operands
+                .get(usize::from(matches!(node.op, Op::Vjp { .. })))
+                .copied()
+                .unwrap_or(id);
+            count(graph, input, batch).saturating_mul(5)
+        }
+        _ => count(graph, id, batch).max(operands.first().map_or(0, |&o| count(graph, o, batch))),
+    }
+}
+
+/// Renders the ledger as `gradc explain` prints it.
+pub fn render(ledger: &Ledger) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "gradient ledger of `{}` (train mode), before anything runs",
+        ledger.model
+    );
+    if !ledger.has_loss {
+        let _ = writeln!(
+            out,
+            "\nthe model has no `loss`: nothing is differentiated and no param gets a gradient"
+        );
+    }
+    let _ = writeln!(out, "\nparams");
+    if ledger.params.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for entry in &ledger.params {
+        let frozen = matches!(
+            entry.case,
+            Case::FrozenOnPath { .. } | Case::FrozenOffPath { .. }
+        );
+        let _ = writeln!(
+            out,
+            "  {}: {}, {} elements, {} (line {})",
+            entry.name,
+            entry.ty,
+            thousands(entry.elements),
+            if frozen { "frozen" } else { "trainable" },
+            entry.line
+        );
+        match &entry.case {
+            Case::Updated { chain } => {
+                let _ = writeln!(
+                    out,
+                    "    case 1, gets a gradient and is updated: every step computes d(loss)/d({}) and the optimizer applies it",
+                    entry.name
+                );
+                let _ = writeln!(
+                    out,
+                    "    grad_fn chain: {} <- {}",
+                    chain.join(" <- "),
+                    entry.name
+                );
+            }
+            Case::FrozenOnPath { chain } => {
+                let _ = writeln!(
+                    out,
+                    "    case 2, on a gradient path but frozen: the gradient is not even computed (its backward subgraph is pruned) and the optimizer never updates it"
+                );
+                let _ = writeln!(
+                    out,
+                    "    the gradient would arrive through: {} <- {}",
+                    chain.join(" <- "),
+                    entry.name
+                );
+            }
+            Case::FrozenOffPath { blockers } => {
+                let _ = writeln!(
+                    out,
+                    "    frozen, and no gradient could reach it anyway: {}",
+                    describe(blockers)
+                );
+            }
+            Case::Unreachable { blockers } => {
+                let _ = writeln!(
+                    out,
+                    "    case 3, no gradient can reach it: {}",
+                    describe(blockers)
+                );
+                let _ = writeln!(
+                    out,
+                    "    its value never changes during training; warning W0002"
+                );
+            }
+        }
+    }
+    if !ledger.retained.is_empty() {
+        let _ = writeln!(out, "\nretained values (like `retain_grad()`)");
+        for (name, line) in &ledger.retained {
+            let _ = writeln!(
+                out,
+                "  {name} (line {line}): d(loss)/d({name}) is reported as grad.{name}"
+            );
+        }
+    }
+    let pruned = &ledger.pruned;
+    if pruned.params > 0 {
+        let _ = writeln!(out, "\nfrozen subgraphs");
+        let _ = writeln!(
+            out,
+            "  {} frozen param{} ({} parameters): gradients never computed; pruning saves {} backward node{} and {} FLOPs per step (symbolic dimensions = {})",
+            pruned.params,
+            if pruned.params == 1 { "" } else { "s" },
+            thousands(pruned.elements),
+            pruned.nodes,
+            if pruned.nodes == 1 { "" } else { "s" },
+            thousands(pruned.flops),
+            pruned.batch
+        );
+    }
+    let _ = writeln!(out, "\nwritten outside the optimizer (case 4)");
+    for buffer in &ledger.buffers {
+        if buffer.written_by.is_empty() {
+            let _ = writeln!(
+                out,
+                "  buffer {} (line {}): read only, never written",
+                buffer.name, buffer.line
+            );
+        }
+        for (op, line, col) in &buffer.written_by {
+            let _ = writeln!(
+                out,
+                "  buffer {} (line {}): no gradient, but updated by `{op}` at {line}:{col} in train mode (running statistics); unchanged in eval mode",
+                buffer.name, buffer.line
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "  no param: the language has no assignment, so only the optimizer writes params"
+    );
+    let count = |f: fn(&Case) -> bool| ledger.params.iter().filter(|p| f(&p.case)).count();
+    let _ = writeln!(
+        out,
+        "\nsummary: {} param{}: {} updated, {} frozen, {} unreachable",
+        ledger.params.len(),
+        if ledger.params.len() == 1 { "" } else { "s" },
+        count(|c| matches!(c, Case::Updated { .. })),
+        count(|c| matches!(c, Case::FrozenOnPath { .. } | Case::FrozenOffPath { .. })),
+        count(|c| matches!(c, Case::Unreachable { .. })),
+    );
+    out
+}
+
+fn describe(blockers: &[Blocker]) -> String {
+    let words: Vec<String> = blockers.iter().map(Blocker::describe).collect();
+    words.join("; ")
+}
