@@ -1,0 +1,262 @@
+#!/usr/bin/env python3
+"""Cross-checks gradc's gradients against JAX's, op by op, in f64.
+
+Each case is a small `.grad` model and the same function written in JAX.
+The script draws random inputs and params, writes them to a safetensors
+file, runs `gradc grad --dtype f64` on the model, and compares the loss and
+every `grad.<param>` with `jax.grad` of the JAX function. Semantics follow
+PyTorch's (mean-reduced losses, exact-erf GELU, biased batch variance,
+softplus threshold 20), written out in JAX here so that the check does not
+depend on any gradc code.
+
+Usage: python3 tests/jax/check_gradients.py [path/to/gradc]
+Exits 1 if any gradient differs by more than 1e-6 relative to its largest
+element. `.ci/run` runs it after installing jax.
+"""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp  # noqa: E402
+from jax.scipy.special import erf, logsumexp  # noqa: E402
+
+GRADC = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "../../target/debug/gradc")
+TOLERANCE = 1e-6
+
+
+def write_safetensors(path, tensors):
+    header, blobs, offset = {}, [], 0
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array)
+        dtype = {np.float64: "F64", np.int32: "I32"}[array.dtype.type]
+        data = array.tobytes()
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    encoded = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded + b"".join(blobs))
+
+
+def read_safetensors(path):
+    with open(path, "rb") as f:
+        raw = f.read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    body = raw[8 + n :]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = {"F64": np.float64, "F32": np.float32, "I32": np.int32}[info["dtype"]]
+        out[name] = np.frombuffer(body[start:end], dtype=dtype).reshape(info["shape"])
+    return out
+
+
+def gelu(x):
+    return 0.5 * x * (1 + erf(x / jnp.sqrt(2.0)))
+
+
+def softplus(x):
+    return jnp.where(x > 20, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20))))
+
+
+def cross_entropy(logits, labels):
+    logp = jax.nn.log_softmax(logits, axis=1)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+
+
+def batch_norm_train(x, g, b, eps=1e-5):
+    axes = tuple(i for i in range(x.ndim) if i != 1)
+    mean = jnp.mean(x, axis=axes, keepdims=True)
+    var = jnp.mean((x - mean) ** 2, axis=axes, keepdims=True)
+    shape = [1] * x.ndim
+    shape[1] = -1
+    return (x - mean) / jnp.sqrt(var + eps) * g.reshape(shape) + b.reshape(shape)
+
+
+def layer_norm(x, g, b, eps=1e-5):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean((x - mean) ** 2, axis=-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + eps) * g + b
+
+
+def bce_with_logits(x, t):
+    return jnp.mean(jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x))))
+
+
+# (name, gradc model, inputs {name: (shape, kind)}, params {name: shape}, jax loss(p, i))
+# kind: "f" uniform(-1, 1), "pos" uniform(0.5, 1.5), ("int", n) labels below n.
+CASES = []
+
+
+def case(name, model, inputs, params, loss):
+    CASES.append((name, model, inputs, params, loss))
+
+
+UNARY = {
+    "neg": ("-p", lambda p: -p),
+    "exp": ("exp(p)", jnp.exp),
+    "log": ("log(p + 2)", lambda p: jnp.log(p + 2)),
+    "sqrt": ("sqrt(p + 2)", lambda p: jnp.sqrt(p + 2)),
+    "abs": ("abs(p)", jnp.abs),
+    "tanh": ("tanh(p)", jnp.tanh),
+    "sigmoid": ("sigmoid(p * 3)", lambda p: jax.nn.sigmoid(p * 3)),
+    "relu": ("relu(p)", lambda p: jnp.maximum(p, 0)),
+    "gelu": ("gelu(p * 2)", lambda p: gelu(p * 2)),
+    "softplus": ("softplus(p * 30)", lambda p: softplus(p * 30)),
+    "sin": ("sin(p)", jnp.sin),
+    "cos": ("cos(p)", jnp.cos),
+    "leaky_relu": ("leaky_relu(p, 0.1)", lambda p: jnp.where(p > 0, p, 0.1 * p)),
+    "clamp": ("clamp(p, -0.5, 0.5)", lambda p: jnp.clip(p, -0.5, 0.5)),
+    "square": ("p ** 2", lambda p: p**2),
+}
+for name, (expr, f) in UNARY.items():
+    case(
+        name,
+        f"model m {{ input c: f64[3, 4] param p: f64[3, 4] = zeros loss sum({expr} * c) }}",
+        {"c": ((3, 4), "f")},
+        {"p": (3, 4)},
+        lambda P, I, f=f: jnp.sum(f(P["p"]) * I["c"]),
+    )
+
+BINARY = {
+    "add": ("a + b", lambda a, b: a + b),
+    "sub": ("a - b", lambda a, b: a - b),
+    "mul": ("a * b", lambda a, b: a * b),
+    "div": ("a / (b + 3)", lambda a, b: a / (b + 3)),
+    "pow": ("(a + 2) ** b", lambda a, b: (a + 2) ** b),
+    "maximum": ("maximum(a, b)", jnp.maximum),
+    "minimum": ("minimum(a, b)", jnp.minimum),
+}
+for name, (expr, f) in BINARY.items():
+    case(
+        name + "_broadcast",
+        f"model m {{ input c: f64[3, 4] param a: f64[3, 1] = zeros param b: f64[4] = zeros loss sum(({expr}) * c) }}",
+        {"c": ((3, 4), "f")},
+        {"a": (3, 1), "b": (4,)},
+        lambda P, I, f=f: jnp.sum(f(P["a"], P["b"]) * I["c"]),
+    )
+
+case(
+    "batched_matmul_transpose",
+    "model m { input c: f64[2, 3, 5] param a: f64[2, 3, 4] = zeros param b: f64[5, 4] = zeros loss sum((a @ transpose(b)) * c) }",
+    {"c": ((2, 3, 5), "f")},
+    {"a": (2, 3, 4), "b": (5, 4)},
+    lambda P, I: jnp.sum((P["a"] @ P["b"].T) * I["c"]),
+)
+for func, jf in [("sum", jnp.sum), ("mean", jnp.mean), ("max", jnp.max), ("logsumexp", logsumexp)]:
+    case(
+        func + "_axes",
+        f"model m {{ param x: f64[3, 4, 5] = zeros loss sum(sin({func}(x, axis = [0, -1], keepdims = true) * 2)) + {func}(x) }}",
+        {},
+        {"x": (3, 4, 5)},
+        lambda P, I, jf=jf: jnp.sum(jnp.sin(jf(P["x"], axis=(0, 2), keepdims=True) * 2)) + jf(P["x"]),
+    )
+case(
+    "softmax_log_softmax",
+    "model m { input c: f64[3, 4] param x: f64[3, 4] = zeros loss sum(softmax(x, axis = 0) * c) + sum(log_softmax(x) * c) }",
+    {"c": ((3, 4), "f")},
+    {"x": (3, 4)},
+    lambda P, I: jnp.sum(jax.nn.softmax(P["x"], axis=0) * I["c"]) + jnp.sum(jax.nn.log_softmax(P["x"], axis=-1) * I["c"]),
+)
+case(
+    "reshape_concat",
+    "model m { input c: f64[4, 5] param a: f64[2, 2, 2] = zeros param b: f64[4, 3] = zeros loss sum(concat([reshape(a, [4, -1]), b], axis = 1) * c) }",
+    {"c": ((4, 5), "f")},
+    {"a": (2, 2, 2), "b": (4, 3)},
+    lambda P, I: jnp.sum(jnp.concatenate([P["a"].reshape(4, 2), P["b"]], axis=1) * I["c"]),
+)
+case(
+    "batch_norm_train",
+    "model m { input c: f64[5, 3, 2] param x: f64[5, 3, 2] = zeros param g: f64[3] = ones param b: f64[3] = zeros buffer mu: f64[3] = zeros buffer var: f64[3] = ones loss sum(batch_norm(x, g, b, mu, var) * c) }",
+    {"c": ((5, 3, 2), "f"), "mu": ((3,), "f"), "var": ((3,), "pos")},
+    {"x": (5, 3, 2), "g": (3,), "b": (3,)},
+    lambda P, I: jnp.sum(batch_norm_train(P["x"], P["g"], P["b"]) * I["c"]),
+)
+case(
+    "layer_norm",
+    "model m { input c: f64[4, 6] param x: f64[4, 6] = zeros param g: f64[6] = ones param b: f64[6] = zeros loss sum(layer_norm(x, g, b) * c) }",
+    {"c": ((4, 6), "f")},
+    {"x": (4, 6), "g": (6,), "b": (6,)},
+    lambda P, I: jnp.sum(layer_norm(P["x"], P["g"], P["b"]) * I["c"]),
+)
+case(
+    "embedding",
+    "model m { input ids: i32[4, 3] input c: f64[4, 3, 2] param t: f64[5, 2] = zeros loss sum(embedding(ids, t) * c) }",
+    {"ids": ((4, 3), ("int", 5)), "c": ((4, 3, 2), "f")},
+    {"t": (5, 2)},
+    lambda P, I: jnp.sum(P["t"][I["ids"]] * I["c"]),
+)
+case(
+    "losses",
+    "model m { input y: i32[4] param l: f64[4, 3] = zeros param t: f64[4, 3] = zeros loss cross_entropy(l * 3, y) + mse(l, t) + bce_with_logits(l * 3, t) }",
+    {"y": ((4,), ("int", 3))},
+    {"l": (4, 3), "t": (4, 3)},
+    lambda P, I: cross_entropy(P["l"] * 3, I["y"]) + jnp.mean((P["l"] - P["t"]) ** 2) + bce_with_logits(P["l"] * 3, P["t"]),
+)
+case(
+    "digits_mlp_without_dropout",
+    "model m { input x: f64[6, 64] input y: i32[6] param w1: f64[64, 16] = zeros param b1: f64[16] = zeros "
+    "param w2: f64[16, 10] = zeros param b2: f64[10] = zeros let h = relu(x / 16 @ w1 + b1) retain h "
+    "loss cross_entropy(h @ w2 + b2, y) }",
+    {"x": ((6, 64), "f"), "y": ((6,), ("int", 10))},
+    {"w1": (64, 16), "b1": (16,), "w2": (16, 10), "b2": (10,)},
+    lambda P, I: cross_entropy(jnp.maximum(I["x"] / 16 @ P["w1"] + P["b1"], 0) @ P["w2"] + P["b2"], I["y"]),
+)
+
+
+def draw(rng, shape, kind):
+    if kind == "f":
+        return rng.uniform(-1, 1, shape)
+    if kind == "pos":
+        return rng.uniform(0.5, 1.5, shape)
+    return rng.integers(0, kind[1], shape).astype(np.int32)
+
+
+def main():
+    rng = np.random.default_rng(0)
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model, inputs, params, loss in CASES:
+            I = {k: draw(rng, s, kind) for k, (s, kind) in inputs.items()}
+            P = {k: rng.uniform(-1, 1, s) for k, s in params.items()}
+            model_path = os.path.join(tmp, "m.grad")
+            with open(model_path, "w") as f:
+                f.write(model)
+            write_safetensors(os.path.join(tmp, "in.safetensors"), {**I, **P})
+            run = subprocess.run(
+                [GRADC, "grad", model_path, "--tensors", os.path.join(tmp, "in.safetensors"), "--out", os.path.join(tmp, "out.safetensors"), "--dtype", "f64"],
+                capture_output=True,
+                text=True,
+            )
+            if run.returncode != 0:
+                print(f"FAILED {name}: gradc exited {run.returncode}\n{run.stderr}")
+                failures += 1
+                continue
+            out = read_safetensors(os.path.join(tmp, "out.safetensors"))
+            expected_loss, expected = jax.value_and_grad(loss)({k: jnp.asarray(v) for k, v in P.items()}, {k: jnp.asarray(v) for k, v in I.items()})
+            worst = abs(float(out["loss"]) - float(expected_loss)) / max(abs(float(expected_loss)), 1e-12)
+            for k in P:
+                got, want = out["grad." + k], np.asarray(expected[k])
+                scale = max(np.max(np.abs(want)), np.max(np.abs(got)), 1e-12)
+                worst = max(worst, float(np.max(np.abs(got - want))) / scale)
+            status = "ok" if worst < TOLERANCE else "FAILED"
+            failures += status != "ok"
+            print(f"{name:<28} worst relative error {worst:.2e}  {status}")
+    print(f"{len(CASES) - failures} passed, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
