@@ -49,6 +49,7 @@ fix = {
 "E0606": ("unknown_schedule", "Use `constant`, `step(every, gamma)`, `cosine(warmup)` or `linear_warmup(steps)`."),
 "E0607": ("train_without_loss", "Add a `loss` to the model, or drop the train block."),
 "W0001": ("unused_value", "Use the value, remove it, or start its name with `_` to say it is unused on purpose."),
+"W0002": ("param_without_gradient", "Put the param on a differentiable path to the loss (outside `stop_gradient` and `no_grad`), or declare it `frozen param` if it is meant to stay fixed. `gradc explain` shows every param's case."),
 }
 codes = subprocess.run(["grep","-oE",'= "[EW][0-9]{4}", ".*";',"src/diagnostic.rs"],capture_output=True,text=True).stdout.splitlines()
 out = ["# Diagnostics", "",

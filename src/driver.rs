@@ -121,14 +121,14 @@ pub const MAX_SOURCE_BYTES: u64 = 1 << 30;
 /// can reach, pointing at the declaration and at what blocks the gradient.
 /// A param that nothing uses at all already has W0001.
 fn gradient_warnings(graph: &Graph, earlier: &[Diagnostic]) -> Vec<Diagnostic> {
-    let Ok(ledger) = crate::ledger::ledger(graph, 1) else {
-        return Vec::new();
-    };
-    if !ledger.has_loss {
+    if graph.loss().is_none() {
         return Vec::new();
     }
+    let Ok(params) = crate::ledger::param_cases(graph, false) else {
+        return Vec::new();
+    };
     let mut warnings = Vec::new();
-    for entry in &ledger.params {
+    for entry in &params {
         let crate::ledger::Case::Unreachable { blockers } = &entry.case else {
             continue;
         };

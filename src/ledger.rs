@@ -157,29 +157,7 @@ pub struct Ledger {
 /// Builds the ledger of a train-mode forward graph; `batch` sizes the
 /// symbolic dimensions for the FLOP count.
 pub fn ledger(graph: &Graph, batch: u64) -> Result<Ledger, AutodiffError> {
-    let feeds_loss = autodiff::reach(graph)?.feeds_loss;
-    let mut params = Vec::new();
-    for id in graph.ids() {
-        let node = graph.node(id);
-        if !matches!(node.role, Role::Param | Role::FrozenParam) {
-            continue;
-        }
-        let frozen = node.role == Role::FrozenParam;
-        let case = match path_to_loss(graph, id, &feeds_loss) {
-            Ok(chain) if frozen => Case::FrozenOnPath { chain },
-            Ok(chain) => Case::Updated { chain },
-            Err(blockers) if frozen => Case::FrozenOffPath { blockers },
-            Err(blockers) => Case::Unreachable { blockers },
-        };
-        params.push(ParamEntry {
-            name: node.name.clone().unwrap_or_default(),
-            ty: node.ty.to_string(),
-            elements: node.shape().fixed_count().unwrap_or(0),
-            span: node.origin.span,
-            line: node.origin.line,
-            case,
-        });
-    }
+    let params = param_cases(graph, true)?;
     let retained = graph
         .ids()
         .into_iter()
@@ -223,34 +201,108 @@ pub fn ledger(graph: &Graph, batch: u64) -> Result<Ledger, AutodiffError> {
     })
 }
 
-/// The shortest differentiable path from a param to the loss, as the
-/// `grad_fn` chain from the loss down; or every blocker met on the way.
-fn path_to_loss(
+/// The case of every param, in declaration order. Without `chains` it is
+/// cheap enough for every `gradc check`: one backward search from the loss,
+/// plus a forward search from each param no gradient reaches, to say why.
+/// With `chains`, each reached param also gets its `grad_fn` chain, whose
+/// length is the model's depth.
+pub fn param_cases(graph: &Graph, chains: bool) -> Result<Vec<ParamEntry>, AutodiffError> {
+    let toward_loss = gradient_tree(graph);
+    let mut feeds_loss: Option<BTreeSet<NodeId>> = None;
+    let mut params = Vec::new();
+    for id in graph.ids() {
+        let node = graph.node(id);
+        if !matches!(node.role, Role::Param | Role::FrozenParam) {
+            continue;
+        }
+        let frozen = node.role == Role::FrozenParam;
+        let reached = toward_loss.contains_key(&id);
+        let path = match (reached, chains) {
+            (true, true) => Ok(chain(graph, id, &toward_loss).unwrap_or_default()),
+            (true, false) => Ok(Vec::new()),
+            (false, _) => {
+                if feeds_loss.is_none() {
+                    feeds_loss = Some(autodiff::reach(graph)?.feeds_loss);
+                }
+                Err(blockers(
+                    graph,
+                    id,
+                    feeds_loss.as_ref().expect("computed above"),
+                ))
+            }
+        };
+        let case = match path {
+            Ok(chain) if frozen => Case::FrozenOnPath { chain },
+            Ok(chain) => Case::Updated { chain },
+            Err(blockers) if frozen => Case::FrozenOffPath { blockers },
+            Err(blockers) => Case::Unreachable { blockers },
+        };
+        params.push(ParamEntry {
+            name: node.name.clone().unwrap_or_default(),
+            ty: node.ty.to_string(),
+            elements: node.shape().fixed_count().unwrap_or(0),
+            span: node.origin.span,
+            line: node.origin.line,
+            case,
+        });
+    }
+    Ok(params)
+}
+
+/// For every node a gradient from the loss can reach, the next node on a
+/// shortest such path toward the loss (breadth-first from the loss, along
+/// operand edges the gradient flows through).
+fn gradient_tree(graph: &Graph) -> HashMap<NodeId, NodeId> {
+    let mut toward = HashMap::new();
+    let Some(loss) = graph.loss() else {
+        return toward;
+    };
+    let mut queue = VecDeque::from([loss]);
+    let mut seen = BTreeSet::from([loss]);
+    while let Some(id) = queue.pop_front() {
+        for (position, operand) in graph.operands(id).into_iter().enumerate() {
+            if autodiff::flows(graph, id, position) && seen.insert(operand) {
+                toward.insert(operand, id);
+                queue.push_back(operand);
+            }
+        }
+    }
+    toward
+}
+
+/// The `grad_fn` chain from the loss down to `param`, if a gradient reaches
+/// it.
+fn chain(
     graph: &Graph,
     param: NodeId,
-    feeds_loss: &BTreeSet<NodeId>,
-) -> Result<Vec<&'static str>, Vec<Blocker>> {
-    if !feeds_loss.contains(&param) {
-        return Err(vec![Blocker::NotUsed]);
+    toward_loss: &HashMap<NodeId, NodeId>,
+) -> Option<Vec<&'static str>> {
+    let mut at = *toward_loss.get(&param)?;
+    let mut chain = Vec::new();
+    loop {
+        let op = &graph.node(at).op;
+        if *op != Op::Identity {
+            chain.push(rules::grad_fn(op));
+        }
+        match toward_loss.get(&at) {
+            Some(&next) => at = next,
+            None => break,
+        }
     }
-    let loss = graph.loss().ok_or_else(|| vec![Blocker::NotUsed])?;
-    let mut parent: HashMap<NodeId, NodeId> = HashMap::new();
+    chain.reverse();
+    Some(chain)
+}
+
+/// Everything that stops the gradient on the way from `param` to the loss
+/// (it has none of its own: [`gradient_tree`] found no path).
+fn blockers(graph: &Graph, param: NodeId, feeds_loss: &BTreeSet<NodeId>) -> Vec<Blocker> {
+    if !feeds_loss.contains(&param) {
+        return vec![Blocker::NotUsed];
+    }
     let mut queue = VecDeque::from([param]);
     let mut seen = BTreeSet::from([param]);
     let mut blockers = BTreeSet::new();
     while let Some(id) = queue.pop_front() {
-        if id == loss {
-            let mut chain = Vec::new();
-            let mut at = loss;
-            while at != param {
-                let op = &graph.node(at).op;
-                if *op != Op::Identity {
-                    chain.push(rules::grad_fn(op));
-                }
-                at = parent[&at];
-            }
-            return Ok(chain);
-        }
         for user in graph.users(id) {
             if !feeds_loss.contains(&user) {
                 continue;
@@ -262,7 +314,6 @@ fn path_to_loss(
                 }
                 if autodiff::flows(graph, user, position) {
                     if seen.insert(user) {
-                        parent.insert(user, id);
                         queue.push_back(user);
                     }
                     continue;
@@ -282,7 +333,7 @@ fn path_to_loss(
             }
         }
     }
-    Err(blockers.into_iter().collect())
+    blockers.into_iter().collect()
 }
 
 /// What the frozen params save: the backward nodes that differentiating

@@ -32,12 +32,20 @@ fn tensor(dtype: DType, shape: &[usize], data: &[f64]) -> Tensor {
 
 /// Writes the model and inputs, runs `gradc grad` with `extra` flags and
 /// returns the output tensors, stderr and exit code.
-fn run_grad(name: &str, model: &str, inputs: &[(&str, Tensor)], extra: &[&str]) -> (BTreeMap<String, Tensor>, String, i32) {
+fn run_grad(
+    name: &str,
+    model: &str,
+    inputs: &[(&str, Tensor)],
+    extra: &[&str],
+) -> (BTreeMap<String, Tensor>, String, i32) {
     let dir = scratch(name);
     let model_path = dir.join("model.grad");
     std::fs::write(&model_path, model).expect("write model");
     let input_path = dir.join("in.safetensors");
-    let inputs: BTreeMap<String, Tensor> = inputs.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
+    let inputs: BTreeMap<String, Tensor> = inputs
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.clone()))
+        .collect();
     tensor_file::write(&input_path, &inputs).expect("write inputs");
     let out_path = dir.join("out.safetensors");
     let mut args = vec![
@@ -52,13 +60,20 @@ fn run_grad(name: &str, model: &str, inputs: &[(&str, Tensor)], extra: &[&str]) 
     let output = gradc(&args);
     let code = output.status.code().unwrap_or(-1);
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    let tensors = if code == 0 { tensor_file::read(&out_path).expect("output readable") } else { BTreeMap::new() };
+    let tensors = if code == 0 {
+        tensor_file::read(&out_path).expect("output readable")
+    } else {
+        BTreeMap::new()
+    };
     let leftovers: Vec<_> = std::fs::read_dir(&dir)
         .expect("dir")
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
         .collect();
-    assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "temporary files left behind: {leftovers:?}"
+    );
     std::fs::remove_dir_all(&dir).ok();
     (tensors, stderr, code)
 }
@@ -66,7 +81,10 @@ fn run_grad(name: &str, model: &str, inputs: &[(&str, Tensor)], extra: &[&str]) 
 fn close(actual: &[f64], expected: &[f64]) {
     assert_eq!(actual.len(), expected.len(), "{actual:?} vs {expected:?}");
     for (a, e) in actual.iter().zip(expected) {
-        assert!((a - e).abs() <= 1e-9 * e.abs().max(1.0), "{actual:?} vs {expected:?}");
+        assert!(
+            (a - e).abs() <= 1e-9 * e.abs().max(1.0),
+            "{actual:?} vs {expected:?}"
+        );
     }
 }
 
@@ -81,7 +99,10 @@ fn tied_weight_accumulates_both_uses() {
     let (out, stderr, code) = run_grad(
         "tied",
         model,
-        &[("x", tensor(DType::F64, &[1, 1], &[3.0])), ("w", tensor(DType::F64, &[1, 1], &[2.0]))],
+        &[
+            ("x", tensor(DType::F64, &[1, 1], &[3.0])),
+            ("w", tensor(DType::F64, &[1, 1], &[2.0])),
+        ],
         &["--dtype", "f64"],
     );
     assert_eq!(code, 0, "{stderr}");
@@ -100,7 +121,12 @@ fn stop_gradient_param_gets_zeros_and_a_warning() {
     }";
     let x = tensor(DType::F32, &[2], &[1.5, -2.0]);
     let ones = tensor(DType::F32, &[2], &[1.0, 1.0]);
-    let (out, stderr, code) = run_grad("stop", model, &[("x", x), ("a", ones.clone()), ("b", ones)], &[]);
+    let (out, stderr, code) = run_grad(
+        "stop",
+        model,
+        &[("x", x), ("a", ones.clone()), ("b", ones)],
+        &[],
+    );
     assert_eq!(code, 0, "{stderr}");
     close(&out["grad.a"].data, &[1.5, -2.0]);
     close(&out["grad.b"].data, &[0.0, 0.0]);
@@ -191,25 +217,42 @@ fn missing_and_misshaped_tensors_are_named() {
         param w: f32[3, 2] = zeros
         output y = x @ w
     }";
-    let (_, stderr, code) = run_grad("missing", model, &[("x", tensor(DType::F32, &[1, 3], &[0.0; 3]))], &[]);
+    let (_, stderr, code) = run_grad(
+        "missing",
+        model,
+        &[("x", tensor(DType::F32, &[1, 3], &[0.0; 3]))],
+        &[],
+    );
     assert_eq!(code, 2);
     assert!(stderr.contains("no `w` (f32[3, 2])"), "{stderr}");
     let (_, stderr, code) = run_grad(
         "misshaped",
         model,
-        &[("x", tensor(DType::F32, &[1, 3], &[0.0; 3])), ("w", tensor(DType::F32, &[2, 3], &[0.0; 6]))],
+        &[
+            ("x", tensor(DType::F32, &[1, 3], &[0.0; 3])),
+            ("w", tensor(DType::F32, &[2, 3], &[0.0; 6])),
+        ],
         &[],
     );
     assert_eq!(code, 2);
-    assert!(stderr.contains("tensor `w` is f32[2, 3] but the model declares f32[3, 2]"), "{stderr}");
+    assert!(
+        stderr.contains("tensor `w` is f32[2, 3] but the model declares f32[3, 2]"),
+        "{stderr}"
+    );
     let (_, stderr, code) = run_grad(
         "labels",
         "model m { input y: i32[2] param l: f32[2, 3] = zeros loss cross_entropy(l, y) }",
-        &[("y", tensor(DType::I32, &[2], &[0.0, 7.0])), ("l", tensor(DType::F32, &[2, 3], &[0.0; 6]))],
+        &[
+            ("y", tensor(DType::I32, &[2], &[0.0, 7.0])),
+            ("l", tensor(DType::F32, &[2, 3], &[0.0; 6])),
+        ],
         &[],
     );
     assert_eq!(code, 2);
-    assert!(stderr.contains("label 7 at position 1 is out of range 0..3"), "{stderr}");
+    assert!(
+        stderr.contains("label 7 at position 1 is out of range 0..3"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -233,15 +276,34 @@ fn a_corrupt_tensor_file_is_an_error() {
 
 #[test]
 fn gradcheck_passes_on_the_examples_and_reports_per_tensor() {
-    for file in ["examples/digits_mlp.grad", "examples/residual.grad", "examples/bn_dropout.grad"] {
+    for file in [
+        "examples/digits_mlp.grad",
+        "examples/residual.grad",
+        "examples/bn_dropout.grad",
+    ] {
         let output = gradc(&["gradcheck", file]);
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert_eq!(output.status.code(), Some(0), "{file}: {stdout}");
-        assert!(stdout.contains("grad.w1") || stdout.contains("grad.w_in"), "{stdout}");
+        assert!(
+            stdout.contains("grad.w1") || stdout.contains("grad.w_in"),
+            "{stdout}"
+        );
         assert!(stdout.contains(" 0 failed"), "{stdout}");
     }
-    let output = gradc(&["gradcheck", "examples/digits_mlp.grad", "--dtype", "f32", "--seed", "5"]);
-    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stdout));
+    let output = gradc(&[
+        "gradcheck",
+        "examples/digits_mlp.grad",
+        "--dtype",
+        "f32",
+        "--seed",
+        "5",
+    ]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
 }
 
 #[test]
@@ -250,12 +312,28 @@ fn explain_and_backward_graph() {
     assert_eq!(output.status.code(), Some(0));
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("case 3, no gradient can reach it: its path to the loss goes through `stop_gradient` at 18:14"), "{text}");
-    assert!(text.contains("it is only used inside `no_grad` at 19:5"), "{text}");
-    assert!(text.contains("case 2, on a gradient path but frozen"), "{text}");
+    assert!(
+        text.contains("it is only used inside `no_grad` at 19:5"),
+        "{text}"
+    );
+    assert!(
+        text.contains("case 2, on a gradient path but frozen"),
+        "{text}"
+    );
     let output = gradc(&["graph", "examples/digits_mlp.grad", "--stage", "backward"]);
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("grad w1  MatMulBackward of %8"), "{text}");
-    let output = gradc(&["graph", "examples/digits_mlp.grad", "--stage", "backward", "--format", "dot"]);
+    let output = gradc(&[
+        "graph",
+        "examples/digits_mlp.grad",
+        "--stage",
+        "backward",
+        "--format",
+        "dot",
+    ]);
     let text = String::from_utf8_lossy(&output.stdout);
-    assert!(text.contains("style=dashed") && text.contains("CrossEntropyBackward"), "{text}");
+    assert!(
+        text.contains("style=dashed") && text.contains("CrossEntropyBackward"),
+        "{text}"
+    );
 }
