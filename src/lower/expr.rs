@@ -248,6 +248,12 @@ impl Lowering<'_, '_> {
             return self.inline(function, args, span);
         }
         let Some(builtin) = Builtin::from_name(name) else {
+            if self
+                .reported
+                .contains(&(Code::UnknownFunction, callee.span))
+            {
+                return Value::Poison;
+            }
             let candidates = builtins::NAMES
                 .iter()
                 .copied()

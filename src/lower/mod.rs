@@ -635,6 +635,13 @@ impl<'a> Lowering<'a, '_> {
             binding.used = true;
             return binding.value;
         }
+        // Inside a function inlined many times, the same error comes back
+        // at every call: skip building it again.
+        if self.reported.contains(&(Code::UnknownName, span))
+            || self.reported.contains(&(Code::UseBeforeDefinition, span))
+        {
+            return Value::Poison;
+        }
         if let Some(&defined) = self.frame().defined.get(name) {
             self.report(
                 Diagnostic::error(
