@@ -40,5 +40,7 @@ pub mod ir;
 pub mod ledger;
 pub mod lower;
 pub mod random;
+pub mod step;
 pub mod syntax;
 pub mod tensor_file;
+pub mod train;

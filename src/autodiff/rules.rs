@@ -56,6 +56,10 @@ pub fn rule(op: &Op, operand: usize) -> Rule {
         Op::Identity => Rule::PassThrough,
         // The backward graph is not differentiated again.
         Op::Vjp { .. } | Op::SumTo => Rule::Missing,
+        // Step-graph and monitor ops come after differentiation.
+        Op::State | Op::RunningStat { .. } | Op::ZeroFraction | Op::DeadFraction => {
+            Rule::NotDifferentiable
+        }
     }
 }
 
@@ -110,6 +114,11 @@ pub fn grad_fn(op: &Op) -> &'static str {
         Op::BceWithLogits => "BinaryCrossEntropyWithLogitsBackward",
         Op::StopGradient => "DetachBackward",
         Op::Identity => "IdentityBackward",
-        Op::Vjp { .. } | Op::SumTo => "NoBackward",
+        Op::Vjp { .. }
+        | Op::SumTo
+        | Op::State
+        | Op::RunningStat { .. }
+        | Op::ZeroFraction
+        | Op::DeadFraction => "NoBackward",
     }
 }

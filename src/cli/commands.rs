@@ -12,8 +12,11 @@ use crate::gradcheck::{self, Options};
 use crate::interp::{self, Context, Tensor};
 use crate::ir::{Graph, Mode, Op, Role};
 use crate::ledger;
+use crate::lower::train::{Optimizer, TrainConfig};
 use crate::lower::{LowerOptions, LoweredModel};
 use crate::tensor_file;
+use crate::train::TrainError;
+use crate::train::run::{self, RunOptions};
 
 /// Compiles and picks the model; prints why not and returns the status.
 fn compiled(file: &Path, dtype: Option<FloatType>) -> Result<Compilation, ExitStatus> {
@@ -258,6 +261,141 @@ pub fn explain(file: &Path, model: Option<&str>) -> ExitStatus {
         Err(error) => {
             eprintln!("error: {error}");
             ExitStatus::Error
+        }
+    }
+}
+
+/// The train configuration with the command line's overrides.
+fn configure(lowered: &LoweredModel, args: &super::TrainArgs) -> Result<TrainConfig, ExitStatus> {
+    let mut config = lowered.train_config.clone().unwrap_or_default();
+    if let Some(name) = &args.optimizer {
+        config.optimizer = match name.as_str() {
+            "sgd" => Optimizer::Sgd {
+                lr: 0.01,
+                momentum: 0.0,
+                nesterov: false,
+                weight_decay: 0.0,
+            },
+            "adam" | "adamw" => Optimizer::Adam {
+                lr: 1e-3,
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+                weight_decay: if name == "adamw" { 0.01 } else { 0.0 },
+                decoupled: name == "adamw",
+            },
+            other => {
+                eprintln!("error: unknown optimizer `{other}`; choose sgd, adam or adamw");
+                return Err(ExitStatus::Error);
+            }
+        };
+    }
+    if let Some(lr) = args.lr {
+        if !(lr > 0.0 && lr.is_finite()) {
+            eprintln!("error: --lr must be a positive number, not {lr}");
+            return Err(ExitStatus::Error);
+        }
+        match &mut config.optimizer {
+            Optimizer::Sgd { lr: base, .. } | Optimizer::Adam { lr: base, .. } => *base = lr,
+        }
+    }
+    for (flag, value, target) in [
+        ("--epochs", args.epochs, &mut config.epochs),
+        ("--batch", args.batch, &mut config.batch),
+    ] {
+        if let Some(value) = value {
+            if value == 0 {
+                eprintln!("error: {flag} must be at least 1");
+                return Err(ExitStatus::Error);
+            }
+            *target = value;
+        }
+    }
+    if let Some(seed) = args.seed {
+        config.seed = seed;
+    }
+    Ok(config)
+}
+
+/// `gradc train`.
+pub fn train(args: &super::TrainArgs) -> ExitStatus {
+    let compilation = match compiled(&args.file, args.dtype) {
+        Ok(compilation) => compilation,
+        Err(status) => return status,
+    };
+    let lowered = match pick(&compilation, args.model.as_deref()) {
+        Ok(lowered) => lowered,
+        Err(status) => return status,
+    };
+    let config = match configure(lowered, args) {
+        Ok(config) => config,
+        Err(status) => return status,
+    };
+    let options = RunOptions {
+        base_dir: args
+            .file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+        data: args.data.clone(),
+        freeze: args.freeze.clone(),
+        init: args.init.clone(),
+        resume: args.resume.clone(),
+        save: args.save.clone(),
+        metrics: args.metrics.clone(),
+        plot: args.plot.clone(),
+        watch: args.watch,
+        verbose: true,
+    };
+    match run::train(lowered, config, &options) {
+        Ok((_, summary)) if summary.interrupted => ExitStatus::Failure,
+        Ok(_) => ExitStatus::Success,
+        Err(error) => {
+            eprintln!("error: {error}");
+            match error {
+                TrainError::Data(_) | TrainError::NonFinite(_) => ExitStatus::Failure,
+                _ => ExitStatus::Error,
+            }
+        }
+    }
+}
+
+/// `gradc eval`.
+pub fn eval(
+    file: &Path,
+    checkpoint: &Path,
+    data: Option<std::path::PathBuf>,
+    model: Option<&str>,
+) -> ExitStatus {
+    let compilation = match compiled(file, None) {
+        Ok(compilation) => compilation,
+        Err(status) => return status,
+    };
+    let lowered = match pick(&compilation, model) {
+        Ok(lowered) => lowered,
+        Err(status) => return status,
+    };
+    let options = RunOptions {
+        base_dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
+        data,
+        ..RunOptions::default()
+    };
+    let config = lowered.train_config.clone().unwrap_or_default();
+    match run::evaluate(lowered, config, &options, checkpoint) {
+        Ok(metrics) => {
+            let accuracy = metrics
+                .accuracy
+                .map_or(String::new(), |a| format!(", accuracy {:.2}%", a * 100.0));
+            print_out(&format!(
+                "{}: {} rows, loss {:.4}{accuracy}\n",
+                lowered.name, metrics.rows, metrics.loss
+            ))
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            match error {
+                TrainError::Data(_) => ExitStatus::Failure,
+                _ => ExitStatus::Error,
+            }
         }
     }
 }

@@ -132,6 +132,28 @@ pub enum Command {
         #[arg(long, default_value_t = 4)]
         batch: usize,
     },
+    /// Train a model (the train block's settings, overridable by flags)
+    #[command(
+        after_help = "Examples:\n  gradc train examples/digits_mlp.grad\n  gradc train examples/digits_mlp.grad --epochs 5 --lr 0.01 --save digits.safetensors --metrics digits.csv --plot digits.svg\n  gradc train examples/frozen_features.grad --init digits.safetensors --freeze w1,b1 --lr 1e-3\n  gradc train examples/digits_mlp.grad --resume digits.safetensors --epochs 30\n\nWithout a `data` entry or --data, the model trains on the embedded digits data set.\nCtrl-C saves a checkpoint (to --save, or MODEL.interrupted.safetensors) and exits."
+    )]
+    Train(Box<TrainArgs>),
+    /// Evaluate a checkpoint with the eval graph (dropout off, running statistics)
+    #[command(
+        after_help = "Examples:\n  gradc eval examples/digits_mlp.grad --checkpoint digits.safetensors\n  gradc eval examples/digits_mlp.grad --checkpoint digits.safetensors --data other.csv"
+    )]
+    Eval {
+        /// The `.grad` file.
+        file: PathBuf,
+        /// Params and buffers to evaluate, from `gradc train --save`.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Evaluate on every row of this file instead of the held-out rows.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// The model (needed when the file has several).
+        #[arg(long)]
+        model: Option<String>,
+    },
     /// Explain which params get gradients, before anything runs
     #[command(
         after_help = "Examples:\n  gradc explain examples/frozen_features.grad\n  gradc explain tests/data/gradient_control.grad\n\nFor every param: trainable or frozen, whether a gradient reaches it from the loss and\nwhy not, and its grad_fn chain; what the frozen subgraphs save; what writes buffers."
@@ -143,6 +165,58 @@ pub enum Command {
         #[arg(long)]
         model: Option<String>,
     },
+}
+
+/// `gradc train`'s flags.
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// The `.grad` file.
+    pub file: PathBuf,
+    /// The model (needed when the file has several).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Number of epochs.
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    /// Batch size.
+    #[arg(long)]
+    pub batch: Option<u64>,
+    /// Base learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Optimizer: sgd, adam or adamw (with its default settings).
+    #[arg(long)]
+    pub optimizer: Option<String>,
+    /// Seed of initialization, the split, shuffling and dropout.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Data file (CSV, .npy features or .safetensors) instead of the train block's.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Params to freeze, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub freeze: Vec<String>,
+    /// Start from the params and buffers of a checkpoint (fine-tuning).
+    #[arg(long, value_name = "CKPT")]
+    pub init: Option<PathBuf>,
+    /// Continue an interrupted run from its checkpoint.
+    #[arg(long, value_name = "CKPT")]
+    pub resume: Option<PathBuf>,
+    /// Write params, buffers, optimizer state and counters here at the end.
+    #[arg(long, value_name = "CKPT")]
+    pub save: Option<PathBuf>,
+    /// Write one CSV row per epoch.
+    #[arg(long, value_name = "FILE.csv")]
+    pub metrics: Option<PathBuf>,
+    /// Draw the loss and accuracy curves.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// Print a per-param gradient table each epoch.
+    #[arg(long)]
+    pub watch: bool,
+    /// Element type of every float value.
+    #[arg(long, value_enum)]
+    pub dtype: Option<FloatType>,
 }
 
 /// `--mode`.
@@ -237,6 +311,13 @@ pub fn run(cli: Cli) -> ExitStatus {
             batch,
         } => commands::gradcheck(&file, model.as_deref(), mode.into(), dtype, seed, batch),
         Command::Explain { file, model } => commands::explain(&file, model.as_deref()),
+        Command::Train(args) => commands::train(&args),
+        Command::Eval {
+            file,
+            checkpoint,
+            data,
+            model,
+        } => commands::eval(&file, &checkpoint, data, model.as_deref()),
     }
 }
 

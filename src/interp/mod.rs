@@ -124,7 +124,10 @@ pub fn evaluate_with(
     // first input that declares it.
     for &id in &order {
         let node = graph.node(id);
-        if !matches!(node.op, Op::Input | Op::Param(_) | Op::Buffer(_)) {
+        if !matches!(
+            node.op,
+            Op::Input | Op::Param(_) | Op::Buffer(_) | Op::State
+        ) {
             continue;
         }
         let name = node.name.clone().unwrap_or_default();
@@ -321,6 +324,39 @@ fn run(
             )?
         }
         Op::SumTo => tensor::sum_to(&x().data, &x().shape, shape),
+        Op::State => return Err(InterpError::Internal("leaves are bound, not run".into())),
+        Op::RunningStat { momentum, variance } => {
+            let (x, running) = (inputs[0], inputs[1]);
+            let (channel, c, per) = kernels::channels(&x.shape);
+            let (mean, var) = kernels::group_moments(&x.data, &channel, c);
+            let unbiased = if per > 1 {
+                per as f64 / (per as f64 - 1.0)
+            } else {
+                f64::NAN
+            };
+            (0..c)
+                .map(|k| {
+                    let batch = if *variance {
+                        var[k] * unbiased
+                    } else {
+                        mean[k]
+                    };
+                    (1.0 - momentum) * running.data[k] + momentum * batch
+                })
+                .collect()
+        }
+        Op::ZeroFraction => {
+            let zeros = x().data.iter().filter(|&&v| v == 0.0).count();
+            vec![zeros as f64 / x().len().max(1) as f64]
+        }
+        Op::DeadFraction => {
+            let rows = x().shape.first().copied().unwrap_or(1).max(1);
+            let units = x().len() / rows;
+            let dead = (0..units)
+                .filter(|&u| (0..rows).all(|r| x().data[r * units + u] == 0.0))
+                .count();
+            vec![dead as f64 / units.max(1) as f64]
+        }
     };
     Ok((data, None))
 }

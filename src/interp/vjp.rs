@@ -254,7 +254,11 @@ pub fn vjp(
         | Op::Constant(_)
         | Op::StopGradient
         | Op::Vjp { .. }
-        | Op::SumTo => {
+        | Op::SumTo
+        | Op::State
+        | Op::RunningStat { .. }
+        | Op::ZeroFraction
+        | Op::DeadFraction => {
             return Err(InterpError::Internal(format!(
                 "no derivative kernel for `{}`",
                 op.name()

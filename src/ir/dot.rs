@@ -54,6 +54,15 @@ pub fn to_dot(graph: &Graph) -> String {
                 let _ = write!(label, "\\ngrad {}", escape(name));
                 "shape=box, style=\"filled,bold\", fillcolor=\"#d9ead3\""
             }
+            Role::OptimizerState => "shape=box, style=\"filled,rounded\", fillcolor=\"#fce5cd\"",
+            Role::Update(name) => {
+                let _ = write!(label, "\\nupdate {}", escape(name));
+                "shape=box, style=\"filled,bold\", fillcolor=\"#fff2cc\""
+            }
+            Role::Stat(name) => {
+                let _ = write!(label, "\\nstat {}", escape(name));
+                "shape=note, style=filled, fillcolor=\"#eeeeee\""
+            }
             Role::Intermediate if node.backward.is_some() => {
                 "shape=box, style=filled, fillcolor=\"#ead1dc\""
             }

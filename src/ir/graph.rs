@@ -76,6 +76,13 @@ pub enum Role {
     Loss,
     /// `d(loss)/d(name)` for a trainable param or a retained value.
     Gradient(String),
+    /// Optimizer state (step graphs only), named like `adam.m.w1`.
+    OptimizerState,
+    /// The new value of the param, buffer or optimizer state `name` after a
+    /// training step.
+    Update(String),
+    /// A monitor statistic of a training step, such as `grad_norm.w1`.
+    Stat(String),
 }
 
 /// What a backward node differentiates.

@@ -296,6 +296,24 @@ pub enum Op {
     /// Sums the operand over the axes broadcasting added or stretched, down
     /// to the node's shape (which must broadcast to the operand's).
     SumTo,
+    /// Optimizer state (a moment estimate, a momentum buffer), zero at the
+    /// start. A leaf of the step graph.
+    State,
+    /// The new running statistic of a train-mode batch-norm: operands `x`
+    /// and the running mean (or variance); `(1 - momentum) * running +
+    /// momentum * batch_statistic`, the variance unbiased, as PyTorch.
+    RunningStat {
+        /// Weight of the batch statistic.
+        momentum: f64,
+        /// The variance (else the mean).
+        variance: bool,
+    },
+    /// The fraction of exactly-zero elements of the operand: a monitor
+    /// statistic (scalar).
+    ZeroFraction,
+    /// The fraction of units (elements of every axis but the first) that are
+    /// zero for every row of the batch: dead ReLU units (scalar).
+    DeadFraction,
 }
 
 /// Why an op cannot take its operands. `operand` indexes the offending
@@ -404,6 +422,13 @@ impl Op {
             Op::Identity => "identity".into(),
             Op::Vjp { forward, operand } => format!("{}.vjp{operand}", forward.name()),
             Op::SumTo => "sum_to".into(),
+            Op::State => "state".into(),
+            Op::RunningStat {
+                variance: false, ..
+            } => "running_mean".into(),
+            Op::RunningStat { variance: true, .. } => "running_var".into(),
+            Op::ZeroFraction => "zero_fraction".into(),
+            Op::DeadFraction => "dead_fraction".into(),
         }
     }
 
@@ -436,7 +461,11 @@ impl Op {
             | Op::BceWithLogits
             | Op::StopGradient
             | Op::Identity
-            | Op::SumTo => String::new(),
+            | Op::SumTo
+            | Op::State
+            | Op::ZeroFraction
+            | Op::DeadFraction => String::new(),
+            Op::RunningStat { momentum, .. } => format!("momentum={momentum:?}"),
             Op::Vjp { forward, .. } => forward.attributes(),
         }
     }
@@ -445,7 +474,7 @@ impl Op {
     pub fn is_leaf(&self) -> bool {
         matches!(
             self,
-            Op::Input | Op::Param(_) | Op::Buffer(_) | Op::Constant(_)
+            Op::Input | Op::Param(_) | Op::Buffer(_) | Op::Constant(_) | Op::State
         )
     }
 
@@ -454,9 +483,28 @@ impl Op {
     /// (`declared`); for the others `declared` is ignored.
     pub fn infer(&self, operands: &[&Type], declared: &Type) -> Result<Type, TypeError> {
         match self {
-            Op::Input | Op::Param(_) | Op::Buffer(_) | Op::Constant(_) => {
+            Op::Input | Op::Param(_) | Op::Buffer(_) | Op::Constant(_) | Op::State => {
                 arity(operands, 0)?;
                 Ok(declared.clone())
+            }
+            Op::RunningStat { .. } => {
+                arity(operands, 2)?;
+                let dtype = same_float(operands)?;
+                let x = &operands[0].shape;
+                rank_in(x, 0, 2, usize::MAX, "at least 2")?;
+                let channels = Shape(vec![x.0[1].clone()]);
+                if operands[1].shape != channels {
+                    return Err(TypeError::Shapes {
+                        what: format!("shape {channels} (the channel axis 1 of the input)"),
+                        operands: (0, 1),
+                    });
+                }
+                Ok(Type::new(dtype, channels))
+            }
+            Op::ZeroFraction | Op::DeadFraction => {
+                arity(operands, 1)?;
+                float(operands, 0)?;
+                Ok(Type::new(operands[0].dtype, Shape::scalar()))
             }
             Op::Unary(_) | Op::LeakyRelu { .. } | Op::Clamp { .. } | Op::Dropout { .. } => {
                 arity(operands, 1)?;

@@ -61,7 +61,17 @@ pub fn to_text(graph: &Graph) -> String {
             Role::Gradient(name) => {
                 let _ = write!(line, "  grad {name}");
             }
-            Role::Input | Role::Param | Role::Buffer | Role::Intermediate => {}
+            Role::Update(name) => {
+                let _ = write!(line, "  update {name}");
+            }
+            Role::Stat(name) => {
+                let _ = write!(line, "  stat {name}");
+            }
+            Role::Input
+            | Role::Param
+            | Role::Buffer
+            | Role::Intermediate
+            | Role::OptimizerState => {}
         }
         if let (false, Some(name)) = (node.op.is_leaf(), &node.name) {
             let _ = write!(line, "  let {name}");

@@ -112,6 +112,7 @@ fn check_role(graph: &Graph, id: NodeId, errors: &mut Vec<String>) {
         Op::Input => node.role == Role::Input,
         Op::Param(_) => matches!(node.role, Role::Param | Role::FrozenParam),
         Op::Buffer(_) => node.role == Role::Buffer,
+        Op::State => node.role == Role::OptimizerState,
         Op::Constant(_) => node.ty.shape.is_scalar() && !is_leaf_role(&node.role),
         _ => !is_leaf_role(&node.role),
     };
@@ -127,6 +128,6 @@ fn check_role(graph: &Graph, id: NodeId, errors: &mut Vec<String>) {
 fn is_leaf_role(role: &Role) -> bool {
     matches!(
         role,
-        Role::Input | Role::Param | Role::FrozenParam | Role::Buffer
+        Role::Input | Role::Param | Role::FrozenParam | Role::Buffer | Role::OptimizerState
     )
 }

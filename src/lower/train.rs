@@ -41,6 +41,8 @@ pub struct DataSpec {
     pub label: LabelColumn,
     /// Fraction of rows held out for evaluation.
     pub test: f64,
+    /// The labels file of a `.npy` pair (`labels = "y.npy"`).
+    pub labels: Option<String>,
 }
 
 /// An optimizer with PyTorch's parameters.
@@ -480,6 +482,7 @@ impl EntryCheck<'_, '_> {
             path,
             label: LabelColumn::Last,
             test: 0.2,
+            labels: None,
         };
         for (name, value, span) in &self.entry.options {
             match (name.name.as_str(), value) {
@@ -489,6 +492,11 @@ impl EntryCheck<'_, '_> {
                     .diagnostics
                     .push(bad_value(*span, "`label` is `first` or `last`")),
                 ("test", Const::Number(v, _)) if (0.0..1.0).contains(v) => spec.test = *v,
+                ("labels", Const::Str(path)) => spec.labels = Some(path.clone()),
+                ("labels", _) => self.diagnostics.push(bad_value(
+                    *span,
+                    "`labels` is the path of a `.npy` labels file",
+                )),
                 ("test", _) => self.diagnostics.push(bad_value(
                     *span,
                     "`test` is the held-out fraction, in [0, 1)",

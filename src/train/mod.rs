@@ -1,0 +1,374 @@
+//! Training: the runtime around one compiled step.
+//!
+//! A [`Session`] holds a model's step graph (`step::build`), its eval graph
+//! and the training state (params, buffers, optimizer state, counters). Each
+//! [`Session::step`] feeds one batch, the learning rate and the step
+//! counter to the step graph through a [`Backend`] and takes back the new
+//! state, the loss and the monitor statistics. Nothing here is specific to
+//! the interpreter: the JIT plugs in as another `Backend`.
+//!
+//! [`run`] is `gradc train`: data, epochs, schedules, metrics, checkpoints,
+//! the gradient-health monitor, Ctrl-C.
+
+pub mod checkpoint;
+pub mod data;
+pub mod init;
+pub mod monitor;
+pub mod plot;
+pub mod run;
+
+use std::collections::BTreeMap;
+
+use crate::interp::{self, Context, Evaluation, InterpError, Tensor};
+use crate::ir::{Dim, Graph, NodeId, Op, Role};
+use crate::lower::LoweredModel;
+use crate::lower::train::{Optimizer, Schedule, TrainConfig};
+use crate::step;
+
+/// Runs graphs: the reference interpreter now, the JIT later.
+pub trait Backend {
+    /// Evaluates `graph` with its leaves bound by name.
+    fn run(
+        &mut self,
+        graph: &Graph,
+        leaves: &BTreeMap<String, Tensor>,
+        context: Context,
+    ) -> Result<Evaluation, InterpError>;
+}
+
+/// The reference interpreter as a backend.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Interpreter;
+
+impl Backend for Interpreter {
+    fn run(
+        &mut self,
+        graph: &Graph,
+        leaves: &BTreeMap<String, Tensor>,
+        context: Context,
+    ) -> Result<Evaluation, InterpError> {
+        interp::evaluate(graph, leaves, context)
+    }
+}
+
+/// Why training could not go on.
+#[derive(Debug)]
+pub enum TrainError {
+    /// The model or its configuration cannot be trained.
+    Setup(String),
+    /// Bad data.
+    Data(data::DataError),
+    /// A checkpoint could not be read or written, or does not fit.
+    Checkpoint(String),
+    /// A graph could not be evaluated.
+    Run(InterpError),
+    /// The loss or a gradient became NaN or infinite.
+    NonFinite(String),
+}
+
+impl std::fmt::Display for TrainError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TrainError::Setup(m) | TrainError::Checkpoint(m) | TrainError::NonFinite(m) => {
+                f.write_str(m)
+            }
+            TrainError::Data(e) => write!(f, "{e}"),
+            TrainError::Run(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for TrainError {}
+
+/// What one step returned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepResult {
+    /// The batch loss.
+    pub loss: f64,
+    /// Correct predictions in the batch, when the loss is a cross-entropy.
+    pub correct: Option<usize>,
+    /// Rows in the batch.
+    pub rows: usize,
+    /// The learning rate used.
+    pub lr: f64,
+    /// Monitor statistics by name (`grad_norm.w1`, `dead.h`, ...).
+    pub stats: BTreeMap<String, f64>,
+}
+
+/// Loss and accuracy over some rows.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Metrics {
+    /// Mean loss per row.
+    pub loss: f64,
+    /// Fraction correct, when the loss is a cross-entropy.
+    pub accuracy: Option<f64>,
+    /// Rows evaluated.
+    pub rows: usize,
+}
+
+/// A model being trained.
+pub struct Session {
+    /// The train-mode forward graph (with `--freeze` applied).
+    pub forward: Graph,
+    /// The step graph.
+    pub step_graph: Graph,
+    /// The eval-mode forward graph.
+    pub eval_graph: Graph,
+    /// The configuration (with command-line overrides applied).
+    pub config: TrainConfig,
+    /// Params, buffers and optimizer state by name.
+    pub state: BTreeMap<String, Tensor>,
+    /// Steps taken so far.
+    pub steps_done: u64,
+    /// The epoch in progress (0-based).
+    pub epoch: usize,
+    /// The next batch of that epoch.
+    pub batch_index: usize,
+    /// Steps per epoch, for schedules (set by the caller that knows the data).
+    pub steps_per_epoch: u64,
+}
+
+impl Session {
+    /// Builds the graphs and initializes the state from the initializers.
+    pub fn new(
+        model: &LoweredModel,
+        config: TrainConfig,
+        freeze: &[String],
+    ) -> Result<Session, TrainError> {
+        let mut forward = model.train.clone();
+        for name in freeze {
+            let found = forward.ids().into_iter().find(|&id| {
+                forward.node(id).name.as_deref() == Some(name)
+                    && matches!(forward.node(id).role, Role::Param | Role::FrozenParam)
+            });
+            match found {
+                Some(id) => forward.node_mut(id).role = Role::FrozenParam,
+                None => {
+                    let params: Vec<String> = forward
+                        .with_role(&Role::Param)
+                        .into_iter()
+                        .chain(forward.with_role(&Role::FrozenParam))
+                        .filter_map(|id| forward.node(id).name.clone())
+                        .collect();
+                    return Err(TrainError::Setup(format!(
+                        "--freeze {name}: the model has no param `{name}` (params: {})",
+                        params.join(", ")
+                    )));
+                }
+            }
+        }
+        if forward.loss().is_none() {
+            return Err(TrainError::Setup(format!(
+                "model `{}` has no `loss` to train",
+                model.name
+            )));
+        }
+        let step_graph =
+            step::build(&forward, &config).map_err(|e| TrainError::Setup(e.to_string()))?;
+        let mut session = Session {
+            forward,
+            step_graph,
+            eval_graph: model.eval.clone(),
+            config,
+            state: BTreeMap::new(),
+            steps_done: 0,
+            epoch: 0,
+            batch_index: 0,
+            steps_per_epoch: 1,
+        };
+        session.initialize();
+        Ok(session)
+    }
+
+    /// Sets every param and buffer from its initializer and the optimizer
+    /// state to zero.
+    pub fn initialize(&mut self) {
+        let seed = self.config.seed;
+        for id in self.step_graph.ids() {
+            let node = self.step_graph.node(id);
+            let name = node.name.clone().unwrap_or_default();
+            let shape = fixed_shape(node.shape());
+            let value = match node.op {
+                Op::Param(init) | Op::Buffer(init) => {
+                    init::initialize(init, &name, node.dtype(), &shape, seed)
+                }
+                Op::State => Tensor::zeros(node.dtype(), &shape),
+                _ => continue,
+            };
+            self.state.insert(name, value);
+        }
+    }
+
+    /// Names of the trainable params that the step updates.
+    pub fn trainable(&self) -> Vec<String> {
+        self.step_graph
+            .with_role(&Role::Param)
+            .into_iter()
+            .filter_map(|id| self.step_graph.node(id).name.clone())
+            .collect()
+    }
+
+    /// The learning rate of step `t` (1-based).
+    pub fn learning_rate(&self, t: u64) -> f64 {
+        let base = match self.config.optimizer {
+            Optimizer::Sgd { lr, .. } | Optimizer::Adam { lr, .. } => lr,
+        };
+        let total = (self.config.epochs * self.steps_per_epoch).max(1);
+        let epoch = (t.saturating_sub(1)) / self.steps_per_epoch.max(1);
+        match self.config.schedule {
+            Schedule::Constant => base,
+            Schedule::Step { every, gamma } => base * gamma.powi((epoch / every.max(1)) as i32),
+            Schedule::LinearWarmup { steps } => base * (t as f64 / steps.max(1) as f64).min(1.0),
+            Schedule::Cosine { warmup } => {
+                if t <= warmup {
+                    base * t as f64 / warmup.max(1) as f64
+                } else {
+                    let progress =
+                        (t - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+                    base * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+                }
+            }
+        }
+    }
+
+    /// Runs one training step on a batch (the input tensors by name).
+    /// The state changes only if the loss and every gradient are finite.
+    pub fn step(
+        &mut self,
+        backend: &mut dyn Backend,
+        batch: Vec<(String, Tensor)>,
+    ) -> Result<StepResult, TrainError> {
+        let t = self.steps_done + 1;
+        let lr = self.learning_rate(t);
+        let dtype = self
+            .forward
+            .node(self.forward.loss().expect("checked in new"))
+            .dtype();
+        let rows = batch
+            .first()
+            .map_or(0, |(_, tensor)| tensor.shape.first().copied().unwrap_or(0));
+        let mut leaves = self.state.clone();
+        leaves.extend(batch);
+        leaves.insert(step::LR.into(), Tensor::scalar(dtype, lr));
+        leaves.insert(step::STEP.into(), Tensor::scalar(dtype, t as f64));
+        let context = Context {
+            seed: self.config.seed,
+            step: t,
+        };
+        let evaluation = backend
+            .run(&self.step_graph, &leaves, context)
+            .map_err(TrainError::Run)?;
+        let graph = &self.step_graph;
+        let loss = evaluation.values[&graph.loss().expect("step graphs have a loss")].data[0];
+        let mut stats = BTreeMap::new();
+        for id in graph.ids() {
+            if let Role::Stat(name) = &graph.node(id).role {
+                stats.insert(name.clone(), evaluation.values[&id].data[0]);
+            }
+        }
+        if !loss.is_finite() || stats.get("grad_norm").is_some_and(|n| !n.is_finite()) {
+            return Err(TrainError::NonFinite(monitor::first_non_finite(
+                graph,
+                &evaluation,
+                t,
+                loss,
+            )));
+        }
+        for id in graph.ids() {
+            if let Role::Update(name) = &graph.node(id).role {
+                self.state
+                    .insert(name.clone(), evaluation.values[&id].clone());
+            }
+        }
+        self.steps_done = t;
+        Ok(StepResult {
+            loss,
+            correct: correct(graph, &evaluation),
+            rows,
+            lr,
+            stats,
+        })
+    }
+
+    /// Loss and accuracy of the eval graph over some rows, in batches.
+    pub fn evaluate(
+        &self,
+        backend: &mut dyn Backend,
+        data: &data::Dataset,
+        rows: &[usize],
+    ) -> Result<Metrics, TrainError> {
+        let mut total_loss = 0.0;
+        let mut total_correct = 0;
+        let mut any_correct = false;
+        let batch_size = (self.config.batch as usize).max(1);
+        for chunk in rows.chunks(batch_size) {
+            let mut leaves = self.state.clone();
+            leaves.extend(data::batch(data, chunk, &self.eval_graph));
+            let context = Context {
+                seed: self.config.seed,
+                step: 0,
+            };
+            let evaluation = backend
+                .run(&self.eval_graph, &leaves, context)
+                .map_err(TrainError::Run)?;
+            if let Some(loss) = self.eval_graph.loss() {
+                total_loss += evaluation.values[&loss].data[0] * chunk.len() as f64;
+            }
+            if let Some(c) = correct(&self.eval_graph, &evaluation) {
+                total_correct += c;
+                any_correct = true;
+            }
+        }
+        let n = rows.len().max(1) as f64;
+        Ok(Metrics {
+            loss: total_loss / n,
+            accuracy: any_correct.then_some(total_correct as f64 / n),
+            rows: rows.len(),
+        })
+    }
+}
+
+/// A declared shape with every dimension fixed (params, buffers, state).
+fn fixed_shape(shape: &crate::ir::Shape) -> Vec<usize> {
+    shape
+        .0
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => *n as usize,
+            Dim::Sym(_) => 1,
+        })
+        .collect()
+}
+
+/// The first `cross_entropy` node, if the loss uses one.
+pub fn cross_entropy_node(graph: &Graph) -> Option<NodeId> {
+    graph
+        .ids()
+        .into_iter()
+        .find(|&id| graph.node(id).op == Op::CrossEntropy)
+}
+
+/// How many rows' largest logit is their label.
+fn correct(graph: &Graph, evaluation: &Evaluation) -> Option<usize> {
+    let node = cross_entropy_node(graph)?;
+    let operands = graph.operands(node);
+    let logits = &evaluation.values[&operands[0]];
+    let labels = &evaluation.values[&operands[1]];
+    let classes = *logits.shape.get(1)?;
+    let rows = logits.shape[0];
+    Some(
+        (0..rows)
+            .filter(|&r| {
+                let row = &logits.data[r * classes..(r + 1) * classes];
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                        if v > bv { (i, v) } else { (bi, bv) }
+                    })
+                    .0;
+                best as f64 == labels.data[r]
+            })
+            .count(),
+    )
+}

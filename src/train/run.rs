@@ -1,0 +1,337 @@
+//! `gradc train` and `gradc eval`: the loop around [`Session::step`] with
+//! data, epochs, metrics, checkpoints, the monitor and Ctrl-C.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use super::data::{self, Dataset, Source};
+use super::monitor::{self, Monitor};
+use super::plot::{self, EpochRow};
+use super::{Backend, Interpreter, Metrics, Session, TrainError, checkpoint};
+use crate::lower::LoweredModel;
+use crate::lower::train::{LabelColumn, TrainConfig};
+
+/// Everything `gradc train` takes beyond the train block.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// The directory train-block paths are relative to (the `.grad` file's).
+    pub base_dir: PathBuf,
+    /// `--data`: replaces the train block's data (relative to the current
+    /// directory).
+    pub data: Option<PathBuf>,
+    /// `--freeze`: params to freeze.
+    pub freeze: Vec<String>,
+    /// `--init`: pretrained params and buffers.
+    pub init: Option<PathBuf>,
+    /// `--resume`: a checkpoint to continue from.
+    pub resume: Option<PathBuf>,
+    /// `--save`: where to write the final (or interrupted) checkpoint.
+    pub save: Option<PathBuf>,
+    /// `--metrics`: a CSV with one row per epoch.
+    pub metrics: Option<PathBuf>,
+    /// `--plot`: an SVG of the curves.
+    pub plot: Option<PathBuf>,
+    /// `--watch`: print the per-param table each epoch.
+    pub watch: bool,
+    /// Print progress and per-epoch lines (the library can run quietly).
+    pub verbose: bool,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    /// Epochs completed.
+    pub epochs: usize,
+    /// Steps taken.
+    pub steps: u64,
+    /// The last epoch's numbers.
+    pub last: Option<EpochRow>,
+    /// Whether Ctrl-C stopped it.
+    pub interrupted: bool,
+}
+
+/// The data source of a configuration and options.
+pub fn source(config: &TrainConfig, options: &RunOptions) -> Source {
+    if let Some(path) = &options.data {
+        let label = config.data.as_ref().map_or(LabelColumn::Last, |d| d.label);
+        return Source::from_path(path.clone(), label, None);
+    }
+    match &config.data {
+        None => Source::EmbeddedDigits,
+        Some(spec) => Source::from_path(
+            options.base_dir.join(&spec.path),
+            spec.label,
+            spec.labels.as_ref().map(|l| options.base_dir.join(l)),
+        ),
+    }
+}
+
+fn interrupted_flag() -> Arc<AtomicBool> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let handler_flag = flag.clone();
+        // Without a handler (another one is installed) Ctrl-C just ends the
+        // process, which leaves no half-written file either.
+        let _ = ctrlc::set_handler(move || handler_flag.store(true, Ordering::SeqCst));
+        flag
+    })
+    .clone()
+}
+
+/// Trains a model. Prints per-epoch lines when `options.verbose`.
+pub fn train(
+    model: &LoweredModel,
+    config: TrainConfig,
+    options: &RunOptions,
+) -> Result<(Session, Summary), TrainError> {
+    let mut backend = Interpreter;
+    let mut session = Session::new(model, config, &options.freeze)?;
+    let dataset = data::load(&source(&session.config, options), &session.forward)
+        .map_err(TrainError::Data)?;
+    let test_fraction = session.config.data.as_ref().map_or(0.2, |d| d.test);
+    let split = data::split(dataset.rows, test_fraction, session.config.seed);
+    let batch = (session.config.batch as usize).max(1);
+    session.steps_per_epoch = split.train.len().div_ceil(batch).max(1) as u64;
+    if let Some(path) = &options.init {
+        let names = checkpoint::load_init(&mut session, path)?;
+        if options.verbose {
+            println!("loaded {} from {}", names.join(", "), path.display());
+        }
+    }
+    if let Some(path) = &options.resume {
+        checkpoint::resume(&mut session, path)?;
+        if options.verbose {
+            println!(
+                "resuming at epoch {}, batch {} (step {}) from {}",
+                session.epoch + 1,
+                session.batch_index,
+                session.steps_done,
+                path.display()
+            );
+        }
+    }
+    let interrupted = interrupted_flag();
+    interrupted.store(false, Ordering::SeqCst);
+    let lines = monitor::lines(&session.forward);
+    let mut monitor = Monitor::default();
+    let mut rows: Vec<EpochRow> = Vec::new();
+    let epochs = session.config.epochs as usize;
+    let started = Instant::now();
+    while session.epoch < epochs {
+        let epoch = session.epoch;
+        let epoch_start = Instant::now();
+        let order = data::epoch_order(&split.train, session.config.seed, epoch);
+        let batches: Vec<&[usize]> = order.chunks(batch).collect();
+        let progress = progress_bar(options.verbose, batches.len() as u64, epoch, epochs);
+        let (mut loss_sum, mut correct, mut seen, mut any_correct) = (0.0, 0usize, 0usize, false);
+        let mut lr = 0.0;
+        while session.batch_index < batches.len() {
+            let rows_of_batch = batches[session.batch_index];
+            let tensors = data::batch(&dataset, rows_of_batch, &session.forward);
+            let result = match session.step(&mut backend, tensors) {
+                Ok(result) => result,
+                Err(error) => {
+                    progress.finish_and_clear();
+                    if let (TrainError::NonFinite(_), Some(path)) = (&error, &options.save) {
+                        checkpoint::save(&session, path)?;
+                        eprintln!("kept the last good state in {}", path.display());
+                    }
+                    return Err(error);
+                }
+            };
+            session.batch_index += 1;
+            loss_sum += result.loss * result.rows as f64;
+            seen += result.rows;
+            if let Some(c) = result.correct {
+                correct += c;
+                any_correct = true;
+            }
+            lr = result.lr;
+            monitor.record(&result.stats);
+            progress.set_message(format!("loss {:.4}", loss_sum / seen.max(1) as f64));
+            progress.inc(1);
+            if interrupted.load(Ordering::SeqCst) {
+                progress.finish_and_clear();
+                let path = options.save.clone().unwrap_or_else(|| {
+                    PathBuf::from(format!("{}.interrupted.safetensors", model.name))
+                });
+                checkpoint::save(&session, &path)?;
+                if options.verbose {
+                    println!(
+                        "interrupted at epoch {}, batch {}: saved to {} (continue with --resume {})",
+                        epoch + 1,
+                        session.batch_index,
+                        path.display(),
+                        path.display()
+                    );
+                }
+                return Ok((
+                    session,
+                    Summary {
+                        epochs: epoch,
+                        steps: 0,
+                        last: rows.last().copied(),
+                        interrupted: true,
+                    },
+                ));
+            }
+        }
+        progress.finish_and_clear();
+        let grad_norm = monitor.mean("grad_norm").unwrap_or(0.0);
+        let table = monitor.table();
+        let warnings = monitor.end_epoch(epoch, &lines, lr);
+        let test = if split.test.is_empty() {
+            None
+        } else {
+            Some(session.evaluate(&mut backend, &dataset, &split.test)?)
+        };
+        let row = EpochRow {
+            epoch: epoch + 1,
+            train_loss: loss_sum / seen.max(1) as f64,
+            train_accuracy: any_correct.then_some(correct as f64 / seen.max(1) as f64),
+            test_loss: test.map(|t| t.loss),
+            test_accuracy: test.and_then(|t| t.accuracy),
+        };
+        rows.push(row);
+        session.epoch += 1;
+        session.batch_index = 0;
+        if options.verbose {
+            println!(
+                "{}",
+                epoch_line(
+                    &row,
+                    epochs,
+                    lr,
+                    grad_norm,
+                    epoch_start.elapsed().as_secs_f64()
+                )
+            );
+            if options.watch {
+                print!("{table}");
+            }
+            for warning in &warnings {
+                println!("{warning}");
+            }
+        }
+        if let Some(path) = &options.metrics {
+            write_metrics(path, &rows, lr)?;
+        }
+    }
+    if let Some(path) = &options.plot {
+        let svg = plot::svg(&format!("{} ({} epochs)", model.name, rows.len()), &rows);
+        crate::tensor_file::write_atomically(path, svg.as_bytes())
+            .map_err(|e| TrainError::Checkpoint(format!("cannot write {}: {e}", path.display())))?;
+    }
+    if let Some(path) = &options.save {
+        checkpoint::save(&session, path)?;
+    }
+    if options.verbose {
+        let last = rows.last();
+        let test = match last.and_then(|r| r.test_loss) {
+            Some(loss) => format!(
+                "; test loss {loss:.4}{}",
+                last.and_then(|r| r.test_accuracy)
+                    .map_or(String::new(), |a| format!(", accuracy {:.2}%", a * 100.0))
+            ),
+            None => String::new(),
+        };
+        println!(
+            "trained `{}` for {} epochs ({} steps) in {:.2} s{test}",
+            model.name,
+            rows.len(),
+            session.steps_done,
+            started.elapsed().as_secs_f64()
+        );
+        if let Some(path) = &options.save {
+            println!(
+                "saved params, buffers and optimizer state to {}",
+                path.display()
+            );
+        }
+    }
+    let summary = Summary {
+        epochs: rows.len(),
+        steps: session.steps_done,
+        last: rows.last().copied(),
+        interrupted: false,
+    };
+    Ok((session, summary))
+}
+
+fn progress_bar(verbose: bool, len: u64, epoch: usize, epochs: usize) -> indicatif::ProgressBar {
+    if !verbose {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    let style =
+        indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(format!("{}/{epochs}", epoch + 1));
+    bar
+}
+
+fn percent(value: Option<f64>) -> String {
+    value.map_or(String::new(), |a| format!(" acc {:5.2}%", a * 100.0))
+}
+
+fn epoch_line(row: &EpochRow, epochs: usize, lr: f64, grad_norm: f64, seconds: f64) -> String {
+    let test = match row.test_loss {
+        Some(loss) => format!("  test loss {loss:.4}{}", percent(row.test_accuracy)),
+        None => String::new(),
+    };
+    format!(
+        "epoch {:>3}/{epochs}  train loss {:.4}{}{test}  lr {lr:.2e}  grad norm {grad_norm:.3}  {seconds:.2}s",
+        row.epoch,
+        row.train_loss,
+        percent(row.train_accuracy)
+    )
+}
+
+fn write_metrics(path: &Path, rows: &[EpochRow], _lr: f64) -> Result<(), TrainError> {
+    let mut csv = String::from("epoch,train_loss,train_accuracy,test_loss,test_accuracy\n");
+    let cell = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v}"));
+    for row in rows {
+        csv.push_str(&format!(
+            "{},{},{},{},{}\n",
+            row.epoch,
+            row.train_loss,
+            cell(row.train_accuracy),
+            cell(row.test_loss),
+            cell(row.test_accuracy)
+        ));
+    }
+    crate::tensor_file::write_atomically(path, csv.as_bytes())
+        .map_err(|e| TrainError::Checkpoint(format!("cannot write {}: {e}", path.display())))
+}
+
+/// `gradc eval`: the eval graph with a checkpoint's params and buffers, on
+/// the held-out rows of the train block's data (or every row of `--data`).
+pub fn evaluate(
+    model: &LoweredModel,
+    config: TrainConfig,
+    options: &RunOptions,
+    checkpoint_path: &Path,
+) -> Result<Metrics, TrainError> {
+    let mut session = Session::new(model, config, &[])?;
+    checkpoint::load_init(&mut session, checkpoint_path)?;
+    let dataset: Dataset = data::load(&source(&session.config, options), &session.eval_graph)
+        .map_err(TrainError::Data)?;
+    let rows: Vec<usize> = if options.data.is_some() {
+        (0..dataset.rows).collect()
+    } else {
+        let test = session.config.data.as_ref().map_or(0.2, |d| d.test);
+        let split = data::split(dataset.rows, test, session.config.seed);
+        if split.test.is_empty() {
+            split.train
+        } else {
+            split.test
+        }
+    };
+    let mut backend = Interpreter;
+    session.evaluate(&mut backend as &mut dyn Backend, &dataset, &rows)
+}
