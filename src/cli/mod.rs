@@ -244,6 +244,9 @@ pub enum Stage {
     Forward,
     /// The joint forward and backward graph, with `grad_fn` names.
     Backward,
+    /// The whole training step: forward, backward, clipping, optimizer
+    /// updates, running statistics and monitor statistics (train mode).
+    Step,
 }
 
 /// `--dtype`.
@@ -411,6 +414,26 @@ fn graph(
                 return ExitStatus::Error;
             }
         },
+        Stage::Step => {
+            if forward.loss().is_none() {
+                eprintln!(
+                    "error: model `{}` has no `loss`, so it has no training step",
+                    lowered.name
+                );
+                return ExitStatus::Error;
+            }
+            let config = lowered.train_config.clone().unwrap_or_default();
+            match crate::step::build(lowered.graph(crate::ir::Mode::Train), &config) {
+                Ok(step) => {
+                    joint = step;
+                    &joint
+                }
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return ExitStatus::Error;
+                }
+            }
+        }
     };
     let rendered = match format {
         Format::Text => text::to_text(graph),
