@@ -114,10 +114,12 @@ pub fn build(forward: &Graph, config: &TrainConfig) -> Result<Graph, AutodiffErr
                 *decoupled,
             ),
         };
-        // Monitor: how far the step moved the param, relative to its size.
+        // Monitor: how far the step moved the param, relative to its size
+        // (`update/weight`).
         let delta = b.op(Op::Binary(BinaryFn::Sub), &[new, *param], *param);
         let delta_norm = b.norm(delta, *param);
-        let param_norm = b.norm(*param, *param);
+        // Relative to the new value, so a param that starts at zero reads 1.
+        let param_norm = b.norm(new, *param);
         let tiny = b.constant(1e-12, *param);
         let denominator = b.op(Op::Binary(BinaryFn::Add), &[param_norm, tiny], *param);
         let ratio = b.op(
