@@ -15,9 +15,17 @@ use gradc::random::Stream;
 use gradc::train::{Interpreter, Session};
 
 fn mlp(layers: &[usize]) -> String {
-    let mut source = format!("model mlp {{\n input x: f32[B, {}]\n input y: i32[B]\n let h0 = x\n", layers[0]);
+    let mut source = format!(
+        "model mlp {{\n input x: f32[B, {}]\n input y: i32[B]\n let h0 = x\n",
+        layers[0]
+    );
     for i in 0..layers.len() - 1 {
-        source.push_str(&format!(" param w{i}: f32[{}, {}] = kaiming_uniform\n param b{i}: f32[{}] = zeros\n", layers[i], layers[i + 1], layers[i + 1]));
+        source.push_str(&format!(
+            " param w{i}: f32[{}, {}] = kaiming_uniform\n param b{i}: f32[{}] = zeros\n",
+            layers[i],
+            layers[i + 1],
+            layers[i + 1]
+        ));
         let z = format!("h{i} @ w{i} + b{i}");
         if i + 2 < layers.len() {
             source.push_str(&format!(" let h{} = relu({z})\n", i + 1));
@@ -31,17 +39,33 @@ fn mlp(layers: &[usize]) -> String {
 
 fn bench(name: &str, layers: &[usize], batch: usize, steps: usize) {
     let compilation = compile_source("mlp.grad", &mlp(layers), LowerOptions::default());
-    assert!(!compilation.has_errors(), "{}", compilation.render_diagnostics());
+    assert!(
+        !compilation.has_errors(),
+        "{}",
+        compilation.render_diagnostics()
+    );
     let model = &compilation.models[0];
-    let mut session = Session::new(model, model.train_config.clone().unwrap_or_default(), &[]).expect("session");
+    let mut session =
+        Session::new(model, model.train_config.clone().unwrap_or_default(), &[]).expect("session");
     let mut stream = Stream::new(1);
-    let x = Tensor::new(DType::F32, vec![batch, layers[0]], (0..batch * layers[0]).map(|_| stream.uniform()).collect());
+    let x = Tensor::new(
+        DType::F32,
+        vec![batch, layers[0]],
+        (0..batch * layers[0]).map(|_| stream.uniform()).collect(),
+    );
     let classes = *layers.last().unwrap_or(&10) as u64;
-    let y = Tensor::new(DType::I32, vec![batch], (0..batch).map(|_| stream.below(classes) as f64).collect());
+    let y = Tensor::new(
+        DType::I32,
+        vec![batch],
+        (0..batch).map(|_| stream.below(classes) as f64).collect(),
+    );
     let mut run = || {
         let start = Instant::now();
         session
-            .step(&mut Interpreter, vec![("x".into(), x.clone()), ("y".into(), y.clone())])
+            .step(
+                &mut Interpreter,
+                vec![("x".into(), x.clone()), ("y".into(), y.clone())],
+            )
             .expect("step");
         start.elapsed()
     };
@@ -53,7 +77,11 @@ fn bench(name: &str, layers: &[usize], batch: usize, steps: usize) {
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!(
         "interpreter step, {name} ({}), batch {batch}: median {:.0} us, min {:.0} us, max {:.0} us over {steps} steps",
-        layers.iter().map(ToString::to_string).collect::<Vec<_>>().join("-"),
+        layers
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("-"),
         us(times[steps / 2]),
         us(times[0]),
         us(times[steps - 1])

@@ -61,9 +61,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Read and write params by name: zero the output bias and evaluate again.
     let b2 = &session.state["b2"];
     println!("b2 = {:?}", &b2.data[..3]);
-    session.state.insert("b2".into(), Tensor::zeros(b2.dtype, &b2.shape));
+    session
+        .state
+        .insert("b2".into(), Tensor::zeros(b2.dtype, &b2.shape));
     let metrics = session.evaluate(&mut Interpreter, &digits, &rows)?;
-    println!("with b2 = 0: accuracy {:.2}%", metrics.accuracy.unwrap_or(0.0) * 100.0);
+    println!(
+        "with b2 = 0: accuracy {:.2}%",
+        metrics.accuracy.unwrap_or(0.0) * 100.0
+    );
 
     // Save params, buffers, optimizer state and counters as safetensors.
     let path = std::env::temp_dir().join("tiny.safetensors");

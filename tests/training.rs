@@ -378,7 +378,9 @@ fn train_eval_metrics_plot_and_checkpoint_end_to_end() {
     );
     let csv = std::fs::read_to_string(&metrics).expect("metrics");
     assert_eq!(csv.lines().count(), 4, "{csv}");
-    assert!(csv.starts_with("epoch,train_loss,train_accuracy,test_loss,test_accuracy\n"));
+    assert!(csv.starts_with(
+        "epoch,train_loss,train_accuracy,test_loss,test_accuracy,lr,grad_norm,seconds\n"
+    ));
     assert!(
         std::fs::read_to_string(&plot)
             .expect("plot")

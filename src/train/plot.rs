@@ -16,6 +16,12 @@ pub struct EpochRow {
     pub test_loss: Option<f64>,
     /// Held-out accuracy.
     pub test_accuracy: Option<f64>,
+    /// The learning rate of the epoch's last step.
+    pub lr: f64,
+    /// The mean global gradient norm (before clipping).
+    pub grad_norm: f64,
+    /// Wall time of the epoch, evaluation included.
+    pub seconds: f64,
 }
 
 /// Draws the curves: loss on the left, accuracy on the right.

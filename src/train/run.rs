@@ -194,21 +194,15 @@ pub fn train(
             train_accuracy: any_correct.then_some(correct as f64 / seen.max(1) as f64),
             test_loss: test.map(|t| t.loss),
             test_accuracy: test.and_then(|t| t.accuracy),
+            lr,
+            grad_norm,
+            seconds: epoch_start.elapsed().as_secs_f64(),
         };
         rows.push(row);
         session.epoch += 1;
         session.batch_index = 0;
         if options.verbose {
-            println!(
-                "{}",
-                epoch_line(
-                    &row,
-                    epochs,
-                    lr,
-                    grad_norm,
-                    epoch_start.elapsed().as_secs_f64()
-                )
-            );
+            println!("{}", epoch_line(&row, epochs));
             if options.watch {
                 print!("{table}");
             }
@@ -217,7 +211,7 @@ pub fn train(
             }
         }
         if let Some(path) = &options.metrics {
-            write_metrics(path, &rows, lr)?;
+            write_metrics(path, &rows)?;
         }
     }
     if let Some(path) = &options.plot {
@@ -279,7 +273,8 @@ fn percent(value: Option<f64>) -> String {
     value.map_or(String::new(), |a| format!(" acc {:5.2}%", a * 100.0))
 }
 
-fn epoch_line(row: &EpochRow, epochs: usize, lr: f64, grad_norm: f64, seconds: f64) -> String {
+fn epoch_line(row: &EpochRow, epochs: usize) -> String {
+    let (lr, grad_norm, seconds) = (row.lr, row.grad_norm, row.seconds);
     let test = match row.test_loss {
         Some(loss) => format!("  test loss {loss:.4}{}", percent(row.test_accuracy)),
         None => String::new(),
@@ -292,17 +287,22 @@ fn epoch_line(row: &EpochRow, epochs: usize, lr: f64, grad_norm: f64, seconds: f
     )
 }
 
-fn write_metrics(path: &Path, rows: &[EpochRow], _lr: f64) -> Result<(), TrainError> {
-    let mut csv = String::from("epoch,train_loss,train_accuracy,test_loss,test_accuracy\n");
+fn write_metrics(path: &Path, rows: &[EpochRow]) -> Result<(), TrainError> {
+    let mut csv = String::from(
+        "epoch,train_loss,train_accuracy,test_loss,test_accuracy,lr,grad_norm,seconds\n",
+    );
     let cell = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v}"));
     for row in rows {
         csv.push_str(&format!(
-            "{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{:.4}\n",
             row.epoch,
             row.train_loss,
             cell(row.train_accuracy),
             cell(row.test_loss),
-            cell(row.test_accuracy)
+            cell(row.test_accuracy),
+            row.lr,
+            row.grad_norm,
+            row.seconds
         ));
     }
     crate::tensor_file::write_atomically(path, csv.as_bytes())
