@@ -175,19 +175,7 @@ struct Builder {
 
 impl Builder {
     fn node(&self, op: Op, ty: Type, like: NodeId) -> Node {
-        let origin = self.graph.node(like).origin;
-        Node {
-            op,
-            ty,
-            role: Role::Intermediate,
-            name: None,
-            retain: false,
-            origin: crate::ir::Origin {
-                no_grad: None,
-                ..origin
-            },
-            backward: None,
-        }
+        Node::derived(op, ty, self.graph.node(like).origin, None)
     }
 
     fn op(&mut self, op: Op, operands: &[NodeId], like: NodeId) -> NodeId {

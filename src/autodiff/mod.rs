@@ -239,17 +239,10 @@ fn vjp(
 }
 
 fn backward_node(graph: &Graph, forward: NodeId, op: Op, ty: Type, grad_fn: &'static str) -> Node {
-    let origin = graph.node(forward).origin;
-    Node {
+    Node::derived(
         op,
         ty,
-        role: Role::Intermediate,
-        name: None,
-        retain: false,
-        origin: crate::ir::Origin {
-            no_grad: None,
-            ..origin
-        },
-        backward: Some(Backward { forward, grad_fn }),
-    }
+        graph.node(forward).origin,
+        Some(Backward { forward, grad_fn }),
+    )
 }

@@ -140,6 +140,24 @@ pub struct Node {
 }
 
 impl Node {
+    /// A node the compiler adds (a backward or optimizer node): an
+    /// intermediate value at the source position of an existing node,
+    /// outside any `no_grad` block.
+    pub fn derived(op: Op, ty: Type, origin: Origin, backward: Option<Backward>) -> Node {
+        Node {
+            op,
+            ty,
+            role: Role::Intermediate,
+            name: None,
+            retain: false,
+            origin: Origin {
+                no_grad: None,
+                ..origin
+            },
+            backward,
+        }
+    }
+
     /// The element type.
     pub fn dtype(&self) -> DType {
         self.ty.dtype

@@ -56,6 +56,15 @@ impl Monitor {
         }
     }
 
+    /// The names of the statistics with a prefix, without it (`grad_norm.`
+    /// gives the params, `dead.` the ReLUs).
+    fn names(&self, prefix: &str) -> Vec<String> {
+        self.sums
+            .keys()
+            .filter_map(|k| k.strip_prefix(prefix).map(str::to_string))
+            .collect()
+    }
+
     /// The mean of a statistic over the epoch.
     pub fn mean(&self, name: &str) -> Option<f64> {
         self.sums.get(name).map(|s| s / self.steps.max(1) as f64)
@@ -74,11 +83,7 @@ impl Monitor {
                 .get(name)
                 .map_or(String::new(), |l| format!(" (line {l})"))
         };
-        let params: Vec<String> = self
-            .sums
-            .keys()
-            .filter_map(|k| k.strip_prefix("grad_norm.").map(str::to_string))
-            .collect();
+        let params = self.names("grad_norm.");
         for param in &params {
             let norm = self.mean(&format!("grad_norm.{param}")).unwrap_or(0.0);
             let max = self
@@ -126,11 +131,7 @@ impl Monitor {
             }
             self.previous.insert(param.clone(), norm);
         }
-        let relus: Vec<String> = self
-            .sums
-            .keys()
-            .filter_map(|k| k.strip_prefix("dead.").map(str::to_string))
-            .collect();
+        let relus = self.names("dead.");
         for relu in relus {
             if self
                 .mins
@@ -162,11 +163,7 @@ impl Monitor {
     /// The `--watch` table of the epoch so far.
     pub fn table(&self) -> String {
         let mut out = String::from("    param            grad norm   update/weight   zero grads\n");
-        let params: Vec<String> = self
-            .sums
-            .keys()
-            .filter_map(|k| k.strip_prefix("grad_norm.").map(str::to_string))
-            .collect();
+        let params = self.names("grad_norm.");
         for param in params {
             out.push_str(&format!(
                 "    {:<16} {:>9.3e}   {:>13.3e}   {:>9.1}%\n",
@@ -176,11 +173,7 @@ impl Monitor {
                 100.0 * self.mean(&format!("zero_grad.{param}")).unwrap_or(0.0),
             ));
         }
-        let relus: Vec<String> = self
-            .sums
-            .keys()
-            .filter_map(|k| k.strip_prefix("dead.").map(str::to_string))
-            .collect();
+        let relus = self.names("dead.");
         for relu in relus {
             out.push_str(&format!(
                 "    relu {:<11} {:>5.1}% of units dead in a batch (mean)\n",
