@@ -55,7 +55,7 @@ pub fn rule(op: &Op, operand: usize) -> Rule {
         Op::StopGradient => Rule::Stopped,
         Op::Identity => Rule::PassThrough,
         // The backward graph is not differentiated again.
-        Op::Vjp { .. } | Op::SumTo => Rule::Missing,
+        Op::Vjp { .. } | Op::SumTo | Op::MatMulT { .. } => Rule::Missing,
         // Step-graph and monitor ops come after differentiation.
         Op::State | Op::RunningStat { .. } | Op::ZeroFraction | Op::DeadFraction => {
             Rule::NotDifferentiable
@@ -116,9 +116,51 @@ pub fn grad_fn(op: &Op) -> &'static str {
         Op::Identity => "IdentityBackward",
         Op::Vjp { .. }
         | Op::SumTo
+        | Op::MatMulT { .. }
         | Op::State
         | Op::RunningStat { .. }
         | Op::ZeroFraction
         | Op::DeadFraction => "NoBackward",
     }
+}
+
+/// Which values a vector-Jacobian product reads: PyTorch's "saved
+/// tensors". Positions index the `Vjp` node's operands: 0 is the upstream
+/// gradient, `1..=n` the forward operands, `n + 1` the forward output.
+pub fn saved(op: &Op, operand: usize, arity: usize) -> Vec<usize> {
+    let output = arity + 1;
+    let input = |i: usize| i + 1;
+    let mut reads = vec![0];
+    match op {
+        Op::Unary(f) => reads.push(match f {
+            UnaryFn::Neg => return reads,
+            UnaryFn::Exp | UnaryFn::Sqrt | UnaryFn::Tanh | UnaryFn::Sigmoid => output,
+            _ => input(0),
+        }),
+        Op::LeakyRelu { .. } | Op::Clamp { .. } => reads.push(input(0)),
+        Op::Binary(BinaryFn::Add | BinaryFn::Sub)
+        | Op::Identity
+        | Op::Reshape
+        | Op::Transpose
+        | Op::Dropout { .. } => {}
+        Op::Binary(BinaryFn::Mul) => reads.push(input(1 - operand.min(1))),
+        Op::Binary(BinaryFn::Div) if operand == 0 => reads.push(input(1)),
+        Op::Binary(BinaryFn::Pow) if operand == 1 => reads.extend([input(0), output]),
+        Op::Binary(_) => reads.extend([input(0), input(1)]),
+        Op::MatMul => reads.push(input(1 - operand.min(1))),
+        Op::Reduce {
+            func: ReduceFn::Sum | ReduceFn::Mean,
+            ..
+        } => reads.push(input(0)),
+        Op::Reduce { .. } => reads.extend([input(0), output]),
+        Op::Softmax { .. } | Op::LogSoftmax { .. } => reads.extend([input(0), output]),
+        Op::Concat { .. } => reads.extend((0..arity).map(input)),
+        Op::BatchNorm { .. } => reads.extend((0..arity).map(input)),
+        Op::LayerNorm { .. } => reads.extend([input(0), input(1)]),
+        Op::Embedding | Op::CrossEntropy | Op::Mse | Op::BceWithLogits => {
+            reads.extend([input(0), input(1)])
+        }
+        _ => reads.extend((1..=output).collect::<Vec<_>>()),
+    }
+    reads
 }

@@ -399,3 +399,63 @@ pub fn eval(
         }
     }
 }
+
+/// `gradc snapshot`.
+pub fn snapshot(files: &[std::path::PathBuf], dir: &Path, check: bool) -> ExitStatus {
+    let mut changed = 0;
+    let mut written = 0;
+    for file in files {
+        let compilation = match compiled(file, None) {
+            Ok(compilation) => compilation,
+            Err(status) => return status,
+        };
+        for model in &compilation.models {
+            let stages = match crate::snapshot::stages(model) {
+                Ok(stages) => stages,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return ExitStatus::Error;
+                }
+            };
+            for (name, text) in stages {
+                if check {
+                    match crate::snapshot::check(dir, &name, &text) {
+                        crate::snapshot::Check::Same => {}
+                        crate::snapshot::Check::Missing(path) => {
+                            changed += 1;
+                            println!(
+                                "missing: {} (run without --check to write it)",
+                                path.display()
+                            );
+                        }
+                        crate::snapshot::Check::Changed(_, diff) => {
+                            changed += 1;
+                            print!("{diff}");
+                        }
+                    }
+                    continue;
+                }
+                if let Err(error) = std::fs::create_dir_all(dir).and_then(|()| {
+                    crate::tensor_file::write_atomically(&dir.join(&name), text.as_bytes())
+                }) {
+                    eprintln!("error: cannot write {}: {error}", dir.join(&name).display());
+                    return ExitStatus::Error;
+                }
+                written += 1;
+            }
+        }
+    }
+    if check {
+        if changed > 0 {
+            eprintln!(
+                "{changed} snapshot file{} changed",
+                if changed == 1 { "" } else { "s" }
+            );
+            return ExitStatus::Failure;
+        }
+        println!("snapshots in {} are up to date", dir.display());
+    } else {
+        println!("wrote {written} snapshot files to {}", dir.display());
+    }
+    ExitStatus::Success
+}

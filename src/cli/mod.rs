@@ -79,6 +79,13 @@ pub enum Command {
         /// Which stage of the pipeline to print.
         #[arg(long, value_enum, default_value_t = Stage::Forward)]
         stage: Stage,
+        /// With `--stage optimized`: print the graph after each run of this
+        /// pass (fold, simplify, cse, transpose, dce).
+        #[arg(long, value_name = "PASS")]
+        dump_after: Option<String>,
+        /// Print what differs between the train and eval graphs instead.
+        #[arg(long)]
+        diff_modes: bool,
         /// Compile every float value in this element type.
         #[arg(long, value_enum)]
         dtype: Option<FloatType>,
@@ -131,6 +138,21 @@ pub enum Command {
         /// Size given to every symbolic dimension.
         #[arg(long, default_value_t = 4)]
         batch: usize,
+    },
+    /// Write (or check) the text of every stage of every model, for review
+    #[command(
+        after_help = "Examples:\n  gradc snapshot examples/*.grad --dir snapshots\n  gradc snapshot examples/*.grad --dir snapshots --check\n\nOne file per model and stage: forward and backward (train, eval), step, optimized and kernels\n(train, eval). With --check nothing is written: a unified diff is printed for every change and\nthe exit status is 1 if anything changed."
+    )]
+    Snapshot {
+        /// The `.grad` files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Where the snapshot files live.
+        #[arg(long, default_value = "gradc-snapshots")]
+        dir: PathBuf,
+        /// Compare instead of writing.
+        #[arg(long)]
+        check: bool,
     },
     /// Train a model (the train block's settings, overridable by flags)
     #[command(
@@ -247,6 +269,10 @@ pub enum Stage {
     /// The whole training step: forward, backward, clipping, optimizer
     /// updates, running statistics and monitor statistics (train mode).
     Step,
+    /// The step graph (train) or eval graph after the optimization passes.
+    Optimized,
+    /// The kernel plan of the optimized graph, with its memory plan.
+    Kernels,
 }
 
 /// `--dtype`.
@@ -279,15 +305,21 @@ pub fn run(cli: Cli) -> ExitStatus {
             mode,
             format,
             stage,
+            dump_after,
+            diff_modes,
             dtype,
-        } => graph(
-            &file,
-            model.as_deref(),
-            mode,
-            format,
-            stage,
-            FloatType::options(dtype),
-        ),
+        } => {
+            let request = GraphRequest {
+                model: model.as_deref(),
+                mode,
+                format,
+                stage,
+                dump_after: dump_after.as_deref(),
+                diff_modes,
+            };
+            graph(&file, &request, FloatType::options(dtype))
+        }
+        Command::Snapshot { files, dir, check } => commands::snapshot(&files, &dir, check),
         Command::Grad {
             file,
             tensors,
@@ -379,67 +411,100 @@ fn check(file: &Path, options: LowerOptions) -> ExitStatus {
     ExitStatus::Success
 }
 
-fn graph(
-    file: &Path,
-    model: Option<&str>,
+/// What `gradc graph` was asked for.
+struct GraphRequest<'a> {
+    model: Option<&'a str>,
     mode: ModeArg,
     format: Format,
     stage: Stage,
-    options: LowerOptions,
-) -> ExitStatus {
+    dump_after: Option<&'a str>,
+    diff_modes: bool,
+}
+
+fn graph(file: &Path, request: &GraphRequest<'_>, options: LowerOptions) -> ExitStatus {
     let Some(compilation) = compile(file, options) else {
         return ExitStatus::Error;
     };
     if compilation.has_errors() {
         return ExitStatus::Failure;
     }
-    let lowered = match compilation.model(model) {
+    let lowered = match compilation.model(request.model) {
         Ok(lowered) => lowered,
         Err(message) => {
             eprintln!("error: {message}");
             return ExitStatus::Error;
         }
     };
-    let forward = lowered.graph(mode.into());
-    let joint;
-    let graph = match stage {
-        Stage::Forward => forward,
-        Stage::Backward => match crate::autodiff::differentiate(forward) {
-            Ok(differentiated) => {
-                joint = differentiated;
-                &joint
+    if request.diff_modes {
+        return print_out(&crate::snapshot::diff_modes(lowered));
+    }
+    let mode: Mode = request.mode.into();
+    if let Some(pass) = request.dump_after {
+        if !crate::passes::names().contains(&pass) {
+            eprintln!(
+                "error: no pass `{pass}`; passes, in order: {}",
+                crate::passes::names().join(", ")
+            );
+            return ExitStatus::Error;
+        }
+        let Ok(mut start) = crate::snapshot::stage_graph(lowered, "step", mode)
+            .or_else(|_| Ok::<_, ()>(lowered.graph(mode).clone()))
+        else {
+            return ExitStatus::Error;
+        };
+        if mode == Mode::Eval || lowered.train.loss().is_none() {
+            start = lowered.graph(mode).clone();
+        }
+        let mut out = String::new();
+        let mut round = 0;
+        crate::passes::optimize(&mut start, |name, graph| {
+            if name == pass {
+                round += 1;
+                out.push_str(&format!("# after {name} (run {round})\n"));
+                out.push_str(&match request.format {
+                    Format::Text => text::to_text(graph),
+                    Format::Dot => dot::to_dot(graph),
+                });
             }
+        });
+        if round == 0 {
+            out.push_str(&format!("# pass `{pass}` changed nothing\n"));
+        }
+        return print_out(&out);
+    }
+    let stage = match request.stage {
+        Stage::Forward => "forward",
+        Stage::Backward => "backward",
+        Stage::Step => "step",
+        Stage::Optimized => "optimized",
+        Stage::Kernels => "kernels",
+    };
+    if stage == "step" && lowered.train.loss().is_none() {
+        eprintln!(
+            "error: model `{}` has no `loss`, so it has no training step",
+            lowered.name
+        );
+        return ExitStatus::Error;
+    }
+    if stage == "kernels" {
+        return match crate::snapshot::kernels(lowered, mode) {
+            Ok(text) => print_out(&text),
             Err(error) => {
                 eprintln!("error: {error}");
-                return ExitStatus::Error;
+                ExitStatus::Error
             }
-        },
-        Stage::Step => {
-            if forward.loss().is_none() {
-                eprintln!(
-                    "error: model `{}` has no `loss`, so it has no training step",
-                    lowered.name
-                );
-                return ExitStatus::Error;
-            }
-            let config = lowered.train_config.clone().unwrap_or_default();
-            match crate::step::build(lowered.graph(crate::ir::Mode::Train), &config) {
-                Ok(step) => {
-                    joint = step;
-                    &joint
-                }
-                Err(error) => {
-                    eprintln!("error: {error}");
-                    return ExitStatus::Error;
-                }
-            }
+        };
+    }
+    match crate::snapshot::stage_graph(lowered, stage, mode) {
+        Ok(graph) => print_out(&match request.format {
+            Format::Text => text::to_text(&graph),
+            Format::Dot => dot::to_dot(&graph),
+        }),
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitStatus::Error
         }
-    };
-    let rendered = match format {
-        Format::Text => text::to_text(graph),
-        Format::Dot => dot::to_dot(graph),
-    };
-    print_out(&rendered)
+    }
 }
 
 /// Writes to stdout; a closed pipe is not an error worth a panic.

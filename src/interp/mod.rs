@@ -275,6 +275,23 @@ fn run(
         Op::Binary(f) => kernels::broadcast_binary(inputs[0], inputs[1], shape, |a, b| {
             kernels::binary(*f, a, b)
         }),
+        Op::MatMulT {
+            transpose_a,
+            transpose_b,
+        } => {
+            let read = |t: &Tensor, swap: bool| -> (Vec<f64>, Vec<usize>) {
+                if !swap {
+                    return (t.data.clone(), t.shape.clone());
+                }
+                let mut shape = t.shape.clone();
+                let n = shape.len();
+                shape.swap(n - 1, n - 2);
+                (kernels::transpose(&t.data, &t.shape), shape)
+            };
+            let (a, a_shape) = read(inputs[0], *transpose_a);
+            let (b, b_shape) = read(inputs[1], *transpose_b);
+            kernels::matmul(&a, &a_shape, &b, &b_shape)
+        }
         Op::MatMul => kernels::matmul(
             &inputs[0].data,
             &inputs[0].shape,

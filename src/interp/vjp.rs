@@ -254,6 +254,7 @@ pub fn vjp(
         | Op::Constant(_)
         | Op::StopGradient
         | Op::Vjp { .. }
+        | Op::MatMulT { .. }
         | Op::SumTo
         | Op::State
         | Op::RunningStat { .. }

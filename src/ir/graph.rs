@@ -264,6 +264,35 @@ impl Graph {
         users
     }
 
+    /// Makes every user of `old` read `new` instead, at the same operand
+    /// positions. `old` keeps its own operands (dead-code elimination
+    /// removes it if nothing else needs it).
+    pub fn redirect_uses(&mut self, old: NodeId, new: NodeId) {
+        let edges: Vec<(NodeIndex, u32, petgraph::stable_graph::EdgeIndex)> = self
+            .inner
+            .edges_directed(old.index(), Direction::Outgoing)
+            .map(|e| (e.target(), *e.weight(), e.id()))
+            .collect();
+        for (user, position, edge) in edges {
+            self.inner.remove_edge(edge);
+            self.inner.add_edge(new.index(), user, position);
+        }
+    }
+
+    /// Replaces an operand edge of `user` at `position` with one from `new`.
+    pub fn set_operand(&mut self, user: NodeId, position: usize, new: NodeId) {
+        let edge = self
+            .inner
+            .edges_directed(user.index(), Direction::Incoming)
+            .find(|e| *e.weight() as usize == position)
+            .map(|e| e.id());
+        if let Some(edge) = edge {
+            self.inner.remove_edge(edge);
+        }
+        let position = u32::try_from(position).unwrap_or(u32::MAX);
+        self.inner.add_edge(new.index(), user.index(), position);
+    }
+
     /// Removes a node and its edges.
     pub fn remove(&mut self, id: NodeId) -> Option<Node> {
         self.inner.remove_node(id.index())

@@ -214,6 +214,15 @@ pub enum Op {
     Binary(BinaryFn),
     /// `a @ b`: `[M, K] @ [K, N]` or batched `[B, M, K] @ [K, N]`.
     MatMul,
+    /// A matrix product with operands read transposed (their last two axes
+    /// swapped): what the `transpose` pass folds `a @ transpose(b)` into.
+    /// Made after differentiation only.
+    MatMulT {
+        /// Read the left operand transposed.
+        transpose_a: bool,
+        /// Read the right operand transposed.
+        transpose_b: bool,
+    },
     /// Swaps the last two axes.
     Transpose,
     /// A reduction over sorted, distinct axes.
@@ -401,7 +410,7 @@ impl Op {
             Op::LeakyRelu { .. } => "leaky_relu".into(),
             Op::Clamp { .. } => "clamp".into(),
             Op::Binary(f) => f.name().into(),
-            Op::MatMul => "matmul".into(),
+            Op::MatMul | Op::MatMulT { .. } => "matmul".into(),
             Op::Transpose => "transpose".into(),
             Op::Reduce { func, .. } => func.name().into(),
             Op::Softmax { .. } => "softmax".into(),
@@ -466,6 +475,15 @@ impl Op {
             | Op::ZeroFraction
             | Op::DeadFraction => String::new(),
             Op::RunningStat { momentum, .. } => format!("momentum={momentum:?}"),
+            Op::MatMulT {
+                transpose_a,
+                transpose_b,
+            } => match (transpose_a, transpose_b) {
+                (true, true) => "transpose_a transpose_b".into(),
+                (true, false) => "transpose_a".into(),
+                (false, true) => "transpose_b".into(),
+                (false, false) => String::new(),
+            },
             Op::Vjp { forward, .. } => forward.attributes(),
         }
     }
@@ -544,6 +562,23 @@ impl Op {
                 let mut dims = a.0[..a.rank() - 1].to_vec();
                 dims.push(b.0[1].clone());
                 Ok(Type::new(dtype, Shape(dims)))
+            }
+            Op::MatMulT {
+                transpose_a,
+                transpose_b,
+            } => {
+                arity(operands, 2)?;
+                let swap = |t: &Type, yes: bool| -> Result<Type, TypeError> {
+                    if !yes {
+                        return Ok(t.clone());
+                    }
+                    Op::Transpose.infer(&[t], t)
+                };
+                let (a, b) = (
+                    swap(operands[0], *transpose_a)?,
+                    swap(operands[1], *transpose_b)?,
+                );
+                Op::MatMul.infer(&[&a, &b], declared)
             }
             Op::Transpose => {
                 arity(operands, 1)?;

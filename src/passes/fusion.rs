@@ -1,0 +1,270 @@
+//! Fusion planning: partitions an optimized graph into kernels, the units
+//! the JIT compiles, and prints the plan (`gradc graph --stage kernels`).
+//!
+//! Greedy, in topological order:
+//!
+//! - an elementwise op (including broadcasting operands and the elementwise
+//!   VJPs) joins the kernel of its latest-computed operand when that kernel
+//!   is still open and loops over the same shape; otherwise it opens one;
+//! - a matrix product opens a kernel whose epilogue (bias add, activation,
+//!   clipping scale) the following elementwise ops join;
+//! - a reduction joins an open kernel that produces its operand, as the
+//!   kernel's last op, and closes it; otherwise it is a kernel of its own;
+//! - every other op (softmax, normalizations, cross-entropy, gathers) is a
+//!   kernel of its own.
+//!
+//! Because an op joins the kernel of its *latest* operand, every kernel's
+//! inputs are computed by earlier kernels: kernels run in order. The
+//! optimizer update of a param joins the kernel that produces its (clipped)
+//! gradient. Constants are immediates, not inputs. Every fused op keeps its
+//! node, so its source position and `grad_fn` name stay known.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt::Write;
+
+use crate::autodiff::rules;
+use crate::ir::{Graph, NodeId, Op, Role, Shape};
+
+/// What a kernel does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A chain of elementwise ops, perhaps ending in a reduction.
+    Elementwise,
+    /// A matrix product and its elementwise epilogue.
+    MatMul,
+    /// A reduction of its own.
+    Reduction,
+    /// Any other op: softmax, normalization, loss, gather.
+    Other,
+}
+
+/// One kernel of the plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    /// What it does.
+    pub kind: Kind,
+    /// Its nodes, in execution order.
+    pub nodes: Vec<NodeId>,
+    /// The shape its loop runs over (its first node's output).
+    pub loop_shape: Shape,
+    /// Whether later ops may still join it.
+    open: bool,
+}
+
+/// The kernels of a graph, in execution order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    /// The kernels.
+    pub kernels: Vec<Kernel>,
+    /// Which kernel computes each non-leaf node.
+    pub kernel_of: HashMap<NodeId, usize>,
+}
+
+/// The values a node actually reads: for a `Vjp` node only what its rule
+/// saves (`rules::saved`), for every other node all its operands.
+pub fn reads(graph: &Graph, id: NodeId) -> Vec<NodeId> {
+    let operands = graph.operands(id);
+    match &graph.node(id).op {
+        Op::Vjp { forward, operand } => rules::saved(forward, *operand, operands.len() - 2)
+            .into_iter()
+            .filter_map(|i| operands.get(i).copied())
+            .collect(),
+        _ => operands,
+    }
+}
+
+impl Plan {
+    /// Values a kernel reads from outside it (leaves and earlier kernels;
+    /// constants are immediates).
+    pub fn inputs(&self, graph: &Graph, k: usize) -> Vec<NodeId> {
+        let mut inputs = BTreeSet::new();
+        for &id in &self.kernels[k].nodes {
+            for operand in reads(graph, id) {
+                let outside = self.kernel_of.get(&operand) != Some(&k);
+                if outside && !matches!(graph.node(operand).op, Op::Constant(_)) {
+                    inputs.insert(operand);
+                }
+            }
+        }
+        inputs.into_iter().collect()
+    }
+
+    /// Values a kernel writes for later kernels or as results.
+    pub fn outputs(&self, graph: &Graph, k: usize) -> Vec<NodeId> {
+        self.kernels[k]
+            .nodes
+            .iter()
+            .copied()
+            .filter(|&id| {
+                graph.node(id).role != Role::Intermediate
+                    || graph.users(id).iter().any(|&u| {
+                        self.kernel_of.get(&u) != Some(&k) && reads(graph, u).contains(&id)
+                    })
+            })
+            .collect()
+    }
+}
+
+fn is_elementwise(op: &Op) -> bool {
+    match op {
+        Op::Unary(_)
+        | Op::LeakyRelu { .. }
+        | Op::Clamp { .. }
+        | Op::Binary(_)
+        | Op::Dropout { .. }
+        | Op::Identity
+        | Op::StopGradient => true,
+        Op::Vjp { forward, .. } => matches!(
+            forward.as_ref(),
+            Op::Unary(_)
+                | Op::LeakyRelu { .. }
+                | Op::Clamp { .. }
+                | Op::Binary(_)
+                | Op::Dropout { .. }
+                | Op::Identity
+        ),
+        _ => false,
+    }
+}
+
+fn is_reduction(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Reduce { .. }
+            | Op::SumTo
+            | Op::ZeroFraction
+            | Op::DeadFraction
+            | Op::Mse
+            | Op::BceWithLogits
+    )
+}
+
+fn is_matmul(op: &Op) -> bool {
+    match op {
+        Op::MatMul | Op::MatMulT { .. } => true,
+        Op::Vjp { forward, .. } => matches!(forward.as_ref(), Op::MatMul),
+        _ => false,
+    }
+}
+
+/// Partitions the graph into kernels.
+pub fn plan(graph: &Graph) -> Plan {
+    let mut plan = Plan::default();
+    for id in graph.topo_order().unwrap_or_default() {
+        let node = graph.node(id);
+        if node.op.is_leaf() {
+            continue;
+        }
+        // The latest kernel among the operands: the only one this node can
+        // join without running before one of its inputs.
+        let latest = reads(graph, id)
+            .iter()
+            .filter_map(|o| plan.kernel_of.get(o).copied())
+            .max();
+        let joinable = |plan: &Plan, shape: &Shape| -> Option<usize> {
+            let k = latest?;
+            let kernel = &plan.kernels[k];
+            (kernel.open
+                && matches!(kernel.kind, Kind::Elementwise | Kind::MatMul)
+                && &kernel.loop_shape == shape)
+                .then_some(k)
+        };
+        let chosen = if is_elementwise(&node.op) {
+            joinable(&plan, node.shape()).map(|k| (k, true))
+        } else if is_reduction(&node.op) {
+            let input_shape = graph.node(graph.operands(id)[0]).shape().clone();
+            joinable(&plan, &input_shape).map(|k| (k, false))
+        } else {
+            None
+        };
+        let k = match chosen {
+            Some((k, stays_open)) => {
+                plan.kernels[k].nodes.push(id);
+                plan.kernels[k].open &= stays_open;
+                k
+            }
+            None => {
+                let (kind, open) = if is_matmul(&node.op) {
+                    (Kind::MatMul, true)
+                } else if is_elementwise(&node.op) {
+                    (Kind::Elementwise, true)
+                } else if is_reduction(&node.op) {
+                    (Kind::Reduction, false)
+                } else {
+                    (Kind::Other, false)
+                };
+                plan.kernels.push(Kernel {
+                    kind,
+                    nodes: vec![id],
+                    loop_shape: node.shape().clone(),
+                    open,
+                });
+                plan.kernels.len() - 1
+            }
+        };
+        plan.kernel_of.insert(id, k);
+    }
+    plan
+}
+
+/// Describes a node for the plan: op, `grad_fn` for backward nodes, line.
+pub fn describe(graph: &Graph, id: NodeId, number: &HashMap<NodeId, usize>) -> String {
+    let node = graph.node(id);
+    let mut text = format!("%{} {}", number[&id], node.op.name());
+    if let Some(backward) = &node.backward {
+        let _ = write!(text, " [{}]", backward.grad_fn);
+    } else if let Op::Vjp { forward, .. } = &node.op {
+        let _ = write!(text, " [{}]", rules::grad_fn(forward));
+    }
+    let _ = write!(text, " @{}:{}", node.origin.line, node.origin.col);
+    text
+}
+
+/// Renders the plan, with ids numbered as in the canonical text form.
+pub fn render(graph: &Graph, plan: &Plan, memory: &super::memory::MemoryPlan) -> String {
+    let order = graph.topo_order().unwrap_or_else(|| graph.ids());
+    let number: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let ids = |list: &[NodeId]| {
+        list.iter()
+            .map(|id| format!("%{}", number[id]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = format!(
+        "kernels of {} ({}): {} nodes, {} kernels\n",
+        graph.model,
+        graph.mode,
+        graph.len(),
+        plan.kernels.len()
+    );
+    for (k, kernel) in plan.kernels.iter().enumerate() {
+        let backward = kernel
+            .nodes
+            .iter()
+            .filter(|&&id| graph.node(id).backward.is_some())
+            .count();
+        let part = match (backward, kernel.nodes.len() - backward) {
+            (0, _) => "forward or update",
+            (_, 0) => "backward",
+            _ => "forward+backward",
+        };
+        let _ = writeln!(
+            out,
+            "  k{k}: {:?} over {}, {} op{} ({part})",
+            kernel.kind,
+            kernel.loop_shape,
+            kernel.nodes.len(),
+            if kernel.nodes.len() == 1 { "" } else { "s" }
+        );
+        let ops: Vec<String> = kernel
+            .nodes
+            .iter()
+            .map(|&id| describe(graph, id, &number))
+            .collect();
+        let _ = writeln!(out, "    ops: {}", ops.join(", "));
+        let _ = writeln!(out, "    in: {}", ids(&plan.inputs(graph, k)));
+        let _ = writeln!(out, "    out: {}", ids(&plan.outputs(graph, k)));
+    }
+    out.push_str(&super::memory::render(memory));
+    out
+}
