@@ -49,7 +49,12 @@ impl std::error::Error for FileError {}
 /// `I32` when every value fits.
 pub fn read(path: &Path) -> Result<BTreeMap<String, Tensor>, FileError> {
     let bytes = std::fs::read(path).map_err(|e| FileError::Io(path.to_path_buf(), e))?;
-    let file = SafeTensors::deserialize(&bytes)
+    parse(path, &bytes)
+}
+
+/// Parses the bytes of a safetensors file; `path` names it in messages.
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, Tensor>, FileError> {
+    let file = SafeTensors::deserialize(bytes)
         .map_err(|e| FileError::Format(path.to_path_buf(), e.to_string()))?;
     let mut tensors = BTreeMap::new();
     for (name, view) in file.tensors() {

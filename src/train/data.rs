@@ -388,6 +388,12 @@ pub fn read_npy(path: &Path) -> Result<(Vec<usize>, Vec<f64>), DataError> {
     let name = path.display().to_string();
     let bytes =
         std::fs::read(path).map_err(|e| error(&name, None, None, format!("cannot read: {e}")))?;
+    parse_npy(&name, &bytes)
+}
+
+/// Parses the bytes of a `.npy` file; `name` is for messages.
+pub fn parse_npy(name: &str, bytes: &[u8]) -> Result<(Vec<usize>, Vec<f64>), DataError> {
+    let name = name.to_string();
     let bad = |why: &str| error(&name, None, None, format!("not a valid .npy file: {why}"));
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(bad("no NUMPY magic"));
