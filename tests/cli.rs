@@ -2,24 +2,11 @@
 //! 2 usage or I/O), what goes to stdout and stderr, and input that must
 //! never crash it.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn gradc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gradc"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("gradc runs")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
+use common::{gradc, stderr, stdout};
 
 #[test]
 fn check_accepts_every_example_with_a_summary() {

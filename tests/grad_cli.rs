@@ -4,27 +4,13 @@
 //! frozen param, a retained value, huge logits), and bad tensor files.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
+
+use common::{gradc, scratch};
 
 use gradc::interp::Tensor;
 use gradc::ir::DType;
 use gradc::tensor_file;
-
-fn gradc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gradc"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("gradc runs")
-}
-
-/// A scratch directory for one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("gradc-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
 
 fn tensor(dtype: DType, shape: &[usize], data: &[f64]) -> Tensor {
     Tensor::new(dtype, shape.to_vec(), data.to_vec())

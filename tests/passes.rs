@@ -4,6 +4,8 @@
 //! gradients, updated params, statistics), a property test over generated
 //! models, and provenance after fusion.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -253,23 +255,11 @@ fn passes_preserve_results_on_generated_models() {
     }
 }
 
-fn gradc(args: &[&str]) -> (i32, String) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_gradc"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("gradc runs");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-    )
-}
-
 #[test]
 fn snapshot_command_writes_checks_and_diffs() {
     let dir = std::env::temp_dir().join(format!("gradc-snapshots-{}", std::process::id()));
     let dir_text = dir.to_str().expect("utf-8").to_string();
-    let (code, out) = gradc(&[
+    let (code, out, _) = common::run(&[
         "snapshot",
         "examples/digits_mlp.grad",
         "examples/regression.grad",
@@ -294,7 +284,7 @@ fn snapshot_command_writes_checks_and_diffs() {
             "{stage}"
         );
     }
-    let (code, out) = gradc(&[
+    let (code, out, _) = common::run(&[
         "snapshot",
         "examples/digits_mlp.grad",
         "--dir",
@@ -305,7 +295,7 @@ fn snapshot_command_writes_checks_and_diffs() {
     let path = dir.join("digits_mlp.forward.train.txt");
     let saved = std::fs::read_to_string(&path).expect("saved");
     std::fs::write(&path, saved.replace("relu", "gelu")).expect("edit");
-    let (code, out) = gradc(&[
+    let (code, out, _) = common::run(&[
         "snapshot",
         "examples/digits_mlp.grad",
         "--dir",
@@ -322,20 +312,20 @@ fn snapshot_command_writes_checks_and_diffs() {
 
 #[test]
 fn graph_stages_and_diff_modes() {
-    let (code, out) = gradc(&["graph", "examples/bn_dropout.grad", "--diff-modes"]);
+    let (code, out, _) = common::run(&["graph", "examples/bn_dropout.grad", "--diff-modes"]);
     assert_eq!(code, 0);
     assert!(
         out.contains("dropout: 1 in train mode, gone in eval mode"),
         "{out}"
     );
     assert!(out.contains("+  %12 = batch_norm.eval"), "{out}");
-    let (code, out) = gradc(&["graph", "examples/digits_mlp.grad", "--stage", "kernels"]);
+    let (code, out, _) = common::run(&["graph", "examples/digits_mlp.grad", "--stage", "kernels"]);
     assert_eq!(code, 0);
     assert!(
         out.contains("MatMul over [B, 128]") && out.contains("peak live"),
         "{out}"
     );
-    let (code, out) = gradc(&[
+    let (code, out, _) = common::run(&[
         "graph",
         "examples/digits_mlp.grad",
         "--stage",
@@ -348,7 +338,7 @@ fn graph_stages_and_diff_modes() {
         out.starts_with("# after simplify (run 1)\ngraph digits_mlp (train)"),
         "{out}"
     );
-    let (code, _) = gradc(&[
+    let (code, _, _) = common::run(&[
         "graph",
         "examples/digits_mlp.grad",
         "--dump-after",

@@ -4,8 +4,9 @@
 //! end to end through the CLI.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
+
+use common::{run as gradc, scratch};
 
 use gradc::driver::compile_source;
 use gradc::interp::Tensor;
@@ -280,25 +281,6 @@ fn frozen_params_stay_bit_identical_and_freeze_flag_works() {
         !after.state.contains_key("sgd.momentum.w1"),
         "no optimizer state for frozen params"
     );
-}
-
-fn gradc(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_gradc"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("gradc runs");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("gradc-train-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    dir
 }
 
 #[test]

@@ -114,15 +114,8 @@ fn is_elementwise(op: &Op) -> bool {
         | Op::Dropout { .. }
         | Op::Identity
         | Op::StopGradient => true,
-        Op::Vjp { forward, .. } => matches!(
-            forward.as_ref(),
-            Op::Unary(_)
-                | Op::LeakyRelu { .. }
-                | Op::Clamp { .. }
-                | Op::Binary(_)
-                | Op::Dropout { .. }
-                | Op::Identity
-        ),
+        // The VJP of an elementwise op is elementwise too.
+        Op::Vjp { forward, .. } => **forward != Op::StopGradient && is_elementwise(forward),
         _ => false,
     }
 }

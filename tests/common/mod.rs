@@ -1,0 +1,42 @@
+//! Helpers shared by the tests that run the `gradc` binary.
+
+#![allow(dead_code, reason = "each test binary uses some of the helpers")]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// Runs `gradc` with arguments, in the repository root.
+pub fn gradc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gradc"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("gradc runs")
+}
+
+/// Runs `gradc` and returns the exit code, stdout and stderr.
+pub fn run(args: &[&str]) -> (i32, String, String) {
+    let output = gradc(args);
+    (
+        output.status.code().unwrap_or(-1),
+        stdout(&output),
+        stderr(&output),
+    )
+}
+
+/// The standard output as text.
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The standard error as text.
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gradc-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
