@@ -82,7 +82,16 @@ fn help_shows_examples_for_every_command() {
     let output = gradc(&["--help"]);
     assert_eq!(output.status.code(), Some(0));
     assert!(stdout(&output).contains("check"));
-    for command in ["check", "graph"] {
+    for command in [
+        "check",
+        "graph",
+        "grad",
+        "gradcheck",
+        "explain",
+        "train",
+        "eval",
+        "snapshot",
+    ] {
         let output = gradc(&[command, "--help"]);
         assert_eq!(output.status.code(), Some(0));
         assert!(

@@ -346,3 +346,33 @@ fn graph_stages_and_diff_modes() {
     ]);
     assert_eq!(code, 2);
 }
+
+#[test]
+fn subgraphs_of_frozen_params_run_once_per_run() {
+    let (code, out, _) = common::run(&[
+        "graph",
+        "tests/data/frozen_invariant.grad",
+        "--stage",
+        "kernels",
+    ]);
+    assert_eq!(code, 0);
+    let once: Vec<&str> = out.lines().filter(|l| l.contains("once per run")).collect();
+    assert_eq!(once.len(), 1, "{out}");
+    assert!(once[0].contains("Elementwise over [4, 4], 2 ops"), "{out}");
+    // Nothing that reads an input or a trainable param is invariant.
+    let source = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/frozen_invariant.grad"
+    ))
+    .expect("file");
+    let model = &compile("frozen_invariant.grad", &source)[0];
+    let invariant = fusion::step_invariant(&model.train);
+    for id in invariant {
+        let node = model.train.node(id);
+        assert!(
+            !matches!(node.role, Role::Input | Role::Param),
+            "{} is not invariant",
+            node.op.name()
+        );
+    }
+}

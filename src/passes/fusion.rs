@@ -49,6 +49,10 @@ pub struct Kernel {
     pub loop_shape: Shape,
     /// Whether later ops may still join it.
     open: bool,
+    /// Whether every op of the kernel depends only on constants and frozen
+    /// params: its values are the same at every step, so it runs once per
+    /// run (again only when new params are loaded).
+    pub once: bool,
 }
 
 /// The kernels of a graph, in execution order.
@@ -142,6 +146,7 @@ fn is_matmul(op: &Op) -> bool {
 
 /// Partitions the graph into kernels.
 pub fn plan(graph: &Graph) -> Plan {
+    let invariant = step_invariant(graph);
     let mut plan = Plan::default();
     for id in graph.topo_order().unwrap_or_default() {
         let node = graph.node(id);
@@ -191,13 +196,38 @@ pub fn plan(graph: &Graph) -> Plan {
                     nodes: vec![id],
                     loop_shape: node.shape().clone(),
                     open,
+                    once: true,
                 });
                 plan.kernels.len() - 1
             }
         };
         plan.kernel_of.insert(id, k);
+        if !invariant.contains(&id) {
+            plan.kernels[k].once = false;
+        }
     }
     plan
+}
+
+/// The nodes whose value is the same at every step: those that depend only
+/// on constants and frozen params (frozen params never change during a
+/// run; everything else, inputs, trainable params, buffers, optimizer
+/// state and the runtime scalars, may).
+pub fn step_invariant(graph: &Graph) -> BTreeSet<NodeId> {
+    let mut invariant = BTreeSet::new();
+    for id in graph.topo_order().unwrap_or_default() {
+        let node = graph.node(id);
+        let fixed = match node.op {
+            Op::Constant(_) => true,
+            Op::Param(_) => node.role == Role::FrozenParam,
+            Op::Input | Op::Buffer(_) | Op::State | Op::Dropout { .. } => false,
+            _ => graph.operands(id).iter().all(|o| invariant.contains(o)),
+        };
+        if fixed {
+            invariant.insert(id);
+        }
+    }
+    invariant
 }
 
 /// Describes a node for the plan: op, `grad_fn` for backward nodes, line.
@@ -243,11 +273,16 @@ pub fn render(graph: &Graph, plan: &Plan, memory: &super::memory::MemoryPlan) ->
         };
         let _ = writeln!(
             out,
-            "  k{k}: {:?} over {}, {} op{} ({part})",
+            "  k{k}: {:?} over {}, {} op{} ({part}){}",
             kernel.kind,
             kernel.loop_shape,
             kernel.nodes.len(),
-            if kernel.nodes.len() == 1 { "" } else { "s" }
+            if kernel.nodes.len() == 1 { "" } else { "s" },
+            if kernel.once {
+                ", once per run: depends only on frozen params and constants"
+            } else {
+                ""
+            }
         );
         let ops: Vec<String> = kernel
             .nodes
