@@ -543,3 +543,48 @@ fn fine_tuning_from_a_pretrained_checkpoint() {
     assert!(stdout.contains("loaded b1, b2, w1, w2 from"), "{stdout}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_that_resumes() {
+    use std::io::{BufRead, BufReader};
+    let dir = scratch("interrupt");
+    let save = dir.join("i.safetensors");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gradc"))
+        .args([
+            "train",
+            "examples/digits_mlp.grad",
+            "--epochs",
+            "1000",
+            "--save",
+            save.to_str().expect("utf-8"),
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("gradc starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("an epoch line").expect("text");
+    assert!(first.starts_with("epoch   1/1000"), "{first}");
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let exit = child.wait().expect("gradc exits");
+    assert_eq!(exit.code(), Some(1), "{rest:?}");
+    let last = rest.last().expect("a closing line");
+    assert!(last.starts_with("interrupted at epoch"), "{last}");
+    let (code, out, err) = gradc(&[
+        "train",
+        "examples/digits_mlp.grad",
+        "--epochs",
+        "1",
+        "--resume",
+        save.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("resuming at epoch"), "{out}");
+    std::fs::remove_dir_all(&dir).ok();
+}
