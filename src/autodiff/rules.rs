@@ -134,7 +134,9 @@ pub fn saved(op: &Op, operand: usize, arity: usize) -> Vec<usize> {
     match op {
         Op::Unary(f) => reads.push(match f {
             UnaryFn::Neg => return reads,
-            UnaryFn::Exp | UnaryFn::Sqrt | UnaryFn::Tanh | UnaryFn::Sigmoid => output,
+            UnaryFn::Exp | UnaryFn::Sqrt | UnaryFn::Tanh | UnaryFn::Sigmoid | UnaryFn::Relu => {
+                output
+            }
             _ => input(0),
         }),
         Op::LeakyRelu { .. } | Op::Clamp { .. } => reads.push(input(0)),

@@ -41,7 +41,9 @@ pub fn vjp(
             UnaryFn::Abs => elementwise(&|g, x, _| g * sign(x)),
             UnaryFn::Tanh => elementwise(&|g, _, y| g * (1.0 - y * y)),
             UnaryFn::Sigmoid => elementwise(&|g, _, y| g * y * (1.0 - y)),
-            UnaryFn::Relu => elementwise(&|g, x, _| if x > 0.0 { g } else { 0.0 }),
+            // y > 0 exactly when x > 0: reading the output lets the forward
+            // pre-activation go (PyTorch's threshold_backward does the same).
+            UnaryFn::Relu => elementwise(&|g, _, y| if y > 0.0 { g } else { 0.0 }),
             UnaryFn::Gelu => elementwise(&|g, x, _| g * kernels::gelu_derivative(x)),
             UnaryFn::Softplus => elementwise(&|g, x, _| if x > 20.0 { g } else { g * sigmoid(x) }),
             UnaryFn::Sin => elementwise(&|g, x, _| g * x.cos()),

@@ -23,7 +23,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write;
 
 use crate::autodiff::rules;
-use crate::ir::{Graph, NodeId, Op, Role, Shape};
+use crate::ir::{BinaryFn, Graph, NodeId, Op, Role, Shape, UnaryFn};
 
 /// What a kernel does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +53,9 @@ pub struct Kernel {
     /// params: its values are the same at every step, so it runs once per
     /// run (again only when new params are loaded).
     pub once: bool,
+    /// Cheap values of other kernels this kernel recomputes from their
+    /// operands instead of reading them from memory.
+    pub recompute: BTreeSet<NodeId>,
 }
 
 /// The kernels of a graph, in execution order.
@@ -81,16 +84,34 @@ impl Plan {
     /// Values a kernel reads from outside it (leaves and earlier kernels;
     /// constants are immediates).
     pub fn inputs(&self, graph: &Graph, k: usize) -> Vec<NodeId> {
+        let kernel = &self.kernels[k];
         let mut inputs = BTreeSet::new();
-        for &id in &self.kernels[k].nodes {
+        for &id in kernel.nodes.iter().chain(&kernel.recompute) {
             for operand in reads(graph, id) {
-                let outside = self.kernel_of.get(&operand) != Some(&k);
+                let outside = self.kernel_of.get(&operand) != Some(&k)
+                    && !kernel.recompute.contains(&operand);
                 if outside && !matches!(graph.node(operand).op, Op::Constant(_)) {
                     inputs.insert(operand);
                 }
             }
         }
         inputs.into_iter().collect()
+    }
+
+    /// The kernels (other than its own) that read a value from memory:
+    /// those that need it and do not recompute it.
+    pub fn reader_kernels(&self, graph: &Graph, id: NodeId) -> Vec<usize> {
+        let home = self.kernel_of.get(&id).copied();
+        let mut readers: Vec<usize> = graph
+            .users(id)
+            .into_iter()
+            .filter(|&u| reads(graph, u).contains(&id))
+            .filter_map(|u| self.kernel_of.get(&u).copied())
+            .filter(|&k| Some(k) != home && !self.kernels[k].recompute.contains(&id))
+            .collect();
+        readers.sort_unstable();
+        readers.dedup();
+        readers
     }
 
     /// Values a kernel writes for later kernels or as results.
@@ -101,9 +122,8 @@ impl Plan {
             .copied()
             .filter(|&id| {
                 graph.node(id).role != Role::Intermediate
-                    || graph.users(id).iter().any(|&u| {
-                        self.kernel_of.get(&u) != Some(&k) && reads(graph, u).contains(&id)
-                    })
+                    || graph.node(id).retain
+                    || !self.reader_kernels(graph, id).is_empty()
             })
             .collect()
     }
@@ -197,6 +217,7 @@ pub fn plan(graph: &Graph) -> Plan {
                     loop_shape: node.shape().clone(),
                     open,
                     once: true,
+                    recompute: BTreeSet::new(),
                 });
                 plan.kernels.len() - 1
             }
@@ -206,7 +227,77 @@ pub fn plan(graph: &Graph) -> Plan {
             plan.kernels[k].once = false;
         }
     }
+    recompute_cheap_values(graph, &mut plan);
     plan
+}
+
+/// Cheap enough to recompute where it is read instead of storing it: one
+/// elementwise arithmetic op whose operands are all leaves or constants
+/// (`x / 16` of an input, say), with no role of its own.
+fn recomputable(graph: &Graph, id: NodeId) -> bool {
+    let node = graph.node(id);
+    node.role == Role::Intermediate
+        && !node.retain
+        && matches!(
+            node.op,
+            Op::Binary(
+                BinaryFn::Add
+                    | BinaryFn::Sub
+                    | BinaryFn::Mul
+                    | BinaryFn::Div
+                    | BinaryFn::Maximum
+                    | BinaryFn::Minimum
+            ) | Op::Unary(UnaryFn::Neg | UnaryFn::Abs | UnaryFn::Relu)
+                | Op::LeakyRelu { .. }
+                | Op::Clamp { .. }
+        )
+        && graph
+            .operands(id)
+            .iter()
+            .all(|&o| graph.node(o).op.is_leaf())
+}
+
+/// Lets every kernel recompute the cheap values it reads from other
+/// kernels (a matrix product applies them as it loads its operand; a
+/// backward kernel re-derives the forward value), then drops kernels whose
+/// values nobody reads any more. A stored tensor costs a write and a read
+/// per step; recomputing one arithmetic op on values the kernel loads
+/// anyway costs neither.
+fn recompute_cheap_values(graph: &Graph, plan: &mut Plan) {
+    for k in 0..plan.kernels.len() {
+        let mut recompute = BTreeSet::new();
+        for &id in &plan.kernels[k].nodes {
+            for read in reads(graph, id) {
+                if plan.kernel_of.get(&read).is_some_and(|&home| home != k)
+                    && recomputable(graph, read)
+                {
+                    recompute.insert(read);
+                }
+            }
+        }
+        plan.kernels[k].recompute = recompute;
+    }
+    let dead: Vec<usize> = (0..plan.kernels.len())
+        .filter(|&k| plan.outputs(graph, k).is_empty())
+        .collect();
+    if dead.is_empty() {
+        return;
+    }
+    let mut kept = Vec::new();
+    let mut renumber = HashMap::new();
+    for (k, kernel) in std::mem::take(&mut plan.kernels).into_iter().enumerate() {
+        if dead.contains(&k) {
+            continue;
+        }
+        renumber.insert(k, kept.len());
+        kept.push(kernel);
+    }
+    plan.kernels = kept;
+    plan.kernel_of = plan
+        .kernel_of
+        .iter()
+        .filter_map(|(&id, k)| renumber.get(k).map(|&new| (id, new)))
+        .collect();
 }
 
 /// The nodes whose value is the same at every step: those that depend only
@@ -290,6 +381,14 @@ pub fn render(graph: &Graph, plan: &Plan, memory: &super::memory::MemoryPlan) ->
             .map(|&id| describe(graph, id, &number))
             .collect();
         let _ = writeln!(out, "    ops: {}", ops.join(", "));
+        if !kernel.recompute.is_empty() {
+            let again: Vec<String> = kernel
+                .recompute
+                .iter()
+                .map(|&id| describe(graph, id, &number))
+                .collect();
+            let _ = writeln!(out, "    recomputes: {}", again.join(", "));
+        }
         let _ = writeln!(out, "    in: {}", ids(&plan.inputs(graph, k)));
         let _ = writeln!(out, "    out: {}", ids(&plan.outputs(graph, k)));
     }

@@ -51,11 +51,9 @@ pub fn plan(graph: &Graph, kernels: &Plan, batch: u64) -> MemoryPlan {
             let last_use = if graph.node(id).role != Role::Intermediate {
                 last_kernel
             } else {
-                graph
-                    .users(id)
+                kernels
+                    .reader_kernels(graph, id)
                     .into_iter()
-                    .filter(|&u| super::fusion::reads(graph, u).contains(&id))
-                    .filter_map(|u| kernels.kernel_of.get(&u).copied())
                     .max()
                     .unwrap_or(k)
             };
