@@ -135,8 +135,14 @@ pub fn train(
                 Ok(result) => result,
                 Err(error) => {
                     progress.finish_and_clear();
-                    if let (TrainError::NonFinite(_), Some(path)) = (&error, &options.save) {
-                        checkpoint::save(&session, path)?;
+                    if let TrainError::NonFinite(_) = &error {
+                        // The step was not applied: the session still holds
+                        // the last good state.
+                        let path = options
+                            .save
+                            .clone()
+                            .unwrap_or_else(|| PathBuf::from(format!("{}.last-good.safetensors", model.name)));
+                        checkpoint::save(&session, &path)?;
                         eprintln!("kept the last good state in {}", path.display());
                     }
                     return Err(error);
