@@ -156,6 +156,21 @@ pub fn gradcheck_against(
 ) -> Result<Vec<Report>, Error> {
     let loss = forward.loss().ok_or(Error::NoLoss)?;
     let joint = autodiff::differentiate(analytic).map_err(Error::Autodiff)?;
+    for id in analytic.ids() {
+        let node = analytic.node(id);
+        if node.op.is_leaf() {
+            let shape: Vec<usize> = node
+                .shape()
+                .0
+                .iter()
+                .map(|d| match d {
+                    Dim::Fixed(n) => *n as usize,
+                    Dim::Sym(_) => options.dim_size,
+                })
+                .collect();
+            interp::check_size(&shape).map_err(Error::Interp)?;
+        }
+    }
     let mut leaves = random_leaves(analytic, options.seed, options.dim_size);
     for tensor in leaves.values_mut() {
         if tensor.dtype.is_float() {

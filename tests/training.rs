@@ -588,3 +588,23 @@ fn ctrl_c_saves_a_checkpoint_that_resumes() {
     assert!(out.starts_with("resuming at epoch"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_model_too_large_to_run_is_an_error_not_an_abort() {
+    let dir = scratch("huge");
+    let model = dir.join("huge.grad");
+    std::fs::write(
+        &model,
+        "model huge { input x: f32[B, 100000] input y: i32[B] param w: f32[100000, 100000] = zeros loss cross_entropy(x @ w, y) }",
+    )
+    .expect("write");
+    for command in ["train", "gradcheck"] {
+        let (code, _, err) = gradc(&[command, model.to_str().expect("utf-8")]);
+        assert_eq!(code, 2, "{command}: {err}");
+        assert!(
+            err.contains("has more than 268435456 elements"),
+            "{command}: {err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -233,7 +233,7 @@ fn bind_leaf(
 
 /// A declared shape with its symbols replaced by their bound sizes.
 pub fn concrete(shape: &Shape, dims: &BTreeMap<String, usize>) -> Result<Vec<usize>, InterpError> {
-    shape
+    let sizes: Vec<usize> = shape
         .0
         .iter()
         .map(|d| match d {
@@ -243,7 +243,24 @@ pub fn concrete(shape: &Shape, dims: &BTreeMap<String, usize>) -> Result<Vec<usi
                 .copied()
                 .ok_or_else(|| InterpError::Internal(format!("dimension `{s}` is not bound"))),
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    check_size(&sizes)?;
+    Ok(sizes)
+}
+
+/// The most elements one tensor may have when a graph runs (2 GiB of
+/// `f64`): a larger model is an error, not an out-of-memory abort.
+pub const MAX_RUN_ELEMENTS: usize = 1 << 28;
+
+/// Refuses a tensor larger than [`MAX_RUN_ELEMENTS`].
+pub fn check_size(shape: &[usize]) -> Result<(), InterpError> {
+    let count = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+    match count {
+        Some(n) if n <= MAX_RUN_ELEMENTS => Ok(()),
+        _ => Err(InterpError::Runtime(format!(
+            "a tensor of shape {shape:?} has more than {MAX_RUN_ELEMENTS} elements, more than gradc runs"
+        ))),
+    }
 }
 
 type Updates = Option<(Vec<f64>, Vec<f64>)>;

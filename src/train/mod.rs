@@ -176,6 +176,17 @@ impl Session {
             batch_index: 0,
             steps_per_epoch: 1,
         };
+        for id in session.step_graph.ids() {
+            let node = session.step_graph.node(id);
+            if matches!(node.op, Op::Param(_) | Op::Buffer(_) | Op::State) {
+                interp::check_size(&fixed_shape(node.shape())).map_err(|e| {
+                    TrainError::Setup(format!(
+                        "`{}` is too large to train: {e}",
+                        node.name.clone().unwrap_or_default()
+                    ))
+                })?;
+            }
+        }
         session.initialize();
         Ok(session)
     }

@@ -138,10 +138,9 @@ pub fn train(
                     if let TrainError::NonFinite(_) = &error {
                         // The step was not applied: the session still holds
                         // the last good state.
-                        let path = options
-                            .save
-                            .clone()
-                            .unwrap_or_else(|| PathBuf::from(format!("{}.last-good.safetensors", model.name)));
+                        let path = options.save.clone().unwrap_or_else(|| {
+                            PathBuf::from(format!("{}.last-good.safetensors", model.name))
+                        });
                         checkpoint::save(&session, &path)?;
                         eprintln!("kept the last good state in {}", path.display());
                     }
