@@ -157,7 +157,8 @@ fn panel(out: &mut String, left: f64, label: &str, series: &[(&str, &[f64], &str
             out,
             r#"<text x="{}" y="{}" fill="{color}">{name}</text>"#,
             left + w - 60.0,
-            top + 18.0 + 16.0 * i as f64
+            // Loss falls and accuracy rises: keep the legend off the curves.
+            if percent { top + h - 30.0 } else { top + 18.0 } + 16.0 * i as f64
         );
     }
 }
