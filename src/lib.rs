@@ -37,6 +37,7 @@ pub mod driver;
 pub mod gradcheck;
 pub mod interp;
 pub mod ir;
+pub mod jit;
 pub mod ledger;
 pub mod lower;
 pub mod passes;

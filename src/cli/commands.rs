@@ -345,6 +345,7 @@ pub fn train(args: &super::TrainArgs) -> ExitStatus {
         plot: args.plot.clone(),
         watch: args.watch,
         verbose: true,
+        jit: args.backend == super::BackendArg::Jit,
     };
     match run::train(lowered, config, &options) {
         Ok((_, summary)) if summary.interrupted => ExitStatus::Failure,

@@ -239,6 +239,19 @@ pub struct TrainArgs {
     /// Element type of every float value.
     #[arg(long, value_enum)]
     pub dtype: Option<FloatType>,
+    /// Run steps on the reference interpreter, or with the elementwise
+    /// kernels compiled by Cranelift (bit-identical results).
+    #[arg(long, value_enum, default_value_t = BackendArg::Interp)]
+    pub backend: BackendArg,
+}
+
+/// `--backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// The reference interpreter.
+    Interp,
+    /// JIT-compiled elementwise kernels, the interpreter for the rest.
+    Jit,
 }
 
 /// `--mode`.
@@ -273,6 +286,9 @@ pub enum Stage {
     Optimized,
     /// The kernel plan of the optimized graph, with its memory plan.
     Kernels,
+    /// The Cranelift IR of the kernels the JIT compiles (the step graph in
+    /// train mode, the eval graph in eval mode).
+    Clif,
 }
 
 /// `--dtype`.
@@ -478,7 +494,24 @@ fn graph(file: &Path, request: &GraphRequest<'_>, options: LowerOptions) -> Exit
         Stage::Step => "step",
         Stage::Optimized => "optimized",
         Stage::Kernels => "kernels",
+        Stage::Clif => "clif",
     };
+    if stage == "clif" {
+        let graph = match (mode, lowered.train.loss()) {
+            (Mode::Train, Some(_)) => crate::snapshot::stage_graph(lowered, "step", mode),
+            _ => Ok(lowered.graph(mode).clone()),
+        };
+        return match graph
+            .map_err(|e| e.to_string())
+            .and_then(|g| crate::jit::Jit::new().clif(&g).map_err(|e| e.to_string()))
+        {
+            Ok(text) => print_out(&text),
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitStatus::Error
+            }
+        };
+    }
     if stage == "step" && lowered.train.loss().is_none() {
         eprintln!(
             "error: model `{}` has no `loss`, so it has no training step",

@@ -119,10 +119,30 @@ pub fn evaluate_with(
     let order = graph
         .topo_order()
         .ok_or_else(|| InterpError::Internal("the graph has a cycle".into()))?;
-    let mut evaluation = Evaluation::default();
-    // Bind leaves first, in creation order, so a dimension is bound by the
-    // first input that declares it.
+    let mut evaluation = bind_leaves(graph, &order, leaves)?;
     for &id in &order {
+        if evaluation.values.contains_key(&id) {
+            continue;
+        }
+        if let Some(value) = overrides.get(&id) {
+            evaluation.values.insert(id, value.clone());
+            continue;
+        }
+        evaluate_node(graph, id, &mut evaluation, context)?;
+    }
+    Ok(evaluation)
+}
+
+/// Binds every input, param, buffer and state leaf of a graph to its
+/// tensor, in `order`, so a dimension is bound by the first leaf that
+/// declares it.
+pub fn bind_leaves(
+    graph: &Graph,
+    order: &[NodeId],
+    leaves: &BTreeMap<String, Tensor>,
+) -> Result<Evaluation, InterpError> {
+    let mut evaluation = Evaluation::default();
+    for &id in order {
         let node = graph.node(id);
         if !matches!(
             node.op,
@@ -146,43 +166,50 @@ pub fn evaluate_with(
         )?;
         evaluation.values.insert(id, value);
     }
-    for &id in &order {
-        if evaluation.values.contains_key(&id) {
-            continue;
-        }
-        if let Some(value) = overrides.get(&id) {
-            evaluation.values.insert(id, value.clone());
-            continue;
-        }
-        let node = graph.node(id);
-        let operands = graph.operands(id);
-        let inputs: Vec<&Tensor> = operands.iter().map(|o| &evaluation.values[o]).collect();
-        let shape = concrete(node.shape(), &evaluation.dims)?;
-        let (data, updates) = run(&node.op, &inputs, &shape, context)?;
-        if let Some((mean, var)) = updates {
-            for (operand, data) in [(operands[3], mean), (operands[4], var)] {
-                let buffer = graph.node(operand);
-                let name = buffer.name.clone().unwrap_or_default();
-                let shape = inputs[if operand == operands[3] { 3 } else { 4 }]
-                    .shape
-                    .clone();
-                evaluation
-                    .buffer_updates
-                    .insert(name, Tensor::new(buffer.dtype(), shape, data));
-            }
-        }
-        if data.len() != shape.iter().product::<usize>() {
-            return Err(InterpError::Internal(format!(
-                "`{}` produced {} elements for shape {shape:?}",
-                node.op.name(),
-                data.len()
-            )));
-        }
-        evaluation
-            .values
-            .insert(id, Tensor::new(node.dtype(), shape, data));
-    }
     Ok(evaluation)
+}
+
+/// Evaluates one node whose operands are already in `evaluation`.
+pub fn evaluate_node(
+    graph: &Graph,
+    id: NodeId,
+    evaluation: &mut Evaluation,
+    context: Context,
+) -> Result<(), InterpError> {
+    let node = graph.node(id);
+    let operands = graph.operands(id);
+    let inputs: Vec<&Tensor> = operands
+        .iter()
+        .map(|o| {
+            evaluation
+                .values
+                .get(o)
+                .ok_or_else(|| InterpError::Internal(format!("{o} has no value yet")))
+        })
+        .collect::<Result<_, _>>()?;
+    let shape = concrete(node.shape(), &evaluation.dims)?;
+    let (data, updates) = run(&node.op, &inputs, &shape, context)?;
+    if let Some((mean, var)) = updates {
+        for (position, data) in [(3, mean), (4, var)] {
+            let buffer = graph.node(operands[position]);
+            let name = buffer.name.clone().unwrap_or_default();
+            let shape = inputs[position].shape.clone();
+            evaluation
+                .buffer_updates
+                .insert(name, Tensor::new(buffer.dtype(), shape, data));
+        }
+    }
+    if data.len() != shape.iter().product::<usize>() {
+        return Err(InterpError::Internal(format!(
+            "`{}` produced {} elements for shape {shape:?}",
+            node.op.name(),
+            data.len()
+        )));
+    }
+    evaluation
+        .values
+        .insert(id, Tensor::new(node.dtype(), shape, data));
+    Ok(())
 }
 
 /// Checks a leaf tensor against its declaration, binding symbols; converts

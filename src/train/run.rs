@@ -37,6 +37,9 @@ pub struct RunOptions {
     pub watch: bool,
     /// Print progress and per-epoch lines (the library can run quietly).
     pub verbose: bool,
+    /// Run the step on the JIT backend (compiled elementwise kernels)
+    /// instead of the reference interpreter.
+    pub jit: bool,
 }
 
 /// How a run ended.
@@ -87,7 +90,13 @@ pub fn train(
     config: TrainConfig,
     options: &RunOptions,
 ) -> Result<(Session, Summary), TrainError> {
-    let mut backend = Interpreter;
+    let mut interpreter = Interpreter;
+    let mut jit = crate::jit::Jit::new();
+    let backend: &mut dyn Backend = if options.jit {
+        &mut jit
+    } else {
+        &mut interpreter
+    };
     let mut session = Session::new(model, config, &options.freeze)?;
     let dataset = data::load(&source(&session.config, options), &session.forward)
         .map_err(TrainError::Data)?;
@@ -131,7 +140,7 @@ pub fn train(
         while session.batch_index < batches.len() {
             let rows_of_batch = batches[session.batch_index];
             let tensors = data::batch(&dataset, rows_of_batch, &session.forward);
-            let result = match session.step(&mut backend, tensors) {
+            let result = match session.step(backend, tensors) {
                 Ok(result) => result,
                 Err(error) => {
                     progress.finish_and_clear();
@@ -191,7 +200,7 @@ pub fn train(
         let test = if split.test.is_empty() {
             None
         } else {
-            Some(session.evaluate(&mut backend, &dataset, &split.test)?)
+            Some(session.evaluate(backend, &dataset, &split.test)?)
         };
         let row = EpochRow {
             epoch: epoch + 1,

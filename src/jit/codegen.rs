@@ -1,0 +1,474 @@
+//! Cranelift code generation for elementwise kernels, and the one place in
+//! gradc that uses `unsafe`: calling the compiled code.
+//!
+//! A compiled kernel is a function `fn(ptrs, ks, ms, n)` that loops `i` over
+//! `0..n` (the kernel's loop shape, bound per batch). Operand `j` is read at
+//! index `(i / ks[j]) % ms[j]`, which covers a full operand (`k = 1`,
+//! `m = n`), a scalar (`m = 1`) and NumPy broadcasting of one contiguous
+//! block of axes (a bias row, a `[B, 1]` column). Values are held as `f64`,
+//! like the interpreter's tensors, and every op of an `f32` node is rounded
+//! to `f32` as the interpreter does, so compiled kernels give bit-identical
+//! results. Operand buffers are the interpreter's `f64` storage.
+//!
+//! This first code generator covers elementwise arithmetic and its VJPs
+//! (what `supported` accepts); every other kernel runs on the interpreter.
+#![allow(
+    unsafe_code,
+    reason = "calling JIT-compiled kernels; see the SAFETY comments"
+)]
+
+use std::collections::HashMap;
+
+use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::{
+    AbiParam, InstBuilder, MemFlagsData, Signature, UserFuncName, Value, types,
+};
+use cranelift_codegen::isa::CallConv;
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_codegen::{Context, ir::Function};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
+
+use crate::ir::{BinaryFn, DType, Graph, NodeId, Op, UnaryFn};
+
+/// Why code could not be generated (a compiler bug or an unsupported host).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CodegenError(pub String);
+
+impl std::fmt::Display for CodegenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "code generation failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for CodegenError {}
+
+/// Whether the code generator can compile a node.
+pub fn supported(graph: &Graph, id: NodeId) -> bool {
+    let node = graph.node(id);
+    if node.dtype() == DType::I32 {
+        return false;
+    }
+    match &node.op {
+        Op::Binary(f) => *f != BinaryFn::Pow,
+        Op::Unary(f) => matches!(
+            f,
+            UnaryFn::Neg | UnaryFn::Abs | UnaryFn::Sqrt | UnaryFn::Relu
+        ),
+        Op::LeakyRelu { .. } | Op::Clamp { .. } | Op::Identity | Op::StopGradient => true,
+        Op::Vjp { forward, .. } => match forward.as_ref() {
+            Op::Binary(f) => *f != BinaryFn::Pow,
+            Op::Unary(f) => matches!(
+                f,
+                UnaryFn::Neg | UnaryFn::Abs | UnaryFn::Sqrt | UnaryFn::Relu
+            ),
+            Op::LeakyRelu { .. } | Op::Clamp { .. } | Op::Identity => true,
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// A compiled kernel: its entry point and what to pass it.
+pub struct CompiledKernel {
+    entry: extern "C" fn(*const *const f64, *const i64, *const i64, i64),
+    /// Values read, in argument order (before the outputs).
+    pub inputs: Vec<NodeId>,
+    /// Values written, in argument order (after the inputs).
+    pub outputs: Vec<NodeId>,
+}
+
+impl CompiledKernel {
+    /// Runs the kernel over `n` elements. `inputs[j]` is read at
+    /// `(i / ks[j]) % ms[j]` and must hold at least `ms[j] * ks[j]`
+    /// elements when `ks[j] > 1`, else `ms[j]`; each output must hold `n`.
+    /// Returns an error (and runs nothing) when a buffer is too small.
+    pub fn run(
+        &self,
+        inputs: &[&[f64]],
+        ks: &[i64],
+        ms: &[i64],
+        outputs: &mut [Vec<f64>],
+        n: usize,
+    ) -> Result<(), CodegenError> {
+        if inputs.len() != self.inputs.len()
+            || outputs.len() != self.outputs.len()
+            || ks.len() != inputs.len()
+            || ms.len() != inputs.len()
+        {
+            return Err(CodegenError("wrong number of buffers".into()));
+        }
+        for (j, input) in inputs.iter().enumerate() {
+            let (k, m) = (ks[j], ms[j]);
+            if k < 1 || m < 1 {
+                return Err(CodegenError(format!(
+                    "operand {j}: bad broadcast factors k={k} m={m}"
+                )));
+            }
+            // The largest index the loop reads is (n - 1) / k % m < m.
+            if (m as usize) > input.len() {
+                return Err(CodegenError(format!(
+                    "operand {j} has {} elements, the kernel reads {m}",
+                    input.len()
+                )));
+            }
+        }
+        for output in outputs.iter_mut() {
+            output.clear();
+            output.resize(n, 0.0);
+        }
+        let mut pointers: Vec<*const f64> = inputs.iter().map(|b| b.as_ptr()).collect();
+        pointers.extend(outputs.iter_mut().map(|b| b.as_mut_ptr() as *const f64));
+        let n = i64::try_from(n).map_err(|_| CodegenError("too many elements".into()))?;
+        // SAFETY: the function was generated by `compile` for exactly
+        // `inputs.len()` inputs and `outputs.len()` outputs, checked above.
+        // It reads input j only at indices (i / ks[j]) % ms[j] < ms[j] <=
+        // len (checked above), and writes each output at indices i < n,
+        // and every output was resized to n elements. The pointer arrays
+        // outlive the call, and no output aliases an input (outputs are
+        // fresh vectors).
+        (self.entry)(pointers.as_ptr(), ks.as_ptr(), ms.as_ptr(), n);
+        Ok(())
+    }
+}
+
+/// A JIT module holding compiled kernels; dropping it frees their code.
+pub struct CodeCache {
+    module: JITModule,
+    next: u32,
+}
+
+impl CodeCache {
+    /// A module for the host ISA (with its native features: FMA, AVX).
+    pub fn new() -> Result<CodeCache, CodegenError> {
+        let mut flags = settings::builder();
+        let set = |flags: &mut settings::Builder, k: &str, v: &str| {
+            flags.set(k, v).map_err(|e| CodegenError(e.to_string()))
+        };
+        set(&mut flags, "use_colocated_libcalls", "false")?;
+        set(&mut flags, "is_pic", "false")?;
+        set(&mut flags, "opt_level", "speed")?;
+        let isa = cranelift_native::builder()
+            .map_err(|e| CodegenError(e.to_string()))?
+            .finish(settings::Flags::new(flags))
+            .map_err(|e| CodegenError(e.to_string()))?;
+        Ok(CodeCache {
+            module: JITModule::new(JITBuilder::with_isa(isa, default_libcall_names())),
+            next: 0,
+        })
+    }
+
+    /// Compiles the nodes of one elementwise kernel (all `supported`, in
+    /// order, all of the kernel's loop shape) reading `inputs` and writing
+    /// `outputs`; also returns the CLIF text for `--stage clif`.
+    pub fn compile(
+        &mut self,
+        graph: &Graph,
+        nodes: &[NodeId],
+        inputs: &[NodeId],
+        outputs: &[NodeId],
+    ) -> Result<(CompiledKernel, String), CodegenError> {
+        let pointer = types::I64;
+        let mut signature = Signature::new(CallConv::SystemV);
+        for _ in 0..4 {
+            signature.params.push(AbiParam::new(pointer));
+        }
+        let name = format!("kernel{}", self.next);
+        self.next += 1;
+        let id: FuncId = self
+            .module
+            .declare_function(&name, Linkage::Local, &signature)
+            .map_err(|e| CodegenError(e.to_string()))?;
+        let mut context = Context::new();
+        context.func = Function::with_name_signature(UserFuncName::user(0, id.as_u32()), signature);
+        let mut builder_context = FunctionBuilderContext::new();
+        {
+            let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
+            let entry = b.create_block();
+            let header = b.create_block();
+            let body = b.create_block();
+            let exit = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.append_block_param(header, pointer);
+            b.switch_to_block(entry);
+            let params = b.block_params(entry).to_vec();
+            let (ptrs, ks, ms, n) = (params[0], params[1], params[2], params[3]);
+            let flags = MemFlagsData::trusted();
+            // Loop-invariant loads, hoisted by hand: Cranelift does not.
+            let mut bases = Vec::new();
+            for j in 0..inputs.len() + outputs.len() {
+                bases.push(b.ins().load(pointer, flags, ptrs, (8 * j) as i32));
+            }
+            let mut factors = Vec::new();
+            for j in 0..inputs.len() {
+                let k = b.ins().load(pointer, flags, ks, (8 * j) as i32);
+                let m = b.ins().load(pointer, flags, ms, (8 * j) as i32);
+                factors.push((k, m));
+            }
+            let zero = b.ins().iconst(pointer, 0);
+            b.ins().jump(header, &[zero.into()]);
+
+            b.switch_to_block(header);
+            let i = b.block_params(header)[0];
+            let more = b.ins().icmp(
+                cranelift_codegen::ir::condcodes::IntCC::SignedLessThan,
+                i,
+                n,
+            );
+            b.ins().brif(more, body, &[], exit, &[]);
+
+            b.switch_to_block(body);
+            let mut values: HashMap<NodeId, Value> = HashMap::new();
+            for (j, &input) in inputs.iter().enumerate() {
+                let (k, m) = factors[j];
+                let q = b.ins().udiv(i, k);
+                let index = b.ins().urem(q, m);
+                let offset = b.ins().imul_imm_u(index, 8);
+                let address = b.ins().iadd(bases[j], offset);
+                values.insert(input, b.ins().load(types::F64, flags, address, 0));
+            }
+            for &id in nodes {
+                let value = emit(&mut b, graph, id, &values)?;
+                values.insert(id, value);
+            }
+            let offset = b.ins().imul_imm_u(i, 8);
+            for (j, &output) in outputs.iter().enumerate() {
+                let address = b.ins().iadd(bases[inputs.len() + j], offset);
+                let value = *values.get(&output).ok_or_else(|| {
+                    CodegenError(format!("output {output} is not computed by the kernel"))
+                })?;
+                b.ins().store(flags, value, address, 0);
+            }
+            let next = b.ins().iadd_imm_u(i, 1);
+            b.ins().jump(header, &[next.into()]);
+
+            b.switch_to_block(exit);
+            b.ins().return_(&[]);
+            b.seal_all_blocks();
+            b.finalize(self.module.target_config());
+        }
+        let clif = context.func.display().to_string();
+        self.module
+            .define_function(id, &mut context)
+            .map_err(|e| CodegenError(format!("{e:?}")))?;
+        self.module
+            .finalize_definitions()
+            .map_err(|e| CodegenError(e.to_string()))?;
+        let code = self.module.get_finalized_function(id);
+        // SAFETY: `code` is the finalized machine code of the function
+        // declared above with four pointer-sized parameters and no returns,
+        // which matches this `extern "C"` type on the host's System V ABI;
+        // the module (and so the code) lives as long as `self`, and
+        // `CompiledKernel`s are only used while their cache is alive (they
+        // are stored beside it in `jit::Program`).
+        let entry = unsafe {
+            std::mem::transmute::<
+                *const u8,
+                extern "C" fn(*const *const f64, *const i64, *const i64, i64),
+            >(code)
+        };
+        Ok((
+            CompiledKernel {
+                entry,
+                inputs: inputs.to_vec(),
+                outputs: outputs.to_vec(),
+            },
+            clif,
+        ))
+    }
+}
+
+/// Rounds an `f64` value to `f32` and back, as the interpreter rounds the
+/// result of every `f32` op.
+fn round(b: &mut FunctionBuilder<'_>, graph: &Graph, id: NodeId, value: Value) -> Value {
+    if graph.node(id).dtype() == DType::F32 {
+        let narrow = b.ins().fdemote(types::F32, value);
+        b.ins().fpromote(types::F64, narrow)
+    } else {
+        value
+    }
+}
+
+/// Emits one node, computing in `f64` as the interpreter's kernels do.
+fn emit(
+    b: &mut FunctionBuilder<'_>,
+    graph: &Graph,
+    id: NodeId,
+    values: &HashMap<NodeId, Value>,
+) -> Result<Value, CodegenError> {
+    let node = graph.node(id);
+    // A VJP reads only what its rule saves; the operands it does not read
+    // get a placeholder.
+    let needed = crate::passes::fusion::reads(graph, id);
+    let mut operands = Vec::new();
+    for operand in graph.operands(id) {
+        let value = match (values.get(&operand), &graph.node(operand).op) {
+            (Some(&v), _) => v,
+            // A constant holds its value rounded to its type, as in the
+            // interpreter.
+            (None, Op::Constant(c)) if graph.node(operand).dtype() == DType::F32 => {
+                b.ins().f64const(f64::from(*c as f32))
+            }
+            (None, Op::Constant(c)) => b.ins().f64const(*c),
+            (None, _) if !needed.contains(&operand) => b.ins().f64const(0.0),
+            (None, _) => {
+                return Err(CodegenError(format!(
+                    "operand {operand} of {id} is not available"
+                )));
+            }
+        };
+        operands.push(value);
+    }
+    let zero = b.ins().f64const(0.0);
+    let raw = match &node.op {
+        Op::Binary(f) => binary(b, *f, operands[0], operands[1])?,
+        Op::Unary(f) => unary(b, *f, operands[0], zero)?,
+        Op::LeakyRelu { slope } => {
+            let scaled = b.ins().f64const(*slope);
+            let negative = b.ins().fmul(operands[0], scaled);
+            let positive = b.ins().fcmp(FloatCC::GreaterThan, operands[0], zero);
+            b.ins().select(positive, operands[0], negative)
+        }
+        Op::Clamp { lo, hi } => clamp(b, operands[0], *lo, *hi),
+        Op::Identity | Op::StopGradient => operands[0],
+        Op::Vjp { forward, operand } => vjp(b, forward, *operand, &operands, zero)?,
+        other => return Err(CodegenError(format!("`{}` is not supported", other.name()))),
+    };
+    Ok(round(b, graph, id, raw))
+}
+
+fn binary(
+    b: &mut FunctionBuilder<'_>,
+    f: BinaryFn,
+    x: Value,
+    y: Value,
+) -> Result<Value, CodegenError> {
+    Ok(match f {
+        BinaryFn::Add => b.ins().fadd(x, y),
+        BinaryFn::Sub => b.ins().fsub(x, y),
+        BinaryFn::Mul => b.ins().fmul(x, y),
+        BinaryFn::Div => b.ins().fdiv(x, y),
+        // Cranelift's fmax and fmin return NaN when either operand is NaN,
+        // as the interpreter does.
+        BinaryFn::Maximum => b.ins().fmax(x, y),
+        BinaryFn::Minimum => b.ins().fmin(x, y),
+        BinaryFn::Pow => return Err(CodegenError("`pow` is not supported".into())),
+    })
+}
+
+fn unary(
+    b: &mut FunctionBuilder<'_>,
+    f: UnaryFn,
+    x: Value,
+    zero: Value,
+) -> Result<Value, CodegenError> {
+    Ok(match f {
+        UnaryFn::Neg => b.ins().fneg(x),
+        UnaryFn::Abs => b.ins().fabs(x),
+        UnaryFn::Sqrt => b.ins().sqrt(x),
+        // relu(x) = x if x > 0 else 0 (NaN gives 0, as in the interpreter).
+        UnaryFn::Relu => {
+            let positive = b.ins().fcmp(FloatCC::GreaterThan, x, zero);
+            b.ins().select(positive, x, zero)
+        }
+        other => return Err(CodegenError(format!("`{}` is not supported", other.name()))),
+    })
+}
+
+/// `min(max(x, lo), hi)` keeping NaN, as `f64::clamp` does.
+fn clamp(b: &mut FunctionBuilder<'_>, x: Value, lo: f64, hi: f64) -> Value {
+    let lo = b.ins().f64const(lo);
+    let hi = b.ins().f64const(hi);
+    let below = b.ins().fcmp(FloatCC::LessThan, x, lo);
+    let raised = b.ins().select(below, lo, x);
+    let above = b.ins().fcmp(FloatCC::GreaterThan, raised, hi);
+    b.ins().select(above, hi, raised)
+}
+
+/// The elementwise VJPs, with the interpreter's formulas (`interp::vjp`).
+/// `operands` are `[g, forward operands..., y]`.
+fn vjp(
+    b: &mut FunctionBuilder<'_>,
+    forward: &Op,
+    operand: usize,
+    operands: &[Value],
+    zero: Value,
+) -> Result<Value, CodegenError> {
+    let g = operands[0];
+    let x = operands[1];
+    let y = operands[operands.len() - 1];
+    Ok(match forward {
+        Op::Unary(UnaryFn::Neg) => b.ins().fneg(g),
+        Op::Unary(UnaryFn::Abs) => {
+            // g * sign(x)
+            let one = b.ins().f64const(1.0);
+            let minus = b.ins().f64const(-1.0);
+            let positive = b.ins().fcmp(FloatCC::GreaterThan, x, zero);
+            let negative = b.ins().fcmp(FloatCC::LessThan, x, zero);
+            let sign = b.ins().select(negative, minus, zero);
+            let sign = b.ins().select(positive, one, sign);
+            b.ins().fmul(g, sign)
+        }
+        Op::Unary(UnaryFn::Sqrt) => {
+            let two = b.ins().f64const(2.0);
+            let twice = b.ins().fmul(two, y);
+            b.ins().fdiv(g, twice)
+        }
+        Op::Unary(UnaryFn::Relu) => {
+            let positive = b.ins().fcmp(FloatCC::GreaterThan, y, zero);
+            b.ins().select(positive, g, zero)
+        }
+        Op::LeakyRelu { slope } => {
+            let slope = b.ins().f64const(*slope);
+            let scaled = b.ins().fmul(g, slope);
+            let positive = b.ins().fcmp(FloatCC::GreaterThan, x, zero);
+            b.ins().select(positive, g, scaled)
+        }
+        Op::Clamp { lo, hi } => {
+            let lo = b.ins().f64const(*lo);
+            let hi = b.ins().f64const(*hi);
+            let above_lo = b.ins().fcmp(FloatCC::GreaterThanOrEqual, x, lo);
+            let below_hi = b.ins().fcmp(FloatCC::LessThanOrEqual, x, hi);
+            let inside = b.ins().band(above_lo, below_hi);
+            b.ins().select(inside, g, zero)
+        }
+        Op::Identity => g,
+        Op::Binary(f) => {
+            let (a, c) = (operands[1], operands[2]);
+            match (f, operand) {
+                (BinaryFn::Add, _) | (BinaryFn::Sub, 0) => g,
+                (BinaryFn::Sub, _) => b.ins().fneg(g),
+                (BinaryFn::Mul, 0) => b.ins().fmul(g, c),
+                (BinaryFn::Mul, _) => b.ins().fmul(g, a),
+                (BinaryFn::Div, 0) => b.ins().fdiv(g, c),
+                (BinaryFn::Div, _) => {
+                    // -g * a / (b * b)
+                    let negated = b.ins().fneg(g);
+                    let top = b.ins().fmul(negated, a);
+                    let square = b.ins().fmul(c, c);
+                    b.ins().fdiv(top, square)
+                }
+                (BinaryFn::Maximum, 0) | (BinaryFn::Minimum, 1) => share(b, g, a, c, zero),
+                (BinaryFn::Maximum, _) | (BinaryFn::Minimum, _) => share(b, g, c, a, zero),
+                (BinaryFn::Pow, _) => return Err(CodegenError("`pow` is not supported".into())),
+            }
+        }
+        other => {
+            return Err(CodegenError(format!(
+                "the VJP of `{}` is not supported",
+                other.name()
+            )));
+        }
+    })
+}
+
+/// `g` if `mine > other`, `g / 2` on a tie, else 0.
+fn share(b: &mut FunctionBuilder<'_>, g: Value, mine: Value, other: Value, zero: Value) -> Value {
+    let two = b.ins().f64const(2.0);
+    let half = b.ins().fdiv(g, two);
+    let greater = b.ins().fcmp(FloatCC::GreaterThan, mine, other);
+    let equal = b.ins().fcmp(FloatCC::Equal, mine, other);
+    let tie = b.ins().select(equal, half, zero);
+    b.ins().select(greater, g, tie)
+}

@@ -1,0 +1,261 @@
+//! The JIT backend (first stage): runs a graph's kernel plan
+//! (`passes::fusion`), with the elementwise kernels compiled to machine code
+//! by Cranelift (`codegen`) and every other kernel on the reference
+//! interpreter's kernels.
+//!
+//! Compiled kernels compute exactly what the interpreter computes (`f64`
+//! arithmetic, one `f32` rounding per op), so the backends agree bit for bit
+//! (`tests/jit.rs`). What issue 6 adds later: vectorized code,
+//! transcendentals, reductions and matrix products in compiled code, and
+//! one entry function per training step.
+
+pub mod codegen;
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::interp::{self, Context, Evaluation, InterpError, Tensor};
+use crate::ir::{Graph, NodeId, Shape};
+use crate::passes::fusion::{self, Plan};
+use crate::train::Backend;
+use codegen::{CodeCache, CompiledKernel};
+
+/// A graph prepared for running: its kernel plan and compiled kernels.
+struct Program {
+    plan: Plan,
+    kernels: Vec<Option<CompiledKernel>>,
+    clif: Vec<String>,
+    /// Keeps the compiled code alive as long as `kernels`.
+    _code: CodeCache,
+}
+
+/// The JIT backend. Programs are cached per graph, keyed by a fingerprint
+/// of its nodes (the runtime runs the same step graph every step).
+#[derive(Default)]
+pub struct Jit {
+    programs: HashMap<u64, Program>,
+}
+
+/// A hash of every node's id, op, type, role and operands: equal graphs
+/// share a program, different ones never do (up to hash collisions of
+/// 64 bits).
+fn fingerprint(graph: &Graph) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for id in graph.ids() {
+        let node = graph.node(id);
+        id.hash(&mut hasher);
+        format!("{:?}", node.op).hash(&mut hasher);
+        node.ty.hash(&mut hasher);
+        node.role.hash(&mut hasher);
+        graph.operands(id).hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+impl Jit {
+    /// A backend with an empty cache.
+    pub fn new() -> Jit {
+        Jit::default()
+    }
+
+    fn program(&mut self, graph: &Graph) -> Result<&Program, InterpError> {
+        let key = fingerprint(graph);
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.programs.entry(key) {
+            slot.insert(compile(graph).map_err(|e| InterpError::Internal(e.to_string()))?);
+        }
+        Ok(&self.programs[&key])
+    }
+
+    /// How many kernels of a graph are compiled, out of how many.
+    pub fn coverage(&mut self, graph: &Graph) -> Result<(usize, usize), InterpError> {
+        let program = self.program(graph)?;
+        Ok((
+            program.kernels.iter().filter(|k| k.is_some()).count(),
+            program.kernels.len(),
+        ))
+    }
+
+    /// The Cranelift IR of every compiled kernel of a graph.
+    pub fn clif(&mut self, graph: &Graph) -> Result<String, InterpError> {
+        Ok(self.program(graph)?.clif.join("\n"))
+    }
+}
+
+/// Plans a graph and compiles every kernel the code generator supports.
+fn compile(graph: &Graph) -> Result<Program, codegen::CodegenError> {
+    let plan = fusion::plan(graph);
+    let mut code = CodeCache::new()?;
+    let mut kernels = Vec::new();
+    let mut clif = Vec::new();
+    for (k, kernel) in plan.kernels.iter().enumerate() {
+        let all: Vec<NodeId> = kernel
+            .recompute
+            .iter()
+            .copied()
+            .chain(kernel.nodes.iter().copied())
+            .collect();
+        let compilable = kernel.kind == fusion::Kind::Elementwise
+            && all.iter().all(|&id| {
+                codegen::supported(graph, id) && graph.node(id).shape() == &kernel.loop_shape
+            });
+        if !compilable {
+            kernels.push(None);
+            continue;
+        }
+        // Recomputed values come first, then the kernel's own nodes.
+        let mut ordered = all;
+        let position: HashMap<NodeId, usize> = graph
+            .topo_order()
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, id)| (id, i))
+            .collect();
+        ordered.sort_by_key(|id| position[id]);
+        let inputs = plan.inputs(graph, k);
+        let outputs = plan.outputs(graph, k);
+        let (compiled, text) = code.compile(graph, &ordered, &inputs, &outputs)?;
+        clif.push(format!("; kernel k{k}\n{text}"));
+        kernels.push(Some(compiled));
+    }
+    Ok(Program {
+        plan,
+        kernels,
+        clif,
+        _code: code,
+    })
+}
+
+/// The broadcast factors `(k, m)` that read `operand` of shape `from` at
+/// `(i / k) % m` for element `i` of `to`; `None` when broadcasting is not
+/// one contiguous block of axes.
+fn factors(from: &[usize], to: &[usize]) -> Option<(i64, i64)> {
+    let offset = to.len().checked_sub(from.len())?;
+    let kept: Vec<usize> = (0..to.len())
+        .filter(|&d| d >= offset && from[d - offset] == to[d] && to[d] != 1)
+        .collect();
+    let broadcast = |d: usize| d < offset || from[d - offset] == 1;
+    if !(0..to.len()).all(|d| kept.contains(&d) || broadcast(d) || to[d] == 1) {
+        return None;
+    }
+    let (Some(&first), Some(&last)) = (kept.first(), kept.last()) else {
+        return Some((1, 1));
+    };
+    if (first..=last).any(|d| !kept.contains(&d) && to[d] != 1) {
+        return None;
+    }
+    let m: usize = to[first..=last].iter().product();
+    let k: usize = to[last + 1..].iter().product();
+    Some((i64::try_from(k.max(1)).ok()?, i64::try_from(m.max(1)).ok()?))
+}
+
+fn sizes(shape: &Shape, dims: &BTreeMap<String, usize>) -> Result<Vec<usize>, InterpError> {
+    interp::concrete(shape, dims)
+}
+
+impl Backend for Jit {
+    fn run(
+        &mut self,
+        graph: &Graph,
+        leaves: &BTreeMap<String, Tensor>,
+        context: Context,
+    ) -> Result<Evaluation, InterpError> {
+        let order = graph
+            .topo_order()
+            .ok_or_else(|| InterpError::Internal("the graph has a cycle".into()))?;
+        let mut evaluation = interp::bind_leaves(graph, &order, leaves)?;
+        let program = self.program(graph)?;
+        for (k, kernel) in program.plan.kernels.iter().enumerate() {
+            let compiled = program.kernels[k].as_ref();
+            let done = match compiled {
+                Some(compiled) => {
+                    run_compiled(graph, compiled, &kernel.loop_shape, &mut evaluation)?
+                }
+                None => false,
+            };
+            if done {
+                continue;
+            }
+            // The interpreter runs this kernel: recomputed values first.
+            for &id in kernel.recompute.iter().chain(&kernel.nodes) {
+                if !evaluation.values.contains_key(&id) {
+                    for operand in graph.operands(id) {
+                        if !evaluation.values.contains_key(&operand) {
+                            interp::evaluate_node(graph, operand, &mut evaluation, context)?;
+                        }
+                    }
+                    interp::evaluate_node(graph, id, &mut evaluation, context)?;
+                }
+            }
+        }
+        // Constants and anything no kernel produced (never needed by a
+        // result, but kept complete for callers that inspect values).
+        for &id in &order {
+            if !evaluation.values.contains_key(&id) && graph.node(id).op.is_leaf() {
+                interp::evaluate_node(graph, id, &mut evaluation, context)?;
+            }
+        }
+        Ok(evaluation)
+    }
+}
+
+/// Runs a compiled kernel; false if its operands' broadcasting does not fit
+/// the compiled access pattern at these sizes (the interpreter runs it).
+fn run_compiled(
+    graph: &Graph,
+    compiled: &CompiledKernel,
+    loop_shape: &Shape,
+    evaluation: &mut Evaluation,
+) -> Result<bool, InterpError> {
+    let to = sizes(loop_shape, &evaluation.dims)?;
+    let n: usize = to.iter().product();
+    let mut ks = Vec::new();
+    let mut ms = Vec::new();
+    for &input in &compiled.inputs {
+        let Some(value) = evaluation.values.get(&input) else {
+            return Ok(false);
+        };
+        let Some((k, m)) = factors(&value.shape, &to) else {
+            return Ok(false);
+        };
+        ks.push(k);
+        ms.push(m);
+    }
+    let inputs: Vec<&[f64]> = compiled
+        .inputs
+        .iter()
+        .map(|id| evaluation.values[id].data.as_slice())
+        .collect();
+    let mut outputs = vec![Vec::new(); compiled.outputs.len()];
+    compiled
+        .run(&inputs, &ks, &ms, &mut outputs, n)
+        .map_err(|e| InterpError::Internal(e.to_string()))?;
+    for (&id, data) in compiled.outputs.iter().zip(outputs) {
+        let node = graph.node(id);
+        evaluation.values.insert(
+            id,
+            Tensor {
+                dtype: node.dtype(),
+                shape: to.clone(),
+                data,
+            },
+        );
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcast_factors() {
+        assert_eq!(factors(&[2, 3], &[2, 3]), Some((1, 6)));
+        assert_eq!(factors(&[3], &[2, 3]), Some((1, 3)));
+        assert_eq!(factors(&[2, 1], &[2, 3]), Some((3, 2)));
+        assert_eq!(factors(&[], &[2, 3]), Some((1, 1)));
+        assert_eq!(factors(&[1, 1], &[2, 3]), Some((1, 1)));
+        assert_eq!(factors(&[2, 1, 4], &[2, 3, 4]), None);
+        assert_eq!(factors(&[3, 1], &[2, 3, 4]), Some((4, 3)));
+    }
+}

@@ -1,0 +1,202 @@
+//! The JIT backend against the reference interpreter: on every example and
+//! test model, in `f32` and `f64`, the step graph (forward, backward,
+//! optimizer update) and the eval graph give bit-identical results with
+//! the elementwise kernels compiled by Cranelift; and whole training runs
+//! end with bit-identical params.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use gradc::driver::compile_source;
+use gradc::gradcheck::random_leaves;
+use gradc::interp::{self, Context, Tensor};
+use gradc::ir::{DType, Dim, Graph, Role};
+use gradc::jit::Jit;
+use gradc::lower::LowerOptions;
+use gradc::step;
+use gradc::train::{Backend, Interpreter, Session, data};
+
+fn leaves_for(graph: &Graph, dtype: DType) -> BTreeMap<String, Tensor> {
+    let mut leaves = random_leaves(graph, 11, 5);
+    for id in graph.ids() {
+        let node = graph.node(id);
+        if node.role == Role::OptimizerState {
+            let shape: Vec<usize> = node
+                .shape()
+                .0
+                .iter()
+                .map(|d| {
+                    if let Dim::Fixed(n) = d {
+                        *n as usize
+                    } else {
+                        5
+                    }
+                })
+                .collect();
+            leaves.insert(
+                node.name.clone().unwrap_or_default(),
+                Tensor::zeros(node.dtype(), &shape),
+            );
+        }
+    }
+    leaves.insert(step::LR.into(), Tensor::scalar(dtype, 0.01));
+    leaves.insert(step::STEP.into(), Tensor::scalar(dtype, 3.0));
+    leaves
+}
+
+fn same(a: &Tensor, b: &Tensor) -> bool {
+    a.shape == b.shape
+        && a.data
+            .iter()
+            .zip(&b.data)
+            .all(|(x, y)| x == y || (x.is_nan() && y.is_nan()))
+}
+
+#[test]
+fn jit_and_interpreter_agree_bit_for_bit_on_every_model() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut compiled_kernels = 0;
+    for dir in ["examples", "tests/data"] {
+        for entry in std::fs::read_dir(root.join(dir)).expect("dir") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_none_or(|e| e != "grad") {
+                continue;
+            }
+            let source = std::fs::read_to_string(&path).expect("readable");
+            for dtype in [DType::F32, DType::F64] {
+                let compilation = compile_source(
+                    &path.display().to_string(),
+                    &source,
+                    LowerOptions {
+                        float_dtype: Some(dtype),
+                    },
+                );
+                for model in &compilation.models {
+                    let mut graphs = vec![model.eval.clone()];
+                    if model.train.loss().is_some() {
+                        graphs.push(
+                            step::build(
+                                &model.train,
+                                &model.train_config.clone().unwrap_or_default(),
+                            )
+                            .expect("step"),
+                        );
+                    }
+                    for graph in &graphs {
+                        let leaves = leaves_for(graph, dtype);
+                        let context = Context { seed: 4, step: 3 };
+                        let expected =
+                            interp::evaluate(graph, &leaves, context).expect("interpreter");
+                        let mut jit = Jit::new();
+                        let got = jit.run(graph, &leaves, context).expect("jit");
+                        compiled_kernels += jit.coverage(graph).expect("coverage").0;
+                        for id in graph.ids() {
+                            let node = graph.node(id);
+                            if node.role == Role::Intermediate || node.op.is_leaf() {
+                                continue;
+                            }
+                            assert!(
+                                same(&expected.values[&id], &got.values[&id]),
+                                "{} ({dtype}, {}): {:?} differs",
+                                path.display(),
+                                graph.mode,
+                                node.role
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        compiled_kernels > 100,
+        "only {compiled_kernels} kernels were compiled"
+    );
+}
+
+#[test]
+fn training_on_the_jit_ends_bit_identical() {
+    let source = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/bn_dropout.grad"
+    ))
+    .expect("example");
+    let compilation = compile_source("bn_dropout.grad", &source, LowerOptions::default());
+    let model = &compilation.models[0];
+    let mut config = model.train_config.clone().expect("train block");
+    config.data = None;
+    let mut a = Session::new(model, config.clone(), &[]).expect("session");
+    let mut b = Session::new(model, config, &[]).expect("session");
+    let digits = data::load(&data::Source::EmbeddedDigits, &a.forward).expect("digits");
+    let mut jit = Jit::new();
+    for step in 0..12 {
+        let rows: Vec<usize> = (step * 64..(step + 1) * 64).collect();
+        a.step(&mut Interpreter, data::batch(&digits, &rows, &a.forward))
+            .expect("interpreter step");
+        b.step(&mut jit, data::batch(&digits, &rows, &b.forward))
+            .expect("jit step");
+    }
+    let (compiled, total) = jit.coverage(&b.step_graph).expect("coverage");
+    assert!(compiled > 0 && compiled < total, "{compiled} of {total}");
+    for (name, value) in &a.state {
+        assert!(same(value, &b.state[name]), "{name} differs after 12 steps");
+    }
+}
+
+#[test]
+fn compiled_kernels_have_clif() {
+    let source = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/digits_mlp.grad"
+    ))
+    .expect("example");
+    let compilation = compile_source("digits_mlp.grad", &source, LowerOptions::default());
+    let model = &compilation.models[0];
+    let graph = step::build(
+        &model.train,
+        &model.train_config.clone().unwrap_or_default(),
+    )
+    .expect("step");
+    let clif = Jit::new().clif(&graph).expect("clif");
+    assert!(
+        clif.contains("; kernel k") && clif.contains("function u0:"),
+        "{clif}"
+    );
+    assert!(
+        clif.contains("fdemote.f32"),
+        "f32 rounding is emitted: {clif}"
+    );
+}
+
+mod common;
+
+#[test]
+fn cli_backend_flag_and_clif_stage() {
+    let (code, out, err) = common::run(&[
+        "train",
+        "examples/regression.grad",
+        "--epochs",
+        "2",
+        "--backend",
+        "jit",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (_, reference, _) = common::run(&["train", "examples/regression.grad", "--epochs", "2"]);
+    let loss = |text: &str| {
+        text.lines()
+            .last()
+            .and_then(|l| l.split("test loss ").nth(1))
+            .map(str::to_string)
+    };
+    assert_eq!(
+        loss(&out),
+        loss(&reference),
+        "jit: {out}\ninterpreter: {reference}"
+    );
+    let (code, clif, _) = common::run(&["graph", "examples/regression.grad", "--stage", "clif"]);
+    assert_eq!(code, 0);
+    assert!(
+        clif.starts_with("; kernel k") && clif.contains("system_v"),
+        "{clif}"
+    );
+}
