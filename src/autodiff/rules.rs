@@ -147,7 +147,7 @@ pub fn saved(op: &Op, operand: usize, arity: usize) -> Vec<usize> {
         | Op::Dropout { .. } => {}
         Op::Binary(BinaryFn::Mul) => reads.push(input(1 - operand.min(1))),
         Op::Binary(BinaryFn::Div) if operand == 0 => reads.push(input(1)),
-        Op::Binary(BinaryFn::Pow) if operand == 1 => reads.extend([input(0), output]),
+        Op::Binary(BinaryFn::Pow) if operand == 1 => reads.extend([input(0), input(1), output]),
         Op::Binary(_) => reads.extend([input(0), input(1)]),
         Op::MatMul => reads.push(input(1 - operand.min(1))),
         Op::Reduce {

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{
-    AbiParam, InstBuilder, MemFlagsData, Signature, UserFuncName, Value, types,
+    AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, UserFuncName, Value, types,
 };
 use cranelift_codegen::isa::CallConv;
 use cranelift_codegen::settings::{self, Configurable};
@@ -30,6 +30,7 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
 
+use crate::interp::kernels;
 use crate::ir::{BinaryFn, DType, Graph, NodeId, Op, UnaryFn};
 
 /// Why code could not be generated (a compiler bug or an unsupported host).
@@ -51,23 +52,95 @@ pub fn supported(graph: &Graph, id: NodeId) -> bool {
         return false;
     }
     match &node.op {
-        Op::Binary(f) => *f != BinaryFn::Pow,
-        Op::Unary(f) => matches!(
-            f,
-            UnaryFn::Neg | UnaryFn::Abs | UnaryFn::Sqrt | UnaryFn::Relu
-        ),
-        Op::LeakyRelu { .. } | Op::Clamp { .. } | Op::Identity | Op::StopGradient => true,
-        Op::Vjp { forward, .. } => match forward.as_ref() {
-            Op::Binary(f) => *f != BinaryFn::Pow,
-            Op::Unary(f) => matches!(
-                f,
-                UnaryFn::Neg | UnaryFn::Abs | UnaryFn::Sqrt | UnaryFn::Relu
-            ),
-            Op::LeakyRelu { .. } | Op::Clamp { .. } | Op::Identity => true,
-            _ => false,
-        },
+        Op::Binary(_)
+        | Op::Unary(_)
+        | Op::LeakyRelu { .. }
+        | Op::Clamp { .. }
+        | Op::Identity
+        | Op::StopGradient => true,
+        Op::Vjp { forward, .. } => {
+            matches!(
+                forward.as_ref(),
+                Op::Binary(_)
+                    | Op::Unary(_)
+                    | Op::LeakyRelu { .. }
+                    | Op::Clamp { .. }
+                    | Op::Identity
+            )
+        }
         _ => false,
     }
+}
+
+// The transcendental functions compiled code calls: the interpreter's own
+// scalar functions, so results stay bit-identical. (Vectorized polynomial
+// approximations replace them in a later stage, with their error measured.)
+extern "C" fn gradc_exp(x: f64) -> f64 {
+    kernels::unary(UnaryFn::Exp, x)
+}
+extern "C" fn gradc_log(x: f64) -> f64 {
+    kernels::unary(UnaryFn::Log, x)
+}
+extern "C" fn gradc_tanh(x: f64) -> f64 {
+    kernels::unary(UnaryFn::Tanh, x)
+}
+extern "C" fn gradc_sigmoid(x: f64) -> f64 {
+    kernels::sigmoid(x)
+}
+extern "C" fn gradc_gelu(x: f64) -> f64 {
+    kernels::unary(UnaryFn::Gelu, x)
+}
+extern "C" fn gradc_gelu_derivative(x: f64) -> f64 {
+    kernels::gelu_derivative(x)
+}
+extern "C" fn gradc_softplus(x: f64) -> f64 {
+    kernels::softplus(x)
+}
+extern "C" fn gradc_sin(x: f64) -> f64 {
+    kernels::unary(UnaryFn::Sin, x)
+}
+extern "C" fn gradc_cos(x: f64) -> f64 {
+    kernels::unary(UnaryFn::Cos, x)
+}
+extern "C" fn gradc_pow(a: f64, b: f64) -> f64 {
+    kernels::binary(BinaryFn::Pow, a, b)
+}
+
+/// The functions compiled code may call: name, address, arity.
+fn runtime_functions() -> Vec<(&'static str, *const u8, usize)> {
+    vec![
+        ("gradc_exp", gradc_exp as *const u8, 1),
+        ("gradc_log", gradc_log as *const u8, 1),
+        ("gradc_tanh", gradc_tanh as *const u8, 1),
+        ("gradc_sigmoid", gradc_sigmoid as *const u8, 1),
+        ("gradc_gelu", gradc_gelu as *const u8, 1),
+        (
+            "gradc_gelu_derivative",
+            gradc_gelu_derivative as *const u8,
+            1,
+        ),
+        ("gradc_softplus", gradc_softplus as *const u8, 1),
+        ("gradc_sin", gradc_sin as *const u8, 1),
+        ("gradc_cos", gradc_cos as *const u8, 1),
+        ("gradc_pow", gradc_pow as *const u8, 2),
+    ]
+}
+
+/// The runtime functions as they are referenced in one function.
+type Calls = HashMap<&'static str, FuncRef>;
+
+/// Calls a runtime function and returns its result.
+fn call(
+    b: &mut FunctionBuilder<'_>,
+    calls: &Calls,
+    name: &str,
+    arguments: &[Value],
+) -> Result<Value, CodegenError> {
+    let function = *calls
+        .get(name)
+        .ok_or_else(|| CodegenError(format!("no runtime function `{name}`")))?;
+    let instruction = b.ins().call(function, arguments);
+    Ok(b.inst_results(instruction)[0])
 }
 
 /// A compiled kernel: its entry point and what to pass it.
@@ -136,6 +209,7 @@ impl CompiledKernel {
 /// A JIT module holding compiled kernels; dropping it frees their code.
 pub struct CodeCache {
     module: JITModule,
+    imports: HashMap<&'static str, FuncId>,
     next: u32,
 }
 
@@ -153,8 +227,26 @@ impl CodeCache {
             .map_err(|e| CodegenError(e.to_string()))?
             .finish(settings::Flags::new(flags))
             .map_err(|e| CodegenError(e.to_string()))?;
+        let mut builder = JITBuilder::with_isa(isa, default_libcall_names());
+        for (name, address, _) in runtime_functions() {
+            builder.symbol(name, address);
+        }
+        let mut module = JITModule::new(builder);
+        let mut imports = HashMap::new();
+        for (name, _, arity) in runtime_functions() {
+            let mut signature = Signature::new(CallConv::SystemV);
+            for _ in 0..arity {
+                signature.params.push(AbiParam::new(types::F64));
+            }
+            signature.returns.push(AbiParam::new(types::F64));
+            let id = module
+                .declare_function(name, Linkage::Import, &signature)
+                .map_err(|e| CodegenError(e.to_string()))?;
+            imports.insert(name, id);
+        }
         Ok(CodeCache {
-            module: JITModule::new(JITBuilder::with_isa(isa, default_libcall_names())),
+            module,
+            imports,
             next: 0,
         })
     }
@@ -219,6 +311,10 @@ impl CodeCache {
             b.ins().brif(more, body, &[], exit, &[]);
 
             b.switch_to_block(body);
+            let mut calls: Calls = HashMap::new();
+            for (&name, &id) in &self.imports {
+                calls.insert(name, self.module.declare_func_in_func(id, b.func));
+            }
             let mut values: HashMap<NodeId, Value> = HashMap::new();
             for (j, &input) in inputs.iter().enumerate() {
                 let (k, m) = factors[j];
@@ -229,7 +325,7 @@ impl CodeCache {
                 values.insert(input, b.ins().load(types::F64, flags, address, 0));
             }
             for &id in nodes {
-                let value = emit(&mut b, graph, id, &values)?;
+                let value = emit(&mut b, graph, id, &values, &calls)?;
                 values.insert(id, value);
             }
             let offset = b.ins().imul_imm_u(i, 8);
@@ -296,6 +392,7 @@ fn emit(
     graph: &Graph,
     id: NodeId,
     values: &HashMap<NodeId, Value>,
+    calls: &Calls,
 ) -> Result<Value, CodegenError> {
     let node = graph.node(id);
     // A VJP reads only what its rule saves; the operands it does not read
@@ -322,8 +419,8 @@ fn emit(
     }
     let zero = b.ins().f64const(0.0);
     let raw = match &node.op {
-        Op::Binary(f) => binary(b, *f, operands[0], operands[1])?,
-        Op::Unary(f) => unary(b, *f, operands[0], zero)?,
+        Op::Binary(f) => binary(b, *f, operands[0], operands[1], calls)?,
+        Op::Unary(f) => unary(b, *f, operands[0], zero, calls)?,
         Op::LeakyRelu { slope } => {
             let scaled = b.ins().f64const(*slope);
             let negative = b.ins().fmul(operands[0], scaled);
@@ -332,7 +429,7 @@ fn emit(
         }
         Op::Clamp { lo, hi } => clamp(b, operands[0], *lo, *hi),
         Op::Identity | Op::StopGradient => operands[0],
-        Op::Vjp { forward, operand } => vjp(b, forward, *operand, &operands, zero)?,
+        Op::Vjp { forward, operand } => vjp(b, forward, *operand, &operands, zero, calls)?,
         other => return Err(CodegenError(format!("`{}` is not supported", other.name()))),
     };
     Ok(round(b, graph, id, raw))
@@ -343,6 +440,7 @@ fn binary(
     f: BinaryFn,
     x: Value,
     y: Value,
+    calls: &Calls,
 ) -> Result<Value, CodegenError> {
     Ok(match f {
         BinaryFn::Add => b.ins().fadd(x, y),
@@ -353,7 +451,7 @@ fn binary(
         // as the interpreter does.
         BinaryFn::Maximum => b.ins().fmax(x, y),
         BinaryFn::Minimum => b.ins().fmin(x, y),
-        BinaryFn::Pow => return Err(CodegenError("`pow` is not supported".into())),
+        BinaryFn::Pow => call(b, calls, "gradc_pow", &[x, y])?,
     })
 }
 
@@ -362,6 +460,7 @@ fn unary(
     f: UnaryFn,
     x: Value,
     zero: Value,
+    calls: &Calls,
 ) -> Result<Value, CodegenError> {
     Ok(match f {
         UnaryFn::Neg => b.ins().fneg(x),
@@ -372,7 +471,14 @@ fn unary(
             let positive = b.ins().fcmp(FloatCC::GreaterThan, x, zero);
             b.ins().select(positive, x, zero)
         }
-        other => return Err(CodegenError(format!("`{}` is not supported", other.name()))),
+        UnaryFn::Exp => call(b, calls, "gradc_exp", &[x])?,
+        UnaryFn::Log => call(b, calls, "gradc_log", &[x])?,
+        UnaryFn::Tanh => call(b, calls, "gradc_tanh", &[x])?,
+        UnaryFn::Sigmoid => call(b, calls, "gradc_sigmoid", &[x])?,
+        UnaryFn::Gelu => call(b, calls, "gradc_gelu", &[x])?,
+        UnaryFn::Softplus => call(b, calls, "gradc_softplus", &[x])?,
+        UnaryFn::Sin => call(b, calls, "gradc_sin", &[x])?,
+        UnaryFn::Cos => call(b, calls, "gradc_cos", &[x])?,
     })
 }
 
@@ -394,6 +500,7 @@ fn vjp(
     operand: usize,
     operands: &[Value],
     zero: Value,
+    calls: &Calls,
 ) -> Result<Value, CodegenError> {
     let g = operands[0];
     let x = operands[1];
@@ -418,6 +525,48 @@ fn vjp(
         Op::Unary(UnaryFn::Relu) => {
             let positive = b.ins().fcmp(FloatCC::GreaterThan, y, zero);
             b.ins().select(positive, g, zero)
+        }
+        // g y
+        Op::Unary(UnaryFn::Exp) => b.ins().fmul(g, y),
+        // g / x
+        Op::Unary(UnaryFn::Log) => b.ins().fdiv(g, x),
+        // g (1 - y y)
+        Op::Unary(UnaryFn::Tanh) => {
+            let one = b.ins().f64const(1.0);
+            let square = b.ins().fmul(y, y);
+            let complement = b.ins().fsub(one, square);
+            b.ins().fmul(g, complement)
+        }
+        // g y (1 - y)
+        Op::Unary(UnaryFn::Sigmoid) => {
+            let one = b.ins().f64const(1.0);
+            let gy = b.ins().fmul(g, y);
+            let complement = b.ins().fsub(one, y);
+            b.ins().fmul(gy, complement)
+        }
+        // g (Phi(x) + x phi(x))
+        Op::Unary(UnaryFn::Gelu) => {
+            let derivative = call(b, calls, "gradc_gelu_derivative", &[x])?;
+            b.ins().fmul(g, derivative)
+        }
+        // g sigmoid(x), or g above the threshold 20
+        Op::Unary(UnaryFn::Softplus) => {
+            let sigmoid = call(b, calls, "gradc_sigmoid", &[x])?;
+            let scaled = b.ins().fmul(g, sigmoid);
+            let threshold = b.ins().f64const(20.0);
+            let above = b.ins().fcmp(FloatCC::GreaterThan, x, threshold);
+            b.ins().select(above, g, scaled)
+        }
+        // g cos x
+        Op::Unary(UnaryFn::Sin) => {
+            let cos = call(b, calls, "gradc_cos", &[x])?;
+            b.ins().fmul(g, cos)
+        }
+        // -g sin x
+        Op::Unary(UnaryFn::Cos) => {
+            let sin = call(b, calls, "gradc_sin", &[x])?;
+            let negated = b.ins().fneg(g);
+            b.ins().fmul(negated, sin)
         }
         Op::LeakyRelu { slope } => {
             let slope = b.ins().f64const(*slope);
@@ -451,7 +600,26 @@ fn vjp(
                 }
                 (BinaryFn::Maximum, 0) | (BinaryFn::Minimum, 1) => share(b, g, a, c, zero),
                 (BinaryFn::Maximum, _) | (BinaryFn::Minimum, _) => share(b, g, c, a, zero),
-                (BinaryFn::Pow, _) => return Err(CodegenError("`pow` is not supported".into())),
+                // g b a^(b - 1), 0 where b = 0
+                (BinaryFn::Pow, 0) => {
+                    let one = b.ins().f64const(1.0);
+                    let lowered = b.ins().fsub(c, one);
+                    let power = call(b, calls, "gradc_pow", &[a, lowered])?;
+                    let gb = b.ins().fmul(g, c);
+                    let product = b.ins().fmul(gb, power);
+                    let constant = b.ins().fcmp(FloatCC::Equal, c, zero);
+                    b.ins().select(constant, zero, product)
+                }
+                // g y ln a, 0 where a = 0 and b >= 0
+                (BinaryFn::Pow, _) => {
+                    let log = call(b, calls, "gradc_log", &[a])?;
+                    let gy = b.ins().fmul(g, y);
+                    let product = b.ins().fmul(gy, log);
+                    let base_zero = b.ins().fcmp(FloatCC::Equal, a, zero);
+                    let exponent_nonnegative = b.ins().fcmp(FloatCC::GreaterThanOrEqual, c, zero);
+                    let masked = b.ins().band(base_zero, exponent_nonnegative);
+                    b.ins().select(masked, zero, product)
+                }
             }
         }
         other => {
