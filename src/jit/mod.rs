@@ -14,7 +14,7 @@ pub mod codegen;
 use std::collections::{BTreeMap, HashMap};
 
 use crate::interp::{self, Context, Evaluation, InterpError, Tensor};
-use crate::ir::{Graph, NodeId, Shape};
+use crate::ir::{Graph, NodeId, Op, Shape};
 use crate::passes::fusion::{self, Plan};
 use crate::train::Backend;
 use codegen::{CodeCache, CompiledKernel};
@@ -23,6 +23,8 @@ use codegen::{CodeCache, CompiledKernel};
 struct Program {
     plan: Plan,
     kernels: Vec<Option<CompiledKernel>>,
+    /// The shape each compiled kernel loops over.
+    loops: Vec<Shape>,
     clif: Vec<String>,
     /// Keeps the compiled code alive as long as `kernels`.
     _code: CodeCache,
@@ -86,6 +88,7 @@ fn compile(graph: &Graph) -> Result<Program, codegen::CodegenError> {
     let plan = fusion::plan(graph);
     let mut code = CodeCache::new()?;
     let mut kernels = Vec::new();
+    let mut loops = Vec::new();
     let mut clif = Vec::new();
     for (k, kernel) in plan.kernels.iter().enumerate() {
         let all: Vec<NodeId> = kernel
@@ -94,12 +97,30 @@ fn compile(graph: &Graph) -> Result<Program, codegen::CodegenError> {
             .copied()
             .chain(kernel.nodes.iter().copied())
             .collect();
-        let compilable = kernel.kind == fusion::Kind::Elementwise
-            && all.iter().all(|&id| {
-                codegen::supported(graph, id) && graph.node(id).shape() == &kernel.loop_shape
-            });
+        // Elementwise ops over the loop shape, perhaps closed by a sum of
+        // one of them. A kernel that is only a sum loops over its operand.
+        let loop_shape = match kernel.kind {
+            fusion::Kind::Reduction => graph
+                .node(graph.operands(kernel.nodes[0])[0])
+                .shape()
+                .clone(),
+            _ => kernel.loop_shape.clone(),
+        };
+        let elementwise =
+            |id: NodeId| codegen::supported(graph, id) && graph.node(id).shape() == &loop_shape;
+        let closing_sum = |id: NodeId| {
+            codegen::is_sum(graph, id) && graph.node(graph.operands(id)[0]).shape() == &loop_shape
+        };
+        let last = kernel.nodes.last().copied();
+        let compilable = matches!(
+            kernel.kind,
+            fusion::Kind::Elementwise | fusion::Kind::Reduction
+        ) && all
+            .iter()
+            .all(|&id| elementwise(id) || (Some(id) == last && closing_sum(id)));
         if !compilable {
             kernels.push(None);
+            loops.push(loop_shape);
             continue;
         }
         // Recomputed values come first, then the kernel's own nodes.
@@ -117,10 +138,12 @@ fn compile(graph: &Graph) -> Result<Program, codegen::CodegenError> {
         let (compiled, text) = code.compile(graph, &ordered, &inputs, &outputs)?;
         clif.push(format!("; kernel k{k}\n{text}"));
         kernels.push(Some(compiled));
+        loops.push(loop_shape);
     }
     Ok(Program {
         plan,
         kernels,
+        loops,
         clif,
         _code: code,
     })
@@ -169,7 +192,7 @@ impl Backend for Jit {
             let compiled = program.kernels[k].as_ref();
             let done = match compiled {
                 Some(compiled) => {
-                    run_compiled(graph, compiled, &kernel.loop_shape, &mut evaluation)?
+                    run_compiled(graph, compiled, &program.loops[k], &mut evaluation)?
                 }
                 None => false,
             };
@@ -221,6 +244,31 @@ fn run_compiled(
         ks.push(k);
         ms.push(m);
     }
+    // Outputs: a sum accumulates at (i / k) % m of its kept shape, any
+    // other output is written at every i.
+    for &output in &compiled.outputs {
+        let node = graph.node(output);
+        let (k, m) = match &node.op {
+            Op::Reduce { axes, .. } => {
+                let kept: Vec<usize> = to
+                    .iter()
+                    .enumerate()
+                    .map(|(d, &size)| if axes.contains(&d) { 1 } else { size })
+                    .collect();
+                match factors(&kept, &to) {
+                    Some(f) => f,
+                    None => return Ok(false),
+                }
+            }
+            Op::SumTo => match factors(&sizes(node.shape(), &evaluation.dims)?, &to) {
+                Some(f) => f,
+                None => return Ok(false),
+            },
+            _ => (1, i64::try_from(n).unwrap_or(i64::MAX)),
+        };
+        ks.push(k);
+        ms.push(m);
+    }
     let inputs: Vec<&[f64]> = compiled
         .inputs
         .iter()
@@ -232,14 +280,12 @@ fn run_compiled(
         .map_err(|e| InterpError::Internal(e.to_string()))?;
     for (&id, data) in compiled.outputs.iter().zip(outputs) {
         let node = graph.node(id);
-        evaluation.values.insert(
-            id,
-            Tensor {
-                dtype: node.dtype(),
-                shape: to.clone(),
-                data,
-            },
-        );
+        let shape = sizes(node.shape(), &evaluation.dims)?;
+        // Tensor::new rounds a sum accumulated in f64 to the node's type,
+        // as the interpreter does.
+        evaluation
+            .values
+            .insert(id, Tensor::new(node.dtype(), shape, data));
     }
     Ok(true)
 }
