@@ -1,5 +1,6 @@
 //! Benchmark of one training step (forward, backward, SGD update,
-//! cross-entropy) on the reference interpreter, for two MLPs: tiny
+//! cross-entropy) on the reference interpreter and on the JIT's first
+//! stage, for two MLPs: tiny
 //! 64-32-10 at batch 32 and medium 64-256-256-10 at batch 128. Prints the
 //! median and spread after a warm-up. The interpreter is the correctness
 //! oracle, not the fast path: these numbers are the baseline the JIT is
@@ -10,9 +11,10 @@ use std::time::{Duration, Instant};
 use gradc::driver::compile_source;
 use gradc::interp::Tensor;
 use gradc::ir::DType;
+use gradc::jit::Jit;
 use gradc::lower::LowerOptions;
 use gradc::random::Stream;
-use gradc::train::{Interpreter, Session};
+use gradc::train::{Backend, Interpreter, Session};
 
 fn mlp(layers: &[usize]) -> String {
     let mut source = format!(
@@ -37,7 +39,7 @@ fn mlp(layers: &[usize]) -> String {
     source
 }
 
-fn bench(name: &str, layers: &[usize], batch: usize, steps: usize) {
+fn bench(name: &str, layers: &[usize], batch: usize, steps: usize, jit: bool) {
     let compilation = compile_source("mlp.grad", &mlp(layers), LowerOptions::default());
     assert!(
         !compilation.has_errors(),
@@ -76,7 +78,8 @@ fn bench(name: &str, layers: &[usize], batch: usize, steps: usize) {
     times.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!(
-        "interpreter step, {name} ({}), batch {batch}: median {:.0} us, min {:.0} us, max {:.0} us over {steps} steps",
+        "{} step, {name} ({}), batch {batch}: median {:.0} us, min {:.0} us, max {:.0} us over {steps} steps",
+        if jit { "jit" } else { "interpreter" },
         layers
             .iter()
             .map(ToString::to_string)
@@ -89,6 +92,8 @@ fn bench(name: &str, layers: &[usize], batch: usize, steps: usize) {
 }
 
 fn main() {
-    bench("tiny", &[64, 32, 10], 32, 200);
-    bench("medium", &[64, 256, 256, 10], 128, 30);
+    for jit in [false, true] {
+        bench("tiny", &[64, 32, 10], 32, 200, jit);
+        bench("medium", &[64, 256, 256, 10], 128, 30, jit);
+    }
 }
