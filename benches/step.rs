@@ -61,11 +61,14 @@ fn bench(name: &str, layers: &[usize], batch: usize, steps: usize, jit: bool) {
         vec![batch],
         (0..batch).map(|_| stream.below(classes) as f64).collect(),
     );
+    let mut interpreter = Interpreter;
+    let mut compiled = Jit::new();
+    let backend: &mut dyn Backend = if jit { &mut compiled } else { &mut interpreter };
     let mut run = || {
         let start = Instant::now();
         session
             .step(
-                &mut Interpreter,
+                backend,
                 vec![("x".into(), x.clone()), ("y".into(), y.clone())],
             )
             .expect("step");

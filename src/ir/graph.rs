@@ -170,27 +170,55 @@ impl Node {
 }
 
 /// A computation graph of one model in one mode.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Graph {
     /// The model's name.
     pub model: String,
     /// Train or eval.
     pub mode: Mode,
     inner: StableGraph<Node, u32>,
+    /// A number no other graph, and no earlier state of this one, has:
+    /// renewed by every change and every clone, so a backend can cache what
+    /// it compiled for a graph by it.
+    version: u64,
+}
+
+/// The next graph version.
+fn fresh_version() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+impl Clone for Graph {
+    fn clone(&self) -> Graph {
+        Graph {
+            model: self.model.clone(),
+            mode: self.mode,
+            inner: self.inner.clone(),
+            version: fresh_version(),
+        }
+    }
 }
 
 impl Graph {
+    /// This graph's version: equal versions mean the same graph, unchanged.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     /// An empty graph.
     pub fn new(model: impl Into<String>, mode: Mode) -> Graph {
         Graph {
             model: model.into(),
             mode,
             inner: StableGraph::new(),
+            version: fresh_version(),
         }
     }
 
     /// Adds a node with its operands in order.
     pub fn add(&mut self, node: Node, operands: &[NodeId]) -> NodeId {
+        self.version = fresh_version();
         let index = self.inner.add_node(node);
         for (i, operand) in operands.iter().enumerate() {
             let position = u32::try_from(i).unwrap_or(u32::MAX);
@@ -207,6 +235,7 @@ impl Graph {
 
     /// Mutable access to a node.
     pub fn node_mut(&mut self, id: NodeId) -> &mut Node {
+        self.version = fresh_version();
         &mut self.inner[id.index()]
     }
 
@@ -268,6 +297,7 @@ impl Graph {
     /// positions. `old` keeps its own operands (dead-code elimination
     /// removes it if nothing else needs it).
     pub fn redirect_uses(&mut self, old: NodeId, new: NodeId) {
+        self.version = fresh_version();
         let edges: Vec<(NodeIndex, u32, petgraph::stable_graph::EdgeIndex)> = self
             .inner
             .edges_directed(old.index(), Direction::Outgoing)
@@ -281,6 +311,7 @@ impl Graph {
 
     /// Replaces an operand edge of `user` at `position` with one from `new`.
     pub fn set_operand(&mut self, user: NodeId, position: usize, new: NodeId) {
+        self.version = fresh_version();
         let edge = self
             .inner
             .edges_directed(user.index(), Direction::Incoming)
@@ -295,6 +326,7 @@ impl Graph {
 
     /// Removes a node and its edges.
     pub fn remove(&mut self, id: NodeId) -> Option<Node> {
+        self.version = fresh_version();
         self.inner.remove_node(id.index())
     }
 

@@ -30,28 +30,12 @@ struct Program {
     _code: CodeCache,
 }
 
-/// The JIT backend. Programs are cached per graph, keyed by a fingerprint
-/// of its nodes (the runtime runs the same step graph every step).
+/// The JIT backend. Programs are cached per graph version
+/// (`Graph::version`): the runtime runs the same step graph every step, and
+/// any change to a graph gives it a new version.
 #[derive(Default)]
 pub struct Jit {
     programs: HashMap<u64, Program>,
-}
-
-/// A hash of every node's id, op, type, role and operands: equal graphs
-/// share a program, different ones never do (up to hash collisions of
-/// 64 bits).
-fn fingerprint(graph: &Graph) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    for id in graph.ids() {
-        let node = graph.node(id);
-        id.hash(&mut hasher);
-        format!("{:?}", node.op).hash(&mut hasher);
-        node.ty.hash(&mut hasher);
-        node.role.hash(&mut hasher);
-        graph.operands(id).hash(&mut hasher);
-    }
-    hasher.finish()
 }
 
 impl Jit {
@@ -61,7 +45,7 @@ impl Jit {
     }
 
     fn program(&mut self, graph: &Graph) -> Result<&Program, InterpError> {
-        let key = fingerprint(graph);
+        let key = graph.version();
         if let std::collections::hash_map::Entry::Vacant(slot) = self.programs.entry(key) {
             slot.insert(compile(graph).map_err(|e| InterpError::Internal(e.to_string()))?);
         }
