@@ -116,12 +116,7 @@ fn jit_and_interpreter_agree_bit_for_bit_on_every_model() {
 
 #[test]
 fn training_on_the_jit_ends_bit_identical() {
-    let source = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/bn_dropout.grad"
-    ))
-    .expect("example");
-    let compilation = compile_source("bn_dropout.grad", &source, LowerOptions::default());
+    let compilation = common::example("bn_dropout.grad");
     let model = &compilation.models[0];
     let mut config = model.train_config.clone().expect("train block");
     config.data = None;
@@ -145,12 +140,7 @@ fn training_on_the_jit_ends_bit_identical() {
 
 #[test]
 fn compiled_kernels_have_clif() {
-    let source = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/digits_mlp.grad"
-    ))
-    .expect("example");
-    let compilation = compile_source("digits_mlp.grad", &source, LowerOptions::default());
+    let compilation = common::example("digits_mlp.grad");
     let model = &compilation.models[0];
     let graph = step::build(
         &model.train,

@@ -187,12 +187,7 @@ fn schedules() {
 }
 
 fn digits_session(epochs: u64) -> (Session, data::Dataset, data::Split) {
-    let source = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/digits_mlp.grad"
-    ))
-    .expect("example");
-    let compilation = compile_source("digits_mlp.grad", &source, LowerOptions::default());
+    let compilation = common::example("digits_mlp.grad");
     let model = &compilation.models[0];
     let mut config = model.train_config.clone().expect("train block");
     config.epochs = epochs;
@@ -247,12 +242,7 @@ fn an_interrupted_and_resumed_run_ends_bit_identical() {
 
 #[test]
 fn frozen_params_stay_bit_identical_and_freeze_flag_works() {
-    let source = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/frozen_features.grad"
-    ))
-    .expect("example");
-    let compilation = compile_source("frozen_features.grad", &source, LowerOptions::default());
+    let compilation = common::example("frozen_features.grad");
     let model = &compilation.models[0];
     let mut config = model.train_config.clone().expect("train block");
     config.epochs = 1;

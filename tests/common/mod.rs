@@ -40,3 +40,12 @@ pub fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
 }
+
+/// Compiles a file of `examples/` with the default options.
+pub fn example(name: &str) -> gradc::driver::Compilation {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name);
+    let source = std::fs::read_to_string(&path).expect("the example exists");
+    gradc::driver::compile_source(name, &source, gradc::lower::LowerOptions::default())
+}
