@@ -190,3 +190,41 @@ fn cli_backend_flag_and_clif_stage() {
         "{clif}"
     );
 }
+
+#[test]
+fn compiled_dropout_draws_the_interpreters_mask() {
+    let source = "model m {
+        input x: f32[B, 7]
+        param w: f32[7] = uniform(-1, 1)
+        let d = dropout(x * w + 1, 0.3)
+        loss mean(d * d)
+    }";
+    let compilation = compile_source("m.grad", source, LowerOptions::default());
+    let model = &compilation.models[0];
+    let graph = step::build(
+        &model.train,
+        &model.train_config.clone().unwrap_or_default(),
+    )
+    .expect("step");
+    let leaves = leaves_for(&graph, DType::F32);
+    let mut jit = Jit::new();
+    let clif = jit.clif(&graph).expect("clif");
+    assert!(
+        clif.contains("(f64, i64, i64, i64, i64) -> f64"),
+        "dropout is compiled: {clif}"
+    );
+    for step in 1..4 {
+        let context = Context { seed: 9, step };
+        let expected = interp::evaluate(&graph, &leaves, context).expect("interpreter");
+        let got = jit.run(&graph, &leaves, context).expect("jit");
+        for id in graph.ids() {
+            if graph.node(id).role != Role::Intermediate && !graph.node(id).op.is_leaf() {
+                assert!(
+                    same(&expected.values[&id], &got.values[&id]),
+                    "step {step}: {:?}",
+                    graph.node(id).role
+                );
+            }
+        }
+    }
+}

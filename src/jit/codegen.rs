@@ -69,7 +69,8 @@ pub fn supported(graph: &Graph, id: NodeId) -> bool {
         | Op::LeakyRelu { .. }
         | Op::Clamp { .. }
         | Op::Identity
-        | Op::StopGradient => true,
+        | Op::StopGradient
+        | Op::Dropout { .. } => true,
         Op::Vjp { forward, .. } => {
             matches!(
                 forward.as_ref(),
@@ -77,6 +78,7 @@ pub fn supported(graph: &Graph, id: NodeId) -> bool {
                     | Op::Unary(_)
                     | Op::LeakyRelu { .. }
                     | Op::Clamp { .. }
+                    | Op::Dropout { .. }
                     | Op::Identity
             )
         }
@@ -118,6 +120,14 @@ extern "C" fn gradc_pow(a: f64, b: f64) -> f64 {
     kernels::binary(BinaryFn::Pow, a, b)
 }
 
+/// Dropout's scale of element `index`: 0 where it is dropped, else
+/// `1 / (1 - p)`; the same counter-based draw as the interpreter's.
+extern "C" fn gradc_dropout_scale(p: f64, key: i64, seed: i64, step: i64, index: i64) -> f64 {
+    // The integers arrive as the bits of the interpreter's unsigned values.
+    let draw = crate::random::uniform_at(seed as u64, step as u64, key as u32, index as u64);
+    if draw < p { 0.0 } else { 1.0 / (1.0 - p) }
+}
+
 /// The functions compiled code may call: name, address, arity.
 fn runtime_functions() -> Vec<(&'static str, *const u8, usize)> {
     vec![
@@ -136,6 +146,50 @@ fn runtime_functions() -> Vec<(&'static str, *const u8, usize)> {
         ("gradc_cos", gradc_cos as *const u8, 1),
         ("gradc_pow", gradc_pow as *const u8, 2),
     ]
+}
+
+/// Declares `gradc_dropout_scale(f64, i64, i64, i64, i64) -> f64`.
+fn builder_free_dropout(
+    module: &mut JITModule,
+    imports: &mut HashMap<&'static str, FuncId>,
+) -> Result<(), CodegenError> {
+    let mut signature = Signature::new(CallConv::SystemV);
+    signature.params.push(AbiParam::new(types::F64));
+    for _ in 0..4 {
+        signature.params.push(AbiParam::new(types::I64));
+    }
+    signature.returns.push(AbiParam::new(types::F64));
+    let id = module
+        .declare_function("gradc_dropout_scale", Linkage::Import, &signature)
+        .map_err(|e| CodegenError(e.to_string()))?;
+    imports.insert("gradc_dropout_scale", id);
+    Ok(())
+}
+
+/// Where in the loop and run an element is: what a dropout mask depends on.
+#[derive(Clone, Copy)]
+struct Place {
+    index: Value,
+    seed: Value,
+    step: Value,
+}
+
+/// Dropout's scale of the current element.
+fn dropout_scale(
+    b: &mut FunctionBuilder<'_>,
+    calls: &Calls,
+    p: f64,
+    key: u32,
+    place: Place,
+) -> Result<Value, CodegenError> {
+    let p = b.ins().f64const(p);
+    let key = b.ins().iconst(types::I64, i64::from(key));
+    call(
+        b,
+        calls,
+        "gradc_dropout_scale",
+        &[p, key, place.seed, place.step, place.index],
+    )
 }
 
 /// The runtime functions as they are referenced in one function.
@@ -157,7 +211,7 @@ fn call(
 
 /// A compiled kernel: its entry point and what to pass it.
 pub struct CompiledKernel {
-    entry: extern "C" fn(*const *const f64, *const i64, *const i64, i64),
+    entry: extern "C" fn(*const *const f64, *const i64, *const i64, i64, *const i64),
     /// Values read, in argument order (before the outputs).
     pub inputs: Vec<NodeId>,
     /// Values written, in argument order (after the inputs).
@@ -179,6 +233,7 @@ impl CompiledKernel {
         ms: &[i64],
         outputs: &mut [Vec<f64>],
         n: usize,
+        context: crate::interp::Context,
     ) -> Result<(), CodegenError> {
         let buffers = inputs.len() + outputs.len();
         if inputs.len() != self.inputs.len()
@@ -227,7 +282,14 @@ impl CompiledKernel {
         // and a sum output at (i / k) % m < m, and each output was resized
         // to that many elements. The pointer arrays outlive the call, and
         // no output aliases an input (outputs are fresh vectors).
-        (self.entry)(pointers.as_ptr(), ks.as_ptr(), ms.as_ptr(), n);
+        let context: [i64; 2] = [context.seed as i64, context.step as i64];
+        (self.entry)(
+            pointers.as_ptr(),
+            ks.as_ptr(),
+            ms.as_ptr(),
+            n,
+            context.as_ptr(),
+        );
         Ok(())
     }
 }
@@ -257,6 +319,7 @@ impl CodeCache {
         for (name, address, _) in runtime_functions() {
             builder.symbol(name, address);
         }
+        builder.symbol("gradc_dropout_scale", gradc_dropout_scale as *const u8);
         let mut module = JITModule::new(builder);
         let mut imports = HashMap::new();
         for (name, _, arity) in runtime_functions() {
@@ -270,6 +333,7 @@ impl CodeCache {
                 .map_err(|e| CodegenError(e.to_string()))?;
             imports.insert(name, id);
         }
+        builder_free_dropout(&mut module, &mut imports)?;
         Ok(CodeCache {
             module,
             imports,
@@ -289,7 +353,7 @@ impl CodeCache {
     ) -> Result<(CompiledKernel, String), CodegenError> {
         let pointer = types::I64;
         let mut signature = Signature::new(CallConv::SystemV);
-        for _ in 0..4 {
+        for _ in 0..5 {
             signature.params.push(AbiParam::new(pointer));
         }
         let name = format!("kernel{}", self.next);
@@ -311,7 +375,8 @@ impl CodeCache {
             b.append_block_param(header, pointer);
             b.switch_to_block(entry);
             let params = b.block_params(entry).to_vec();
-            let (ptrs, ks, ms, n) = (params[0], params[1], params[2], params[3]);
+            let (ptrs, ks, ms, n, context) =
+                (params[0], params[1], params[2], params[3], params[4]);
             let flags = MemFlagsData::trusted();
             // Loop-invariant loads, hoisted by hand: Cranelift does not.
             let mut bases = Vec::new();
@@ -324,6 +389,9 @@ impl CodeCache {
                 let m = b.ins().load(pointer, flags, ms, (8 * j) as i32);
                 factors.push((k, m));
             }
+            // The run's seed and step, for dropout masks.
+            let seed = b.ins().load(pointer, flags, context, 0);
+            let step = b.ins().load(pointer, flags, context, 8);
             let zero = b.ins().iconst(pointer, 0);
             b.ins().jump(header, &[zero.into()]);
 
@@ -354,7 +422,12 @@ impl CodeCache {
                 if is_sum(graph, id) {
                     continue;
                 }
-                let value = emit(&mut b, graph, id, &values, &calls)?;
+                let place = Place {
+                    index: i,
+                    seed,
+                    step,
+                };
+                let value = emit(&mut b, graph, id, &values, &calls, place)?;
                 values.insert(id, value);
             }
             let offset = b.ins().imul_imm_u(i, 8);
@@ -407,7 +480,7 @@ impl CodeCache {
         let entry = unsafe {
             std::mem::transmute::<
                 *const u8,
-                extern "C" fn(*const *const f64, *const i64, *const i64, i64),
+                extern "C" fn(*const *const f64, *const i64, *const i64, i64, *const i64),
             >(code)
         };
         Ok((
@@ -440,6 +513,7 @@ fn emit(
     id: NodeId,
     values: &HashMap<NodeId, Value>,
     calls: &Calls,
+    place: Place,
 ) -> Result<Value, CodegenError> {
     let node = graph.node(id);
     // A VJP reads only what its rule saves; the operands it does not read
@@ -476,6 +550,18 @@ fn emit(
         }
         Op::Clamp { lo, hi } => clamp(b, operands[0], *lo, *hi),
         Op::Identity | Op::StopGradient => operands[0],
+        Op::Dropout { p, key } => {
+            let scale = dropout_scale(b, calls, *p, *key, place)?;
+            b.ins().fmul(operands[0], scale)
+        }
+        // The backward pass draws the same mask.
+        Op::Vjp { forward, .. } if matches!(forward.as_ref(), Op::Dropout { .. }) => {
+            let Op::Dropout { p, key } = forward.as_ref() else {
+                unreachable!("matched above")
+            };
+            let scale = dropout_scale(b, calls, *p, *key, place)?;
+            b.ins().fmul(operands[0], scale)
+        }
         Op::Vjp { forward, operand } => vjp(b, forward, *operand, &operands, zero, calls)?,
         other => return Err(CodegenError(format!("`{}` is not supported", other.name()))),
     };

@@ -176,7 +176,7 @@ impl Backend for Jit {
             let compiled = program.kernels[k].as_ref();
             let done = match compiled {
                 Some(compiled) => {
-                    run_compiled(graph, compiled, &program.loops[k], &mut evaluation)?
+                    run_compiled(graph, compiled, &program.loops[k], &mut evaluation, context)?
                 }
                 None => false,
             };
@@ -213,6 +213,7 @@ fn run_compiled(
     compiled: &CompiledKernel,
     loop_shape: &Shape,
     evaluation: &mut Evaluation,
+    context: Context,
 ) -> Result<bool, InterpError> {
     let to = sizes(loop_shape, &evaluation.dims)?;
     let n: usize = to.iter().product();
@@ -260,7 +261,7 @@ fn run_compiled(
         .collect();
     let mut outputs = vec![Vec::new(); compiled.outputs.len()];
     compiled
-        .run(&inputs, &ks, &ms, &mut outputs, n)
+        .run(&inputs, &ks, &ms, &mut outputs, n, context)
         .map_err(|e| InterpError::Internal(e.to_string()))?;
     for (&id, data) in compiled.outputs.iter().zip(outputs) {
         let node = graph.node(id);
