@@ -46,12 +46,13 @@ impl std::fmt::Display for CodegenError {
 impl std::error::Error for CodegenError {}
 
 /// Whether a node is a sum the code generator can end a kernel with:
-/// `sum` over some axes, or the `sum_to` of broadcasting.
+/// `sum` or `mean` over some axes (the division by the count follows the
+/// call, as in the interpreter), or the `sum_to` of broadcasting.
 pub fn is_sum(graph: &Graph, id: NodeId) -> bool {
     matches!(
         graph.node(id).op,
         Op::Reduce {
-            func: ReduceFn::Sum,
+            func: ReduceFn::Sum | ReduceFn::Mean,
             ..
         } | Op::SumTo
     ) && graph.node(id).dtype() != DType::I32

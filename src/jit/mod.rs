@@ -14,7 +14,7 @@ pub mod codegen;
 use std::collections::{BTreeMap, HashMap};
 
 use crate::interp::{self, Context, Evaluation, InterpError, Tensor};
-use crate::ir::{Graph, NodeId, Op, Shape};
+use crate::ir::{Graph, NodeId, Op, ReduceFn, Shape};
 use crate::passes::fusion::{self, Plan};
 use crate::train::Backend;
 use codegen::{CodeCache, CompiledKernel};
@@ -263,9 +263,20 @@ fn run_compiled(
     compiled
         .run(&inputs, &ks, &ms, &mut outputs, n, context)
         .map_err(|e| InterpError::Internal(e.to_string()))?;
-    for (&id, data) in compiled.outputs.iter().zip(outputs) {
+    for (&id, mut data) in compiled.outputs.iter().zip(outputs) {
         let node = graph.node(id);
         let shape = sizes(node.shape(), &evaluation.dims)?;
+        if let Op::Reduce {
+            func: ReduceFn::Mean,
+            ..
+        } = node.op
+        {
+            // The interpreter sums, then divides by the count per group.
+            let count = (n / data.len().max(1)).max(1) as f64;
+            for value in &mut data {
+                *value /= count;
+            }
+        }
         // Tensor::new rounds a sum accumulated in f64 to the node's type,
         // as the interpreter does.
         evaluation
