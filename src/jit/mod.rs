@@ -19,10 +19,18 @@ use crate::passes::fusion::{self, Plan};
 use crate::train::Backend;
 use codegen::{CodeCache, CompiledKernel};
 
+/// A kernel with its compiled part: what the interpreter computes first
+/// (the matrix product of a matmul kernel, values it recomputes), then the
+/// compiled elementwise code.
+struct Compiled {
+    prologue: Vec<NodeId>,
+    kernel: CompiledKernel,
+}
+
 /// A graph prepared for running: its kernel plan and compiled kernels.
 struct Program {
     plan: Plan,
-    kernels: Vec<Option<CompiledKernel>>,
+    kernels: Vec<Option<Compiled>>,
     /// The shape each compiled kernel loops over.
     loops: Vec<Shape>,
     clif: Vec<String>,
@@ -74,15 +82,15 @@ fn compile(graph: &Graph) -> Result<Program, codegen::CodegenError> {
     let mut kernels = Vec::new();
     let mut loops = Vec::new();
     let mut clif = Vec::new();
+    let position: HashMap<NodeId, usize> = graph
+        .topo_order()
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, id)| (id, i))
+        .collect();
     for (k, kernel) in plan.kernels.iter().enumerate() {
-        let all: Vec<NodeId> = kernel
-            .recompute
-            .iter()
-            .copied()
-            .chain(kernel.nodes.iter().copied())
-            .collect();
-        // Elementwise ops over the loop shape, perhaps closed by a sum of
-        // one of them. A kernel that is only a sum loops over its operand.
+        // A kernel that is only a sum loops over its operand.
         let loop_shape = match kernel.kind {
             fusion::Kind::Reduction => graph
                 .node(graph.operands(kernel.nodes[0])[0])
@@ -90,38 +98,63 @@ fn compile(graph: &Graph) -> Result<Program, codegen::CodegenError> {
                 .clone(),
             _ => kernel.loop_shape.clone(),
         };
+        // What the interpreter computes first (a matrix product and the
+        // cheap values it recomputes), and what is compiled after it.
+        let (prologue, body): (Vec<NodeId>, Vec<NodeId>) = match kernel.kind {
+            fusion::Kind::MatMul => {
+                let mut first: Vec<NodeId> = kernel.recompute.iter().copied().collect();
+                first.push(kernel.nodes[0]);
+                (first, kernel.nodes[1..].to_vec())
+            }
+            _ => (
+                Vec::new(),
+                kernel
+                    .recompute
+                    .iter()
+                    .copied()
+                    .chain(kernel.nodes.iter().copied())
+                    .collect(),
+            ),
+        };
+        // Elementwise ops over the loop shape, perhaps closed by a sum.
         let elementwise =
             |id: NodeId| codegen::supported(graph, id) && graph.node(id).shape() == &loop_shape;
         let closing_sum = |id: NodeId| {
             codegen::is_sum(graph, id) && graph.node(graph.operands(id)[0]).shape() == &loop_shape
         };
         let last = kernel.nodes.last().copied();
-        let compilable = matches!(
-            kernel.kind,
-            fusion::Kind::Elementwise | fusion::Kind::Reduction
-        ) && all
-            .iter()
-            .all(|&id| elementwise(id) || (Some(id) == last && closing_sum(id)));
+        let compilable = kernel.kind != fusion::Kind::Other
+            && !body.is_empty()
+            && body
+                .iter()
+                .all(|&id| elementwise(id) || (Some(id) == last && closing_sum(id)));
         if !compilable {
             kernels.push(None);
             loops.push(loop_shape);
             continue;
         }
-        // Recomputed values come first, then the kernel's own nodes.
-        let mut ordered = all;
-        let position: HashMap<NodeId, usize> = graph
-            .topo_order()
-            .unwrap_or_default()
-            .into_iter()
-            .enumerate()
-            .map(|(i, id)| (id, i))
-            .collect();
+        let mut ordered = body;
         ordered.sort_by_key(|id| position[id]);
-        let inputs = plan.inputs(graph, k);
-        let outputs = plan.outputs(graph, k);
+        // The compiled part reads what its nodes read from outside it.
+        let inside: std::collections::BTreeSet<NodeId> = ordered.iter().copied().collect();
+        let mut inputs: Vec<NodeId> = ordered
+            .iter()
+            .flat_map(|&id| fusion::reads(graph, id))
+            .filter(|o| !inside.contains(o) && !matches!(graph.node(*o).op, Op::Constant(_)))
+            .collect();
+        inputs.sort_unstable();
+        inputs.dedup();
+        let outputs: Vec<NodeId> = plan
+            .outputs(graph, k)
+            .into_iter()
+            .filter(|o| inside.contains(o))
+            .collect();
         let (compiled, text) = code.compile(graph, &ordered, &inputs, &outputs)?;
         clif.push(format!("; kernel k{k}\n{text}"));
-        kernels.push(Some(compiled));
+        kernels.push(Some(Compiled {
+            prologue,
+            kernel: compiled,
+        }));
         loops.push(loop_shape);
     }
     Ok(Program {
@@ -173,10 +206,18 @@ impl Backend for Jit {
         let mut evaluation = interp::bind_leaves(graph, &order, leaves)?;
         let program = self.program(graph)?;
         for (k, kernel) in program.plan.kernels.iter().enumerate() {
-            let compiled = program.kernels[k].as_ref();
-            let done = match compiled {
+            let done = match program.kernels[k].as_ref() {
                 Some(compiled) => {
-                    run_compiled(graph, compiled, &program.loops[k], &mut evaluation, context)?
+                    for &id in &compiled.prologue {
+                        interpret(graph, id, &mut evaluation, context)?;
+                    }
+                    run_compiled(
+                        graph,
+                        &compiled.kernel,
+                        &program.loops[k],
+                        &mut evaluation,
+                        context,
+                    )?
                 }
                 None => false,
             };
@@ -185,14 +226,7 @@ impl Backend for Jit {
             }
             // The interpreter runs this kernel: recomputed values first.
             for &id in kernel.recompute.iter().chain(&kernel.nodes) {
-                if !evaluation.values.contains_key(&id) {
-                    for operand in graph.operands(id) {
-                        if !evaluation.values.contains_key(&operand) {
-                            interp::evaluate_node(graph, operand, &mut evaluation, context)?;
-                        }
-                    }
-                    interp::evaluate_node(graph, id, &mut evaluation, context)?;
-                }
+                interpret(graph, id, &mut evaluation, context)?;
             }
         }
         // Constants and anything no kernel produced (never needed by a
@@ -204,6 +238,26 @@ impl Backend for Jit {
         }
         Ok(evaluation)
     }
+}
+
+/// Evaluates a node on the interpreter unless it has a value, first the
+/// constants among its operands (constants are immediates in compiled code,
+/// so no kernel produces them).
+fn interpret(
+    graph: &Graph,
+    id: NodeId,
+    evaluation: &mut Evaluation,
+    context: Context,
+) -> Result<(), InterpError> {
+    if evaluation.values.contains_key(&id) {
+        return Ok(());
+    }
+    for operand in graph.operands(id) {
+        if !evaluation.values.contains_key(&operand) {
+            interp::evaluate_node(graph, operand, evaluation, context)?;
+        }
+    }
+    interp::evaluate_node(graph, id, evaluation, context)
 }
 
 /// Runs a compiled kernel; false if its operands' broadcasting does not fit
