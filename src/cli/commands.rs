@@ -39,30 +39,22 @@ fn pick<'c>(
 }
 
 /// `gradc grad`.
-pub fn grad(
-    file: &Path,
-    tensors: &Path,
-    out: &Path,
-    model: Option<&str>,
-    mode: Mode,
-    dtype: FloatType,
-    seed: u64,
-) -> ExitStatus {
-    match run_grad(file, tensors, out, model, mode, dtype, seed) {
-        Ok(status) | Err(status) => status,
-    }
+pub fn grad(args: &super::GradArgs) -> ExitStatus {
+    run_grad(args).unwrap_or_else(|status| status)
 }
 
-fn run_grad(
-    file: &Path,
-    tensors: &Path,
-    out: &Path,
-    model: Option<&str>,
-    mode: Mode,
-    dtype: FloatType,
-    seed: u64,
-) -> Result<ExitStatus, ExitStatus> {
-    let compilation = compiled(file, Some(dtype))?;
+fn run_grad(args: &super::GradArgs) -> Result<ExitStatus, ExitStatus> {
+    let super::GradArgs {
+        file,
+        tensors,
+        out,
+        model,
+        mode,
+        dtype,
+        seed,
+    } = args;
+    let (model, mode, seed) = (model.as_deref(), Mode::from(*mode), *seed);
+    let compilation = compiled(file, Some(*dtype))?;
     let lowered = pick(&compilation, model)?;
     let forward = lowered.graph(mode);
     let joint = autodiff::differentiate(forward).map_err(|e| {

@@ -94,28 +94,7 @@ pub enum Command {
     #[command(
         after_help = "Examples:\n  gradc grad examples/digits_mlp.grad --tensors in.safetensors --out grads.safetensors\n  gradc grad model.grad --tensors in.safetensors --out out.safetensors --dtype f64 --mode eval\n\nIN holds every input, param and buffer by its declared name (F32 or F64 floats, I32 or I64 labels).\nOUT gets `loss`, every output by name, `grad.<param>` for every trainable param and\n`grad.<name>` for every retained value; it is written atomically."
     )]
-    Grad {
-        /// The `.grad` file.
-        file: PathBuf,
-        /// A safetensors file with every input, param and buffer by name.
-        #[arg(long, value_name = "IN.safetensors")]
-        tensors: PathBuf,
-        /// Where to write the loss, outputs and gradients.
-        #[arg(long, value_name = "OUT.safetensors")]
-        out: PathBuf,
-        /// The model (needed when the file has several).
-        #[arg(long)]
-        model: Option<String>,
-        /// Train mode (dropout active, batch statistics) or eval mode.
-        #[arg(long, value_enum, default_value_t = ModeArg::Train)]
-        mode: ModeArg,
-        /// Element type of every float value.
-        #[arg(long, value_enum, default_value_t = FloatType::F32)]
-        dtype: FloatType,
-        /// Seed of the dropout masks.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
+    Grad(GradArgs),
     /// Check every gradient against finite differences on random inputs
     #[command(
         after_help = "Examples:\n  gradc gradcheck examples/digits_mlp.grad\n  gradc gradcheck examples/bn_dropout.grad --mode eval --seed 3\n\nPrints the worst relative error of every param and retained gradient; exits 1 when one\nexceeds the tolerance (1e-6 in f64, 1e-4 in f32, where the finite differences still run in f64)."
@@ -187,6 +166,31 @@ pub enum Command {
         #[arg(long)]
         model: Option<String>,
     },
+}
+
+/// `gradc grad`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct GradArgs {
+    /// The `.grad` file.
+    pub file: PathBuf,
+    /// A safetensors file with every input, param and buffer by name.
+    #[arg(long, value_name = "IN.safetensors")]
+    pub tensors: PathBuf,
+    /// Where to write the loss, outputs and gradients.
+    #[arg(long, value_name = "OUT.safetensors")]
+    pub out: PathBuf,
+    /// The model (needed when the file has several).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Train mode (dropout active, batch statistics) or eval mode.
+    #[arg(long, value_enum, default_value_t = ModeArg::Train)]
+    pub mode: ModeArg,
+    /// Element type of every float value.
+    #[arg(long, value_enum, default_value_t = FloatType::F32)]
+    pub dtype: FloatType,
+    /// Seed of the dropout masks.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 /// `gradc train`'s flags.
@@ -336,23 +340,7 @@ pub fn run(cli: Cli) -> ExitStatus {
             graph(&file, &request, FloatType::options(dtype))
         }
         Command::Snapshot { files, dir, check } => commands::snapshot(&files, &dir, check),
-        Command::Grad {
-            file,
-            tensors,
-            out,
-            model,
-            mode,
-            dtype,
-            seed,
-        } => commands::grad(
-            &file,
-            &tensors,
-            &out,
-            model.as_deref(),
-            mode.into(),
-            dtype,
-            seed,
-        ),
+        Command::Grad(args) => commands::grad(&args),
         Command::Gradcheck {
             file,
             model,
