@@ -1,5 +1,6 @@
 //! Cranelift code generation for elementwise kernels, and the one place in
-//! gradc that uses `unsafe`: calling the compiled code.
+//! gradc that uses `unsafe`: calling the compiled code, and calling the
+//! `matrixmultiply` GEMM behind a bounds-checked safe wrapper (`gemm`).
 //!
 //! A compiled kernel is a function `fn(ptrs, ks, ms, n)` that loops `i` over
 //! `0..n` (the kernel's loop shape, bound per batch). Operand `j` is read at
@@ -14,7 +15,7 @@
 //! (what `supported` accepts); every other kernel runs on the interpreter.
 #![allow(
     unsafe_code,
-    reason = "calling JIT-compiled kernels; see the SAFETY comments"
+    reason = "calling JIT-compiled kernels and the raw-pointer GEMM; see the SAFETY comments"
 )]
 
 use std::collections::HashMap;
@@ -773,4 +774,89 @@ fn share(b: &mut FunctionBuilder<'_>, g: Value, mine: Value, other: Value, zero:
     let equal = b.ins().fcmp(FloatCC::Equal, mine, other);
     let tie = b.ins().select(equal, half, zero);
     b.ins().select(greater, g, tie)
+}
+
+/// A strided, read-only view of a `rows x cols` matrix of `f64`: element
+/// `(r, c)` is `data[r * row_stride + c * col_stride]`. A transposed
+/// operand is the same storage with the strides swapped.
+#[derive(Clone, Copy, Debug)]
+pub struct MatrixView<'a> {
+    /// The storage; every element of the view lies inside it (checked by
+    /// `gemm`).
+    pub data: &'a [f64],
+    /// Number of rows.
+    pub rows: usize,
+    /// Number of columns.
+    pub cols: usize,
+    /// Distance between rows, in elements.
+    pub row_stride: usize,
+    /// Distance between columns, in elements.
+    pub col_stride: usize,
+}
+
+impl MatrixView<'_> {
+    /// Whether every element of the view lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        if self.rows == 0 || self.cols == 0 {
+            return true;
+        }
+        let last = (self.rows - 1)
+            .checked_mul(self.row_stride)
+            .and_then(|r| (self.cols - 1).checked_mul(self.col_stride)?.checked_add(r));
+        last.is_some_and(|last| last < self.data.len())
+            && isize::try_from(self.row_stride).is_ok()
+            && isize::try_from(self.col_stride).is_ok()
+    }
+}
+
+/// `c = a @ b` in `f64` by the tuned GEMM of the `matrixmultiply` crate
+/// (cache blocking and a vectorized micro-kernel), `c` row-major
+/// `a.rows x b.cols`. Only the order of the sums differs from the
+/// interpreter's loop, so results agree to `f64` rounding, and in `f32`
+/// (one rounding of the `f64` sum) almost always bit for bit.
+pub fn gemm(a: MatrixView<'_>, b: MatrixView<'_>, c: &mut [f64]) -> Result<(), CodegenError> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k
+        || Some(c.len()) != m.checked_mul(n)
+        || !a.in_bounds()
+        || !b.in_bounds()
+        || isize::try_from(n).is_err()
+    {
+        return Err(CodegenError(format!(
+            "matrix product views do not fit: {m}x{k} @ {}x{n} into {} elements",
+            b.rows,
+            c.len()
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        c.fill(0.0);
+        return Ok(());
+    }
+    // SAFETY: `a` is m x k and `b` is k x n, and every element they address
+    // lies inside their slices (`in_bounds`, with strides that fit
+    // `isize`); `c` holds exactly m * n elements, written row-major (row
+    // stride n, column stride 1), and is an exclusive borrow, so it aliases
+    // neither input. With beta = 0, `c`'s old contents are not read.
+    unsafe {
+        matrixmultiply::dgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.data.as_ptr(),
+            a.row_stride as isize,
+            a.col_stride as isize,
+            b.data.as_ptr(),
+            b.row_stride as isize,
+            b.col_stride as isize,
+            0.0,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+    Ok(())
 }

@@ -1,13 +1,15 @@
 //! The JIT backend (first stage): runs a graph's kernel plan
 //! (`passes::fusion`), with the elementwise kernels compiled to machine code
-//! by Cranelift (`codegen`) and every other kernel on the reference
-//! interpreter's kernels.
+//! by Cranelift (`codegen`), matrix products and their VJPs on a tuned GEMM
+//! (`codegen::gemm`, the `matrixmultiply` crate), and every other kernel on
+//! the reference interpreter's kernels.
 //!
 //! Compiled kernels compute exactly what the interpreter computes (`f64`
-//! arithmetic, one `f32` rounding per op), so the backends agree bit for bit
-//! (`tests/jit.rs`). What issue 6 adds later: vectorized code,
-//! transcendentals, reductions and matrix products in compiled code, and
-//! one entry function per training step.
+//! arithmetic, one `f32` rounding per op), so they agree bit for bit; the
+//! GEMM only sums in another order, so products agree to `f64` rounding
+//! (`tests/jit.rs` states the tolerances). What issue 6 adds later:
+//! vectorized code, transcendentals, reductions in compiled code, and one
+//! entry function per training step.
 
 pub mod codegen;
 
@@ -257,7 +259,93 @@ fn interpret(
             interp::evaluate_node(graph, operand, evaluation, context)?;
         }
     }
+    if matrix_product(graph, id, evaluation)? {
+        return Ok(());
+    }
     interp::evaluate_node(graph, id, evaluation, context)
+}
+
+/// Computes a matrix product with the tuned GEMM (`codegen::gemm`) instead
+/// of the interpreter's loop: a `matmul` (plain, or with a transposed right
+/// operand) and both of its VJPs. False for any other node or a shape it
+/// does not handle (the interpreter then runs it).
+///
+/// A batched operand `[.., M, K]` is one `(B*M) x K` matrix, so each case
+/// is a single GEMM: `A @ B`; `dA = g @ B^T`; and `dB = A^T @ g`, whose
+/// inner size `B*M` also performs the sum over the batch. A transpose is a
+/// view with swapped strides, never a copy.
+fn matrix_product(
+    graph: &Graph,
+    id: NodeId,
+    evaluation: &mut Evaluation,
+) -> Result<bool, InterpError> {
+    let node = graph.node(id);
+    let operands = graph.operands(id);
+    // (left operand, transposed?), (right operand, transposed?).
+    let ((left, transpose_left), (right, transpose_right)) = match &node.op {
+        Op::MatMul => ((operands[0], false), (operands[1], false)),
+        Op::MatMulT {
+            transpose_a: false,
+            transpose_b,
+        } => ((operands[0], false), (operands[1], *transpose_b)),
+        Op::Vjp { forward, operand } if **forward == Op::MatMul => {
+            // Operands: the output gradient, A, B, the forward output.
+            let (g, a, b) = (operands[0], operands[1], operands[2]);
+            if *operand == 0 {
+                ((g, false), (b, true))
+            } else {
+                ((a, true), (g, false))
+            }
+        }
+        _ => return Ok(false),
+    };
+    let (Some(left), Some(right)) = (evaluation.values.get(&left), evaluation.values.get(&right))
+    else {
+        return Ok(false);
+    };
+    let (Some(left), Some(right)) = (
+        matrix_view(left, transpose_left),
+        matrix_view(right, transpose_right),
+    ) else {
+        return Ok(false);
+    };
+    let shape = interp::concrete(node.shape(), &evaluation.dims)?;
+    if left.cols != right.rows || shape.iter().product::<usize>() != left.rows * right.cols {
+        return Ok(false);
+    }
+    let mut out = vec![0.0; left.rows * right.cols];
+    codegen::gemm(left, right, &mut out).map_err(|e| InterpError::Internal(e.to_string()))?;
+    evaluation
+        .values
+        .insert(id, Tensor::new(node.dtype(), shape, out));
+    Ok(true)
+}
+
+/// A tensor as the matrix (leading axes flattened) x (last axis), read
+/// transposed or not; `None` below rank 2 or for an empty last axis.
+fn matrix_view(t: &Tensor, transposed: bool) -> Option<codegen::MatrixView<'_>> {
+    let cols = *t.shape.last()?;
+    if t.shape.len() < 2 || cols == 0 {
+        return None;
+    }
+    let rows = t.data.len() / cols;
+    Some(if transposed {
+        codegen::MatrixView {
+            data: &t.data,
+            rows: cols,
+            cols: rows,
+            row_stride: 1,
+            col_stride: cols,
+        }
+    } else {
+        codegen::MatrixView {
+            data: &t.data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    })
 }
 
 /// Runs a compiled kernel; false if its operands' broadcasting does not fit
