@@ -6,45 +6,15 @@
 //! the GEMM wrapper matches the interpreter's product and refuses views
 //! that do not fit their storage.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use gradc::driver::compile_source;
-use gradc::gradcheck::random_leaves;
 use gradc::interp::{self, Context, Tensor};
-use gradc::ir::{DType, Dim, Graph, Role};
+use gradc::ir::{DType, Role};
 use gradc::jit::Jit;
 use gradc::lower::LowerOptions;
 use gradc::step;
 use gradc::train::{Backend, Interpreter, Session, data};
-
-fn leaves_for(graph: &Graph, dtype: DType) -> BTreeMap<String, Tensor> {
-    let mut leaves = random_leaves(graph, 11, 5);
-    for id in graph.ids() {
-        let node = graph.node(id);
-        if node.role == Role::OptimizerState {
-            let shape: Vec<usize> = node
-                .shape()
-                .0
-                .iter()
-                .map(|d| {
-                    if let Dim::Fixed(n) = d {
-                        *n as usize
-                    } else {
-                        5
-                    }
-                })
-                .collect();
-            leaves.insert(
-                node.name.clone().unwrap_or_default(),
-                Tensor::zeros(node.dtype(), &shape),
-            );
-        }
-    }
-    leaves.insert(step::LR.into(), Tensor::scalar(dtype, 0.01));
-    leaves.insert(step::STEP.into(), Tensor::scalar(dtype, 3.0));
-    leaves
-}
 
 /// Whether two results agree within the tolerance of their dtype. The only
 /// difference between the backends is the order of the sums in matrix
@@ -96,7 +66,7 @@ fn jit_and_interpreter_agree_on_every_model() {
                         );
                     }
                     for graph in &graphs {
-                        let leaves = leaves_for(graph, dtype);
+                        let leaves = common::leaves_for(graph, dtype);
                         let context = Context { seed: 4, step: 3 };
                         let expected =
                             interp::evaluate(graph, &leaves, context).expect("interpreter");
@@ -222,7 +192,7 @@ fn compiled_dropout_draws_the_interpreters_mask() {
         &model.train_config.clone().unwrap_or_default(),
     )
     .expect("step");
-    let leaves = leaves_for(&graph, DType::F32);
+    let leaves = common::leaves_for(&graph, DType::F32);
     let mut jit = Jit::new();
     let clif = jit.clif(&graph).expect("clif");
     assert!(
