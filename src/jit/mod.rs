@@ -7,7 +7,8 @@
 //! Compiled kernels compute exactly what the interpreter computes (`f64`
 //! arithmetic, one `f32` rounding per op), so they agree bit for bit; the
 //! GEMM only sums in another order, so products agree to `f64` rounding
-//! (`tests/jit.rs` states the tolerances). What issue 6 adds later:
+//! (`tests/jit.rs` states the tolerances and also compares the backends on
+//! generated models). What issue 6 adds later:
 //! vectorized code, transcendentals, reductions in compiled code, and one
 //! entry function per training step.
 
