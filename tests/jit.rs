@@ -158,7 +158,16 @@ fn cli_backend_flag_and_clif_stage() {
         "jit",
     ]);
     assert_eq!(code, 0, "{err}");
-    let (_, reference, _) = common::run(&["train", "examples/regression.grad", "--epochs", "2"]);
+    let (code, reference, err) = common::run(&[
+        "train",
+        "examples/regression.grad",
+        "--epochs",
+        "2",
+        "--backend",
+        "interp",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (_, default, _) = common::run(&["train", "examples/regression.grad", "--epochs", "2"]);
     let loss = |text: &str| {
         text.lines()
             .last()
@@ -170,6 +179,8 @@ fn cli_backend_flag_and_clif_stage() {
         loss(&reference),
         "jit: {out}\ninterpreter: {reference}"
     );
+    // The JIT is the default: the same run without `--backend`.
+    assert_eq!(loss(&default), loss(&out), "default: {default}");
     let (code, clif, _) = common::run(&["graph", "examples/regression.grad", "--stage", "clif"]);
     assert_eq!(code, 0);
     assert!(

@@ -243,9 +243,10 @@ pub struct TrainArgs {
     /// Element type of every float value.
     #[arg(long, value_enum)]
     pub dtype: Option<FloatType>,
-    /// Run steps on the reference interpreter, or with the elementwise
-    /// kernels compiled by Cranelift (bit-identical results).
-    #[arg(long, value_enum, default_value_t = BackendArg::Interp)]
+    /// Run steps on the JIT (elementwise kernels compiled by Cranelift,
+    /// matrix products on a tuned GEMM; agrees with the interpreter to
+    /// rounding), or on the reference interpreter.
+    #[arg(long, value_enum, default_value_t = BackendArg::Jit)]
     pub backend: BackendArg,
 }
 
@@ -254,7 +255,8 @@ pub struct TrainArgs {
 pub enum BackendArg {
     /// The reference interpreter.
     Interp,
-    /// JIT-compiled elementwise kernels, the interpreter for the rest.
+    /// JIT-compiled elementwise kernels, GEMM matrix products, the
+    /// interpreter for the rest.
     Jit,
 }
 
@@ -541,5 +543,26 @@ pub(crate) fn print_out(text: &str) -> ExitStatus {
             eprintln!("error: cannot write output: {error}");
             ExitStatus::Error
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend_of(args: &[&str]) -> BackendArg {
+        match Cli::try_parse_from(args).expect("valid arguments").command {
+            Command::Train(train) => train.backend,
+            other => panic!("not a train command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn train_runs_on_the_jit_unless_told_otherwise() {
+        assert_eq!(backend_of(&["gradc", "train", "m.grad"]), BackendArg::Jit);
+        assert_eq!(
+            backend_of(&["gradc", "train", "m.grad", "--backend", "interp"]),
+            BackendArg::Interp
+        );
     }
 }
