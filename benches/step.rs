@@ -1,10 +1,11 @@
 //! Benchmark of one training step (forward, backward, SGD update,
-//! cross-entropy) on the reference interpreter and on the JIT's first
-//! stage, for two MLPs: tiny
-//! 64-32-10 at batch 32 and medium 64-256-256-10 at batch 128. Prints the
-//! median and spread after a warm-up. The interpreter is the correctness
-//! oracle, not the fast path: these numbers are the baseline the JIT is
-//! measured against in `docs/performance.md`.
+//! cross-entropy) on a hand-written Rust baseline, the reference
+//! interpreter and the JIT's first stage, for three MLPs: tiny 64-32-10 at
+//! batch 32, medium 64-256-256-10 at batch 128 and large 784-1024-1024-10 at
+//! batch 256. Prints the median and spread after 3 warm-up steps, with the
+//! matrix products' GFLOP/s at the median; and the time from source to a
+//! compiled step for `examples/digits_mlp.grad`. Results and the machine:
+//! `docs/performance.md`.
 
 use std::time::{Duration, Instant};
 
@@ -78,25 +79,214 @@ fn bench(name: &str, layers: &[usize], batch: usize, steps: usize, jit: bool) {
         run();
     }
     let mut times: Vec<Duration> = (0..steps).map(|_| run()).collect();
+    let backend = if jit { "jit" } else { "interpreter" };
+    report(backend, name, layers, batch, &mut times);
+}
+
+/// Matrix-product FLOPs of one step of an MLP: the forward products, and
+/// in the backward pass `dW` for every layer and `dX` for all but the
+/// first (the input needs no gradient).
+fn step_flops(layers: &[usize], batch: usize) -> f64 {
+    let products: Vec<f64> = layers
+        .windows(2)
+        .map(|w| 2.0 * (batch * w[0] * w[1]) as f64)
+        .collect();
+    3.0 * products.iter().sum::<f64>() - products[0]
+}
+
+/// A hand-written Rust MLP training step (ReLU hidden layers, mean
+/// cross-entropy, plain SGD) in `f32`, with loops ordered for
+/// auto-vectorization: what the compiled step is compared against.
+struct Baseline {
+    layers: Vec<usize>,
+    weights: Vec<Vec<f32>>,
+    biases: Vec<Vec<f32>>,
+}
+
+/// `c = a @ b` (`a`: m x k, `b`: k x n), row-major, i-p-j order.
+fn matmul(a: &[f32], b: &[f32], c: &mut [f32], k: usize, n: usize) {
+    c.fill(0.0);
+    for (row, out) in a.chunks_exact(k).zip(c.chunks_exact_mut(n)) {
+        for (&av, brow) in row.iter().zip(b.chunks_exact(n)) {
+            for (o, &bv) in out.iter_mut().zip(brow) {
+                *o += av * bv;
+            }
+        }
+    }
+}
+
+impl Baseline {
+    fn new(layers: &[usize]) -> Baseline {
+        let mut stream = Stream::new(3);
+        let weights = layers
+            .windows(2)
+            .map(|w| {
+                let bound = (6.0 / w[0] as f64).sqrt();
+                (0..w[0] * w[1])
+                    .map(|_| ((stream.uniform() * 2.0 - 1.0) * bound) as f32)
+                    .collect()
+            })
+            .collect();
+        let biases = layers[1..].iter().map(|&n| vec![0.0; n]).collect();
+        Baseline {
+            layers: layers.to_vec(),
+            weights,
+            biases,
+        }
+    }
+
+    fn step(&mut self, x: &[f32], y: &[usize], lr: f32) -> f32 {
+        let batch = y.len();
+        let depth = self.weights.len();
+        let mut activations = vec![x.to_vec()];
+        for l in 0..depth {
+            let (k, n) = (self.layers[l], self.layers[l + 1]);
+            let mut z = vec![0.0; batch * n];
+            matmul(&activations[l], &self.weights[l], &mut z, k, n);
+            for row in z.chunks_exact_mut(n) {
+                for (v, b) in row.iter_mut().zip(&self.biases[l]) {
+                    *v += b;
+                    if l + 1 < depth {
+                        *v = v.max(0.0);
+                    }
+                }
+            }
+            activations.push(z);
+        }
+        // Softmax cross-entropy, mean over the batch; g = dL/dlogits.
+        let classes = self.layers[depth];
+        let mut g = activations[depth].clone();
+        let mut loss = 0.0;
+        for (row, &label) in g.chunks_exact_mut(classes).zip(y) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+            loss += sum.ln() + max - row[label];
+            for v in row.iter_mut() {
+                *v = (*v - max).exp() / sum / batch as f32;
+            }
+            row[label] -= 1.0 / batch as f32;
+        }
+        for l in (0..depth).rev() {
+            let (k, n) = (self.layers[l], self.layers[l + 1]);
+            // dW = A^T g, db = sum of g's rows, dA = g W^T (masked by ReLU).
+            let a = &activations[l];
+            let mut dw = vec![0.0f32; k * n];
+            for (arow, grow) in a.chunks_exact(k).zip(g.chunks_exact(n)) {
+                for (&av, dwrow) in arow.iter().zip(dw.chunks_exact_mut(n)) {
+                    for (d, &gv) in dwrow.iter_mut().zip(grow) {
+                        *d += av * gv;
+                    }
+                }
+            }
+            let mut db = vec![0.0f32; n];
+            for grow in g.chunks_exact(n) {
+                for (d, &gv) in db.iter_mut().zip(grow) {
+                    *d += gv;
+                }
+            }
+            if l > 0 {
+                let mut da = vec![0.0f32; batch * k];
+                for (darow, grow) in da.chunks_exact_mut(k).zip(g.chunks_exact(n)) {
+                    for (d, wrow) in darow.iter_mut().zip(self.weights[l].chunks_exact(n)) {
+                        *d = wrow.iter().zip(grow).map(|(w, g)| w * g).sum();
+                    }
+                }
+                for (d, &av) in da.iter_mut().zip(a) {
+                    if av <= 0.0 {
+                        *d = 0.0;
+                    }
+                }
+                g = da;
+            }
+            for (w, d) in self.weights[l].iter_mut().zip(&dw) {
+                *w -= lr * d;
+            }
+            for (b, d) in self.biases[l].iter_mut().zip(&db) {
+                *b -= lr * d;
+            }
+        }
+        loss / batch as f32
+    }
+}
+
+fn bench_baseline(name: &str, layers: &[usize], batch: usize, steps: usize) {
+    let mut stream = Stream::new(1);
+    let x: Vec<f32> = (0..batch * layers[0])
+        .map(|_| stream.uniform() as f32)
+        .collect();
+    let classes = *layers.last().unwrap_or(&10) as u64;
+    let y: Vec<usize> = (0..batch).map(|_| stream.below(classes) as usize).collect();
+    let mut model = Baseline::new(layers);
+    let mut times: Vec<Duration> = (0..steps + 3)
+        .map(|_| {
+            let start = Instant::now();
+            std::hint::black_box(model.step(&x, &y, 0.01));
+            start.elapsed()
+        })
+        .skip(3)
+        .collect();
+    report("hand-written Rust", name, layers, batch, &mut times);
+}
+
+fn report(backend: &str, name: &str, layers: &[usize], batch: usize, times: &mut [Duration]) {
     times.sort();
+    let steps = times.len();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let median = times[steps / 2];
     println!(
-        "{} step, {name} ({}), batch {batch}: median {:.0} us, min {:.0} us, max {:.0} us over {steps} steps",
-        if jit { "jit" } else { "interpreter" },
+        "{backend} step, {name} ({}), batch {batch}: median {:.0} us, min {:.0} us, max {:.0} us over {steps} steps; {:.2} matmul GFLOP/s at the median",
         layers
             .iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("-"),
-        us(times[steps / 2]),
+        us(median),
         us(times[0]),
-        us(times[steps - 1])
+        us(times[steps - 1]),
+        step_flops(layers, batch) / median.as_secs_f64() / 1e9,
+    );
+}
+
+/// Source to a ready step for `examples/digits_mlp.grad`: parse, check,
+/// lower, build the step graph and JIT-compile its kernels.
+fn bench_compile_time() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/digits_mlp.grad");
+    let source = std::fs::read_to_string(path).expect("example");
+    let mut times: Vec<Duration> = (0..23)
+        .map(|_| {
+            let start = Instant::now();
+            let compilation = compile_source(path, &source, LowerOptions::default());
+            let model = &compilation.models[0];
+            let session = Session::new(model, model.train_config.clone().unwrap_or_default(), &[])
+                .expect("session");
+            let mut jit = Jit::new();
+            let (compiled, _) = jit.coverage(&session.step_graph).expect("compiles");
+            std::hint::black_box(compiled);
+            start.elapsed()
+        })
+        .skip(3)
+        .collect();
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "source to a compiled step, digits_mlp: median {:.1} ms, min {:.1} ms, max {:.1} ms over 20 runs",
+        ms(times[10]),
+        ms(times[0]),
+        ms(times[19])
     );
 }
 
 fn main() {
-    for jit in [false, true] {
-        bench("tiny", &[64, 32, 10], 32, 200, jit);
-        bench("medium", &[64, 256, 256, 10], 128, 30, jit);
+    bench_compile_time();
+    let models: [(&str, &[usize], usize, usize); 3] = [
+        ("tiny", &[64, 32, 10], 32, 200),
+        ("medium", &[64, 256, 256, 10], 128, 30),
+        ("large", &[784, 1024, 1024, 10], 256, 5),
+    ];
+    for (name, layers, batch, steps) in models {
+        bench_baseline(name, layers, batch, steps);
+        for jit in [false, true] {
+            bench(name, layers, batch, steps, jit);
+        }
     }
 }
