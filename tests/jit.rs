@@ -7,8 +7,6 @@
 //! that do not fit their storage. A property test does the same comparison
 //! on generated models.
 
-use std::path::Path;
-
 use gradc::driver::compile_source;
 use gradc::interp::{self, Context, Tensor};
 use gradc::ir::{DType, Role};
@@ -38,58 +36,24 @@ fn close(a: &Tensor, b: &Tensor) -> bool {
 
 #[test]
 fn jit_and_interpreter_agree_on_every_model() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut compiled_kernels = 0;
-    for dir in ["examples", "tests/data"] {
-        for entry in std::fs::read_dir(root.join(dir)).expect("dir") {
-            let path = entry.expect("entry").path();
-            if path.extension().is_none_or(|e| e != "grad") {
+    for (label, dtype, graph) in common::model_graphs(&["examples", "tests/data"]) {
+        let leaves = common::leaves_for(&graph, dtype);
+        let context = Context { seed: 4, step: 3 };
+        let expected = interp::evaluate(&graph, &leaves, context).expect("interpreter");
+        let mut jit = Jit::new();
+        let got = jit.run(&graph, &leaves, context).expect("jit");
+        compiled_kernels += jit.coverage(&graph).expect("coverage").0;
+        for id in graph.ids() {
+            let node = graph.node(id);
+            if node.role == Role::Intermediate || node.op.is_leaf() {
                 continue;
             }
-            let source = std::fs::read_to_string(&path).expect("readable");
-            for dtype in [DType::F32, DType::F64] {
-                let compilation = compile_source(
-                    &path.display().to_string(),
-                    &source,
-                    LowerOptions {
-                        float_dtype: Some(dtype),
-                    },
-                );
-                for model in &compilation.models {
-                    let mut graphs = vec![model.eval.clone()];
-                    if model.train.loss().is_some() {
-                        graphs.push(
-                            step::build(
-                                &model.train,
-                                &model.train_config.clone().unwrap_or_default(),
-                            )
-                            .expect("step"),
-                        );
-                    }
-                    for graph in &graphs {
-                        let leaves = common::leaves_for(graph, dtype);
-                        let context = Context { seed: 4, step: 3 };
-                        let expected =
-                            interp::evaluate(graph, &leaves, context).expect("interpreter");
-                        let mut jit = Jit::new();
-                        let got = jit.run(graph, &leaves, context).expect("jit");
-                        compiled_kernels += jit.coverage(graph).expect("coverage").0;
-                        for id in graph.ids() {
-                            let node = graph.node(id);
-                            if node.role == Role::Intermediate || node.op.is_leaf() {
-                                continue;
-                            }
-                            assert!(
-                                close(&expected.values[&id], &got.values[&id]),
-                                "{} ({dtype}, {}): {:?} differs",
-                                path.display(),
-                                graph.mode,
-                                node.role
-                            );
-                        }
-                    }
-                }
-            }
+            assert!(
+                close(&expected.values[&id], &got.values[&id]),
+                "{label}: {:?} differs",
+                node.role
+            );
         }
     }
     assert!(

@@ -23,12 +23,8 @@
 use std::alloc::{GlobalAlloc, Layout};
 use std::process::Command;
 
-use gradc::driver::compile_source;
 use gradc::interp::Context;
-use gradc::ir::DType;
 use gradc::jit::Jit;
-use gradc::lower::LowerOptions;
-use gradc::step;
 use gradc::train::Backend;
 
 mod common;
@@ -123,41 +119,15 @@ static ALLOCATOR: GuardPages = GuardPages;
 
 #[test]
 fn jit_runs_every_example_within_its_buffers() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
     let mut compiled = 0;
-    let mut entries: Vec<_> = std::fs::read_dir(&root)
-        .expect("examples")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "grad"))
-        .collect();
-    entries.sort();
-    for path in entries {
-        let source = std::fs::read_to_string(&path).expect("readable");
-        for dtype in [DType::F32, DType::F64] {
-            let compilation = compile_source(
-                &path.display().to_string(),
-                &source,
-                LowerOptions {
-                    float_dtype: Some(dtype),
-                },
-            );
-            for model in &compilation.models {
-                let mut graphs = vec![model.eval.clone()];
-                if model.train.loss().is_some() {
-                    let config = model.train_config.clone().unwrap_or_default();
-                    graphs.push(step::build(&model.train, &config).expect("step"));
-                }
-                for graph in &graphs {
-                    let leaves = common::leaves_for(graph, dtype);
-                    let mut jit = Jit::new();
-                    for step in 1..3 {
-                        jit.run(graph, &leaves, Context { seed: 2, step })
-                            .expect("jit");
-                    }
-                    compiled += jit.coverage(graph).expect("coverage").0;
-                }
-            }
+    for (_, dtype, graph) in common::model_graphs(&["examples"]) {
+        let leaves = common::leaves_for(&graph, dtype);
+        let mut jit = Jit::new();
+        for step in 1..3 {
+            jit.run(&graph, &leaves, Context { seed: 2, step })
+                .expect("jit");
         }
+        compiled += jit.coverage(&graph).expect("coverage").0;
     }
     assert!(compiled > 100, "only {compiled} kernels were compiled");
 }

@@ -85,3 +85,42 @@ pub fn leaves_for(
     leaves.insert(gradc::step::STEP.into(), Tensor::scalar(dtype, 3.0));
     leaves
 }
+
+/// Every model of the `.grad` files in these folders (relative to the
+/// repository root, in name order), lowered in `f32` and in `f64`: its eval
+/// graph and, if it has a loss, its step graph, each with a label naming
+/// the file, dtype and mode.
+pub fn model_graphs(dirs: &[&str]) -> Vec<(String, gradc::ir::DType, gradc::ir::Graph)> {
+    use gradc::ir::DType;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut graphs = Vec::new();
+    for dir in dirs {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(root.join(dir))
+            .expect("a test folder")
+            .map(|entry| entry.expect("entry").path())
+            .filter(|path| path.extension().is_some_and(|e| e == "grad"))
+            .collect();
+        paths.sort();
+        for path in paths {
+            let source = std::fs::read_to_string(&path).expect("readable");
+            for dtype in [DType::F32, DType::F64] {
+                let options = gradc::lower::LowerOptions {
+                    float_dtype: Some(dtype),
+                };
+                let name = path.display().to_string();
+                let compilation = gradc::driver::compile_source(&name, &source, options);
+                for model in &compilation.models {
+                    let mut both = vec![model.eval.clone()];
+                    if model.train.loss().is_some() {
+                        let config = model.train_config.clone().unwrap_or_default();
+                        both.push(gradc::step::build(&model.train, &config).expect("step"));
+                    }
+                    for graph in both {
+                        graphs.push((format!("{name} ({dtype}, {})", graph.mode), dtype, graph));
+                    }
+                }
+            }
+        }
+    }
+    graphs
+}
