@@ -377,3 +377,33 @@ fn jit_and_interpreter_agree_on_generated_models() {
         "only {compiled_kernels} kernels were compiled"
     );
 }
+
+/// The Cranelift IR of two small kernels, under review as snapshots: an
+/// `f32` bias-and-ReLU kernel (with its `f32` roundings) and an `f64` sum
+/// over a row closing a `tanh` (a call to the interpreter's function).
+#[test]
+fn clif_of_small_kernels() {
+    for (name, source, dtype) in [
+        (
+            "relu_f32",
+            "model m {\n    input x: f32[B, 4]\n    param w: f32[4] = zeros\n    output y = relu(x * w + 1)\n}\n",
+            DType::F32,
+        ),
+        (
+            "row_sum_f64",
+            "model m {\n    input x: f64[B, 4]\n    output s = sum(tanh(x), axis = 1)\n}\n",
+            DType::F64,
+        ),
+    ] {
+        let compilation = compile_source(
+            "m.grad",
+            source,
+            LowerOptions {
+                float_dtype: Some(dtype),
+            },
+        );
+        let model = compilation.models.first().expect("compiles");
+        let clif = Jit::new().clif(&model.eval).expect("clif");
+        insta::assert_snapshot!(name, format!("{source}\n{clif}"));
+    }
+}

@@ -18,7 +18,7 @@
     reason = "calling JIT-compiled kernels and the raw-pointer GEMM; see the SAFETY comments"
 )]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{
@@ -153,7 +153,7 @@ fn runtime_functions() -> Vec<(&'static str, *const u8, usize)> {
 /// Declares `gradc_dropout_scale(f64, i64, i64, i64, i64) -> f64`.
 fn builder_free_dropout(
     module: &mut JITModule,
-    imports: &mut HashMap<&'static str, FuncId>,
+    imports: &mut BTreeMap<&'static str, FuncId>,
 ) -> Result<(), CodegenError> {
     let mut signature = Signature::new(CallConv::SystemV);
     signature.params.push(AbiParam::new(types::F64));
@@ -299,7 +299,9 @@ impl CompiledKernel {
 /// A JIT module holding compiled kernels; dropping it frees their code.
 pub struct CodeCache {
     module: JITModule,
-    imports: HashMap<&'static str, FuncId>,
+    /// The runtime functions, by name: a `BTreeMap`, so every kernel
+    /// declares them in the same order and `--stage clif` is deterministic.
+    imports: BTreeMap<&'static str, FuncId>,
     next: u32,
 }
 
@@ -323,7 +325,7 @@ impl CodeCache {
         }
         builder.symbol("gradc_dropout_scale", gradc_dropout_scale as *const u8);
         let mut module = JITModule::new(builder);
-        let mut imports = HashMap::new();
+        let mut imports = BTreeMap::new();
         for (name, _, arity) in runtime_functions() {
             let mut signature = Signature::new(CallConv::SystemV);
             for _ in 0..arity {
