@@ -323,3 +323,40 @@ fn explain_and_backward_graph() {
         "{text}"
     );
 }
+
+#[test]
+fn grad_on_the_jit_and_on_the_interpreter_agree() {
+    // A dense layer with a bias, GELU, dropout and a mean-reduced loss: the
+    // JIT (the default) compiles the elementwise kernels and runs the
+    // products on its GEMM; `--backend interp` is the reference.
+    let model = "model m {
+        input x: f64[3, 4]
+        param w: f64[4, 5] = zeros
+        param b: f64[5] = zeros
+        loss mean(dropout(gelu(x @ w + b), 0.25) ** 2)
+    }";
+    let values = |n: usize, salt: usize| -> Vec<f64> {
+        (0..n)
+            .map(|i| (((i * 7 + salt) % 11) as f64 - 5.0) / 4.0)
+            .collect()
+    };
+    let inputs = [
+        ("x", tensor(DType::F64, &[3, 4], &values(12, 1))),
+        ("w", tensor(DType::F64, &[4, 5], &values(20, 2))),
+        ("b", tensor(DType::F64, &[5], &values(5, 3))),
+    ];
+    let flags = ["--dtype", "f64", "--seed", "5"];
+    let (jit, stderr, code) = run_grad("backend_jit", model, &inputs, &flags);
+    assert_eq!(code, 0, "{stderr}");
+    let mut interp_flags = flags.to_vec();
+    interp_flags.extend(["--backend", "interp"]);
+    let (reference, stderr, code) = run_grad("backend_interp", model, &inputs, &interp_flags);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        jit.keys().collect::<Vec<_>>(),
+        ["grad.b", "grad.w", "loss"].iter().collect::<Vec<_>>()
+    );
+    for (name, value) in &reference {
+        close(&jit[name].data, &value.data);
+    }
+}

@@ -15,8 +15,8 @@ use crate::ledger;
 use crate::lower::train::{Optimizer, TrainConfig};
 use crate::lower::{LowerOptions, LoweredModel};
 use crate::tensor_file;
-use crate::train::TrainError;
 use crate::train::run::{self, RunOptions};
+use crate::train::{Backend, TrainError};
 
 /// Compiles and picks the model; prints why not and returns the status.
 fn compiled(file: &Path, dtype: Option<FloatType>) -> Result<Compilation, ExitStatus> {
@@ -52,6 +52,7 @@ fn run_grad(args: &super::GradArgs) -> Result<ExitStatus, ExitStatus> {
         mode,
         dtype,
         seed,
+        backend,
     } = args;
     let (model, mode, seed) = (model.as_deref(), Mode::from(*mode), *seed);
     let compilation = compiled(file, Some(*dtype))?;
@@ -66,7 +67,12 @@ fn run_grad(args: &super::GradArgs) -> Result<ExitStatus, ExitStatus> {
         ExitStatus::Error
     })?;
     let leaves = leaves_for(forward, &given)?;
-    let evaluation = interp::evaluate(&joint, &leaves, Context { seed, step: 0 }).map_err(|e| {
+    let context = Context { seed, step: 0 };
+    let evaluation = match backend {
+        super::BackendArg::Jit => crate::jit::Jit::new().run(&joint, &leaves, context),
+        super::BackendArg::Interp => interp::evaluate(&joint, &leaves, context),
+    }
+    .map_err(|e| {
         eprintln!("error: {e}");
         ExitStatus::Error
     })?;

@@ -191,6 +191,10 @@ pub struct GradArgs {
     /// Seed of the dropout masks.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Run the joint forward-and-backward graph on the JIT, or on the
+    /// reference interpreter (the executable semantics).
+    #[arg(long, value_enum, default_value_t = BackendArg::Jit)]
+    pub backend: BackendArg,
 }
 
 /// `gradc train`'s flags.
