@@ -381,6 +381,17 @@ fn train_eval_metrics_plot_and_checkpoint_end_to_end() {
         stdout.starts_with("regression: 102 rows, loss "),
         "{stdout}"
     );
+    // The JIT (the default) and the interpreter report the same loss.
+    let (code, reference, stderr) = gradc(&[
+        "eval",
+        "examples/regression.grad",
+        "--checkpoint",
+        save.to_str().expect("utf-8"),
+        "--backend",
+        "interp",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout, reference);
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -364,6 +364,7 @@ pub fn eval(
     checkpoint: &Path,
     data: Option<std::path::PathBuf>,
     model: Option<&str>,
+    backend: super::BackendArg,
 ) -> ExitStatus {
     let compilation = match compiled(file, None) {
         Ok(compilation) => compilation,
@@ -376,6 +377,7 @@ pub fn eval(
     let options = RunOptions {
         base_dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
         data,
+        jit: backend == super::BackendArg::Jit,
         ..RunOptions::default()
     };
     let config = lowered.train_config.clone().unwrap_or_default();

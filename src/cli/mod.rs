@@ -154,6 +154,9 @@ pub enum Command {
         /// The model (needed when the file has several).
         #[arg(long)]
         model: Option<String>,
+        /// Run the eval graph on the JIT, or on the reference interpreter.
+        #[arg(long, value_enum, default_value_t = BackendArg::Jit)]
+        backend: BackendArg,
     },
     /// Explain which params get gradients, before anything runs
     #[command(
@@ -362,7 +365,8 @@ pub fn run(cli: Cli) -> ExitStatus {
             checkpoint,
             data,
             model,
-        } => commands::eval(&file, &checkpoint, data, model.as_deref()),
+            backend,
+        } => commands::eval(&file, &checkpoint, data, model.as_deref(), backend),
     }
 }
 
@@ -557,16 +561,23 @@ mod tests {
     fn backend_of(args: &[&str]) -> BackendArg {
         match Cli::try_parse_from(args).expect("valid arguments").command {
             Command::Train(train) => train.backend,
-            other => panic!("not a train command: {other:?}"),
+            Command::Grad(grad) => grad.backend,
+            Command::Eval { backend, .. } => backend,
+            other => panic!("a command without a backend: {other:?}"),
         }
     }
 
     #[test]
-    fn train_runs_on_the_jit_unless_told_otherwise() {
-        assert_eq!(backend_of(&["gradc", "train", "m.grad"]), BackendArg::Jit);
-        assert_eq!(
-            backend_of(&["gradc", "train", "m.grad", "--backend", "interp"]),
-            BackendArg::Interp
-        );
+    fn train_eval_and_grad_run_on_the_jit_unless_told_otherwise() {
+        let io = ["--tensors", "in.safetensors", "--out", "out.safetensors"];
+        for command in [
+            vec!["gradc", "train", "m.grad"],
+            vec!["gradc", "eval", "m.grad", "--checkpoint", "c.safetensors"],
+            [&["gradc", "grad", "m.grad"][..], &io].concat(),
+        ] {
+            assert_eq!(backend_of(&command), BackendArg::Jit, "{command:?}");
+            let interp = [&command[..], &["--backend", "interp"]].concat();
+            assert_eq!(backend_of(&interp), BackendArg::Interp, "{command:?}");
+        }
     }
 }

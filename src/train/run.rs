@@ -37,9 +37,21 @@ pub struct RunOptions {
     pub watch: bool,
     /// Print progress and per-epoch lines (the library can run quietly).
     pub verbose: bool,
-    /// Run the step on the JIT backend (compiled elementwise kernels)
-    /// instead of the reference interpreter.
+    /// Run the step and eval graphs on the JIT backend (compiled
+    /// elementwise kernels, GEMM products) instead of the reference
+    /// interpreter.
     pub jit: bool,
+}
+
+impl RunOptions {
+    /// The backend these options ask for.
+    fn backend(&self) -> Box<dyn Backend> {
+        if self.jit {
+            Box::new(crate::jit::Jit::new())
+        } else {
+            Box::new(Interpreter)
+        }
+    }
 }
 
 /// How a run ended.
@@ -90,13 +102,8 @@ pub fn train(
     config: TrainConfig,
     options: &RunOptions,
 ) -> Result<(Session, Summary), TrainError> {
-    let mut interpreter = Interpreter;
-    let mut jit = crate::jit::Jit::new();
-    let backend: &mut dyn Backend = if options.jit {
-        &mut jit
-    } else {
-        &mut interpreter
-    };
+    let mut backend = options.backend();
+    let backend = backend.as_mut();
     let mut session = Session::new(model, config, &options.freeze)?;
     let dataset = data::load(&source(&session.config, options), &session.forward)
         .map_err(TrainError::Data)?;
@@ -346,6 +353,5 @@ pub fn evaluate(
             split.test
         }
     };
-    let mut backend = Interpreter;
-    session.evaluate(&mut backend as &mut dyn Backend, &dataset, &rows)
+    session.evaluate(options.backend().as_mut(), &dataset, &rows)
 }
