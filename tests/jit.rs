@@ -218,38 +218,14 @@ fn gemm_matches_the_interpreters_product_with_transposed_views() {
             [(false, false), (true, false), (false, true), (true, true)]
         {
             let a_view = if transpose_a {
-                MatrixView {
-                    data: &at,
-                    rows: m,
-                    cols: k,
-                    row_stride: 1,
-                    col_stride: m,
-                }
+                MatrixView::row_major(&at, k, m).transposed()
             } else {
-                MatrixView {
-                    data: &a,
-                    rows: m,
-                    cols: k,
-                    row_stride: k,
-                    col_stride: 1,
-                }
+                MatrixView::row_major(&a, m, k)
             };
             let b_view = if transpose_b {
-                MatrixView {
-                    data: &bt,
-                    rows: k,
-                    cols: n,
-                    row_stride: 1,
-                    col_stride: k,
-                }
+                MatrixView::row_major(&bt, n, k).transposed()
             } else {
-                MatrixView {
-                    data: &b,
-                    rows: k,
-                    cols: n,
-                    row_stride: n,
-                    col_stride: 1,
-                }
+                MatrixView::row_major(&b, k, n)
             };
             let mut c = vec![f64::NAN; m * n];
             gemm(a_view, b_view, &mut c).expect("views fit");
@@ -264,13 +240,7 @@ fn gemm_matches_the_interpreters_product_with_transposed_views() {
     // Views reaching past their storage, mismatched inner sizes and a
     // wrong output length are errors, never reads or writes out of bounds.
     let data = values(12, 3);
-    let fits = MatrixView {
-        data: &data,
-        rows: 3,
-        cols: 4,
-        row_stride: 4,
-        col_stride: 1,
-    };
+    let fits = MatrixView::row_major(&data, 3, 4);
     let too_far = MatrixView {
         row_stride: 5,
         ..fits

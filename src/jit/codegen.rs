@@ -828,7 +828,30 @@ pub struct MatrixView<'a> {
     pub col_stride: usize,
 }
 
-impl MatrixView<'_> {
+impl<'a> MatrixView<'a> {
+    /// `data` as a contiguous row-major `rows x cols` matrix.
+    pub fn row_major(data: &'a [f64], rows: usize, cols: usize) -> MatrixView<'a> {
+        MatrixView {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transposed matrix: the same storage with rows and columns (and
+    /// their strides) swapped; nothing is copied.
+    pub fn transposed(self) -> MatrixView<'a> {
+        MatrixView {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
     /// Whether every element of the view lies inside `data`.
     fn in_bounds(&self) -> bool {
         if self.rows == 0 || self.cols == 0 {

@@ -192,10 +192,6 @@ fn factors(from: &[usize], to: &[usize]) -> Option<(i64, i64)> {
     Some((i64::try_from(k.max(1)).ok()?, i64::try_from(m.max(1)).ok()?))
 }
 
-fn sizes(shape: &Shape, dims: &BTreeMap<String, usize>) -> Result<Vec<usize>, InterpError> {
-    interp::concrete(shape, dims)
-}
-
 impl Backend for Jit {
     fn run(
         &mut self,
@@ -329,24 +325,8 @@ fn matrix_view(t: &Tensor, transposed: bool) -> Option<codegen::MatrixView<'_>> 
     if t.shape.len() < 2 || cols == 0 {
         return None;
     }
-    let rows = t.data.len() / cols;
-    Some(if transposed {
-        codegen::MatrixView {
-            data: &t.data,
-            rows: cols,
-            cols: rows,
-            row_stride: 1,
-            col_stride: cols,
-        }
-    } else {
-        codegen::MatrixView {
-            data: &t.data,
-            rows,
-            cols,
-            row_stride: cols,
-            col_stride: 1,
-        }
-    })
+    let view = codegen::MatrixView::row_major(&t.data, t.data.len() / cols, cols);
+    Some(if transposed { view.transposed() } else { view })
 }
 
 /// Runs a compiled kernel; false if its operands' broadcasting does not fit
@@ -358,7 +338,7 @@ fn run_compiled(
     evaluation: &mut Evaluation,
     context: Context,
 ) -> Result<bool, InterpError> {
-    let to = sizes(loop_shape, &evaluation.dims)?;
+    let to = interp::concrete(loop_shape, &evaluation.dims)?;
     let n: usize = to.iter().product();
     let mut ks = Vec::new();
     let mut ms = Vec::new();
@@ -388,7 +368,7 @@ fn run_compiled(
                     None => return Ok(false),
                 }
             }
-            Op::SumTo => match factors(&sizes(node.shape(), &evaluation.dims)?, &to) {
+            Op::SumTo => match factors(&interp::concrete(node.shape(), &evaluation.dims)?, &to) {
                 Some(f) => f,
                 None => return Ok(false),
             },
@@ -408,7 +388,7 @@ fn run_compiled(
         .map_err(|e| InterpError::Internal(e.to_string()))?;
     for (&id, mut data) in compiled.outputs.iter().zip(outputs) {
         let node = graph.node(id);
-        let shape = sizes(node.shape(), &evaluation.dims)?;
+        let shape = interp::concrete(node.shape(), &evaluation.dims)?;
         if let Op::Reduce {
             func: ReduceFn::Mean,
             ..

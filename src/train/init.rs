@@ -88,55 +88,17 @@ mod tests {
 
     #[test]
     fn seeds_and_names_decide_the_values() {
-        let a = initialize(
-            Init::Normal {
+        let normal = |name: &str, seed: u64| {
+            let init = Init::Normal {
                 mean: 0.0,
                 std: 1.0,
-            },
-            "a",
-            DType::F32,
-            &[8],
-            3,
-        );
-        assert_eq!(
-            a,
-            initialize(
-                Init::Normal {
-                    mean: 0.0,
-                    std: 1.0
-                },
-                "a",
-                DType::F32,
-                &[8],
-                3
-            )
-        );
-        assert_ne!(
-            a,
-            initialize(
-                Init::Normal {
-                    mean: 0.0,
-                    std: 1.0
-                },
-                "b",
-                DType::F32,
-                &[8],
-                3
-            )
-        );
-        assert_ne!(
-            a,
-            initialize(
-                Init::Normal {
-                    mean: 0.0,
-                    std: 1.0
-                },
-                "a",
-                DType::F32,
-                &[8],
-                4
-            )
-        );
+            };
+            initialize(init, name, DType::F32, &[8], seed)
+        };
+        let a = normal("a", 3);
+        assert_eq!(a, normal("a", 3));
+        assert_ne!(a, normal("b", 3));
+        assert_ne!(a, normal("a", 4));
         assert_eq!(
             initialize(Init::Constant(0.5), "c", DType::F32, &[2], 0).data,
             vec![0.5, 0.5]
