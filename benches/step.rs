@@ -276,17 +276,38 @@ fn bench_compile_time() {
     );
 }
 
+/// `cargo bench --bench step -- NAME...` runs only the named models
+/// (`tiny`, `medium`, `large`) and backends (`hand`, `interp`, `jit`), and
+/// skips the compile-time bench.
 fn main() {
-    bench_compile_time();
+    let wanted: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    if wanted.is_empty() {
+        bench_compile_time();
+    }
     let models: [(&str, &[usize], usize, usize); 3] = [
         ("tiny", &[64, 32, 10], 32, 200),
         ("medium", &[64, 256, 256, 10], 128, 30),
         ("large", &[784, 1024, 1024, 10], 256, 5),
     ];
     for (name, layers, batch, steps) in models {
-        bench_baseline(name, layers, batch, steps);
-        for jit in [false, true] {
-            bench(name, layers, batch, steps, jit);
+        let models = ["tiny", "medium", "large"];
+        let backends = ["hand", "interp", "jit"];
+        let chosen = |names: &[&str], name: &str| {
+            !wanted.iter().any(|w| names.contains(&w.as_str())) || wanted.iter().any(|w| w == name)
+        };
+        if !chosen(&models, name) {
+            continue;
+        }
+        if chosen(&backends, "hand") {
+            bench_baseline(name, layers, batch, steps);
+        }
+        for (jit, backend) in [(false, "interp"), (true, "jit")] {
+            if chosen(&backends, backend) {
+                bench(name, layers, batch, steps, jit);
+            }
         }
     }
 }
