@@ -235,6 +235,19 @@ fn gemm_matches_the_interpreters_product_with_transposed_views() {
                     "{m}x{k}x{n}: {x} vs {y}"
                 );
             }
+            // The same product in `f32` (`sgemm`), over `f32` copies with
+            // the same strides: within the `f32` tolerance.
+            let narrow =
+                |v: &MatrixView<'_>| -> Vec<f32> { v.data.iter().map(|&x| x as f32).collect() };
+            let (a32, b32) = (narrow(&a_view), narrow(&b_view));
+            let mut c32 = vec![f32::NAN; m * n];
+            gemm(a_view.over(&a32), b_view.over(&b32), &mut c32).expect("views fit");
+            for (x, &y) in expected.iter().zip(&c32) {
+                assert!(
+                    (x - f64::from(y)).abs() <= 1e-5 * (1.0 + x.abs()),
+                    "f32 {m}x{k}x{n}: {x} vs {y}"
+                );
+            }
         }
     }
     // Views reaching past their storage, mismatched inner sizes and a
@@ -256,6 +269,10 @@ fn gemm_matches_the_interpreters_product_with_transposed_views() {
     assert!(gemm(fits, fits, &mut c).is_err());
     assert!(gemm(fits, square, &mut c[..8]).is_err());
     gemm(fits, square, &mut c).expect("3x4 @ 4x3");
+    let data32: Vec<f32> = data.iter().map(|&x| x as f32).collect();
+    let mut c32 = vec![0.0f32; 9];
+    assert!(gemm(too_far.over(&data32), square.over(&data32), &mut c32).is_err());
+    assert!(gemm(fits.over(&data32), square.over(&data32), &mut c32[..8]).is_err());
 }
 
 /// A random small model for the property test below: a chain over

@@ -49,7 +49,10 @@ impl std::error::Error for CodegenError {}
 
 /// Whether a node is a sum the code generator can end a kernel with:
 /// `sum` or `mean` over some axes (the division by the count follows the
-/// call, as in the interpreter), or the `sum_to` of broadcasting.
+/// call, as in the interpreter), the `sum_to` of broadcasting, or a
+/// monitor's count: `zero_fraction` (a count of zeros, divided after the
+/// call) and `dead_fraction` (a count of nonzero rows per unit, turned into
+/// the fraction of units with none after the call).
 pub fn is_sum(graph: &Graph, id: NodeId) -> bool {
     matches!(
         graph.node(id).op,
@@ -57,7 +60,27 @@ pub fn is_sum(graph: &Graph, id: NodeId) -> bool {
             func: ReduceFn::Sum | ReduceFn::Mean,
             ..
         } | Op::SumTo
+            | Op::ZeroFraction
+            | Op::DeadFraction
     ) && graph.node(id).dtype() != DType::I32
+        && graph.node(graph.operands(id)[0]).dtype() != DType::I32
+}
+
+/// What a closing sum adds for one element whose operand is `value`.
+fn summand(b: &mut FunctionBuilder<'_>, graph: &Graph, id: NodeId, value: Value) -> Value {
+    let counted = |b: &mut FunctionBuilder<'_>, cc: FloatCC| {
+        let zero = b.ins().f64const(0.0);
+        let one = b.ins().f64const(1.0);
+        let hit = b.ins().fcmp(cc, value, zero);
+        b.ins().select(hit, one, zero)
+    };
+    match graph.node(id).op {
+        // 1 for a zero.
+        Op::ZeroFraction => counted(b, FloatCC::Equal),
+        // 1 for anything but zero (NaN included, as in the interpreter).
+        Op::DeadFraction => counted(b, FloatCC::NotEqual),
+        _ => value,
+    }
 }
 
 /// Whether the code generator can compile a node as an elementwise op.
@@ -424,7 +447,8 @@ impl CodeCache {
             });
         }
         for &output in outputs {
-            access.push(match (is_sum(graph, output), single(output)) {
+            let per_unit = matches!(graph.node(output).op, Op::DeadFraction);
+            access.push(match (is_sum(graph, output), single(output) && !per_unit) {
                 (false, _) => Access::Full,
                 (true, true) => Access::Single,
                 (true, false) => Access::Strided,
@@ -557,6 +581,7 @@ impl CodeCache {
                 let value = *values.get(&value).ok_or_else(|| {
                     CodegenError(format!("output {output} is not computed by the kernel"))
                 })?;
+                let value = summand(&mut b, graph, output, value);
                 match access[j] {
                     // A sum to one element: total += value, in a register.
                     Access::Single => {
@@ -912,14 +937,72 @@ fn share(b: &mut FunctionBuilder<'_>, g: Value, mine: Value, other: Value, zero:
     b.ins().select(greater, g, tie)
 }
 
-/// A strided, read-only view of a `rows x cols` matrix of `f64`: element
-/// `(r, c)` is `data[r * row_stride + c * col_stride]`. A transposed
-/// operand is the same storage with the strides swapped.
+/// An element type the tuned GEMM handles: `f64` (`dgemm`) and `f32`
+/// (`sgemm`, twice the SIMD width).
+pub trait GemmElement: Copy + Default {
+    /// Calls the GEMM: `c = a @ b` with the given strides.
+    ///
+    /// # Safety
+    /// Every element the strides address in `a` (`m x k`) and `b`
+    /// (`k x n`) must be readable, every element of `c` (`m x n`, row
+    /// stride `n`) writable and not aliased by `a` or `b`.
+    unsafe fn raw_gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: (*const Self, isize, isize),
+        b: (*const Self, isize, isize),
+        c: *mut Self,
+    );
+}
+
+impl GemmElement for f64 {
+    unsafe fn raw_gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: (*const f64, isize, isize),
+        b: (*const f64, isize, isize),
+        c: *mut f64,
+    ) {
+        // SAFETY: the caller guarantees the views are in bounds and `c`
+        // is exclusive (the trait's contract, checked by `gemm`); with
+        // beta = 0, `c`'s old contents are not read.
+        unsafe {
+            matrixmultiply::dgemm(
+                m, k, n, 1.0, a.0, a.1, a.2, b.0, b.1, b.2, 0.0, c, n as isize, 1,
+            );
+        }
+    }
+}
+
+impl GemmElement for f32 {
+    unsafe fn raw_gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: (*const f32, isize, isize),
+        b: (*const f32, isize, isize),
+        c: *mut f32,
+    ) {
+        // SAFETY: as for `f64` above: the caller guarantees the bounds and
+        // the exclusivity of `c`, and beta = 0 does not read it.
+        unsafe {
+            matrixmultiply::sgemm(
+                m, k, n, 1.0, a.0, a.1, a.2, b.0, b.1, b.2, 0.0, c, n as isize, 1,
+            );
+        }
+    }
+}
+
+/// A strided, read-only view of a `rows x cols` matrix: element `(r, c)`
+/// is `data[r * row_stride + c * col_stride]`. A transposed operand is the
+/// same storage with the strides swapped.
 #[derive(Clone, Copy, Debug)]
-pub struct MatrixView<'a> {
+pub struct MatrixView<'a, T = f64> {
     /// The storage; every element of the view lies inside it (checked by
     /// `gemm`).
-    pub data: &'a [f64],
+    pub data: &'a [T],
     /// Number of rows.
     pub rows: usize,
     /// Number of columns.
@@ -930,9 +1013,9 @@ pub struct MatrixView<'a> {
     pub col_stride: usize,
 }
 
-impl<'a> MatrixView<'a> {
+impl<'a, T> MatrixView<'a, T> {
     /// `data` as a contiguous row-major `rows x cols` matrix.
-    pub fn row_major(data: &'a [f64], rows: usize, cols: usize) -> MatrixView<'a> {
+    pub fn row_major(data: &'a [T], rows: usize, cols: usize) -> MatrixView<'a, T> {
         MatrixView {
             data,
             rows,
@@ -944,13 +1027,25 @@ impl<'a> MatrixView<'a> {
 
     /// The transposed matrix: the same storage with rows and columns (and
     /// their strides) swapped; nothing is copied.
-    pub fn transposed(self) -> MatrixView<'a> {
+    pub fn transposed(self) -> MatrixView<'a, T> {
         MatrixView {
             rows: self.cols,
             cols: self.rows,
             row_stride: self.col_stride,
             col_stride: self.row_stride,
             ..self
+        }
+    }
+
+    /// The same view over other storage of the same layout (the `f32`
+    /// copy of an `f64` tensor).
+    pub fn over<'b, U>(&self, data: &'b [U]) -> MatrixView<'b, U> {
+        MatrixView {
+            data,
+            rows: self.rows,
+            cols: self.cols,
+            row_stride: self.row_stride,
+            col_stride: self.col_stride,
         }
     }
 
@@ -968,12 +1063,17 @@ impl<'a> MatrixView<'a> {
     }
 }
 
-/// `c = a @ b` in `f64` by the tuned GEMM of the `matrixmultiply` crate
-/// (cache blocking and a vectorized micro-kernel), `c` row-major
-/// `a.rows x b.cols`. Only the order of the sums differs from the
-/// interpreter's loop, so results agree to `f64` rounding, and in `f32`
-/// (one rounding of the `f64` sum) almost always bit for bit.
-pub fn gemm(a: MatrixView<'_>, b: MatrixView<'_>, c: &mut [f64]) -> Result<(), CodegenError> {
+/// `c = a @ b` by the tuned GEMM of the `matrixmultiply` crate (cache
+/// blocking and a vectorized micro-kernel), `c` row-major
+/// `a.rows x b.cols`, in `f64` or `f32`. In `f64` only the order of the
+/// sums differs from the interpreter's loop, so results agree to `f64`
+/// rounding; in `f32` the sums are `f32` sums (as in PyTorch), within a few
+/// `f32` roundings of the interpreter's `f64` sum rounded once.
+pub fn gemm<T: GemmElement>(
+    a: MatrixView<'_, T>,
+    b: MatrixView<'_, T>,
+    c: &mut [T],
+) -> Result<(), CodegenError> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if b.rows != k
         || Some(c.len()) != m.checked_mul(n)
@@ -991,30 +1091,30 @@ pub fn gemm(a: MatrixView<'_>, b: MatrixView<'_>, c: &mut [f64]) -> Result<(), C
         return Ok(());
     }
     if k == 0 {
-        c.fill(0.0);
+        c.fill(T::default());
         return Ok(());
     }
     // SAFETY: `a` is m x k and `b` is k x n, and every element they address
     // lies inside their slices (`in_bounds`, with strides that fit
     // `isize`); `c` holds exactly m * n elements, written row-major (row
     // stride n, column stride 1), and is an exclusive borrow, so it aliases
-    // neither input. With beta = 0, `c`'s old contents are not read.
+    // neither input.
     unsafe {
-        matrixmultiply::dgemm(
+        T::raw_gemm(
             m,
             k,
             n,
-            1.0,
-            a.data.as_ptr(),
-            a.row_stride as isize,
-            a.col_stride as isize,
-            b.data.as_ptr(),
-            b.row_stride as isize,
-            b.col_stride as isize,
-            0.0,
+            (
+                a.data.as_ptr(),
+                a.row_stride as isize,
+                a.col_stride as isize,
+            ),
+            (
+                b.data.as_ptr(),
+                b.row_stride as isize,
+                b.col_stride as isize,
+            ),
             c.as_mut_ptr(),
-            n as isize,
-            1,
         );
     }
     Ok(())

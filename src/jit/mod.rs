@@ -17,7 +17,7 @@ pub mod codegen;
 use std::collections::{BTreeMap, HashMap};
 
 use crate::interp::{self, Context, Evaluation, InterpError, Tensor};
-use crate::ir::{Graph, NodeId, Op, ReduceFn, Shape};
+use crate::ir::{DType, Graph, NodeId, Op, ReduceFn, Shape};
 use crate::passes::fusion::{self, Plan};
 use crate::train::Backend;
 use codegen::{CodeCache, CompiledKernel};
@@ -310,8 +310,22 @@ fn matrix_product(
     if left.cols != right.rows || shape.iter().product::<usize>() != left.rows * right.cols {
         return Ok(false);
     }
-    let mut out = vec![0.0; left.rows * right.cols];
-    codegen::gemm(left, right, &mut out).map_err(|e| InterpError::Internal(e.to_string()))?;
+    let failed = |e: codegen::CodegenError| InterpError::Internal(e.to_string());
+    let out = if node.dtype() == DType::F32 {
+        // An `f32` product runs on `sgemm` (twice the SIMD width) over
+        // `f32` copies of the operands, which hold `f32` values already.
+        let narrow = |view: &codegen::MatrixView<'_>| -> Vec<f32> {
+            view.data.iter().map(|&v| v as f32).collect()
+        };
+        let (a, b) = (narrow(&left), narrow(&right));
+        let mut out = vec![0.0f32; left.rows * right.cols];
+        codegen::gemm(left.over(&a), right.over(&b), &mut out).map_err(failed)?;
+        out.into_iter().map(f64::from).collect()
+    } else {
+        let mut out = vec![0.0; left.rows * right.cols];
+        codegen::gemm(left, right, &mut out).map_err(failed)?;
+        out
+    };
     evaluation
         .values
         .insert(id, Tensor::new(node.dtype(), shape, out));
@@ -372,6 +386,18 @@ fn run_compiled(
                 Some(f) => f,
                 None => return Ok(false),
             },
+            Op::ZeroFraction => (1, 1),
+            // Counted per unit: every axis but the first (the rows).
+            Op::DeadFraction => {
+                let mut kept = to.clone();
+                if let Some(rows) = kept.first_mut() {
+                    *rows = 1;
+                }
+                match factors(&kept, &to) {
+                    Some(f) => f,
+                    None => return Ok(false),
+                }
+            }
             _ => (1, i64::try_from(n).unwrap_or(i64::MAX)),
         };
         ks.push(k);
@@ -389,16 +415,31 @@ fn run_compiled(
     for (&id, mut data) in compiled.outputs.iter().zip(outputs) {
         let node = graph.node(id);
         let shape = interp::concrete(node.shape(), &evaluation.dims)?;
-        if let Op::Reduce {
-            func: ReduceFn::Mean,
-            ..
-        } = node.op
-        {
-            // The interpreter sums, then divides by the count per group.
-            let count = (n / data.len().max(1)).max(1) as f64;
-            for value in &mut data {
-                *value /= count;
+        match node.op {
+            Op::Reduce {
+                func: ReduceFn::Mean,
+                ..
+            } => {
+                // The interpreter sums, then divides by the count per group.
+                let count = (n / data.len().max(1)).max(1) as f64;
+                for value in &mut data {
+                    *value /= count;
+                }
             }
+            // The count of zeros over the element count.
+            Op::ZeroFraction => data = vec![data[0] / n.max(1) as f64],
+            // The units whose rows are all zero, over the unit count.
+            Op::DeadFraction => {
+                let rows = to.first().copied().unwrap_or(1).max(1);
+                let units = n / rows;
+                let dead = if units == 0 {
+                    0
+                } else {
+                    data.iter().filter(|&&v| v == 0.0).count()
+                };
+                data = vec![dead as f64 / units.max(1) as f64];
+            }
+            _ => {}
         }
         // Tensor::new rounds a sum accumulated in f64 to the node's type,
         // as the interpreter does.
