@@ -276,9 +276,59 @@ fn bench_compile_time() {
     );
 }
 
+/// The GEMM alone: `f32` and `f64` products of the large model's shapes,
+/// GFLOP/s at the median of 20 runs (threads: `MATMUL_NUM_THREADS`).
+fn bench_gemm() {
+    use gradc::jit::codegen::{MatrixView, gemm};
+    for (m, k, n) in [(256, 784, 1024), (256, 1024, 1024), (1024, 256, 1024)] {
+        let a: Vec<f64> = (0..m * k).map(|i| (i % 17) as f64 / 17.0).collect();
+        let b: Vec<f64> = (0..k * n).map(|i| (i % 13) as f64 / 13.0).collect();
+        let (a32, b32): (Vec<f32>, Vec<f32>) = (
+            a.iter().map(|&v| v as f32).collect(),
+            b.iter().map(|&v| v as f32).collect(),
+        );
+        let flops = 2.0 * (m * k * n) as f64;
+        let median = |run: &mut dyn FnMut()| {
+            let mut times: Vec<f64> = (0..23)
+                .map(|_| {
+                    let start = Instant::now();
+                    run();
+                    start.elapsed().as_secs_f64()
+                })
+                .skip(3)
+                .collect();
+            times.sort_by(f64::total_cmp);
+            times[10]
+        };
+        let mut c32 = vec![0.0f32; m * n];
+        let f32_time = median(&mut || {
+            gemm(
+                MatrixView::row_major(&a32, m, k),
+                MatrixView::row_major(&b32, k, n),
+                &mut c32,
+            )
+            .expect("fits")
+        });
+        let mut c64 = vec![0.0f64; m * n];
+        let f64_time = median(&mut || {
+            gemm(
+                MatrixView::row_major(&a, m, k),
+                MatrixView::row_major(&b, k, n),
+                &mut c64,
+            )
+            .expect("fits")
+        });
+        println!(
+            "gemm {m}x{k}x{n}: f32 {:.1} GFLOP/s, f64 {:.1} GFLOP/s",
+            flops / f32_time / 1e9,
+            flops / f64_time / 1e9
+        );
+    }
+}
+
 /// `cargo bench --bench step -- NAME...` runs only the named models
-/// (`tiny`, `medium`, `large`) and backends (`hand`, `interp`, `jit`), and
-/// skips the compile-time bench.
+/// (`tiny`, `medium`, `large`) and backends (`hand`, `interp`, `jit`), or
+/// the GEMM alone (`gemm`), and skips the compile-time bench.
 fn main() {
     let wanted: Vec<String> = std::env::args()
         .skip(1)
@@ -286,6 +336,9 @@ fn main() {
         .collect();
     if wanted.is_empty() {
         bench_compile_time();
+    }
+    if wanted.is_empty() || wanted.iter().any(|w| w == "gemm") {
+        bench_gemm();
     }
     let models: [(&str, &[usize], usize, usize); 3] = [
         ("tiny", &[64, 32, 10], 32, 200),

@@ -266,7 +266,7 @@ impl Session {
             seed: self.config.seed,
             step: t,
         };
-        let evaluation = backend
+        let mut evaluation = backend
             .run(&self.step_graph, &leaves, context)
             .map_err(TrainError::Run)?;
         let graph = &self.step_graph;
@@ -285,16 +285,25 @@ impl Session {
                 loss,
             )));
         }
+        let correct = correct(graph, &evaluation);
+        // The new state is moved out of the evaluation, not copied, and
+        // replaces the old one only once every value is there.
+        let mut updates = Vec::new();
         for id in graph.ids() {
             if let Role::Update(name) = &graph.node(id).role {
-                self.state
-                    .insert(name.clone(), evaluation.values[&id].clone());
+                let value = evaluation.values.remove(&id).ok_or_else(|| {
+                    TrainError::Run(InterpError::Internal(format!(
+                        "no value for update `{name}`"
+                    )))
+                })?;
+                updates.push((name.clone(), value));
             }
         }
+        self.state.extend(updates);
         self.steps_done = t;
         Ok(StepResult {
             loss,
-            correct: correct(graph, &evaluation),
+            correct,
             rows,
             lr,
             stats,
