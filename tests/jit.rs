@@ -279,7 +279,9 @@ fn gemm_matches_the_interpreters_product_with_transposed_views() {
 /// `[B, 6]` mixing every kind of op the code generator compiles (unary
 /// functions, `**`, `maximum`/`minimum`, `clamp`, `leaky_relu`, dropout),
 /// broadcasting of rows (`v`), columns (`c`) and scalars, matrix products,
-/// sums and means, trained by a random optimizer.
+/// sums and means, row kernels (`softmax`, `log_softmax`, `max`,
+/// `logsumexp`, `cross_entropy`, also on huge logits), trained by a random
+/// optimizer.
 fn random_model(seed: u64) -> String {
     let mut stream = gradc::random::Stream::new(seed);
     let mut lines = vec![
@@ -292,7 +294,7 @@ fn random_model(seed: u64) -> String {
     let count = 2 + stream.below(7) as usize;
     for i in 0..count {
         let h = format!("h{i}");
-        let expr = match stream.below(13) {
+        let expr = match stream.below(16) {
             0 => format!("{h} @ w"),
             1 => format!("gelu({h}) + softplus({h}) * 0.5"),
             2 => format!("maximum({h}, v) - minimum({h}, 0.5)"),
@@ -305,11 +307,23 @@ fn random_model(seed: u64) -> String {
             9 => format!("tanh({h}) - mean({h}, axis = 1, keepdims = true)"),
             10 => format!("relu({h} @ w + v)"),
             11 => format!("exp(-{h} * {h}) + log(1 + {h} * {h})"),
+            12 => format!("softmax({h}) * 3 + log_softmax({h}, axis = 1)"),
+            13 => format!(
+                "{h} - logsumexp({h}, axis = 1, keepdims = true) + max({h}, axis = -1, keepdims = true)"
+            ),
+            14 => format!("softmax({h} * 1e30, axis = 1) + log_softmax({h} * 1e30)"),
             _ => format!("{h} * tanh(sum({h}, axis = 0, keepdims = true))"),
         };
         lines.push(format!("    let h{} = {expr}", i + 1));
     }
-    lines.push(format!("    loss mean(h{count} * h{count}) + sum(v * v)"));
+    if stream.below(2) == 0 {
+        lines.push(format!("    loss mean(h{count} * h{count}) + sum(v * v)"));
+    } else {
+        lines.insert(1, "    input y: i32[B]".into());
+        lines.push(format!(
+            "    loss cross_entropy(h{count} * 1e3, y) + cross_entropy(h{count}, y) + sum(v * v)"
+        ));
+    }
     let optimizer = match stream.below(3) {
         0 => "sgd(lr = 0.1, momentum = 0.9, nesterov = true)",
         1 => "adam(lr = 0.01)",
@@ -392,5 +406,136 @@ fn clif_of_small_kernels() {
         let model = compilation.models.first().expect("compiles");
         let clif = Jit::new().clif(&model.eval).expect("clif");
         insta::assert_snapshot!(name, format!("{source}\n{clif}"));
+    }
+}
+
+/// The row kernels (`softmax`, `log_softmax`, `max` and `logsumexp` over the
+/// last axis, `cross_entropy`, and the VJPs of the first two and the last)
+/// follow the interpreter operation for operation, so every value of a
+/// step graph that uses them is bit-identical, on huge logits (`1e30`,
+/// `700`), infinities and NaN included; the huge rows stay finite.
+#[test]
+fn row_kernels_are_bit_identical_on_huge_and_special_logits() {
+    let source = "model m {
+    input x: f32[B, 5]
+    input y: i32[B]
+    param w: f32[5] = ones
+    let z = x * w
+    output p = softmax(z)
+    output top = max(z, axis = -1)
+    loss cross_entropy(z, y) + sum(softmax(z, axis = 1) * x) + sum(log_softmax(z) * x) + sum(logsumexp(z, axis = 1) * 0.5)
+}
+train m { optimizer sgd(lr = 0.1) }
+";
+    let rows: [[f64; 5]; 6] = [
+        [1e30, -1e30, 0.0, 3.0, 2.0],
+        [1.0, 2.0, 3.0, 4.0, 5.0],
+        [88.0, 89.0, 700.0, -700.0, 0.0],
+        [f64::INFINITY, 1.0, 2.0, 3.0, 4.0],
+        [f64::NAN, 0.0, 1.0, 2.0, 3.0],
+        [f64::NEG_INFINITY; 5],
+    ];
+    for dtype in [DType::F32, DType::F64] {
+        let compilation = compile_source(
+            "m.grad",
+            source,
+            LowerOptions {
+                float_dtype: Some(dtype),
+            },
+        );
+        let model = compilation
+            .models
+            .first()
+            .unwrap_or_else(|| panic!("{:?}", compilation.diagnostics));
+        let config = model.train_config.clone().expect("train block");
+        let graph = step::build(&model.train, &config).expect("step");
+        for (first, count) in [(0, 3), (0, 6)] {
+            let mut leaves = common::leaves_for(&graph, dtype);
+            let x: Vec<f64> = rows[first..first + count]
+                .iter()
+                .flatten()
+                .copied()
+                .collect();
+            leaves.insert("x".into(), Tensor::new(dtype, vec![count, 5], x));
+            let labels = (0..count).map(|i| (i % 5) as f64).collect();
+            leaves.insert("y".into(), Tensor::new(DType::I32, vec![count], labels));
+            let context = Context { seed: 0, step: 1 };
+            let expected = interp::evaluate(&graph, &leaves, context).expect("interpreter");
+            let mut jit = Jit::new();
+            let got = jit.run(&graph, &leaves, context).expect("jit");
+            for id in graph.ids() {
+                // Values no kernel needed (unread VJP operands) are absent.
+                let (Some(a), Some(b)) = (expected.values.get(&id), got.values.get(&id)) else {
+                    continue;
+                };
+                let same = a.data.len() == b.data.len()
+                    && a.data
+                        .iter()
+                        .zip(&b.data)
+                        .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()));
+                assert!(
+                    same,
+                    "{dtype}, {count} rows: {id:?} ({}) differs: {:?} vs {:?}",
+                    graph.node(id).op.name(),
+                    a.data,
+                    b.data
+                );
+            }
+            // On the finite rows (huge logits included) softmax, its
+            // gradient and cross-entropy stay finite.
+            if count == 3 {
+                for id in graph.ids() {
+                    let name = graph.node(id).op.name();
+                    if ["softmax", "cross_entropy", "cross_entropy.vjp0"].contains(&name.as_ref()) {
+                        assert!(
+                            got.values[&id].data.iter().all(|v| v.is_finite()),
+                            "{name}: {:?}",
+                            got.values[&id].data
+                        );
+                    }
+                }
+            }
+            // Every row op is a compiled kernel: `--stage clif` names the
+            // kernels left on the interpreter.
+            let clif = jit.clif(&graph).expect("clif");
+            for line in clif.lines().filter(|l| l.contains("on the interpreter")) {
+                for op in [
+                    "(softmax",
+                    "(log_softmax",
+                    "(cross_entropy",
+                    "(logsumexp)",
+                    "softmax.vjp0",
+                ] {
+                    assert!(!line.contains(op), "{line}");
+                }
+            }
+        }
+    }
+}
+
+/// Labels outside `0..C` are the interpreter's error on the JIT too (the
+/// row kernel checks them before the call and never indexes with them).
+#[test]
+fn row_kernels_refuse_out_of_range_labels() {
+    let source =
+        "model m {\n    input x: f64[B, 3]\n    input y: i32[B]\n    loss cross_entropy(x, y)\n}\n";
+    let compilation = compile_source("m.grad", source, LowerOptions::default());
+    let graph = &compilation.models[0].eval;
+    for label in [3.0, -1.0, 1e9] {
+        let mut leaves = std::collections::BTreeMap::new();
+        leaves.insert(
+            "x".to_string(),
+            Tensor::new(DType::F64, vec![2, 3], vec![0.5; 6]),
+        );
+        leaves.insert(
+            "y".to_string(),
+            Tensor::new(DType::I32, vec![2], vec![0.0, label]),
+        );
+        let context = Context { seed: 0, step: 1 };
+        let expected = interp::evaluate(graph, &leaves, context).expect_err("interpreter refuses");
+        let got = Jit::new()
+            .run(graph, &leaves, context)
+            .expect_err("jit refuses");
+        assert_eq!(expected.to_string(), got.to_string());
     }
 }

@@ -13,6 +13,7 @@
 //! entry function per training step.
 
 pub mod codegen;
+pub mod rows;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -20,14 +21,24 @@ use crate::interp::{self, Context, Evaluation, InterpError, Tensor};
 use crate::ir::{DType, Graph, NodeId, Op, ReduceFn, Shape};
 use crate::passes::fusion::{self, Plan};
 use crate::train::Backend;
-use codegen::{CodeCache, CompiledKernel};
+use codegen::{CodeCache, CompiledKernel, RowKernel};
+use rows::RowOp;
 
-/// A kernel with its compiled part: what the interpreter computes first
-/// (the matrix product of a matmul kernel, values it recomputes), then the
-/// compiled elementwise code.
-struct Compiled {
-    prologue: Vec<NodeId>,
-    kernel: CompiledKernel,
+/// A kernel's compiled form.
+enum Compiled {
+    /// What the interpreter (or, for a product, the GEMM) computes first
+    /// (the matrix product of a matmul kernel, values it recomputes), then
+    /// the compiled elementwise code.
+    Elementwise {
+        prologue: Vec<NodeId>,
+        kernel: CompiledKernel,
+    },
+    /// A row kernel (a reduction or normalization along the last axis),
+    /// after the cheap values it recomputes (on the interpreter).
+    Rows {
+        prologue: Vec<NodeId>,
+        kernel: RowKernel,
+    },
 }
 
 /// A graph prepared for running: its kernel plan and compiled kernels.
@@ -125,6 +136,21 @@ fn compile(graph: &Graph) -> Result<Program, codegen::CodegenError> {
         let closing_sum = |id: NodeId| {
             codegen::is_sum(graph, id) && graph.node(graph.operands(id)[0]).shape() == &loop_shape
         };
+        // A single reduction or normalization along the last axis.
+        if let [node] = kernel.nodes.as_slice()
+            && let Some(op) = RowOp::of(graph, *node)
+        {
+            let (compiled, text) = code.compile_rows(graph, *node, op)?;
+            clif.push(format!("; kernel k{k}\n{text}"));
+            let mut prologue: Vec<NodeId> = kernel.recompute.iter().copied().collect();
+            prologue.sort_by_key(|id| position[id]);
+            kernels.push(Some(Compiled::Rows {
+                prologue,
+                kernel: compiled,
+            }));
+            loops.push(loop_shape);
+            continue;
+        }
         let last = kernel.nodes.last().copied();
         let compilable = kernel.kind != fusion::Kind::Other
             && !body.is_empty()
@@ -132,6 +158,15 @@ fn compile(graph: &Graph) -> Result<Program, codegen::CodegenError> {
                 .iter()
                 .all(|&id| elementwise(id) || (Some(id) == last && closing_sum(id)));
         if !compilable {
+            let ops: Vec<String> = kernel
+                .nodes
+                .iter()
+                .map(|&id| graph.node(id).op.name())
+                .collect();
+            clif.push(format!(
+                "; kernel k{k}: on the interpreter ({})\n",
+                ops.join(", ")
+            ));
             kernels.push(None);
             loops.push(loop_shape);
             continue;
@@ -154,7 +189,7 @@ fn compile(graph: &Graph) -> Result<Program, codegen::CodegenError> {
             .collect();
         let (compiled, text) = code.compile(graph, &ordered, &inputs, &outputs)?;
         clif.push(format!("; kernel k{k}\n{text}"));
-        kernels.push(Some(Compiled {
+        kernels.push(Some(Compiled::Elementwise {
             prologue,
             kernel: compiled,
         }));
@@ -206,17 +241,17 @@ impl Backend for Jit {
         let program = self.program(graph)?;
         for (k, kernel) in program.plan.kernels.iter().enumerate() {
             let done = match program.kernels[k].as_ref() {
-                Some(compiled) => {
-                    for &id in &compiled.prologue {
+                Some(Compiled::Elementwise { prologue, kernel }) => {
+                    for &id in prologue {
                         interpret(graph, id, &mut evaluation, context)?;
                     }
-                    run_compiled(
-                        graph,
-                        &compiled.kernel,
-                        &program.loops[k],
-                        &mut evaluation,
-                        context,
-                    )?
+                    run_compiled(graph, kernel, &program.loops[k], &mut evaluation, context)?
+                }
+                Some(Compiled::Rows { prologue, kernel }) => {
+                    for &id in prologue {
+                        interpret(graph, id, &mut evaluation, context)?;
+                    }
+                    run_rows(graph, kernel, &mut evaluation)?
                 }
                 None => false,
             };
@@ -341,6 +376,37 @@ fn matrix_view(t: &Tensor, transposed: bool) -> Option<codegen::MatrixView<'_>> 
     }
     let view = codegen::MatrixView::row_major(&t.data, t.data.len() / cols, cols);
     Some(if transposed { view.transposed() } else { view })
+}
+
+/// Runs a row kernel; false when an operand is missing or its last axis
+/// is empty (the interpreter runs it then).
+fn run_rows(
+    graph: &Graph,
+    kernel: &RowKernel,
+    evaluation: &mut Evaluation,
+) -> Result<bool, InterpError> {
+    let mut inputs = Vec::new();
+    for id in &kernel.inputs {
+        match evaluation.values.get(id) {
+            Some(value) => inputs.push(value),
+            None => return Ok(false),
+        }
+    }
+    let shaped = inputs[kernel.op.shaped_by()];
+    let cols = shaped.shape.last().copied().unwrap_or(0);
+    if cols == 0 {
+        return Ok(false);
+    }
+    let rows = shaped.len() / cols;
+    let data: Vec<&[f64]> = inputs.iter().map(|t| t.data.as_slice()).collect();
+    let mut out = Vec::new();
+    kernel.run(&data, rows, cols, &mut out)?;
+    let node = graph.node(kernel.output);
+    let shape = interp::concrete(node.shape(), &evaluation.dims)?;
+    evaluation
+        .values
+        .insert(kernel.output, Tensor::new(node.dtype(), shape, out));
+    Ok(true)
 }
 
 /// Runs a compiled kernel; false if its operands' broadcasting does not fit

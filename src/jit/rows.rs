@@ -1,0 +1,412 @@
+//! Row kernels: the ops that reduce or normalize along the last axis
+//! (`max` and `logsumexp` over it, `softmax`, `log_softmax`,
+//! `cross_entropy`, and the VJPs of the last three), compiled as a loop
+//! over rows with a few passes over each row's contiguous elements.
+//!
+//! Each follows its interpreter kernel operation for operation (the same
+//! NaN-aware maximum, the same `f64` sums from the same starting value in
+//! the same order, `exp` and `log` by the interpreter's own functions, one
+//! rounding to `f32` at the end), so the results are bit-identical; they
+//! stay finite for huge logits because every exponent is taken of `x -
+//! max`. `codegen` turns the CLIF built here into a callable `RowKernel`
+//! (the unsafe part lives there).
+
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{BlockArg, InstBuilder, MemFlagsData, Value, types};
+use cranelift_frontend::FunctionBuilder;
+
+use super::codegen::{Calls, CodegenError, call};
+use crate::ir::{DType, Graph, NodeId, Op, ReduceFn};
+
+/// What a row kernel computes. Rows are the leading axes flattened, `cols`
+/// the last axis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowOp {
+    /// `max` over the last axis (NaN wins). Reads `x`; writes one per row.
+    Max,
+    /// `logsumexp` over the last axis. Reads `x`; writes one per row.
+    LogSumExp,
+    /// `softmax` along the last axis. Reads `x`; writes `rows x cols`.
+    Softmax,
+    /// `log_softmax` along the last axis. Reads `x`; writes `rows x cols`.
+    LogSoftmax,
+    /// Mean cross-entropy of logits `[N, C]` and labels `[N]`. Reads
+    /// logits, labels; writes one value.
+    CrossEntropy,
+    /// Its VJP for the logits: `(softmax(x) - onehot) * g / N`. Reads `g`
+    /// (one value), logits, labels; writes `rows x cols`.
+    CrossEntropyVjp,
+    /// `y * (g - sum(g * y))` per row. Reads `g`, `y`; writes `rows x cols`.
+    SoftmaxVjp,
+    /// `g - exp(y) * sum(g)` per row. Reads `g`, `y`; writes `rows x cols`.
+    LogSoftmaxVjp,
+}
+
+impl RowOp {
+    /// The row op a node is, if it is one along its operand's last axis.
+    pub fn of(graph: &Graph, id: NodeId) -> Option<RowOp> {
+        let node = graph.node(id);
+        let operands = graph.operands(id);
+        let rank = |operand: usize| Some(graph.node(*operands.get(operand)?).shape().rank());
+        let last = |axis: usize, operand: usize| rank(operand) == Some(axis + 1);
+        if node.dtype() == DType::I32 {
+            return None;
+        }
+        match &node.op {
+            Op::Reduce { func, axes, .. } if axes.len() == 1 && last(axes[0], 0) => match func {
+                ReduceFn::Max => Some(RowOp::Max),
+                ReduceFn::LogSumExp => Some(RowOp::LogSumExp),
+                _ => None,
+            },
+            Op::Softmax { axis } if last(*axis, 0) => Some(RowOp::Softmax),
+            Op::LogSoftmax { axis } if last(*axis, 0) => Some(RowOp::LogSoftmax),
+            Op::CrossEntropy if rank(0) == Some(2) => Some(RowOp::CrossEntropy),
+            Op::Vjp {
+                forward,
+                operand: 0,
+            } => match forward.as_ref() {
+                Op::CrossEntropy if rank(1) == Some(2) => Some(RowOp::CrossEntropyVjp),
+                Op::Softmax { axis } if last(*axis, 1) => Some(RowOp::SoftmaxVjp),
+                Op::LogSoftmax { axis } if last(*axis, 1) => Some(RowOp::LogSoftmaxVjp),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// The graph values the kernel reads, in argument order, from the
+    /// node's operands (a VJP's are `[g, forward operands..., y]`).
+    pub fn reads(self, operands: &[NodeId]) -> Vec<NodeId> {
+        let last = operands[operands.len() - 1];
+        match self {
+            RowOp::Max | RowOp::LogSumExp | RowOp::Softmax | RowOp::LogSoftmax => {
+                vec![operands[0]]
+            }
+            RowOp::CrossEntropy => vec![operands[0], operands[1]],
+            RowOp::CrossEntropyVjp => vec![operands[0], operands[1], operands[2]],
+            RowOp::SoftmaxVjp | RowOp::LogSoftmaxVjp => vec![operands[0], last],
+        }
+    }
+
+    /// Which of the values read has the `rows x cols` shape.
+    pub fn shaped_by(self) -> usize {
+        match self {
+            RowOp::CrossEntropyVjp | RowOp::SoftmaxVjp | RowOp::LogSoftmaxVjp => 1,
+            _ => 0,
+        }
+    }
+
+    /// Which of the values read holds labels, checked before the call.
+    pub fn labels(self) -> Option<usize> {
+        match self {
+            RowOp::CrossEntropy => Some(1),
+            RowOp::CrossEntropyVjp => Some(2),
+            _ => None,
+        }
+    }
+
+    /// How many elements each value read must hold, then the output's
+    /// count, for `rows x cols`.
+    pub fn lengths(self, rows: usize, cols: usize) -> (Vec<usize>, usize) {
+        let all = rows * cols;
+        match self {
+            RowOp::Max | RowOp::LogSumExp => (vec![all], rows),
+            RowOp::Softmax | RowOp::LogSoftmax => (vec![all], all),
+            RowOp::CrossEntropy => (vec![all, rows], 1),
+            RowOp::CrossEntropyVjp => (vec![1, all, rows], all),
+            RowOp::SoftmaxVjp | RowOp::LogSoftmaxVjp => (vec![all, all], all),
+        }
+    }
+}
+
+/// Emits `for j in 0..count { carried = body(j, carried) }` and returns the
+/// carried values after the loop; the builder continues after it.
+fn counted_loop(
+    b: &mut FunctionBuilder<'_>,
+    count: Value,
+    initial: &[Value],
+    mut body: impl FnMut(&mut FunctionBuilder<'_>, Value, &[Value]) -> Result<Vec<Value>, CodegenError>,
+) -> Result<Vec<Value>, CodegenError> {
+    let header = b.create_block();
+    let inside = b.create_block();
+    let exit = b.create_block();
+    b.append_block_param(header, types::I64);
+    for &value in initial {
+        let ty = b.func.dfg.value_type(value);
+        b.append_block_param(header, ty);
+        b.append_block_param(exit, ty);
+    }
+    let zero = b.ins().iconst(types::I64, 0);
+    let arguments: Vec<BlockArg> = std::iter::once(zero)
+        .chain(initial.iter().copied())
+        .map(Into::into)
+        .collect();
+    b.ins().jump(header, &arguments);
+
+    b.switch_to_block(header);
+    let params = b.block_params(header).to_vec();
+    let (j, carried) = (params[0], &params[1..]);
+    let more = b.ins().icmp(IntCC::SignedLessThan, j, count);
+    let done: Vec<BlockArg> = carried.iter().copied().map(Into::into).collect();
+    b.ins().brif(more, inside, &[], exit, &done);
+
+    b.switch_to_block(inside);
+    let next = body(b, j, carried)?;
+    let j = b.ins().iadd_imm_u(j, 1);
+    let arguments: Vec<BlockArg> = std::iter::once(j).chain(next).map(Into::into).collect();
+    b.ins().jump(header, &arguments);
+
+    b.switch_to_block(exit);
+    Ok(b.block_params(exit).to_vec())
+}
+
+/// The address of element `j` of a row starting at `base`.
+fn element(b: &mut FunctionBuilder<'_>, base: Value, j: Value) -> Value {
+    let offset = b.ins().imul_imm_u(j, 8);
+    b.ins().iadd(base, offset)
+}
+
+fn load(b: &mut FunctionBuilder<'_>, base: Value, j: Value) -> Value {
+    let at = element(b, base, j);
+    b.ins().load(types::F64, MemFlagsData::trusted(), at, 0)
+}
+
+fn store(b: &mut FunctionBuilder<'_>, value: Value, base: Value, j: Value) {
+    let at = element(b, base, j);
+    b.ins().store(MemFlagsData::trusted(), value, at, 0);
+}
+
+/// Rounds to `f32` and back when the result is `f32`.
+fn rounded(b: &mut FunctionBuilder<'_>, f32: bool, value: Value) -> Value {
+    if f32 {
+        let narrow = b.ins().fdemote(types::F32, value);
+        b.ins().fpromote(types::F64, narrow)
+    } else {
+        value
+    }
+}
+
+/// The row's maximum as `kernels::group_max` takes it: from -inf, a value
+/// replaces the maximum when it is NaN or larger, unless the maximum is
+/// already NaN.
+fn row_max(b: &mut FunctionBuilder<'_>, row: Value, cols: Value) -> Result<Value, CodegenError> {
+    let start = b.ins().f64const(f64::NEG_INFINITY);
+    let result = counted_loop(b, cols, &[start], |b, j, carried| {
+        let m = carried[0];
+        let v = load(b, row, j);
+        let v_nan = b.ins().fcmp(FloatCC::Unordered, v, v);
+        let larger = b.ins().fcmp(FloatCC::LessThan, m, v);
+        let replace = b.ins().bor(v_nan, larger);
+        let m_nan = b.ins().fcmp(FloatCC::Unordered, m, m);
+        let candidate = b.ins().select(m_nan, m, v);
+        Ok(vec![b.ins().select(replace, candidate, m)])
+    })?;
+    Ok(result[0])
+}
+
+/// `logsumexp` of a row as `kernels::reduce` computes it: the maximum `m`,
+/// then, if `m` is finite, `m + ln(sum(exp(x - m)))`, else `m` (a sum of
+/// ones then, not read).
+fn row_logsumexp(
+    b: &mut FunctionBuilder<'_>,
+    calls: &mut Calls<'_>,
+    row: Value,
+    cols: Value,
+) -> Result<Value, CodegenError> {
+    let m = row_max(b, row, cols)?;
+    let magnitude = b.ins().fabs(m);
+    let infinity = b.ins().f64const(f64::INFINITY);
+    let finite = b.ins().fcmp(FloatCC::LessThan, magnitude, infinity);
+    let zero = b.ins().f64const(0.0);
+    let one = b.ins().f64const(1.0);
+    let sum = counted_loop(b, cols, &[zero], |b, j, carried| {
+        let v = load(b, row, j);
+        let shifted = b.ins().fsub(v, m);
+        let e = call(b, calls, "gradc_exp", &[shifted])?;
+        let term = b.ins().select(finite, e, one);
+        Ok(vec![b.ins().fadd(carried[0], term)])
+    })?[0];
+    let log = call(b, calls, "gradc_log", &[sum])?;
+    let total = b.ins().fadd(m, log);
+    Ok(b.ins().select(finite, total, m))
+}
+
+/// Writes `exp(x - max)` of a row into `out` (unrounded) and returns their
+/// sum from 0, in order: the first half of `kernels::softmax`.
+fn row_exps(
+    b: &mut FunctionBuilder<'_>,
+    calls: &mut Calls<'_>,
+    row: Value,
+    out: Value,
+    cols: Value,
+) -> Result<Value, CodegenError> {
+    let m = row_max(b, row, cols)?;
+    let zero = b.ins().f64const(0.0);
+    Ok(counted_loop(b, cols, &[zero], |b, j, carried| {
+        let v = load(b, row, j);
+        let shifted = b.ins().fsub(v, m);
+        let e = call(b, calls, "gradc_exp", &[shifted])?;
+        store(b, e, out, j);
+        Ok(vec![b.ins().fadd(carried[0], e)])
+    })?[0])
+}
+
+/// A label as a column index: truncated like `as usize` (NaN and negative
+/// values give 0), and kept below `cols` so no address can leave the row
+/// (the runtime has checked the labels already).
+fn label_index(b: &mut FunctionBuilder<'_>, labels: Value, r: Value, cols: Value) -> Value {
+    let label = load(b, labels, r);
+    let index = b.ins().fcvt_to_uint_sat(types::I64, label);
+    let last = b.ins().iadd_imm_s(cols, -1);
+    b.ins().umin(index, last)
+}
+
+/// Emits the body of a row kernel `fn(ptrs, rows, cols)`: `ptrs` holds the
+/// buffers `op.reads` lists, then the output.
+pub(super) fn emit(
+    b: &mut FunctionBuilder<'_>,
+    calls: &mut Calls<'_>,
+    op: RowOp,
+    f32: bool,
+    ptrs: Value,
+    rows: Value,
+    cols: Value,
+) -> Result<(), CodegenError> {
+    let flags = MemFlagsData::trusted();
+    let buffers = op.lengths(1, 1).0.len() + 1;
+    let bases: Vec<Value> = (0..buffers)
+        .map(|j| b.ins().load(types::I64, flags, ptrs, (8 * j) as i32))
+        .collect();
+    let out = bases[buffers - 1];
+    let row_bytes = b.ins().imul_imm_u(cols, 8);
+    // The start of row r of a rows x cols buffer.
+    let row_of = |b: &mut FunctionBuilder<'_>, base: Value, r: Value| {
+        let offset = b.ins().imul(r, row_bytes);
+        b.ins().iadd(base, offset)
+    };
+    match op {
+        RowOp::Max | RowOp::LogSumExp => {
+            counted_loop(b, rows, &[], |b, r, _| {
+                let row = row_of(b, bases[0], r);
+                let value = if op == RowOp::Max {
+                    row_max(b, row, cols)?
+                } else {
+                    row_logsumexp(b, calls, row, cols)?
+                };
+                let value = rounded(b, f32, value);
+                store(b, value, out, r);
+                Ok(vec![])
+            })?;
+        }
+        RowOp::Softmax => {
+            counted_loop(b, rows, &[], |b, r, _| {
+                let (row, out_row) = (row_of(b, bases[0], r), row_of(b, out, r));
+                let sum = row_exps(b, calls, row, out_row, cols)?;
+                counted_loop(b, cols, &[], |b, j, _| {
+                    let e = load(b, out_row, j);
+                    let p = b.ins().fdiv(e, sum);
+                    let p = rounded(b, f32, p);
+                    store(b, p, out_row, j);
+                    Ok(vec![])
+                })?;
+                Ok(vec![])
+            })?;
+        }
+        RowOp::LogSoftmax => {
+            counted_loop(b, rows, &[], |b, r, _| {
+                let (row, out_row) = (row_of(b, bases[0], r), row_of(b, out, r));
+                let lse = row_logsumexp(b, calls, row, cols)?;
+                counted_loop(b, cols, &[], |b, j, _| {
+                    let v = load(b, row, j);
+                    let value = b.ins().fsub(v, lse);
+                    let value = rounded(b, f32, value);
+                    store(b, value, out_row, j);
+                    Ok(vec![])
+                })?;
+                Ok(vec![])
+            })?;
+        }
+        RowOp::CrossEntropy => {
+            // -log_softmax at the label, summed from -0.0 as `Iterator::sum`
+            // does, over the row count.
+            let start = b.ins().f64const(-0.0);
+            let total = counted_loop(b, rows, &[start], |b, r, carried| {
+                let row = row_of(b, bases[0], r);
+                let lse = row_logsumexp(b, calls, row, cols)?;
+                let label = label_index(b, bases[1], r, cols);
+                let v = load(b, row, label);
+                let log_p = b.ins().fsub(v, lse);
+                let loss = b.ins().fneg(log_p);
+                Ok(vec![b.ins().fadd(carried[0], loss)])
+            })?[0];
+            let one = b.ins().iconst(types::I64, 1);
+            let count = b.ins().umax(rows, one);
+            let count = b.ins().fcvt_from_uint(types::F64, count);
+            let mean = b.ins().fdiv(total, count);
+            let mean = rounded(b, f32, mean);
+            b.ins().store(flags, mean, out, 0);
+        }
+        RowOp::CrossEntropyVjp => {
+            let g = b.ins().load(types::F64, flags, bases[0], 0);
+            let one = b.ins().iconst(types::I64, 1);
+            let count = b.ins().umax(rows, one);
+            let count = b.ins().fcvt_from_uint(types::F64, count);
+            let scale = b.ins().fdiv(g, count);
+            counted_loop(b, rows, &[], |b, r, _| {
+                let (row, out_row) = (row_of(b, bases[1], r), row_of(b, out, r));
+                let sum = row_exps(b, calls, row, out_row, cols)?;
+                let label = label_index(b, bases[2], r, cols);
+                counted_loop(b, cols, &[], |b, j, _| {
+                    let e = load(b, out_row, j);
+                    let p = b.ins().fdiv(e, sum);
+                    let zero = b.ins().f64const(0.0);
+                    let one = b.ins().f64const(1.0);
+                    let is_label = b.ins().icmp(IntCC::Equal, j, label);
+                    let hot = b.ins().select(is_label, one, zero);
+                    let difference = b.ins().fsub(p, hot);
+                    let value = b.ins().fmul(difference, scale);
+                    let value = rounded(b, f32, value);
+                    store(b, value, out_row, j);
+                    Ok(vec![])
+                })?;
+                Ok(vec![])
+            })?;
+        }
+        RowOp::SoftmaxVjp | RowOp::LogSoftmaxVjp => {
+            counted_loop(b, rows, &[], |b, r, _| {
+                let g_row = row_of(b, bases[0], r);
+                let y_row = row_of(b, bases[1], r);
+                let out_row = row_of(b, out, r);
+                // softmax: sum(g * y); log_softmax: sum(g); from 0, in order.
+                let zero = b.ins().f64const(0.0);
+                let total = counted_loop(b, cols, &[zero], |b, j, carried| {
+                    let g = load(b, g_row, j);
+                    let term = if op == RowOp::SoftmaxVjp {
+                        let y = load(b, y_row, j);
+                        b.ins().fmul(g, y)
+                    } else {
+                        g
+                    };
+                    Ok(vec![b.ins().fadd(carried[0], term)])
+                })?[0];
+                counted_loop(b, cols, &[], |b, j, _| {
+                    let g = load(b, g_row, j);
+                    let y = load(b, y_row, j);
+                    let value = if op == RowOp::SoftmaxVjp {
+                        let difference = b.ins().fsub(g, total);
+                        b.ins().fmul(y, difference)
+                    } else {
+                        let e = call(b, calls, "gradc_exp", &[y])?;
+                        let scaled = b.ins().fmul(e, total);
+                        b.ins().fsub(g, scaled)
+                    };
+                    let value = rounded(b, f32, value);
+                    store(b, value, out_row, j);
+                    Ok(vec![])
+                })?;
+                Ok(vec![])
+            })?;
+        }
+    }
+    Ok(())
+}
