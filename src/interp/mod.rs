@@ -142,6 +142,23 @@ pub fn bind_leaves(
     leaves: &BTreeMap<String, Tensor>,
 ) -> Result<Evaluation, InterpError> {
     let mut evaluation = Evaluation::default();
+    for (id, tensor) in checked_leaves(graph, order, leaves, &mut evaluation.dims)? {
+        let value = tensor.cast(graph.node(id).dtype());
+        evaluation.values.insert(id, value);
+    }
+    Ok(evaluation)
+}
+
+/// Checks every leaf of a graph (in `order`) against its declaration as
+/// [`bind_leaves`] does, binding the symbolic dimensions into `dims`, and
+/// returns each leaf node with its tensor, without copying any.
+pub fn checked_leaves<'a>(
+    graph: &Graph,
+    order: &[NodeId],
+    leaves: &'a BTreeMap<String, Tensor>,
+    dims: &mut BTreeMap<String, usize>,
+) -> Result<Vec<(NodeId, &'a Tensor)>, InterpError> {
+    let mut bound = Vec::new();
     for &id in order {
         let node = graph.node(id);
         if !matches!(
@@ -157,16 +174,10 @@ pub fn bind_leaves(
                 expected: node.ty.to_string(),
             });
         };
-        let value = bind_leaf(
-            &name,
-            tensor,
-            node.dtype(),
-            node.shape(),
-            &mut evaluation.dims,
-        )?;
-        evaluation.values.insert(id, value);
+        check_leaf(&name, tensor, node.dtype(), node.shape(), dims)?;
+        bound.push((id, tensor));
     }
-    Ok(evaluation)
+    Ok(bound)
 }
 
 /// Evaluates one node whose operands are already in `evaluation`.
@@ -212,15 +223,15 @@ pub fn evaluate_node(
     Ok(())
 }
 
-/// Checks a leaf tensor against its declaration, binding symbols; converts
-/// floats to the declared width.
-fn bind_leaf(
+/// Checks a leaf tensor against its declaration (element type, shape, and
+/// an element count that fits the shape), binding symbols.
+fn check_leaf(
     name: &str,
     tensor: &Tensor,
     dtype: DType,
     shape: &Shape,
     dims: &mut BTreeMap<String, usize>,
-) -> Result<Tensor, InterpError> {
+) -> Result<(), InterpError> {
     let expected = |dims: &BTreeMap<String, usize>| {
         let dims: Vec<String> = shape
             .0
@@ -255,7 +266,10 @@ fn bind_leaf(
             Dim::Fixed(_) => {}
         }
     }
-    Ok(tensor.cast(dtype))
+    if tensor.shape.iter().product::<usize>() != tensor.data.len() {
+        return Err(mismatch(expected(dims)));
+    }
+    Ok(())
 }
 
 /// A declared shape with its symbols replaced by their bound sizes.

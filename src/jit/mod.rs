@@ -1,27 +1,34 @@
-//! The JIT backend (first stage): runs a graph's kernel plan
-//! (`passes::fusion`), with the elementwise kernels compiled to machine code
-//! by Cranelift (`codegen`), matrix products and their VJPs on a tuned GEMM
-//! (`codegen::gemm`, the `matrixmultiply` crate), and every other kernel on
-//! the reference interpreter's kernels.
+//! The JIT backend: runs a graph's kernel plan (`passes::fusion`) as one
+//! compiled call per step. Elementwise kernels (with their closing sums and
+//! counts) and row kernels (softmax, log-softmax, cross-entropy, max and
+//! logsumexp over the last axis) are compiled by Cranelift (`codegen`,
+//! `rows`); matrix products and their VJPs run on a tuned GEMM
+//! (`codegen::gemm`); the remaining kernels run on the reference
+//! interpreter's kernels.
+//!
+//! For each set of sizes (the batch size, mostly) the JIT binds a *frame*:
+//! a buffer per value, allocated once, and a compiled *step entry* that
+//! calls every kernel in plan order, handing matrix products and
+//! interpreted kernels back to Rust (`codegen::Host`). A step copies the
+//! leaves into their buffers (after the interpreter's checks), makes the
+//! one call, and copies the values out as an `Evaluation`.
 //!
 //! Compiled kernels compute exactly what the interpreter computes (`f64`
 //! arithmetic, one `f32` rounding per op), so they agree bit for bit; the
-//! GEMM only sums in another order, so products agree to `f64` rounding
-//! (`tests/jit.rs` states the tolerances and also compares the backends on
-//! generated models). What issue 6 adds later:
-//! vectorized code, transcendentals, reductions in compiled code, and one
-//! entry function per training step.
+//! GEMM sums in another order (and an `f32` product in `f32`), so products
+//! agree to rounding (`tests/jit.rs` states the tolerances and also
+//! compares the backends on generated models).
 
 pub mod codegen;
 pub mod rows;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::interp::{self, Context, Evaluation, InterpError, Tensor};
-use crate::ir::{DType, Graph, NodeId, Op, ReduceFn, Shape};
+use crate::ir::{DType, Graph, NodeId, Op, Shape};
 use crate::passes::fusion::{self, Plan};
 use crate::train::Backend;
-use codegen::{CodeCache, CompiledKernel, RowKernel};
+use codegen::{Buffers, CodeCache, CompiledKernel, Frame, Host, RowKernel};
 use rows::RowOp;
 
 /// A kernel's compiled form.
@@ -41,16 +48,23 @@ enum Compiled {
     },
 }
 
-/// A graph prepared for running: its kernel plan and compiled kernels.
+/// A graph prepared for running: its kernel plan, compiled kernels, and a
+/// bound frame per set of sizes.
 struct Program {
     plan: Plan,
     kernels: Vec<Option<Compiled>>,
-    /// The shape each compiled kernel loops over.
+    /// The shape each kernel loops over.
     loops: Vec<Shape>,
     clif: Vec<String>,
-    /// Keeps the compiled code alive as long as `kernels`.
-    _code: CodeCache,
+    order: Vec<NodeId>,
+    frames: HashMap<BTreeMap<String, usize>, Bound>,
+    /// Holds the compiled code: it outlives `kernels` and `frames`.
+    code: CodeCache,
 }
+
+/// How many frames (sets of sizes) a program keeps: a training run needs
+/// its batch size, the last partial batch and the eval batch size.
+const FRAMES: usize = 8;
 
 /// The JIT backend. Programs are cached per graph version
 /// (`Graph::version`): the runtime runs the same step graph every step, and
@@ -66,12 +80,14 @@ impl Jit {
         Jit::default()
     }
 
-    fn program(&mut self, graph: &Graph) -> Result<&Program, InterpError> {
+    fn program(&mut self, graph: &Graph) -> Result<&mut Program, InterpError> {
         let key = graph.version();
         if let std::collections::hash_map::Entry::Vacant(slot) = self.programs.entry(key) {
             slot.insert(compile(graph).map_err(|e| InterpError::Internal(e.to_string()))?);
         }
-        Ok(&self.programs[&key])
+        self.programs
+            .get_mut(&key)
+            .ok_or_else(|| InterpError::Internal("the program vanished".into()))
     }
 
     /// How many kernels of a graph are compiled, out of how many.
@@ -83,9 +99,23 @@ impl Jit {
         ))
     }
 
-    /// The Cranelift IR of every compiled kernel of a graph.
+    /// The Cranelift IR of every compiled kernel of a graph, with a line
+    /// for each kernel left on the interpreter.
     pub fn clif(&mut self, graph: &Graph) -> Result<String, InterpError> {
         Ok(self.program(graph)?.clif.join("\n"))
+    }
+
+    /// The Cranelift IR of the step entry bound for these leaves (binding
+    /// it if needed).
+    pub fn entry_clif(
+        &mut self,
+        graph: &Graph,
+        leaves: &BTreeMap<String, Tensor>,
+    ) -> Result<String, InterpError> {
+        let program = self.program(graph)?;
+        let mut dims = BTreeMap::new();
+        interp::checked_leaves(graph, &program.order, leaves, &mut dims)?;
+        Ok(program.bound(graph, &dims)?.entry_clif.clone())
     }
 }
 
@@ -96,13 +126,11 @@ fn compile(graph: &Graph) -> Result<Program, codegen::CodegenError> {
     let mut kernels = Vec::new();
     let mut loops = Vec::new();
     let mut clif = Vec::new();
-    let position: HashMap<NodeId, usize> = graph
+    let order = graph
         .topo_order()
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-        .map(|(i, id)| (id, i))
-        .collect();
+        .ok_or_else(|| codegen::CodegenError("the graph has a cycle".into()))?;
+    let position: HashMap<NodeId, usize> =
+        order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
     for (k, kernel) in plan.kernels.iter().enumerate() {
         // A kernel that is only a sum loops over its operand.
         let loop_shape = match kernel.kind {
@@ -200,8 +228,355 @@ fn compile(graph: &Graph) -> Result<Program, codegen::CodegenError> {
         kernels,
         loops,
         clif,
-        _code: code,
+        order,
+        frames: HashMap::new(),
+        code,
     })
+}
+
+/// A frame bound to one set of sizes, with what its host work does.
+struct Bound {
+    frame: Frame,
+    /// The buffer of every value the step materializes.
+    slots: HashMap<NodeId, usize>,
+    /// Each buffer's node and concrete shape.
+    values: Vec<(NodeId, Vec<usize>)>,
+    /// Host work, by the index the entry passes.
+    work: Vec<Work>,
+    dims: BTreeMap<String, usize>,
+    entry_clif: String,
+}
+
+/// Host work of a step entry.
+enum Work {
+    /// Nodes evaluated on the interpreter (a matrix product on the GEMM),
+    /// in order.
+    Interpret(Vec<NodeId>),
+    /// The labels in a buffer must lie in `0..cols` (the interpreter's
+    /// check and error), before a row kernel reads them.
+    Labels { slot: usize, cols: usize },
+}
+
+impl Program {
+    /// The frame for these sizes, bound (and its entry compiled) on first
+    /// use.
+    fn bound(
+        &mut self,
+        graph: &Graph,
+        dims: &BTreeMap<String, usize>,
+    ) -> Result<&mut Bound, InterpError> {
+        if !self.frames.contains_key(dims) {
+            if self.frames.len() >= FRAMES {
+                self.frames.clear();
+            }
+            let bound = bind(self, graph, dims)?;
+            self.frames.insert(dims.clone(), bound);
+        }
+        self.frames
+            .get_mut(dims)
+            .ok_or_else(|| InterpError::Internal("the frame vanished".into()))
+    }
+}
+
+fn internal(error: codegen::CodegenError) -> InterpError {
+    InterpError::Internal(error.to_string())
+}
+
+/// Binds a program to sizes: gives every value the step materializes a
+/// buffer, evaluates the constants, pushes each kernel's calls (checking
+/// every buffer a compiled kernel reaches) and compiles the entry.
+fn bind(
+    program: &mut Program,
+    graph: &Graph,
+    dims: &BTreeMap<String, usize>,
+) -> Result<Bound, InterpError> {
+    // The values the step materializes, in a first pass over the plan;
+    // every other value lives only inside a compiled kernel.
+    let mut materialized: BTreeSet<NodeId> = program
+        .order
+        .iter()
+        .copied()
+        .filter(|&id| graph.node(id).op.is_leaf())
+        .collect();
+    let mut work = Vec::new();
+    let mut calls: Vec<Call> = Vec::new();
+    let mut done: BTreeSet<NodeId> = materialized.clone();
+    let to = |shape: &Shape| interp::concrete(shape, dims);
+    for (k, kernel) in program.plan.kernels.iter().enumerate() {
+        // What a kernel on the interpreter evaluates: its recomputed
+        // values (unless materialized already) and its nodes.
+        let interpreted = |done: &BTreeSet<NodeId>| -> Vec<NodeId> {
+            let mut nodes: Vec<NodeId> = kernel
+                .recompute
+                .iter()
+                .copied()
+                .filter(|id| !done.contains(id))
+                .collect();
+            nodes.sort_by_key(|id| program.order.iter().position(|o| o == id));
+            nodes.extend(kernel.nodes.iter().copied());
+            nodes
+        };
+        let call = match &program.kernels[k] {
+            Some(Compiled::Elementwise {
+                prologue,
+                kernel: compiled,
+            }) => {
+                let n: usize = to(&program.loops[k])?.iter().product();
+                match kernel_factors(graph, compiled, &to(&program.loops[k])?, dims)? {
+                    Some((ks, ms)) => {
+                        let first: Vec<NodeId> = prologue
+                            .iter()
+                            .copied()
+                            .filter(|id| !done.contains(id))
+                            .collect();
+                        Call::Kernel {
+                            prologue: first,
+                            k,
+                            ks,
+                            ms,
+                            n,
+                        }
+                    }
+                    None => Call::Interpret(interpreted(&done)),
+                }
+            }
+            Some(Compiled::Rows {
+                prologue,
+                kernel: compiled,
+            }) => {
+                let shaped = compiled.inputs[compiled.op.shaped_by()];
+                let shape = to(graph.node(shaped).shape())?;
+                let cols = shape.last().copied().unwrap_or(0);
+                match shape.iter().product::<usize>().checked_div(cols) {
+                    None => Call::Interpret(interpreted(&done)),
+                    Some(rows) => {
+                        let first: Vec<NodeId> = prologue
+                            .iter()
+                            .copied()
+                            .filter(|id| !done.contains(id))
+                            .collect();
+                        Call::Rows {
+                            prologue: first,
+                            k,
+                            rows,
+                            cols,
+                        }
+                    }
+                }
+            }
+            None => Call::Interpret(interpreted(&done)),
+        };
+        let produced: Vec<NodeId> = match &call {
+            Call::Kernel { prologue, k, .. } => {
+                let Some(Compiled::Elementwise {
+                    kernel: compiled, ..
+                }) = &program.kernels[*k]
+                else {
+                    unreachable!("a kernel call is of a compiled kernel")
+                };
+                prologue.iter().chain(&compiled.outputs).copied().collect()
+            }
+            Call::Rows { prologue, k, .. } => {
+                let Some(Compiled::Rows {
+                    kernel: compiled, ..
+                }) = &program.kernels[*k]
+                else {
+                    unreachable!("a row call is of a row kernel")
+                };
+                prologue.iter().copied().chain([compiled.output]).collect()
+            }
+            Call::Interpret(nodes) => nodes.clone(),
+        };
+        done.extend(produced.iter().copied());
+        materialized.extend(produced);
+        calls.push(call);
+    }
+    // A buffer per materialized value (a dead fraction keeps a slot per
+    // unit while it counts).
+    let mut slots = HashMap::new();
+    let mut values = Vec::new();
+    let mut lengths = Vec::new();
+    for &id in &program.order {
+        if !materialized.contains(&id) {
+            continue;
+        }
+        let shape = to(graph.node(id).shape())?;
+        let mut length: usize = shape.iter().product();
+        if matches!(graph.node(id).op, Op::DeadFraction) {
+            let operand = to(graph.node(graph.operands(id)[0]).shape())?;
+            length = length.max(operand.iter().skip(1).product());
+        }
+        slots.insert(id, values.len());
+        values.push((id, shape));
+        lengths.push(length);
+    }
+    let mut frame = Frame::new(&lengths);
+    // Constants once.
+    for &id in &program.order {
+        if let Op::Constant(c) = graph.node(id).op {
+            let value = Tensor::new(graph.node(id).dtype(), Vec::new(), vec![c]);
+            frame.buffers().get_mut(slots[&id]).fill(value.data[0]);
+        }
+    }
+    let slot_of = |id: &NodeId| {
+        slots
+            .get(id)
+            .copied()
+            .ok_or_else(|| InterpError::Internal(format!("{id} has no buffer")))
+    };
+    for call in calls {
+        match call {
+            Call::Kernel {
+                prologue,
+                k,
+                ks,
+                ms,
+                n,
+            } => {
+                if !prologue.is_empty() {
+                    frame.push_host(work.len());
+                    work.push(Work::Interpret(prologue));
+                }
+                let Some(Compiled::Elementwise {
+                    kernel: compiled, ..
+                }) = &program.kernels[k]
+                else {
+                    unreachable!("a kernel call is of a compiled kernel")
+                };
+                let buffers = compiled
+                    .inputs
+                    .iter()
+                    .chain(&compiled.outputs)
+                    .map(slot_of)
+                    .collect::<Result<Vec<usize>, _>>()?;
+                frame
+                    .push_kernel(compiled, buffers, ks, ms, n)
+                    .map_err(internal)?;
+            }
+            Call::Rows {
+                prologue,
+                k,
+                rows,
+                cols,
+            } => {
+                if !prologue.is_empty() {
+                    frame.push_host(work.len());
+                    work.push(Work::Interpret(prologue));
+                }
+                let Some(Compiled::Rows {
+                    kernel: compiled, ..
+                }) = &program.kernels[k]
+                else {
+                    unreachable!("a row call is of a row kernel")
+                };
+                let buffers = compiled
+                    .inputs
+                    .iter()
+                    .chain([&compiled.output])
+                    .map(slot_of)
+                    .collect::<Result<Vec<usize>, _>>()?;
+                if let Some(labels) = compiled.op.labels() {
+                    frame.push_host(work.len());
+                    work.push(Work::Labels {
+                        slot: buffers[labels],
+                        cols,
+                    });
+                }
+                frame
+                    .push_rows(compiled, buffers, rows, cols)
+                    .map_err(internal)?;
+            }
+            Call::Interpret(nodes) => {
+                frame.push_host(work.len());
+                work.push(Work::Interpret(nodes));
+            }
+        }
+    }
+    let entry_clif = program.code.compile_entry(&mut frame).map_err(internal)?;
+    Ok(Bound {
+        frame,
+        slots,
+        values,
+        work,
+        dims: dims.clone(),
+        entry_clif,
+    })
+}
+
+/// One kernel's part of the entry, before buffers are assigned.
+enum Call {
+    Kernel {
+        prologue: Vec<NodeId>,
+        k: usize,
+        ks: Vec<i64>,
+        ms: Vec<i64>,
+        n: usize,
+    },
+    Rows {
+        prologue: Vec<NodeId>,
+        k: usize,
+        rows: usize,
+        cols: usize,
+    },
+    Interpret(Vec<NodeId>),
+}
+
+/// The `ks` and `ms` of a compiled kernel's buffers.
+type Factors = (Vec<i64>, Vec<i64>);
+
+/// The broadcast factors of every buffer of a compiled kernel looping over
+/// `to`: inputs by their shapes, a sum by its kept axes, a zero fraction
+/// one slot, a dead fraction a slot per unit (every axis but the first);
+/// `None` when some broadcasting is not one block (the kernel then runs on
+/// the interpreter at these sizes).
+fn kernel_factors(
+    graph: &Graph,
+    compiled: &CompiledKernel,
+    to: &[usize],
+    dims: &BTreeMap<String, usize>,
+) -> Result<Option<Factors>, InterpError> {
+    let n: usize = to.iter().product();
+    let mut ks = Vec::new();
+    let mut ms = Vec::new();
+    for &input in &compiled.inputs {
+        let shape = interp::concrete(graph.node(input).shape(), dims)?;
+        let Some((k, m)) = factors(&shape, to) else {
+            return Ok(None);
+        };
+        ks.push(k);
+        ms.push(m);
+    }
+    for &output in &compiled.outputs {
+        let node = graph.node(output);
+        let kept: Option<Vec<usize>> = match &node.op {
+            Op::Reduce { axes, .. } => Some(
+                to.iter()
+                    .enumerate()
+                    .map(|(d, &size)| if axes.contains(&d) { 1 } else { size })
+                    .collect(),
+            ),
+            Op::SumTo => Some(interp::concrete(node.shape(), dims)?),
+            Op::ZeroFraction => Some(Vec::new()),
+            Op::DeadFraction => {
+                let mut kept = to.to_vec();
+                if let Some(rows) = kept.first_mut() {
+                    *rows = 1;
+                }
+                Some(kept)
+            }
+            _ => None,
+        };
+        let (k, m) = match kept {
+            Some(kept) => match factors(&kept, to) {
+                Some(f) => f,
+                None => return Ok(None),
+            },
+            None => (1, i64::try_from(n).unwrap_or(i64::MAX)),
+        };
+        ks.push(k);
+        ms.push(m);
+    }
+    Ok(Some((ks, ms)))
 }
 
 /// The broadcast factors `(k, m)` that read `operand` of shape `from` at
@@ -234,286 +609,255 @@ impl Backend for Jit {
         leaves: &BTreeMap<String, Tensor>,
         context: Context,
     ) -> Result<Evaluation, InterpError> {
-        let order = graph
-            .topo_order()
-            .ok_or_else(|| InterpError::Internal("the graph has a cycle".into()))?;
-        let mut evaluation = interp::bind_leaves(graph, &order, leaves)?;
         let program = self.program(graph)?;
-        for (k, kernel) in program.plan.kernels.iter().enumerate() {
-            let done = match program.kernels[k].as_ref() {
-                Some(Compiled::Elementwise { prologue, kernel }) => {
-                    for &id in prologue {
-                        interpret(graph, id, &mut evaluation, context)?;
-                    }
-                    run_compiled(graph, kernel, &program.loops[k], &mut evaluation, context)?
-                }
-                Some(Compiled::Rows { prologue, kernel }) => {
-                    for &id in prologue {
-                        interpret(graph, id, &mut evaluation, context)?;
-                    }
-                    run_rows(graph, kernel, &mut evaluation)?
-                }
-                None => false,
-            };
-            if done {
+        // The interpreter's checks of every leaf, binding the sizes.
+        let mut dims = BTreeMap::new();
+        let bound_leaves = interp::checked_leaves(graph, &program.order, leaves, &mut dims)?;
+        let bound = program.bound(graph, &dims)?;
+        // The leaves into their buffers, converted as the interpreter
+        // converts them (an `f32` leaf rounded to `f32`).
+        let mut buffers = bound.frame.buffers();
+        for (id, tensor) in bound_leaves {
+            let Some(&slot) = bound.slots.get(&id) else {
                 continue;
+            };
+            let buffer = buffers.get_mut(slot);
+            if buffer.len() != tensor.data.len() {
+                return Err(InterpError::Internal(format!(
+                    "leaf {id} has {} elements for a buffer of {}",
+                    tensor.data.len(),
+                    buffer.len()
+                )));
             }
-            // The interpreter runs this kernel: recomputed values first.
-            for &id in kernel.recompute.iter().chain(&kernel.nodes) {
-                interpret(graph, id, &mut evaluation, context)?;
+            if graph.node(id).dtype() == DType::F32 {
+                for (to, &from) in buffer.iter_mut().zip(&tensor.data) {
+                    *to = f64::from(from as f32);
+                }
+            } else {
+                buffer.copy_from_slice(&tensor.data);
             }
         }
-        // Constants and anything no kernel produced (never needed by a
-        // result, but kept complete for callers that inspect values).
-        for &id in &order {
-            if !evaluation.values.contains_key(&id) && graph.node(id).op.is_leaf() {
-                interp::evaluate_node(graph, id, &mut evaluation, context)?;
-            }
+        let mut host = StepHost {
+            graph,
+            slots: &bound.slots,
+            values: &bound.values,
+            work: &bound.work,
+            context,
+            scratch: Evaluation {
+                dims: bound.dims.clone(),
+                ..Evaluation::default()
+            },
+            buffer_updates: BTreeMap::new(),
+            narrow: (Vec::new(), Vec::new(), Vec::new()),
+        };
+        bound.frame.run(&mut host, context)?;
+        let buffer_updates = host.buffer_updates;
+        // Every materialized value out, as the interpreter's tensors.
+        let mut evaluation = Evaluation {
+            dims,
+            buffer_updates,
+            ..Evaluation::default()
+        };
+        for (slot, (id, shape)) in bound.values.iter().enumerate() {
+            let count: usize = shape.iter().product();
+            let data = bound.frame.buffer(slot)[..count].to_vec();
+            let tensor = Tensor {
+                dtype: graph.node(*id).dtype(),
+                shape: shape.clone(),
+                data,
+            };
+            evaluation.values.insert(*id, tensor);
         }
         Ok(evaluation)
     }
 }
 
-/// Evaluates a node on the interpreter unless it has a value, first the
-/// constants among its operands (constants are immediates in compiled code,
-/// so no kernel produces them).
-fn interpret(
-    graph: &Graph,
-    id: NodeId,
-    evaluation: &mut Evaluation,
+/// The host work of one step: interpreted nodes and products read and
+/// write the frame's buffers.
+struct StepHost<'a> {
+    graph: &'a Graph,
+    slots: &'a HashMap<NodeId, usize>,
+    values: &'a [(NodeId, Vec<usize>)],
+    work: &'a [Work],
     context: Context,
-) -> Result<(), InterpError> {
-    if evaluation.values.contains_key(&id) {
-        return Ok(());
-    }
-    for operand in graph.operands(id) {
-        if !evaluation.values.contains_key(&operand) {
-            interp::evaluate_node(graph, operand, evaluation, context)?;
-        }
-    }
-    if matrix_product(graph, id, evaluation)? {
-        return Ok(());
-    }
-    interp::evaluate_node(graph, id, evaluation, context)
+    /// The interpreter's working values for one node.
+    scratch: Evaluation,
+    buffer_updates: BTreeMap<String, Tensor>,
+    /// `f32` copies of a product's operands and its result.
+    narrow: (Vec<f32>, Vec<f32>, Vec<f32>),
 }
 
-/// Computes a matrix product with the tuned GEMM (`codegen::gemm`) instead
-/// of the interpreter's loop: a `matmul` (plain, or with a transposed right
-/// operand) and both of its VJPs. False for any other node or a shape it
-/// does not handle (the interpreter then runs it).
-///
-/// A batched operand `[.., M, K]` is one `(B*M) x K` matrix, so each case
-/// is a single GEMM: `A @ B`; `dA = g @ B^T`; and `dB = A^T @ g`, whose
-/// inner size `B*M` also performs the sum over the batch. A transpose is a
-/// view with swapped strides, never a copy.
-fn matrix_product(
-    graph: &Graph,
-    id: NodeId,
-    evaluation: &mut Evaluation,
-) -> Result<bool, InterpError> {
-    let node = graph.node(id);
-    let operands = graph.operands(id);
-    // (left operand, transposed?), (right operand, transposed?).
-    let ((left, transpose_left), (right, transpose_right)) = match &node.op {
-        Op::MatMul => ((operands[0], false), (operands[1], false)),
-        Op::MatMulT {
-            transpose_a: false,
-            transpose_b,
-        } => ((operands[0], false), (operands[1], *transpose_b)),
-        Op::Vjp { forward, operand } if **forward == Op::MatMul => {
-            // Operands: the output gradient, A, B, the forward output.
-            let (g, a, b) = (operands[0], operands[1], operands[2]);
-            if *operand == 0 {
-                ((g, false), (b, true))
-            } else {
-                ((a, true), (g, false))
+impl Host for StepHost<'_> {
+    fn call(&mut self, index: usize, buffers: &mut Buffers<'_>) -> Result<(), InterpError> {
+        match self.work.get(index) {
+            Some(Work::Interpret(nodes)) => {
+                for &id in nodes {
+                    if !self.matrix_product(id, buffers)? {
+                        self.interpret(id, buffers)?;
+                    }
+                }
+                Ok(())
             }
+            Some(Work::Labels { slot, cols }) => {
+                interp::kernels::check_indices(buffers.get(*slot), *cols, "label")
+            }
+            None => Err(InterpError::Internal(format!("no host work {index}"))),
         }
-        _ => return Ok(false),
-    };
-    let (Some(left), Some(right)) = (evaluation.values.get(&left), evaluation.values.get(&right))
-    else {
-        return Ok(false);
-    };
-    let (Some(left), Some(right)) = (
-        matrix_view(left, transpose_left),
-        matrix_view(right, transpose_right),
-    ) else {
-        return Ok(false);
-    };
-    let shape = interp::concrete(node.shape(), &evaluation.dims)?;
-    if left.cols != right.rows || shape.iter().product::<usize>() != left.rows * right.cols {
-        return Ok(false);
     }
-    let failed = |e: codegen::CodegenError| InterpError::Internal(e.to_string());
-    let out = if node.dtype() == DType::F32 {
-        // An `f32` product runs on `sgemm` (twice the SIMD width) over
-        // `f32` copies of the operands, which hold `f32` values already.
-        let narrow = |view: &codegen::MatrixView<'_>| -> Vec<f32> {
-            view.data.iter().map(|&v| v as f32).collect()
-        };
-        let (a, b) = (narrow(&left), narrow(&right));
-        let mut out = vec![0.0f32; left.rows * right.cols];
-        codegen::gemm(left.over(&a), right.over(&b), &mut out).map_err(failed)?;
-        out.into_iter().map(f64::from).collect()
-    } else {
-        let mut out = vec![0.0; left.rows * right.cols];
-        codegen::gemm(left, right, &mut out).map_err(failed)?;
-        out
-    };
-    evaluation
-        .values
-        .insert(id, Tensor::new(node.dtype(), shape, out));
-    Ok(true)
 }
 
-/// A tensor as the matrix (leading axes flattened) x (last axis), read
-/// transposed or not; `None` below rank 2 or for an empty last axis.
-fn matrix_view(t: &Tensor, transposed: bool) -> Option<codegen::MatrixView<'_>> {
-    let cols = *t.shape.last()?;
-    if t.shape.len() < 2 || cols == 0 {
+impl StepHost<'_> {
+    fn slot(&self, id: NodeId) -> Result<usize, InterpError> {
+        self.slots
+            .get(&id)
+            .copied()
+            .ok_or_else(|| InterpError::Internal(format!("{id} has no buffer")))
+    }
+
+    /// Evaluates a node on the interpreter from copies of its operands
+    /// (an operand its rule does not read, which no kernel materialized,
+    /// is zeros), writing its buffer.
+    fn interpret(&mut self, id: NodeId, buffers: &mut Buffers<'_>) -> Result<(), InterpError> {
+        let graph = self.graph;
+        self.scratch.values.clear();
+        let needed = fusion::reads(graph, id);
+        for operand in graph.operands(id) {
+            let node = graph.node(operand);
+            let value = match self.slots.get(&operand) {
+                Some(&slot) => {
+                    let shape = self.values[slot].1.clone();
+                    let count = shape.iter().product::<usize>();
+                    Tensor {
+                        dtype: node.dtype(),
+                        shape,
+                        data: buffers.get(slot)[..count].to_vec(),
+                    }
+                }
+                None if !needed.contains(&operand) => Tensor::zeros(
+                    node.dtype(),
+                    &interp::concrete(node.shape(), &self.scratch.dims)?,
+                ),
+                None => return Err(InterpError::Internal(format!("{operand} has no buffer"))),
+            };
+            self.scratch.values.insert(operand, value);
+        }
+        interp::evaluate_node(graph, id, &mut self.scratch, self.context)?;
+        let value = self
+            .scratch
+            .values
+            .remove(&id)
+            .ok_or_else(|| InterpError::Internal(format!("{id} was not evaluated")))?;
+        self.buffer_updates.append(&mut self.scratch.buffer_updates);
+        let buffer = buffers.get_mut(self.slot(id)?);
+        if buffer.len() < value.data.len() {
+            return Err(InterpError::Internal(format!(
+                "{id} does not fit its buffer"
+            )));
+        }
+        buffer[..value.data.len()].copy_from_slice(&value.data);
+        Ok(())
+    }
+
+    /// Computes a matrix product with the tuned GEMM (`codegen::gemm`)
+    /// straight from the buffers: a `matmul` (plain, or with a transposed
+    /// right operand) and both of its VJPs. False for any other node or a
+    /// shape it does not handle (the interpreter then runs it).
+    ///
+    /// A batched operand `[.., M, K]` is one `(B*M) x K` matrix, so each
+    /// case is a single GEMM: `A @ B`; `dA = g @ B^T`; and `dB = A^T @ g`,
+    /// whose inner size `B*M` also performs the sum over the batch. A
+    /// transpose is a view with swapped strides, never a copy. An `f32`
+    /// product runs on `sgemm` over `f32` copies of its operands (which
+    /// hold `f32` values already).
+    fn matrix_product(
+        &mut self,
+        id: NodeId,
+        buffers: &mut Buffers<'_>,
+    ) -> Result<bool, InterpError> {
+        let graph = self.graph;
+        let node = graph.node(id);
+        let operands = graph.operands(id);
+        // (left operand, transposed?), (right operand, transposed?).
+        let ((left, transpose_left), (right, transpose_right)) = match &node.op {
+            Op::MatMul => ((operands[0], false), (operands[1], false)),
+            Op::MatMulT {
+                transpose_a: false,
+                transpose_b,
+            } => ((operands[0], false), (operands[1], *transpose_b)),
+            Op::Vjp { forward, operand } if **forward == Op::MatMul => {
+                // Operands: the output gradient, A, B, the forward output.
+                let (g, a, b) = (operands[0], operands[1], operands[2]);
+                if *operand == 0 {
+                    ((g, false), (b, true))
+                } else {
+                    ((a, true), (g, false))
+                }
+            }
+            _ => return Ok(false),
+        };
+        let (Some(&left), Some(&right), Some(&out)) = (
+            self.slots.get(&left),
+            self.slots.get(&right),
+            self.slots.get(&id),
+        ) else {
+            return Ok(false);
+        };
+        let (Some(a), Some(b)) = (
+            matrix_view(buffers.get(left), &self.values[left].1, transpose_left),
+            matrix_view(buffers.get(right), &self.values[right].1, transpose_right),
+        ) else {
+            return Ok(false);
+        };
+        let count: usize = self.values[out].1.iter().product();
+        if a.cols != b.rows || count != a.rows * b.cols || left == out || right == out {
+            return Ok(false);
+        }
+        let (rows, cols) = (a.rows, b.cols);
+        if node.dtype() == DType::F32 {
+            let (a32, b32, c32) = &mut self.narrow;
+            a32.clear();
+            a32.extend(a.data.iter().map(|&v| v as f32));
+            b32.clear();
+            b32.extend(b.data.iter().map(|&v| v as f32));
+            c32.clear();
+            c32.resize(rows * cols, 0.0);
+            codegen::gemm(a.over(a32), b.over(b32), c32).map_err(internal)?;
+            for (to, &from) in buffers.get_mut(out).iter_mut().zip(c32.iter()) {
+                *to = f64::from(from);
+            }
+        } else {
+            let shapes = (self.values[left].1.clone(), self.values[right].1.clone());
+            buffers
+                .compute(&[left, right], out, |reads, c| {
+                    let a = matrix_view(reads[0], &shapes.0, transpose_left);
+                    let b = matrix_view(reads[1], &shapes.1, transpose_right);
+                    match (a, b) {
+                        (Some(a), Some(b)) => codegen::gemm(a, b, &mut c[..rows * cols]),
+                        _ => Err(codegen::CodegenError("the views changed".into())),
+                    }
+                })
+                .and_then(|r| r)
+                .map_err(internal)?;
+        }
+        Ok(true)
+    }
+}
+
+/// A buffer as the matrix (leading axes flattened) x (last axis) of its
+/// shape, read transposed or not; `None` below rank 2 or for an empty last
+/// axis.
+fn matrix_view<'a>(
+    data: &'a [f64],
+    shape: &[usize],
+    transposed: bool,
+) -> Option<codegen::MatrixView<'a>> {
+    let cols = *shape.last()?;
+    let count: usize = shape.iter().product();
+    if shape.len() < 2 || cols == 0 || count > data.len() {
         return None;
     }
-    let view = codegen::MatrixView::row_major(&t.data, t.data.len() / cols, cols);
+    let view = codegen::MatrixView::row_major(&data[..count], count / cols, cols);
     Some(if transposed { view.transposed() } else { view })
-}
-
-/// Runs a row kernel; false when an operand is missing or its last axis
-/// is empty (the interpreter runs it then).
-fn run_rows(
-    graph: &Graph,
-    kernel: &RowKernel,
-    evaluation: &mut Evaluation,
-) -> Result<bool, InterpError> {
-    let mut inputs = Vec::new();
-    for id in &kernel.inputs {
-        match evaluation.values.get(id) {
-            Some(value) => inputs.push(value),
-            None => return Ok(false),
-        }
-    }
-    let shaped = inputs[kernel.op.shaped_by()];
-    let cols = shaped.shape.last().copied().unwrap_or(0);
-    if cols == 0 {
-        return Ok(false);
-    }
-    let rows = shaped.len() / cols;
-    let data: Vec<&[f64]> = inputs.iter().map(|t| t.data.as_slice()).collect();
-    let mut out = Vec::new();
-    kernel.run(&data, rows, cols, &mut out)?;
-    let node = graph.node(kernel.output);
-    let shape = interp::concrete(node.shape(), &evaluation.dims)?;
-    evaluation
-        .values
-        .insert(kernel.output, Tensor::new(node.dtype(), shape, out));
-    Ok(true)
-}
-
-/// Runs a compiled kernel; false if its operands' broadcasting does not fit
-/// the compiled access pattern at these sizes (the interpreter runs it).
-fn run_compiled(
-    graph: &Graph,
-    compiled: &CompiledKernel,
-    loop_shape: &Shape,
-    evaluation: &mut Evaluation,
-    context: Context,
-) -> Result<bool, InterpError> {
-    let to = interp::concrete(loop_shape, &evaluation.dims)?;
-    let n: usize = to.iter().product();
-    let mut ks = Vec::new();
-    let mut ms = Vec::new();
-    for &input in &compiled.inputs {
-        let Some(value) = evaluation.values.get(&input) else {
-            return Ok(false);
-        };
-        let Some((k, m)) = factors(&value.shape, &to) else {
-            return Ok(false);
-        };
-        ks.push(k);
-        ms.push(m);
-    }
-    // Outputs: a sum accumulates at (i / k) % m of its kept shape, any
-    // other output is written at every i.
-    for &output in &compiled.outputs {
-        let node = graph.node(output);
-        let (k, m) = match &node.op {
-            Op::Reduce { axes, .. } => {
-                let kept: Vec<usize> = to
-                    .iter()
-                    .enumerate()
-                    .map(|(d, &size)| if axes.contains(&d) { 1 } else { size })
-                    .collect();
-                match factors(&kept, &to) {
-                    Some(f) => f,
-                    None => return Ok(false),
-                }
-            }
-            Op::SumTo => match factors(&interp::concrete(node.shape(), &evaluation.dims)?, &to) {
-                Some(f) => f,
-                None => return Ok(false),
-            },
-            Op::ZeroFraction => (1, 1),
-            // Counted per unit: every axis but the first (the rows).
-            Op::DeadFraction => {
-                let mut kept = to.clone();
-                if let Some(rows) = kept.first_mut() {
-                    *rows = 1;
-                }
-                match factors(&kept, &to) {
-                    Some(f) => f,
-                    None => return Ok(false),
-                }
-            }
-            _ => (1, i64::try_from(n).unwrap_or(i64::MAX)),
-        };
-        ks.push(k);
-        ms.push(m);
-    }
-    let inputs: Vec<&[f64]> = compiled
-        .inputs
-        .iter()
-        .map(|id| evaluation.values[id].data.as_slice())
-        .collect();
-    let mut outputs = vec![Vec::new(); compiled.outputs.len()];
-    compiled
-        .run(&inputs, &ks, &ms, &mut outputs, n, context)
-        .map_err(|e| InterpError::Internal(e.to_string()))?;
-    for (&id, mut data) in compiled.outputs.iter().zip(outputs) {
-        let node = graph.node(id);
-        let shape = interp::concrete(node.shape(), &evaluation.dims)?;
-        match node.op {
-            Op::Reduce {
-                func: ReduceFn::Mean,
-                ..
-            } => {
-                // The interpreter sums, then divides by the count per group.
-                let count = (n / data.len().max(1)).max(1) as f64;
-                for value in &mut data {
-                    *value /= count;
-                }
-            }
-            // The count of zeros over the element count.
-            Op::ZeroFraction => data = vec![data[0] / n.max(1) as f64],
-            // The units whose rows are all zero, over the unit count.
-            Op::DeadFraction => {
-                let rows = to.first().copied().unwrap_or(1).max(1);
-                let units = n / rows;
-                let dead = if units == 0 {
-                    0
-                } else {
-                    data.iter().filter(|&&v| v == 0.0).count()
-                };
-                data = vec![dead as f64 / units.max(1) as f64];
-            }
-            _ => {}
-        }
-        // Tensor::new rounds a sum accumulated in f64 to the node's type,
-        // as the interpreter does.
-        evaluation
-            .values
-            .insert(id, Tensor::new(node.dtype(), shape, data));
-    }
-    Ok(true)
 }
 
 #[cfg(test)]

@@ -121,7 +121,7 @@ impl RowOp {
 
 /// Emits `for j in 0..count { carried = body(j, carried) }` and returns the
 /// carried values after the loop; the builder continues after it.
-fn counted_loop(
+pub(super) fn counted_loop(
     b: &mut FunctionBuilder<'_>,
     count: Value,
     initial: &[Value],
@@ -161,7 +161,7 @@ fn counted_loop(
 }
 
 /// The address of element `j` of a row starting at `base`.
-fn element(b: &mut FunctionBuilder<'_>, base: Value, j: Value) -> Value {
+pub(super) fn element(b: &mut FunctionBuilder<'_>, base: Value, j: Value) -> Value {
     let offset = b.ins().imul_imm_u(j, 8);
     b.ins().iadd(base, offset)
 }
