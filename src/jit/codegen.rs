@@ -70,10 +70,10 @@ pub fn is_sum(graph: &Graph, id: NodeId) -> bool {
 /// What a closing sum adds for one element whose operand is `value`.
 fn summand(b: &mut FunctionBuilder<'_>, graph: &Graph, id: NodeId, value: Value) -> Value {
     let counted = |b: &mut FunctionBuilder<'_>, cc: FloatCC| {
-        let zero = b.ins().f64const(0.0);
-        let one = b.ins().f64const(1.0);
+        let zero = constant(b, value, 0.0);
+        let one = constant(b, value, 1.0);
         let hit = b.ins().fcmp(cc, value, zero);
-        b.ins().select(hit, one, zero)
+        pick(b, hit, one, zero)
     };
     match graph.node(id).op {
         // 1 for a zero.
@@ -203,7 +203,8 @@ struct Place {
     zero: Value,
 }
 
-/// Dropout's scale of the current element.
+/// Dropout's scale of the current element (of each lane's element, for a
+/// vector of elements `index, index + 1`).
 fn dropout_scale(
     b: &mut FunctionBuilder<'_>,
     calls: &mut Calls<'_>,
@@ -213,12 +214,63 @@ fn dropout_scale(
 ) -> Result<Value, CodegenError> {
     let p = b.ins().f64const(p);
     let key = b.ins().iconst(types::I64, i64::from(key));
-    call(
-        b,
-        calls,
-        "gradc_dropout_scale",
-        &[p, key, place.seed, place.step, place.index],
-    )
+    let mut scales = Vec::new();
+    for lane in 0..lanes(b, place.zero) {
+        let index = b.ins().iadd_imm_u(place.index, lane as i64);
+        scales.push(call(
+            b,
+            calls,
+            "gradc_dropout_scale",
+            &[p, key, place.seed, place.step, index],
+        )?);
+    }
+    Ok(gather(b, &scales))
+}
+
+/// How many `f64` lanes a value has: 2 for `f64x2`, else 1.
+fn lanes(b: &FunctionBuilder<'_>, value: Value) -> u8 {
+    if b.func.dfg.value_type(value).is_vector() {
+        2
+    } else {
+        1
+    }
+}
+
+/// A constant with the lanes of `like`.
+fn constant(b: &mut FunctionBuilder<'_>, like: Value, c: f64) -> Value {
+    let scalar = b.ins().f64const(c);
+    if lanes(b, like) > 1 {
+        b.ins().splat(types::F64X2, scalar)
+    } else {
+        scalar
+    }
+}
+
+/// `x` where `condition` holds, else `y` (per lane for vectors, whose
+/// comparison masks are all-ones or all-zeros per lane).
+fn pick(b: &mut FunctionBuilder<'_>, condition: Value, x: Value, y: Value) -> Value {
+    if lanes(b, x) > 1 {
+        let mask = b
+            .ins()
+            .bitcast(types::F64X2, MemFlagsData::new(), condition);
+        b.ins().bitselect(mask, x, y)
+    } else {
+        b.ins().select(condition, x, y)
+    }
+}
+
+/// One value from per-lane scalars: the scalar itself, or an `f64x2`.
+fn gather(b: &mut FunctionBuilder<'_>, scalars: &[Value]) -> Value {
+    match scalars {
+        [one] => *one,
+        _ => {
+            let mut vector = b.ins().scalar_to_vector(types::F64X2, scalars[0]);
+            for (lane, &scalar) in scalars.iter().enumerate().skip(1) {
+                vector = b.ins().insertlane(vector, scalar, lane as u8);
+            }
+            vector
+        }
+    }
 }
 
 /// The runtime functions one kernel calls, declared in it on first use (so
@@ -248,8 +300,24 @@ pub(super) fn call(
             function
         }
     };
-    let instruction = b.ins().call(function, arguments);
-    Ok(b.inst_results(instruction)[0])
+    // A vector argument calls the scalar function once per lane.
+    let width = arguments.iter().map(|&a| lanes(b, a)).max().unwrap_or(1);
+    let mut results = Vec::new();
+    for lane in 0..width {
+        let scalars: Vec<Value> = arguments
+            .iter()
+            .map(|&a| {
+                if lanes(b, a) > 1 {
+                    b.ins().extractlane(a, lane)
+                } else {
+                    a
+                }
+            })
+            .collect();
+        let instruction = b.ins().call(function, &scalars);
+        results.push(b.inst_results(instruction)[0]);
+    }
+    Ok(gather(b, &results))
 }
 
 /// A compiled kernel: its entry point and what to pass it.
@@ -782,8 +850,92 @@ impl CodeCache {
                 b.append_block_param(header, types::F64);
                 initial.push(zero_f64);
             }
-            let initial: Vec<_> = initial.into_iter().map(Into::into).collect();
-            b.ins().jump(header, &initial);
+            let mut calls = Calls {
+                module: &mut self.module,
+                imports: &self.imports,
+                declared: HashMap::new(),
+            };
+            // With no strided buffer, a vector loop runs two elements at a
+            // time (`f64x2`: the same IEEE operations per lane, so the same
+            // bits; sums add lane 0, then lane 1, in order), and the scalar
+            // loop below finishes the odd element.
+            if factors.is_empty() {
+                let vector_header = b.create_block();
+                let vector_body = b.create_block();
+                b.append_block_param(vector_header, pointer);
+                for _ in &single_sums {
+                    b.append_block_param(vector_header, types::F64);
+                }
+                let initial: Vec<_> = initial.into_iter().map(Into::into).collect();
+                b.ins().jump(vector_header, &initial);
+
+                b.switch_to_block(vector_header);
+                let state = b.block_params(vector_header).to_vec();
+                let (i, totals) = (state[0], &state[1..]);
+                let end = b.ins().iadd_imm_u(i, 2);
+                let more = b.ins().icmp(IntCC::SignedLessThanOrEqual, end, n);
+                let scalar: Vec<_> = state.iter().map(|&v| v.into()).collect();
+                b.ins().brif(more, vector_body, &[], header, &scalar);
+
+                b.switch_to_block(vector_body);
+                let vector = MemFlagsData::new().with_notrap();
+                let offset = b.ins().imul_imm_u(i, 8);
+                let zero_vector = b.ins().splat(types::F64X2, zero_f64);
+                let mut values: HashMap<NodeId, Value> = HashMap::new();
+                for (j, &input) in inputs.iter().enumerate() {
+                    let value = if access[j] == Access::Full {
+                        let at = b.ins().iadd(bases[j], offset);
+                        b.ins().load(types::F64X2, vector, at, 0)
+                    } else {
+                        let one = b.ins().load(types::F64, flags, bases[j], 0);
+                        b.ins().splat(types::F64X2, one)
+                    };
+                    values.insert(input, value);
+                }
+                for &id in nodes {
+                    if is_sum(graph, id) {
+                        continue;
+                    }
+                    let place = Place {
+                        index: i,
+                        seed,
+                        step,
+                        zero: zero_vector,
+                    };
+                    let value = emit(&mut b, graph, id, &values, &mut calls, place)?;
+                    values.insert(id, value);
+                }
+                let mut next: Vec<Value> = vec![end];
+                for (o, &output) in outputs.iter().enumerate() {
+                    let j = inputs.len() + o;
+                    let operand = if is_sum(graph, output) {
+                        graph.operands(output)[0]
+                    } else {
+                        output
+                    };
+                    let value = *values.get(&operand).ok_or_else(|| {
+                        CodegenError(format!("output {output} is not computed by the kernel"))
+                    })?;
+                    let value = summand(&mut b, graph, output, value);
+                    if access[j] == Access::Single {
+                        let slot = single_sums.iter().position(|&s| s == j).unwrap_or(0);
+                        let mut total = totals[slot];
+                        for lane in 0..2 {
+                            let part = b.ins().extractlane(value, lane);
+                            total = b.ins().fadd(total, part);
+                        }
+                        next.push(total);
+                    } else {
+                        let at = b.ins().iadd(bases[j], offset);
+                        b.ins().store(vector, value, at, 0);
+                    }
+                }
+                let next: Vec<_> = next.into_iter().map(Into::into).collect();
+                b.ins().jump(vector_header, &next);
+            } else {
+                let initial: Vec<_> = initial.into_iter().map(Into::into).collect();
+                b.ins().jump(header, &initial);
+            }
 
             b.switch_to_block(header);
             let state = b.block_params(header).to_vec();
@@ -800,11 +952,6 @@ impl CodeCache {
             b.ins().brif(more, body, &[], exit, &[]);
 
             b.switch_to_block(body);
-            let mut calls = Calls {
-                module: &mut self.module,
-                imports: &self.imports,
-                declared: HashMap::new(),
-            };
             let offset = b.ins().imul_imm_u(i, 8);
             // The address of buffer j's element at this i.
             let address = |b: &mut FunctionBuilder<'_>, j: usize| match access[j] {
@@ -1128,11 +1275,16 @@ impl CodeCache {
 /// Rounds an `f64` value to `f32` and back, as the interpreter rounds the
 /// result of every `f32` op.
 fn round(b: &mut FunctionBuilder<'_>, graph: &Graph, id: NodeId, value: Value) -> Value {
-    if graph.node(id).dtype() == DType::F32 {
-        let narrow = b.ins().fdemote(types::F32, value);
-        b.ins().fpromote(types::F64, narrow)
-    } else {
-        value
+    match (graph.node(id).dtype(), lanes(b, value)) {
+        (DType::F32, 1) => {
+            let narrow = b.ins().fdemote(types::F32, value);
+            b.ins().fpromote(types::F64, narrow)
+        }
+        (DType::F32, _) => {
+            let narrow = b.ins().fvdemote(value);
+            b.ins().fvpromote_low(narrow)
+        }
+        _ => value,
     }
 }
 
@@ -1156,9 +1308,9 @@ fn emit(
             // A constant holds its value rounded to its type, as in the
             // interpreter.
             (None, Op::Constant(c)) if graph.node(operand).dtype() == DType::F32 => {
-                b.ins().f64const(f64::from(*c as f32))
+                constant(b, place.zero, f64::from(*c as f32))
             }
-            (None, Op::Constant(c)) => b.ins().f64const(*c),
+            (None, Op::Constant(c)) => constant(b, place.zero, *c),
             (None, _) if !needed.contains(&operand) => place.zero,
             (None, _) => {
                 return Err(CodegenError(format!(
@@ -1173,10 +1325,10 @@ fn emit(
         Op::Binary(f) => binary(b, *f, operands[0], operands[1], calls)?,
         Op::Unary(f) => unary(b, *f, operands[0], zero, calls)?,
         Op::LeakyRelu { slope } => {
-            let scaled = b.ins().f64const(*slope);
+            let scaled = constant(b, place.zero, *slope);
             let negative = b.ins().fmul(operands[0], scaled);
             let positive = b.ins().fcmp(FloatCC::GreaterThan, operands[0], zero);
-            b.ins().select(positive, operands[0], negative)
+            pick(b, positive, operands[0], negative)
         }
         Op::Clamp { lo, hi } => clamp(b, operands[0], *lo, *hi),
         Op::Identity | Op::StopGradient => operands[0],
@@ -1232,7 +1384,7 @@ fn unary(
         // relu(x) = x if x > 0 else 0 (NaN gives 0, as in the interpreter).
         UnaryFn::Relu => {
             let positive = b.ins().fcmp(FloatCC::GreaterThan, x, zero);
-            b.ins().select(positive, x, zero)
+            pick(b, positive, x, zero)
         }
         UnaryFn::Exp => call(b, calls, "gradc_exp", &[x])?,
         UnaryFn::Log => call(b, calls, "gradc_log", &[x])?,
@@ -1247,12 +1399,12 @@ fn unary(
 
 /// `min(max(x, lo), hi)` keeping NaN, as `f64::clamp` does.
 fn clamp(b: &mut FunctionBuilder<'_>, x: Value, lo: f64, hi: f64) -> Value {
-    let lo = b.ins().f64const(lo);
-    let hi = b.ins().f64const(hi);
+    let lo = constant(b, x, lo);
+    let hi = constant(b, x, hi);
     let below = b.ins().fcmp(FloatCC::LessThan, x, lo);
-    let raised = b.ins().select(below, lo, x);
+    let raised = pick(b, below, lo, x);
     let above = b.ins().fcmp(FloatCC::GreaterThan, raised, hi);
-    b.ins().select(above, hi, raised)
+    pick(b, above, hi, raised)
 }
 
 /// The elementwise VJPs, with the interpreter's formulas (`interp::vjp`).
@@ -1272,22 +1424,22 @@ fn vjp(
         Op::Unary(UnaryFn::Neg) => b.ins().fneg(g),
         Op::Unary(UnaryFn::Abs) => {
             // g * sign(x)
-            let one = b.ins().f64const(1.0);
-            let minus = b.ins().f64const(-1.0);
+            let one = constant(b, g, 1.0);
+            let minus = constant(b, g, -1.0);
             let positive = b.ins().fcmp(FloatCC::GreaterThan, x, zero);
             let negative = b.ins().fcmp(FloatCC::LessThan, x, zero);
-            let sign = b.ins().select(negative, minus, zero);
-            let sign = b.ins().select(positive, one, sign);
+            let sign = pick(b, negative, minus, zero);
+            let sign = pick(b, positive, one, sign);
             b.ins().fmul(g, sign)
         }
         Op::Unary(UnaryFn::Sqrt) => {
-            let two = b.ins().f64const(2.0);
+            let two = constant(b, g, 2.0);
             let twice = b.ins().fmul(two, y);
             b.ins().fdiv(g, twice)
         }
         Op::Unary(UnaryFn::Relu) => {
             let positive = b.ins().fcmp(FloatCC::GreaterThan, y, zero);
-            b.ins().select(positive, g, zero)
+            pick(b, positive, g, zero)
         }
         // g y
         Op::Unary(UnaryFn::Exp) => b.ins().fmul(g, y),
@@ -1295,14 +1447,14 @@ fn vjp(
         Op::Unary(UnaryFn::Log) => b.ins().fdiv(g, x),
         // g (1 - y y)
         Op::Unary(UnaryFn::Tanh) => {
-            let one = b.ins().f64const(1.0);
+            let one = constant(b, g, 1.0);
             let square = b.ins().fmul(y, y);
             let complement = b.ins().fsub(one, square);
             b.ins().fmul(g, complement)
         }
         // g y (1 - y)
         Op::Unary(UnaryFn::Sigmoid) => {
-            let one = b.ins().f64const(1.0);
+            let one = constant(b, g, 1.0);
             let gy = b.ins().fmul(g, y);
             let complement = b.ins().fsub(one, y);
             b.ins().fmul(gy, complement)
@@ -1316,9 +1468,9 @@ fn vjp(
         Op::Unary(UnaryFn::Softplus) => {
             let sigmoid = call(b, calls, "gradc_sigmoid", &[x])?;
             let scaled = b.ins().fmul(g, sigmoid);
-            let threshold = b.ins().f64const(20.0);
+            let threshold = constant(b, g, 20.0);
             let above = b.ins().fcmp(FloatCC::GreaterThan, x, threshold);
-            b.ins().select(above, g, scaled)
+            pick(b, above, g, scaled)
         }
         // g cos x
         Op::Unary(UnaryFn::Sin) => {
@@ -1332,18 +1484,18 @@ fn vjp(
             b.ins().fmul(negated, sin)
         }
         Op::LeakyRelu { slope } => {
-            let slope = b.ins().f64const(*slope);
+            let slope = constant(b, g, *slope);
             let scaled = b.ins().fmul(g, slope);
             let positive = b.ins().fcmp(FloatCC::GreaterThan, x, zero);
-            b.ins().select(positive, g, scaled)
+            pick(b, positive, g, scaled)
         }
         Op::Clamp { lo, hi } => {
-            let lo = b.ins().f64const(*lo);
-            let hi = b.ins().f64const(*hi);
+            let lo = constant(b, g, *lo);
+            let hi = constant(b, g, *hi);
             let above_lo = b.ins().fcmp(FloatCC::GreaterThanOrEqual, x, lo);
             let below_hi = b.ins().fcmp(FloatCC::LessThanOrEqual, x, hi);
             let inside = b.ins().band(above_lo, below_hi);
-            b.ins().select(inside, g, zero)
+            pick(b, inside, g, zero)
         }
         Op::Identity => g,
         Op::Binary(f) => {
@@ -1365,13 +1517,13 @@ fn vjp(
                 (BinaryFn::Maximum, _) | (BinaryFn::Minimum, _) => share(b, g, c, a, zero),
                 // g b a^(b - 1), 0 where b = 0
                 (BinaryFn::Pow, 0) => {
-                    let one = b.ins().f64const(1.0);
+                    let one = constant(b, g, 1.0);
                     let lowered = b.ins().fsub(c, one);
                     let power = call(b, calls, "gradc_pow", &[a, lowered])?;
                     let gb = b.ins().fmul(g, c);
                     let product = b.ins().fmul(gb, power);
                     let constant = b.ins().fcmp(FloatCC::Equal, c, zero);
-                    b.ins().select(constant, zero, product)
+                    pick(b, constant, zero, product)
                 }
                 // g y ln a, 0 where a = 0 and b >= 0
                 (BinaryFn::Pow, _) => {
@@ -1381,7 +1533,7 @@ fn vjp(
                     let base_zero = b.ins().fcmp(FloatCC::Equal, a, zero);
                     let exponent_nonnegative = b.ins().fcmp(FloatCC::GreaterThanOrEqual, c, zero);
                     let masked = b.ins().band(base_zero, exponent_nonnegative);
-                    b.ins().select(masked, zero, product)
+                    pick(b, masked, zero, product)
                 }
             }
         }
@@ -1396,12 +1548,12 @@ fn vjp(
 
 /// `g` if `mine > other`, `g / 2` on a tie, else 0.
 fn share(b: &mut FunctionBuilder<'_>, g: Value, mine: Value, other: Value, zero: Value) -> Value {
-    let two = b.ins().f64const(2.0);
+    let two = constant(b, g, 2.0);
     let half = b.ins().fdiv(g, two);
     let greater = b.ins().fcmp(FloatCC::GreaterThan, mine, other);
     let equal = b.ins().fcmp(FloatCC::Equal, mine, other);
-    let tie = b.ins().select(equal, half, zero);
-    b.ins().select(greater, g, tie)
+    let tie = pick(b, equal, half, zero);
+    pick(b, greater, g, tie)
 }
 
 /// An element type the tuned GEMM handles: `f64` (`dgemm`) and `f32`
