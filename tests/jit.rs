@@ -572,3 +572,97 @@ fn row_kernels_refuse_out_of_range_labels() {
         assert_eq!(expected.to_string(), got.to_string());
     }
 }
+
+/// The step entry's checks: leaves that do not fit their declarations get
+/// the interpreter's errors (nothing runs), and one program serves several
+/// batch sizes (a frame each) with the interpreter's results.
+#[test]
+fn entry_checks_leaves_and_serves_every_batch_size() {
+    let source = "model m {
+    input x: f64[B, 3]
+    input y: i32[B]
+    param w: f64[3, 4] = xavier_uniform
+    param b: f64[4] = zeros
+    loss cross_entropy(relu(x @ w + b), y)
+}
+train m { optimizer sgd(lr = 0.1) }
+";
+    let compilation = compile_source("m.grad", source, LowerOptions::default());
+    let model = &compilation.models[0];
+    let config = model.train_config.clone().expect("train block");
+    let graph = step::build(&model.train, &config).expect("step");
+    let mut jit = Jit::new();
+    let context = Context { seed: 0, step: 1 };
+    for rows in [3, 5, 3, 1, 7] {
+        let mut leaves = common::leaves_for(&graph, DType::F64);
+        leaves.insert(
+            "x".into(),
+            Tensor::new(
+                DType::F64,
+                vec![rows, 3],
+                (0..rows * 3).map(|i| i as f64 / 7.0 - 1.0).collect(),
+            ),
+        );
+        leaves.insert(
+            "y".into(),
+            Tensor::new(
+                DType::I32,
+                vec![rows],
+                (0..rows).map(|i| (i % 4) as f64).collect(),
+            ),
+        );
+        let expected = interp::evaluate(&graph, &leaves, context).expect("interpreter");
+        let got = jit.run(&graph, &leaves, context).expect("jit");
+        for id in graph.ids() {
+            if let (Some(a), Some(b)) = (expected.values.get(&id), got.values.get(&id)) {
+                assert!(close(a, b), "{rows} rows: {id:?} differs");
+            }
+        }
+    }
+    let good = common::leaves_for(&graph, DType::F64);
+    let bad: Vec<(&str, Tensor)> = vec![
+        // Wrong rank, wrong fixed size, a batch size that disagrees with
+        // `y`'s, an element count that does not fit the shape, a float
+        // where labels go.
+        ("x", Tensor::new(DType::F64, vec![15], vec![0.0; 15])),
+        ("x", Tensor::new(DType::F64, vec![5, 4], vec![0.0; 20])),
+        ("x", Tensor::new(DType::F64, vec![4, 3], vec![0.0; 12])),
+        (
+            "x",
+            Tensor {
+                dtype: DType::F64,
+                shape: vec![5, 3],
+                data: vec![0.0; 14],
+            },
+        ),
+        ("y", Tensor::new(DType::F64, vec![5], vec![0.0; 5])),
+        ("w", Tensor::new(DType::F64, vec![4, 3], vec![0.0; 12])),
+    ];
+    for (name, tensor) in bad {
+        let mut leaves = good.clone();
+        leaves.insert(name.to_string(), tensor);
+        let expected = interp::evaluate(&graph, &leaves, context).expect_err("interpreter refuses");
+        let got = jit.run(&graph, &leaves, context).expect_err("jit refuses");
+        assert_eq!(expected.to_string(), got.to_string());
+    }
+    let mut missing = good.clone();
+    missing.remove("b");
+    let got = jit.run(&graph, &missing, context).expect_err("jit refuses");
+    assert!(got.to_string().contains('b'), "{got}");
+}
+
+/// The step entry of a small training step, under review as a snapshot:
+/// one function calling the forward product (host work: the GEMM), the
+/// compiled kernels in plan order, the label check and row kernels of the
+/// loss, and returning 0 (or the failing host work's status).
+#[test]
+fn clif_of_a_step_entry() {
+    let source = "model m {\n    input x: f32[B, 4]\n    input y: i32[B]\n    param w: f32[4, 3] = zeros\n    loss cross_entropy(x @ w, y)\n}\ntrain m { optimizer sgd(lr = 0.1) }\n";
+    let compilation = compile_source("m.grad", source, LowerOptions::default());
+    let model = &compilation.models[0];
+    let config = model.train_config.clone().expect("train block");
+    let graph = step::build(&model.train, &config).expect("step");
+    let leaves = common::leaves_for(&graph, DType::F32);
+    let clif = Jit::new().entry_clif(&graph, &leaves).expect("entry");
+    insta::assert_snapshot!("entry", format!("{source}\n{clif}"));
+}
