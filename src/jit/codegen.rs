@@ -32,6 +32,7 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
 
+use super::approx;
 use super::rows::{self, RowOp};
 use crate::interp::{InterpError, kernels};
 use crate::ir::{BinaryFn, DType, Graph, NodeId, Op, ReduceFn, UnaryFn};
@@ -237,7 +238,7 @@ fn lanes(b: &FunctionBuilder<'_>, value: Value) -> u8 {
 }
 
 /// A constant with the lanes of `like`.
-fn constant(b: &mut FunctionBuilder<'_>, like: Value, c: f64) -> Value {
+pub(super) fn constant(b: &mut FunctionBuilder<'_>, like: Value, c: f64) -> Value {
     let scalar = b.ins().f64const(c);
     if lanes(b, like) > 1 {
         b.ins().splat(types::F64X2, scalar)
@@ -248,7 +249,7 @@ fn constant(b: &mut FunctionBuilder<'_>, like: Value, c: f64) -> Value {
 
 /// `x` where `condition` holds, else `y` (per lane for vectors, whose
 /// comparison masks are all-ones or all-zeros per lane).
-fn pick(b: &mut FunctionBuilder<'_>, condition: Value, x: Value, y: Value) -> Value {
+pub(super) fn pick(b: &mut FunctionBuilder<'_>, condition: Value, x: Value, y: Value) -> Value {
     if lanes(b, x) > 1 {
         let mask = b
             .ins()
@@ -1386,10 +1387,10 @@ fn unary(
             let positive = b.ins().fcmp(FloatCC::GreaterThan, x, zero);
             pick(b, positive, x, zero)
         }
-        UnaryFn::Exp => call(b, calls, "gradc_exp", &[x])?,
+        UnaryFn::Exp => approx::exp(b, x),
         UnaryFn::Log => call(b, calls, "gradc_log", &[x])?,
         UnaryFn::Tanh => call(b, calls, "gradc_tanh", &[x])?,
-        UnaryFn::Sigmoid => call(b, calls, "gradc_sigmoid", &[x])?,
+        UnaryFn::Sigmoid => approx::sigmoid(b, x),
         UnaryFn::Gelu => call(b, calls, "gradc_gelu", &[x])?,
         UnaryFn::Softplus => call(b, calls, "gradc_softplus", &[x])?,
         UnaryFn::Sin => call(b, calls, "gradc_sin", &[x])?,
@@ -1466,7 +1467,7 @@ fn vjp(
         }
         // g sigmoid(x), or g above the threshold 20
         Op::Unary(UnaryFn::Softplus) => {
-            let sigmoid = call(b, calls, "gradc_sigmoid", &[x])?;
+            let sigmoid = approx::sigmoid(b, x);
             let scaled = b.ins().fmul(g, sigmoid);
             let threshold = constant(b, g, 20.0);
             let above = b.ins().fcmp(FloatCC::GreaterThan, x, threshold);

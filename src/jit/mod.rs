@@ -19,6 +19,7 @@
 //! agree to rounding (`tests/jit.rs` states the tolerances and also
 //! compares the backends on generated models).
 
+mod approx;
 pub mod codegen;
 pub mod rows;
 

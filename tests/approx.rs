@@ -1,0 +1,129 @@
+//! The JIT's polynomial `exp` and `sigmoid` (`src/jit/approx.rs`) against
+//! the platform's `exp` and the interpreter's `sigmoid`: the maximum error
+//! in ulps over a wide sample and the special values (zeros, infinities,
+//! NaN, the overflow and underflow edges, subnormal results), in `f64`,
+//! through vector loops and their scalar tails. `f32` results are compared
+//! with the interpreter's, which round the same `f64` values.
+
+use std::collections::BTreeMap;
+
+use gradc::driver::compile_source;
+use gradc::interp::{self, Context, Tensor, kernels};
+use gradc::ir::DType;
+use gradc::jit::Jit;
+use gradc::lower::LowerOptions;
+use gradc::random::Stream;
+use gradc::train::Backend;
+
+/// How many representable doubles lie between `a` and `b` (0 for equal
+/// values, any NaN matching any NaN; infinite for a sign or class change).
+fn ulps(a: f64, b: f64) -> u64 {
+    if a.is_nan() && b.is_nan() || a == b {
+        return 0;
+    }
+    if a.is_nan() || b.is_nan() || a.is_sign_negative() != b.is_sign_negative() {
+        return u64::MAX;
+    }
+    (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs()
+}
+
+fn samples() -> Vec<f64> {
+    let mut stream = Stream::new(7);
+    let mut x = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::NAN,
+        709.782712893384,
+        709.79,
+        710.0,
+        1000.0,
+        -708.39,
+        -740.0,
+        -745.1332191019411,
+        -745.2,
+        -746.0,
+        -1000.0,
+        1e-300,
+        -1e-300,
+        f64::MIN_POSITIVE,
+        0.5 * std::f64::consts::LN_2,
+        -0.5 * std::f64::consts::LN_2,
+    ];
+    for _ in 0..200_000 {
+        x.push(stream.uniform() * 1455.0 - 745.0);
+    }
+    for _ in 0..200_000 {
+        x.push(stream.uniform() * 2.0 - 1.0);
+    }
+    for _ in 0..100_000 {
+        x.push((stream.uniform() * 80.0 - 40.0) * 1e-3);
+    }
+    x.push(3.0); // an odd count: the scalar tail runs too
+    x
+}
+
+#[test]
+fn polynomial_exp_and_sigmoid_are_within_an_ulp_or_two() {
+    let source =
+        "model m {\n    input x: f64[N]\n    output e = exp(x)\n    output s = sigmoid(x)\n}\n";
+    let compilation = compile_source("m.grad", source, LowerOptions::default());
+    let graph = &compilation.models[0].eval;
+    let x = samples();
+    let mut leaves = BTreeMap::new();
+    leaves.insert(
+        "x".to_string(),
+        Tensor::new(DType::F64, vec![x.len()], x.clone()),
+    );
+    let context = Context { seed: 0, step: 0 };
+    let got = Jit::new().run(graph, &leaves, context).expect("jit");
+    let outputs: BTreeMap<String, _> = graph.outputs().into_iter().collect();
+    let mut worst = BTreeMap::new();
+    for (name, reference, bound) in [
+        ("e", (|v: f64| v.exp()) as fn(f64) -> f64, 1),
+        ("s", kernels::sigmoid as fn(f64) -> f64, 2),
+    ] {
+        let values = &got.values[&outputs[name]].data;
+        let mut max = (0, 0.0);
+        for (&v, &y) in x.iter().zip(values) {
+            let error = ulps(y, reference(v));
+            assert!(
+                error <= bound,
+                "{name}({v:e}) = {y:e}, expected {:e}",
+                reference(v)
+            );
+            if error > max.0 {
+                max = (error, v);
+            }
+        }
+        worst.insert(name, max);
+    }
+    // The largest errors, for docs/jit.md (`cargo test --test approx --
+    // --nocapture` prints them).
+    println!("max error in ulps (at x): {worst:?}");
+
+    // In f32 the values round to what the interpreter gives.
+    let compilation = compile_source(
+        "m.grad",
+        source,
+        LowerOptions {
+            float_dtype: Some(DType::F32),
+        },
+    );
+    let graph = &compilation.models[0].eval;
+    let narrow: Vec<f64> = x.iter().map(|&v| f64::from(v as f32)).collect();
+    leaves.insert(
+        "x".to_string(),
+        Tensor::new(DType::F32, vec![x.len()], narrow),
+    );
+    let got = Jit::new().run(graph, &leaves, context).expect("jit");
+    let expected = interp::evaluate(graph, &leaves, context).expect("interpreter");
+    for (_, id) in graph.outputs() {
+        let (a, b) = (&expected.values[&id].data, &got.values[&id].data);
+        let differ = a.iter().zip(b).filter(|(a, b)| ulps(**a, **b) != 0).count();
+        assert_eq!(differ, 0, "{differ} f32 values differ");
+    }
+}
