@@ -1,22 +1,26 @@
-//! Cranelift code generation for elementwise kernels, and the one place in
-//! gradc that uses `unsafe`: calling the compiled code, and calling the
+//! Cranelift code generation, and the one place in gradc that uses
+//! `unsafe`: the step entry and its frame, the host trampoline, and the
 //! `matrixmultiply` GEMM behind a bounds-checked safe wrapper (`gemm`).
 //!
-//! A compiled kernel is a function `fn(ptrs, ks, ms, n)` that loops `i` over
-//! `0..n` (the kernel's loop shape, bound per batch). Operand `j` is read at
-//! index `(i / ks[j]) % ms[j]`, which covers a scalar (`m = 1`) and NumPy
-//! broadcasting of one contiguous block of axes (a bias row, a `[B, 1]`
-//! column); an operand of the loop's own shape (a full operand, `k = 1`,
-//! `m = n`) is read at `i` directly, without the division. Values are held as `f64`,
-//! like the interpreter's tensors, and every op of an `f32` node is rounded
-//! to `f32` as the interpreter does, so compiled kernels give bit-identical
-//! results. Operand buffers are the interpreter's `f64` storage.
+//! An elementwise kernel is a function `fn(ptrs, ks, ms, n, context)` that
+//! loops `i` over `0..n` (the kernel's loop shape, bound per frame). How it
+//! reaches each buffer is fixed by the static shapes (`Access`): a full
+//! operand at `i`, a single element at 0, a strided operand (NumPy
+//! broadcasting of one block of axes: a bias row, a `[B, 1]` column) at
+//! `(i / ks[j]) % ms[j]` by counters that wrap. Without strided buffers a
+//! vector loop of `f64x2` runs first and the scalar loop finishes the tail.
+//! Values are `f64`, like the interpreter's tensors, and every op of an
+//! `f32` node is rounded to `f32` as the interpreter does, so compiled
+//! kernels give bit-identical results (`exp` and `sigmoid`, polynomials
+//! from `approx`, within 1 and 2 ulps). Row kernels come from `rows`.
 //!
-//! This first code generator covers elementwise arithmetic and its VJPs
-//! (what `supported` accepts); every other kernel runs on the interpreter.
+//! A `Frame` binds a program to one set of sizes: its buffers (never
+//! resized), its calls with every length checked when pushed, and a step
+//! entry compiled for it (`CodeCache::compile_entry`) that makes the calls
+//! in order, handing host work to Rust through `gradc_host`.
 #![allow(
     unsafe_code,
-    reason = "calling JIT-compiled kernels and the raw-pointer GEMM; see the SAFETY comments"
+    reason = "JIT-compiled code, its host trampoline and the raw-pointer GEMM; see the SAFETY comments"
 )]
 
 use std::collections::{BTreeMap, HashMap};
@@ -701,6 +705,14 @@ impl CodeCache {
         set(&mut flags, "use_colocated_libcalls", "false")?;
         set(&mut flags, "is_pic", "false")?;
         set(&mut flags, "opt_level", "speed")?;
+        // Cranelift's IR verifier runs in debug builds (and so in the
+        // tests); release builds skip it, which halves compile time.
+        let verify = if cfg!(debug_assertions) {
+            "true"
+        } else {
+            "false"
+        };
+        set(&mut flags, "enable_verifier", verify)?;
         let isa = cranelift_native::builder()
             .map_err(|e| CodegenError(e.to_string()))?
             .finish(settings::Flags::new(flags))

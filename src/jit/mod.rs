@@ -192,10 +192,13 @@ fn compile(graph: &Graph) -> Result<Program, codegen::CodegenError> {
                 .iter()
                 .map(|&id| graph.node(id).op.name())
                 .collect();
-            clif.push(format!(
-                "; kernel k{k}: on the interpreter ({})\n",
-                ops.join(", ")
-            ));
+            // A product with no epilogue is one GEMM call (host work).
+            let place = if kernel.kind == fusion::Kind::MatMul && body.is_empty() {
+                "on the GEMM"
+            } else {
+                "on the interpreter"
+            };
+            clif.push(format!("; kernel k{k}: {place} ({})\n", ops.join(", ")));
             kernels.push(None);
             loops.push(loop_shape);
             continue;
