@@ -258,17 +258,33 @@ impl Session {
         let rows = batch
             .first()
             .map_or(0, |(_, tensor)| tensor.shape.first().copied().unwrap_or(0));
-        let mut leaves = self.state.clone();
-        leaves.extend(batch);
-        leaves.insert(step::LR.into(), Tensor::scalar(dtype, lr));
-        leaves.insert(step::STEP.into(), Tensor::scalar(dtype, t as f64));
+        // The batch, the learning rate and the step join the state for the
+        // call and leave it after (whatever happens), so the state, which
+        // holds every param, is never copied.
+        let mut leaves = std::mem::take(&mut self.state);
+        let mut added = Vec::new();
+        let mut displaced = Vec::new();
+        let extra = batch.into_iter().chain([
+            (step::LR.to_string(), Tensor::scalar(dtype, lr)),
+            (step::STEP.to_string(), Tensor::scalar(dtype, t as f64)),
+        ]);
+        for (name, tensor) in extra {
+            match leaves.insert(name.clone(), tensor) {
+                Some(old) => displaced.push((name, old)),
+                None => added.push(name),
+            }
+        }
         let context = Context {
             seed: self.config.seed,
             step: t,
         };
-        let mut evaluation = backend
-            .run(&self.step_graph, &leaves, context)
-            .map_err(TrainError::Run)?;
+        let result = backend.run(&self.step_graph, &leaves, context);
+        for name in added {
+            leaves.remove(&name);
+        }
+        leaves.extend(displaced);
+        self.state = leaves;
+        let mut evaluation = result.map_err(TrainError::Run)?;
         let graph = &self.step_graph;
         let loss = evaluation.values[&graph.loss().expect("step graphs have a loss")].data[0];
         let mut stats = BTreeMap::new();
