@@ -1,9 +1,10 @@
-//! The JIT's polynomial `exp` and `sigmoid` (`src/jit/approx.rs`) against
-//! the platform's `exp` and the interpreter's `sigmoid`: the maximum error
-//! in ulps over a wide sample and the special values (zeros, infinities,
-//! NaN, the overflow and underflow edges, subnormal results), in `f64`,
-//! through vector loops and their scalar tails. `f32` results are compared
-//! with the interpreter's, which round the same `f64` values.
+//! The JIT's polynomial `exp`, `sigmoid`, `tanh` and `log`
+//! (`src/jit/approx.rs`) against the platform's functions (the
+//! interpreter's, for `sigmoid`): the maximum error in ulps over wide
+//! samples and the special values (zeros, infinities, NaN, the overflow and
+//! underflow edges, subnormal inputs and results), in `f64`, through vector
+//! loops and their scalar tails. `f32` results are compared with the
+//! interpreter's, which round the same `f64` values.
 
 use std::collections::BTreeMap;
 
@@ -66,29 +67,70 @@ fn samples() -> Vec<f64> {
     x
 }
 
+/// Positive samples for `log`: over the whole exponent range, near 1,
+/// subnormal, and the special values.
+fn positive_samples() -> Vec<f64> {
+    let mut stream = Stream::new(8);
+    let mut p = vec![
+        0.0,
+        -0.0,
+        -1.0,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::NAN,
+        1.0,
+        2.0,
+        0.5,
+        std::f64::consts::SQRT_2,
+        std::f64::consts::E,
+        f64::MAX,
+        f64::MIN_POSITIVE,
+        5e-324,
+        1e-310,
+        1.0 + f64::EPSILON,
+        1.0 - f64::EPSILON / 2.0,
+    ];
+    for _ in 0..200_000 {
+        p.push((stream.uniform() * 1418.0 - 709.0).exp());
+    }
+    for _ in 0..100_000 {
+        p.push(1.0 + (stream.uniform() - 0.5) * 1e-3);
+    }
+    for _ in 0..50_000 {
+        p.push(stream.uniform() * 1e-308);
+    }
+    p
+}
+
 #[test]
-fn polynomial_exp_and_sigmoid_are_within_an_ulp_or_two() {
-    let source =
-        "model m {\n    input x: f64[N]\n    output e = exp(x)\n    output s = sigmoid(x)\n}\n";
+fn polynomial_functions_are_within_a_few_ulps() {
+    let source = "model m {\n    input x: f64[N]\n    input p: f64[M]\n    output e = exp(x)\n    output s = sigmoid(x)\n    output t = tanh(x)\n    output l = log(p)\n}\n";
     let compilation = compile_source("m.grad", source, LowerOptions::default());
     let graph = &compilation.models[0].eval;
     let x = samples();
+    let p = positive_samples();
     let mut leaves = BTreeMap::new();
     leaves.insert(
         "x".to_string(),
         Tensor::new(DType::F64, vec![x.len()], x.clone()),
     );
+    leaves.insert(
+        "p".to_string(),
+        Tensor::new(DType::F64, vec![p.len()], p.clone()),
+    );
     let context = Context { seed: 0, step: 0 };
     let got = Jit::new().run(graph, &leaves, context).expect("jit");
     let outputs: BTreeMap<String, _> = graph.outputs().into_iter().collect();
     let mut worst = BTreeMap::new();
-    for (name, reference, bound) in [
-        ("e", (|v: f64| v.exp()) as fn(f64) -> f64, 1),
-        ("s", kernels::sigmoid as fn(f64) -> f64, 2),
+    for (name, reference, bound, input) in [
+        ("e", (|v: f64| v.exp()) as fn(f64) -> f64, 1, &x),
+        ("s", kernels::sigmoid as fn(f64) -> f64, 2, &x),
+        ("t", (|v: f64| v.tanh()) as fn(f64) -> f64, 3, &x),
+        ("l", (|v: f64| v.ln()) as fn(f64) -> f64, 2, &p),
     ] {
         let values = &got.values[&outputs[name]].data;
         let mut max = (0, 0.0);
-        for (&v, &y) in x.iter().zip(values) {
+        for (&v, &y) in input.iter().zip(values) {
             let error = ulps(y, reference(v));
             assert!(
                 error <= bound,
@@ -114,16 +156,18 @@ fn polynomial_exp_and_sigmoid_are_within_an_ulp_or_two() {
         },
     );
     let graph = &compilation.models[0].eval;
-    let narrow: Vec<f64> = x.iter().map(|&v| f64::from(v as f32)).collect();
-    leaves.insert(
-        "x".to_string(),
-        Tensor::new(DType::F32, vec![x.len()], narrow),
-    );
+    for (name, values) in [("x", &x), ("p", &p)] {
+        let narrow: Vec<f64> = values.iter().map(|&v| f64::from(v as f32)).collect();
+        leaves.insert(
+            name.to_string(),
+            Tensor::new(DType::F32, vec![values.len()], narrow),
+        );
+    }
     let got = Jit::new().run(graph, &leaves, context).expect("jit");
     let expected = interp::evaluate(graph, &leaves, context).expect("interpreter");
-    for (_, id) in graph.outputs() {
+    for (name, id) in graph.outputs() {
         let (a, b) = (&expected.values[&id].data, &got.values[&id].data);
         let differ = a.iter().zip(b).filter(|(a, b)| ulps(**a, **b) != 0).count();
-        assert_eq!(differ, 0, "{differ} f32 values differ");
+        assert_eq!(differ, 0, "{name}: {differ} f32 values differ");
     }
 }

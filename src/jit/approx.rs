@@ -1,6 +1,7 @@
-//! Vectorizable polynomial approximations of `exp` and `sigmoid`, emitted
-//! inline for a scalar `f64` or an `f64x2` (the same instructions either
-//! way), so compiled kernels need no call per element for them.
+//! Vectorizable polynomial approximations of `exp`, `log`, `tanh` and
+//! `sigmoid`, emitted inline for a scalar `f64` or an `f64x2` (the same
+//! instructions either way), so compiled kernels need no call per element
+//! for them.
 //!
 //! `exp` reduces `x = n ln 2 + r` with `|r| <= ln 2 / 2` (Cody and Waite:
 //! `ln 2` split in two so that `n ln 2` is exact), evaluates the degree-13
@@ -8,10 +9,11 @@
 //! below `5e-18` relative), and scales by `2^n` as two exact powers of two
 //! built from bits, so that overflow gives `inf`, deep underflow `0`, and
 //! subnormal results round once. No float-to-integer conversion is needed:
-//! `n` is rounded with the `1.5 * 2^52` shifter. `sigmoid` is the
-//! interpreter's formula over this `exp`. The measured error against the
-//! platform's `exp` (`tests/approx.rs`, `docs/jit.md`) is at most 1 ulp in
-//! `f64`; `f32` results, rounded from these `f64` values, match the
+//! `n` is rounded with the `1.5 * 2^52` shifter. `log` follows fdlibm's
+//! evaluation, `tanh` is a Taylor series near 0 and `exp` beyond, `sigmoid`
+//! the interpreter's formula over `exp`. The errors measured against the
+//! platform (`tests/approx.rs`, `docs/jit.md`): at most 1, 1, 3 and 2 ulps
+//! in `f64`; `f32` results, rounded from these `f64` values, match the
 //! interpreter's.
 
 use cranelift_codegen::ir::condcodes::FloatCC;
@@ -111,4 +113,190 @@ pub(super) fn sigmoid(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
     let zero = constant(b, x, 0.0);
     let nonnegative = b.ins().fcmp(FloatCC::GreaterThanOrEqual, x, zero);
     pick(b, nonnegative, positive, negative)
+}
+
+/// `x` converted to a vector of `i64` bits (or a scalar `i64`).
+fn bits_of(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
+    let int = if b.func.dfg.value_type(x).is_vector() {
+        types::I64X2
+    } else {
+        types::I64
+    };
+    b.ins().bitcast(int, MemFlagsData::new(), x)
+}
+
+/// The float whose bits are `bits` (the lanes of `like`).
+fn float_of(b: &mut FunctionBuilder<'_>, like: Value, bits: Value) -> Value {
+    let float = if b.func.dfg.value_type(like).is_vector() {
+        types::F64X2
+    } else {
+        types::F64
+    };
+    b.ins().bitcast(float, MemFlagsData::new(), bits)
+}
+
+/// An `i64` constant with the lanes of `like`.
+fn integer(b: &mut FunctionBuilder<'_>, like: Value, value: i64) -> Value {
+    let scalar = b.ins().iconst(types::I64, value);
+    if b.func.dfg.value_type(like).is_vector() {
+        b.ins().splat(types::I64X2, scalar)
+    } else {
+        scalar
+    }
+}
+
+/// Evaluates the polynomial with these coefficients (lowest first, given
+/// as bits) at `z` by Horner's rule.
+fn horner(b: &mut FunctionBuilder<'_>, z: Value, coefficients: &[u64]) -> Value {
+    let mut p = constant(b, z, f64::from_bits(coefficients[coefficients.len() - 1]));
+    for &c in coefficients[..coefficients.len() - 1].iter().rev() {
+        let product = b.ins().fmul(p, z);
+        let c = constant(b, z, f64::from_bits(c));
+        p = b.ins().fadd(product, c);
+    }
+    p
+}
+
+/// `2 / (2k + 1)` for `k = 1..=12`: `R(z) = 2z/3 + 2z^2/5 + ...`, the
+/// tail of `ln(1 + f) = 2s + s R(z)` with `s = f / (2 + f)`, `z = s^2 <=
+/// 0.0295` (so the next term is below `1e-20`).
+const LOG_SERIES: [u64; 12] = [
+    0x3fe5_5555_5555_5555,
+    0x3fd9_9999_9999_999a,
+    0x3fd2_4924_9249_2492,
+    0x3fcc_71c7_1c71_c71c,
+    0x3fc7_45d1_745d_1746,
+    0x3fc3_b13b_13b1_3b14,
+    0x3fc1_1111_1111_1111,
+    0x3fbe_1e1e_1e1e_1e1e,
+    0x3fba_f286_bca1_af28,
+    0x3fb8_6186_1861_8618,
+    0x3fb6_42c8_590b_2164,
+    0x3fb4_7ae1_47ae_147b,
+];
+
+/// `ln x` for `f64` or `f64x2`: `x = 2^e m` with `m` in `[sqrt(1/2),
+/// sqrt(2))` (subnormal `x` scaled by `2^54` first), `ln m = ln(1 + f)` as
+/// fdlibm evaluates it (the exact `f` plus small corrections, with the
+/// series in `s = f / (2 + f)`), and `e ln 2` with `ln 2` split so `e *
+/// LN2_HI` is exact. `ln 0 = -inf`, `ln` of a negative is
+/// NaN, `ln inf = inf`, NaN stays NaN.
+pub(super) fn log(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
+    let smallest_normal = constant(b, x, f64::MIN_POSITIVE);
+    let tiny = b.ins().fcmp(FloatCC::LessThan, x, smallest_normal);
+    let two_54 = constant(b, x, 18_014_398_509_481_984.0);
+    let scaled = b.ins().fmul(x, two_54);
+    let x_normal = pick(b, tiny, scaled, x);
+    let minus_54 = constant(b, x, -54.0);
+    let zero = constant(b, x, 0.0);
+    let adjust = pick(b, tiny, minus_54, zero);
+    let bits = bits_of(b, x_normal);
+    // The biased exponent as a float: its bits in the mantissa of 2^52.
+    let field = b.ins().ushr_imm_u(bits, 52);
+    let two_52_bits = integer(b, x, TWO_52.to_bits() as i64);
+    let field = b.ins().bor(field, two_52_bits);
+    let field = float_of(b, x, field);
+    let unbias = constant(b, x, TWO_52 + 1023.0);
+    let e = b.ins().fsub(field, unbias);
+    let e = b.ins().fadd(e, adjust);
+    // The mantissa as a float in [1, 2), then in [sqrt(1/2), sqrt(2)).
+    let mask = integer(b, x, 0x000f_ffff_ffff_ffff);
+    let one_bits = integer(b, x, 1.0f64.to_bits() as i64);
+    let mantissa = b.ins().band(bits, mask);
+    let mantissa = b.ins().bor(mantissa, one_bits);
+    let m = float_of(b, x, mantissa);
+    let sqrt2 = constant(b, x, std::f64::consts::SQRT_2);
+    let big = b.ins().fcmp(FloatCC::GreaterThan, m, sqrt2);
+    let half = constant(b, x, 0.5);
+    let halved = b.ins().fmul(m, half);
+    let m = pick(b, big, halved, m);
+    let one = constant(b, x, 1.0);
+    let raised = b.ins().fadd(e, one);
+    let e = pick(b, big, raised, e);
+    // fdlibm's evaluation: f = m - 1 is exact, and
+    // ln x = e LN2_HI - ((f^2/2 - (s (f^2/2 + R) + e LN2_LO)) - f).
+    let f = b.ins().fsub(m, one);
+    let two = constant(b, x, 2.0);
+    let denominator = b.ins().fadd(two, f);
+    let s = b.ins().fdiv(f, denominator);
+    let z = b.ins().fmul(s, s);
+    let series = horner(b, z, &LOG_SERIES);
+    let r = b.ins().fmul(z, series);
+    let square = b.ins().fmul(f, f);
+    let hfsq = b.ins().fmul(half, square);
+    let inner = b.ins().fadd(hfsq, r);
+    let inner = b.ins().fmul(s, inner);
+    let ln2_lo = constant(b, x, LN2_LO);
+    let low = b.ins().fmul(e, ln2_lo);
+    let inner = b.ins().fadd(inner, low);
+    let inner = b.ins().fsub(hfsq, inner);
+    let inner = b.ins().fsub(inner, f);
+    let ln2_hi = constant(b, x, LN2_HI);
+    let high = b.ins().fmul(e, ln2_hi);
+    let result = b.ins().fsub(high, inner);
+    // The special values.
+    let infinity = constant(b, x, f64::INFINITY);
+    let is_infinite = b.ins().fcmp(FloatCC::Equal, x, infinity);
+    let result = pick(b, is_infinite, infinity, result);
+    let minus_infinity = constant(b, x, f64::NEG_INFINITY);
+    let is_zero = b.ins().fcmp(FloatCC::Equal, x, zero);
+    let result = pick(b, is_zero, minus_infinity, result);
+    let nan = constant(b, x, f64::NAN);
+    let negative = b.ins().fcmp(FloatCC::LessThan, x, zero);
+    let result = pick(b, negative, nan, result);
+    let is_nan = b.ins().fcmp(FloatCC::Unordered, x, x);
+    pick(b, is_nan, x, result)
+}
+
+/// The Taylor coefficients of `tanh` (of `x^1, x^3, ..., x^25`), used for
+/// `|x| < 0.3`, where the next term is below `2e-19` relative.
+const TANH_SERIES: [u64; 13] = [
+    0x3ff0_0000_0000_0000,
+    0xbfd5_5555_5555_5555,
+    0x3fc1_1111_1111_1111,
+    0xbfab_a1ba_1ba1_ba1c,
+    0x3f96_64f4_882c_10fa,
+    0xbf82_26e3_55e6_c23d,
+    0x3f6d_6d3d_0e15_7de0,
+    0xbf57_da36_452b_75e3,
+    0x3f43_5582_4803_6744,
+    0xbf2f_57d7_734d_1664,
+    0x3f19_67e1_8afc_afad,
+    0xbf04_97d8_eea2_5259,
+    0x3ef0_b132_d39a_6050,
+];
+
+/// `tanh x` for `f64` or `f64x2`: the odd Taylor series below `|x| = 0.3`,
+/// else `(1 - t) / (1 + t)` with `t = e^(-2|x|)` (where `1 - t` is exact
+/// for `t >= 1/2`) and the sign of `x`. `tanh(±inf) = ±1`, `-0` stays
+/// `-0`, NaN stays NaN.
+pub(super) fn tanh(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
+    let z = b.ins().fmul(x, x);
+    let p = horner(b, z, &TANH_SERIES);
+    let small = b.ins().fmul(x, p);
+    let a = b.ins().fabs(x);
+    let twice = b.ins().fadd(a, a);
+    let minus = b.ins().fneg(twice);
+    let t = exp(b, minus);
+    let one = constant(b, x, 1.0);
+    let numerator = b.ins().fsub(one, t);
+    let denominator = b.ins().fadd(one, t);
+    let large = b.ins().fdiv(numerator, denominator);
+    let large = copysign(b, large, x);
+    let threshold = constant(b, x, 0.3);
+    let below = b.ins().fcmp(FloatCC::LessThan, a, threshold);
+    pick(b, below, small, large)
+}
+
+/// `magnitude` with the sign bit of `sign`, by bit masks (Cranelift has no
+/// vector `fcopysign` on x86-64).
+fn copysign(b: &mut FunctionBuilder<'_>, magnitude: Value, sign: Value) -> Value {
+    let sign_bit = integer(b, sign, i64::MIN);
+    let rest = integer(b, sign, i64::MAX);
+    let magnitude_bits = bits_of(b, magnitude);
+    let magnitude_bits = b.ins().band(magnitude_bits, rest);
+    let sign_bits = bits_of(b, sign);
+    let sign_bits = b.ins().band(sign_bits, sign_bit);
+    let bits = b.ins().bor(magnitude_bits, sign_bits);
+    float_of(b, sign, bits)
 }
