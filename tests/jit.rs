@@ -418,8 +418,9 @@ fn jit_and_interpreter_agree_on_generated_models() {
 }
 
 /// The Cranelift IR of three small kernels, under review as snapshots: an
-/// `f32` bias-and-ReLU kernel (with its `f32` roundings; the bias is read
-/// by counters), an `f32` kernel with only full operands (a vector loop of
+/// `f32` bias-and-ReLU kernel (with its `f32` roundings; the bias row
+/// makes it a loop over rows, with pairs of columns as `f64x2` and a scalar
+/// tail), an `f32` kernel with only full operands (a vector loop of
 /// `f64x2`, then the scalar loop for the tail), and an `f64` sum over a row
 /// closing a `sin` (a call to the interpreter's function).
 #[test]

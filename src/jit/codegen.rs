@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
-    AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, UserFuncName, Value, types,
+    AbiParam, BlockArg, FuncRef, InstBuilder, MemFlagsData, Signature, UserFuncName, Value, types,
 };
 use cranelift_codegen::isa::CallConv;
 use cranelift_codegen::settings::{self, Configurable};
@@ -39,7 +39,7 @@ use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
 use super::approx;
 use super::rows::{self, RowOp};
 use crate::interp::{InterpError, kernels};
-use crate::ir::{BinaryFn, DType, Graph, NodeId, Op, ReduceFn, UnaryFn};
+use crate::ir::{BinaryFn, DType, Dim, Graph, NodeId, Op, ReduceFn, Shape, UnaryFn};
 
 /// Why code could not be generated (a compiler bug or an unsupported host).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -337,6 +337,9 @@ pub struct CompiledKernel {
     pub sums: Vec<bool>,
     /// How the loop reaches each buffer (inputs, then outputs).
     pub access: Vec<Access>,
+    /// The static size of the last axis when the kernel loops over rows
+    /// and columns (it has `Row` buffers).
+    pub cols: Option<usize>,
 }
 
 /// How a kernel's loop reaches one of its buffers, decided from the static
@@ -350,6 +353,10 @@ pub enum Access {
     Single,
     /// Broadcasting: element `(i / k) % m`, by counters that wrap.
     Strided,
+    /// A row of the loop's last axis (a bias, its gradient): element `j`
+    /// of the row the loop is in (`k = 1`, `m` = the last axis' static
+    /// size), in a loop over rows and columns that vectorizes.
+    Row,
 }
 
 /// A compiled row kernel (`jit::rows`): a loop over the rows of a
@@ -545,9 +552,19 @@ impl Frame {
                     "buffer {j} is a single element, but m={m}"
                 )));
             }
+            // A row buffer is read at the column j < cols, in rows of
+            // cols elements: its factors must say so.
+            if access == Access::Row
+                && (k != 1 || Some(m as usize) != kernel.cols || !n.is_multiple_of(m as usize))
+            {
+                return Err(CodegenError(format!(
+                    "buffer {j} is a row of {:?}, but k={k} m={m} n={n}",
+                    kernel.cols
+                )));
+            }
             let needs = match access {
                 Access::Full => n,
-                Access::Single | Access::Strided => m as usize,
+                Access::Single | Access::Strided | Access::Row => m as usize,
             };
             let length = self.length(slot)?;
             if needs > length {
@@ -791,6 +808,34 @@ impl CodeCache {
                 (true, false) => Access::Strided,
             });
         }
+        // When every broadcast buffer is a row of the loop's (static) last
+        // axis, the kernel loops over rows and columns instead.
+        let cols = loop_shape.and_then(|shape| match shape.0.last() {
+            Some(Dim::Fixed(c)) if shape.rank() >= 2 => usize::try_from(*c).ok(),
+            _ => None,
+        });
+        let buffers: Vec<NodeId> = inputs.iter().chain(outputs).copied().collect();
+        let row_like = |j: usize| {
+            let (Some(shape), Some(cols)) = (loop_shape, cols) else {
+                return false;
+            };
+            broadcast_shape(graph, buffers[j], shape, j >= inputs.len())
+                .is_some_and(|b| is_row(&b, cols))
+        };
+        let rows_and_cols = cols.is_some()
+            && access
+                .iter()
+                .enumerate()
+                .all(|(j, &a)| a != Access::Strided || row_like(j))
+            && access.contains(&Access::Strided);
+        if rows_and_cols {
+            for a in &mut access {
+                if *a == Access::Strided {
+                    *a = Access::Row;
+                }
+            }
+        }
+        let cols = if rows_and_cols { cols } else { None };
         let pointer = types::I64;
         let mut signature = Signature::new(CallConv::SystemV);
         for _ in 0..5 {
@@ -808,9 +853,6 @@ impl CodeCache {
         {
             let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
             let entry = b.create_block();
-            let header = b.create_block();
-            let body = b.create_block();
-            let exit = b.create_block();
             b.append_block_params_for_function_params(entry);
             b.switch_to_block(entry);
             let params = b.block_params(entry).to_vec();
@@ -838,210 +880,51 @@ impl CodeCache {
             let step = b.ins().load(pointer, flags, context, 8);
             let zero = b.ins().iconst(pointer, 0);
             let zero_f64 = b.ins().f64const(0.0);
-            // A strided sum accumulates into its m slots: zero them first.
-            for &(j, _, m) in factors.iter().filter(|f| f.0 >= inputs.len()) {
-                rows::counted_loop(&mut b, m, &[], |b, slot, _| {
-                    let at = rows::element(b, bases[j], slot);
-                    b.ins().store(flags, zero_f64, at, 0);
-                    Ok(vec![])
-                })?;
+            // The slots of a strided or row sum: m, or the static row size.
+            let slots = |b: &mut FunctionBuilder<'_>, j: usize| match (access[j], cols) {
+                (Access::Row, Some(cols)) => b.ins().iconst(pointer, cols as i64),
+                _ => factors.iter().find(|f| f.0 == j).map_or(zero, |f| f.2),
+            };
+            // A strided or row sum accumulates into its slots: zero them
+            // first.
+            for j in inputs.len()..access.len() {
+                if matches!(access[j], Access::Strided | Access::Row) {
+                    let m = slots(&mut b, j);
+                    rows::counted_loop(&mut b, m, &[], |b, slot, _| {
+                        let at = rows::element(b, bases[j], slot);
+                        b.ins().store(flags, zero_f64, at, 0);
+                        Ok(vec![])
+                    })?;
+                }
             }
-            // Loop state: i, the counters of each strided buffer, and the
-            // running total of each sum to a single element (kept in a
-            // register and stored after the loop, in the same order).
+            // The running total of each sum to a single element is kept in
+            // a register through the loops and stored after them, in the
+            // same order.
             let single_sums: Vec<usize> = (inputs.len()..access.len())
                 .filter(|&j| access[j] == Access::Single)
                 .collect();
-            let mut initial = vec![zero];
-            b.append_block_param(header, pointer);
-            for _ in &factors {
-                b.append_block_param(header, pointer);
-                b.append_block_param(header, pointer);
-                initial.extend([zero, zero]);
-            }
-            for _ in &single_sums {
-                b.append_block_param(header, types::F64);
-                initial.push(zero_f64);
-            }
             let mut calls = Calls {
                 module: &mut self.module,
                 imports: &self.imports,
                 declared: HashMap::new(),
             };
-            // With no strided buffer, a vector loop runs two elements at a
-            // time (`f64x2`: the same IEEE operations per lane, so the same
-            // bits; sums add lane 0, then lane 1, in order), and the scalar
-            // loop below finishes the odd element.
-            if factors.is_empty() {
-                let vector_header = b.create_block();
-                let vector_body = b.create_block();
-                b.append_block_param(vector_header, pointer);
-                for _ in &single_sums {
-                    b.append_block_param(vector_header, types::F64);
-                }
-                let initial: Vec<_> = initial.into_iter().map(Into::into).collect();
-                b.ins().jump(vector_header, &initial);
-
-                b.switch_to_block(vector_header);
-                let state = b.block_params(vector_header).to_vec();
-                let (i, totals) = (state[0], &state[1..]);
-                let end = b.ins().iadd_imm_u(i, 2);
-                let more = b.ins().icmp(IntCC::SignedLessThanOrEqual, end, n);
-                let scalar: Vec<_> = state.iter().map(|&v| v.into()).collect();
-                b.ins().brif(more, vector_body, &[], header, &scalar);
-
-                b.switch_to_block(vector_body);
-                let vector = MemFlagsData::new().with_notrap();
-                let offset = b.ins().imul_imm_u(i, 8);
-                let zero_vector = b.ins().splat(types::F64X2, zero_f64);
-                let mut values: HashMap<NodeId, Value> = HashMap::new();
-                for (j, &input) in inputs.iter().enumerate() {
-                    let value = if access[j] == Access::Full {
-                        let at = b.ins().iadd(bases[j], offset);
-                        b.ins().load(types::F64X2, vector, at, 0)
-                    } else {
-                        let one = b.ins().load(types::F64, flags, bases[j], 0);
-                        b.ins().splat(types::F64X2, one)
-                    };
-                    values.insert(input, value);
-                }
-                for &id in nodes {
-                    if is_sum(graph, id) {
-                        continue;
-                    }
-                    let place = Place {
-                        index: i,
-                        seed,
-                        step,
-                        zero: zero_vector,
-                    };
-                    let value = emit(&mut b, graph, id, &values, &mut calls, place)?;
-                    values.insert(id, value);
-                }
-                let mut next: Vec<Value> = vec![end];
-                for (o, &output) in outputs.iter().enumerate() {
-                    let j = inputs.len() + o;
-                    let operand = if is_sum(graph, output) {
-                        graph.operands(output)[0]
-                    } else {
-                        output
-                    };
-                    let value = *values.get(&operand).ok_or_else(|| {
-                        CodegenError(format!("output {output} is not computed by the kernel"))
-                    })?;
-                    let value = summand(&mut b, graph, output, value);
-                    if access[j] == Access::Single {
-                        let slot = single_sums.iter().position(|&s| s == j).unwrap_or(0);
-                        let mut total = totals[slot];
-                        for lane in 0..2 {
-                            let part = b.ins().extractlane(value, lane);
-                            total = b.ins().fadd(total, part);
-                        }
-                        next.push(total);
-                    } else {
-                        let at = b.ins().iadd(bases[j], offset);
-                        b.ins().store(vector, value, at, 0);
-                    }
-                }
-                let next: Vec<_> = next.into_iter().map(Into::into).collect();
-                b.ins().jump(vector_header, &next);
-            } else {
-                let initial: Vec<_> = initial.into_iter().map(Into::into).collect();
-                b.ins().jump(header, &initial);
-            }
-
-            b.switch_to_block(header);
-            let state = b.block_params(header).to_vec();
-            let i = state[0];
-            let counters: Vec<(Value, Value)> = (0..factors.len())
-                .map(|c| (state[1 + 2 * c], state[2 + 2 * c]))
-                .collect();
-            let totals = state[1 + 2 * factors.len()..].to_vec();
-            let more = b.ins().icmp(
-                cranelift_codegen::ir::condcodes::IntCC::SignedLessThan,
-                i,
-                n,
-            );
-            b.ins().brif(more, body, &[], exit, &[]);
-
-            b.switch_to_block(body);
-            let offset = b.ins().imul_imm_u(i, 8);
-            // The address of buffer j's element at this i.
-            let address = |b: &mut FunctionBuilder<'_>, j: usize| match access[j] {
-                Access::Full => b.ins().iadd(bases[j], offset),
-                Access::Single => bases[j],
-                Access::Strided => {
-                    let c = factors.iter().position(|f| f.0 == j).unwrap_or(0);
-                    let slot = b.ins().imul_imm_u(counters[c].1, 8);
-                    b.ins().iadd(bases[j], slot)
-                }
+            let body = Body {
+                graph,
+                nodes,
+                inputs,
+                outputs,
+                access: &access,
+                bases: &bases,
+                single_sums: &single_sums,
+                seed,
+                step,
+                zero: zero_f64,
             };
-            let mut values: HashMap<NodeId, Value> = HashMap::new();
-            for (j, &input) in inputs.iter().enumerate() {
-                let at = address(&mut b, j);
-                values.insert(input, b.ins().load(types::F64, flags, at, 0));
-            }
-            for &id in nodes {
-                if is_sum(graph, id) {
-                    continue;
-                }
-                let place = Place {
-                    index: i,
-                    seed,
-                    step,
-                    zero: zero_f64,
-                };
-                let value = emit(&mut b, graph, id, &values, &mut calls, place)?;
-                values.insert(id, value);
-            }
-            let mut next_totals = Vec::new();
-            for (j, &output) in outputs.iter().enumerate() {
-                let j = inputs.len() + j;
-                let value = if is_sum(graph, output) {
-                    graph.operands(output)[0]
-                } else {
-                    output
-                };
-                let value = *values.get(&value).ok_or_else(|| {
-                    CodegenError(format!("output {output} is not computed by the kernel"))
-                })?;
-                let value = summand(&mut b, graph, output, value);
-                match access[j] {
-                    // A sum to one element: total += value, in a register.
-                    Access::Single => {
-                        let slot = single_sums.iter().position(|&s| s == j).unwrap_or(0);
-                        next_totals.push(b.ins().fadd(totals[slot], value));
-                    }
-                    // out[(i / k) % m] += value, in the interpreter's order.
-                    Access::Strided => {
-                        let at = address(&mut b, j);
-                        let total = b.ins().load(types::F64, flags, at, 0);
-                        let total = b.ins().fadd(total, value);
-                        b.ins().store(flags, total, at, 0);
-                    }
-                    Access::Full => {
-                        let at = address(&mut b, j);
-                        b.ins().store(flags, value, at, 0);
-                    }
-                }
-            }
-            let mut next: Vec<Value> = vec![b.ins().iadd_imm_u(i, 1)];
-            for (c, &(_, k, m)) in factors.iter().enumerate() {
-                let (within, index) = counters[c];
-                let within = b.ins().iadd_imm_u(within, 1);
-                let wrapped = b.ins().icmp(IntCC::Equal, within, k);
-                let within = b.ins().select(wrapped, zero, within);
-                let advanced = b.ins().iadd_imm_u(index, 1);
-                let index = b.ins().select(wrapped, advanced, index);
-                let wrapped = b.ins().icmp(IntCC::Equal, index, m);
-                let index = b.ins().select(wrapped, zero, index);
-                next.extend([within, index]);
-            }
-            next.extend(next_totals);
-            let next: Vec<_> = next.into_iter().map(Into::into).collect();
-            b.ins().jump(header, &next);
-
-            b.switch_to_block(exit);
+            let start: Vec<Value> = single_sums.iter().map(|_| zero_f64).collect();
+            let totals = match cols {
+                Some(cols) => body.rows_and_columns(&mut b, &mut calls, n, cols, &start)?,
+                None => body.flat(&mut b, &mut calls, n, &factors, &start)?,
+            };
             // Finish every sum as the interpreter does: a mean divides by
             // its count, a zero fraction by n, a dead fraction counts the
             // units no row reached; an f32 result is rounded once.
@@ -1079,8 +962,8 @@ impl CodeCache {
                         let value = round(&mut b, graph, output, value);
                         b.ins().store(flags, value, bases[j], 0);
                     }
-                    Access::Strided => {
-                        let m = factors.iter().find(|f| f.0 == j).map_or(one, |f| f.2);
+                    Access::Strided | Access::Row => {
+                        let m = slots(&mut b, j);
                         if matches!(op, Op::DeadFraction) {
                             let units = b.ins().fcvt_from_uint(types::F64, m);
                             let one_f64 = b.ins().f64const(1.0);
@@ -1125,6 +1008,7 @@ impl CodeCache {
                 outputs: outputs.to_vec(),
                 sums: outputs.iter().map(|&o| is_sum(graph, o)).collect(),
                 access,
+                cols,
             },
             clif,
         ))
@@ -1282,6 +1166,382 @@ impl CodeCache {
             },
             clif,
         ))
+    }
+}
+
+/// What every step of a kernel's loops computes: the kernel's nodes over
+/// its buffers.
+struct Body<'k> {
+    graph: &'k Graph,
+    nodes: &'k [NodeId],
+    inputs: &'k [NodeId],
+    outputs: &'k [NodeId],
+    access: &'k [Access],
+    bases: &'k [Value],
+    single_sums: &'k [usize],
+    seed: Value,
+    step: Value,
+    zero: Value,
+}
+
+impl Body<'_> {
+    /// One step at element `index` (two elements, as `f64x2`, when
+    /// `vector`): loads the inputs at `address(j)`, computes the nodes, and
+    /// stores or accumulates the outputs. Returns the next running totals
+    /// of the single sums (a vector adds lane 0, then lane 1).
+    fn step(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        calls: &mut Calls<'_>,
+        index: Value,
+        vector: bool,
+        address: &dyn Fn(&mut FunctionBuilder<'_>, usize) -> Value,
+        totals: &[Value],
+    ) -> Result<Vec<Value>, CodegenError> {
+        let (graph, access) = (self.graph, self.access);
+        let scalar_flags = MemFlagsData::trusted();
+        let (ty, flags) = if vector {
+            (types::F64X2, MemFlagsData::new().with_notrap())
+        } else {
+            (types::F64, scalar_flags)
+        };
+        let zero = if vector {
+            b.ins().splat(types::F64X2, self.zero)
+        } else {
+            self.zero
+        };
+        let mut values: HashMap<NodeId, Value> = HashMap::new();
+        for (j, &input) in self.inputs.iter().enumerate() {
+            let value = if vector && access[j] == Access::Single {
+                let one = b.ins().load(types::F64, scalar_flags, self.bases[j], 0);
+                b.ins().splat(types::F64X2, one)
+            } else {
+                let at = address(b, j);
+                b.ins().load(ty, flags, at, 0)
+            };
+            values.insert(input, value);
+        }
+        for &id in self.nodes {
+            if is_sum(graph, id) {
+                continue;
+            }
+            let place = Place {
+                index,
+                seed: self.seed,
+                step: self.step,
+                zero,
+            };
+            let value = emit(b, graph, id, &values, calls, place)?;
+            values.insert(id, value);
+        }
+        let mut next = Vec::new();
+        for (o, &output) in self.outputs.iter().enumerate() {
+            let j = self.inputs.len() + o;
+            let operand = if is_sum(graph, output) {
+                graph.operands(output)[0]
+            } else {
+                output
+            };
+            let value = *values.get(&operand).ok_or_else(|| {
+                CodegenError(format!("output {output} is not computed by the kernel"))
+            })?;
+            let value = summand(b, graph, output, value);
+            match access[j] {
+                // A sum to one element: total += value, in a register.
+                Access::Single => {
+                    let slot = self.single_sums.iter().position(|&s| s == j).unwrap_or(0);
+                    let mut total = totals[slot];
+                    if vector {
+                        for lane in 0..2 {
+                            let part = b.ins().extractlane(value, lane);
+                            total = b.ins().fadd(total, part);
+                        }
+                    } else {
+                        total = b.ins().fadd(total, value);
+                    }
+                    next.push(total);
+                }
+                // out[slot] += value, in the interpreter's order (each
+                // lane of a vector is its own slot).
+                Access::Strided | Access::Row => {
+                    let at = address(b, j);
+                    let total = b.ins().load(ty, flags, at, 0);
+                    let total = b.ins().fadd(total, value);
+                    b.ins().store(flags, total, at, 0);
+                }
+                Access::Full => {
+                    let at = address(b, j);
+                    b.ins().store(flags, value, at, 0);
+                }
+            }
+        }
+        Ok(next)
+    }
+
+    /// The loops over `i` in `0..n`: with no strided buffer, a vector loop
+    /// over pairs first; then the scalar loop, which reads strided buffers
+    /// by counters that wrap at `k` and `m` (no division). Returns the
+    /// final totals; the builder continues after the loops.
+    fn flat(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        calls: &mut Calls<'_>,
+        n: Value,
+        factors: &[(usize, Value, Value)],
+        totals: &[Value],
+    ) -> Result<Vec<Value>, CodegenError> {
+        let pointer = types::I64;
+        let zero = b.ins().iconst(pointer, 0);
+        let done = b.create_block();
+        for _ in totals {
+            b.append_block_param(done, types::F64);
+        }
+        let header = b.create_block();
+        let inside = b.create_block();
+        b.append_block_param(header, pointer);
+        for _ in factors {
+            b.append_block_param(header, pointer);
+            b.append_block_param(header, pointer);
+        }
+        for _ in totals {
+            b.append_block_param(header, types::F64);
+        }
+        let counters_start: Vec<Value> = factors.iter().flat_map(|_| [zero, zero]).collect();
+        if factors.is_empty() {
+            let vector_header = b.create_block();
+            let vector_body = b.create_block();
+            b.append_block_param(vector_header, pointer);
+            for _ in totals {
+                b.append_block_param(vector_header, types::F64);
+            }
+            let start: Vec<BlockArg> = std::iter::once(zero)
+                .chain(totals.iter().copied())
+                .map(Into::into)
+                .collect();
+            b.ins().jump(vector_header, &start);
+
+            b.switch_to_block(vector_header);
+            let state = b.block_params(vector_header).to_vec();
+            let (i, running) = (state[0], &state[1..]);
+            let end = b.ins().iadd_imm_u(i, 2);
+            let more = b.ins().icmp(IntCC::SignedLessThanOrEqual, end, n);
+            let scalar: Vec<BlockArg> = state.iter().map(|&v| v.into()).collect();
+            b.ins().brif(more, vector_body, &[], header, &scalar);
+
+            b.switch_to_block(vector_body);
+            let offset = b.ins().imul_imm_u(i, 8);
+            let address = |b: &mut FunctionBuilder<'_>, j: usize| match self.access[j] {
+                Access::Full => b.ins().iadd(self.bases[j], offset),
+                _ => self.bases[j],
+            };
+            let next = self.step(b, calls, i, true, &address, running)?;
+            let next: Vec<BlockArg> = std::iter::once(end).chain(next).map(Into::into).collect();
+            b.ins().jump(vector_header, &next);
+        } else {
+            let start: Vec<BlockArg> = std::iter::once(zero)
+                .chain(counters_start)
+                .chain(totals.iter().copied())
+                .map(Into::into)
+                .collect();
+            b.ins().jump(header, &start);
+        }
+
+        b.switch_to_block(header);
+        let state = b.block_params(header).to_vec();
+        let i = state[0];
+        let counters: Vec<(Value, Value)> = (0..factors.len())
+            .map(|c| (state[1 + 2 * c], state[2 + 2 * c]))
+            .collect();
+        let running = state[1 + 2 * factors.len()..].to_vec();
+        let more = b.ins().icmp(IntCC::SignedLessThan, i, n);
+        let finished: Vec<BlockArg> = running.iter().map(|&v| v.into()).collect();
+        b.ins().brif(more, inside, &[], done, &finished);
+
+        b.switch_to_block(inside);
+        let offset = b.ins().imul_imm_u(i, 8);
+        let address = |b: &mut FunctionBuilder<'_>, j: usize| match self.access[j] {
+            Access::Full => b.ins().iadd(self.bases[j], offset),
+            Access::Single => self.bases[j],
+            Access::Strided | Access::Row => {
+                let c = factors.iter().position(|f| f.0 == j).unwrap_or(0);
+                let slot = b.ins().imul_imm_u(counters[c].1, 8);
+                b.ins().iadd(self.bases[j], slot)
+            }
+        };
+        let next_totals = self.step(b, calls, i, false, &address, &running)?;
+        let mut next: Vec<Value> = vec![b.ins().iadd_imm_u(i, 1)];
+        for (c, &(_, k, m)) in factors.iter().enumerate() {
+            let (within, index) = counters[c];
+            let within = b.ins().iadd_imm_u(within, 1);
+            let wrapped = b.ins().icmp(IntCC::Equal, within, k);
+            let within = b.ins().select(wrapped, zero, within);
+            let advanced = b.ins().iadd_imm_u(index, 1);
+            let index = b.ins().select(wrapped, advanced, index);
+            let wrapped = b.ins().icmp(IntCC::Equal, index, m);
+            let index = b.ins().select(wrapped, zero, index);
+            next.extend([within, index]);
+        }
+        next.extend(next_totals);
+        let next: Vec<BlockArg> = next.into_iter().map(Into::into).collect();
+        b.ins().jump(header, &next);
+
+        b.switch_to_block(done);
+        Ok(b.block_params(done).to_vec())
+    }
+
+    /// The loops over rows and columns when every broadcast buffer is a
+    /// row of the last axis (`cols` elements, a static size): for each row
+    /// start `r` (a multiple of `cols` below `n`), a vector loop over pairs
+    /// of columns `j`, then a scalar loop over the rest; a full buffer is
+    /// at `r + j`, a row buffer at `j`. Returns the final totals.
+    fn rows_and_columns(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        calls: &mut Calls<'_>,
+        n: Value,
+        cols: usize,
+        totals: &[Value],
+    ) -> Result<Vec<Value>, CodegenError> {
+        let pointer = types::I64;
+        let zero = b.ins().iconst(pointer, 0);
+        let width = b.ins().iconst(pointer, cols as i64);
+        let with_totals = |b: &mut FunctionBuilder<'_>, block, counter: bool| {
+            if counter {
+                b.append_block_param(block, pointer);
+            }
+            for _ in totals {
+                b.append_block_param(block, types::F64);
+            }
+        };
+        let outer = b.create_block();
+        let outer_body = b.create_block();
+        let pairs = b.create_block();
+        let pair = b.create_block();
+        let tail = b.create_block();
+        let single = b.create_block();
+        let next_row = b.create_block();
+        let done = b.create_block();
+        with_totals(b, outer, true);
+        with_totals(b, pairs, true);
+        with_totals(b, tail, true);
+        with_totals(b, next_row, false);
+        with_totals(b, done, false);
+        let arguments = |first: Value, rest: &[Value]| -> Vec<BlockArg> {
+            std::iter::once(first)
+                .chain(rest.iter().copied())
+                .map(Into::into)
+                .collect()
+        };
+        b.ins().jump(outer, &arguments(zero, totals));
+
+        b.switch_to_block(outer);
+        let state = b.block_params(outer).to_vec();
+        let (row, running) = (state[0], state[1..].to_vec());
+        let more = b.ins().icmp(IntCC::SignedLessThan, row, n);
+        let finished: Vec<BlockArg> = running.iter().map(|&v| v.into()).collect();
+        b.ins().brif(more, outer_body, &[], done, &finished);
+
+        b.switch_to_block(outer_body);
+        b.ins().jump(pairs, &arguments(zero, &running));
+
+        // The address of buffer j at column `column` of this row.
+        let address_at = |column: Value| {
+            move |b: &mut FunctionBuilder<'_>, j: usize| match self.access[j] {
+                Access::Full => {
+                    let element = b.ins().iadd(row, column);
+                    let offset = b.ins().imul_imm_u(element, 8);
+                    b.ins().iadd(self.bases[j], offset)
+                }
+                Access::Row => {
+                    let offset = b.ins().imul_imm_u(column, 8);
+                    b.ins().iadd(self.bases[j], offset)
+                }
+                Access::Single | Access::Strided => self.bases[j],
+            }
+        };
+
+        b.switch_to_block(pairs);
+        let state = b.block_params(pairs).to_vec();
+        let (column, running) = (state[0], state[1..].to_vec());
+        let end = b.ins().iadd_imm_u(column, 2);
+        let more = b.ins().icmp(IntCC::SignedLessThanOrEqual, end, width);
+        let rest: Vec<BlockArg> = state.iter().map(|&v| v.into()).collect();
+        b.ins().brif(more, pair, &[], tail, &rest);
+
+        b.switch_to_block(pair);
+        let index = b.ins().iadd(row, column);
+        let next = self.step(b, calls, index, true, &address_at(column), &running)?;
+        b.ins().jump(pairs, &arguments(end, &next));
+
+        b.switch_to_block(tail);
+        let state = b.block_params(tail).to_vec();
+        let (column, running) = (state[0], state[1..].to_vec());
+        let more = b.ins().icmp(IntCC::SignedLessThan, column, width);
+        let row_done: Vec<BlockArg> = running.iter().map(|&v| v.into()).collect();
+        b.ins().brif(more, single, &[], next_row, &row_done);
+
+        b.switch_to_block(single);
+        let index = b.ins().iadd(row, column);
+        let next = self.step(b, calls, index, false, &address_at(column), &running)?;
+        let after = b.ins().iadd_imm_u(column, 1);
+        b.ins().jump(tail, &arguments(after, &next));
+
+        b.switch_to_block(next_row);
+        let running = b.block_params(next_row).to_vec();
+        let following = b.ins().iadd(row, width);
+        b.ins().jump(outer, &arguments(following, &running));
+
+        b.switch_to_block(done);
+        Ok(b.block_params(done).to_vec())
+    }
+}
+
+/// The static shape a kernel's buffer is broadcast from, right-aligned
+/// against the loop shape: an input's own shape, a sum's kept axes (size 1
+/// where it sums), a dead-unit count's `[1, ...]`.
+fn broadcast_shape(
+    graph: &Graph,
+    id: NodeId,
+    loop_shape: &Shape,
+    output: bool,
+) -> Option<Vec<Dim>> {
+    let node = graph.node(id);
+    if !output {
+        return Some(node.shape().0.clone());
+    }
+    match &node.op {
+        Op::Reduce { axes, .. } => Some(
+            loop_shape
+                .0
+                .iter()
+                .enumerate()
+                .map(|(d, dim)| {
+                    if axes.contains(&d) {
+                        Dim::Fixed(1)
+                    } else {
+                        dim.clone()
+                    }
+                })
+                .collect(),
+        ),
+        Op::SumTo => Some(node.shape().0.clone()),
+        Op::DeadFraction => {
+            let mut kept = loop_shape.0.clone();
+            *kept.first_mut()? = Dim::Fixed(1);
+            Some(kept)
+        }
+        _ => None,
+    }
+}
+
+/// Whether a broadcast shape is one row of `cols`: its last axis is `cols`
+/// and every other axis is 1.
+fn is_row(shape: &[Dim], cols: usize) -> bool {
+    match shape.split_last() {
+        Some((Dim::Fixed(last), rest)) => {
+            usize::try_from(*last) == Ok(cols) && rest.iter().all(Dim::is_one)
+        }
+        _ => false,
     }
 }
 
