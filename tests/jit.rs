@@ -679,3 +679,30 @@ fn clif_of_a_step_entry() {
     let clif = Jit::new().entry_clif(&graph, &leaves).expect("entry");
     insta::assert_snapshot!("entry", format!("{source}\n{clif}"));
 }
+
+/// `run_wanted` copies out only what the caller reads, with the same
+/// values as a full run.
+#[test]
+fn run_wanted_copies_out_only_the_wanted_values() {
+    let (_, dtype, graph) = common::model_graphs(&["examples"])
+        .into_iter()
+        .find(|(label, _, graph)| {
+            label.contains("digits_mlp")
+                && graph.loss().is_some()
+                && graph
+                    .ids()
+                    .iter()
+                    .any(|&id| matches!(graph.node(id).role, Role::Update(_)))
+        })
+        .expect("the digits step graph");
+    let leaves = common::leaves_for(&graph, dtype);
+    let context = Context { seed: 1, step: 1 };
+    let loss = graph.loss().expect("loss");
+    let mut jit = Jit::new();
+    let full = jit.run(&graph, &leaves, context).expect("full");
+    let some = jit
+        .run_wanted(&graph, &leaves, context, &[loss])
+        .expect("wanted");
+    assert_eq!(some.values.len(), 1);
+    assert_eq!(some.values[&loss], full.values[&loss]);
+}

@@ -613,6 +613,30 @@ impl Backend for Jit {
         leaves: &BTreeMap<String, Tensor>,
         context: Context,
     ) -> Result<Evaluation, InterpError> {
+        self.step(graph, leaves, context, None)
+    }
+
+    fn run_wanted(
+        &mut self,
+        graph: &Graph,
+        leaves: &BTreeMap<String, Tensor>,
+        context: Context,
+        wanted: &[NodeId],
+    ) -> Result<Evaluation, InterpError> {
+        self.step(graph, leaves, context, Some(wanted))
+    }
+}
+
+impl Jit {
+    /// One step: checks and copies the leaves in, makes the entry's one
+    /// call, and copies out every materialized value (or only `wanted`).
+    fn step(
+        &mut self,
+        graph: &Graph,
+        leaves: &BTreeMap<String, Tensor>,
+        context: Context,
+        wanted: Option<&[NodeId]>,
+    ) -> Result<Evaluation, InterpError> {
         let program = self.program(graph)?;
         // The interpreter's checks of every leaf, binding the sizes.
         let mut dims = BTreeMap::new();
@@ -662,7 +686,11 @@ impl Backend for Jit {
             buffer_updates,
             ..Evaluation::default()
         };
+        let wanted: Option<BTreeSet<NodeId>> = wanted.map(|w| w.iter().copied().collect());
         for (slot, (id, shape)) in bound.values.iter().enumerate() {
+            if wanted.as_ref().is_some_and(|w| !w.contains(id)) {
+                continue;
+            }
             let count: usize = shape.iter().product();
             let data = bound.frame.buffer(slot)[..count].to_vec();
             let tensor = Tensor {

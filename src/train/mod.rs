@@ -34,6 +34,21 @@ pub trait Backend {
         leaves: &BTreeMap<String, Tensor>,
         context: Context,
     ) -> Result<Evaluation, InterpError>;
+
+    /// Like [`Backend::run`], for a caller that reads only the values of
+    /// `wanted` (and the leaves it passed): a backend may leave the other
+    /// values out of the evaluation (the JIT then copies only these out of
+    /// its buffers). By default, everything.
+    fn run_wanted(
+        &mut self,
+        graph: &Graph,
+        leaves: &BTreeMap<String, Tensor>,
+        context: Context,
+        wanted: &[NodeId],
+    ) -> Result<Evaluation, InterpError> {
+        let _ = wanted;
+        self.run(graph, leaves, context)
+    }
 }
 
 /// The reference interpreter as a backend.
@@ -278,7 +293,36 @@ impl Session {
             seed: self.config.seed,
             step: t,
         };
-        let result = backend.run(&self.step_graph, &leaves, context);
+        // What this step reads back: the loss, the statistics, the
+        // updates, and the logits and labels for the accuracy.
+        let graph = &self.step_graph;
+        let loss_id = graph.loss().expect("step graphs have a loss");
+        let mut wanted = vec![loss_id];
+        for id in graph.ids() {
+            if matches!(graph.node(id).role, Role::Stat(_) | Role::Update(_)) {
+                wanted.push(id);
+            }
+        }
+        wanted.extend(cross_entropy_node(graph).map_or_else(Vec::new, |n| graph.operands(n)));
+        let result = backend.run_wanted(graph, &leaves, context, &wanted);
+        let read = |evaluation: &Evaluation| {
+            let loss = evaluation.values[&loss_id].data[0];
+            let mut stats = BTreeMap::new();
+            for id in graph.ids() {
+                if let Role::Stat(name) = &graph.node(id).role {
+                    stats.insert(name.clone(), evaluation.values[&id].data[0]);
+                }
+            }
+            let finite =
+                loss.is_finite() && !stats.get("grad_norm").is_some_and(|n| !n.is_finite());
+            (loss, stats, finite)
+        };
+        // A non-finite step is run again in full (same leaves, same
+        // context, same values) to find the first non-finite one.
+        let diagnosis = match &result {
+            Ok(evaluation) if !read(evaluation).2 => Some(backend.run(graph, &leaves, context)),
+            _ => None,
+        };
         for name in added {
             leaves.remove(&name);
         }
@@ -286,19 +330,14 @@ impl Session {
         self.state = leaves;
         let mut evaluation = result.map_err(TrainError::Run)?;
         let graph = &self.step_graph;
-        let loss = evaluation.values[&graph.loss().expect("step graphs have a loss")].data[0];
-        let mut stats = BTreeMap::new();
-        for id in graph.ids() {
-            if let Role::Stat(name) = &graph.node(id).role {
-                stats.insert(name.clone(), evaluation.values[&id].data[0]);
-            }
-        }
-        if !loss.is_finite() || stats.get("grad_norm").is_some_and(|n| !n.is_finite()) {
+        let (loss, stats, finite) = read(&evaluation);
+        if !finite {
+            let full = match diagnosis {
+                Some(Ok(full)) => full,
+                _ => evaluation,
+            };
             return Err(TrainError::NonFinite(monitor::first_non_finite(
-                graph,
-                &evaluation,
-                t,
-                loss,
+                graph, &full, t, loss,
             )));
         }
         let correct = correct(graph, &evaluation);
