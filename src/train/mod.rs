@@ -313,8 +313,7 @@ impl Session {
                     stats.insert(name.clone(), evaluation.values[&id].data[0]);
                 }
             }
-            let finite =
-                loss.is_finite() && !stats.get("grad_norm").is_some_and(|n| !n.is_finite());
+            let finite = loss.is_finite() && stats.get("grad_norm").is_none_or(|n| n.is_finite());
             (loss, stats, finite)
         };
         // A non-finite step is run again in full (same leaves, same
