@@ -1111,8 +1111,11 @@ impl CodeCache {
         // SAFETY: `code` is the finalized machine code of the function
         // declared above with three pointer-sized parameters and one
         // pointer-sized return, which matches this `extern "C"` type on the
-        // host's System V ABI. The module (and so the code) lives as long as
-        // `self`, and frames are stored beside it in `jit::Program`.
+        // host's System V ABI. Finalized code is never freed: dropping a
+        // `JITModule` leaks its code memory on purpose (cranelift-jit keeps
+        // function pointers valid that way, and `free_memory` is never
+        // called here), so the pointer stays valid even if the frame
+        // outlives this cache, and so do the kernels the entry calls.
         frame.entry = Some(unsafe { std::mem::transmute::<*const u8, EntryFn>(code) });
         Ok(clif)
     }

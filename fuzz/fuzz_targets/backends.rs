@@ -1,0 +1,129 @@
+//! Fuzz target: the JIT against the reference interpreter. Arbitrary bytes
+//! as a model file; every model that compiles (and is small enough to run
+//! quickly) is run, eval graph and step graph, on both backends with the
+//! same random leaves. Nothing may panic; both backends must succeed or
+//! both fail; and where both succeed, every result (outputs, loss,
+//! gradients, updates, statistics) must agree to a tolerance loose enough
+//! for the GEMM's summation order and the polynomial functions on
+//! arbitrary inputs. Run with `cargo fuzz run backends` (see
+//! `docs/testing.md`).
+#![no_main]
+
+use std::collections::BTreeMap;
+
+use gradc::driver::compile_bytes;
+use gradc::interp::{self, Context, Tensor};
+use gradc::ir::{DType, Dim, Graph, Role};
+use gradc::jit::Jit;
+use gradc::lower::LowerOptions;
+use gradc::train::Backend;
+use libfuzzer_sys::fuzz_target;
+
+/// Symbolic dimensions are bound to this size.
+const SIZE: usize = 3;
+/// Graphs with a value larger than this, or more nodes, are skipped.
+const MAX_ELEMENTS: usize = 20_000;
+const MAX_NODES: usize = 400;
+
+fn small(graph: &Graph) -> bool {
+    graph.ids().len() <= MAX_NODES
+        && graph.ids().iter().all(|&id| {
+            graph
+                .node(id)
+                .shape()
+                .0
+                .iter()
+                .try_fold(1usize, |count, d| {
+                    let size = match d {
+                        Dim::Fixed(n) => usize::try_from(*n).ok()?,
+                        Dim::Sym(_) => SIZE,
+                    };
+                    count.checked_mul(size)
+                })
+                .is_some_and(|count| count <= MAX_ELEMENTS)
+        })
+}
+
+fn leaves(graph: &Graph, dtype: DType) -> BTreeMap<String, Tensor> {
+    let mut leaves = gradc::gradcheck::random_leaves(graph, 3, SIZE);
+    for id in graph.ids() {
+        let node = graph.node(id);
+        if node.role == Role::OptimizerState {
+            let shape: Vec<usize> = node
+                .shape()
+                .0
+                .iter()
+                .map(|d| match d {
+                    Dim::Fixed(n) => *n as usize,
+                    Dim::Sym(_) => SIZE,
+                })
+                .collect();
+            leaves.insert(node.name.clone().unwrap_or_default(), Tensor::zeros(node.dtype(), &shape));
+        }
+    }
+    leaves.insert(gradc::step::LR.into(), Tensor::scalar(dtype, 0.01));
+    leaves.insert(gradc::step::STEP.into(), Tensor::scalar(dtype, 1.0));
+    leaves
+}
+
+fn agree(a: &Tensor, b: &Tensor) -> bool {
+    if a.shape != b.shape || a.data.len() != b.data.len() {
+        return false;
+    }
+    let scale = a
+        .data
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(1.0f64, |m, v| m.max(v.abs()));
+    let tolerance = if a.dtype == DType::F64 { 1e-6 } else { 1e-2 };
+    a.data.iter().zip(&b.data).all(|(&x, &y)| {
+        x == y
+            || (x.is_nan() && y.is_nan())
+            // Overflow may happen in one summation order and not the other.
+            || !x.is_finite()
+            || !y.is_finite()
+            || (x - y).abs() <= tolerance * scale
+    })
+}
+
+fn compare(graph: &Graph, dtype: DType) {
+    let leaves = leaves(graph, dtype);
+    let context = Context { seed: 5, step: 1 };
+    let expected = interp::evaluate(graph, &leaves, context);
+    let got = Jit::new().run(graph, &leaves, context);
+    match (expected, got) {
+        (Ok(expected), Ok(got)) => {
+            for id in graph.ids() {
+                let node = graph.node(id);
+                if node.role == Role::Intermediate || node.op.is_leaf() {
+                    continue;
+                }
+                let (Some(a), Some(b)) = (expected.values.get(&id), got.values.get(&id)) else {
+                    panic!("{id:?} ({:?}) has no value", node.role);
+                };
+                assert!(agree(a, b), "{id:?} {:?}: {:?} vs {:?}", node.role, a.data, b.data);
+            }
+        }
+        (Err(_), Err(_)) => {}
+        (expected, got) => panic!("the backends disagree: {expected:?} vs {got:?}"),
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    for dtype in [DType::F64, DType::F32] {
+        let compilation = compile_bytes("fuzz.grad", data, LowerOptions { float_dtype: Some(dtype) });
+        for model in &compilation.models {
+            if small(&model.eval) {
+                compare(&model.eval, dtype);
+            }
+            let Some(config) = model.train_config.clone() else {
+                continue;
+            };
+            if let Ok(step) = gradc::step::build(&model.train, &config)
+                && small(&step)
+            {
+                compare(&step, dtype);
+            }
+        }
+    }
+});
