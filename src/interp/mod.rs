@@ -167,14 +167,14 @@ pub fn checked_leaves<'a>(
         ) {
             continue;
         }
-        let name = node.name.clone().unwrap_or_default();
-        let Some(tensor) = leaves.get(&name) else {
+        let name = node.name.as_deref().unwrap_or("");
+        let Some(tensor) = leaves.get(name) else {
             return Err(InterpError::Missing {
-                name,
+                name: name.to_string(),
                 expected: node.ty.to_string(),
             });
         };
-        check_leaf(&name, tensor, node.dtype(), node.shape(), dims)?;
+        check_leaf(name, tensor, node.dtype(), node.shape(), dims)?;
         bound.push((id, tensor));
     }
     Ok(bound)
