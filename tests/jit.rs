@@ -667,7 +667,10 @@ train m { optimizer sgd(lr = 0.1) }
 /// The step entry of a small training step, under review as a snapshot:
 /// one function calling the forward product (host work: the GEMM), the
 /// compiled kernels in plan order, the label check and row kernels of the
-/// loss, and returning 0 (or the failing host work's status).
+/// loss, and returning 0 (or the failing host work's status). The kernels
+/// are not `colocated`: they are called by absolute address, since the
+/// fuzzer found a kernel mapped more than 2 GiB from its entry, out of
+/// reach of a 32-bit displacement (a panic in cranelift-jit's relocation).
 #[test]
 fn clif_of_a_step_entry() {
     let source = "model m {\n    input x: f32[B, 4]\n    input y: i32[B]\n    param w: f32[4, 3] = zeros\n    loss cross_entropy(x @ w, y)\n}\ntrain m { optimizer sgd(lr = 0.1) }\n";

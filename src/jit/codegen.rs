@@ -1080,9 +1080,15 @@ impl CodeCache {
                             }
                             _ => (0..3).map(|_| load_word(&mut b)).collect(),
                         };
-                        let callee = *declared
-                            .entry(*func)
-                            .or_insert_with(|| self.module.declare_func_in_func(*func, b.func));
+                        let callee = *declared.entry(*func).or_insert_with(|| {
+                            let callee = self.module.declare_func_in_func(*func, b.func);
+                            // Kernels may lie anywhere in the address space
+                            // (each finalization maps new memory): call
+                            // them by absolute address, not by a 32-bit
+                            // displacement that may not reach.
+                            b.func.dfg.ext_funcs[callee].colocated = false;
+                            callee
+                        });
                         b.ins().call(callee, &arguments);
                     }
                     BoundCall::Host(index) => {
