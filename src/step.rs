@@ -31,7 +31,9 @@ pub fn build(forward: &Graph, config: &TrainConfig) -> Result<Graph, AutodiffErr
             .loss()
             .map_or(DType::F32, |loss| forward.node(loss).dtype()),
     };
-    let anchor = b.graph.loss().unwrap_or_else(|| b.graph.ids()[0]);
+    let Some(anchor) = b.graph.loss().or_else(|| b.graph.ids().first().copied()) else {
+        return Err(AutodiffError::InvalidGraph("the graph is empty".into()));
+    };
     let lr = b.leaf(Op::Input, LR, Role::Input, anchor);
     let step = b.leaf(Op::Input, STEP, Role::Input, anchor);
 

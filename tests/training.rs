@@ -609,3 +609,18 @@ fn a_model_too_large_to_run_is_an_error_not_an_abort() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A model whose every statement is broken still lowers (with errors) to a
+/// graph with no nodes; building its step graph is an error, not a panic
+/// (found by the `backends` fuzzer).
+#[test]
+fn the_step_graph_of_an_empty_model_is_an_error() {
+    let source = "model m {\n    loss cross_e-\n}\ntrain m { optimizer sgd(lr = 0.1) }\n";
+    let compilation =
+        gradc::driver::compile_source("m.grad", source, gradc::lower::LowerOptions::default());
+    assert!(compilation.has_errors());
+    let model = compilation.models.first().expect("a model, with errors");
+    assert!(model.train.ids().is_empty(), "{:?}", model.train.ids());
+    let config = model.train_config.clone().expect("the train block");
+    assert!(gradc::step::build(&model.train, &config).is_err());
+}
