@@ -119,19 +119,14 @@ pub fn supported(graph: &Graph, id: NodeId) -> bool {
 }
 
 // The transcendental functions compiled code calls: the interpreter's own
-// scalar functions, so results stay bit-identical. (Vectorized polynomial
-// approximations replace them in a later stage, with their error measured.)
+// scalar functions, so results stay bit-identical (`exp` and `log` for the
+// row kernels; `exp`, `log`, `tanh` and `sigmoid` in elementwise kernels
+// are the polynomials of `approx`).
 extern "C" fn gradc_exp(x: f64) -> f64 {
     kernels::unary(UnaryFn::Exp, x)
 }
 extern "C" fn gradc_log(x: f64) -> f64 {
     kernels::unary(UnaryFn::Log, x)
-}
-extern "C" fn gradc_tanh(x: f64) -> f64 {
-    kernels::unary(UnaryFn::Tanh, x)
-}
-extern "C" fn gradc_sigmoid(x: f64) -> f64 {
-    kernels::sigmoid(x)
 }
 extern "C" fn gradc_gelu(x: f64) -> f64 {
     kernels::unary(UnaryFn::Gelu, x)
@@ -165,8 +160,6 @@ fn runtime_functions() -> Vec<(&'static str, *const u8, usize)> {
     vec![
         ("gradc_exp", gradc_exp as *const u8, 1),
         ("gradc_log", gradc_log as *const u8, 1),
-        ("gradc_tanh", gradc_tanh as *const u8, 1),
-        ("gradc_sigmoid", gradc_sigmoid as *const u8, 1),
         ("gradc_gelu", gradc_gelu as *const u8, 1),
         (
             "gradc_gelu_derivative",
