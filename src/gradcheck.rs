@@ -81,6 +81,48 @@ impl std::fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// Every leaf a step graph reads: random inputs, params and buffers
+/// ([`random_leaves`]), zeroed optimizer state, and the learning rate and
+/// step (`lr`, `step`) of the runtime inputs. Symbolic sizes are
+/// `dim_size`.
+pub fn random_step_leaves(
+    graph: &Graph,
+    seed: u64,
+    dim_size: usize,
+    lr: f64,
+    step: f64,
+) -> BTreeMap<String, Tensor> {
+    let mut leaves = random_leaves(graph, seed, dim_size);
+    for id in graph.ids() {
+        let node = graph.node(id);
+        if node.role == Role::OptimizerState {
+            let shape = concrete_with(node.shape(), dim_size);
+            leaves.insert(
+                node.name.clone().unwrap_or_default(),
+                Tensor::zeros(node.dtype(), &shape),
+            );
+        }
+    }
+    let dtype = graph
+        .loss()
+        .map_or(DType::F32, |loss| graph.node(loss).dtype());
+    leaves.insert(crate::step::LR.into(), Tensor::scalar(dtype, lr));
+    leaves.insert(crate::step::STEP.into(), Tensor::scalar(dtype, step));
+    leaves
+}
+
+/// A shape with every symbolic size set to `dim_size`.
+fn concrete_with(shape: &crate::ir::Shape, dim_size: usize) -> Vec<usize> {
+    shape
+        .0
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => *n as usize,
+            Dim::Sym(_) => dim_size,
+        })
+        .collect()
+}
+
 /// Draws a value for every input, param and buffer of a graph.
 pub fn random_leaves(graph: &Graph, seed: u64, dim_size: usize) -> BTreeMap<String, Tensor> {
     let mut stream = Stream::new(seed);
@@ -90,15 +132,7 @@ pub fn random_leaves(graph: &Graph, seed: u64, dim_size: usize) -> BTreeMap<Stri
         if !matches!(node.op, Op::Input | Op::Param(_) | Op::Buffer(_)) {
             continue;
         }
-        let shape: Vec<usize> = node
-            .shape()
-            .0
-            .iter()
-            .map(|d| match d {
-                Dim::Fixed(n) => *n as usize,
-                Dim::Sym(_) => dim_size,
-            })
-            .collect();
+        let shape = concrete_with(node.shape(), dim_size);
         let len: usize = shape.iter().product();
         let data: Vec<f64> = if node.dtype() == DType::I32 {
             let limit = index_limit(graph, id);

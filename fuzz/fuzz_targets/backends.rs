@@ -44,26 +44,8 @@ fn small(graph: &Graph) -> bool {
         })
 }
 
-fn leaves(graph: &Graph, dtype: DType) -> BTreeMap<String, Tensor> {
-    let mut leaves = gradc::gradcheck::random_leaves(graph, 3, SIZE);
-    for id in graph.ids() {
-        let node = graph.node(id);
-        if node.role == Role::OptimizerState {
-            let shape: Vec<usize> = node
-                .shape()
-                .0
-                .iter()
-                .map(|d| match d {
-                    Dim::Fixed(n) => *n as usize,
-                    Dim::Sym(_) => SIZE,
-                })
-                .collect();
-            leaves.insert(node.name.clone().unwrap_or_default(), Tensor::zeros(node.dtype(), &shape));
-        }
-    }
-    leaves.insert(gradc::step::LR.into(), Tensor::scalar(dtype, 0.01));
-    leaves.insert(gradc::step::STEP.into(), Tensor::scalar(dtype, 1.0));
-    leaves
+fn leaves(graph: &Graph) -> BTreeMap<String, Tensor> {
+    gradc::gradcheck::random_step_leaves(graph, 3, SIZE, 0.01, 1.0)
 }
 
 fn agree(a: &Tensor, b: &Tensor) -> bool {
@@ -86,8 +68,8 @@ fn agree(a: &Tensor, b: &Tensor) -> bool {
     })
 }
 
-fn compare(graph: &Graph, dtype: DType) {
-    let leaves = leaves(graph, dtype);
+fn compare(graph: &Graph) {
+    let leaves = leaves(graph);
     let context = Context { seed: 5, step: 1 };
     let expected = interp::evaluate(graph, &leaves, context);
     let got = Jit::new().run(graph, &leaves, context);
@@ -124,7 +106,7 @@ fuzz_target!(|data: &[u8]| {
         }
         for model in &compilation.models {
             if small(&model.eval) {
-                compare(&model.eval, dtype);
+                compare(&model.eval);
             }
             let Some(config) = model.train_config.clone() else {
                 continue;
@@ -132,7 +114,7 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(step) = gradc::step::build(&model.train, &config)
                 && small(&step)
             {
-                compare(&step, dtype);
+                compare(&step);
             }
         }
     }

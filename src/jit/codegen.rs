@@ -1850,44 +1850,34 @@ pub trait GemmElement: Copy + Default {
     );
 }
 
-impl GemmElement for f64 {
-    unsafe fn raw_gemm(
-        m: usize,
-        k: usize,
-        n: usize,
-        a: (*const f64, isize, isize),
-        b: (*const f64, isize, isize),
-        c: *mut f64,
-    ) {
-        // SAFETY: the caller guarantees the views are in bounds and `c`
-        // is exclusive (the trait's contract, checked by `gemm`); with
-        // beta = 0, `c`'s old contents are not read.
-        unsafe {
-            matrixmultiply::dgemm(
-                m, k, n, 1.0, a.0, a.1, a.2, b.0, b.1, b.2, 0.0, c, n as isize, 1,
-            );
+/// Implements `GemmElement` for an element type by its `matrixmultiply`
+/// function.
+macro_rules! gemm_element {
+    ($t:ty, $gemm:path) => {
+        impl GemmElement for $t {
+            unsafe fn raw_gemm(
+                m: usize,
+                k: usize,
+                n: usize,
+                a: (*const $t, isize, isize),
+                b: (*const $t, isize, isize),
+                c: *mut $t,
+            ) {
+                // SAFETY: the caller guarantees the views are in bounds and
+                // `c` is exclusive (the trait's contract, checked by
+                // `gemm`); with beta = 0, `c`'s old contents are not read.
+                unsafe {
+                    $gemm(
+                        m, k, n, 1.0, a.0, a.1, a.2, b.0, b.1, b.2, 0.0, c, n as isize, 1,
+                    );
+                }
+            }
         }
-    }
+    };
 }
 
-impl GemmElement for f32 {
-    unsafe fn raw_gemm(
-        m: usize,
-        k: usize,
-        n: usize,
-        a: (*const f32, isize, isize),
-        b: (*const f32, isize, isize),
-        c: *mut f32,
-    ) {
-        // SAFETY: as for `f64` above: the caller guarantees the bounds and
-        // the exclusivity of `c`, and beta = 0 does not read it.
-        unsafe {
-            matrixmultiply::sgemm(
-                m, k, n, 1.0, a.0, a.1, a.2, b.0, b.1, b.2, 0.0, c, n as isize, 1,
-            );
-        }
-    }
-}
+gemm_element!(f64, matrixmultiply::dgemm);
+gemm_element!(f32, matrixmultiply::sgemm);
 
 /// A strided, read-only view of a `rows x cols` matrix: element `(r, c)`
 /// is `data[r * row_stride + c * col_stride]`. A transposed operand is the

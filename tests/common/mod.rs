@@ -50,39 +50,19 @@ pub fn example(name: &str) -> gradc::driver::Compilation {
     gradc::driver::compile_source(name, &source, gradc::lower::LowerOptions::default())
 }
 
-/// Random leaves for a graph (`gradcheck::random_leaves`, symbols bound to
-/// 5), zeroed optimizer state, and the learning rate and step a step graph
-/// reads.
+/// Random leaves for a graph (`gradcheck::random_step_leaves`: symbols
+/// bound to 5, zeroed optimizer state, learning rate 0.01, step 3), in the
+/// float type `dtype` for the learning rate and step.
 pub fn leaves_for(
     graph: &gradc::ir::Graph,
     dtype: gradc::ir::DType,
 ) -> std::collections::BTreeMap<String, gradc::interp::Tensor> {
-    use gradc::interp::Tensor;
-    use gradc::ir::{Dim, Role};
-    let mut leaves = gradc::gradcheck::random_leaves(graph, 11, 5);
-    for id in graph.ids() {
-        let node = graph.node(id);
-        if node.role == Role::OptimizerState {
-            let shape: Vec<usize> = node
-                .shape()
-                .0
-                .iter()
-                .map(|d| {
-                    if let Dim::Fixed(n) = d {
-                        *n as usize
-                    } else {
-                        5
-                    }
-                })
-                .collect();
-            leaves.insert(
-                node.name.clone().unwrap_or_default(),
-                Tensor::zeros(node.dtype(), &shape),
-            );
+    let mut leaves = gradc::gradcheck::random_step_leaves(graph, 11, 5, 0.01, 3.0);
+    for name in [gradc::step::LR, gradc::step::STEP] {
+        if let Some(value) = leaves.get(name).map(|t| t.data[0]) {
+            leaves.insert(name.into(), gradc::interp::Tensor::scalar(dtype, value));
         }
     }
-    leaves.insert(gradc::step::LR.into(), Tensor::scalar(dtype, 0.01));
-    leaves.insert(gradc::step::STEP.into(), Tensor::scalar(dtype, 3.0));
     leaves
 }
 
