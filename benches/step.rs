@@ -271,8 +271,7 @@ fn bench_compile_time() {
             leaves.insert("y".into(), Tensor::new(DType::I32, vec![64], vec![0.0; 64]));
             leaves.insert(gradc::step::LR.into(), Tensor::scalar(DType::F32, 0.01));
             leaves.insert(gradc::step::STEP.into(), Tensor::scalar(DType::F32, 1.0));
-            let entry = jit.entry_clif(&session.step_graph, &leaves).expect("binds");
-            std::hint::black_box(entry);
+            jit.prepare(&session.step_graph, &leaves).expect("binds");
             start.elapsed()
         })
         .skip(3)
@@ -338,14 +337,14 @@ fn bench_gemm() {
 }
 
 /// `cargo bench --bench step -- NAME...` runs only the named models
-/// (`tiny`, `medium`, `large`) and backends (`hand`, `interp`, `jit`), or
-/// the GEMM alone (`gemm`), and skips the compile-time bench.
+/// (`tiny`, `medium`, `large`) and backends (`hand`, `interp`, `jit`), the
+/// GEMM alone (`gemm`) or the compile time (`compile`).
 fn main() {
     let wanted: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    if wanted.is_empty() {
+    if wanted.is_empty() || wanted.iter().any(|w| w == "compile") {
         bench_compile_time();
     }
     if wanted.is_empty() || wanted.iter().any(|w| w == "gemm") {
@@ -362,7 +361,12 @@ fn main() {
         let chosen = |names: &[&str], name: &str| {
             !wanted.iter().any(|w| names.contains(&w.as_str())) || wanted.iter().any(|w| w == name)
         };
-        if !chosen(&models, name) {
+        // Only `gemm` or `compile` asked for: no step benches.
+        let steps_wanted = wanted.is_empty()
+            || wanted
+                .iter()
+                .any(|w| models.contains(&w.as_str()) || backends.contains(&w.as_str()));
+        if !steps_wanted || !chosen(&models, name) {
             continue;
         }
         if chosen(&backends, "hand") {

@@ -703,11 +703,14 @@ pub struct CodeCache {
     /// declares them in the same order and `--stage clif` is deterministic.
     imports: BTreeMap<&'static str, FuncId>,
     next: u32,
+    /// Whether to keep each function's CLIF text (`--stage clif`):
+    /// printing it is a tenth of the compile time.
+    keep_clif: bool,
 }
 
 impl CodeCache {
     /// A module for the host ISA (with its native features: FMA, AVX).
-    pub fn new() -> Result<CodeCache, CodegenError> {
+    pub fn new(keep_clif: bool) -> Result<CodeCache, CodegenError> {
         let mut flags = settings::builder();
         let set = |flags: &mut settings::Builder, k: &str, v: &str| {
             flags.set(k, v).map_err(|e| CodegenError(e.to_string()))
@@ -759,6 +762,7 @@ impl CodeCache {
             module,
             imports,
             next: 0,
+            keep_clif,
         })
     }
 
@@ -916,7 +920,18 @@ impl CodeCache {
             let start: Vec<Value> = single_sums.iter().map(|_| zero_f64).collect();
             let totals = match cols {
                 Some(cols) => body.rows_and_columns(&mut b, &mut calls, n, cols, &start)?,
-                None => body.flat(&mut b, &mut calls, n, &factors, &start)?,
+                None => {
+                    // A loop statically over fewer than two elements (a
+                    // norm, a clipping coefficient) gets no vector loop.
+                    let static_count = loop_shape.and_then(|shape| {
+                        shape.0.iter().try_fold(1u64, |count, d| match d {
+                            Dim::Fixed(size) => count.checked_mul(*size),
+                            Dim::Sym(_) => None,
+                        })
+                    });
+                    let vector = static_count.is_none_or(|count| count >= 2);
+                    body.flat(&mut b, &mut calls, n, &factors, &start, vector)?
+                }
             };
             // Finish every sum as the interpreter does: a mean divides by
             // its count, a zero fraction by n, a dead fraction counts the
@@ -1007,10 +1022,14 @@ impl CodeCache {
         ))
     }
 
-    /// Defines a built function and returns its CLIF text (the module is
-    /// finalized when a step entry is compiled).
+    /// Defines a built function and returns its CLIF text, if kept (the
+    /// module is finalized when a step entry is compiled).
     fn finish(&mut self, id: FuncId, mut context: Context) -> Result<String, CodegenError> {
-        let clif = context.func.display().to_string();
+        let clif = if self.keep_clif {
+            context.func.display().to_string()
+        } else {
+            String::new()
+        };
         self.module
             .define_function(id, &mut context)
             .map_err(|e| CodegenError(format!("{e:?}")))?;
@@ -1280,8 +1299,8 @@ impl Body<'_> {
         Ok(next)
     }
 
-    /// The loops over `i` in `0..n`: with no strided buffer, a vector loop
-    /// over pairs first; then the scalar loop, which reads strided buffers
+    /// The loops over `i` in `0..n`: with no strided buffer (and `vector`),
+    /// a vector loop over pairs first; then the scalar loop, which reads strided buffers
     /// by counters that wrap at `k` and `m` (no division). Returns the
     /// final totals; the builder continues after the loops.
     fn flat(
@@ -1291,6 +1310,7 @@ impl Body<'_> {
         n: Value,
         factors: &[(usize, Value, Value)],
         totals: &[Value],
+        vector: bool,
     ) -> Result<Vec<Value>, CodegenError> {
         let pointer = types::I64;
         let zero = b.ins().iconst(pointer, 0);
@@ -1309,7 +1329,7 @@ impl Body<'_> {
             b.append_block_param(header, types::F64);
         }
         let counters_start: Vec<Value> = factors.iter().flat_map(|_| [zero, zero]).collect();
-        if factors.is_empty() {
+        if factors.is_empty() && vector {
             let vector_header = b.create_block();
             let vector_body = b.create_block();
             b.append_block_param(vector_header, pointer);

@@ -73,6 +73,9 @@ const FRAMES: usize = 8;
 #[derive(Default)]
 pub struct Jit {
     programs: HashMap<u64, Program>,
+    /// Whether programs keep their CLIF text (set by the first call of
+    /// `clif` or `entry_clif`).
+    keep_clif: bool,
 }
 
 impl Jit {
@@ -84,7 +87,9 @@ impl Jit {
     fn program(&mut self, graph: &Graph) -> Result<&mut Program, InterpError> {
         let key = graph.version();
         if let std::collections::hash_map::Entry::Vacant(slot) = self.programs.entry(key) {
-            slot.insert(compile(graph).map_err(|e| InterpError::Internal(e.to_string()))?);
+            let program =
+                compile(graph, self.keep_clif).map_err(|e| InterpError::Internal(e.to_string()))?;
+            slot.insert(program);
         }
         self.programs
             .get_mut(&key)
@@ -103,6 +108,7 @@ impl Jit {
     /// The Cranelift IR of every compiled kernel of a graph, with a line
     /// for each kernel left on the interpreter.
     pub fn clif(&mut self, graph: &Graph) -> Result<String, InterpError> {
+        self.keep_clif_text();
         Ok(self.program(graph)?.clif.join("\n"))
     }
 
@@ -113,17 +119,43 @@ impl Jit {
         graph: &Graph,
         leaves: &BTreeMap<String, Tensor>,
     ) -> Result<String, InterpError> {
+        self.keep_clif_text();
+        self.prepare(graph, leaves)?;
         let program = self.program(graph)?;
         let mut dims = BTreeMap::new();
         interp::checked_leaves(graph, &program.order, leaves, &mut dims)?;
         Ok(program.bound(graph, &dims)?.entry_clif.clone())
     }
+
+    /// Makes a graph ready to run with leaves of these sizes: compiles its
+    /// kernels and binds the frame and entry, as the first step does.
+    pub fn prepare(
+        &mut self,
+        graph: &Graph,
+        leaves: &BTreeMap<String, Tensor>,
+    ) -> Result<(), InterpError> {
+        let program = self.program(graph)?;
+        let mut dims = BTreeMap::new();
+        interp::checked_leaves(graph, &program.order, leaves, &mut dims)?;
+        program.bound(graph, &dims)?;
+        Ok(())
+    }
+
+    /// From now on programs keep their CLIF text; those compiled without it
+    /// are compiled again.
+    fn keep_clif_text(&mut self) {
+        if !self.keep_clif {
+            self.keep_clif = true;
+            self.programs.clear();
+        }
+    }
 }
 
-/// Plans a graph and compiles every kernel the code generator supports.
-fn compile(graph: &Graph) -> Result<Program, codegen::CodegenError> {
+/// Plans a graph and compiles every kernel the code generator supports
+/// (keeping their CLIF text if asked).
+fn compile(graph: &Graph, keep_clif: bool) -> Result<Program, codegen::CodegenError> {
     let plan = fusion::plan(graph);
-    let mut code = CodeCache::new()?;
+    let mut code = CodeCache::new(keep_clif)?;
     let mut kernels = Vec::new();
     let mut loops = Vec::new();
     let mut clif = Vec::new();
