@@ -1967,6 +1967,65 @@ impl<'a, T> MatrixView<'a, T> {
     }
 }
 
+/// Products with at least this many multiply-adds run on two threads;
+/// smaller ones lose more to the thread than they gain (measured:
+/// `docs/performance.md`).
+pub const PARALLEL_PRODUCT: usize = 1 << 24;
+
+/// How many threads products may use: `GRADC_THREADS` if set (at least 1),
+/// else the machine's available parallelism, at most 2.
+pub fn product_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        let available = std::thread::available_parallelism().map_or(1, usize::from);
+        std::env::var("GRADC_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(available)
+            .clamp(1, 2)
+    })
+}
+
+/// `gemm` on two threads for a large product (at least
+/// `PARALLEL_PRODUCT` multiply-adds, and two threads allowed): the rows of
+/// `a` and `c` split in two halves, each its own GEMM call. Every output
+/// element is still summed by one call in the same order, so the result is
+/// the same as one call's, bit for bit.
+pub fn gemm_parallel<T: GemmElement + Send + Sync>(
+    a: MatrixView<'_, T>,
+    b: MatrixView<'_, T>,
+    c: &mut [T],
+) -> Result<(), CodegenError> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let work = m.saturating_mul(k).saturating_mul(n);
+    let half = m / 2;
+    let second_start = half.checked_mul(a.row_stride);
+    let (Some(second_data), true) = (
+        second_start.and_then(|start| a.data.get(start..)),
+        product_threads() >= 2 && work >= PARALLEL_PRODUCT && half > 0,
+    ) else {
+        return gemm(a, b, c);
+    };
+    if Some(c.len()) != m.checked_mul(n) {
+        return gemm(a, b, c);
+    }
+    let first = MatrixView { rows: half, ..a };
+    let second = MatrixView {
+        data: second_data,
+        rows: m - half,
+        ..a
+    };
+    let (c_first, c_second) = c.split_at_mut(half * n);
+    std::thread::scope(|scope| {
+        let other = scope.spawn(|| gemm(second, b, c_second));
+        let mine = gemm(first, b, c_first);
+        let theirs = other
+            .join()
+            .unwrap_or_else(|_| Err(CodegenError("a GEMM thread panicked".into())));
+        mine.and(theirs)
+    })
+}
+
 /// `c = a @ b` by the tuned GEMM of the `matrixmultiply` crate (cache
 /// blocking and a vectorized micro-kernel), `c` row-major
 /// `a.rows x b.cols`, in `f64` or `f32`. In `f64` only the order of the

@@ -885,7 +885,7 @@ impl StepHost<'_> {
             b32.extend(b.data.iter().map(|&v| v as f32));
             c32.clear();
             c32.resize(rows * cols, 0.0);
-            codegen::gemm(a.over(a32), b.over(b32), c32).map_err(internal)?;
+            codegen::gemm_parallel(a.over(a32), b.over(b32), c32).map_err(internal)?;
             for (to, &from) in buffers.get_mut(out).iter_mut().zip(c32.iter()) {
                 *to = f64::from(from);
             }
@@ -896,7 +896,7 @@ impl StepHost<'_> {
                     let a = matrix_view(reads[0], &shapes.0, transpose_left);
                     let b = matrix_view(reads[1], &shapes.1, transpose_right);
                     match (a, b) {
-                        (Some(a), Some(b)) => codegen::gemm(a, b, &mut c[..rows * cols]),
+                        (Some(a), Some(b)) => codegen::gemm_parallel(a, b, &mut c[..rows * cols]),
                         _ => Err(codegen::CodegenError("the views changed".into())),
                     }
                 })
