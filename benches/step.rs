@@ -287,9 +287,10 @@ fn bench_compile_time() {
 }
 
 /// The GEMM alone: `f32` and `f64` products of the large model's shapes,
-/// GFLOP/s at the median of 20 runs (threads: `MATMUL_NUM_THREADS`).
+/// GFLOP/s at the median of 20 runs, one call and (`f32`) split over two
+/// threads.
 fn bench_gemm() {
-    use gradc::jit::codegen::{MatrixView, gemm};
+    use gradc::jit::codegen::{MatrixView, gemm, gemm_parallel};
     for (m, k, n) in [(256, 784, 1024), (256, 1024, 1024), (1024, 256, 1024)] {
         let a: Vec<f64> = (0..m * k).map(|i| (i % 17) as f64 / 17.0).collect();
         let b: Vec<f64> = (0..k * n).map(|i| (i % 13) as f64 / 13.0).collect();
@@ -319,6 +320,14 @@ fn bench_gemm() {
             )
             .expect("fits")
         });
+        let parallel_time = median(&mut || {
+            gemm_parallel(
+                MatrixView::row_major(&a32, m, k),
+                MatrixView::row_major(&b32, k, n),
+                &mut c32,
+            )
+            .expect("fits")
+        });
         let mut c64 = vec![0.0f64; m * n];
         let f64_time = median(&mut || {
             gemm(
@@ -329,8 +338,9 @@ fn bench_gemm() {
             .expect("fits")
         });
         println!(
-            "gemm {m}x{k}x{n}: f32 {:.1} GFLOP/s, f64 {:.1} GFLOP/s",
+            "gemm {m}x{k}x{n}: f32 {:.1} GFLOP/s (two threads: {:.1}), f64 {:.1} GFLOP/s",
             flops / f32_time / 1e9,
+            flops / parallel_time / 1e9,
             flops / f64_time / 1e9
         );
     }

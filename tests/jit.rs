@@ -716,7 +716,7 @@ fn run_wanted_copies_out_only_the_wanted_values() {
 #[test]
 fn a_product_on_two_threads_matches_one_call_bit_for_bit() {
     use gradc::jit::codegen::{MatrixView, PARALLEL_PRODUCT, gemm, gemm_parallel};
-    let (m, k, n) = (257, 256, 256);
+    let (m, k, n) = (513, 256, 256);
     assert!(m * k * n >= PARALLEL_PRODUCT);
     let a: Vec<f64> = (0..m * k)
         .map(|i| ((i * 7919) % 1013) as f64 / 1013.0 - 0.5)

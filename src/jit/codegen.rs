@@ -1987,8 +1987,10 @@ pub fn product_threads() -> usize {
 }
 
 /// `gemm` on two threads for a large product (at least
-/// `PARALLEL_PRODUCT` multiply-adds, and two threads allowed): the rows of
-/// `a` and `c` split in two halves, each its own GEMM call. Every output
+/// `PARALLEL_PRODUCT` multiply-adds, at least as many rows as columns, and
+/// two threads allowed): the rows of `a` and `c` split in two halves, each
+/// its own GEMM call. (With fewer rows than columns both halves pack all of
+/// `b` and compete for the caches: measured slower, so one call.) Every output
 /// element is still summed by one call in the same order, so the result is
 /// the same as one call's, bit for bit.
 pub fn gemm_parallel<T: GemmElement + Send + Sync>(
@@ -2002,7 +2004,7 @@ pub fn gemm_parallel<T: GemmElement + Send + Sync>(
     let second_start = half.checked_mul(a.row_stride);
     let (Some(second_data), true) = (
         second_start.and_then(|start| a.data.get(start..)),
-        product_threads() >= 2 && work >= PARALLEL_PRODUCT && half > 0,
+        product_threads() >= 2 && work >= PARALLEL_PRODUCT && half > 0 && m >= n,
     ) else {
         return gemm(a, b, c);
     };
