@@ -57,7 +57,9 @@ struct Program {
     /// The shape each kernel loops over.
     loops: Vec<Shape>,
     clif: Vec<String>,
+    /// The graph's topological order, and each node's place in it.
     order: Vec<NodeId>,
+    position: HashMap<NodeId, usize>,
     frames: HashMap<BTreeMap<String, usize>, Bound>,
     /// Holds the compiled code: it outlives `kernels` and `frames`.
     code: CodeCache,
@@ -265,6 +267,7 @@ fn compile(graph: &Graph, keep_clif: bool) -> Result<Program, codegen::CodegenEr
         loops,
         clif,
         order,
+        position,
         frames: HashMap::new(),
         code,
     })
@@ -348,7 +351,7 @@ fn bind(
                 .copied()
                 .filter(|id| !done.contains(id))
                 .collect();
-            nodes.sort_by_key(|id| program.order.iter().position(|o| o == id));
+            nodes.sort_by_key(|id| program.position.get(id).copied());
             nodes.extend(kernel.nodes.iter().copied());
             nodes
         };
