@@ -1,6 +1,6 @@
-//! The JIT's polynomial `exp`, `sigmoid`, `tanh` and `log`
+//! The JIT's polynomial `exp`, `sigmoid`, `tanh`, `log` and `softplus`
 //! (`src/jit/approx.rs`) against the platform's functions (the
-//! interpreter's, for `sigmoid`): the maximum error in ulps over wide
+//! interpreter's, for `sigmoid` and `softplus`): the maximum error in ulps over wide
 //! samples and the special values (zeros, infinities, NaN, the overflow and
 //! underflow edges, subnormal inputs and results), in `f64`, through vector
 //! loops and their scalar tails. `f32` results are compared with the
@@ -104,7 +104,7 @@ fn positive_samples() -> Vec<f64> {
 
 #[test]
 fn polynomial_functions_are_within_a_few_ulps() {
-    let source = "model m {\n    input x: f64[N]\n    input p: f64[M]\n    output e = exp(x)\n    output s = sigmoid(x)\n    output t = tanh(x)\n    output l = log(p)\n}\n";
+    let source = "model m {\n    input x: f64[N]\n    input p: f64[M]\n    output e = exp(x)\n    output s = sigmoid(x)\n    output t = tanh(x)\n    output l = log(p)\n    output f = softplus(x)\n}\n";
     let compilation = compile_source("m.grad", source, LowerOptions::default());
     let graph = &compilation.models[0].eval;
     let x = samples();
@@ -127,6 +127,7 @@ fn polynomial_functions_are_within_a_few_ulps() {
         ("s", kernels::sigmoid as fn(f64) -> f64, 2, &x),
         ("t", (|v: f64| v.tanh()) as fn(f64) -> f64, 3, &x),
         ("l", (|v: f64| v.ln()) as fn(f64) -> f64, 2, &p),
+        ("f", kernels::softplus as fn(f64) -> f64, 4, &x),
     ] {
         let values = &got.values[&outputs[name]].data;
         let mut max = (0, 0.0);

@@ -1,7 +1,7 @@
-//! Vectorizable polynomial approximations of `exp`, `log`, `tanh` and
-//! `sigmoid`, emitted inline for a scalar `f64` or an `f64x2` (the same
-//! instructions either way), so compiled kernels need no call per element
-//! for them.
+//! Vectorizable polynomial approximations of `exp`, `log`, `tanh`,
+//! `sigmoid` and `softplus`, emitted inline for a scalar `f64` or an
+//! `f64x2` (the same instructions either way), so compiled kernels need no
+//! call per element for them.
 //!
 //! `exp` reduces `x = n ln 2 + r` with `|r| <= ln 2 / 2` (Cody and Waite:
 //! `ln 2` split in two so that `n ln 2` is exact), evaluates the degree-13
@@ -11,10 +11,10 @@
 //! subnormal results round once. No float-to-integer conversion is needed:
 //! `n` is rounded with the `1.5 * 2^52` shifter. `log` follows fdlibm's
 //! evaluation, `tanh` is a Taylor series near 0 and `exp` beyond, `sigmoid`
-//! the interpreter's formula over `exp`. The errors measured against the
-//! platform (`tests/approx.rs`, `docs/jit.md`): at most 1, 1, 3 and 2 ulps
-//! in `f64`; `f32` results, rounded from these `f64` values, match the
-//! interpreter's.
+//! and `softplus` the interpreter's formulas over `exp` and `log`. The
+//! errors measured against the platform (`tests/approx.rs`, `docs/jit.md`):
+//! at most 1, 1, 3, 2 and 3 ulps in `f64`; `f32` results, rounded from
+//! these `f64` values, match the interpreter's.
 
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value, types};
@@ -299,4 +299,24 @@ fn copysign(b: &mut FunctionBuilder<'_>, magnitude: Value, sign: Value) -> Value
     let sign_bits = b.ins().band(sign_bits, sign_bit);
     let bits = b.ins().bor(magnitude_bits, sign_bits);
     float_of(b, sign, bits)
+}
+
+/// PyTorch's `softplus` as the interpreter computes it: `x` above 20, else
+/// `ln(1 + e^x)`, with `ln(1 + u)` as `ln(w) u / (w - 1)` for `w = 1 + u`
+/// (Goldberg's correction for the rounding of `1 + u`; `u` itself where `w`
+/// rounds to 1), over `exp` and `log`.
+pub(super) fn softplus(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
+    let u = exp(b, x);
+    let one = constant(b, x, 1.0);
+    let w = b.ins().fadd(one, u);
+    let log_w = log(b, w);
+    let scaled = b.ins().fmul(log_w, u);
+    let rounded = b.ins().fsub(w, one);
+    let corrected = b.ins().fdiv(scaled, rounded);
+    let exact_one = b.ins().fcmp(FloatCC::Equal, w, one);
+    let log1p = pick(b, exact_one, u, corrected);
+    // `w` is infinite only above the threshold, where `x` is taken.
+    let threshold = constant(b, x, 20.0);
+    let above = b.ins().fcmp(FloatCC::GreaterThan, x, threshold);
+    pick(b, above, x, log1p)
 }

@@ -120,8 +120,8 @@ pub fn supported(graph: &Graph, id: NodeId) -> bool {
 
 // The transcendental functions compiled code calls: the interpreter's own
 // scalar functions, so results stay bit-identical (`exp` and `log` for the
-// row kernels; `exp`, `log`, `tanh` and `sigmoid` in elementwise kernels
-// are the polynomials of `approx`).
+// row kernels; `exp`, `log`, `tanh`, `sigmoid` and `softplus` in
+// elementwise kernels are the polynomials of `approx`).
 extern "C" fn gradc_exp(x: f64) -> f64 {
     kernels::unary(UnaryFn::Exp, x)
 }
@@ -133,9 +133,6 @@ extern "C" fn gradc_gelu(x: f64) -> f64 {
 }
 extern "C" fn gradc_gelu_derivative(x: f64) -> f64 {
     kernels::gelu_derivative(x)
-}
-extern "C" fn gradc_softplus(x: f64) -> f64 {
-    kernels::softplus(x)
 }
 extern "C" fn gradc_sin(x: f64) -> f64 {
     kernels::unary(UnaryFn::Sin, x)
@@ -166,7 +163,6 @@ fn runtime_functions() -> Vec<(&'static str, *const u8, usize)> {
             gradc_gelu_derivative as *const u8,
             1,
         ),
-        ("gradc_softplus", gradc_softplus as *const u8, 1),
         ("gradc_sin", gradc_sin as *const u8, 1),
         ("gradc_cos", gradc_cos as *const u8, 1),
         ("gradc_pow", gradc_pow as *const u8, 2),
@@ -1686,7 +1682,7 @@ fn unary(
         UnaryFn::Tanh => approx::tanh(b, x),
         UnaryFn::Sigmoid => approx::sigmoid(b, x),
         UnaryFn::Gelu => call(b, calls, "gradc_gelu", &[x])?,
-        UnaryFn::Softplus => call(b, calls, "gradc_softplus", &[x])?,
+        UnaryFn::Softplus => approx::softplus(b, x),
         UnaryFn::Sin => call(b, calls, "gradc_sin", &[x])?,
         UnaryFn::Cos => call(b, calls, "gradc_cos", &[x])?,
     })
