@@ -1,6 +1,6 @@
 //! Row kernels: the ops that reduce or normalize along the last axis
 //! (`max` and `logsumexp` over it, `softmax`, `log_softmax`,
-//! `cross_entropy`, and the VJPs of the last three), compiled as a loop
+//! `cross_entropy`, the VJPs of the last three, and `layer_norm`), compiled as a loop
 //! over rows with a few passes over each row's contiguous elements.
 //!
 //! Each follows its interpreter kernel operation for operation (the same
@@ -20,7 +20,7 @@ use crate::ir::{DType, Graph, NodeId, Op, ReduceFn};
 
 /// What a row kernel computes. Rows are the leading axes flattened, `cols`
 /// the last axis.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum RowOp {
     /// `max` over the last axis (NaN wins). Reads `x`; writes one per row.
     Max,
@@ -40,6 +40,13 @@ pub enum RowOp {
     SoftmaxVjp,
     /// `g - exp(y) * sum(g)` per row. Reads `g`, `y`; writes `rows x cols`.
     LogSoftmaxVjp,
+    /// Layer normalization over the last axis: `(x - mean) / sqrt(var +
+    /// eps) * gamma + beta` with the row's mean and biased variance. Reads
+    /// `x`, `gamma`, `beta` (`cols` each); writes `rows x cols`.
+    LayerNorm {
+        /// Added to the variance.
+        eps: f64,
+    },
 }
 
 impl RowOp {
@@ -61,6 +68,9 @@ impl RowOp {
             Op::Softmax { axis } if last(*axis, 0) => Some(RowOp::Softmax),
             Op::LogSoftmax { axis } if last(*axis, 0) => Some(RowOp::LogSoftmax),
             Op::CrossEntropy if rank(0) == Some(2) => Some(RowOp::CrossEntropy),
+            Op::LayerNorm { eps } if rank(0).is_some_and(|r| r >= 1) => {
+                Some(RowOp::LayerNorm { eps: *eps })
+            }
             Op::Vjp {
                 forward,
                 operand: 0,
@@ -83,6 +93,7 @@ impl RowOp {
                 vec![operands[0]]
             }
             RowOp::CrossEntropy => vec![operands[0], operands[1]],
+            RowOp::LayerNorm { .. } => vec![operands[0], operands[1], operands[2]],
             RowOp::CrossEntropyVjp => vec![operands[0], operands[1], operands[2]],
             RowOp::SoftmaxVjp | RowOp::LogSoftmaxVjp => vec![operands[0], last],
         }
@@ -115,6 +126,7 @@ impl RowOp {
             RowOp::CrossEntropy => (vec![all, rows], 1),
             RowOp::CrossEntropyVjp => (vec![1, all, rows], all),
             RowOp::SoftmaxVjp | RowOp::LogSoftmaxVjp => (vec![all, all], all),
+            RowOp::LayerNorm { .. } => (vec![all, cols, cols], all),
         }
     }
 }
@@ -365,6 +377,45 @@ pub(super) fn emit(
                     let hot = b.ins().select(is_label, one, zero);
                     let difference = b.ins().fsub(p, hot);
                     let value = b.ins().fmul(difference, scale);
+                    let value = rounded(b, f32, value);
+                    store(b, value, out_row, j);
+                    Ok(vec![])
+                })?;
+                Ok(vec![])
+            })?;
+        }
+        RowOp::LayerNorm { eps } => {
+            // `kernels::group_moments`: sums from 0 in order, over the
+            // count; then each element as `kernels::layer_norm` has it.
+            let count = b.ins().fcvt_from_uint(types::F64, cols);
+            let one = b.ins().f64const(1.0);
+            let count = b.ins().fmax(count, one);
+            counted_loop(b, rows, &[], |b, r, _| {
+                let (row, out_row) = (row_of(b, bases[0], r), row_of(b, out, r));
+                let zero = b.ins().f64const(0.0);
+                let sum = counted_loop(b, cols, &[zero], |b, j, carried| {
+                    let v = load(b, row, j);
+                    Ok(vec![b.ins().fadd(carried[0], v)])
+                })?[0];
+                let mean = b.ins().fdiv(sum, count);
+                let squares = counted_loop(b, cols, &[zero], |b, j, carried| {
+                    let v = load(b, row, j);
+                    let d = b.ins().fsub(v, mean);
+                    let square = b.ins().fmul(d, d);
+                    Ok(vec![b.ins().fadd(carried[0], square)])
+                })?[0];
+                let var = b.ins().fdiv(squares, count);
+                let eps = b.ins().f64const(eps);
+                let shifted = b.ins().fadd(var, eps);
+                let deviation = b.ins().sqrt(shifted);
+                counted_loop(b, cols, &[], |b, j, _| {
+                    let v = load(b, row, j);
+                    let gamma = load(b, bases[1], j);
+                    let beta = load(b, bases[2], j);
+                    let centered = b.ins().fsub(v, mean);
+                    let normalized = b.ins().fdiv(centered, deviation);
+                    let scaled = b.ins().fmul(normalized, gamma);
+                    let value = b.ins().fadd(scaled, beta);
                     let value = rounded(b, f32, value);
                     store(b, value, out_row, j);
                     Ok(vec![])
