@@ -1,10 +1,11 @@
 //! The JIT backend: runs a graph's kernel plan (`passes::fusion`) as one
 //! compiled call per step. Elementwise kernels (with their closing sums and
 //! counts) and row kernels (softmax, log-softmax, cross-entropy, max and
-//! logsumexp over the last axis) are compiled by Cranelift (`codegen`,
-//! `rows`); matrix products and their VJPs run on a tuned GEMM
-//! (`codegen::gemm`); the remaining kernels run on the reference
-//! interpreter's kernels.
+//! logsumexp over the last axis, layer normalization) are compiled by
+//! Cranelift (`codegen`, `rows`, with the polynomial functions of
+//! `approx`); matrix products and their VJPs run on a tuned GEMM
+//! (`codegen::gemm`, large ones on two threads); the remaining kernels run
+//! on the reference interpreter's kernels.
 //!
 //! For each set of sizes (the batch size, mostly) the JIT binds a *frame*:
 //! a buffer per value, allocated once, and a compiled *step entry* that
@@ -14,10 +15,12 @@
 //! one call, and copies the values out as an `Evaluation`.
 //!
 //! Compiled kernels compute exactly what the interpreter computes (`f64`
-//! arithmetic, one `f32` rounding per op), so they agree bit for bit; the
-//! GEMM sums in another order (and an `f32` product in `f32`), so products
-//! agree to rounding (`tests/jit.rs` states the tolerances and also
-//! compares the backends on generated models).
+//! arithmetic, one `f32` rounding per op), so they agree bit for bit, but
+//! for two stated exceptions: the GEMM sums in another order (and an `f32`
+//! product in `f32`), and `exp`, `log`, `tanh`, `sigmoid` and `softplus`
+//! are polynomials within 3 ulps (`tests/jit.rs` and `tests/approx.rs`
+//! state the tolerances; the fuzzer and generated models compare the
+//! backends).
 
 mod approx;
 pub mod codegen;
