@@ -457,8 +457,8 @@ fn clif_of_small_kernels() {
 }
 
 /// The row kernels (`softmax`, `log_softmax`, `max` and `logsumexp` over the
-/// last axis, `cross_entropy`, the VJPs of the first two and the last, and
-/// `layer_norm`)
+/// last axis, `cross_entropy`, the VJPs of the first two and the last,
+/// `layer_norm`, and the VJPs of `mse`)
 /// follow the interpreter operation for operation, so every value of a
 /// step graph that uses them is bit-identical, on huge logits (`1e30`,
 /// `700`), infinities and NaN included; the huge rows stay finite.
@@ -474,7 +474,7 @@ fn row_kernels_are_bit_identical_on_huge_and_special_logits() {
     output p = softmax(z)
     output top = max(z, axis = -1)
     output normed = layer_norm(z, g, be)
-    loss cross_entropy(z, y) + sum(softmax(z, axis = 1) * x) + sum(log_softmax(z) * x) + sum(logsumexp(z, axis = 1) * 0.5)
+    loss cross_entropy(z, y) + sum(softmax(z, axis = 1) * x) + sum(log_softmax(z) * x) + sum(logsumexp(z, axis = 1) * 0.5) + mse(z, x * w * 0.5)
 }
 train m { optimizer sgd(lr = 0.1) }
 ";
@@ -557,6 +557,7 @@ train m { optimizer sgd(lr = 0.1) }
                     "(logsumexp)",
                     "(layer_norm)",
                     "softmax.vjp0",
+                    "mse.vjp",
                 ] {
                     assert!(!line.contains(op), "{line}");
                 }

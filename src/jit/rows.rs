@@ -40,6 +40,13 @@ pub enum RowOp {
     SoftmaxVjp,
     /// `g - exp(y) * sum(g)` per row. Reads `g`, `y`; writes `rows x cols`.
     LogSoftmaxVjp,
+    /// The VJP of the mean squared error for the prediction (or, when
+    /// `negate`, the target): `±2 (p - t) g / n` elementwise. Reads `g`
+    /// (one value), `p`, `t`; writes `rows x cols`.
+    MseVjp {
+        /// For the target: the sign flips.
+        negate: bool,
+    },
     /// Layer normalization over the last axis: `(x - mean) / sqrt(var +
     /// eps) * gamma + beta` with the row's mean and biased variance. Reads
     /// `x`, `gamma`, `beta` (`cols` each); writes `rows x cols`.
@@ -73,11 +80,18 @@ impl RowOp {
             }
             Op::Vjp {
                 forward,
+                operand: 1,
+            } if **forward == Op::Mse && rank(1).is_some_and(|r| r >= 1) => {
+                Some(RowOp::MseVjp { negate: true })
+            }
+            Op::Vjp {
+                forward,
                 operand: 0,
             } => match forward.as_ref() {
                 Op::CrossEntropy if rank(1) == Some(2) => Some(RowOp::CrossEntropyVjp),
                 Op::Softmax { axis } if last(*axis, 1) => Some(RowOp::SoftmaxVjp),
                 Op::LogSoftmax { axis } if last(*axis, 1) => Some(RowOp::LogSoftmaxVjp),
+                Op::Mse if rank(1).is_some_and(|r| r >= 1) => Some(RowOp::MseVjp { negate: false }),
                 _ => None,
             },
             _ => None,
@@ -94,7 +108,9 @@ impl RowOp {
             }
             RowOp::CrossEntropy => vec![operands[0], operands[1]],
             RowOp::LayerNorm { .. } => vec![operands[0], operands[1], operands[2]],
-            RowOp::CrossEntropyVjp => vec![operands[0], operands[1], operands[2]],
+            RowOp::CrossEntropyVjp | RowOp::MseVjp { .. } => {
+                vec![operands[0], operands[1], operands[2]]
+            }
             RowOp::SoftmaxVjp | RowOp::LogSoftmaxVjp => vec![operands[0], last],
         }
     }
@@ -102,7 +118,10 @@ impl RowOp {
     /// Which of the values read has the `rows x cols` shape.
     pub fn shaped_by(self) -> usize {
         match self {
-            RowOp::CrossEntropyVjp | RowOp::SoftmaxVjp | RowOp::LogSoftmaxVjp => 1,
+            RowOp::CrossEntropyVjp
+            | RowOp::SoftmaxVjp
+            | RowOp::LogSoftmaxVjp
+            | RowOp::MseVjp { .. } => 1,
             _ => 0,
         }
     }
@@ -125,6 +144,7 @@ impl RowOp {
             RowOp::Softmax | RowOp::LogSoftmax => (vec![all], all),
             RowOp::CrossEntropy => (vec![all, rows], 1),
             RowOp::CrossEntropyVjp => (vec![1, all, rows], all),
+            RowOp::MseVjp { .. } => (vec![1, all, all], all),
             RowOp::SoftmaxVjp | RowOp::LogSoftmaxVjp => (vec![all, all], all),
             RowOp::LayerNorm { .. } => (vec![all, cols, cols], all),
         }
@@ -377,6 +397,31 @@ pub(super) fn emit(
                     let hot = b.ins().select(is_label, one, zero);
                     let difference = b.ins().fsub(p, hot);
                     let value = b.ins().fmul(difference, scale);
+                    let value = rounded(b, f32, value);
+                    store(b, value, out_row, j);
+                    Ok(vec![])
+                })?;
+                Ok(vec![])
+            })?;
+        }
+        RowOp::MseVjp { negate } => {
+            // `sign * 2 * (p - t) * g / n`, in that order, as `interp::vjp`.
+            let g = b.ins().load(types::F64, flags, bases[0], 0);
+            let all = b.ins().imul(rows, cols);
+            let one = b.ins().iconst(types::I64, 1);
+            let all = b.ins().umax(all, one);
+            let count = b.ins().fcvt_from_uint(types::F64, all);
+            let factor = b.ins().f64const(if negate { -2.0 } else { 2.0 });
+            counted_loop(b, rows, &[], |b, r, _| {
+                let (p_row, t_row) = (row_of(b, bases[1], r), row_of(b, bases[2], r));
+                let out_row = row_of(b, out, r);
+                counted_loop(b, cols, &[], |b, j, _| {
+                    let p = load(b, p_row, j);
+                    let t = load(b, t_row, j);
+                    let difference = b.ins().fsub(p, t);
+                    let value = b.ins().fmul(factor, difference);
+                    let value = b.ins().fmul(value, g);
+                    let value = b.ins().fdiv(value, count);
                     let value = rounded(b, f32, value);
                     store(b, value, out_row, j);
                     Ok(vec![])
