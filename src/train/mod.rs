@@ -382,8 +382,12 @@ impl Session {
                 seed: self.config.seed,
                 step: 0,
             };
+            // Only the loss and the accuracy's logits and labels are read.
+            let graph = &self.eval_graph;
+            let mut wanted: Vec<NodeId> = graph.loss().into_iter().collect();
+            wanted.extend(cross_entropy_node(graph).map_or_else(Vec::new, |n| graph.operands(n)));
             let evaluation = backend
-                .run(&self.eval_graph, &leaves, context)
+                .run_wanted(graph, &leaves, context, &wanted)
                 .map_err(TrainError::Run)?;
             if let Some(loss) = self.eval_graph.loss() {
                 total_loss += evaluation.values[&loss].data[0] * chunk.len() as f64;
