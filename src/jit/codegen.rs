@@ -830,18 +830,7 @@ impl CodeCache {
         }
         let cols = if rows_and_cols { cols } else { None };
         let pointer = types::I64;
-        let mut signature = Signature::new(CallConv::SystemV);
-        for _ in 0..5 {
-            signature.params.push(AbiParam::new(pointer));
-        }
-        let name = format!("kernel{}", self.next);
-        self.next += 1;
-        let id: FuncId = self
-            .module
-            .declare_function(&name, Linkage::Local, &signature)
-            .map_err(|e| CodegenError(e.to_string()))?;
-        let mut context = Context::new();
-        context.func = Function::with_name_signature(UserFuncName::user(0, id.as_u32()), signature);
+        let (id, mut context) = self.declare("kernel", 5, false)?;
         let mut builder_context = FunctionBuilderContext::new();
         {
             let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
@@ -1018,6 +1007,34 @@ impl CodeCache {
         ))
     }
 
+    /// Declares a new local function `{prefix}{n}` taking `params`
+    /// pointer-sized arguments (and returning one if `returns`), and a
+    /// context to build its body in.
+    fn declare(
+        &mut self,
+        prefix: &str,
+        params: usize,
+        returns: bool,
+    ) -> Result<(FuncId, Context), CodegenError> {
+        let pointer = types::I64;
+        let mut signature = Signature::new(CallConv::SystemV);
+        for _ in 0..params {
+            signature.params.push(AbiParam::new(pointer));
+        }
+        if returns {
+            signature.returns.push(AbiParam::new(pointer));
+        }
+        let name = format!("{prefix}{}", self.next);
+        self.next += 1;
+        let id = self
+            .module
+            .declare_function(&name, Linkage::Local, &signature)
+            .map_err(|e| CodegenError(e.to_string()))?;
+        let mut context = Context::new();
+        context.func = Function::with_name_signature(UserFuncName::user(0, id.as_u32()), signature);
+        Ok((id, context))
+    }
+
     /// Defines a built function and returns its CLIF text, if kept (the
     /// module is finalized when a step entry is compiled).
     fn finish(&mut self, id: FuncId, mut context: Context) -> Result<String, CodegenError> {
@@ -1039,19 +1056,7 @@ impl CodeCache {
     /// returns the entry's CLIF text too.
     pub fn compile_entry(&mut self, frame: &mut Frame) -> Result<String, CodegenError> {
         let pointer = types::I64;
-        let mut signature = Signature::new(CallConv::SystemV);
-        for _ in 0..3 {
-            signature.params.push(AbiParam::new(pointer));
-        }
-        signature.returns.push(AbiParam::new(pointer));
-        let name = format!("entry{}", self.next);
-        self.next += 1;
-        let id = self
-            .module
-            .declare_function(&name, Linkage::Local, &signature)
-            .map_err(|e| CodegenError(e.to_string()))?;
-        let mut context = Context::new();
-        context.func = Function::with_name_signature(UserFuncName::user(0, id.as_u32()), signature);
+        let (id, mut context) = self.declare("entry", 3, true)?;
         let mut builder_context = FunctionBuilderContext::new();
         {
             let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
@@ -1142,19 +1147,7 @@ impl CodeCache {
         node: NodeId,
         op: RowOp,
     ) -> Result<(RowKernel, String), CodegenError> {
-        let pointer = types::I64;
-        let mut signature = Signature::new(CallConv::SystemV);
-        for _ in 0..3 {
-            signature.params.push(AbiParam::new(pointer));
-        }
-        let name = format!("kernel{}", self.next);
-        self.next += 1;
-        let id = self
-            .module
-            .declare_function(&name, Linkage::Local, &signature)
-            .map_err(|e| CodegenError(e.to_string()))?;
-        let mut context = Context::new();
-        context.func = Function::with_name_signature(UserFuncName::user(0, id.as_u32()), signature);
+        let (id, mut context) = self.declare("kernel", 3, false)?;
         let mut builder_context = FunctionBuilderContext::new();
         {
             let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
