@@ -118,6 +118,46 @@ pub fn supported(graph: &Graph, id: NodeId) -> bool {
     }
 }
 
+/// Whether a node is the VJP of a `sum` or `mean` for its operand: the
+/// gradient broadcast back over the reduced axes (divided by the count for
+/// a mean). The code generator compiles it as a kernel of its own, reading
+/// the gradient through its kept shape (`read_shape`).
+pub fn is_broadcast_back(graph: &Graph, id: NodeId) -> bool {
+    matches!(
+        &graph.node(id).op,
+        Op::Vjp { forward, operand: 0 }
+            if matches!(forward.as_ref(), Op::Reduce { func: ReduceFn::Sum | ReduceFn::Mean, .. })
+    ) && graph.node(id).dtype() != DType::I32
+}
+
+/// The shape a kernel reads an input as: its own, except the gradient of a
+/// broadcast back (`is_broadcast_back`), read as the forward operand's
+/// shape with the reduced axes of size 1, whatever `keepdims` was (its
+/// elements are in that order).
+fn read_shape(graph: &Graph, nodes: &[NodeId], input: NodeId) -> Shape {
+    for &id in nodes {
+        if let (true, Op::Vjp { forward, .. }) = (is_broadcast_back(graph, id), &graph.node(id).op)
+            && let Op::Reduce { axes, .. } = forward.as_ref()
+            && graph.operands(id).first() == Some(&input)
+        {
+            let x = graph.node(graph.operands(id)[1]).shape();
+            return Shape(
+                x.0.iter()
+                    .enumerate()
+                    .map(|(d, dim)| {
+                        if axes.contains(&d) {
+                            Dim::Fixed(1)
+                        } else {
+                            dim.clone()
+                        }
+                    })
+                    .collect(),
+            );
+        }
+    }
+    graph.node(input).shape().clone()
+}
+
 // The transcendental functions compiled code calls: the interpreter's own
 // scalar functions, so results stay bit-identical (`exp` and `log` for the
 // row kernels; `exp`, `log`, `tanh`, `sigmoid` and `softplus` in
@@ -195,6 +235,8 @@ struct Place {
     step: Value,
     /// The constant `0.0`, made once per kernel.
     zero: Value,
+    /// The group count a mean's gradient is divided by.
+    count: Value,
 }
 
 /// Dropout's scale of the current element (of each lane's element, for a
@@ -329,6 +371,9 @@ pub struct CompiledKernel {
     /// The static size of the last axis when the kernel loops over rows
     /// and columns (it has `Row` buffers).
     pub cols: Option<usize>,
+    /// The shape each input is read as (`read_shape`), for its broadcast
+    /// factors.
+    pub read_shapes: Vec<Shape>,
 }
 
 /// How a kernel's loop reaches one of its buffers, decided from the static
@@ -783,11 +828,15 @@ impl CodeCache {
                 Some(graph.node(*graph.operands(*sum).first()?).shape())
             });
         let single = |id: NodeId| graph.node(id).shape().0.iter().all(|d| d.is_one());
+        let read_shapes: Vec<Shape> = inputs
+            .iter()
+            .map(|&i| read_shape(graph, nodes, i))
+            .collect();
         let mut access: Vec<Access> = Vec::new();
-        for &input in inputs {
-            access.push(if Some(graph.node(input).shape()) == loop_shape {
+        for shape in &read_shapes {
+            access.push(if Some(shape) == loop_shape {
                 Access::Full
-            } else if single(input) {
+            } else if shape.0.iter().all(|d| d.is_one()) {
                 Access::Single
             } else {
                 Access::Strided
@@ -812,8 +861,11 @@ impl CodeCache {
             let (Some(shape), Some(cols)) = (loop_shape, cols) else {
                 return false;
             };
-            broadcast_shape(graph, buffers[j], shape, j >= inputs.len())
-                .is_some_and(|b| is_row(&b, cols))
+            let broadcast = match read_shapes.get(j) {
+                Some(read) => Some(read.0.clone()),
+                None => broadcast_shape(graph, buffers[j], shape, true),
+            };
+            broadcast.is_some_and(|b| is_row(&b, cols))
         };
         let rows_and_cols = cols.is_some()
             && access
@@ -890,6 +942,32 @@ impl CodeCache {
                 imports: &self.imports,
                 declared: HashMap::new(),
             };
+            // A mean's gradient is divided by the count of each group, as
+            // the interpreter has it: (n / groups).max(1), where the groups
+            // are the gradient's elements (however the kernel reads them).
+            let mut count = zero_f64;
+            for &id in nodes {
+                let mean = matches!(&graph.node(id).op, Op::Vjp { forward, .. }
+                    if matches!(forward.as_ref(), Op::Reduce { func: ReduceFn::Mean, .. }));
+                if !(mean && is_broadcast_back(graph, id)) {
+                    continue;
+                }
+                // A gradient that is no input is a constant: one group.
+                let j = inputs.iter().position(|&i| i == graph.operands(id)[0]);
+                let groups = match (j.map(|j| access[j]), cols) {
+                    (Some(Access::Full), _) => n,
+                    (Some(Access::Row), Some(cols)) => b.ins().iconst(pointer, cols as i64),
+                    (Some(Access::Strided), _) => {
+                        factors.iter().find(|f| Some(f.0) == j).map_or(n, |f| f.2)
+                    }
+                    _ => b.ins().iconst(pointer, 1),
+                };
+                let one = b.ins().iconst(pointer, 1);
+                let groups = b.ins().umax(groups, one);
+                let per_group = b.ins().udiv(n, groups);
+                let per_group = b.ins().umax(per_group, one);
+                count = b.ins().fcvt_from_uint(types::F64, per_group);
+            }
             let body = Body {
                 graph,
                 nodes,
@@ -901,6 +979,7 @@ impl CodeCache {
                 seed,
                 step,
                 zero: zero_f64,
+                count,
             };
             let start: Vec<Value> = single_sums.iter().map(|_| zero_f64).collect();
             let totals = match cols {
@@ -1002,6 +1081,7 @@ impl CodeCache {
                 sums: outputs.iter().map(|&o| is_sum(graph, o)).collect(),
                 access,
                 cols,
+                read_shapes,
             },
             clif,
         ))
@@ -1192,6 +1272,8 @@ struct Body<'k> {
     seed: Value,
     step: Value,
     zero: Value,
+    /// The group count a mean's gradient is divided by (unused otherwise).
+    count: Value,
 }
 
 impl Body<'_> {
@@ -1220,6 +1302,13 @@ impl Body<'_> {
         } else {
             self.zero
         };
+        // The mean's group count, as wide as the values (only if a mean's
+        // gradient needs it).
+        let count = if vector && self.count != self.zero {
+            b.ins().splat(types::F64X2, self.count)
+        } else {
+            self.count
+        };
         let mut values: HashMap<NodeId, Value> = HashMap::new();
         for (j, &input) in self.inputs.iter().enumerate() {
             let value = if vector && access[j] == Access::Single {
@@ -1240,6 +1329,7 @@ impl Body<'_> {
                 seed: self.seed,
                 step: self.step,
                 zero,
+                count,
             };
             let value = emit(b, graph, id, &values, calls, place)?;
             values.insert(id, value);
@@ -1628,6 +1718,15 @@ fn emit(
             let scale = dropout_scale(b, calls, *p, *key, place)?;
             b.ins().fmul(operands[0], scale)
         }
+        // The gradient broadcast back (read through its kept shape), over
+        // the group count for a mean.
+        Op::Vjp { forward, .. } if is_broadcast_back(graph, id) => match forward.as_ref() {
+            Op::Reduce {
+                func: ReduceFn::Mean,
+                ..
+            } => b.ins().fdiv(operands[0], place.count),
+            _ => operands[0],
+        },
         Op::Vjp { forward, operand } => vjp(b, forward, *operand, &operands, zero, calls)?,
         other => return Err(CodegenError(format!("`{}` is not supported", other.name()))),
     };

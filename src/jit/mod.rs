@@ -218,11 +218,18 @@ fn compile(graph: &Graph, keep_clif: bool) -> Result<Program, codegen::CodegenEr
             continue;
         }
         let last = kernel.nodes.last().copied();
-        let compilable = kernel.kind != fusion::Kind::Other
-            && !body.is_empty()
-            && body
-                .iter()
-                .all(|&id| elementwise(id) || (Some(id) == last && closing_sum(id)));
+        // A gradient broadcast back over a sum's or mean's axes is a kernel
+        // of its own, reading the gradient through its kept shape.
+        let broadcast_back = matches!(body.as_slice(), [id]
+            if codegen::is_broadcast_back(graph, *id)
+                && graph.node(*id).shape() == &loop_shape
+                && !inside_kernel(&body, graph.operands(*id)[0]));
+        let compilable = broadcast_back
+            || (kernel.kind != fusion::Kind::Other
+                && !body.is_empty()
+                && body
+                    .iter()
+                    .all(|&id| elementwise(id) || (Some(id) == last && closing_sum(id))));
         if !compilable {
             let ops: Vec<String> = kernel
                 .nodes
@@ -580,8 +587,8 @@ fn kernel_factors(
     let n: usize = to.iter().product();
     let mut ks = Vec::new();
     let mut ms = Vec::new();
-    for &input in &compiled.inputs {
-        let shape = interp::concrete(graph.node(input).shape(), dims)?;
+    for shape in &compiled.read_shapes {
+        let shape = interp::concrete(shape, dims)?;
         let Some((k, m)) = factors(&shape, to) else {
             return Ok(None);
         };
@@ -619,6 +626,11 @@ fn kernel_factors(
         ms.push(m);
     }
     Ok(Some((ks, ms)))
+}
+
+/// Whether `id` is one of `body`'s nodes.
+fn inside_kernel(body: &[NodeId], id: NodeId) -> bool {
+    body.contains(&id)
 }
 
 /// The broadcast factors `(k, m)` that read `operand` of shape `from` at
