@@ -101,6 +101,24 @@ impl Shape {
         self.0.is_empty()
     }
 
+    /// The shape with `axes` set to size 1: what a reduction over them
+    /// keeps with `keepdims = true`.
+    pub fn kept(&self, axes: &[usize]) -> Shape {
+        Shape(
+            self.0
+                .iter()
+                .enumerate()
+                .map(|(d, dim)| {
+                    if axes.contains(&d) {
+                        Dim::Fixed(1)
+                    } else {
+                        dim.clone()
+                    }
+                })
+                .collect(),
+        )
+    }
+
     /// The element count as a fixed factor and the sorted list of symbols
     /// it is multiplied by; `None` when the fixed factor overflows
     /// [`MAX_ELEMENTS`].

@@ -140,19 +140,7 @@ fn read_shape(graph: &Graph, nodes: &[NodeId], input: NodeId) -> Shape {
             && let Op::Reduce { axes, .. } = forward.as_ref()
             && graph.operands(id).first() == Some(&input)
         {
-            let x = graph.node(graph.operands(id)[1]).shape();
-            return Shape(
-                x.0.iter()
-                    .enumerate()
-                    .map(|(d, dim)| {
-                        if axes.contains(&d) {
-                            Dim::Fixed(1)
-                        } else {
-                            dim.clone()
-                        }
-                    })
-                    .collect(),
-            );
+            return graph.node(graph.operands(id)[1]).shape().kept(axes);
         }
     }
     graph.node(input).shape().clone()
@@ -863,7 +851,7 @@ impl CodeCache {
             };
             let broadcast = match read_shapes.get(j) {
                 Some(read) => Some(read.0.clone()),
-                None => broadcast_shape(graph, buffers[j], shape, true),
+                None => output_shape(graph, buffers[j], shape),
             };
             broadcast.is_some_and(|b| is_row(&b, cols))
         };
@@ -1597,34 +1585,13 @@ impl Body<'_> {
     }
 }
 
-/// The static shape a kernel's buffer is broadcast from, right-aligned
-/// against the loop shape: an input's own shape, a sum's kept axes (size 1
-/// where it sums), a dead-unit count's `[1, ...]`.
-fn broadcast_shape(
-    graph: &Graph,
-    id: NodeId,
-    loop_shape: &Shape,
-    output: bool,
-) -> Option<Vec<Dim>> {
+/// The static shape a kernel's output is accumulated into, right-aligned
+/// against the loop shape: a sum's kept axes (size 1 where it sums), a
+/// dead-unit count's `[1, ...]` (inputs are read as their `read_shape`).
+fn output_shape(graph: &Graph, id: NodeId, loop_shape: &Shape) -> Option<Vec<Dim>> {
     let node = graph.node(id);
-    if !output {
-        return Some(node.shape().0.clone());
-    }
     match &node.op {
-        Op::Reduce { axes, .. } => Some(
-            loop_shape
-                .0
-                .iter()
-                .enumerate()
-                .map(|(d, dim)| {
-                    if axes.contains(&d) {
-                        Dim::Fixed(1)
-                    } else {
-                        dim.clone()
-                    }
-                })
-                .collect(),
-        ),
+        Op::Reduce { axes, .. } => Some(loop_shape.kept(axes).0),
         Op::SumTo => Some(node.shape().0.clone()),
         Op::DeadFraction => {
             let mut kept = loop_shape.0.clone();

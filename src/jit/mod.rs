@@ -365,75 +365,52 @@ fn bind(
             nodes.extend(kernel.nodes.iter().copied());
             nodes
         };
+        // A compiled kernel's prologue, without what is materialized already.
+        let unfinished = |prologue: &[NodeId], done: &BTreeSet<NodeId>| -> Vec<NodeId> {
+            prologue
+                .iter()
+                .copied()
+                .filter(|id| !done.contains(id))
+                .collect()
+        };
         let call = match &program.kernels[k] {
-            Some(Compiled::Elementwise {
-                prologue,
-                kernel: compiled,
-            }) => {
-                let n: usize = to(&program.loops[k])?.iter().product();
-                match kernel_factors(graph, compiled, &to(&program.loops[k])?, dims)? {
-                    Some((ks, ms)) => {
-                        let first: Vec<NodeId> = prologue
-                            .iter()
-                            .copied()
-                            .filter(|id| !done.contains(id))
-                            .collect();
-                        Call::Kernel {
-                            prologue: first,
-                            k,
-                            ks,
-                            ms,
-                            n,
-                        }
-                    }
+            Some(Compiled::Elementwise { prologue, kernel }) => {
+                let to_shape = to(&program.loops[k])?;
+                let n: usize = to_shape.iter().product();
+                match kernel_factors(graph, kernel, &to_shape, dims)? {
+                    Some((ks, ms)) => Call::Kernel {
+                        prologue: unfinished(prologue, &done),
+                        kernel,
+                        ks,
+                        ms,
+                        n,
+                    },
                     None => Call::Interpret(interpreted(&done)),
                 }
             }
-            Some(Compiled::Rows {
-                prologue,
-                kernel: compiled,
-            }) => {
-                let shaped = compiled.inputs[compiled.op.shaped_by()];
+            Some(Compiled::Rows { prologue, kernel }) => {
+                let shaped = kernel.inputs[kernel.op.shaped_by()];
                 let shape = to(graph.node(shaped).shape())?;
                 let cols = shape.last().copied().unwrap_or(0);
                 match shape.iter().product::<usize>().checked_div(cols) {
                     None => Call::Interpret(interpreted(&done)),
-                    Some(rows) => {
-                        let first: Vec<NodeId> = prologue
-                            .iter()
-                            .copied()
-                            .filter(|id| !done.contains(id))
-                            .collect();
-                        Call::Rows {
-                            prologue: first,
-                            k,
-                            rows,
-                            cols,
-                        }
-                    }
+                    Some(rows) => Call::Rows {
+                        prologue: unfinished(prologue, &done),
+                        kernel,
+                        rows,
+                        cols,
+                    },
                 }
             }
             None => Call::Interpret(interpreted(&done)),
         };
         let produced: Vec<NodeId> = match &call {
-            Call::Kernel { prologue, k, .. } => {
-                let Some(Compiled::Elementwise {
-                    kernel: compiled, ..
-                }) = &program.kernels[*k]
-                else {
-                    unreachable!("a kernel call is of a compiled kernel")
-                };
-                prologue.iter().chain(&compiled.outputs).copied().collect()
-            }
-            Call::Rows { prologue, k, .. } => {
-                let Some(Compiled::Rows {
-                    kernel: compiled, ..
-                }) = &program.kernels[*k]
-                else {
-                    unreachable!("a row call is of a row kernel")
-                };
-                prologue.iter().copied().chain([compiled.output]).collect()
-            }
+            Call::Kernel {
+                prologue, kernel, ..
+            } => prologue.iter().chain(&kernel.outputs).copied().collect(),
+            Call::Rows {
+                prologue, kernel, ..
+            } => prologue.iter().copied().chain([kernel.output]).collect(),
             Call::Interpret(nodes) => nodes.clone(),
         };
         done.extend(produced.iter().copied());
@@ -473,72 +450,60 @@ fn bind(
             .copied()
             .ok_or_else(|| InterpError::Internal(format!("{id} has no buffer")))
     };
+    // Host work `w`, called from the entry at this point.
+    let host = |frame: &mut Frame, work: &mut Vec<Work>, w: Work| {
+        frame.push_host(work.len());
+        work.push(w);
+    };
     for call in calls {
         match call {
             Call::Kernel {
                 prologue,
-                k,
+                kernel,
                 ks,
                 ms,
                 n,
             } => {
                 if !prologue.is_empty() {
-                    frame.push_host(work.len());
-                    work.push(Work::Interpret(prologue));
+                    host(&mut frame, &mut work, Work::Interpret(prologue));
                 }
-                let Some(Compiled::Elementwise {
-                    kernel: compiled, ..
-                }) = &program.kernels[k]
-                else {
-                    unreachable!("a kernel call is of a compiled kernel")
-                };
-                let buffers = compiled
+                let buffers = kernel
                     .inputs
                     .iter()
-                    .chain(&compiled.outputs)
+                    .chain(&kernel.outputs)
                     .map(slot_of)
                     .collect::<Result<Vec<usize>, _>>()?;
                 frame
-                    .push_kernel(compiled, buffers, ks, ms, n)
+                    .push_kernel(kernel, buffers, ks, ms, n)
                     .map_err(internal)?;
             }
             Call::Rows {
                 prologue,
-                k,
+                kernel,
                 rows,
                 cols,
             } => {
                 if !prologue.is_empty() {
-                    frame.push_host(work.len());
-                    work.push(Work::Interpret(prologue));
+                    host(&mut frame, &mut work, Work::Interpret(prologue));
                 }
-                let Some(Compiled::Rows {
-                    kernel: compiled, ..
-                }) = &program.kernels[k]
-                else {
-                    unreachable!("a row call is of a row kernel")
-                };
-                let buffers = compiled
+                let buffers = kernel
                     .inputs
                     .iter()
-                    .chain([&compiled.output])
+                    .chain([&kernel.output])
                     .map(slot_of)
                     .collect::<Result<Vec<usize>, _>>()?;
-                if let Some(labels) = compiled.op.labels() {
-                    frame.push_host(work.len());
-                    work.push(Work::Labels {
+                if let Some(labels) = kernel.op.labels() {
+                    let labels = Work::Labels {
                         slot: buffers[labels],
                         cols,
-                    });
+                    };
+                    host(&mut frame, &mut work, labels);
                 }
                 frame
-                    .push_rows(compiled, buffers, rows, cols)
+                    .push_rows(kernel, buffers, rows, cols)
                     .map_err(internal)?;
             }
-            Call::Interpret(nodes) => {
-                frame.push_host(work.len());
-                work.push(Work::Interpret(nodes));
-            }
+            Call::Interpret(nodes) => host(&mut frame, &mut work, Work::Interpret(nodes)),
         }
     }
     let entry_clif = program.code.compile_entry(&mut frame).map_err(internal)?;
@@ -553,17 +518,17 @@ fn bind(
 }
 
 /// One kernel's part of the entry, before buffers are assigned.
-enum Call {
+enum Call<'p> {
     Kernel {
         prologue: Vec<NodeId>,
-        k: usize,
+        kernel: &'p CompiledKernel,
         ks: Vec<i64>,
         ms: Vec<i64>,
         n: usize,
     },
     Rows {
         prologue: Vec<NodeId>,
-        k: usize,
+        kernel: &'p RowKernel,
         rows: usize,
         cols: usize,
     },

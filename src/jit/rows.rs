@@ -208,6 +208,24 @@ fn store(b: &mut FunctionBuilder<'_>, value: Value, base: Value, j: Value) {
     b.ins().store(MemFlagsData::trusted(), value, at, 0);
 }
 
+/// Writes every column `j` of an output row: `value(j)`, rounded to `f32`
+/// when the result is `f32`.
+fn write_row(
+    b: &mut FunctionBuilder<'_>,
+    cols: Value,
+    f32: bool,
+    out_row: Value,
+    mut value: impl FnMut(&mut FunctionBuilder<'_>, Value) -> Result<Value, CodegenError>,
+) -> Result<(), CodegenError> {
+    counted_loop(b, cols, &[], |b, j, _| {
+        let v = value(b, j)?;
+        let v = rounded(b, f32, v);
+        store(b, v, out_row, j);
+        Ok(vec![])
+    })?;
+    Ok(())
+}
+
 /// Rounds to `f32` and back when the result is `f32`.
 fn rounded(b: &mut FunctionBuilder<'_>, f32: bool, value: Value) -> Value {
     if f32 {
@@ -334,12 +352,10 @@ pub(super) fn emit(
             counted_loop(b, rows, &[], |b, r, _| {
                 let (row, out_row) = (row_of(b, bases[0], r), row_of(b, out, r));
                 let sum = row_exps(b, calls, row, out_row, cols)?;
-                counted_loop(b, cols, &[], |b, j, _| {
+                write_row(b, cols, f32, out_row, |b, j| {
                     let e = load(b, out_row, j);
                     let p = b.ins().fdiv(e, sum);
-                    let p = rounded(b, f32, p);
-                    store(b, p, out_row, j);
-                    Ok(vec![])
+                    Ok(p)
                 })?;
                 Ok(vec![])
             })?;
@@ -348,12 +364,10 @@ pub(super) fn emit(
             counted_loop(b, rows, &[], |b, r, _| {
                 let (row, out_row) = (row_of(b, bases[0], r), row_of(b, out, r));
                 let lse = row_logsumexp(b, calls, row, cols)?;
-                counted_loop(b, cols, &[], |b, j, _| {
+                write_row(b, cols, f32, out_row, |b, j| {
                     let v = load(b, row, j);
                     let value = b.ins().fsub(v, lse);
-                    let value = rounded(b, f32, value);
-                    store(b, value, out_row, j);
-                    Ok(vec![])
+                    Ok(value)
                 })?;
                 Ok(vec![])
             })?;
@@ -388,7 +402,7 @@ pub(super) fn emit(
                 let (row, out_row) = (row_of(b, bases[1], r), row_of(b, out, r));
                 let sum = row_exps(b, calls, row, out_row, cols)?;
                 let label = label_index(b, bases[2], r, cols);
-                counted_loop(b, cols, &[], |b, j, _| {
+                write_row(b, cols, f32, out_row, |b, j| {
                     let e = load(b, out_row, j);
                     let p = b.ins().fdiv(e, sum);
                     let zero = b.ins().f64const(0.0);
@@ -397,9 +411,7 @@ pub(super) fn emit(
                     let hot = b.ins().select(is_label, one, zero);
                     let difference = b.ins().fsub(p, hot);
                     let value = b.ins().fmul(difference, scale);
-                    let value = rounded(b, f32, value);
-                    store(b, value, out_row, j);
-                    Ok(vec![])
+                    Ok(value)
                 })?;
                 Ok(vec![])
             })?;
@@ -415,16 +427,14 @@ pub(super) fn emit(
             counted_loop(b, rows, &[], |b, r, _| {
                 let (p_row, t_row) = (row_of(b, bases[1], r), row_of(b, bases[2], r));
                 let out_row = row_of(b, out, r);
-                counted_loop(b, cols, &[], |b, j, _| {
+                write_row(b, cols, f32, out_row, |b, j| {
                     let p = load(b, p_row, j);
                     let t = load(b, t_row, j);
                     let difference = b.ins().fsub(p, t);
                     let value = b.ins().fmul(factor, difference);
                     let value = b.ins().fmul(value, g);
                     let value = b.ins().fdiv(value, count);
-                    let value = rounded(b, f32, value);
-                    store(b, value, out_row, j);
-                    Ok(vec![])
+                    Ok(value)
                 })?;
                 Ok(vec![])
             })?;
@@ -453,7 +463,7 @@ pub(super) fn emit(
                 let eps = b.ins().f64const(eps);
                 let shifted = b.ins().fadd(var, eps);
                 let deviation = b.ins().sqrt(shifted);
-                counted_loop(b, cols, &[], |b, j, _| {
+                write_row(b, cols, f32, out_row, |b, j| {
                     let v = load(b, row, j);
                     let gamma = load(b, bases[1], j);
                     let beta = load(b, bases[2], j);
@@ -461,9 +471,7 @@ pub(super) fn emit(
                     let normalized = b.ins().fdiv(centered, deviation);
                     let scaled = b.ins().fmul(normalized, gamma);
                     let value = b.ins().fadd(scaled, beta);
-                    let value = rounded(b, f32, value);
-                    store(b, value, out_row, j);
-                    Ok(vec![])
+                    Ok(value)
                 })?;
                 Ok(vec![])
             })?;
@@ -485,7 +493,7 @@ pub(super) fn emit(
                     };
                     Ok(vec![b.ins().fadd(carried[0], term)])
                 })?[0];
-                counted_loop(b, cols, &[], |b, j, _| {
+                write_row(b, cols, f32, out_row, |b, j| {
                     let g = load(b, g_row, j);
                     let y = load(b, y_row, j);
                     let value = if op == RowOp::SoftmaxVjp {
@@ -496,9 +504,7 @@ pub(super) fn emit(
                         let scaled = b.ins().fmul(e, total);
                         b.ins().fsub(g, scaled)
                     };
-                    let value = rounded(b, f32, value);
-                    store(b, value, out_row, j);
-                    Ok(vec![])
+                    Ok(value)
                 })?;
                 Ok(vec![])
             })?;
