@@ -125,11 +125,7 @@ impl Jit {
         leaves: &BTreeMap<String, Tensor>,
     ) -> Result<String, InterpError> {
         self.keep_clif_text();
-        self.prepare(graph, leaves)?;
-        let program = self.program(graph)?;
-        let mut dims = BTreeMap::new();
-        interp::checked_leaves(graph, &program.order, leaves, &mut dims)?;
-        Ok(program.bound(graph, &dims)?.entry_clif.clone())
+        Ok(self.bound(graph, leaves)?.entry_clif.clone())
     }
 
     /// Makes a graph ready to run with leaves of these sizes: compiles its
@@ -139,11 +135,20 @@ impl Jit {
         graph: &Graph,
         leaves: &BTreeMap<String, Tensor>,
     ) -> Result<(), InterpError> {
+        self.bound(graph, leaves).map(|_| ())
+    }
+
+    /// The frame for these leaves' sizes (after the interpreter's checks of
+    /// the leaves), compiling and binding as needed.
+    fn bound(
+        &mut self,
+        graph: &Graph,
+        leaves: &BTreeMap<String, Tensor>,
+    ) -> Result<&mut Bound, InterpError> {
         let program = self.program(graph)?;
         let mut dims = BTreeMap::new();
         interp::checked_leaves(graph, &program.order, leaves, &mut dims)?;
-        program.bound(graph, &dims)?;
-        Ok(())
+        program.bound(graph, &dims)
     }
 
     /// From now on programs keep their CLIF text; those compiled without it
