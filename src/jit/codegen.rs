@@ -9,8 +9,9 @@
 //! broadcasting of one block of axes: a bias row, a `[B, 1]` column) at
 //! `(i / ks[j]) % ms[j]` by counters that wrap. Without strided buffers a
 //! vector loop of `f64x2` runs first and the scalar loop finishes the tail.
-//! Values are `f64`, like the interpreter's tensors, and every op of an
-//! `f32` node is rounded to `f32` as the interpreter does, so compiled
+//! Buffers of `f32` values hold `f32`s (`Elem`), half the bytes; kernels
+//! widen what they load and compute in `f64` like the interpreter, and
+//! every op of an `f32` node is rounded to `f32` as the interpreter does, so compiled
 //! kernels give bit-identical results (`exp` and `sigmoid`, polynomials
 //! from `approx`, within 1 and 2 ulps). Row kernels come from `rows`.
 //!
@@ -27,7 +28,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
-    AbiParam, BlockArg, FuncRef, InstBuilder, MemFlagsData, Signature, UserFuncName, Value, types,
+    AbiParam, BlockArg, Endianness, FuncRef, InstBuilder, MemFlagsData, Signature, UserFuncName,
+    Value, types,
 };
 use cranelift_codegen::isa::CallConv;
 use cranelift_codegen::settings::{self, Configurable};
@@ -362,6 +364,8 @@ pub struct CompiledKernel {
     /// The shape each input is read as (`read_shape`), for its broadcast
     /// factors.
     pub read_shapes: Vec<Shape>,
+    /// How each buffer stores its elements (inputs, then outputs).
+    pub elems: Vec<Elem>,
 }
 
 /// How a kernel's loop reaches one of its buffers, decided from the static
@@ -391,10 +395,223 @@ pub struct RowKernel {
     pub inputs: Vec<NodeId>,
     /// The node it computes.
     pub output: NodeId,
+    /// How each buffer stores its elements (inputs, then the output).
+    pub elems: Vec<Elem>,
 }
 
 /// A step entry: `fn(words, state, context) -> status` (see `Frame::run`).
 type EntryFn = extern "C" fn(*const i64, *mut HostState<'static>, *const i64) -> i64;
+
+/// How a buffer stores its elements: an `f32` value as `f32` (half the
+/// bytes), everything else (`f64`, `i32` labels and indices) as `f64`. A
+/// sum a kernel accumulates in place is `f64` whatever its type, so that it
+/// sums in `f64` as the interpreter does and is rounded once at the end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Elem {
+    /// Four bytes per element.
+    F32,
+    /// Eight bytes per element.
+    F64,
+}
+
+impl Elem {
+    /// How a value of this type is stored when nothing else decides.
+    pub fn of(dtype: DType) -> Elem {
+        match dtype {
+            DType::F32 => Elem::F32,
+            DType::F64 | DType::I32 => Elem::F64,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn bytes(self) -> i64 {
+        match self {
+            Elem::F32 => 4,
+            Elem::F64 => 8,
+        }
+    }
+}
+
+/// The flags of a buffer access: in bounds (checked when the call was
+/// pushed), and aligned to the element, but a pair of elements is aligned
+/// only to one of them.
+fn access_flags(vector: bool) -> MemFlagsData {
+    if vector {
+        MemFlagsData::new().with_notrap()
+    } else {
+        MemFlagsData::trusted()
+    }
+}
+
+/// Loads one element at `at` as an `f64` (two, as an `f64x2`, when
+/// `vector`); an `f32` element is widened exactly.
+pub(super) fn load(b: &mut FunctionBuilder<'_>, elem: Elem, vector: bool, at: Value) -> Value {
+    let flags = access_flags(vector);
+    match (elem, vector) {
+        (Elem::F64, false) => b.ins().load(types::F64, flags, at, 0),
+        (Elem::F64, true) => b.ins().load(types::F64X2, flags, at, 0),
+        (Elem::F32, false) => {
+            let narrow = b.ins().load(types::F32, flags, at, 0);
+            b.ins().fpromote(types::F64, narrow)
+        }
+        (Elem::F32, true) => {
+            // Both f32s as one 64-bit word in lanes 0 and 1, then widened.
+            let word = b.ins().load(types::I64, flags, at, 0);
+            let words = b.ins().scalar_to_vector(types::I64X2, word);
+            let little = MemFlagsData::new().with_endianness(Endianness::Little);
+            let narrow = b.ins().bitcast(types::F32X4, little, words);
+            b.ins().fvpromote_low(narrow)
+        }
+    }
+}
+
+/// Stores an `f64` (or an `f64x2`'s two lanes) at `at`; for an `f32`
+/// buffer the value is narrowed (it holds an `f32` value already: the
+/// kernels round every `f32` op).
+pub(super) fn store(b: &mut FunctionBuilder<'_>, elem: Elem, value: Value, at: Value) {
+    let vector = lanes(b, value) > 1;
+    let flags = access_flags(vector);
+    match (elem, vector) {
+        (Elem::F64, _) => {
+            b.ins().store(flags, value, at, 0);
+        }
+        (Elem::F32, false) => {
+            let narrow = b.ins().fdemote(types::F32, value);
+            b.ins().store(flags, narrow, at, 0);
+        }
+        (Elem::F32, true) => {
+            // Narrowed into lanes 0 and 1, stored as one 64-bit word.
+            let narrow = b.ins().fvdemote(value);
+            let little = MemFlagsData::new().with_endianness(Endianness::Little);
+            let words = b.ins().bitcast(types::I64X2, little, narrow);
+            let word = b.ins().extractlane(words, 0);
+            b.ins().store(flags, word, at, 0);
+        }
+    }
+}
+
+/// The address of element `index` of a buffer of `elem`s at `base`.
+pub(super) fn element_at(
+    b: &mut FunctionBuilder<'_>,
+    elem: Elem,
+    base: Value,
+    index: Value,
+) -> Value {
+    let offset = b.ins().imul_imm_u(index, elem.bytes());
+    b.ins().iadd(base, offset)
+}
+
+/// One buffer of a frame.
+pub enum Storage {
+    /// `f32` elements.
+    F32(Vec<f32>),
+    /// `f64` elements.
+    F64(Vec<f64>),
+}
+
+impl Storage {
+    fn zeros(length: usize, elem: Elem) -> Storage {
+        match elem {
+            Elem::F32 => Storage::F32(vec![0.0; length]),
+            Elem::F64 => Storage::F64(vec![0.0; length]),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Storage::F32(data) => data.len(),
+            Storage::F64(data) => data.len(),
+        }
+    }
+
+    fn elem(&self) -> Elem {
+        match self {
+            Storage::F32(_) => Elem::F32,
+            Storage::F64(_) => Elem::F64,
+        }
+    }
+
+    fn as_ptr(&self) -> *const u8 {
+        match self {
+            Storage::F32(data) => data.as_ptr().cast(),
+            Storage::F64(data) => data.as_ptr().cast(),
+        }
+    }
+
+    /// The first `count` elements (at most all) as `f64`s: borrowed from
+    /// an `f64` buffer, widened from an `f32` one.
+    fn read(&self, count: usize) -> std::borrow::Cow<'_, [f64]> {
+        match self {
+            Storage::F64(data) => std::borrow::Cow::Borrowed(&data[..count.min(data.len())]),
+            Storage::F32(data) => std::borrow::Cow::Owned(
+                data[..count.min(data.len())]
+                    .iter()
+                    .map(|&v| f64::from(v))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Writes `values` into the first elements (narrowed to `f32` for an
+    /// `f32` buffer); an error if they do not fit.
+    fn write(&mut self, values: &[f64]) -> Result<(), CodegenError> {
+        if values.len() > self.len() {
+            return Err(CodegenError(format!(
+                "{} values for a buffer of {}",
+                values.len(),
+                self.len()
+            )));
+        }
+        match self {
+            Storage::F64(data) => data[..values.len()].copy_from_slice(values),
+            Storage::F32(data) => {
+                for (to, &from) in data.iter_mut().zip(values) {
+                    *to = from as f32;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An element type a frame's buffers can hold, for host work that reads
+/// and writes them in place (the GEMM).
+pub trait Stored: Sized {
+    /// The buffer's elements, if it holds this type.
+    fn elements(storage: &Storage) -> Option<&[Self]>;
+    /// The buffer's elements, writable, if it holds this type.
+    fn elements_mut(storage: &mut Storage) -> Option<&mut [Self]>;
+}
+
+impl Stored for f32 {
+    fn elements(storage: &Storage) -> Option<&[f32]> {
+        match storage {
+            Storage::F32(data) => Some(data),
+            Storage::F64(_) => None,
+        }
+    }
+    fn elements_mut(storage: &mut Storage) -> Option<&mut [f32]> {
+        match storage {
+            Storage::F32(data) => Some(data),
+            Storage::F64(_) => None,
+        }
+    }
+}
+
+impl Stored for f64 {
+    fn elements(storage: &Storage) -> Option<&[f64]> {
+        match storage {
+            Storage::F64(data) => Some(data),
+            Storage::F32(_) => None,
+        }
+    }
+    fn elements_mut(storage: &mut Storage) -> Option<&mut [f64]> {
+        match storage {
+            Storage::F64(data) => Some(data),
+            Storage::F32(_) => None,
+        }
+    }
+}
 
 /// Work the step entry hands back to Rust between compiled kernels: the
 /// matrix products (on the GEMM), the kernels that are not compiled (on the
@@ -408,45 +625,60 @@ pub trait Host {
 /// The frame's buffers as host work sees them: their elements can be read
 /// and written, but no buffer can be resized or replaced, since compiled
 /// code holds their addresses.
-pub struct Buffers<'a>(&'a mut [Vec<f64>]);
+pub struct Buffers<'a>(&'a mut [Storage]);
 
 impl Buffers<'_> {
-    /// Buffer `slot`.
-    pub fn get(&self, slot: usize) -> &[f64] {
-        &self.0[slot]
+    /// How buffer `slot` stores its elements.
+    pub fn elem(&self, slot: usize) -> Elem {
+        self.0[slot].elem()
     }
 
-    /// Buffer `slot`, writable.
-    pub fn get_mut(&mut self, slot: usize) -> &mut [f64] {
-        &mut self.0[slot]
+    /// The first `count` elements of buffer `slot` as `f64`s.
+    pub fn read(&self, slot: usize, count: usize) -> std::borrow::Cow<'_, [f64]> {
+        self.0[slot].read(count)
+    }
+
+    /// Writes `values` into the first elements of buffer `slot`.
+    pub fn write(&mut self, slot: usize, values: &[f64]) -> Result<(), CodegenError> {
+        self.0[slot].write(values)
+    }
+
+    /// Buffer `slot`'s elements, if it holds `T`s.
+    pub fn elements<T: Stored>(&self, slot: usize) -> Option<&[T]> {
+        T::elements(&self.0[slot])
     }
 
     /// Calls `f` with the buffers `inputs` to read and the buffer `output`
-    /// to write (which must not be among the inputs).
-    pub fn compute<R>(
+    /// to write (which must not be among the inputs), all holding `T`s.
+    pub fn compute<T: Stored, R>(
         &mut self,
         inputs: &[usize],
         output: usize,
-        f: impl FnOnce(&[&[f64]], &mut [f64]) -> R,
+        f: impl FnOnce(&[&[T]], &mut [T]) -> R,
     ) -> Result<R, CodegenError> {
         if inputs.contains(&output) {
             return Err(CodegenError(format!("buffer {output} is read and written")));
         }
-        // Moving the vector out keeps its heap storage where it is.
-        let mut out = std::mem::take(&mut self.0[output]);
-        let result = {
-            let reads: Vec<&[f64]> = inputs.iter().map(|&slot| self.0[slot].as_slice()).collect();
-            f(&reads, &mut out)
-        };
+        let wrong = || CodegenError("a buffer holds another element type".into());
+        // Moving the storage out keeps its heap allocation where it is.
+        let mut out = std::mem::replace(&mut self.0[output], Storage::F64(Vec::new()));
+        let result = (|| {
+            let reads = inputs
+                .iter()
+                .map(|&slot| T::elements(&self.0[slot]).ok_or_else(wrong))
+                .collect::<Result<Vec<&[T]>, _>>()?;
+            let written = T::elements_mut(&mut out).ok_or_else(wrong)?;
+            Ok(f(&reads, written))
+        })();
         self.0[output] = out;
-        Ok(result)
+        result
     }
 }
 
 /// What the trampoline `gradc_host` reaches through its state pointer.
 struct HostState<'a> {
     host: &'a mut dyn Host,
-    buffers: *mut [Vec<f64>],
+    buffers: *mut [Storage],
     error: Option<InterpError>,
 }
 
@@ -508,20 +740,24 @@ enum BoundCall {
 /// checked when the call is pushed), and the compiled entry.
 #[derive(Default)]
 pub struct Frame {
-    buffers: Vec<Vec<f64>>,
+    buffers: Vec<Storage>,
     calls: Vec<BoundCall>,
     entry: Option<EntryFn>,
     /// Scratch rebuilt by every run: the entry's words and each kernel's
     /// pointer array.
     words: Vec<i64>,
-    pointers: Vec<Vec<*const f64>>,
+    pointers: Vec<Vec<*const u8>>,
 }
 
 impl Frame {
-    /// A frame with zeroed buffers of these lengths and no calls.
-    pub fn new(lengths: &[usize]) -> Frame {
+    /// A frame with zeroed buffers of these lengths and element types, and
+    /// no calls.
+    pub fn new(buffers: &[(usize, Elem)]) -> Frame {
         Frame {
-            buffers: lengths.iter().map(|&n| vec![0.0; n]).collect(),
+            buffers: buffers
+                .iter()
+                .map(|&(length, elem)| Storage::zeros(length, elem))
+                .collect(),
             ..Frame::default()
         }
     }
@@ -531,15 +767,16 @@ impl Frame {
         Buffers(&mut self.buffers)
     }
 
-    /// Buffer `slot`.
-    pub fn buffer(&self, slot: usize) -> &[f64] {
-        &self.buffers[slot]
+    /// The first `count` elements of buffer `slot` as `f64`s.
+    pub fn read(&self, slot: usize, count: usize) -> std::borrow::Cow<'_, [f64]> {
+        self.buffers[slot].read(count)
     }
 
-    fn length(&self, slot: usize) -> Result<usize, CodegenError> {
+    /// The length and element type of buffer `slot`.
+    fn buffer(&self, slot: usize) -> Result<(usize, Elem), CodegenError> {
         self.buffers
             .get(slot)
-            .map(Vec::len)
+            .map(|b| (b.len(), b.elem()))
             .ok_or_else(|| CodegenError(format!("no buffer {slot}")))
     }
 
@@ -588,7 +825,13 @@ impl Frame {
                 Access::Full => n,
                 Access::Single | Access::Strided | Access::Row => m as usize,
             };
-            let length = self.length(slot)?;
+            let (length, elem) = self.buffer(slot)?;
+            if elem != kernel.elems[j] {
+                return Err(CodegenError(format!(
+                    "buffer {j} holds {elem:?}, the kernel reads {:?}",
+                    kernel.elems[j]
+                )));
+            }
             if needs > length {
                 return Err(CodegenError(format!(
                     "buffer {j} has {length} elements, the kernel reaches {needs}"
@@ -630,7 +873,13 @@ impl Frame {
             )));
         }
         for (j, &length) in lengths.iter().chain([&out]).enumerate() {
-            let has = self.length(slots[j])?;
+            let (has, elem) = self.buffer(slots[j])?;
+            if elem != kernel.elems[j] {
+                return Err(CodegenError(format!(
+                    "row kernel: buffer {j} holds {elem:?}, the kernel reads {:?}",
+                    kernel.elems[j]
+                )));
+            }
             if has < length {
                 return Err(CodegenError(format!(
                     "row kernel: buffer {j} has {has} elements, expected {length}"
@@ -699,7 +948,7 @@ impl Frame {
         let context: [i64; 2] = [context.seed as i64, context.step as i64];
         let mut state = HostState {
             host,
-            buffers: self.buffers.as_mut_slice() as *mut [Vec<f64>],
+            buffers: self.buffers.as_mut_slice() as *mut [Storage],
             error: None,
         };
         let state_pointer = (&mut state as *mut HostState<'_>).cast::<HostState<'static>>();
@@ -803,6 +1052,7 @@ impl CodeCache {
         graph: &Graph,
         nodes: &[NodeId],
         inputs: &[NodeId],
+        input_elems: &[Elem],
         outputs: &[NodeId],
     ) -> Result<(CompiledKernel, String), CodegenError> {
         // The loop's shape: that of any elementwise node, else of the
@@ -869,6 +1119,18 @@ impl CodeCache {
             }
         }
         let cols = if rows_and_cols { cols } else { None };
+        // Inputs as the caller stores them; an output by its type, but a
+        // sum accumulated in place in `f64`.
+        if input_elems.len() != inputs.len() {
+            return Err(CodegenError("an element type per input expected".into()));
+        }
+        let mut elems = input_elems.to_vec();
+        for (o, &output) in outputs.iter().enumerate() {
+            elems.push(match access[inputs.len() + o] {
+                Access::Full | Access::Single => Elem::of(graph.node(output).dtype()),
+                Access::Strided | Access::Row => Elem::F64,
+            });
+        }
         let pointer = types::I64;
         let (id, mut context) = self.declare("kernel", 5, false)?;
         let mut builder_context = FunctionBuilderContext::new();
@@ -913,7 +1175,7 @@ impl CodeCache {
                 if matches!(access[j], Access::Strided | Access::Row) {
                     let m = slots(&mut b, j);
                     rows::counted_loop(&mut b, m, &[], |b, slot, _| {
-                        let at = rows::element(b, bases[j], slot);
+                        let at = element_at(b, Elem::F64, bases[j], slot);
                         b.ins().store(flags, zero_f64, at, 0);
                         Ok(vec![])
                     })?;
@@ -962,6 +1224,7 @@ impl CodeCache {
                 inputs,
                 outputs,
                 access: &access,
+                elems: &elems,
                 bases: &bases,
                 single_sums: &single_sums,
                 seed,
@@ -1020,7 +1283,7 @@ impl CodeCache {
                             value = b.ins().fdiv(value, count);
                         }
                         let value = round(&mut b, graph, output, value);
-                        b.ins().store(flags, value, bases[j], 0);
+                        store(&mut b, elems[j], value, bases[j]);
                     }
                     Access::Strided | Access::Row => {
                         let m = slots(&mut b, j);
@@ -1029,7 +1292,7 @@ impl CodeCache {
                             let one_f64 = b.ins().f64const(1.0);
                             let dead =
                                 rows::counted_loop(&mut b, m, &[zero_f64], |b, slot, carried| {
-                                    let at = rows::element(b, bases[j], slot);
+                                    let at = element_at(b, Elem::F64, bases[j], slot);
                                     let reached = b.ins().load(types::F64, flags, at, 0);
                                     let none = b.ins().fcmp(FloatCC::Equal, reached, zero_f64);
                                     let add = b.ins().select(none, one_f64, zero_f64);
@@ -1043,7 +1306,7 @@ impl CodeCache {
                         } else if mean || graph.node(output).dtype() == DType::F32 {
                             let count = count_per(&mut b, m);
                             rows::counted_loop(&mut b, m, &[], |b, slot, _| {
-                                let at = rows::element(b, bases[j], slot);
+                                let at = element_at(b, Elem::F64, bases[j], slot);
                                 let mut value = b.ins().load(types::F64, flags, at, 0);
                                 if mean {
                                     value = b.ins().fdiv(value, count);
@@ -1070,6 +1333,7 @@ impl CodeCache {
                 access,
                 cols,
                 read_shapes,
+                elems,
             },
             clif,
         ))
@@ -1207,14 +1471,18 @@ impl CodeCache {
         Ok(clif)
     }
 
-    /// Compiles a row kernel (`jit::rows`) for a node `RowOp::of` accepts;
-    /// also returns the CLIF text.
+    /// Compiles a row kernel (`jit::rows`) for a node `RowOp::of` accepts,
+    /// whose inputs (`RowOp::reads`) are stored as `input_elems` say; also
+    /// returns the CLIF text.
     pub fn compile_rows(
         &mut self,
         graph: &Graph,
         node: NodeId,
         op: RowOp,
+        input_elems: &[Elem],
     ) -> Result<(RowKernel, String), CodegenError> {
+        let mut elems = input_elems.to_vec();
+        elems.push(Elem::of(graph.node(node).dtype()));
         let (id, mut context) = self.declare("kernel", 3, false)?;
         let mut builder_context = FunctionBuilderContext::new();
         {
@@ -1229,7 +1497,9 @@ impl CodeCache {
                 declared: HashMap::new(),
             };
             let f32 = graph.node(node).dtype() == DType::F32;
-            rows::emit(&mut b, &mut calls, op, f32, params[0], params[1], params[2])?;
+            rows::emit(
+                &mut b, &mut calls, op, f32, &elems, params[0], params[1], params[2],
+            )?;
             b.ins().return_(&[]);
             b.seal_all_blocks();
             b.finalize(self.module.target_config());
@@ -1241,6 +1511,7 @@ impl CodeCache {
                 op,
                 inputs: op.reads(&graph.operands(node)),
                 output: node,
+                elems,
             },
             clif,
         ))
@@ -1255,6 +1526,7 @@ struct Body<'k> {
     inputs: &'k [NodeId],
     outputs: &'k [NodeId],
     access: &'k [Access],
+    elems: &'k [Elem],
     bases: &'k [Value],
     single_sums: &'k [usize],
     seed: Value,
@@ -1278,13 +1550,7 @@ impl Body<'_> {
         address: &dyn Fn(&mut FunctionBuilder<'_>, usize) -> Value,
         totals: &[Value],
     ) -> Result<Vec<Value>, CodegenError> {
-        let (graph, access) = (self.graph, self.access);
-        let scalar_flags = MemFlagsData::trusted();
-        let (ty, flags) = if vector {
-            (types::F64X2, MemFlagsData::new().with_notrap())
-        } else {
-            (types::F64, scalar_flags)
-        };
+        let (graph, access, elems) = (self.graph, self.access, self.elems);
         let zero = if vector {
             b.ins().splat(types::F64X2, self.zero)
         } else {
@@ -1300,11 +1566,11 @@ impl Body<'_> {
         let mut values: HashMap<NodeId, Value> = HashMap::new();
         for (j, &input) in self.inputs.iter().enumerate() {
             let value = if vector && access[j] == Access::Single {
-                let one = b.ins().load(types::F64, scalar_flags, self.bases[j], 0);
+                let one = load(b, elems[j], false, self.bases[j]);
                 b.ins().splat(types::F64X2, one)
             } else {
                 let at = address(b, j);
-                b.ins().load(ty, flags, at, 0)
+                load(b, elems[j], vector, at)
             };
             values.insert(input, value);
         }
@@ -1353,13 +1619,13 @@ impl Body<'_> {
                 // lane of a vector is its own slot).
                 Access::Strided | Access::Row => {
                     let at = address(b, j);
-                    let total = b.ins().load(ty, flags, at, 0);
+                    let total = load(b, elems[j], vector, at);
                     let total = b.ins().fadd(total, value);
-                    b.ins().store(flags, total, at, 0);
+                    store(b, elems[j], total, at);
                 }
                 Access::Full => {
                     let at = address(b, j);
-                    b.ins().store(flags, value, at, 0);
+                    store(b, elems[j], value, at);
                 }
             }
         }
@@ -1418,9 +1684,8 @@ impl Body<'_> {
             b.ins().brif(more, vector_body, &[], header, &scalar);
 
             b.switch_to_block(vector_body);
-            let offset = b.ins().imul_imm_u(i, 8);
             let address = |b: &mut FunctionBuilder<'_>, j: usize| match self.access[j] {
-                Access::Full => b.ins().iadd(self.bases[j], offset),
+                Access::Full => element_at(b, self.elems[j], self.bases[j], i),
                 _ => self.bases[j],
             };
             let next = self.step(b, calls, i, true, &address, running)?;
@@ -1447,14 +1712,12 @@ impl Body<'_> {
         b.ins().brif(more, inside, &[], done, &finished);
 
         b.switch_to_block(inside);
-        let offset = b.ins().imul_imm_u(i, 8);
         let address = |b: &mut FunctionBuilder<'_>, j: usize| match self.access[j] {
-            Access::Full => b.ins().iadd(self.bases[j], offset),
+            Access::Full => element_at(b, self.elems[j], self.bases[j], i),
             Access::Single => self.bases[j],
             Access::Strided | Access::Row => {
                 let c = factors.iter().position(|f| f.0 == j).unwrap_or(0);
-                let slot = b.ins().imul_imm_u(counters[c].1, 8);
-                b.ins().iadd(self.bases[j], slot)
+                element_at(b, self.elems[j], self.bases[j], counters[c].1)
             }
         };
         let next_totals = self.step(b, calls, i, false, &address, &running)?;
@@ -1538,13 +1801,9 @@ impl Body<'_> {
             move |b: &mut FunctionBuilder<'_>, j: usize| match self.access[j] {
                 Access::Full => {
                     let element = b.ins().iadd(row, column);
-                    let offset = b.ins().imul_imm_u(element, 8);
-                    b.ins().iadd(self.bases[j], offset)
+                    element_at(b, self.elems[j], self.bases[j], element)
                 }
-                Access::Row => {
-                    let offset = b.ins().imul_imm_u(column, 8);
-                    b.ins().iadd(self.bases[j], offset)
-                }
+                Access::Row => element_at(b, self.elems[j], self.bases[j], column),
                 Access::Single | Access::Strided => self.bases[j],
             }
         };

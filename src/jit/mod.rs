@@ -32,7 +32,7 @@ use crate::interp::{self, Context, Evaluation, InterpError, Tensor};
 use crate::ir::{DType, Graph, NodeId, Op, Shape};
 use crate::passes::fusion::{self, Plan};
 use crate::train::Backend;
-use codegen::{Buffers, CodeCache, CompiledKernel, Frame, Host, RowKernel};
+use codegen::{Buffers, CodeCache, CompiledKernel, Elem, Frame, Host, RowKernel};
 use rows::RowOp;
 
 /// A kernel's compiled form.
@@ -63,6 +63,9 @@ struct Program {
     /// The graph's topological order, and each node's place in it.
     order: Vec<NodeId>,
     position: HashMap<NodeId, usize>,
+    /// How each value's buffer stores its elements, where that is not
+    /// `Elem::of` its type (sums a compiled kernel accumulates in `f64`).
+    storage: HashMap<NodeId, Elem>,
     frames: HashMap<BTreeMap<String, usize>, Bound>,
     /// Holds the compiled code: it outlives `kernels` and `frames`.
     code: CodeCache,
@@ -174,7 +177,11 @@ fn compile(graph: &Graph, keep_clif: bool) -> Result<Program, codegen::CodegenEr
         .ok_or_else(|| codegen::CodegenError("the graph has a cycle".into()))?;
     let position: HashMap<NodeId, usize> =
         order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let mut storage: HashMap<NodeId, Elem> = HashMap::new();
     for (k, kernel) in plan.kernels.iter().enumerate() {
+        let elems = |ids: &[NodeId], storage: &HashMap<NodeId, Elem>| -> Vec<Elem> {
+            ids.iter().map(|id| elem(graph, storage, *id)).collect()
+        };
         // A kernel that is only a sum loops over its operand.
         let loop_shape = match kernel.kind {
             fusion::Kind::Reduction => graph
@@ -211,7 +218,8 @@ fn compile(graph: &Graph, keep_clif: bool) -> Result<Program, codegen::CodegenEr
         if let [node] = kernel.nodes.as_slice()
             && let Some(op) = RowOp::of(graph, *node)
         {
-            let (compiled, text) = code.compile_rows(graph, *node, op)?;
+            let reads = op.reads(&graph.operands(*node));
+            let (compiled, text) = code.compile_rows(graph, *node, op, &elems(&reads, &storage))?;
             clif.push(format!("; kernel k{k}\n{text}"));
             let mut prologue: Vec<NodeId> = kernel.recompute.iter().copied().collect();
             prologue.sort_by_key(|id| position[id]);
@@ -268,7 +276,13 @@ fn compile(graph: &Graph, keep_clif: bool) -> Result<Program, codegen::CodegenEr
             .into_iter()
             .filter(|o| inside.contains(o))
             .collect();
-        let (compiled, text) = code.compile(graph, &ordered, &inputs, &outputs)?;
+        let input_elems = elems(&inputs, &storage);
+        let (compiled, text) = code.compile(graph, &ordered, &inputs, &input_elems, &outputs)?;
+        for (&output, &e) in outputs.iter().zip(&compiled.elems[inputs.len()..]) {
+            if e != Elem::of(graph.node(output).dtype()) {
+                storage.insert(output, e);
+            }
+        }
         clif.push(format!("; kernel k{k}\n{text}"));
         kernels.push(Some(Compiled::Elementwise {
             prologue,
@@ -283,9 +297,18 @@ fn compile(graph: &Graph, keep_clif: bool) -> Result<Program, codegen::CodegenEr
         clif,
         order,
         position,
+        storage,
         frames: HashMap::new(),
         code,
     })
+}
+
+/// How the buffer of value `id` stores its elements.
+fn elem(graph: &Graph, storage: &HashMap<NodeId, Elem>, id: NodeId) -> Elem {
+    storage
+        .get(&id)
+        .copied()
+        .unwrap_or_else(|| Elem::of(graph.node(id).dtype()))
 }
 
 /// A frame bound to one set of sizes, with what its host work does.
@@ -439,14 +462,18 @@ fn bind(
         }
         slots.insert(id, values.len());
         values.push((id, shape));
-        lengths.push(length);
+        lengths.push((length, elem(graph, &program.storage, id)));
     }
     let mut frame = Frame::new(&lengths);
     // Constants once.
     for &id in &program.order {
         if let Op::Constant(c) = graph.node(id).op {
             let value = Tensor::new(graph.node(id).dtype(), Vec::new(), vec![c]);
-            frame.buffers().get_mut(slots[&id]).fill(value.data[0]);
+            let slot = slots[&id];
+            frame
+                .buffers()
+                .write(slot, &vec![value.data[0]; lengths[slot].0])
+                .map_err(internal)?;
         }
     }
     let slot_of = |id: &NodeId| {
@@ -664,25 +691,18 @@ impl Jit {
         let bound = program.bound(graph, &dims)?;
         // The leaves into their buffers, converted as the interpreter
         // converts them (an `f32` leaf rounded to `f32`).
+        // (`checked_leaves` has matched their sizes to the shapes the
+        // buffers were made for.)
         let mut buffers = bound.frame.buffers();
         for (id, tensor) in bound_leaves {
             let Some(&slot) = bound.slots.get(&id) else {
                 continue;
             };
-            let buffer = buffers.get_mut(slot);
-            if buffer.len() != tensor.data.len() {
-                return Err(InterpError::Internal(format!(
-                    "leaf {id} has {} elements for a buffer of {}",
-                    tensor.data.len(),
-                    buffer.len()
-                )));
-            }
-            if graph.node(id).dtype() == DType::F32 {
-                for (to, &from) in buffer.iter_mut().zip(&tensor.data) {
-                    *to = f64::from(from as f32);
-                }
+            if graph.node(id).dtype() == DType::F32 && buffers.elem(slot) == Elem::F64 {
+                let rounded: Vec<f64> = tensor.data.iter().map(|&v| f64::from(v as f32)).collect();
+                buffers.write(slot, &rounded).map_err(internal)?;
             } else {
-                buffer.copy_from_slice(&tensor.data);
+                buffers.write(slot, &tensor.data).map_err(internal)?;
             }
         }
         let mut host = StepHost {
@@ -712,7 +732,7 @@ impl Jit {
                 continue;
             }
             let count: usize = shape.iter().product();
-            let data = bound.frame.buffer(slot)[..count].to_vec();
+            let data = bound.frame.read(slot, count).into_owned();
             let tensor = Tensor {
                 dtype: graph.node(*id).dtype(),
                 shape: shape.clone(),
@@ -751,7 +771,7 @@ impl Host for StepHost<'_> {
                 Ok(())
             }
             Some(Work::Labels { slot, cols }) => {
-                interp::kernels::check_indices(buffers.get(*slot), *cols, "label")
+                interp::kernels::check_indices(&buffers.read(*slot, usize::MAX), *cols, "label")
             }
             None => Err(InterpError::Internal(format!("no host work {index}"))),
         }
@@ -782,7 +802,7 @@ impl StepHost<'_> {
                     Tensor {
                         dtype: node.dtype(),
                         shape,
-                        data: buffers.get(slot)[..count].to_vec(),
+                        data: buffers.read(slot, count).into_owned(),
                     }
                 }
                 None if !needed.contains(&operand) => Tensor::zeros(
@@ -800,14 +820,9 @@ impl StepHost<'_> {
             .remove(&id)
             .ok_or_else(|| InterpError::Internal(format!("{id} was not evaluated")))?;
         self.buffer_updates.append(&mut self.scratch.buffer_updates);
-        let buffer = buffers.get_mut(self.slot(id)?);
-        if buffer.len() < value.data.len() {
-            return Err(InterpError::Internal(format!(
-                "{id} does not fit its buffer"
-            )));
-        }
-        buffer[..value.data.len()].copy_from_slice(&value.data);
-        Ok(())
+        buffers
+            .write(self.slot(id)?, &value.data)
+            .map_err(|e| InterpError::Internal(format!("{id}: {e}")))
     }
 
     /// Computes a matrix product with the tuned GEMM (`codegen::gemm`)
@@ -854,61 +869,119 @@ impl StepHost<'_> {
         ) else {
             return Ok(false);
         };
-        let (Some(a), Some(b)) = (
-            matrix_view(buffers.get(left), &self.values[left].1, transpose_left),
-            matrix_view(buffers.get(right), &self.values[right].1, transpose_right),
+        // Each operand as (shape, transposed?) and its matrix sizes as read.
+        let operand = |slot: usize, transposed: bool| -> Option<(Operand, (usize, usize))> {
+            let shape = self.values[slot].1.clone();
+            let (rows, cols) = matrix_dims(&shape)?;
+            let dims = if transposed {
+                (cols, rows)
+            } else {
+                (rows, cols)
+            };
+            Some(((shape, transposed), dims))
+        };
+        let (Some((a, (a_rows, a_cols))), Some((b, (b_rows, b_cols)))) = (
+            operand(left, transpose_left),
+            operand(right, transpose_right),
         ) else {
             return Ok(false);
         };
         let count: usize = self.values[out].1.iter().product();
-        if a.cols != b.rows || count != a.rows * b.cols || left == out || right == out {
+        if a_cols != b_rows || count != a_rows * b_cols || left == out || right == out {
             return Ok(false);
         }
-        let (rows, cols) = (a.rows, b.cols);
-        if node.dtype() == DType::F32 {
-            let (a32, b32, c32) = &mut self.narrow;
-            a32.clear();
-            a32.extend(a.data.iter().map(|&v| v as f32));
-            b32.clear();
-            b32.extend(b.data.iter().map(|&v| v as f32));
-            c32.clear();
-            c32.resize(rows * cols, 0.0);
-            codegen::gemm_parallel(a.over(a32), b.over(b32), c32).map_err(internal)?;
-            for (to, &from) in buffers.get_mut(out).iter_mut().zip(c32.iter()) {
-                *to = f64::from(from);
+        let elems = [left, right, out].map(|slot| buffers.elem(slot));
+        match (node.dtype(), elems) {
+            // Straight from the buffers.
+            (DType::F32, [Elem::F32, Elem::F32, Elem::F32]) => {
+                product_in_place::<f32>(buffers, [left, right, out], &a, &b)
             }
-        } else {
-            let shapes = (self.values[left].1.clone(), self.values[right].1.clone());
-            buffers
-                .compute(&[left, right], out, |reads, c| {
-                    let a = matrix_view(reads[0], &shapes.0, transpose_left);
-                    let b = matrix_view(reads[1], &shapes.1, transpose_right);
-                    match (a, b) {
-                        (Some(a), Some(b)) => codegen::gemm_parallel(a, b, &mut c[..rows * cols]),
-                        _ => Err(codegen::CodegenError("the views changed".into())),
-                    }
-                })
-                .and_then(|r| r)
-                .map_err(internal)?;
+            (DType::F64, [Elem::F64, Elem::F64, Elem::F64]) => {
+                product_in_place::<f64>(buffers, [left, right, out], &a, &b)
+            }
+            // An `f32` operand kept in `f64` (a sum): through `f32` copies.
+            (DType::F32, _) => {
+                let (a32, b32, c32) = &mut self.narrow;
+                a32.clear();
+                a32.extend(
+                    buffers
+                        .read(left, a_rows * a_cols)
+                        .iter()
+                        .map(|&v| v as f32),
+                );
+                b32.clear();
+                b32.extend(
+                    buffers
+                        .read(right, b_rows * b_cols)
+                        .iter()
+                        .map(|&v| v as f32),
+                );
+                c32.clear();
+                c32.resize(count, 0.0);
+                let (Some(a), Some(b)) = (matrix_view(a32, &a.0, a.1), matrix_view(b32, &b.0, b.1))
+                else {
+                    return Ok(false);
+                };
+                codegen::gemm_parallel(a, b, c32).map_err(internal)?;
+                let wide: Vec<f64> = c32.iter().map(|&v| f64::from(v)).collect();
+                buffers.write(out, &wide)
+            }
+            _ => return Ok(false),
         }
+        .map_err(internal)?;
         Ok(true)
     }
 }
 
-/// A buffer as the matrix (leading axes flattened) x (last axis) of its
-/// shape, read transposed or not; `None` below rank 2 or for an empty last
-/// axis.
-fn matrix_view<'a>(
-    data: &'a [f64],
-    shape: &[usize],
-    transposed: bool,
-) -> Option<codegen::MatrixView<'a>> {
+/// One operand of a product: its shape, and whether it is read
+/// transposed.
+type Operand = (Vec<usize>, bool);
+
+/// `out = a @ b` on the GEMM, straight from buffers holding `T`s.
+fn product_in_place<T: codegen::GemmElement + codegen::Stored + Send + Sync>(
+    buffers: &mut Buffers<'_>,
+    [left, right, out]: [usize; 3],
+    a: &Operand,
+    b: &Operand,
+) -> Result<(), codegen::CodegenError> {
+    buffers
+        .compute::<T, _>(&[left, right], out, |reads, c| {
+            match (
+                matrix_view(reads[0], &a.0, a.1),
+                matrix_view(reads[1], &b.0, b.1),
+            ) {
+                (Some(a), Some(b)) => {
+                    let count = a.rows * b.cols;
+                    match c.get_mut(..count) {
+                        Some(c) => codegen::gemm_parallel(a, b, c),
+                        None => Err(codegen::CodegenError("the product does not fit".into())),
+                    }
+                }
+                _ => Err(codegen::CodegenError("an operand does not fit".into())),
+            }
+        })
+        .and_then(|r| r)
+}
+
+/// A shape as a matrix: (leading axes flattened) x (last axis); `None`
+/// below rank 2 or for an empty last axis.
+fn matrix_dims(shape: &[usize]) -> Option<(usize, usize)> {
     let cols = *shape.last()?;
-    let count: usize = shape.iter().product();
-    if shape.len() < 2 || cols == 0 || count > data.len() {
+    if shape.len() < 2 || cols == 0 {
         return None;
     }
-    let view = codegen::MatrixView::row_major(&data[..count], count / cols, cols);
+    Some((shape.iter().product::<usize>() / cols, cols))
+}
+
+/// A buffer as the matrix of its shape (`matrix_dims`), read transposed or
+/// not; `None` if the shape is no matrix or `data` is too short.
+fn matrix_view<'a, T>(
+    data: &'a [T],
+    shape: &[usize],
+    transposed: bool,
+) -> Option<codegen::MatrixView<'a, T>> {
+    let (rows, cols) = matrix_dims(shape)?;
+    let view = codegen::MatrixView::row_major(data.get(..rows * cols)?, rows, cols);
     Some(if transposed { view.transposed() } else { view })
 }
 

@@ -15,7 +15,7 @@ use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{BlockArg, InstBuilder, MemFlagsData, Value, types};
 use cranelift_frontend::FunctionBuilder;
 
-use super::codegen::{Calls, CodegenError, call};
+use super::codegen::{self, Calls, CodegenError, Elem, call};
 use crate::ir::{DType, Graph, NodeId, Op, ReduceFn};
 
 /// What a row kernel computes. Rows are the leading axes flattened, `cols`
@@ -192,20 +192,24 @@ pub(super) fn counted_loop(
     Ok(b.block_params(exit).to_vec())
 }
 
-/// The address of element `j` of a row starting at `base`.
-pub(super) fn element(b: &mut FunctionBuilder<'_>, base: Value, j: Value) -> Value {
-    let offset = b.ins().imul_imm_u(j, 8);
-    b.ins().iadd(base, offset)
+/// A row (or a whole buffer) in memory: where it starts and how it
+/// stores its elements.
+#[derive(Clone, Copy)]
+struct Row {
+    base: Value,
+    elem: Elem,
 }
 
-fn load(b: &mut FunctionBuilder<'_>, base: Value, j: Value) -> Value {
-    let at = element(b, base, j);
-    b.ins().load(types::F64, MemFlagsData::trusted(), at, 0)
+/// Element `j` of a row, as an `f64`.
+fn load(b: &mut FunctionBuilder<'_>, row: Row, j: Value) -> Value {
+    let at = codegen::element_at(b, row.elem, row.base, j);
+    codegen::load(b, row.elem, false, at)
 }
 
-fn store(b: &mut FunctionBuilder<'_>, value: Value, base: Value, j: Value) {
-    let at = element(b, base, j);
-    b.ins().store(MemFlagsData::trusted(), value, at, 0);
+/// Stores `value` as element `j` of a row.
+fn store(b: &mut FunctionBuilder<'_>, value: Value, row: Row, j: Value) {
+    let at = codegen::element_at(b, row.elem, row.base, j);
+    codegen::store(b, row.elem, value, at);
 }
 
 /// Writes every column `j` of an output row: `value(j)`, rounded to `f32`
@@ -214,7 +218,7 @@ fn write_row(
     b: &mut FunctionBuilder<'_>,
     cols: Value,
     f32: bool,
-    out_row: Value,
+    out_row: Row,
     mut value: impl FnMut(&mut FunctionBuilder<'_>, Value) -> Result<Value, CodegenError>,
 ) -> Result<(), CodegenError> {
     counted_loop(b, cols, &[], |b, j, _| {
@@ -239,7 +243,7 @@ fn rounded(b: &mut FunctionBuilder<'_>, f32: bool, value: Value) -> Value {
 /// The row's maximum as `kernels::group_max` takes it: from -inf, a value
 /// replaces the maximum when it is NaN or larger, unless the maximum is
 /// already NaN.
-fn row_max(b: &mut FunctionBuilder<'_>, row: Value, cols: Value) -> Result<Value, CodegenError> {
+fn row_max(b: &mut FunctionBuilder<'_>, row: Row, cols: Value) -> Result<Value, CodegenError> {
     let start = b.ins().f64const(f64::NEG_INFINITY);
     let result = counted_loop(b, cols, &[start], |b, j, carried| {
         let m = carried[0];
@@ -260,7 +264,7 @@ fn row_max(b: &mut FunctionBuilder<'_>, row: Value, cols: Value) -> Result<Value
 fn row_logsumexp(
     b: &mut FunctionBuilder<'_>,
     calls: &mut Calls<'_>,
-    row: Value,
+    row: Row,
     cols: Value,
 ) -> Result<Value, CodegenError> {
     let m = row_max(b, row, cols)?;
@@ -281,30 +285,41 @@ fn row_logsumexp(
     Ok(b.ins().select(finite, total, m))
 }
 
-/// Writes `exp(x - max)` of a row into `out` (unrounded) and returns their
-/// sum from 0, in order: the first half of `kernels::softmax`.
+/// The maximum `m` of a row and the sum of `exp(x - m)` from 0, in
+/// order: the first half of `kernels::softmax` (the second recomputes each
+/// `exp(x - m)`, the same value, instead of keeping it).
 fn row_exps(
     b: &mut FunctionBuilder<'_>,
     calls: &mut Calls<'_>,
-    row: Value,
-    out: Value,
+    row: Row,
     cols: Value,
-) -> Result<Value, CodegenError> {
+) -> Result<(Value, Value), CodegenError> {
     let m = row_max(b, row, cols)?;
     let zero = b.ins().f64const(0.0);
-    Ok(counted_loop(b, cols, &[zero], |b, j, carried| {
-        let v = load(b, row, j);
-        let shifted = b.ins().fsub(v, m);
-        let e = call(b, calls, "gradc_exp", &[shifted])?;
-        store(b, e, out, j);
+    let sum = counted_loop(b, cols, &[zero], |b, j, carried| {
+        let e = row_exp(b, calls, row, m, j)?;
         Ok(vec![b.ins().fadd(carried[0], e)])
-    })?[0])
+    })?[0];
+    Ok((m, sum))
+}
+
+/// `exp(x[j] - m)` of a row.
+fn row_exp(
+    b: &mut FunctionBuilder<'_>,
+    calls: &mut Calls<'_>,
+    row: Row,
+    m: Value,
+    j: Value,
+) -> Result<Value, CodegenError> {
+    let v = load(b, row, j);
+    let shifted = b.ins().fsub(v, m);
+    call(b, calls, "gradc_exp", &[shifted])
 }
 
 /// A label as a column index: truncated like `as usize` (NaN and negative
 /// values give 0), and kept below `cols` so no address can leave the row
 /// (the runtime has checked the labels already).
-fn label_index(b: &mut FunctionBuilder<'_>, labels: Value, r: Value, cols: Value) -> Value {
+fn label_index(b: &mut FunctionBuilder<'_>, labels: Row, r: Value, cols: Value) -> Value {
     let label = load(b, labels, r);
     let index = b.ins().fcvt_to_uint_sat(types::I64, label);
     let last = b.ins().iadd_imm_s(cols, -1);
@@ -312,27 +327,42 @@ fn label_index(b: &mut FunctionBuilder<'_>, labels: Value, r: Value, cols: Value
 }
 
 /// Emits the body of a row kernel `fn(ptrs, rows, cols)`: `ptrs` holds the
-/// buffers `op.reads` lists, then the output.
+/// buffers `op.reads` lists, then the output, stored as `elems` says.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the kernel's signature, spelled out"
+)]
 pub(super) fn emit(
     b: &mut FunctionBuilder<'_>,
     calls: &mut Calls<'_>,
     op: RowOp,
     f32: bool,
+    elems: &[Elem],
     ptrs: Value,
     rows: Value,
     cols: Value,
 ) -> Result<(), CodegenError> {
     let flags = MemFlagsData::trusted();
     let buffers = op.lengths(1, 1).0.len() + 1;
-    let bases: Vec<Value> = (0..buffers)
-        .map(|j| b.ins().load(types::I64, flags, ptrs, (8 * j) as i32))
+    if elems.len() != buffers {
+        return Err(CodegenError(
+            "row kernel: an element type per buffer expected".into(),
+        ));
+    }
+    let bases: Vec<Row> = (0..buffers)
+        .map(|j| Row {
+            base: b.ins().load(types::I64, flags, ptrs, (8 * j) as i32),
+            elem: elems[j],
+        })
         .collect();
     let out = bases[buffers - 1];
-    let row_bytes = b.ins().imul_imm_u(cols, 8);
-    // The start of row r of a rows x cols buffer.
-    let row_of = |b: &mut FunctionBuilder<'_>, base: Value, r: Value| {
-        let offset = b.ins().imul(r, row_bytes);
-        b.ins().iadd(base, offset)
+    // Row r of a rows x cols buffer.
+    let row_of = |b: &mut FunctionBuilder<'_>, buffer: Row, r: Value| {
+        let start = b.ins().imul(r, cols);
+        Row {
+            base: codegen::element_at(b, buffer.elem, buffer.base, start),
+            elem: buffer.elem,
+        }
     };
     match op {
         RowOp::Max | RowOp::LogSumExp => {
@@ -351,9 +381,9 @@ pub(super) fn emit(
         RowOp::Softmax => {
             counted_loop(b, rows, &[], |b, r, _| {
                 let (row, out_row) = (row_of(b, bases[0], r), row_of(b, out, r));
-                let sum = row_exps(b, calls, row, out_row, cols)?;
+                let (m, sum) = row_exps(b, calls, row, cols)?;
                 write_row(b, cols, f32, out_row, |b, j| {
-                    let e = load(b, out_row, j);
+                    let e = row_exp(b, calls, row, m, j)?;
                     let p = b.ins().fdiv(e, sum);
                     Ok(p)
                 })?;
@@ -390,20 +420,20 @@ pub(super) fn emit(
             let count = b.ins().fcvt_from_uint(types::F64, count);
             let mean = b.ins().fdiv(total, count);
             let mean = rounded(b, f32, mean);
-            b.ins().store(flags, mean, out, 0);
+            codegen::store(b, out.elem, mean, out.base);
         }
         RowOp::CrossEntropyVjp => {
-            let g = b.ins().load(types::F64, flags, bases[0], 0);
+            let g = codegen::load(b, bases[0].elem, false, bases[0].base);
             let one = b.ins().iconst(types::I64, 1);
             let count = b.ins().umax(rows, one);
             let count = b.ins().fcvt_from_uint(types::F64, count);
             let scale = b.ins().fdiv(g, count);
             counted_loop(b, rows, &[], |b, r, _| {
                 let (row, out_row) = (row_of(b, bases[1], r), row_of(b, out, r));
-                let sum = row_exps(b, calls, row, out_row, cols)?;
+                let (m, sum) = row_exps(b, calls, row, cols)?;
                 let label = label_index(b, bases[2], r, cols);
                 write_row(b, cols, f32, out_row, |b, j| {
-                    let e = load(b, out_row, j);
+                    let e = row_exp(b, calls, row, m, j)?;
                     let p = b.ins().fdiv(e, sum);
                     let zero = b.ins().f64const(0.0);
                     let one = b.ins().f64const(1.0);
@@ -418,7 +448,7 @@ pub(super) fn emit(
         }
         RowOp::MseVjp { negate } => {
             // `sign * 2 * (p - t) * g / n`, in that order, as `interp::vjp`.
-            let g = b.ins().load(types::F64, flags, bases[0], 0);
+            let g = codegen::load(b, bases[0].elem, false, bases[0].base);
             let all = b.ins().imul(rows, cols);
             let one = b.ins().iconst(types::I64, 1);
             let all = b.ins().umax(all, one);
