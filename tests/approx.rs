@@ -172,3 +172,116 @@ fn polynomial_functions_are_within_a_few_ulps() {
         assert_eq!(differ, 0, "{name}: {differ} f32 values differ");
     }
 }
+
+/// GELU and its derivative, whose `erf` is a piecewise rational fit over
+/// the polynomial `exp` in the JIT (`approx::erf`) and `libm::erf` in the
+/// interpreter: within 4 ulps in `f64` for `x >= 0`; for `x < 0`, where
+/// `1 + erf` cancels and magnifies the last-place rounding of `erf` near
+/// -1 in both, within `|x| eps` absolute; and the same `f32` values as the
+/// interpreter.
+#[test]
+fn gelu_and_its_derivative_are_within_a_few_ulps() {
+    use gradc::autodiff;
+    use gradc::ir::Role;
+    let mut stream = Stream::new(9);
+    let mut x = vec![
+        0.0,
+        -0.0,
+        1e-300,
+        -1e-300,
+        1e-9,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::NAN,
+        0.84375 * std::f64::consts::SQRT_2,
+        1.25 * std::f64::consts::SQRT_2,
+        6.0 * std::f64::consts::SQRT_2,
+        -6.0 * std::f64::consts::SQRT_2,
+        40.0,
+        -40.0,
+    ];
+    for _ in 0..200_000 {
+        x.push(stream.uniform() * 24.0 - 12.0);
+    }
+    for _ in 0..100_000 {
+        x.push((stream.uniform() * 2.0 - 1.0) * 1e-4);
+    }
+    x.push(0.5); // an odd count: the scalar tail runs too
+    let source = format!(
+        "model m {{\n    param w: f64[{}] = zeros\n    output g = gelu(w)\n    loss sum(g)\n}}\n",
+        x.len()
+    );
+    for dtype in [DType::F64, DType::F32] {
+        let compilation = compile_source(
+            "m.grad",
+            &source,
+            LowerOptions {
+                float_dtype: Some(dtype),
+            },
+        );
+        assert!(
+            !compilation.has_errors(),
+            "{}",
+            compilation.render_diagnostics()
+        );
+        let joint = autodiff::differentiate(&compilation.models[0].train).expect("joint");
+        let values: Vec<f64> = match dtype {
+            DType::F32 => x.iter().map(|&v| f64::from(v as f32)).collect(),
+            _ => x.clone(),
+        };
+        let mut leaves = BTreeMap::new();
+        leaves.insert(
+            "w".to_string(),
+            Tensor::new(dtype, vec![values.len()], values.clone()),
+        );
+        let context = Context { seed: 0, step: 0 };
+        let got = Jit::new().run(&joint, &leaves, context).expect("jit");
+        let expected = interp::evaluate(&joint, &leaves, context).expect("interpreter");
+        let find = |role: Role| {
+            joint
+                .ids()
+                .into_iter()
+                .find(|&id| joint.node(id).role == role)
+                .expect("a node of that role")
+        };
+        let gelu = find(Role::Output("g".into()));
+        let slope = find(Role::Gradient("w".into()));
+        let mut worst = BTreeMap::new();
+        for (name, id, reference) in [
+            (
+                "gelu",
+                gelu,
+                (|v: f64| kernels::unary(gradc::ir::UnaryFn::Gelu, v)) as fn(f64) -> f64,
+            ),
+            ("gelu'", slope, kernels::gelu_derivative as fn(f64) -> f64),
+        ] {
+            let (jit, interp) = (&got.values[&id].data, &expected.values[&id].data);
+            let mut max = (0, 0.0);
+            for ((&v, &y), &want) in values.iter().zip(jit).zip(interp) {
+                if dtype == DType::F32 {
+                    assert_eq!(
+                        ulps(y, want),
+                        0,
+                        "{name}({v:e}) in f32 = {y:e}, expected {want:e}"
+                    );
+                    continue;
+                }
+                assert_eq!(ulps(want, reference(v)), 0, "the interpreter's {name}");
+                let error = ulps(y, want);
+                // Where `1 + erf` cancels (x < 0), an error of a few ulps
+                // of `erf` near -1 is the bound: `|x| eps` absolute.
+                let cancelled = v < 0.0;
+                assert!(
+                    error <= 4 || (cancelled && (y - want).abs() <= f64::EPSILON * v.abs()),
+                    "{name}({v:e}) = {y:e}, expected {want:e} ({error} ulps)"
+                );
+                if !cancelled && error > max.0 {
+                    max = (error, v);
+                }
+            }
+            worst.insert(name, max);
+        }
+        // For docs/jit.md (`--nocapture` prints it).
+        println!("{dtype:?}: max error in ulps (at x): {worst:?}");
+    }
+}

@@ -10,7 +10,7 @@ use crate::ir::{BinaryFn, ReduceFn, UnaryFn};
 use crate::random::uniform_at;
 
 /// `1 / sqrt(2 pi)`.
-const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+pub const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
 /// A unary function's value.
 pub fn unary(f: UnaryFn, x: f64) -> f64 {

@@ -158,12 +158,6 @@ extern "C" fn gradc_exp(x: f64) -> f64 {
 extern "C" fn gradc_log(x: f64) -> f64 {
     kernels::unary(UnaryFn::Log, x)
 }
-extern "C" fn gradc_gelu(x: f64) -> f64 {
-    kernels::unary(UnaryFn::Gelu, x)
-}
-extern "C" fn gradc_gelu_derivative(x: f64) -> f64 {
-    kernels::gelu_derivative(x)
-}
 extern "C" fn gradc_sin(x: f64) -> f64 {
     kernels::unary(UnaryFn::Sin, x)
 }
@@ -187,12 +181,6 @@ fn runtime_functions() -> Vec<(&'static str, *const u8, usize)> {
     vec![
         ("gradc_exp", gradc_exp as *const u8, 1),
         ("gradc_log", gradc_log as *const u8, 1),
-        ("gradc_gelu", gradc_gelu as *const u8, 1),
-        (
-            "gradc_gelu_derivative",
-            gradc_gelu_derivative as *const u8,
-            1,
-        ),
         ("gradc_sin", gradc_sin as *const u8, 1),
         ("gradc_cos", gradc_cos as *const u8, 1),
         ("gradc_pow", gradc_pow as *const u8, 2),
@@ -1999,7 +1987,7 @@ fn unary(
         UnaryFn::Log => approx::log(b, x),
         UnaryFn::Tanh => approx::tanh(b, x),
         UnaryFn::Sigmoid => approx::sigmoid(b, x),
-        UnaryFn::Gelu => call(b, calls, "gradc_gelu", &[x])?,
+        UnaryFn::Gelu => approx::gelu(b, x),
         UnaryFn::Softplus => approx::softplus(b, x),
         UnaryFn::Sin => call(b, calls, "gradc_sin", &[x])?,
         UnaryFn::Cos => call(b, calls, "gradc_cos", &[x])?,
@@ -2070,7 +2058,7 @@ fn vjp(
         }
         // g (Phi(x) + x phi(x))
         Op::Unary(UnaryFn::Gelu) => {
-            let derivative = call(b, calls, "gradc_gelu_derivative", &[x])?;
+            let derivative = approx::gelu_derivative(b, x);
             b.ins().fmul(g, derivative)
         }
         // g sigmoid(x), or g above the threshold 20
