@@ -1220,8 +1220,14 @@ impl CodeCache {
                 zero: zero_f64,
                 count,
             };
-            let start: Vec<Value> = single_sums.iter().map(|_| zero_f64).collect();
-            let totals = match cols {
+            // Each running total is an `f64x2`: a vector step adds its two
+            // elements lane by lane, a scalar step adds into lane 0; the
+            // lanes are added after the loops.
+            let start: Vec<Value> = single_sums
+                .iter()
+                .map(|_| b.ins().splat(types::F64X2, zero_f64))
+                .collect();
+            let lanes = match cols {
                 Some(cols) => body.rows_and_columns(&mut b, &mut calls, n, cols, &start)?,
                 None => {
                     // A loop statically over fewer than two elements (a
@@ -1236,6 +1242,14 @@ impl CodeCache {
                     body.flat(&mut b, &mut calls, n, &factors, &start, vector)?
                 }
             };
+            let totals: Vec<Value> = lanes
+                .iter()
+                .map(|&total| {
+                    let even = b.ins().extractlane(total, 0);
+                    let odd = b.ins().extractlane(total, 1);
+                    b.ins().fadd(even, odd)
+                })
+                .collect();
             // Finish every sum as the interpreter does: a mean divides by
             // its count, a zero fraction by n, a dead fraction counts the
             // units no row reached; an f32 result is rounded once.
@@ -1592,16 +1606,13 @@ impl Body<'_> {
                 // A sum to one element: total += value, in a register.
                 Access::Single => {
                     let slot = self.single_sums.iter().position(|&s| s == j).unwrap_or(0);
-                    let mut total = totals[slot];
-                    if vector {
-                        for lane in 0..2 {
-                            let part = b.ins().extractlane(value, lane);
-                            total = b.ins().fadd(total, part);
-                        }
+                    let value = if vector {
+                        value
                     } else {
-                        total = b.ins().fadd(total, value);
-                    }
-                    next.push(total);
+                        // [value, 0.0]
+                        b.ins().scalar_to_vector(types::F64X2, value)
+                    };
+                    next.push(b.ins().fadd(totals[slot], value));
                 }
                 // out[slot] += value, in the interpreter's order (each
                 // lane of a vector is its own slot).
@@ -1637,7 +1648,7 @@ impl Body<'_> {
         let zero = b.ins().iconst(pointer, 0);
         let done = b.create_block();
         for _ in totals {
-            b.append_block_param(done, types::F64);
+            b.append_block_param(done, types::F64X2);
         }
         let header = b.create_block();
         let inside = b.create_block();
@@ -1647,7 +1658,7 @@ impl Body<'_> {
             b.append_block_param(header, pointer);
         }
         for _ in totals {
-            b.append_block_param(header, types::F64);
+            b.append_block_param(header, types::F64X2);
         }
         let counters_start: Vec<Value> = factors.iter().flat_map(|_| [zero, zero]).collect();
         if factors.is_empty() && vector {
@@ -1655,7 +1666,7 @@ impl Body<'_> {
             let vector_body = b.create_block();
             b.append_block_param(vector_header, pointer);
             for _ in totals {
-                b.append_block_param(vector_header, types::F64);
+                b.append_block_param(vector_header, types::F64X2);
             }
             let start: Vec<BlockArg> = std::iter::once(zero)
                 .chain(totals.iter().copied())
@@ -1750,7 +1761,7 @@ impl Body<'_> {
                 b.append_block_param(block, pointer);
             }
             for _ in totals {
-                b.append_block_param(block, types::F64);
+                b.append_block_param(block, types::F64X2);
             }
         };
         let outer = b.create_block();
