@@ -46,6 +46,41 @@ fn close(a: &Tensor, b: &Tensor) -> bool {
         })
 }
 
+/// The graph's results: every node with a role that is not a leaf.
+fn results(graph: &gradc::ir::Graph) -> Vec<gradc::ir::NodeId> {
+    graph
+        .ids()
+        .into_iter()
+        .filter(|&id| graph.node(id).role != Role::Intermediate && !graph.node(id).op.is_leaf())
+        .collect()
+}
+
+/// The JIT on the optimized graph (what `run_wanted`, and so every
+/// training and eval run, executes) against the interpreter on the graph
+/// as given: every result within `close`.
+fn optimized_results_agree(
+    jit: &mut Jit,
+    graph: &gradc::ir::Graph,
+    leaves: &std::collections::BTreeMap<String, Tensor>,
+    context: Context,
+    expected: &interp::Evaluation,
+    label: &str,
+) {
+    let wanted = results(graph);
+    let got = jit
+        .run_wanted(graph, leaves, context, &wanted)
+        .unwrap_or_else(|e| panic!("{label}: the optimized graph fails: {e}"));
+    for id in wanted {
+        assert!(
+            close(&expected.values[&id], &got.values[&id]),
+            "{label}: {:?} differs on the optimized graph: {:?} vs {:?}",
+            graph.node(id).role,
+            expected.values[&id].data,
+            got.values[&id].data
+        );
+    }
+}
+
 #[test]
 fn jit_and_interpreter_agree_on_every_model() {
     let mut compiled_kernels = 0;
@@ -56,6 +91,7 @@ fn jit_and_interpreter_agree_on_every_model() {
         let mut jit = Jit::new();
         let got = jit.run(&graph, &leaves, context).expect("jit");
         compiled_kernels += jit.coverage(&graph).expect("coverage").0;
+        optimized_results_agree(&mut jit, &graph, &leaves, context, &expected, &label);
         for id in graph.ids() {
             let node = graph.node(id);
             if node.role == Role::Intermediate || node.op.is_leaf() {
@@ -406,6 +442,8 @@ fn jit_and_interpreter_agree_on_generated_models() {
                 let context = Context { seed, step };
                 let expected = interp::evaluate(&graph, &leaves, context).expect("interpreter");
                 let got = jit.run(&graph, &leaves, context).expect("jit");
+                let label = format!("seed {seed} ({dtype}), step {step}\n{source}");
+                optimized_results_agree(&mut jit, &graph, &leaves, context, &expected, &label);
                 // Without products (the GEMM's summation order) and the
                 // polynomial `exp`, `log`, `tanh` and `sigmoid` (within 3
                 // ulps, see `tests/approx.rs`), every value must be

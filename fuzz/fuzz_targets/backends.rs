@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use gradc::driver::compile_bytes;
 use gradc::interp::{self, Context, Tensor};
-use gradc::ir::{DType, Dim, Graph, Role};
+use gradc::ir::{DType, Dim, Graph, NodeId, Role};
 use gradc::jit::Jit;
 use gradc::lower::LowerOptions;
 use gradc::train::Backend;
@@ -68,26 +68,44 @@ fn agree(a: &Tensor, b: &Tensor) -> bool {
     })
 }
 
+/// The interpreter against the JIT on the graph as given (`run`) and on
+/// the optimized graph (`run_wanted` of the results, as training runs it).
 fn compare(graph: &Graph) {
     let leaves = leaves(graph);
     let context = Context { seed: 5, step: 1 };
-    let expected = interp::evaluate(graph, &leaves, context);
-    let got = Jit::new().run(graph, &leaves, context);
-    match (expected, got) {
-        (Ok(expected), Ok(got)) => {
-            for id in graph.ids() {
-                let node = graph.node(id);
-                if node.role == Role::Intermediate || node.op.is_leaf() {
-                    continue;
+    let results: Vec<NodeId> = graph
+        .ids()
+        .into_iter()
+        .filter(|&id| graph.node(id).role != Role::Intermediate && !graph.node(id).op.is_leaf())
+        .collect();
+    let mut jit = Jit::new();
+    for optimized in [false, true] {
+        let expected = interp::evaluate(graph, &leaves, context);
+        let got = if optimized {
+            jit.run_wanted(graph, &leaves, context, &results)
+        } else {
+            jit.run(graph, &leaves, context)
+        };
+        match (expected, got) {
+            (Ok(expected), Ok(got)) => {
+                for &id in &results {
+                    let role = &graph.node(id).role;
+                    let (Some(a), Some(b)) = (expected.values.get(&id), got.values.get(&id)) else {
+                        panic!("{id:?} ({role:?}) has no value (optimized: {optimized})");
+                    };
+                    assert!(
+                        agree(a, b),
+                        "{id:?} {role:?} (optimized: {optimized}): {:?} vs {:?}",
+                        a.data,
+                        b.data
+                    );
                 }
-                let (Some(a), Some(b)) = (expected.values.get(&id), got.values.get(&id)) else {
-                    panic!("{id:?} ({:?}) has no value", node.role);
-                };
-                assert!(agree(a, b), "{id:?} {:?}: {:?} vs {:?}", node.role, a.data, b.data);
             }
+            (Err(_), Err(_)) => {}
+            (expected, got) => panic!(
+                "the backends disagree (optimized: {optimized}): {expected:?} vs {got:?}"
+            ),
         }
-        (Err(_), Err(_)) => {}
-        (expected, got) => panic!("the backends disagree: {expected:?} vs {got:?}"),
     }
 }
 

@@ -27,10 +27,14 @@ pub mod codegen;
 pub mod rows;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use crate::interp::{self, Context, Evaluation, InterpError, Tensor};
-use crate::ir::{DType, Graph, NodeId, Op, Shape};
-use crate::passes::fusion::{self, Plan};
+use crate::ir::{DType, Graph, NodeId, Op, Role, Shape};
+use crate::passes::{
+    self,
+    fusion::{self, Plan},
+};
 use crate::train::Backend;
 use codegen::{Buffers, CodeCache, CompiledKernel, Elem, Frame, Host, RowKernel};
 use rows::RowOp;
@@ -52,9 +56,16 @@ enum Compiled {
     },
 }
 
-/// A graph prepared for running: its kernel plan, compiled kernels, and a
-/// bound frame per set of sizes.
+/// A graph prepared for running: the graph its kernels compute (the
+/// caller's, or the caller's optimized), its kernel plan, compiled kernels,
+/// and a bound frame per set of sizes.
 struct Program {
+    graph: Arc<Graph>,
+    /// Where each value the caller may ask for lives in `graph`: every node
+    /// with a role (which the passes may move to another node) and the
+    /// values kept for the caller. Empty for an unoptimized program, whose
+    /// ids are the caller's.
+    ids: HashMap<NodeId, NodeId>,
     plan: Plan,
     kernels: Vec<Option<Compiled>>,
     /// The shape each kernel loops over.
@@ -71,6 +82,11 @@ struct Program {
     code: CodeCache,
 }
 
+/// A program's graph version and what it keeps: `None` for the graph as
+/// given (every value can be read back), or the intermediate values a
+/// caller reads besides the graph's results (the graph is optimized).
+type ProgramKey = (u64, Option<Vec<NodeId>>);
+
 /// How many frames (sets of sizes) a program keeps: a training run needs
 /// its batch size, the last partial batch and the eval batch size.
 const FRAMES: usize = 8;
@@ -80,7 +96,7 @@ const FRAMES: usize = 8;
 /// any change to a graph gives it a new version.
 #[derive(Default)]
 pub struct Jit {
-    programs: HashMap<u64, Program>,
+    programs: HashMap<ProgramKey, Program>,
     /// Whether programs keep their CLIF text (set by the first call of
     /// `clif` or `entry_clif`).
     keep_clif: bool,
@@ -92,12 +108,35 @@ impl Jit {
         Jit::default()
     }
 
-    fn program(&mut self, graph: &Graph) -> Result<&mut Program, InterpError> {
-        let key = graph.version();
-        if let std::collections::hash_map::Entry::Vacant(slot) = self.programs.entry(key) {
-            let program =
-                compile(graph, self.keep_clif).map_err(|e| InterpError::Internal(e.to_string()))?;
-            slot.insert(program);
+    /// The program for a graph: as given when `wanted` is `None` (every
+    /// value can be read back), else optimized (`passes::optimize`) with
+    /// the wanted values kept.
+    fn program(
+        &mut self,
+        graph: &Graph,
+        wanted: Option<&[NodeId]>,
+    ) -> Result<&mut Program, InterpError> {
+        // Values with a role survive the passes anyway; the others are
+        // kept by `retain`.
+        let kept = wanted.map(|wanted| {
+            let mut kept: Vec<NodeId> = wanted
+                .iter()
+                .copied()
+                .filter(|&id| graph.contains(id) && graph.node(id).role == Role::Intermediate)
+                .collect();
+            kept.sort_unstable();
+            kept.dedup();
+            kept
+        });
+        let key = (graph.version(), kept);
+        if !self.programs.contains_key(&key) {
+            let (run, ids) = match &key.1 {
+                None => (graph.clone(), HashMap::new()),
+                Some(kept) => optimized(graph, kept),
+            };
+            let program = compile(run, ids, self.keep_clif)
+                .map_err(|e| InterpError::Internal(e.to_string()))?;
+            self.programs.insert(key.clone(), program);
         }
         self.programs
             .get_mut(&key)
@@ -106,7 +145,7 @@ impl Jit {
 
     /// How many kernels of a graph are compiled, out of how many.
     pub fn coverage(&mut self, graph: &Graph) -> Result<(usize, usize), InterpError> {
-        let program = self.program(graph)?;
+        let program = self.program(graph, Some(&[]))?;
         Ok((
             program.kernels.iter().filter(|k| k.is_some()).count(),
             program.kernels.len(),
@@ -117,7 +156,7 @@ impl Jit {
     /// for each kernel left on the interpreter.
     pub fn clif(&mut self, graph: &Graph) -> Result<String, InterpError> {
         self.keep_clif_text();
-        Ok(self.program(graph)?.clif.join("\n"))
+        Ok(self.program(graph, Some(&[]))?.clif.join("\n"))
     }
 
     /// The Cranelift IR of the step entry bound for these leaves (binding
@@ -148,10 +187,11 @@ impl Jit {
         graph: &Graph,
         leaves: &BTreeMap<String, Tensor>,
     ) -> Result<&mut Bound, InterpError> {
-        let program = self.program(graph)?;
+        let program = self.program(graph, Some(&[]))?;
+        let graph = Arc::clone(&program.graph);
         let mut dims = BTreeMap::new();
-        interp::checked_leaves(graph, &program.order, leaves, &mut dims)?;
-        program.bound(graph, &dims)
+        interp::checked_leaves(&graph, &program.order, leaves, &mut dims)?;
+        program.bound(&graph, &dims)
     }
 
     /// From now on programs keep their CLIF text; those compiled without it
@@ -164,9 +204,47 @@ impl Jit {
     }
 }
 
+/// The graph optimized by the passes, with the `kept` values retained
+/// (so no pass removes them; their ids stay), and where every node with a
+/// role and every kept value lives in it.
+fn optimized(graph: &Graph, kept: &[NodeId]) -> (Graph, HashMap<NodeId, NodeId>) {
+    let mut run = graph.clone();
+    for &id in kept {
+        run.node_mut(id).retain = true;
+    }
+    passes::optimize(&mut run, |_, _| {});
+    let mut by_role: HashMap<&Role, NodeId> = HashMap::new();
+    for id in run.ids() {
+        let role = &run.node(id).role;
+        if *role != Role::Intermediate {
+            by_role.insert(role, id);
+        }
+    }
+    let mut ids = HashMap::new();
+    for id in graph.ids() {
+        let node = graph.node(id);
+        let own = if node.op.is_leaf() || kept.contains(&id) {
+            Some(id).filter(|&id| run.contains(id))
+        } else if node.role != Role::Intermediate {
+            by_role.get(&node.role).copied()
+        } else {
+            None
+        };
+        if let Some(own) = own {
+            ids.insert(id, own);
+        }
+    }
+    (run, ids)
+}
+
 /// Plans a graph and compiles every kernel the code generator supports
 /// (keeping their CLIF text if asked).
-fn compile(graph: &Graph, keep_clif: bool) -> Result<Program, codegen::CodegenError> {
+fn compile(
+    run: Graph,
+    ids: HashMap<NodeId, NodeId>,
+    keep_clif: bool,
+) -> Result<Program, codegen::CodegenError> {
+    let graph = &run;
     let plan = fusion::plan(graph);
     let mut code = CodeCache::new(keep_clif)?;
     let mut kernels = Vec::new();
@@ -291,6 +369,8 @@ fn compile(graph: &Graph, keep_clif: bool) -> Result<Program, codegen::CodegenEr
         loops.push(loop_shape);
     }
     Ok(Program {
+        graph: Arc::new(run),
+        ids,
         plan,
         kernels,
         loops,
@@ -684,7 +764,30 @@ impl Jit {
         context: Context,
         wanted: Option<&[NodeId]>,
     ) -> Result<Evaluation, InterpError> {
-        let program = self.program(graph)?;
+        let program = self.program(graph, wanted)?;
+        // From here on, the graph the program runs (whose leaves are the
+        // caller's, with the same ids).
+        let run = Arc::clone(&program.graph);
+        let graph = &*run;
+        // The values to copy out, as (the caller's id, the program's id).
+        let copied: Option<Vec<(NodeId, NodeId)>> = match wanted {
+            None => None,
+            Some(wanted) => Some(
+                wanted
+                    .iter()
+                    .map(|&id| {
+                        let own = if program.ids.is_empty() {
+                            Some(id)
+                        } else {
+                            program.ids.get(&id).copied()
+                        };
+                        own.map(|own| (id, own)).ok_or_else(|| {
+                            InterpError::Internal(format!("{id} is not computed by the program"))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+        };
         // The interpreter's checks of every leaf, binding the sizes.
         let mut dims = BTreeMap::new();
         let bound_leaves = interp::checked_leaves(graph, &program.order, leaves, &mut dims)?;
@@ -726,19 +829,29 @@ impl Jit {
             buffer_updates,
             ..Evaluation::default()
         };
-        let wanted: Option<BTreeSet<NodeId>> = wanted.map(|w| w.iter().copied().collect());
-        for (slot, (id, shape)) in bound.values.iter().enumerate() {
-            if wanted.as_ref().is_some_and(|w| !w.contains(id)) {
-                continue;
-            }
+        let mut copy_out = |id: NodeId, own: NodeId| -> Result<(), InterpError> {
+            let slot = *bound
+                .slots
+                .get(&own)
+                .ok_or_else(|| InterpError::Internal(format!("{own} has no buffer")))?;
+            let shape = bound.values[slot].1.clone();
             let count: usize = shape.iter().product();
             let data = bound.frame.read(slot, count).into_owned();
-            let tensor = Tensor {
-                dtype: graph.node(*id).dtype(),
-                shape: shape.clone(),
-                data,
-            };
-            evaluation.values.insert(*id, tensor);
+            let dtype = graph.node(own).dtype();
+            evaluation.values.insert(id, Tensor { dtype, shape, data });
+            Ok(())
+        };
+        match copied {
+            Some(copied) => {
+                for (id, own) in copied {
+                    copy_out(id, own)?;
+                }
+            }
+            None => {
+                for (id, _) in &bound.values {
+                    copy_out(*id, *id)?;
+                }
+            }
         }
         Ok(evaluation)
     }
