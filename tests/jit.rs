@@ -803,45 +803,58 @@ fn run_wanted_copies_out_only_the_wanted_values() {
     assert_eq!(some.values[&loss], full.values[&loss]);
 }
 
-/// A large product on two threads (rows split in halves) gives the same
-/// bits as one GEMM call, in `f32` and `f64`, with the left operand read
-/// plainly and transposed.
+/// A large product on two threads (rows split in halves when there are at
+/// least as many as columns, else columns) gives the same bits as one GEMM
+/// call, in `f32` and `f64`, with the operands read plainly and
+/// transposed.
 #[test]
 fn a_product_on_two_threads_matches_one_call_bit_for_bit() {
     use gradc::jit::codegen::{MatrixView, PARALLEL_PRODUCT, gemm, gemm_parallel};
-    let (m, k, n) = (513, 256, 256);
-    assert!(m * k * n >= PARALLEL_PRODUCT);
-    let a: Vec<f64> = (0..m * k)
-        .map(|i| ((i * 7919) % 1013) as f64 / 1013.0 - 0.5)
-        .collect();
-    let b: Vec<f64> = (0..k * n)
-        .map(|i| ((i * 104_729) % 997) as f64 / 997.0 - 0.5)
-        .collect();
-    let at = gradc::interp::kernels::transpose(&a, &[m, k]);
-    for transposed in [false, true] {
-        let a_view = if transposed {
-            MatrixView::row_major(&at, k, m).transposed()
-        } else {
-            MatrixView::row_major(&a, m, k)
-        };
-        let b_view = MatrixView::row_major(&b, k, n);
-        let (mut one, mut two) = (vec![0.0; m * n], vec![0.0; m * n]);
-        gemm(a_view, b_view, &mut one).expect("fits");
-        gemm_parallel(a_view, b_view, &mut two).expect("fits");
-        assert!(
-            one.iter()
-                .zip(&two)
-                .all(|(x, y)| x.to_bits() == y.to_bits())
-        );
-        let narrow = |v: &[f64]| -> Vec<f32> { v.iter().map(|&x| x as f32).collect() };
-        let (a32, b32) = (narrow(a_view.data), narrow(&b));
-        let (mut one, mut two) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
-        gemm(a_view.over(&a32), b_view.over(&b32), &mut one).expect("fits");
-        gemm_parallel(a_view.over(&a32), b_view.over(&b32), &mut two).expect("fits");
-        assert!(
-            one.iter()
-                .zip(&two)
-                .all(|(x, y)| x.to_bits() == y.to_bits())
-        );
+    // More rows than columns (split by rows), fewer (split by columns, odd
+    // so the halves differ).
+    for (m, k, n) in [(513, 256, 256), (256, 256, 513)] {
+        assert!(m * k * n >= PARALLEL_PRODUCT);
+        let a: Vec<f64> = (0..m * k)
+            .map(|i| ((i * 7919) % 1013) as f64 / 1013.0 - 0.5)
+            .collect();
+        let b: Vec<f64> = (0..k * n)
+            .map(|i| ((i * 104_729) % 997) as f64 / 997.0 - 0.5)
+            .collect();
+        let at = gradc::interp::kernels::transpose(&a, &[m, k]);
+        let bt = gradc::interp::kernels::transpose(&b, &[k, n]);
+        for transposed in [false, true] {
+            // Plain operands, or both read through transposed views.
+            let (a_view, b_view) = if transposed {
+                (
+                    MatrixView::row_major(&at, k, m).transposed(),
+                    MatrixView::row_major(&bt, n, k).transposed(),
+                )
+            } else {
+                (
+                    MatrixView::row_major(&a, m, k),
+                    MatrixView::row_major(&b, k, n),
+                )
+            };
+            let (mut one, mut two) = (vec![0.0; m * n], vec![0.0; m * n]);
+            gemm(a_view, b_view, &mut one).expect("fits");
+            gemm_parallel(a_view, b_view, &mut two).expect("fits");
+            assert!(
+                one.iter()
+                    .zip(&two)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{m}x{k}x{n} f64, transposed: {transposed}"
+            );
+            let narrow = |v: &[f64]| -> Vec<f32> { v.iter().map(|&x| x as f32).collect() };
+            let (a32, b32) = (narrow(a_view.data), narrow(b_view.data));
+            let (mut one, mut two) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
+            gemm(a_view.over(&a32), b_view.over(&b32), &mut one).expect("fits");
+            gemm_parallel(a_view.over(&a32), b_view.over(&b32), &mut two).expect("fits");
+            assert!(
+                one.iter()
+                    .zip(&two)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{m}x{k}x{n} f32, transposed: {transposed}"
+            );
+        }
     }
 }

@@ -2172,14 +2172,15 @@ pub trait GemmElement: Copy + Default {
     /// # Safety
     /// Every element the strides address in `a` (`m x k`) and `b`
     /// (`k x n`) must be readable, every element of `c` (`m x n`, row
-    /// stride `n`) writable and not aliased by `a` or `b`.
+    /// stride `ldc`, column stride 1) writable and not aliased by `a`, `b`
+    /// or another thread.
     unsafe fn raw_gemm(
         m: usize,
         k: usize,
         n: usize,
         a: (*const Self, isize, isize),
         b: (*const Self, isize, isize),
-        c: *mut Self,
+        c: (*mut Self, isize),
     );
 }
 
@@ -2194,15 +2195,14 @@ macro_rules! gemm_element {
                 n: usize,
                 a: (*const $t, isize, isize),
                 b: (*const $t, isize, isize),
-                c: *mut $t,
+                c: (*mut $t, isize),
             ) {
                 // SAFETY: the caller guarantees the views are in bounds and
                 // `c` is exclusive (the trait's contract, checked by
-                // `gemm`); with beta = 0, `c`'s old contents are not read.
+                // `gemm` and `gemm_parallel`); with beta = 0, `c`'s old
+                // contents are not read.
                 unsafe {
-                    $gemm(
-                        m, k, n, 1.0, a.0, a.1, a.2, b.0, b.1, b.2, 0.0, c, n as isize, 1,
-                    );
+                    $gemm(m, k, n, 1.0, a.0, a.1, a.2, b.0, b.1, b.2, 0.0, c.0, c.1, 1);
                 }
             }
         }
@@ -2300,12 +2300,13 @@ pub fn product_threads() -> usize {
 }
 
 /// `gemm` on two threads for a large product (at least
-/// `PARALLEL_PRODUCT` multiply-adds, at least as many rows as columns, and
-/// two threads allowed): the rows of `a` and `c` split in two halves, each
-/// its own GEMM call. (With fewer rows than columns both halves pack all of
-/// `b` and compete for the caches: measured slower, so one call.) Every output
-/// element is still summed by one call in the same order, so the result is
-/// the same as one call's, bit for bit.
+/// `PARALLEL_PRODUCT` multiply-adds, and two threads allowed), split in
+/// halves along the larger side: with at least as many rows as columns,
+/// the rows of `a` and `c`, each half its own GEMM call; with fewer, the
+/// columns of `b` and `c` (so that neither half packs the whole of the
+/// larger operand), each half written in place into its columns of `c`.
+/// Every output element is still summed by one call in the same order, so
+/// the result is the same as one call's, bit for bit.
 pub fn gemm_parallel<T: GemmElement + Send + Sync>(
     a: MatrixView<'_, T>,
     b: MatrixView<'_, T>,
@@ -2313,31 +2314,86 @@ pub fn gemm_parallel<T: GemmElement + Send + Sync>(
 ) -> Result<(), CodegenError> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let work = m.saturating_mul(k).saturating_mul(n);
-    let half = m / 2;
-    let second_start = half.checked_mul(a.row_stride);
-    let (Some(second_data), true) = (
-        second_start.and_then(|start| a.data.get(start..)),
-        product_threads() >= 2 && work >= PARALLEL_PRODUCT && half > 0 && m >= n,
-    ) else {
-        return gemm(a, b, c);
-    };
-    if Some(c.len()) != m.checked_mul(n) {
+    let fits = b.rows == k
+        && Some(c.len()) == m.checked_mul(n)
+        && a.in_bounds()
+        && b.in_bounds()
+        && isize::try_from(n).is_ok();
+    if product_threads() < 2 || work < PARALLEL_PRODUCT || !fits || m.min(n) < 2 {
         return gemm(a, b, c);
     }
-    let first = MatrixView { rows: half, ..a };
+    if m >= n {
+        let half = m / 2;
+        let Some(second_data) = half
+            .checked_mul(a.row_stride)
+            .and_then(|start| a.data.get(start..))
+        else {
+            return gemm(a, b, c);
+        };
+        let first = MatrixView { rows: half, ..a };
+        let second = MatrixView {
+            data: second_data,
+            rows: m - half,
+            ..a
+        };
+        let (c_first, c_second) = c.split_at_mut(half * n);
+        return std::thread::scope(|scope| {
+            let other = scope.spawn(|| gemm(second, b, c_second));
+            let mine = gemm(first, b, c_first);
+            let theirs = other
+                .join()
+                .unwrap_or_else(|_| Err(CodegenError("a GEMM thread panicked".into())));
+            mine.and(theirs)
+        });
+    }
+    let half = n / 2;
+    let Some(second_data) = half
+        .checked_mul(b.col_stride)
+        .and_then(|start| b.data.get(start..))
+    else {
+        return gemm(a, b, c);
+    };
+    let first = MatrixView { cols: half, ..b };
     let second = MatrixView {
         data: second_data,
-        rows: m - half,
-        ..a
+        cols: n - half,
+        ..b
     };
-    let (c_first, c_second) = c.split_at_mut(half * n);
+    if !first.in_bounds() || !second.in_bounds() {
+        return gemm(a, b, c);
+    }
+    /// The output's address, handed to the second thread.
+    struct Output<T>(*mut T);
+    // SAFETY: the pointer is only used for the columns `half..n` of `c`,
+    // which the other thread never touches (see below).
+    unsafe impl<T: Send> Send for Output<T> {}
+    let base = c.as_mut_ptr();
+    // SAFETY: `base.add(half)` stays inside `c` (half < n <= c.len()).
+    let second_output = Output(unsafe { base.add(half) });
+    fn raw<T>(view: &MatrixView<'_, T>) -> (*const T, isize, isize) {
+        (
+            view.data.as_ptr(),
+            view.row_stride as isize,
+            view.col_stride as isize,
+        )
+    }
+    let ldc = n as isize;
     std::thread::scope(|scope| {
-        let other = scope.spawn(|| gemm(second, b, c_second));
-        let mine = gemm(first, b, c_first);
-        let theirs = other
+        let other = scope.spawn(move || {
+            let output = second_output;
+            let (a_raw, second_raw) = (raw(&a), raw(&second));
+            // SAFETY: `a` (m x k) and the second half of `b` (k x (n -
+            // half)) are in bounds (checked above); the output is the
+            // columns `half..n` of the m x n row-major `c`, exclusively
+            // borrowed for this scope, which this thread alone writes.
+            unsafe { T::raw_gemm(m, k, n - half, a_raw, second_raw, (output.0, ldc)) }
+        });
+        // SAFETY: as above, for the columns `0..half`, which this thread
+        // alone writes; `c` outlives the scope.
+        unsafe { T::raw_gemm(m, k, half, raw(&a), raw(&first), (base, ldc)) };
+        other
             .join()
-            .unwrap_or_else(|_| Err(CodegenError("a GEMM thread panicked".into())));
-        mine.and(theirs)
+            .map_err(|_| CodegenError("a GEMM thread panicked".into()))
     })
 }
 
@@ -2392,7 +2448,7 @@ pub fn gemm<T: GemmElement>(
                 b.row_stride as isize,
                 b.col_stride as isize,
             ),
-            c.as_mut_ptr(),
+            (c.as_mut_ptr(), n as isize),
         );
     }
     Ok(())
