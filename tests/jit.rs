@@ -378,7 +378,9 @@ fn random_model(seed: u64, exact: bool) -> String {
         lines.push(format!("    let h{} = {expr}", i + 1));
     }
     if stream.below(2) == 0 {
-        lines.push(format!("    loss mean(h{count} * h{count}) + sum(v * v)"));
+        lines.push(format!(
+            "    loss mean(h{count} * h{count}) + sum(v * v) + mse(h{count}, h{count} * 0.5)"
+        ));
     } else {
         lines.insert(1, "    input y: i32[B]".into());
         // Huge logits where the backends must agree bit for bit; where a

@@ -60,7 +60,8 @@ impl std::error::Error for CodegenError {}
 /// call, as in the interpreter), the `sum_to` of broadcasting, or a
 /// monitor's count: `zero_fraction` (a count of zeros, divided after the
 /// call) and `dead_fraction` (a count of nonzero rows per unit, turned into
-/// the fraction of units with none after the call).
+/// the fraction of units with none after the call); or `mse`, a mean of
+/// squared differences.
 pub fn is_sum(graph: &Graph, id: NodeId) -> bool {
     matches!(
         graph.node(id).op,
@@ -70,25 +71,45 @@ pub fn is_sum(graph: &Graph, id: NodeId) -> bool {
         } | Op::SumTo
             | Op::ZeroFraction
             | Op::DeadFraction
+            | Op::Mse
     ) && graph.node(id).dtype() != DType::I32
         && graph.node(graph.operands(id)[0]).dtype() != DType::I32
 }
 
-/// What a closing sum adds for one element whose operand is `value`.
-fn summand(b: &mut FunctionBuilder<'_>, graph: &Graph, id: NodeId, value: Value) -> Value {
+/// What a closing sum adds for one element, from its operands' `values`.
+fn summand(
+    b: &mut FunctionBuilder<'_>,
+    graph: &Graph,
+    id: NodeId,
+    values: &HashMap<NodeId, Value>,
+) -> Result<Value, CodegenError> {
+    let operands = graph.operands(id);
+    let value_of = |operand: Option<&NodeId>| {
+        operand
+            .and_then(|o| values.get(o))
+            .copied()
+            .ok_or_else(|| CodegenError(format!("the operands of {id} are not computed")))
+    };
+    let value = value_of(operands.first())?;
     let counted = |b: &mut FunctionBuilder<'_>, cc: FloatCC| {
         let zero = constant(b, value, 0.0);
         let one = constant(b, value, 1.0);
         let hit = b.ins().fcmp(cc, value, zero);
         pick(b, hit, one, zero)
     };
-    match graph.node(id).op {
+    Ok(match graph.node(id).op {
         // 1 for a zero.
         Op::ZeroFraction => counted(b, FloatCC::Equal),
         // 1 for anything but zero (NaN included, as in the interpreter).
         Op::DeadFraction => counted(b, FloatCC::NotEqual),
+        // (p - t)^2, unrounded (the interpreter sums in f64).
+        Op::Mse => {
+            let target = value_of(operands.get(1))?;
+            let difference = b.ins().fsub(value, target);
+            b.ins().fmul(difference, difference)
+        }
         _ => value,
-    }
+    })
 }
 
 /// Whether the code generator can compile a node as an elementwise op.
@@ -1274,6 +1295,7 @@ impl CodeCache {
                         func: ReduceFn::Mean,
                         ..
                     } | Op::ZeroFraction
+                        | Op::Mse
                 );
                 match access[j] {
                     Access::Full => {}
@@ -1593,15 +1615,13 @@ impl Body<'_> {
         let mut next = Vec::new();
         for (o, &output) in self.outputs.iter().enumerate() {
             let j = self.inputs.len() + o;
-            let operand = if is_sum(graph, output) {
-                graph.operands(output)[0]
+            let value = if is_sum(graph, output) {
+                summand(b, graph, output, &values)?
             } else {
-                output
+                *values.get(&output).ok_or_else(|| {
+                    CodegenError(format!("output {output} is not computed by the kernel"))
+                })?
             };
-            let value = *values.get(&operand).ok_or_else(|| {
-                CodegenError(format!("output {output} is not computed by the kernel"))
-            })?;
-            let value = summand(b, graph, output, value);
             match access[j] {
                 // A sum to one element: total += value, in a register.
                 Access::Single => {

@@ -290,7 +290,11 @@ fn compile(
         let elementwise =
             |id: NodeId| codegen::supported(graph, id) && graph.node(id).shape() == &loop_shape;
         let closing_sum = |id: NodeId| {
-            codegen::is_sum(graph, id) && graph.node(graph.operands(id)[0]).shape() == &loop_shape
+            codegen::is_sum(graph, id)
+                && graph
+                    .operands(id)
+                    .iter()
+                    .all(|&o| graph.node(o).shape() == &loop_shape)
         };
         // A single reduction or normalization along the last axis.
         if let [node] = kernel.nodes.as_slice()
@@ -682,7 +686,7 @@ fn kernel_factors(
                     .collect(),
             ),
             Op::SumTo => Some(interp::concrete(node.shape(), dims)?),
-            Op::ZeroFraction => Some(Vec::new()),
+            Op::ZeroFraction | Op::Mse => Some(Vec::new()),
             Op::DeadFraction => {
                 let mut kept = to.to_vec();
                 if let Some(rows) = kept.first_mut() {
