@@ -1506,7 +1506,12 @@ impl CodeCache {
         input_elems: &[Elem],
     ) -> Result<(RowKernel, String), CodegenError> {
         let mut elems = input_elems.to_vec();
-        elems.push(Elem::of(graph.node(node).dtype()));
+        // An output accumulated in place is `f64`, like a strided sum's.
+        elems.push(if op.accumulates() {
+            Elem::F64
+        } else {
+            Elem::of(graph.node(node).dtype())
+        });
         let (id, mut context) = self.declare("kernel", 3, false)?;
         let mut builder_context = FunctionBuilderContext::new();
         {

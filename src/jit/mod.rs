@@ -302,6 +302,11 @@ fn compile(
         {
             let reads = op.reads(&graph.operands(*node));
             let (compiled, text) = code.compile_rows(graph, *node, op, &elems(&reads, &storage))?;
+            if let Some(&e) = compiled.elems.last()
+                && e != Elem::of(graph.node(*node).dtype())
+            {
+                storage.insert(*node, e);
+            }
             clif.push(format!("; kernel k{k}\n{text}"));
             let mut prologue: Vec<NodeId> = kernel.recompute.iter().copied().collect();
             prologue.sort_by_key(|id| position[id]);

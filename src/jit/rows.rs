@@ -54,6 +54,18 @@ pub enum RowOp {
         /// Added to the variance.
         eps: f64,
     },
+    /// A VJP of layer normalization, as `interp::vjp` computes it from the
+    /// row's mean and `rstd = 1 / sqrt(var + eps)`, with `xhat = (x - mean)
+    /// rstd` and `d = g gamma`: for `x` (operand 0), `rstd / n (n d -
+    /// sum(d) - xhat sum(d xhat))` per row, `rows x cols`; for `gamma` (1)
+    /// and `beta` (2), `sum(g xhat)` and `sum(g)` over the rows, `cols`
+    /// values accumulated in `f64` (`accumulates`). Reads `g`, `x`, `gamma`.
+    LayerNormVjp {
+        /// Added to the variance.
+        eps: f64,
+        /// Which operand's gradient: 0, 1 or 2.
+        operand: usize,
+    },
 }
 
 impl RowOp {
@@ -84,6 +96,16 @@ impl RowOp {
             } if **forward == Op::Mse && rank(1).is_some_and(|r| r >= 1) => {
                 Some(RowOp::MseVjp { negate: true })
             }
+            Op::Vjp { forward, operand }
+                if rank(1).is_some_and(|r| r >= 1)
+                    && *operand <= 2
+                    && let Op::LayerNorm { eps } = forward.as_ref() =>
+            {
+                Some(RowOp::LayerNormVjp {
+                    eps: *eps,
+                    operand: *operand,
+                })
+            }
             Op::Vjp {
                 forward,
                 operand: 0,
@@ -108,7 +130,7 @@ impl RowOp {
             }
             RowOp::CrossEntropy => vec![operands[0], operands[1]],
             RowOp::LayerNorm { .. } => vec![operands[0], operands[1], operands[2]],
-            RowOp::CrossEntropyVjp | RowOp::MseVjp { .. } => {
+            RowOp::CrossEntropyVjp | RowOp::MseVjp { .. } | RowOp::LayerNormVjp { .. } => {
                 vec![operands[0], operands[1], operands[2]]
             }
             RowOp::SoftmaxVjp | RowOp::LogSoftmaxVjp => vec![operands[0], last],
@@ -121,7 +143,8 @@ impl RowOp {
             RowOp::CrossEntropyVjp
             | RowOp::SoftmaxVjp
             | RowOp::LogSoftmaxVjp
-            | RowOp::MseVjp { .. } => 1,
+            | RowOp::MseVjp { .. }
+            | RowOp::LayerNormVjp { .. } => 1,
             _ => 0,
         }
     }
@@ -147,7 +170,15 @@ impl RowOp {
             RowOp::MseVjp { .. } => (vec![1, all, all], all),
             RowOp::SoftmaxVjp | RowOp::LogSoftmaxVjp => (vec![all, all], all),
             RowOp::LayerNorm { .. } => (vec![all, cols, cols], all),
+            RowOp::LayerNormVjp { operand: 0, .. } => (vec![all, all, cols], all),
+            RowOp::LayerNormVjp { .. } => (vec![all, all, cols], cols),
         }
+    }
+
+    /// Whether the kernel accumulates its output over the rows (in place:
+    /// the output is stored as `f64` and rounded once at the end).
+    pub fn accumulates(self) -> bool {
+        matches!(self, RowOp::LayerNormVjp { operand, .. } if operand > 0)
     }
 }
 
@@ -238,6 +269,31 @@ fn rounded(b: &mut FunctionBuilder<'_>, f32: bool, value: Value) -> Value {
     } else {
         value
     }
+}
+
+/// The mean and biased variance of a row as `kernels::group_moments`
+/// computes them: sums from 0 in order, over the count (at least 1).
+fn row_moments(
+    b: &mut FunctionBuilder<'_>,
+    row: Row,
+    cols: Value,
+) -> Result<(Value, Value), CodegenError> {
+    let count = b.ins().fcvt_from_uint(types::F64, cols);
+    let one = b.ins().f64const(1.0);
+    let count = b.ins().fmax(count, one);
+    let zero = b.ins().f64const(0.0);
+    let sum = counted_loop(b, cols, &[zero], |b, j, carried| {
+        let v = load(b, row, j);
+        Ok(vec![b.ins().fadd(carried[0], v)])
+    })?[0];
+    let mean = b.ins().fdiv(sum, count);
+    let squares = counted_loop(b, cols, &[zero], |b, j, carried| {
+        let v = load(b, row, j);
+        let d = b.ins().fsub(v, mean);
+        let square = b.ins().fmul(d, d);
+        Ok(vec![b.ins().fadd(carried[0], square)])
+    })?[0];
+    Ok((mean, b.ins().fdiv(squares, count)))
 }
 
 /// The row's maximum as `kernels::group_max` takes it: from -inf, a value
@@ -470,26 +526,9 @@ pub(super) fn emit(
             })?;
         }
         RowOp::LayerNorm { eps } => {
-            // `kernels::group_moments`: sums from 0 in order, over the
-            // count; then each element as `kernels::layer_norm` has it.
-            let count = b.ins().fcvt_from_uint(types::F64, cols);
-            let one = b.ins().f64const(1.0);
-            let count = b.ins().fmax(count, one);
             counted_loop(b, rows, &[], |b, r, _| {
                 let (row, out_row) = (row_of(b, bases[0], r), row_of(b, out, r));
-                let zero = b.ins().f64const(0.0);
-                let sum = counted_loop(b, cols, &[zero], |b, j, carried| {
-                    let v = load(b, row, j);
-                    Ok(vec![b.ins().fadd(carried[0], v)])
-                })?[0];
-                let mean = b.ins().fdiv(sum, count);
-                let squares = counted_loop(b, cols, &[zero], |b, j, carried| {
-                    let v = load(b, row, j);
-                    let d = b.ins().fsub(v, mean);
-                    let square = b.ins().fmul(d, d);
-                    Ok(vec![b.ins().fadd(carried[0], square)])
-                })?[0];
-                let var = b.ins().fdiv(squares, count);
+                let (mean, var) = row_moments(b, row, cols)?;
                 let eps = b.ins().f64const(eps);
                 let shifted = b.ins().fadd(var, eps);
                 let deviation = b.ins().sqrt(shifted);
@@ -505,6 +544,97 @@ pub(super) fn emit(
                 })?;
                 Ok(vec![])
             })?;
+        }
+        RowOp::LayerNormVjp { eps, operand } => {
+            let gamma = bases[2];
+            // The row's `rstd` and `mean`, and `xhat` at column j.
+            let statistics = |b: &mut FunctionBuilder<'_>, x_row: Row| {
+                let (mean, var) = row_moments(b, x_row, cols)?;
+                let eps = b.ins().f64const(eps);
+                let shifted = b.ins().fadd(var, eps);
+                let root = b.ins().sqrt(shifted);
+                let one = b.ins().f64const(1.0);
+                Ok::<_, CodegenError>((mean, b.ins().fdiv(one, root)))
+            };
+            let xhat = |b: &mut FunctionBuilder<'_>, x_row: Row, mean, rstd, j| {
+                let v = load(b, x_row, j);
+                let centered = b.ins().fsub(v, mean);
+                b.ins().fmul(centered, rstd)
+            };
+            if operand == 0 {
+                let n = b.ins().fcvt_from_uint(types::F64, cols);
+                counted_loop(b, rows, &[], |b, r, _| {
+                    let (g_row, x_row) = (row_of(b, bases[0], r), row_of(b, bases[1], r));
+                    let out_row = row_of(b, out, r);
+                    let (mean, rstd) = statistics(b, x_row)?;
+                    // sum(d) and sum(d xhat), from 0, in order.
+                    let zero = b.ins().f64const(0.0);
+                    let sums = counted_loop(b, cols, &[zero, zero], |b, j, carried| {
+                        let g = load(b, g_row, j);
+                        let scale = load(b, gamma, j);
+                        let d = b.ins().fmul(g, scale);
+                        let x = xhat(b, x_row, mean, rstd, j);
+                        let dx = b.ins().fmul(d, x);
+                        Ok(vec![
+                            b.ins().fadd(carried[0], d),
+                            b.ins().fadd(carried[1], dx),
+                        ])
+                    })?;
+                    let (sum, dot) = (sums[0], sums[1]);
+                    let factor = b.ins().fdiv(rstd, n);
+                    write_row(b, cols, f32, out_row, |b, j| {
+                        let g = load(b, g_row, j);
+                        let scale = load(b, gamma, j);
+                        let d = b.ins().fmul(g, scale);
+                        let x = xhat(b, x_row, mean, rstd, j);
+                        let nd = b.ins().fmul(n, d);
+                        let centered = b.ins().fsub(nd, sum);
+                        let projected = b.ins().fmul(x, dot);
+                        let inner = b.ins().fsub(centered, projected);
+                        Ok(b.ins().fmul(factor, inner))
+                    })?;
+                    Ok(vec![])
+                })?;
+            } else {
+                // out[j] += g xhat (gamma) or g (beta), row after row, in
+                // `f64`; then rounded once.
+                let zero = b.ins().f64const(0.0);
+                counted_loop(b, cols, &[], |b, j, _| {
+                    store(b, zero, out, j);
+                    Ok(vec![])
+                })?;
+                counted_loop(b, rows, &[], |b, r, _| {
+                    let (g_row, x_row) = (row_of(b, bases[0], r), row_of(b, bases[1], r));
+                    let moments = if operand == 1 {
+                        Some(statistics(b, x_row)?)
+                    } else {
+                        None
+                    };
+                    counted_loop(b, cols, &[], |b, j, _| {
+                        let g = load(b, g_row, j);
+                        let term = match moments {
+                            Some((mean, rstd)) => {
+                                let x = xhat(b, x_row, mean, rstd, j);
+                                b.ins().fmul(g, x)
+                            }
+                            None => g,
+                        };
+                        let total = load(b, out, j);
+                        let total = b.ins().fadd(total, term);
+                        store(b, total, out, j);
+                        Ok(vec![])
+                    })?;
+                    Ok(vec![])
+                })?;
+                if f32 {
+                    counted_loop(b, cols, &[], |b, j, _| {
+                        let total = load(b, out, j);
+                        let total = rounded(b, true, total);
+                        store(b, total, out, j);
+                        Ok(vec![])
+                    })?;
+                }
+            }
         }
         RowOp::SoftmaxVjp | RowOp::LogSoftmaxVjp => {
             counted_loop(b, rows, &[], |b, r, _| {
