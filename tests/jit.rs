@@ -337,6 +337,8 @@ fn random_model(seed: u64, exact: bool) -> String {
         "    input c: f32[B, 1]".into(),
         "    param w: f32[6, 6] = xavier_uniform".into(),
         "    param v: f32[6] = uniform(-1, 1)".into(),
+        "    buffer rm: f32[6] = zeros".into(),
+        "    buffer rv: f32[6] = ones".into(),
         "    let h0 = x".into(),
     ];
     let count = 2 + stream.below(7) as usize;
@@ -344,9 +346,9 @@ fn random_model(seed: u64, exact: bool) -> String {
         let h = format!("h{i}");
         // An exact model leaves out products and the polynomial functions
         // (cases 0, 1, 8, 9, 10, 11 and 15), so it must match bit for bit.
-        let mut case = stream.below(18);
+        let mut case = stream.below(19);
         while exact && [0, 1, 8, 9, 10, 11, 15].contains(&case) {
-            case = stream.below(18);
+            case = stream.below(19);
         }
         let expr = match case {
             15 => format!("{h} * tanh(sum({h}, axis = 0, keepdims = true))"),
@@ -373,7 +375,8 @@ fn random_model(seed: u64, exact: bool) -> String {
             // last place (see the loss below).
             14 if exact => format!("softmax({h} * 1e30, axis = 1) + log_softmax({h} * 1e30)"),
             14 => format!("softmax({h} * 3, axis = 1) + log_softmax({h} * 3)"),
-            _ => format!("layer_norm({h} * 3, v, v * 0.5) + {h}"),
+            17 => format!("layer_norm({h} * 3, v, v * 0.5) + {h}"),
+            _ => format!("batch_norm({h} * 3, v, v * 0.5, rm, rv) - {h}"),
         };
         lines.push(format!("    let h{} = {expr}", i + 1));
     }

@@ -130,9 +130,18 @@ impl Jit {
         });
         let key = (graph.version(), kept);
         if !self.programs.contains_key(&key) {
-            let (run, ids) = match &key.1 {
-                None => (graph.clone(), HashMap::new()),
-                Some(kept) => optimized(graph, kept),
+            let (run, ids) = match (&key.1, wanted) {
+                (Some(kept), Some(wanted)) => {
+                    let (run, ids) = optimized(graph, kept);
+                    // A result the optimized graph cannot be asked for (a
+                    // role two nodes share, say): the graph as given.
+                    if wanted.iter().all(|id| ids.contains_key(id)) {
+                        (run, ids)
+                    } else {
+                        (graph.clone(), HashMap::new())
+                    }
+                }
+                _ => (graph.clone(), HashMap::new()),
             };
             let program = compile(run, ids, self.keep_clif)
                 .map_err(|e| InterpError::Internal(e.to_string()))?;
@@ -213,11 +222,16 @@ fn optimized(graph: &Graph, kept: &[NodeId]) -> (Graph, HashMap<NodeId, NodeId>)
         run.node_mut(id).retain = true;
     }
     passes::optimize(&mut run, |_, _| {});
-    let mut by_role: HashMap<&Role, NodeId> = HashMap::new();
+    // Roles held by one node each (a buffer two batch norms update is
+    // held twice: those results are not found by role).
+    let mut by_role: HashMap<&Role, Option<NodeId>> = HashMap::new();
     for id in run.ids() {
         let role = &run.node(id).role;
         if *role != Role::Intermediate {
-            by_role.insert(role, id);
+            by_role
+                .entry(role)
+                .and_modify(|held| *held = None)
+                .or_insert(Some(id));
         }
     }
     let mut ids = HashMap::new();
@@ -226,7 +240,7 @@ fn optimized(graph: &Graph, kept: &[NodeId]) -> (Graph, HashMap<NodeId, NodeId>)
         let own = if node.op.is_leaf() || kept.contains(&id) {
             Some(id).filter(|&id| run.contains(id))
         } else if node.role != Role::Intermediate {
-            by_role.get(&node.role).copied()
+            by_role.get(&node.role).copied().flatten()
         } else {
             None
         };
@@ -510,13 +524,14 @@ fn bind(
                 let shape = to(graph.node(shaped).shape())?;
                 let cols = shape.last().copied().unwrap_or(0);
                 match shape.iter().product::<usize>().checked_div(cols) {
-                    None => Call::Interpret(interpreted(&done)),
-                    Some(rows) => Call::Rows {
+                    Some(rows) if rows >= kernel.op.min_rows() => Call::Rows {
                         prologue: unfinished(prologue, &done),
                         kernel,
                         rows,
                         cols,
                     },
+                    // (Too few rows: the interpreter's error.)
+                    _ => Call::Interpret(interpreted(&done)),
                 }
             }
             None => Call::Interpret(interpreted(&done)),

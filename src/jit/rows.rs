@@ -66,6 +66,34 @@ pub enum RowOp {
         /// Which operand's gradient: 0, 1 or 2.
         operand: usize,
     },
+    /// Batch normalization of `x: [N, C]` (the channels are the columns),
+    /// a loop over columns: in train mode with each column's mean and
+    /// biased variance (`kernels::batch_norm_train`, which needs `N >=
+    /// 2`), in eval mode with the running ones. Reads `x`, `gamma`, `beta`
+    /// (and in eval mode the running mean and variance); writes `N x C`.
+    BatchNorm {
+        /// Added to the variance.
+        eps: f64,
+        /// Batch statistics (else the running ones).
+        training: bool,
+    },
+    /// A VJP of train-mode batch normalization of `[N, C]`, as
+    /// `LayerNormVjp` with columns for rows. Reads `g`, `x`, `gamma`.
+    BatchNormVjp {
+        /// Added to the variance.
+        eps: f64,
+        /// Which operand's gradient: 0, 1 or 2.
+        operand: usize,
+    },
+    /// The new running mean (or variance, with the unbiased batch variance)
+    /// of a column: `(1 - momentum) running + momentum batch`. Reads `x`
+    /// `[N, C]`, the running statistic; writes `C`.
+    RunningStat {
+        /// Weight of the batch statistic.
+        momentum: f64,
+        /// The variance (else the mean).
+        variance: bool,
+    },
 }
 
 impl RowOp {
@@ -106,6 +134,30 @@ impl RowOp {
                     operand: *operand,
                 })
             }
+            Op::BatchNorm { eps, training, .. } if rank(0) == Some(2) => Some(RowOp::BatchNorm {
+                eps: *eps,
+                training: *training,
+            }),
+            Op::Vjp { forward, operand }
+                if rank(1) == Some(2)
+                    && *operand <= 2
+                    && let Op::BatchNorm {
+                        eps,
+                        training: true,
+                        ..
+                    } = forward.as_ref() =>
+            {
+                Some(RowOp::BatchNormVjp {
+                    eps: *eps,
+                    operand: *operand,
+                })
+            }
+            Op::RunningStat { momentum, variance } if rank(0) == Some(2) => {
+                Some(RowOp::RunningStat {
+                    momentum: *momentum,
+                    variance: *variance,
+                })
+            }
             Op::Vjp {
                 forward,
                 operand: 0,
@@ -130,7 +182,17 @@ impl RowOp {
             }
             RowOp::CrossEntropy => vec![operands[0], operands[1]],
             RowOp::LayerNorm { .. } => vec![operands[0], operands[1], operands[2]],
-            RowOp::CrossEntropyVjp | RowOp::MseVjp { .. } | RowOp::LayerNormVjp { .. } => {
+            RowOp::BatchNorm { training: true, .. } => {
+                vec![operands[0], operands[1], operands[2]]
+            }
+            RowOp::BatchNorm {
+                training: false, ..
+            } => operands[..5].to_vec(),
+            RowOp::RunningStat { .. } => vec![operands[0], operands[1]],
+            RowOp::CrossEntropyVjp
+            | RowOp::MseVjp { .. }
+            | RowOp::LayerNormVjp { .. }
+            | RowOp::BatchNormVjp { .. } => {
                 vec![operands[0], operands[1], operands[2]]
             }
             RowOp::SoftmaxVjp | RowOp::LogSoftmaxVjp => vec![operands[0], last],
@@ -144,7 +206,8 @@ impl RowOp {
             | RowOp::SoftmaxVjp
             | RowOp::LogSoftmaxVjp
             | RowOp::MseVjp { .. }
-            | RowOp::LayerNormVjp { .. } => 1,
+            | RowOp::LayerNormVjp { .. }
+            | RowOp::BatchNormVjp { .. } => 1,
             _ => 0,
         }
     }
@@ -172,6 +235,23 @@ impl RowOp {
             RowOp::LayerNorm { .. } => (vec![all, cols, cols], all),
             RowOp::LayerNormVjp { operand: 0, .. } => (vec![all, all, cols], all),
             RowOp::LayerNormVjp { .. } => (vec![all, all, cols], cols),
+            RowOp::BatchNorm { training: true, .. } => (vec![all, cols, cols], all),
+            RowOp::BatchNorm {
+                training: false, ..
+            } => (vec![all, cols, cols, cols, cols], all),
+            RowOp::BatchNormVjp { operand: 0, .. } => (vec![all, all, cols], all),
+            RowOp::BatchNormVjp { .. } => (vec![all, all, cols], cols),
+            RowOp::RunningStat { .. } => (vec![all, cols], cols),
+        }
+    }
+
+    /// The fewest rows the kernel computes what the interpreter does for:
+    /// train-mode batch normalization refuses a single row (the
+    /// interpreter's error, so fewer rows run there).
+    pub fn min_rows(self) -> usize {
+        match self {
+            RowOp::BatchNorm { training: true, .. } => 2,
+            _ => 0,
         }
     }
 
@@ -223,23 +303,36 @@ pub(super) fn counted_loop(
     Ok(b.block_params(exit).to_vec())
 }
 
-/// A row (or a whole buffer) in memory: where it starts and how it
-/// stores its elements.
+/// A row (or a whole buffer, or a column) in memory: where it starts, how
+/// it stores its elements, and the distance between its elements (a
+/// column's is the row length; a row's 1).
 #[derive(Clone, Copy)]
 struct Row {
     base: Value,
     elem: Elem,
+    stride: Option<Value>,
+}
+
+impl Row {
+    /// The address of element `j`.
+    fn at(self, b: &mut FunctionBuilder<'_>, j: Value) -> Value {
+        let index = match self.stride {
+            Some(stride) => b.ins().imul(j, stride),
+            None => j,
+        };
+        codegen::element_at(b, self.elem, self.base, index)
+    }
 }
 
 /// Element `j` of a row, as an `f64`.
 fn load(b: &mut FunctionBuilder<'_>, row: Row, j: Value) -> Value {
-    let at = codegen::element_at(b, row.elem, row.base, j);
+    let at = row.at(b, j);
     codegen::load(b, row.elem, false, at)
 }
 
 /// Stores `value` as element `j` of a row.
 fn store(b: &mut FunctionBuilder<'_>, value: Value, row: Row, j: Value) {
-    let at = codegen::element_at(b, row.elem, row.base, j);
+    let at = row.at(b, j);
     codegen::store(b, row.elem, value, at);
 }
 
@@ -409,6 +502,7 @@ pub(super) fn emit(
         .map(|j| Row {
             base: b.ins().load(types::I64, flags, ptrs, (8 * j) as i32),
             elem: elems[j],
+            stride: None,
         })
         .collect();
     let out = bases[buffers - 1];
@@ -418,7 +512,14 @@ pub(super) fn emit(
         Row {
             base: codegen::element_at(b, buffer.elem, buffer.base, start),
             elem: buffer.elem,
+            stride: None,
         }
+    };
+    // Column c of a rows x cols buffer.
+    let column_of = |b: &mut FunctionBuilder<'_>, buffer: Row, c: Value| Row {
+        base: codegen::element_at(b, buffer.elem, buffer.base, c),
+        elem: buffer.elem,
+        stride: Some(cols),
     };
     match op {
         RowOp::Max | RowOp::LogSumExp => {
@@ -635,6 +736,123 @@ pub(super) fn emit(
                     })?;
                 }
             }
+        }
+        RowOp::BatchNorm { eps, training } => {
+            counted_loop(b, cols, &[], |b, c, _| {
+                let (x_col, out_col) = (column_of(b, bases[0], c), column_of(b, out, c));
+                let (mean, var) = if training {
+                    row_moments(b, x_col, rows)?
+                } else {
+                    (load(b, bases[3], c), load(b, bases[4], c))
+                };
+                let eps = b.ins().f64const(eps);
+                let shifted = b.ins().fadd(var, eps);
+                let deviation = b.ins().sqrt(shifted);
+                let gamma = load(b, bases[1], c);
+                let beta = load(b, bases[2], c);
+                write_row(b, rows, f32, out_col, |b, r| {
+                    let v = load(b, x_col, r);
+                    let centered = b.ins().fsub(v, mean);
+                    let normalized = b.ins().fdiv(centered, deviation);
+                    let scaled = b.ins().fmul(normalized, gamma);
+                    Ok(b.ins().fadd(scaled, beta))
+                })?;
+                Ok(vec![])
+            })?;
+        }
+        RowOp::BatchNormVjp { eps, operand } => {
+            // `interp::vjp`'s normalization VJP with a column per channel:
+            // `rstd = 1 / sqrt(var + eps)`, `xhat = (x - mean) rstd`, `d =
+            // g gamma`.
+            let n = b.ins().fcvt_from_uint(types::F64, rows);
+            counted_loop(b, cols, &[], |b, c, _| {
+                let (g_col, x_col) = (column_of(b, bases[0], c), column_of(b, bases[1], c));
+                let (mean, var) = row_moments(b, x_col, rows)?;
+                let eps = b.ins().f64const(eps);
+                let shifted = b.ins().fadd(var, eps);
+                let root = b.ins().sqrt(shifted);
+                let one = b.ins().f64const(1.0);
+                let rstd = b.ins().fdiv(one, root);
+                let gamma = load(b, bases[2], c);
+                let xhat = |b: &mut FunctionBuilder<'_>, r: Value| {
+                    let v = load(b, x_col, r);
+                    let centered = b.ins().fsub(v, mean);
+                    b.ins().fmul(centered, rstd)
+                };
+                let zero = b.ins().f64const(0.0);
+                match operand {
+                    0 => {
+                        let sums = counted_loop(b, rows, &[zero, zero], |b, r, carried| {
+                            let g = load(b, g_col, r);
+                            let d = b.ins().fmul(g, gamma);
+                            let x = xhat(b, r);
+                            let dx = b.ins().fmul(d, x);
+                            Ok(vec![
+                                b.ins().fadd(carried[0], d),
+                                b.ins().fadd(carried[1], dx),
+                            ])
+                        })?;
+                        let (sum, dot) = (sums[0], sums[1]);
+                        let factor = b.ins().fdiv(rstd, n);
+                        let out_col = column_of(b, out, c);
+                        write_row(b, rows, f32, out_col, |b, r| {
+                            let g = load(b, g_col, r);
+                            let d = b.ins().fmul(g, gamma);
+                            let x = xhat(b, r);
+                            let nd = b.ins().fmul(n, d);
+                            let centered = b.ins().fsub(nd, sum);
+                            let projected = b.ins().fmul(x, dot);
+                            let inner = b.ins().fsub(centered, projected);
+                            Ok(b.ins().fmul(factor, inner))
+                        })?;
+                    }
+                    _ => {
+                        // sum(g xhat) for gamma, sum(g) for beta, from 0.
+                        let total = counted_loop(b, rows, &[zero], |b, r, carried| {
+                            let g = load(b, g_col, r);
+                            let term = if operand == 1 {
+                                let x = xhat(b, r);
+                                b.ins().fmul(g, x)
+                            } else {
+                                g
+                            };
+                            Ok(vec![b.ins().fadd(carried[0], term)])
+                        })?[0];
+                        let total = rounded(b, f32, total);
+                        store(b, total, out, c);
+                    }
+                }
+                Ok(vec![])
+            })?;
+        }
+        RowOp::RunningStat { momentum, variance } => {
+            // With the unbiased variance, NaN for a single row.
+            let count = b.ins().fcvt_from_uint(types::F64, rows);
+            let one = b.ins().f64const(1.0);
+            let fewer = b.ins().fsub(count, one);
+            let unbiased = b.ins().fdiv(count, fewer);
+            let nan = b.ins().f64const(f64::NAN);
+            let two = b.ins().iconst(types::I64, 2);
+            let several = b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, rows, two);
+            let unbiased = b.ins().select(several, unbiased, nan);
+            let keep = b.ins().f64const(1.0 - momentum);
+            let momentum = b.ins().f64const(momentum);
+            counted_loop(b, cols, &[], |b, c, _| {
+                let x_col = column_of(b, bases[0], c);
+                let (mean, var) = row_moments(b, x_col, rows)?;
+                let batch = if variance {
+                    b.ins().fmul(var, unbiased)
+                } else {
+                    mean
+                };
+                let running = load(b, bases[1], c);
+                let kept = b.ins().fmul(keep, running);
+                let added = b.ins().fmul(momentum, batch);
+                let value = b.ins().fadd(kept, added);
+                let value = rounded(b, f32, value);
+                store(b, value, out, c);
+                Ok(vec![])
+            })?;
         }
         RowOp::SoftmaxVjp | RowOp::LogSoftmaxVjp => {
             counted_loop(b, rows, &[], |b, r, _| {
