@@ -141,6 +141,48 @@ pub struct Session {
     pub batch_index: usize,
     /// Steps per epoch, for schedules (set by the caller that knows the data).
     pub steps_per_epoch: u64,
+    /// What a step reads back, worked out once per step-graph version.
+    reads: Option<StepReads>,
+}
+
+/// The values a step reads back from the step graph (of one version):
+/// the loss, the statistics by name, the updates, and the logits and
+/// labels for the accuracy; all of them in `wanted`.
+struct StepReads {
+    version: u64,
+    loss: NodeId,
+    stats: Vec<(String, NodeId)>,
+    updates: Vec<(String, NodeId)>,
+    wanted: Vec<NodeId>,
+}
+
+impl StepReads {
+    fn of(graph: &Graph) -> StepReads {
+        let loss = graph.loss().expect("step graphs have a loss");
+        let mut wanted = vec![loss];
+        let (mut stats, mut updates) = (Vec::new(), Vec::new());
+        for id in graph.ids() {
+            match &graph.node(id).role {
+                Role::Stat(name) => {
+                    stats.push((name.clone(), id));
+                    wanted.push(id);
+                }
+                Role::Update(name) => {
+                    updates.push((name.clone(), id));
+                    wanted.push(id);
+                }
+                _ => {}
+            }
+        }
+        wanted.extend(cross_entropy_node(graph).map_or_else(Vec::new, |n| graph.operands(n)));
+        StepReads {
+            version: graph.version(),
+            loss,
+            stats,
+            updates,
+            wanted,
+        }
+    }
 }
 
 impl Session {
@@ -190,6 +232,7 @@ impl Session {
             epoch: 0,
             batch_index: 0,
             steps_per_epoch: 1,
+            reads: None,
         };
         for id in session.step_graph.ids() {
             let node = session.step_graph.node(id);
@@ -293,26 +336,26 @@ impl Session {
             seed: self.config.seed,
             step: t,
         };
-        // What this step reads back: the loss, the statistics, the
-        // updates, and the logits and labels for the accuracy.
+        // What this step reads back (worked out again only when the step
+        // graph changed).
         let graph = &self.step_graph;
-        let loss_id = graph.loss().expect("step graphs have a loss");
-        let mut wanted = vec![loss_id];
-        for id in graph.ids() {
-            if matches!(graph.node(id).role, Role::Stat(_) | Role::Update(_)) {
-                wanted.push(id);
-            }
+        if self
+            .reads
+            .as_ref()
+            .is_none_or(|r| r.version != graph.version())
+        {
+            self.reads = Some(StepReads::of(graph));
         }
-        wanted.extend(cross_entropy_node(graph).map_or_else(Vec::new, |n| graph.operands(n)));
-        let result = backend.run_wanted(graph, &leaves, context, &wanted);
+        let reads = self.reads.as_ref().expect("just set");
+        let loss_id = reads.loss;
+        let result = backend.run_wanted(graph, &leaves, context, &reads.wanted);
         let read = |evaluation: &Evaluation| {
             let loss = evaluation.values[&loss_id].data[0];
-            let mut stats = BTreeMap::new();
-            for id in graph.ids() {
-                if let Role::Stat(name) = &graph.node(id).role {
-                    stats.insert(name.clone(), evaluation.values[&id].data[0]);
-                }
-            }
+            let stats: BTreeMap<String, f64> = reads
+                .stats
+                .iter()
+                .map(|(name, id)| (name.clone(), evaluation.values[id].data[0]))
+                .collect();
             let finite = loss.is_finite() && stats.get("grad_norm").is_none_or(|n| n.is_finite());
             (loss, stats, finite)
         };
@@ -343,15 +386,13 @@ impl Session {
         // The new state is moved out of the evaluation, not copied, and
         // replaces the old one only once every value is there.
         let mut updates = Vec::new();
-        for id in graph.ids() {
-            if let Role::Update(name) = &graph.node(id).role {
-                let value = evaluation.values.remove(&id).ok_or_else(|| {
-                    TrainError::Run(InterpError::Internal(format!(
-                        "no value for update `{name}`"
-                    )))
-                })?;
-                updates.push((name.clone(), value));
-            }
+        for (name, id) in &reads.updates {
+            let value = evaluation.values.remove(id).ok_or_else(|| {
+                TrainError::Run(InterpError::Internal(format!(
+                    "no value for update `{name}`"
+                )))
+            })?;
+            updates.push((name.clone(), value));
         }
         self.state.extend(updates);
         self.steps_done = t;
