@@ -299,8 +299,8 @@ pub enum Stage {
     Optimized,
     /// The kernel plan of the optimized graph, with its memory plan.
     Kernels,
-    /// The Cranelift IR of the kernels the JIT compiles (the step graph in
-    /// train mode, the eval graph in eval mode).
+    /// The Cranelift IR of the kernels the JIT compiles (those of the
+    /// optimized step graph in train mode, of the eval graph in eval mode).
     Clif,
 }
 

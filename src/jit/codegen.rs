@@ -480,6 +480,35 @@ pub(super) fn load(b: &mut FunctionBuilder<'_>, elem: Elem, vector: bool, at: Va
 pub(super) fn store(b: &mut FunctionBuilder<'_>, elem: Elem, value: Value, at: Value) {
     let vector = lanes(b, value) > 1;
     let flags = access_flags(vector);
+    // A value just widened from `f32` (an `f32` op's rounding) is stored
+    // as the `f32` it was widened from: the same bits, two conversions
+    // fewer.
+    let widened_from = match b.func.dfg.value_def(value) {
+        cranelift_codegen::ir::ValueDef::Result(inst, 0)
+            if matches!(
+                b.func.dfg.insts[inst].opcode(),
+                cranelift_codegen::ir::Opcode::Fpromote
+                    | cranelift_codegen::ir::Opcode::FvpromoteLow
+            ) =>
+        {
+            b.func.dfg.inst_args(inst).first().copied()
+        }
+        _ => None,
+    };
+    match (elem, vector, widened_from) {
+        (Elem::F32, false, Some(narrow)) => {
+            b.ins().store(flags, narrow, at, 0);
+            return;
+        }
+        (Elem::F32, true, Some(narrow)) => {
+            let little = MemFlagsData::new().with_endianness(Endianness::Little);
+            let words = b.ins().bitcast(types::I64X2, little, narrow);
+            let word = b.ins().extractlane(words, 0);
+            b.ins().store(flags, word, at, 0);
+            return;
+        }
+        _ => {}
+    }
     match (elem, vector) {
         (Elem::F64, _) => {
             b.ins().store(flags, value, at, 0);
@@ -1227,6 +1256,16 @@ impl CodeCache {
                 let per_group = b.ins().umax(per_group, one);
                 count = b.ins().fcvt_from_uint(types::F64, per_group);
             }
+            // A single-element input is loaded once, before the loops (no
+            // kernel writes its inputs), as a scalar and as a pair.
+            let singles: Vec<Option<(Value, Value)>> = (0..inputs.len())
+                .map(|j| {
+                    (access[j] == Access::Single).then(|| {
+                        let scalar = load(&mut b, elems[j], false, bases[j]);
+                        (scalar, b.ins().splat(types::F64X2, scalar))
+                    })
+                })
+                .collect();
             let body = Body {
                 graph,
                 nodes,
@@ -1235,6 +1274,7 @@ impl CodeCache {
                 access: &access,
                 elems: &elems,
                 bases: &bases,
+                singles: &singles,
                 single_sums: &single_sums,
                 seed,
                 step,
@@ -1557,6 +1597,8 @@ struct Body<'k> {
     access: &'k [Access],
     elems: &'k [Elem],
     bases: &'k [Value],
+    /// Each single-element input, loaded before the loops: scalar, pair.
+    singles: &'k [Option<(Value, Value)>],
     single_sums: &'k [usize],
     seed: Value,
     step: Value,
@@ -1594,9 +1636,8 @@ impl Body<'_> {
         };
         let mut values: HashMap<NodeId, Value> = HashMap::new();
         for (j, &input) in self.inputs.iter().enumerate() {
-            let value = if vector && access[j] == Access::Single {
-                let one = load(b, elems[j], false, self.bases[j]);
-                b.ins().splat(types::F64X2, one)
+            let value = if let Some((scalar, pair)) = self.singles[j] {
+                if vector { pair } else { scalar }
             } else {
                 let at = address(b, j);
                 load(b, elems[j], vector, at)
