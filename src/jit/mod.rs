@@ -1039,20 +1039,12 @@ impl StepHost<'_> {
             // An `f32` operand kept in `f64` (a sum): through `f32` copies.
             (DType::F32, _) => {
                 let (a32, b32, c32) = &mut self.narrow;
-                a32.clear();
-                a32.extend(
-                    buffers
-                        .read(left, a_rows * a_cols)
-                        .iter()
-                        .map(|&v| v as f32),
-                );
-                b32.clear();
-                b32.extend(
-                    buffers
-                        .read(right, b_rows * b_cols)
-                        .iter()
-                        .map(|&v| v as f32),
-                );
+                let narrow = |to: &mut Vec<f32>, slot: usize, count: usize| {
+                    to.clear();
+                    to.extend(buffers.read(slot, count).iter().map(|&v| v as f32));
+                };
+                narrow(a32, left, a_rows * a_cols);
+                narrow(b32, right, b_rows * b_cols);
                 c32.clear();
                 c32.resize(count, 0.0);
                 let (Some(a), Some(b)) = (matrix_view(a32, &a.0, a.1), matrix_view(b32, &b.0, b.1))

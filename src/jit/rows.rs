@@ -389,6 +389,79 @@ fn row_moments(
     Ok((mean, b.ins().fdiv(squares, count)))
 }
 
+/// The lines (rows, or columns) one normalization VJP reads and writes:
+/// the gradient, the input, the output, and their length.
+struct Lines {
+    g: Row,
+    x: Row,
+    out: Row,
+    len: Value,
+}
+
+/// A line's mean and `rstd = 1 / sqrt(var + eps)`, as `interp::vjp`'s
+/// normalization VJP computes them.
+fn line_statistics(
+    b: &mut FunctionBuilder<'_>,
+    line: Row,
+    len: Value,
+    eps: f64,
+) -> Result<(Value, Value), CodegenError> {
+    let (mean, var) = row_moments(b, line, len)?;
+    let eps = b.ins().f64const(eps);
+    let shifted = b.ins().fadd(var, eps);
+    let root = b.ins().sqrt(shifted);
+    let one = b.ins().f64const(1.0);
+    Ok((mean, b.ins().fdiv(one, root)))
+}
+
+/// `xhat = (x - mean) rstd` at element `j` of a line.
+fn normalized(b: &mut FunctionBuilder<'_>, line: Row, mean: Value, rstd: Value, j: Value) -> Value {
+    let v = load(b, line, j);
+    let centered = b.ins().fsub(v, mean);
+    b.ins().fmul(centered, rstd)
+}
+
+/// The gradient of a normalization's input over one line, as
+/// `interp::vjp` has it: with `d = g gamma(j)`, `sum(d)` and `sum(d
+/// xhat)` from 0 in order, then `rstd / n (n d - sum(d) - xhat sum(d
+/// xhat))` for each element, `n` the line's length.
+fn normalization_dx(
+    b: &mut FunctionBuilder<'_>,
+    lines: Lines,
+    mean: Value,
+    rstd: Value,
+    f32: bool,
+    gamma: impl Fn(&mut FunctionBuilder<'_>, Value) -> Value,
+) -> Result<(), CodegenError> {
+    let Lines { g, x, out, len } = lines;
+    let n = b.ins().fcvt_from_uint(types::F64, len);
+    let zero = b.ins().f64const(0.0);
+    let sums = counted_loop(b, len, &[zero, zero], |b, j, carried| {
+        let gj = load(b, g, j);
+        let scale = gamma(b, j);
+        let d = b.ins().fmul(gj, scale);
+        let xhat = normalized(b, x, mean, rstd, j);
+        let dx = b.ins().fmul(d, xhat);
+        Ok(vec![
+            b.ins().fadd(carried[0], d),
+            b.ins().fadd(carried[1], dx),
+        ])
+    })?;
+    let (sum, dot) = (sums[0], sums[1]);
+    let factor = b.ins().fdiv(rstd, n);
+    write_row(b, len, f32, out, |b, j| {
+        let gj = load(b, g, j);
+        let scale = gamma(b, j);
+        let d = b.ins().fmul(gj, scale);
+        let xhat = normalized(b, x, mean, rstd, j);
+        let nd = b.ins().fmul(n, d);
+        let centered = b.ins().fsub(nd, sum);
+        let projected = b.ins().fmul(xhat, dot);
+        let inner = b.ins().fsub(centered, projected);
+        Ok(b.ins().fmul(factor, inner))
+    })
+}
+
 /// The row's maximum as `kernels::group_max` takes it: from -inf, a value
 /// replaces the maximum when it is NaN or larger, unless the maximum is
 /// already NaN.
@@ -648,52 +721,17 @@ pub(super) fn emit(
         }
         RowOp::LayerNormVjp { eps, operand } => {
             let gamma = bases[2];
-            // The row's `rstd` and `mean`, and `xhat` at column j.
-            let statistics = |b: &mut FunctionBuilder<'_>, x_row: Row| {
-                let (mean, var) = row_moments(b, x_row, cols)?;
-                let eps = b.ins().f64const(eps);
-                let shifted = b.ins().fadd(var, eps);
-                let root = b.ins().sqrt(shifted);
-                let one = b.ins().f64const(1.0);
-                Ok::<_, CodegenError>((mean, b.ins().fdiv(one, root)))
-            };
-            let xhat = |b: &mut FunctionBuilder<'_>, x_row: Row, mean, rstd, j| {
-                let v = load(b, x_row, j);
-                let centered = b.ins().fsub(v, mean);
-                b.ins().fmul(centered, rstd)
-            };
             if operand == 0 {
-                let n = b.ins().fcvt_from_uint(types::F64, cols);
                 counted_loop(b, rows, &[], |b, r, _| {
                     let (g_row, x_row) = (row_of(b, bases[0], r), row_of(b, bases[1], r));
-                    let out_row = row_of(b, out, r);
-                    let (mean, rstd) = statistics(b, x_row)?;
-                    // sum(d) and sum(d xhat), from 0, in order.
-                    let zero = b.ins().f64const(0.0);
-                    let sums = counted_loop(b, cols, &[zero, zero], |b, j, carried| {
-                        let g = load(b, g_row, j);
-                        let scale = load(b, gamma, j);
-                        let d = b.ins().fmul(g, scale);
-                        let x = xhat(b, x_row, mean, rstd, j);
-                        let dx = b.ins().fmul(d, x);
-                        Ok(vec![
-                            b.ins().fadd(carried[0], d),
-                            b.ins().fadd(carried[1], dx),
-                        ])
-                    })?;
-                    let (sum, dot) = (sums[0], sums[1]);
-                    let factor = b.ins().fdiv(rstd, n);
-                    write_row(b, cols, f32, out_row, |b, j| {
-                        let g = load(b, g_row, j);
-                        let scale = load(b, gamma, j);
-                        let d = b.ins().fmul(g, scale);
-                        let x = xhat(b, x_row, mean, rstd, j);
-                        let nd = b.ins().fmul(n, d);
-                        let centered = b.ins().fsub(nd, sum);
-                        let projected = b.ins().fmul(x, dot);
-                        let inner = b.ins().fsub(centered, projected);
-                        Ok(b.ins().fmul(factor, inner))
-                    })?;
+                    let (mean, rstd) = line_statistics(b, x_row, cols, eps)?;
+                    let lines = Lines {
+                        g: g_row,
+                        x: x_row,
+                        out: row_of(b, out, r),
+                        len: cols,
+                    };
+                    normalization_dx(b, lines, mean, rstd, f32, |b, j| load(b, gamma, j))?;
                     Ok(vec![])
                 })?;
             } else {
@@ -707,7 +745,7 @@ pub(super) fn emit(
                 counted_loop(b, rows, &[], |b, r, _| {
                     let (g_row, x_row) = (row_of(b, bases[0], r), row_of(b, bases[1], r));
                     let moments = if operand == 1 {
-                        Some(statistics(b, x_row)?)
+                        Some(line_statistics(b, x_row, cols, eps)?)
                     } else {
                         None
                     };
@@ -715,7 +753,7 @@ pub(super) fn emit(
                         let g = load(b, g_row, j);
                         let term = match moments {
                             Some((mean, rstd)) => {
-                                let x = xhat(b, x_row, mean, rstd, j);
+                                let x = normalized(b, x_row, mean, rstd, j);
                                 b.ins().fmul(g, x)
                             }
                             None => g,
@@ -761,66 +799,34 @@ pub(super) fn emit(
             })?;
         }
         RowOp::BatchNormVjp { eps, operand } => {
-            // `interp::vjp`'s normalization VJP with a column per channel:
-            // `rstd = 1 / sqrt(var + eps)`, `xhat = (x - mean) rstd`, `d =
-            // g gamma`.
-            let n = b.ins().fcvt_from_uint(types::F64, rows);
+            // The normalization VJP with a column per channel.
             counted_loop(b, cols, &[], |b, c, _| {
                 let (g_col, x_col) = (column_of(b, bases[0], c), column_of(b, bases[1], c));
-                let (mean, var) = row_moments(b, x_col, rows)?;
-                let eps = b.ins().f64const(eps);
-                let shifted = b.ins().fadd(var, eps);
-                let root = b.ins().sqrt(shifted);
-                let one = b.ins().f64const(1.0);
-                let rstd = b.ins().fdiv(one, root);
+                let (mean, rstd) = line_statistics(b, x_col, rows, eps)?;
                 let gamma = load(b, bases[2], c);
-                let xhat = |b: &mut FunctionBuilder<'_>, r: Value| {
-                    let v = load(b, x_col, r);
-                    let centered = b.ins().fsub(v, mean);
-                    b.ins().fmul(centered, rstd)
-                };
-                let zero = b.ins().f64const(0.0);
-                match operand {
-                    0 => {
-                        let sums = counted_loop(b, rows, &[zero, zero], |b, r, carried| {
-                            let g = load(b, g_col, r);
-                            let d = b.ins().fmul(g, gamma);
-                            let x = xhat(b, r);
-                            let dx = b.ins().fmul(d, x);
-                            Ok(vec![
-                                b.ins().fadd(carried[0], d),
-                                b.ins().fadd(carried[1], dx),
-                            ])
-                        })?;
-                        let (sum, dot) = (sums[0], sums[1]);
-                        let factor = b.ins().fdiv(rstd, n);
-                        let out_col = column_of(b, out, c);
-                        write_row(b, rows, f32, out_col, |b, r| {
-                            let g = load(b, g_col, r);
-                            let d = b.ins().fmul(g, gamma);
-                            let x = xhat(b, r);
-                            let nd = b.ins().fmul(n, d);
-                            let centered = b.ins().fsub(nd, sum);
-                            let projected = b.ins().fmul(x, dot);
-                            let inner = b.ins().fsub(centered, projected);
-                            Ok(b.ins().fmul(factor, inner))
-                        })?;
-                    }
-                    _ => {
-                        // sum(g xhat) for gamma, sum(g) for beta, from 0.
-                        let total = counted_loop(b, rows, &[zero], |b, r, carried| {
-                            let g = load(b, g_col, r);
-                            let term = if operand == 1 {
-                                let x = xhat(b, r);
-                                b.ins().fmul(g, x)
-                            } else {
-                                g
-                            };
-                            Ok(vec![b.ins().fadd(carried[0], term)])
-                        })?[0];
-                        let total = rounded(b, f32, total);
-                        store(b, total, out, c);
-                    }
+                if operand == 0 {
+                    let lines = Lines {
+                        g: g_col,
+                        x: x_col,
+                        out: column_of(b, out, c),
+                        len: rows,
+                    };
+                    normalization_dx(b, lines, mean, rstd, f32, |_, _| gamma)?;
+                } else {
+                    // sum(g xhat) for gamma, sum(g) for beta, from 0.
+                    let zero = b.ins().f64const(0.0);
+                    let total = counted_loop(b, rows, &[zero], |b, r, carried| {
+                        let g = load(b, g_col, r);
+                        let term = if operand == 1 {
+                            let x = normalized(b, x_col, mean, rstd, r);
+                            b.ins().fmul(g, x)
+                        } else {
+                            g
+                        };
+                        Ok(vec![b.ins().fadd(carried[0], term)])
+                    })?[0];
+                    let total = rounded(b, f32, total);
+                    store(b, total, out, c);
                 }
                 Ok(vec![])
             })?;
