@@ -361,9 +361,9 @@ fn main() {
         bench_gemm();
     }
     let models: [(&str, &[usize], usize, usize); 3] = [
-        ("tiny", &[64, 32, 10], 32, 200),
-        ("medium", &[64, 256, 256, 10], 128, 30),
-        ("large", &[784, 1024, 1024, 10], 256, 5),
+        ("tiny", &[64, 32, 10], 32, 1000),
+        ("medium", &[64, 256, 256, 10], 128, 100),
+        ("large", &[784, 1024, 1024, 10], 256, 10),
     ];
     for (name, layers, batch, steps) in models {
         let models = ["tiny", "medium", "large"];
