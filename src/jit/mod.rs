@@ -1,14 +1,17 @@
 //! The JIT backend: runs a graph's kernel plan (`passes::fusion`) as one
-//! compiled call per step. Elementwise kernels (with their closing sums and
-//! counts) and row kernels (softmax, log-softmax, cross-entropy, max and
-//! logsumexp over the last axis, layer normalization) are compiled by
+//! compiled call per step; training and evaluation (`run_wanted`) run the
+//! graph optimized by `passes::optimize`. Elementwise kernels (with their
+//! closing sums and counts), row kernels (softmax, log-softmax,
+//! cross-entropy, max and logsumexp over the last axis, layer
+//! normalization) and column kernels (batch normalization) are compiled by
 //! Cranelift (`codegen`, `rows`, with the polynomial functions of
 //! `approx`); matrix products and their VJPs run on a tuned GEMM
-//! (`codegen::gemm`, large ones on two threads); the remaining kernels run
-//! on the reference interpreter's kernels.
+//! (`codegen::gemm`, large ones on two threads); the few remaining kernels
+//! run on the reference interpreter's kernels.
 //!
 //! For each set of sizes (the batch size, mostly) the JIT binds a *frame*:
-//! a buffer per value, allocated once, and a compiled *step entry* that
+//! a buffer per value (`f32` values as `f32`), allocated once, and a
+//! compiled *step entry* that
 //! calls every kernel in plan order, handing matrix products and
 //! interpreted kernels back to Rust (`codegen::Host`). A step copies the
 //! leaves into their buffers (after the interpreter's checks), makes the
@@ -16,9 +19,10 @@
 //!
 //! Compiled kernels compute exactly what the interpreter computes (`f64`
 //! arithmetic, one `f32` rounding per op), so they agree bit for bit, but
-//! for two stated exceptions: the GEMM sums in another order (and an `f32`
-//! product in `f32`), and `exp`, `log`, `tanh`, `sigmoid`, `softplus` and
-//! GELU's `erf` are polynomials within a few ulps (`tests/jit.rs` and `tests/approx.rs`
+//! for three stated exceptions: the GEMM sums in another order (and an
+//! `f32` product in `f32`), a sum to one element adds in two lanes, and
+//! `exp`, `log`, `tanh`, `sigmoid`, `softplus` and GELU's `erf` are
+//! polynomials within a few ulps (`tests/jit.rs` and `tests/approx.rs`
 //! state the tolerances; the fuzzer and generated models compare the
 //! backends).
 
@@ -892,7 +896,8 @@ struct StepHost<'a> {
     /// The interpreter's working values for one node.
     scratch: Evaluation,
     buffer_updates: BTreeMap<String, Tensor>,
-    /// `f32` copies of a product's operands and its result.
+    /// `f32` copies of a product's operands and its result, for an `f32`
+    /// operand kept in an `f64` buffer.
     narrow: (Vec<f32>, Vec<f32>, Vec<f32>),
 }
 
@@ -971,8 +976,8 @@ impl StepHost<'_> {
     /// case is a single GEMM: `A @ B`; `dA = g @ B^T`; and `dB = A^T @ g`,
     /// whose inner size `B*M` also performs the sum over the batch. A
     /// transpose is a view with swapped strides, never a copy. An `f32`
-    /// product runs on `sgemm` over `f32` copies of its operands (which
-    /// hold `f32` values already).
+    /// product runs on `sgemm` straight on the `f32` buffers (on `f32`
+    /// copies if an operand is kept in `f64`), an `f64` one on `dgemm`.
     fn matrix_product(
         &mut self,
         id: NodeId,
