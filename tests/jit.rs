@@ -415,7 +415,10 @@ fn after_full_sums(graph: &gradc::ir::Graph) -> std::collections::BTreeSet<gradc
         let node = graph.node(id);
         let full_sum =
             gradc::jit::codegen::is_sum(graph, id) && node.shape().0.iter().all(|d| d.is_one());
-        if full_sum || graph.operands(id).iter().any(|o| reordered.contains(o)) {
+        // (Through the operands a node reads: a VJP's forward output is
+        // an operand it may not read.)
+        let reads = gradc::passes::fusion::reads(graph, id);
+        if full_sum || reads.iter().any(|o| reordered.contains(o)) {
             reordered.insert(id);
         }
     }
@@ -499,11 +502,12 @@ fn jit_and_interpreter_agree_on_generated_models() {
 }
 
 /// The Cranelift IR of three small kernels, under review as snapshots: an
-/// `f32` bias-and-ReLU kernel (with its `f32` roundings; the bias row
-/// makes it a loop over rows, with pairs of columns as `f64x2` and a scalar
-/// tail), an `f32` kernel with only full operands (a vector loop of
-/// `f64x2`, then the scalar loop for the tail), and an `f64` sum over a row
-/// closing a `sin` (a call to the interpreter's function).
+/// `f32` bias-and-ReLU kernel (the bias row makes it a loop over rows, with
+/// four columns at a time as `f32x4`, since its ops are exact in `f32`,
+/// then pairs of columns as `f64x2` with their `f32` roundings, then a
+/// scalar tail), an `f32` kernel with only full operands (`f32x4`, then
+/// `f64x2`, then the scalar loop for the tail), and an `f64` sum over a
+/// row closing a `sin` (a call to the interpreter's function).
 #[test]
 fn clif_of_small_kernels() {
     for (name, source, dtype) in [
@@ -855,6 +859,77 @@ fn a_product_on_two_threads_matches_one_call_bit_for_bit() {
                     .all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{m}x{k}x{n} f32, transposed: {transposed}"
             );
+        }
+    }
+}
+
+/// Kernels of `f32` ops that are single IEEE operations run four `f32`s at
+/// a time (`f32x4`, `codegen::f32_exact`), which gives the interpreter's
+/// bits (its `f64` result of `f32` operands, rounded to `f32`): on a model
+/// made of such ops, at sizes where the `f32x4` loops, the pair loops and
+/// the scalar tails all run, every value of the step graph is the same
+/// (the retained gradients make the backward kernels' values results).
+#[test]
+fn f32x4_kernels_are_bit_identical() {
+    let source = "model m {
+    input x: f32[B, 13]
+    param w: f32[13] = uniform(-1, 1)
+    param v: f32[13] = uniform(0.5, 1.5)
+    let d = 1 + abs(x * v)
+    let a = maximum(x * w, -0.5) / d - sqrt(abs(x * v))
+    let b = clamp(leaky_relu(a, 0.25), -2, 2) + relu(x - v) * w
+    retain d, a, b
+    loss mean(b * b) + sum(w * v)
+}
+train m { optimizer sgd(lr = 0.5, momentum = 0.75) }
+";
+    let compilation = compile_source("m.grad", source, LowerOptions::default());
+    let model = compilation
+        .models
+        .first()
+        .unwrap_or_else(|| panic!("{:?}", compilation.diagnostics));
+    let config = model.train_config.clone().expect("train block");
+    let graph = step::build(&model.train, &config).expect("step");
+    let mut jit = Jit::new();
+    assert!(
+        jit.clif(&graph).expect("clif").contains("load.f32x4"),
+        "no kernel runs f32x4 loops"
+    );
+    let reordered = after_full_sums(&graph);
+    for rows in [1, 2, 3, 7] {
+        let mut leaves = common::leaves_for(&graph, DType::F32);
+        let mut stream = gradc::random::Stream::new(rows as u64);
+        let x = (0..rows * 13)
+            .map(|_| f64::from((stream.uniform() * 6.0 - 3.0) as f32))
+            .collect();
+        leaves.insert("x".into(), Tensor::new(DType::F32, vec![rows, 13], x));
+        let context = Context { seed: 2, step: 1 };
+        let expected = interp::evaluate(&graph, &leaves, context).expect("interpreter");
+        // Every value of the graph as given, and every result of the
+        // optimized graph (whose kernels `--stage clif` shows).
+        let all = jit.run(&graph, &leaves, context).expect("jit");
+        let wanted = results(&graph);
+        let optimized = jit
+            .run_wanted(&graph, &leaves, context, &wanted)
+            .expect("jit, optimized");
+        for got in [&all, &optimized] {
+            for id in graph.ids() {
+                let (Some(a), Some(b)) = (expected.values.get(&id), got.values.get(&id)) else {
+                    continue;
+                };
+                let agree = if reordered.contains(&id) {
+                    close(a, b)
+                } else {
+                    identical(a, b)
+                };
+                assert!(
+                    agree,
+                    "{rows} rows: {id:?} `{}` differs: {:?} vs {:?}",
+                    graph.node(id).op.name(),
+                    a.data,
+                    b.data
+                );
+            }
         }
     }
 }

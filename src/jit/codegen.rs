@@ -262,32 +262,34 @@ fn dropout_scale(
     Ok(gather(b, &scales))
 }
 
-/// How many `f64` lanes a value has: 2 for `f64x2`, else 1.
+/// How many lanes a value has: 2 for `f64x2`, 4 for `f32x4`, else 1.
 fn lanes(b: &FunctionBuilder<'_>, value: Value) -> u8 {
-    if b.func.dfg.value_type(value).is_vector() {
-        2
-    } else {
-        1
-    }
+    b.func.dfg.value_type(value).lane_count() as u8
 }
 
-/// A constant with the lanes of `like`.
+/// A constant with the type of `like`: `f64`, `f64x2`, or `f32x4` (only
+/// in the `f32x4` loops of kernels whose constants are all exact in
+/// `f32`, `f32_exact`).
 pub(super) fn constant(b: &mut FunctionBuilder<'_>, like: Value, c: f64) -> Value {
-    let scalar = b.ins().f64const(c);
-    if lanes(b, like) > 1 {
-        b.ins().splat(types::F64X2, scalar)
-    } else {
-        scalar
+    match b.func.dfg.value_type(like) {
+        types::F32X4 => {
+            let scalar = b.ins().f32const(c as f32);
+            b.ins().splat(types::F32X4, scalar)
+        }
+        ty if ty.is_vector() => {
+            let scalar = b.ins().f64const(c);
+            b.ins().splat(types::F64X2, scalar)
+        }
+        _ => b.ins().f64const(c),
     }
 }
 
 /// `x` where `condition` holds, else `y` (per lane for vectors, whose
 /// comparison masks are all-ones or all-zeros per lane).
 pub(super) fn pick(b: &mut FunctionBuilder<'_>, condition: Value, x: Value, y: Value) -> Value {
-    if lanes(b, x) > 1 {
-        let mask = b
-            .ins()
-            .bitcast(types::F64X2, MemFlagsData::new(), condition);
+    let ty = b.func.dfg.value_type(x);
+    if ty.is_vector() {
+        let mask = b.ins().bitcast(ty, MemFlagsData::new(), condition);
         b.ins().bitselect(mask, x, y)
     } else {
         b.ins().select(condition, x, y)
@@ -480,6 +482,11 @@ pub(super) fn load(b: &mut FunctionBuilder<'_>, elem: Elem, vector: bool, at: Va
 pub(super) fn store(b: &mut FunctionBuilder<'_>, elem: Elem, value: Value, at: Value) {
     let vector = lanes(b, value) > 1;
     let flags = access_flags(vector);
+    if b.func.dfg.value_type(value) == types::F32X4 {
+        // Four `f32`s, as they are.
+        b.ins().store(flags, value, at, 0);
+        return;
+    }
     // A value just widened from `f32` (an `f32` op's rounding) is stored
     // as the `f32` it was widened from: the same bits, two conversions
     // fewer.
@@ -1256,13 +1263,21 @@ impl CodeCache {
                 let per_group = b.ins().umax(per_group, one);
                 count = b.ins().fcvt_from_uint(types::F64, per_group);
             }
+            // Whether the vector loops take four `f32`s at a time.
+            let quad = f32_exact(graph, nodes, &elems[..inputs.len()], outputs);
             // A single-element input is loaded once, before the loops (no
-            // kernel writes its inputs), as a scalar and as a pair.
-            let singles: Vec<Option<(Value, Value)>> = (0..inputs.len())
+            // kernel writes its inputs), as a scalar, a pair, and (for
+            // `f32x4` loops) four `f32`s.
+            let singles: Vec<Option<Single>> = (0..inputs.len())
                 .map(|j| {
                     (access[j] == Access::Single).then(|| {
                         let scalar = load(&mut b, elems[j], false, bases[j]);
-                        (scalar, b.ins().splat(types::F64X2, scalar))
+                        let pair = b.ins().splat(types::F64X2, scalar);
+                        let quad = (quad && elems[j] == Elem::F32).then(|| {
+                            let narrow = b.ins().fdemote(types::F32, scalar);
+                            b.ins().splat(types::F32X4, narrow)
+                        });
+                        (scalar, pair, quad)
                     })
                 })
                 .collect();
@@ -1275,6 +1290,7 @@ impl CodeCache {
                 elems: &elems,
                 bases: &bases,
                 singles: &singles,
+                quad,
                 single_sums: &single_sums,
                 seed,
                 step,
@@ -1587,6 +1603,10 @@ impl CodeCache {
     }
 }
 
+/// A single-element input as a scalar, a pair, and four `f32`s (if the
+/// kernel has `f32x4` loops).
+type Single = (Value, Value, Option<Value>);
+
 /// What every step of a kernel's loops computes: the kernel's nodes over
 /// its buffers.
 struct Body<'k> {
@@ -1597,8 +1617,10 @@ struct Body<'k> {
     access: &'k [Access],
     elems: &'k [Elem],
     bases: &'k [Value],
-    /// Each single-element input, loaded before the loops: scalar, pair.
-    singles: &'k [Option<(Value, Value)>],
+    /// Each single-element input, loaded before the loops.
+    singles: &'k [Option<Single>],
+    /// Whether the vector loops take four `f32`s at a time (`f32_exact`).
+    quad: bool,
     single_sums: &'k [usize],
     seed: Value,
     step: Value,
@@ -1608,39 +1630,52 @@ struct Body<'k> {
 }
 
 impl Body<'_> {
-    /// One step at element `index` (two elements, as `f64x2`, when
-    /// `vector`): loads the inputs at `address(j)`, computes the nodes, and
-    /// stores or accumulates the outputs. Returns the next running totals
-    /// of the single sums (a vector adds lane 0, then lane 1).
+    /// One step at element `index`, over `width` elements: one (`f64`),
+    /// two (`f64x2`) or four (`f32x4`, only in `f32_exact` kernels). Loads
+    /// the inputs at `address(j)`, computes the nodes, and stores or
+    /// accumulates the outputs. Returns the next running totals of the
+    /// single sums (`f64x2`: a pair adds lane by lane, one element into
+    /// lane 0, four elements as two pairs).
     fn step(
         &self,
         b: &mut FunctionBuilder<'_>,
         calls: &mut Calls<'_>,
         index: Value,
-        vector: bool,
+        width: u8,
         address: &dyn Fn(&mut FunctionBuilder<'_>, usize) -> Value,
         totals: &[Value],
     ) -> Result<Vec<Value>, CodegenError> {
         let (graph, access, elems) = (self.graph, self.access, self.elems);
-        let zero = if vector {
-            b.ins().splat(types::F64X2, self.zero)
-        } else {
-            self.zero
+        let zero = match width {
+            1 => self.zero,
+            2 => b.ins().splat(types::F64X2, self.zero),
+            _ => {
+                let scalar = b.ins().f32const(0.0);
+                b.ins().splat(types::F32X4, scalar)
+            }
         };
         // The mean's group count, as wide as the values (only if a mean's
-        // gradient needs it).
-        let count = if vector && self.count != self.zero {
+        // gradient needs it; never in `f32x4` loops).
+        let count = if width == 2 && self.count != self.zero {
             b.ins().splat(types::F64X2, self.count)
         } else {
             self.count
         };
         let mut values: HashMap<NodeId, Value> = HashMap::new();
         for (j, &input) in self.inputs.iter().enumerate() {
-            let value = if let Some((scalar, pair)) = self.singles[j] {
-                if vector { pair } else { scalar }
+            let value = if let Some((scalar, pair, quad)) = self.singles[j] {
+                match width {
+                    1 => scalar,
+                    2 => pair,
+                    _ => quad.ok_or_else(|| CodegenError("no f32 single input".into()))?,
+                }
             } else {
                 let at = address(b, j);
-                load(b, elems[j], vector, at)
+                if width == 4 {
+                    b.ins().load(types::F32X4, access_flags(true), at, 0)
+                } else {
+                    load(b, elems[j], width == 2, at)
+                }
             };
             values.insert(input, value);
         }
@@ -1668,23 +1703,46 @@ impl Body<'_> {
                     CodegenError(format!("output {output} is not computed by the kernel"))
                 })?
             };
+            // What a sum adds, as `f64` pairs: four `f32`s widened as two
+            // pairs, in order.
+            let pairs = |b: &mut FunctionBuilder<'_>| match width {
+                4 => {
+                    let low = b.ins().fvpromote_low(value);
+                    let little = MemFlagsData::new().with_endianness(Endianness::Little);
+                    let words = b.ins().bitcast(types::I64X2, little, value);
+                    let upper = b.ins().extractlane(words, 1);
+                    let upper = b.ins().scalar_to_vector(types::I64X2, upper);
+                    let upper = b.ins().bitcast(types::F32X4, little, upper);
+                    vec![low, b.ins().fvpromote_low(upper)]
+                }
+                // [value, 0.0]
+                1 => vec![b.ins().scalar_to_vector(types::F64X2, value)],
+                _ => vec![value],
+            };
             match access[j] {
                 // A sum to one element: total += value, in a register.
                 Access::Single => {
                     let slot = self.single_sums.iter().position(|&s| s == j).unwrap_or(0);
-                    let value = if vector {
-                        value
-                    } else {
-                        // [value, 0.0]
-                        b.ins().scalar_to_vector(types::F64X2, value)
-                    };
-                    next.push(b.ins().fadd(totals[slot], value));
+                    let mut total = totals[slot];
+                    for pair in pairs(b) {
+                        total = b.ins().fadd(total, pair);
+                    }
+                    next.push(total);
                 }
                 // out[slot] += value, in the interpreter's order (each
-                // lane of a vector is its own slot).
+                // lane of a vector is its own slot; the slots are `f64`).
+                Access::Strided | Access::Row if width == 4 => {
+                    let at = address(b, j);
+                    for (p, pair) in pairs(b).into_iter().enumerate() {
+                        let at = b.ins().iadd_imm_u(at, 16 * p as i64);
+                        let total = load(b, elems[j], true, at);
+                        let total = b.ins().fadd(total, pair);
+                        store(b, elems[j], total, at);
+                    }
+                }
                 Access::Strided | Access::Row => {
                     let at = address(b, j);
-                    let total = load(b, elems[j], vector, at);
+                    let total = load(b, elems[j], width == 2, at);
                     let total = b.ins().fadd(total, value);
                     store(b, elems[j], total, at);
                 }
@@ -1738,7 +1796,36 @@ impl Body<'_> {
                 .chain(totals.iter().copied())
                 .map(Into::into)
                 .collect();
-            b.ins().jump(vector_header, &start);
+            if self.quad {
+                // Four `f32`s at a time first, then pairs.
+                let quad_header = b.create_block();
+                let quad_body = b.create_block();
+                b.append_block_param(quad_header, pointer);
+                for _ in totals {
+                    b.append_block_param(quad_header, types::F64X2);
+                }
+                b.ins().jump(quad_header, &start);
+
+                b.switch_to_block(quad_header);
+                let state = b.block_params(quad_header).to_vec();
+                let (i, running) = (state[0], &state[1..]);
+                let end = b.ins().iadd_imm_u(i, 4);
+                let more = b.ins().icmp(IntCC::SignedLessThanOrEqual, end, n);
+                let pairs: Vec<BlockArg> = state.iter().map(|&v| v.into()).collect();
+                b.ins().brif(more, quad_body, &[], vector_header, &pairs);
+
+                b.switch_to_block(quad_body);
+                let address = |b: &mut FunctionBuilder<'_>, j: usize| match self.access[j] {
+                    Access::Full => element_at(b, self.elems[j], self.bases[j], i),
+                    _ => self.bases[j],
+                };
+                let next = self.step(b, calls, i, 4, &address, running)?;
+                let next: Vec<BlockArg> =
+                    std::iter::once(end).chain(next).map(Into::into).collect();
+                b.ins().jump(quad_header, &next);
+            } else {
+                b.ins().jump(vector_header, &start);
+            }
 
             b.switch_to_block(vector_header);
             let state = b.block_params(vector_header).to_vec();
@@ -1753,7 +1840,7 @@ impl Body<'_> {
                 Access::Full => element_at(b, self.elems[j], self.bases[j], i),
                 _ => self.bases[j],
             };
-            let next = self.step(b, calls, i, true, &address, running)?;
+            let next = self.step(b, calls, i, 2, &address, running)?;
             let next: Vec<BlockArg> = std::iter::once(end).chain(next).map(Into::into).collect();
             b.ins().jump(vector_header, &next);
         } else {
@@ -1785,7 +1872,7 @@ impl Body<'_> {
                 element_at(b, self.elems[j], self.bases[j], counters[c].1)
             }
         };
-        let next_totals = self.step(b, calls, i, false, &address, &running)?;
+        let next_totals = self.step(b, calls, i, 1, &address, &running)?;
         let mut next: Vec<Value> = vec![b.ins().iadd_imm_u(i, 1)];
         for (c, &(_, k, m)) in factors.iter().enumerate() {
             let (within, index) = counters[c];
@@ -1859,8 +1946,6 @@ impl Body<'_> {
         b.ins().brif(more, outer_body, &[], done, &finished);
 
         b.switch_to_block(outer_body);
-        b.ins().jump(pairs, &arguments(zero, &running));
-
         // The address of buffer j at column `column` of this row.
         let address_at = |column: Value| {
             move |b: &mut FunctionBuilder<'_>, j: usize| match self.access[j] {
@@ -1872,6 +1957,28 @@ impl Body<'_> {
                 Access::Single | Access::Strided => self.bases[j],
             }
         };
+        if self.quad {
+            // Four `f32` columns at a time first (`f32_exact` kernels).
+            let quads = b.create_block();
+            let quad = b.create_block();
+            with_totals(b, quads, true);
+            b.ins().jump(quads, &arguments(zero, &running));
+
+            b.switch_to_block(quads);
+            let state = b.block_params(quads).to_vec();
+            let (column, running) = (state[0], state[1..].to_vec());
+            let end = b.ins().iadd_imm_u(column, 4);
+            let more = b.ins().icmp(IntCC::SignedLessThanOrEqual, end, width);
+            let rest: Vec<BlockArg> = state.iter().map(|&v| v.into()).collect();
+            b.ins().brif(more, quad, &[], pairs, &rest);
+
+            b.switch_to_block(quad);
+            let index = b.ins().iadd(row, column);
+            let next = self.step(b, calls, index, 4, &address_at(column), &running)?;
+            b.ins().jump(quads, &arguments(end, &next));
+        } else {
+            b.ins().jump(pairs, &arguments(zero, &running));
+        }
 
         b.switch_to_block(pairs);
         let state = b.block_params(pairs).to_vec();
@@ -1883,7 +1990,7 @@ impl Body<'_> {
 
         b.switch_to_block(pair);
         let index = b.ins().iadd(row, column);
-        let next = self.step(b, calls, index, true, &address_at(column), &running)?;
+        let next = self.step(b, calls, index, 2, &address_at(column), &running)?;
         b.ins().jump(pairs, &arguments(end, &next));
 
         b.switch_to_block(tail);
@@ -1895,7 +2002,7 @@ impl Body<'_> {
 
         b.switch_to_block(single);
         let index = b.ins().iadd(row, column);
-        let next = self.step(b, calls, index, false, &address_at(column), &running)?;
+        let next = self.step(b, calls, index, 1, &address_at(column), &running)?;
         let after = b.ins().iadd_imm_u(column, 1);
         b.ins().jump(tail, &arguments(after, &next));
 
@@ -1937,10 +2044,75 @@ fn is_row(shape: &[Dim], cols: usize) -> bool {
     }
 }
 
+/// Whether `f32x4` arithmetic computes a kernel bit for bit as the
+/// interpreter does (`f64` per op, rounded to `f32`): every node is `f32`
+/// and a single correctly rounded IEEE operation (`+ - * /`, `sqrt`) or an
+/// exact one (negation, `abs`, comparisons and selections, `max`, `min`)
+/// with constants exact in `f32`, for which rounding the `f64` result of
+/// `f32` operands to `f32` gives the `f32` result (53 >= 2 * 24 + 2 bits);
+/// every input is stored as `f32`; and every output is stored as `f32` or
+/// is a sum of the values themselves or of counts (added in `f64`).
+fn f32_exact(graph: &Graph, nodes: &[NodeId], input_elems: &[Elem], outputs: &[NodeId]) -> bool {
+    let exact = |c: f64| f64::from(c as f32) == c || c.is_nan();
+    let single_op = |node: &crate::ir::Node| match &node.op {
+        Op::Binary(f) => !matches!(f, BinaryFn::Pow),
+        Op::Unary(f) => matches!(
+            f,
+            UnaryFn::Neg | UnaryFn::Abs | UnaryFn::Sqrt | UnaryFn::Relu
+        ),
+        Op::LeakyRelu { slope } => exact(*slope),
+        Op::Clamp { lo, hi } => exact(*lo) && exact(*hi),
+        Op::Identity | Op::StopGradient => true,
+        Op::Vjp { forward, operand } => match forward.as_ref() {
+            Op::Unary(UnaryFn::Neg | UnaryFn::Abs | UnaryFn::Relu) | Op::Identity => true,
+            Op::LeakyRelu { slope } => exact(*slope),
+            Op::Clamp { lo, hi } => exact(*lo) && exact(*hi),
+            // g, -g, g * other, g / divisor: one operation each.
+            Op::Binary(f) => matches!(
+                (f, operand),
+                (BinaryFn::Add | BinaryFn::Sub | BinaryFn::Mul, _) | (BinaryFn::Div, 0)
+            ),
+            _ => false,
+        },
+        _ => false,
+    };
+    let summed = |node: &crate::ir::Node| {
+        matches!(
+            node.op,
+            Op::Reduce {
+                func: ReduceFn::Sum | ReduceFn::Mean,
+                ..
+            } | Op::SumTo
+                | Op::ZeroFraction
+                | Op::DeadFraction
+        )
+    };
+    input_elems.iter().all(|&e| e == Elem::F32)
+        && nodes.iter().all(|&id| {
+            let node = graph.node(id);
+            let constants_exact = graph.operands(id).iter().all(|&o| match graph.node(o).op {
+                Op::Constant(c) => graph.node(o).dtype() == DType::F32 || exact(c),
+                _ => true,
+            });
+            node.dtype() == DType::F32
+                && constants_exact
+                && if is_sum(graph, id) {
+                    summed(node)
+                } else {
+                    single_op(node) && !is_broadcast_back(graph, id)
+                }
+        })
+        && outputs
+            .iter()
+            .all(|&o| graph.node(o).dtype() == DType::F32 && nodes.contains(&o))
+}
+
 /// Rounds an `f64` value to `f32` and back, as the interpreter rounds the
 /// result of every `f32` op.
 fn round(b: &mut FunctionBuilder<'_>, graph: &Graph, id: NodeId, value: Value) -> Value {
     match (graph.node(id).dtype(), lanes(b, value)) {
+        // Computed in `f32` already.
+        (_, 4) => value,
         (DType::F32, 1) => {
             let narrow = b.ins().fdemote(types::F32, value);
             b.ins().fpromote(types::F64, narrow)
