@@ -1786,63 +1786,27 @@ impl Body<'_> {
         }
         let counters_start: Vec<Value> = factors.iter().flat_map(|_| [zero, zero]).collect();
         if factors.is_empty() && vector {
-            let vector_header = b.create_block();
-            let vector_body = b.create_block();
-            b.append_block_param(vector_header, pointer);
-            for _ in totals {
-                b.append_block_param(vector_header, types::F64X2);
-            }
+            // Four `f32`s at a time (in `f32_exact` kernels), then pairs,
+            // then the scalar loop for the rest.
+            let with_params = |b: &mut FunctionBuilder<'_>| {
+                let block = b.create_block();
+                b.append_block_param(block, pointer);
+                for _ in totals {
+                    b.append_block_param(block, types::F64X2);
+                }
+                block
+            };
+            let pairs = with_params(b);
+            let quads = self.quad.then(|| with_params(b));
             let start: Vec<BlockArg> = std::iter::once(zero)
                 .chain(totals.iter().copied())
                 .map(Into::into)
                 .collect();
-            if self.quad {
-                // Four `f32`s at a time first, then pairs.
-                let quad_header = b.create_block();
-                let quad_body = b.create_block();
-                b.append_block_param(quad_header, pointer);
-                for _ in totals {
-                    b.append_block_param(quad_header, types::F64X2);
-                }
-                b.ins().jump(quad_header, &start);
-
-                b.switch_to_block(quad_header);
-                let state = b.block_params(quad_header).to_vec();
-                let (i, running) = (state[0], &state[1..]);
-                let end = b.ins().iadd_imm_u(i, 4);
-                let more = b.ins().icmp(IntCC::SignedLessThanOrEqual, end, n);
-                let pairs: Vec<BlockArg> = state.iter().map(|&v| v.into()).collect();
-                b.ins().brif(more, quad_body, &[], vector_header, &pairs);
-
-                b.switch_to_block(quad_body);
-                let address = |b: &mut FunctionBuilder<'_>, j: usize| match self.access[j] {
-                    Access::Full => element_at(b, self.elems[j], self.bases[j], i),
-                    _ => self.bases[j],
-                };
-                let next = self.step(b, calls, i, 4, &address, running)?;
-                let next: Vec<BlockArg> =
-                    std::iter::once(end).chain(next).map(Into::into).collect();
-                b.ins().jump(quad_header, &next);
-            } else {
-                b.ins().jump(vector_header, &start);
+            b.ins().jump(quads.unwrap_or(pairs), &start);
+            if let Some(quads) = quads {
+                self.vector_loop(b, calls, n, 4, quads, pairs)?;
             }
-
-            b.switch_to_block(vector_header);
-            let state = b.block_params(vector_header).to_vec();
-            let (i, running) = (state[0], &state[1..]);
-            let end = b.ins().iadd_imm_u(i, 2);
-            let more = b.ins().icmp(IntCC::SignedLessThanOrEqual, end, n);
-            let scalar: Vec<BlockArg> = state.iter().map(|&v| v.into()).collect();
-            b.ins().brif(more, vector_body, &[], header, &scalar);
-
-            b.switch_to_block(vector_body);
-            let address = |b: &mut FunctionBuilder<'_>, j: usize| match self.access[j] {
-                Access::Full => element_at(b, self.elems[j], self.bases[j], i),
-                _ => self.bases[j],
-            };
-            let next = self.step(b, calls, i, 2, &address, running)?;
-            let next: Vec<BlockArg> = std::iter::once(end).chain(next).map(Into::into).collect();
-            b.ins().jump(vector_header, &next);
+            self.vector_loop(b, calls, n, 2, pairs, header)?;
         } else {
             let start: Vec<BlockArg> = std::iter::once(zero)
                 .chain(counters_start)
@@ -1891,6 +1855,38 @@ impl Body<'_> {
 
         b.switch_to_block(done);
         Ok(b.block_params(done).to_vec())
+    }
+
+    /// Fills `header` (parameters: `i`, then the totals) with the loop
+    /// `while i + width <= n { step(i, width); i += width }` over a kernel
+    /// with no strided buffer, leaving to `exit` with the same parameters.
+    fn vector_loop(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        calls: &mut Calls<'_>,
+        n: Value,
+        width: u8,
+        header: cranelift_codegen::ir::Block,
+        exit: cranelift_codegen::ir::Block,
+    ) -> Result<(), CodegenError> {
+        let body = b.create_block();
+        b.switch_to_block(header);
+        let state = b.block_params(header).to_vec();
+        let (i, running) = (state[0], &state[1..]);
+        let end = b.ins().iadd_imm_u(i, i64::from(width));
+        let more = b.ins().icmp(IntCC::SignedLessThanOrEqual, end, n);
+        let leave: Vec<BlockArg> = state.iter().map(|&v| v.into()).collect();
+        b.ins().brif(more, body, &[], exit, &leave);
+
+        b.switch_to_block(body);
+        let address = |b: &mut FunctionBuilder<'_>, j: usize| match self.access[j] {
+            Access::Full => element_at(b, self.elems[j], self.bases[j], i),
+            _ => self.bases[j],
+        };
+        let next = self.step(b, calls, i, width, &address, running)?;
+        let next: Vec<BlockArg> = std::iter::once(end).chain(next).map(Into::into).collect();
+        b.ins().jump(header, &next);
+        Ok(())
     }
 
     /// The loops over rows and columns when every broadcast buffer is a
