@@ -1,15 +1,20 @@
 //! Row kernels: the ops that reduce or normalize along the last axis
 //! (`max` and `logsumexp` over it, `softmax`, `log_softmax`,
-//! `cross_entropy`, the VJPs of the last three, and `layer_norm`), compiled as a loop
-//! over rows with a few passes over each row's contiguous elements.
+//! `cross_entropy`, the VJPs of the last three and of `mse`, and
+//! `layer_norm` with its VJPs), compiled as a loop over rows with a few
+//! passes over each row's contiguous elements; and column kernels, the same
+//! loops over the columns of `[N, C]` (batch normalization, its VJPs and
+//! running statistics).
 //!
 //! Each follows its interpreter kernel operation for operation (the same
 //! NaN-aware maximum, the same `f64` sums from the same starting value in
 //! the same order, `exp` and `log` by the interpreter's own functions, one
 //! rounding to `f32` at the end), so the results are bit-identical; they
 //! stay finite for huge logits because every exponent is taken of `x -
-//! max`. `codegen` turns the CLIF built here into a callable `RowKernel`
-//! (the unsafe part lives there).
+//! max`. (The polynomial `exp` of `approx`, inline, measured slower here
+//! than a call: in a scalar loop its degree-13 Horner chain is latency,
+//! not throughput.) `codegen` turns the CLIF built here into a callable
+//! `RowKernel` (the unsafe part lives there).
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{BlockArg, InstBuilder, MemFlagsData, Value, types};
