@@ -425,6 +425,38 @@ fn after_full_sums(graph: &gradc::ir::Graph) -> std::collections::BTreeSet<gradc
     reordered
 }
 
+/// Whether the backends agree on value `id`: bit for bit, or within
+/// `close` if it follows a sum to one element (`after_full_sums`).
+fn agree(
+    reordered: &std::collections::BTreeSet<gradc::ir::NodeId>,
+    id: gradc::ir::NodeId,
+    a: &Tensor,
+    b: &Tensor,
+) -> bool {
+    if reordered.contains(&id) {
+        close(a, b)
+    } else {
+        identical(a, b)
+    }
+}
+
+/// The step graph of the (first) model of `source`, lowered in `dtype`.
+fn step_graph(source: &str, dtype: DType) -> gradc::ir::Graph {
+    let compilation = compile_source(
+        "m.grad",
+        source,
+        LowerOptions {
+            float_dtype: Some(dtype),
+        },
+    );
+    let model = compilation
+        .models
+        .first()
+        .unwrap_or_else(|| panic!("{source} does not compile: {:?}", compilation.diagnostics));
+    let config = model.train_config.clone().expect("train block");
+    step::build(&model.train, &config).expect("step")
+}
+
 #[test]
 fn jit_and_interpreter_agree_on_generated_models() {
     let mut compiled_kernels = 0;
@@ -432,18 +464,7 @@ fn jit_and_interpreter_agree_on_generated_models() {
     for seed in 0..60 {
         let source = random_model(seed, seed >= 40);
         for dtype in [DType::F32, DType::F64] {
-            let compilation = compile_source(
-                "generated.grad",
-                &source,
-                LowerOptions {
-                    float_dtype: Some(dtype),
-                },
-            );
-            let model = compilation.models.first().unwrap_or_else(|| {
-                panic!("{source} does not compile: {:?}", compilation.diagnostics)
-            });
-            let config = model.train_config.clone().expect("train block");
-            let graph = step::build(&model.train, &config).expect("step");
+            let graph = step_graph(&source, dtype);
             let leaves = common::leaves_for(&graph, dtype);
             let mut jit = Jit::new();
             for step in 1..4 {
@@ -470,11 +491,7 @@ fn jit_and_interpreter_agree_on_generated_models() {
                     if exact
                         && let (Some(a), Some(b)) = (expected.values.get(&id), got.values.get(&id))
                     {
-                        let agree = if reordered.contains(&id) {
-                            close(a, b)
-                        } else {
-                            identical(a, b)
-                        };
+                        let agree = agree(&reordered, id, a, b);
                         assert!(
                             agree,
                             "seed {seed} ({dtype}), step {step}: {id:?} `{}` differs: {:?} vs {:?}\n{source}",
@@ -572,19 +589,7 @@ train m { optimizer sgd(lr = 0.1) }
         [f64::NEG_INFINITY; 5],
     ];
     for dtype in [DType::F32, DType::F64] {
-        let compilation = compile_source(
-            "m.grad",
-            source,
-            LowerOptions {
-                float_dtype: Some(dtype),
-            },
-        );
-        let model = compilation
-            .models
-            .first()
-            .unwrap_or_else(|| panic!("{:?}", compilation.diagnostics));
-        let config = model.train_config.clone().expect("train block");
-        let graph = step::build(&model.train, &config).expect("step");
+        let graph = step_graph(source, dtype);
         for (first, count) in [(0, 3), (0, 6)] {
             let mut leaves = common::leaves_for(&graph, dtype);
             let x: Vec<f64> = rows[first..first + count]
@@ -605,15 +610,7 @@ train m { optimizer sgd(lr = 0.1) }
                 let (Some(a), Some(b)) = (expected.values.get(&id), got.values.get(&id)) else {
                     continue;
                 };
-                let same = if reordered.contains(&id) {
-                    close(a, b)
-                } else {
-                    a.data.len() == b.data.len()
-                        && a.data
-                            .iter()
-                            .zip(&b.data)
-                            .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
-                };
+                let same = agree(&reordered, id, a, b);
                 assert!(
                     same,
                     "{dtype}, {count} rows: {id:?} ({}) differs: {:?} vs {:?}",
@@ -697,10 +694,7 @@ fn entry_checks_leaves_and_serves_every_batch_size() {
 }
 train m { optimizer sgd(lr = 0.1) }
 ";
-    let compilation = compile_source("m.grad", source, LowerOptions::default());
-    let model = &compilation.models[0];
-    let config = model.train_config.clone().expect("train block");
-    let graph = step::build(&model.train, &config).expect("step");
+    let graph = step_graph(source, DType::F32);
     let mut jit = Jit::new();
     let context = Context { seed: 0, step: 1 };
     for rows in [3, 5, 3, 1, 7] {
@@ -771,10 +765,7 @@ train m { optimizer sgd(lr = 0.1) }
 #[test]
 fn clif_of_a_step_entry() {
     let source = "model m {\n    input x: f32[B, 4]\n    input y: i32[B]\n    param w: f32[4, 3] = zeros\n    loss cross_entropy(x @ w, y)\n}\ntrain m { optimizer sgd(lr = 0.1) }\n";
-    let compilation = compile_source("m.grad", source, LowerOptions::default());
-    let model = &compilation.models[0];
-    let config = model.train_config.clone().expect("train block");
-    let graph = step::build(&model.train, &config).expect("step");
+    let graph = step_graph(source, DType::F32);
     let leaves = common::leaves_for(&graph, DType::F32);
     let clif = Jit::new().entry_clif(&graph, &leaves).expect("entry");
     insta::assert_snapshot!("entry", format!("{source}\n{clif}"));
@@ -883,13 +874,7 @@ fn f32x4_kernels_are_bit_identical() {
 }
 train m { optimizer sgd(lr = 0.5, momentum = 0.75) }
 ";
-    let compilation = compile_source("m.grad", source, LowerOptions::default());
-    let model = compilation
-        .models
-        .first()
-        .unwrap_or_else(|| panic!("{:?}", compilation.diagnostics));
-    let config = model.train_config.clone().expect("train block");
-    let graph = step::build(&model.train, &config).expect("step");
+    let graph = step_graph(source, DType::F32);
     let mut jit = Jit::new();
     assert!(
         jit.clif(&graph).expect("clif").contains("load.f32x4"),
@@ -917,11 +902,7 @@ train m { optimizer sgd(lr = 0.5, momentum = 0.75) }
                 let (Some(a), Some(b)) = (expected.values.get(&id), got.values.get(&id)) else {
                     continue;
                 };
-                let agree = if reordered.contains(&id) {
-                    close(a, b)
-                } else {
-                    identical(a, b)
-                };
+                let agree = agree(&reordered, id, a, b);
                 assert!(
                     agree,
                     "{rows} rows: {id:?} `{}` differs: {:?} vs {:?}",

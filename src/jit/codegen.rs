@@ -1803,10 +1803,15 @@ impl Body<'_> {
                 .map(Into::into)
                 .collect();
             b.ins().jump(quads.unwrap_or(pairs), &start);
+            let index = |_: &mut FunctionBuilder<'_>, i: Value| i;
+            let address = |b: &mut FunctionBuilder<'_>, i: Value, j: usize| match self.access[j] {
+                Access::Full => element_at(b, self.elems[j], self.bases[j], i),
+                _ => self.bases[j],
+            };
             if let Some(quads) = quads {
-                self.vector_loop(b, calls, n, 4, quads, pairs)?;
+                self.vector_loop(b, calls, n, 4, (quads, pairs), &index, &address)?;
             }
-            self.vector_loop(b, calls, n, 2, pairs, header)?;
+            self.vector_loop(b, calls, n, 2, (pairs, header), &index, &address)?;
         } else {
             let start: Vec<BlockArg> = std::iter::once(zero)
                 .chain(counters_start)
@@ -1857,33 +1862,33 @@ impl Body<'_> {
         Ok(b.block_params(done).to_vec())
     }
 
-    /// Fills `header` (parameters: `i`, then the totals) with the loop
-    /// `while i + width <= n { step(i, width); i += width }` over a kernel
-    /// with no strided buffer, leaving to `exit` with the same parameters.
+    /// Fills `header` (parameters: a counter, then the totals) with the
+    /// loop `while counter + width <= bound { step; counter += width }`,
+    /// leaving to `exit` with the same parameters. Each step is at element
+    /// `index(counter)`, buffer `j` at `address(counter, j)`.
+    #[allow(clippy::too_many_arguments, reason = "the loop's parts, spelled out")]
     fn vector_loop(
         &self,
         b: &mut FunctionBuilder<'_>,
         calls: &mut Calls<'_>,
-        n: Value,
+        bound: Value,
         width: u8,
-        header: cranelift_codegen::ir::Block,
-        exit: cranelift_codegen::ir::Block,
+        (header, exit): (cranelift_codegen::ir::Block, cranelift_codegen::ir::Block),
+        index: &dyn Fn(&mut FunctionBuilder<'_>, Value) -> Value,
+        address: &dyn Fn(&mut FunctionBuilder<'_>, Value, usize) -> Value,
     ) -> Result<(), CodegenError> {
         let body = b.create_block();
         b.switch_to_block(header);
         let state = b.block_params(header).to_vec();
-        let (i, running) = (state[0], &state[1..]);
-        let end = b.ins().iadd_imm_u(i, i64::from(width));
-        let more = b.ins().icmp(IntCC::SignedLessThanOrEqual, end, n);
+        let (counter, running) = (state[0], &state[1..]);
+        let end = b.ins().iadd_imm_u(counter, i64::from(width));
+        let more = b.ins().icmp(IntCC::SignedLessThanOrEqual, end, bound);
         let leave: Vec<BlockArg> = state.iter().map(|&v| v.into()).collect();
         b.ins().brif(more, body, &[], exit, &leave);
 
         b.switch_to_block(body);
-        let address = |b: &mut FunctionBuilder<'_>, j: usize| match self.access[j] {
-            Access::Full => element_at(b, self.elems[j], self.bases[j], i),
-            _ => self.bases[j],
-        };
-        let next = self.step(b, calls, i, width, &address, running)?;
+        let at = index(b, counter);
+        let next = self.step(b, calls, at, width, &|b, j| address(b, counter, j), running)?;
         let next: Vec<BlockArg> = std::iter::once(end).chain(next).map(Into::into).collect();
         b.ins().jump(header, &next);
         Ok(())
@@ -1891,9 +1896,10 @@ impl Body<'_> {
 
     /// The loops over rows and columns when every broadcast buffer is a
     /// row of the last axis (`cols` elements, a static size): for each row
-    /// start `r` (a multiple of `cols` below `n`), a vector loop over pairs
-    /// of columns `j`, then a scalar loop over the rest; a full buffer is
-    /// at `r + j`, a row buffer at `j`. Returns the final totals.
+    /// start `r` (a multiple of `cols` below `n`), vector loops over the
+    /// columns `j` (four `f32`s in `f32_exact` kernels, then pairs), then a
+    /// scalar loop over the rest; a full buffer is at `r + j`, a row buffer
+    /// at `j`. Returns the final totals.
     fn rows_and_columns(
         &self,
         b: &mut FunctionBuilder<'_>,
@@ -1916,7 +1922,6 @@ impl Body<'_> {
         let outer = b.create_block();
         let outer_body = b.create_block();
         let pairs = b.create_block();
-        let pair = b.create_block();
         let tail = b.create_block();
         let single = b.create_block();
         let next_row = b.create_block();
@@ -1942,52 +1947,30 @@ impl Body<'_> {
         b.ins().brif(more, outer_body, &[], done, &finished);
 
         b.switch_to_block(outer_body);
-        // The address of buffer j at column `column` of this row.
-        let address_at = |column: Value| {
-            move |b: &mut FunctionBuilder<'_>, j: usize| match self.access[j] {
-                Access::Full => {
-                    let element = b.ins().iadd(row, column);
-                    element_at(b, self.elems[j], self.bases[j], element)
-                }
-                Access::Row => element_at(b, self.elems[j], self.bases[j], column),
-                Access::Single | Access::Strided => self.bases[j],
+        // Four `f32` columns at a time (`f32_exact` kernels), then pairs,
+        // then the tail.
+        let quads = self.quad.then(|| {
+            let block = b.create_block();
+            with_totals(b, block, true);
+            block
+        });
+        b.ins()
+            .jump(quads.unwrap_or(pairs), &arguments(zero, &running));
+        // Element `row + column`; a full buffer there, a row buffer at the
+        // column.
+        let index = |b: &mut FunctionBuilder<'_>, column: Value| b.ins().iadd(row, column);
+        let address = |b: &mut FunctionBuilder<'_>, column: Value, j: usize| match self.access[j] {
+            Access::Full => {
+                let element = b.ins().iadd(row, column);
+                element_at(b, self.elems[j], self.bases[j], element)
             }
+            Access::Row => element_at(b, self.elems[j], self.bases[j], column),
+            Access::Single | Access::Strided => self.bases[j],
         };
-        if self.quad {
-            // Four `f32` columns at a time first (`f32_exact` kernels).
-            let quads = b.create_block();
-            let quad = b.create_block();
-            with_totals(b, quads, true);
-            b.ins().jump(quads, &arguments(zero, &running));
-
-            b.switch_to_block(quads);
-            let state = b.block_params(quads).to_vec();
-            let (column, running) = (state[0], state[1..].to_vec());
-            let end = b.ins().iadd_imm_u(column, 4);
-            let more = b.ins().icmp(IntCC::SignedLessThanOrEqual, end, width);
-            let rest: Vec<BlockArg> = state.iter().map(|&v| v.into()).collect();
-            b.ins().brif(more, quad, &[], pairs, &rest);
-
-            b.switch_to_block(quad);
-            let index = b.ins().iadd(row, column);
-            let next = self.step(b, calls, index, 4, &address_at(column), &running)?;
-            b.ins().jump(quads, &arguments(end, &next));
-        } else {
-            b.ins().jump(pairs, &arguments(zero, &running));
+        if let Some(quads) = quads {
+            self.vector_loop(b, calls, width, 4, (quads, pairs), &index, &address)?;
         }
-
-        b.switch_to_block(pairs);
-        let state = b.block_params(pairs).to_vec();
-        let (column, running) = (state[0], state[1..].to_vec());
-        let end = b.ins().iadd_imm_u(column, 2);
-        let more = b.ins().icmp(IntCC::SignedLessThanOrEqual, end, width);
-        let rest: Vec<BlockArg> = state.iter().map(|&v| v.into()).collect();
-        b.ins().brif(more, pair, &[], tail, &rest);
-
-        b.switch_to_block(pair);
-        let index = b.ins().iadd(row, column);
-        let next = self.step(b, calls, index, 2, &address_at(column), &running)?;
-        b.ins().jump(pairs, &arguments(end, &next));
+        self.vector_loop(b, calls, width, 2, (pairs, tail), &index, &address)?;
 
         b.switch_to_block(tail);
         let state = b.block_params(tail).to_vec();
@@ -1997,8 +1980,8 @@ impl Body<'_> {
         b.ins().brif(more, single, &[], next_row, &row_done);
 
         b.switch_to_block(single);
-        let index = b.ins().iadd(row, column);
-        let next = self.step(b, calls, index, 1, &address_at(column), &running)?;
+        let at = index(b, column);
+        let next = self.step(b, calls, at, 1, &|b, j| address(b, column, j), &running)?;
         let after = b.ins().iadd_imm_u(column, 1);
         b.ins().jump(tail, &arguments(after, &next));
 
@@ -2072,17 +2055,6 @@ fn f32_exact(graph: &Graph, nodes: &[NodeId], input_elems: &[Elem], outputs: &[N
         },
         _ => false,
     };
-    let summed = |node: &crate::ir::Node| {
-        matches!(
-            node.op,
-            Op::Reduce {
-                func: ReduceFn::Sum | ReduceFn::Mean,
-                ..
-            } | Op::SumTo
-                | Op::ZeroFraction
-                | Op::DeadFraction
-        )
-    };
     input_elems.iter().all(|&e| e == Elem::F32)
         && nodes.iter().all(|&id| {
             let node = graph.node(id);
@@ -2093,7 +2065,9 @@ fn f32_exact(graph: &Graph, nodes: &[NodeId], input_elems: &[Elem], outputs: &[N
             node.dtype() == DType::F32
                 && constants_exact
                 && if is_sum(graph, id) {
-                    summed(node)
+                    // Sums of the values or of counts (`mse` squares a
+                    // difference first).
+                    node.op != Op::Mse
                 } else {
                     single_op(node) && !is_broadcast_back(graph, id)
                 }

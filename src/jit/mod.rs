@@ -320,10 +320,8 @@ fn compile(
         {
             let reads = op.reads(&graph.operands(*node));
             let (compiled, text) = code.compile_rows(graph, *node, op, &elems(&reads, &storage))?;
-            if let Some(&e) = compiled.elems.last()
-                && e != Elem::of(graph.node(*node).dtype())
-            {
-                storage.insert(*node, e);
+            if let Some(&e) = compiled.elems.last() {
+                record(&mut storage, graph, *node, e);
             }
             clif.push(format!("; kernel k{k}\n{text}"));
             let mut prologue: Vec<NodeId> = kernel.recompute.iter().copied().collect();
@@ -384,9 +382,7 @@ fn compile(
         let input_elems = elems(&inputs, &storage);
         let (compiled, text) = code.compile(graph, &ordered, &inputs, &input_elems, &outputs)?;
         for (&output, &e) in outputs.iter().zip(&compiled.elems[inputs.len()..]) {
-            if e != Elem::of(graph.node(output).dtype()) {
-                storage.insert(output, e);
-            }
+            record(&mut storage, graph, output, e);
         }
         clif.push(format!("; kernel k{k}\n{text}"));
         kernels.push(Some(Compiled::Elementwise {
@@ -408,6 +404,14 @@ fn compile(
         frames: HashMap::new(),
         code,
     })
+}
+
+/// Notes how a compiled kernel stores value `id`, where that is not
+/// `Elem::of` its type.
+fn record(storage: &mut HashMap<NodeId, Elem>, graph: &Graph, id: NodeId, elem: Elem) {
+    if elem != Elem::of(graph.node(id).dtype()) {
+        storage.insert(id, elem);
+    }
 }
 
 /// How the buffer of value `id` stores its elements.
@@ -829,12 +833,9 @@ impl Jit {
             let Some(&slot) = bound.slots.get(&id) else {
                 continue;
             };
-            if graph.node(id).dtype() == DType::F32 && buffers.elem(slot) == Elem::F64 {
-                let rounded: Vec<f64> = tensor.data.iter().map(|&v| f64::from(v as f32)).collect();
-                buffers.write(slot, &rounded).map_err(internal)?;
-            } else {
-                buffers.write(slot, &tensor.data).map_err(internal)?;
-            }
+            // (A leaf's buffer is stored as its type: an `f32` leaf is
+            // rounded by the narrowing.)
+            buffers.write(slot, &tensor.data).map_err(internal)?;
         }
         let mut host = StepHost {
             graph,
