@@ -1,6 +1,6 @@
 //! Cranelift code generation, and the one place in gradc that uses
 //! `unsafe`: the step entry and its frame, the host trampoline, and the
-//! `matrixmultiply` GEMM behind a bounds-checked safe wrapper (`gemm`).
+//! `gemm` crate's GEMM behind a bounds-checked safe wrapper (`gemm`).
 //!
 //! An elementwise kernel is a function `fn(ptrs, ks, ms, n, context)` that
 //! loops `i` over `0..n` (the kernel's loop shape, bound per frame). How it
@@ -2392,10 +2392,9 @@ pub trait GemmElement: Copy + Default {
     );
 }
 
-/// Implements `GemmElement` for an element type by its `matrixmultiply`
-/// function.
+/// Implements `GemmElement` for an element type by the `gemm` crate.
 macro_rules! gemm_element {
-    ($t:ty, $gemm:path) => {
+    ($t:ty) => {
         impl GemmElement for $t {
             unsafe fn raw_gemm(
                 m: usize,
@@ -2407,18 +2406,39 @@ macro_rules! gemm_element {
             ) {
                 // SAFETY: the caller guarantees the views are in bounds and
                 // `c` is exclusive (the trait's contract, checked by
-                // `gemm` and `gemm_parallel`); with beta = 0, `c`'s old
-                // contents are not read.
+                // `gemm` and `gemm_parallel`); with `read_dst` false, `c`'s
+                // old contents are not read. The crate takes column strides
+                // before row strides, and computes `beta * a @ b` (beta 1).
                 unsafe {
-                    $gemm(m, k, n, 1.0, a.0, a.1, a.2, b.0, b.1, b.2, 0.0, c.0, c.1, 1);
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        c.0,
+                        1,
+                        c.1,
+                        false,
+                        a.0,
+                        a.2,
+                        a.1,
+                        b.0,
+                        b.2,
+                        b.1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
                 }
             }
         }
     };
 }
 
-gemm_element!(f64, matrixmultiply::dgemm);
-gemm_element!(f32, matrixmultiply::sgemm);
+gemm_element!(f64);
+gemm_element!(f32);
 
 /// A strided, read-only view of a `rows x cols` matrix: element `(r, c)`
 /// is `data[r * row_stride + c * col_stride]`. A transposed operand is the
@@ -2605,7 +2625,7 @@ pub fn gemm_parallel<T: GemmElement + Send + Sync>(
     })
 }
 
-/// `c = a @ b` by the tuned GEMM of the `matrixmultiply` crate (cache
+/// `c = a @ b` by the tuned GEMM of the `gemm` crate (cache
 /// blocking and a vectorized micro-kernel), `c` row-major
 /// `a.rows x b.cols`, in `f64` or `f32`. In `f64` only the order of the
 /// sums differs from the interpreter's loop, so results agree to `f64`
