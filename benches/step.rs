@@ -263,7 +263,7 @@ fn bench_compile_time() {
             // The kernels, then the frame and step entry for batches of 64
             // (what the first step of `gradc train` binds).
             let mut jit = Jit::new();
-            let mut leaves = session.state.clone();
+            let mut leaves = session.state().expect("fresh").clone();
             leaves.insert(
                 "x".into(),
                 Tensor::new(DType::F32, vec![64, 64], vec![0.0; 64 * 64]),

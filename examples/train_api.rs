@@ -59,11 +59,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // Read and write params by name: zero the output bias and evaluate again.
-    let b2 = &session.state["b2"];
+    let b2 = &session.state()?["b2"];
     println!("b2 = {:?}", &b2.data[..3]);
-    session
-        .state
-        .insert("b2".into(), Tensor::zeros(b2.dtype, &b2.shape));
+    let zeros = Tensor::zeros(b2.dtype, &b2.shape);
+    session.state_mut()?.insert("b2".into(), zeros);
     let metrics = session.evaluate(&mut Interpreter, &digits, &rows)?;
     println!(
         "with b2 = 0: accuracy {:.2}%",

@@ -43,7 +43,7 @@ fn steps(session: &mut Session, grads: &[[f64; 2]]) -> Vec<f64> {
         )];
         session.step(&mut Interpreter, batch).expect("step");
     }
-    session.state["p"].data.clone()
+    session.state().expect("synced")["p"].data.clone()
 }
 
 fn close(actual: &[f64], expected: &[f64]) {
@@ -128,7 +128,7 @@ fn adam_and_adamw_match_pytorch_formulas() {
         )],
     );
     assert_eq!(
-        s.state["adam.m.p"].data.len(),
+        s.state().expect("synced")["adam.m.p"].data.len(),
         2,
         "optimizer state is kept by name"
     );
@@ -232,9 +232,10 @@ fn an_interrupted_and_resumed_run_ends_bit_identical() {
     advance(&mut resumed, &dataset, &split, 13);
     std::fs::remove_file(&path).ok();
     assert_eq!(whole.steps_done, resumed.steps_done);
-    for (name, tensor) in &whole.state {
+    for (name, tensor) in whole.state().expect("synced") {
         assert_eq!(
-            tensor.data, resumed.state[name].data,
+            tensor.data,
+            resumed.state().expect("synced")[name].data,
             "{name} differs after resume"
         );
     }
@@ -250,7 +251,9 @@ fn frozen_params_stay_bit_identical_and_freeze_flag_works() {
     let options = RunOptions::default();
     let before = Session::new(model, config.clone(), &["w2".to_string()])
         .expect("session")
-        .state;
+        .state()
+        .expect("synced")
+        .clone();
     let (after, _) = run::train(
         model,
         config,
@@ -260,15 +263,16 @@ fn frozen_params_stay_bit_identical_and_freeze_flag_works() {
         },
     )
     .expect("trains");
+    let after = after.state().expect("synced");
     for name in ["w1", "b1", "w2"] {
-        assert_eq!(before[name], after.state[name], "frozen `{name}` changed");
+        assert_eq!(before[name], after[name], "frozen `{name}` changed");
     }
     assert_ne!(
-        before["b2"], after.state["b2"],
+        before["b2"], after["b2"],
         "the trainable bias did not train"
     );
     assert!(
-        !after.state.contains_key("sgd.momentum.w1"),
+        !after.contains_key("sgd.momentum.w1"),
         "no optimizer state for frozen params"
     );
 }

@@ -688,6 +688,35 @@ impl Buffers<'_> {
         self.0[slot].write(values)
     }
 
+    /// Copies buffer `from` into buffer `to`, which stores its elements the
+    /// same way and has the same length (a value carried to the next step).
+    pub fn copy(&mut self, from: usize, to: usize) -> Result<(), CodegenError> {
+        if from == to {
+            return Ok(());
+        }
+        let (source, target) = if from < to {
+            let (head, tail) = self.0.split_at_mut(to);
+            (&head[from], &mut tail[0])
+        } else {
+            let (head, tail) = self.0.split_at_mut(from);
+            (&tail[0], &mut head[to])
+        };
+        match (source, target) {
+            (Storage::F32(source), Storage::F32(target)) if source.len() == target.len() => {
+                target.copy_from_slice(source);
+            }
+            (Storage::F64(source), Storage::F64(target)) if source.len() == target.len() => {
+                target.copy_from_slice(source);
+            }
+            _ => {
+                return Err(CodegenError(format!(
+                    "buffers {from} and {to} differ in length or element type"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Buffer `slot`'s elements, if it holds `T`s.
     pub fn elements<T: Stored>(&self, slot: usize) -> Option<&[T]> {
         T::elements(&self.0[slot])

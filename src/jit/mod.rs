@@ -39,7 +39,7 @@ use crate::passes::{
     self,
     fusion::{self, Plan},
 };
-use crate::train::Backend;
+use crate::train::{Backend, Carried, Kept};
 use codegen::{Buffers, CodeCache, CompiledKernel, Elem, Frame, Host, RowKernel};
 use rows::RowOp;
 
@@ -104,6 +104,33 @@ pub struct Jit {
     /// Whether programs keep their CLIF text (set by the first call of
     /// `clif` or `entry_clif`).
     keep_clif: bool,
+    /// Training state kept in a frame between steps
+    /// (`Backend::run_carrying`).
+    resident: Option<Resident>,
+    /// Kept state moved out of its frame (which other work needed, or
+    /// which was dropped), by ticket, until a step resumes it.
+    evicted: HashMap<u64, Evicted>,
+    /// The last ticket given out.
+    tickets: u64,
+}
+
+/// Training state kept in a frame: the leaf buffers hold the values the
+/// last step started from, the update buffers those it computed.
+struct Resident {
+    ticket: u64,
+    /// Whether the update buffers hold computed values (false after a
+    /// failed step).
+    computed: bool,
+    key: ProgramKey,
+    dims: BTreeMap<String, usize>,
+    /// Each state's name, its leaf and its update, as the program's ids.
+    carried: Vec<(String, NodeId, NodeId)>,
+}
+
+/// Kept state moved out of its frame.
+struct Evicted {
+    started: BTreeMap<String, Tensor>,
+    computed: Option<BTreeMap<String, Tensor>>,
 }
 
 impl Jit {
@@ -120,19 +147,7 @@ impl Jit {
         graph: &Graph,
         wanted: Option<&[NodeId]>,
     ) -> Result<&mut Program, InterpError> {
-        // Values with a role survive the passes anyway; the others are
-        // kept by `retain`.
-        let kept = wanted.map(|wanted| {
-            let mut kept: Vec<NodeId> = wanted
-                .iter()
-                .copied()
-                .filter(|&id| graph.contains(id) && graph.node(id).role == Role::Intermediate)
-                .collect();
-            kept.sort_unstable();
-            kept.dedup();
-            kept
-        });
-        let key = (graph.version(), kept);
+        let key = program_key(graph, wanted);
         if !self.programs.contains_key(&key) {
             let (run, ids) = match (&key.1, wanted) {
                 (Some(kept), Some(wanted)) => {
@@ -200,11 +215,51 @@ impl Jit {
         graph: &Graph,
         leaves: &BTreeMap<String, Tensor>,
     ) -> Result<&mut Bound, InterpError> {
+        let key = program_key(graph, Some(&[]));
         let program = self.program(graph, Some(&[]))?;
-        let graph = Arc::clone(&program.graph);
+        let run = Arc::clone(&program.graph);
         let mut dims = BTreeMap::new();
-        interp::checked_leaves(&graph, &program.order, leaves, &mut dims)?;
-        program.bound(&graph, &dims)
+        interp::checked_leaves(&run, &program.order, leaves, &mut dims)?;
+        // (A new frame may drop the others.)
+        let new = !program.frames.contains_key(&dims);
+        if new && self.resident.as_ref().is_some_and(|r| r.key == key) {
+            self.evict();
+        }
+        self.program(graph, Some(&[]))?.bound(&run, &dims)
+    }
+
+    /// Moves the state kept in a frame out of it (into `evicted`), so that
+    /// the frame can be used for other work or dropped.
+    fn evict(&mut self) {
+        let Some(resident) = self.resident.take() else {
+            return;
+        };
+        let frame = self
+            .programs
+            .get(&resident.key)
+            .and_then(|p| Some((p, p.frames.get(&resident.dims)?)));
+        let Some((program, bound)) = frame else {
+            return;
+        };
+        let values = |update: bool| -> Option<BTreeMap<String, Tensor>> {
+            resident
+                .carried
+                .iter()
+                .map(|(name, leaf, own)| {
+                    let id = if update { *own } else { *leaf };
+                    Some((name.clone(), bound.value(&program.graph, id).ok()?))
+                })
+                .collect()
+        };
+        if let Some(started) = values(false) {
+            let computed = if resident.computed {
+                values(true)
+            } else {
+                None
+            };
+            self.evicted
+                .insert(resident.ticket, Evicted { started, computed });
+        }
     }
 
     /// From now on programs keep their CLIF text; those compiled without it
@@ -212,9 +267,27 @@ impl Jit {
     fn keep_clif_text(&mut self) {
         if !self.keep_clif {
             self.keep_clif = true;
+            self.evict();
             self.programs.clear();
         }
     }
+}
+
+/// The key of the program for a graph and the values a caller reads back.
+fn program_key(graph: &Graph, wanted: Option<&[NodeId]>) -> ProgramKey {
+    // Values with a role survive the passes anyway; the others are kept by
+    // `retain`.
+    let kept = wanted.map(|wanted| {
+        let mut kept: Vec<NodeId> = wanted
+            .iter()
+            .copied()
+            .filter(|&id| graph.contains(id) && graph.node(id).role == Role::Intermediate)
+            .collect();
+        kept.sort_unstable();
+        kept.dedup();
+        kept
+    });
+    (graph.version(), kept)
 }
 
 /// The graph optimized by the passes, with the `kept` values retained
@@ -772,7 +845,7 @@ impl Backend for Jit {
         leaves: &BTreeMap<String, Tensor>,
         context: Context,
     ) -> Result<Evaluation, InterpError> {
-        self.step(graph, leaves, context, None)
+        self.step(graph, leaves, context, None, None)
     }
 
     fn run_wanted(
@@ -782,61 +855,179 @@ impl Backend for Jit {
         context: Context,
         wanted: &[NodeId],
     ) -> Result<Evaluation, InterpError> {
-        self.step(graph, leaves, context, Some(wanted))
+        self.step(graph, leaves, context, Some(wanted), None)
+    }
+
+    fn run_carrying(
+        &mut self,
+        graph: &Graph,
+        leaves: &BTreeMap<String, Tensor>,
+        context: Context,
+        wanted: &[NodeId],
+        carried: &[Carried],
+        kept: &mut Option<Kept>,
+    ) -> Result<Evaluation, InterpError> {
+        self.step(graph, leaves, context, Some(wanted), Some((carried, kept)))
+    }
+
+    fn fetch_kept(
+        &mut self,
+        kept: &Kept,
+        computed: bool,
+    ) -> Result<BTreeMap<String, Tensor>, InterpError> {
+        self.kept_values(kept, computed)
     }
 }
 
 impl Jit {
     /// One step: checks and copies the leaves in, makes the entry's one
     /// call, and copies out every materialized value (or only `wanted`).
+    /// With `carrying`, the carried state may stay in the frame
+    /// (`Backend::run_carrying`).
     fn step(
         &mut self,
         graph: &Graph,
         leaves: &BTreeMap<String, Tensor>,
         context: Context,
         wanted: Option<&[NodeId]>,
+        carrying: Option<(&[Carried], &mut Option<Kept>)>,
     ) -> Result<Evaluation, InterpError> {
+        let key = program_key(graph, wanted);
         let program = self.program(graph, wanted)?;
         // From here on, the graph the program runs (whose leaves are the
         // caller's, with the same ids).
         let run = Arc::clone(&program.graph);
-        let graph = &*run;
+        let own = |id: NodeId| -> Result<NodeId, InterpError> {
+            let own = if program.ids.is_empty() {
+                Some(id)
+            } else {
+                program.ids.get(&id).copied()
+            };
+            own.ok_or_else(|| InterpError::Internal(format!("{id} is not computed by the program")))
+        };
         // The values to copy out, as (the caller's id, the program's id).
         let copied: Option<Vec<(NodeId, NodeId)>> = match wanted {
             None => None,
             Some(wanted) => Some(
                 wanted
                     .iter()
-                    .map(|&id| {
-                        let own = if program.ids.is_empty() {
-                            Some(id)
-                        } else {
-                            program.ids.get(&id).copied()
-                        };
-                        own.map(|own| (id, own)).ok_or_else(|| {
-                            InterpError::Internal(format!("{id} is not computed by the program"))
-                        })
-                    })
-                    .collect::<Result<_, _>>()?,
+                    .map(|&id| Ok((id, own(id)?)))
+                    .collect::<Result<_, InterpError>>()?,
             ),
+        };
+        let (carried, kept) = match carrying {
+            Some((carried, kept)) => {
+                let carried = carried
+                    .iter()
+                    .map(|c| Ok((c.name.clone(), c.leaf, own(c.update)?)))
+                    .collect::<Result<Vec<_>, InterpError>>()?;
+                (carried, Some(kept))
+            }
+            None => (Vec::new(), None),
         };
         // The interpreter's checks of every leaf, binding the sizes.
         let mut dims = BTreeMap::new();
-        let bound_leaves = interp::checked_leaves(graph, &program.order, leaves, &mut dims)?;
+        let bound_leaves = interp::checked_leaves(&run, &program.order, leaves, &mut dims)?;
+        let graph = &*run;
+        // Where the state this step resumes is: in this frame, moved out
+        // of its frame, or (a fresh start) in `leaves`.
+        let resumed = kept.as_ref().and_then(|k| k.map(|k| k.ticket));
+        let here = |r: &Resident| r.key == key && r.dims == dims;
+        let in_frame = matches!(
+            (&self.resident, resumed),
+            (Some(r), Some(t)) if r.ticket == t && r.computed && here(r)
+        );
+        // Kept state in this frame that this step does not resume, or in
+        // another frame of the one it resumes, or in a frame that binding a
+        // new one may drop, leaves its frame first.
+        let new_frame = !self
+            .programs
+            .get(&key)
+            .is_some_and(|p| p.frames.contains_key(&dims));
+        if !in_frame
+            && self.resident.as_ref().is_some_and(|r| {
+                here(r) || Some(r.ticket) == resumed || (new_frame && r.key == key)
+            })
+        {
+            self.evict();
+        }
+        let from_evicted = match resumed {
+            Some(t) if !in_frame => Some(
+                self.evicted
+                    .get(&t)
+                    .and_then(|e| e.computed.clone())
+                    .ok_or_else(|| {
+                        InterpError::Internal("the state this step resumes is gone".into())
+                    })?,
+            ),
+            _ => None,
+        };
+        let program = self
+            .programs
+            .get_mut(&key)
+            .ok_or_else(|| InterpError::Internal("the program vanished".into()))?;
         let bound = program.bound(graph, &dims)?;
+        let slot = |id: NodeId| {
+            bound
+                .slots
+                .get(&id)
+                .copied()
+                .ok_or_else(|| InterpError::Internal(format!("{id} has no buffer")))
+        };
+        let mut buffers = bound.frame.buffers();
+        // The kept state becomes what this step starts from: the updates
+        // copied to the leaves in the frame, or written from their copies.
+        let mut skipped = BTreeSet::new();
+        if in_frame {
+            for (_, leaf, update) in &carried {
+                let (from, to) = (slot(*update)?, slot(*leaf)?);
+                buffers.copy(from, to).map_err(internal)?;
+                skipped.insert(*leaf);
+            }
+        }
+        if let Some(values) = &from_evicted {
+            for (name, leaf, _) in &carried {
+                let value = values
+                    .get(name)
+                    .ok_or_else(|| InterpError::Internal(format!("no kept value for `{name}`")))?;
+                buffers.write(slot(*leaf)?, &value.data).map_err(internal)?;
+                skipped.insert(*leaf);
+            }
+        }
         // The leaves into their buffers, converted as the interpreter
         // converts them (an `f32` leaf rounded to `f32`).
         // (`checked_leaves` has matched their sizes to the shapes the
         // buffers were made for.)
-        let mut buffers = bound.frame.buffers();
         for (id, tensor) in bound_leaves {
             let Some(&slot) = bound.slots.get(&id) else {
                 continue;
             };
-            // (A leaf's buffer is stored as its type: an `f32` leaf is
-            // rounded by the narrowing.)
+            if skipped.contains(&id) {
+                continue;
+            }
             buffers.write(slot, &tensor.data).map_err(internal)?;
         }
+        // From here on the frame holds what this step starts from.
+        let ticket = if let Some(kept) = kept {
+            self.tickets += 1;
+            if let Some(t) = resumed {
+                self.evicted.remove(&t);
+            }
+            self.resident = Some(Resident {
+                ticket: self.tickets,
+                computed: false,
+                key: key.clone(),
+                dims: dims.clone(),
+                carried: carried.clone(),
+            });
+            *kept = Some(Kept {
+                ticket: self.tickets,
+                computed: false,
+            });
+            Some(kept)
+        } else {
+            None
+        };
         let mut host = StepHost {
             graph,
             slots: &bound.slots,
@@ -852,37 +1043,89 @@ impl Jit {
         };
         bound.frame.run(&mut host, context)?;
         let buffer_updates = host.buffer_updates;
-        // Every materialized value out, as the interpreter's tensors.
+        // Every materialized value out (or the wanted ones), as the
+        // interpreter's tensors.
         let mut evaluation = Evaluation {
             dims,
             buffer_updates,
             ..Evaluation::default()
         };
-        let mut copy_out = |id: NodeId, own: NodeId| -> Result<(), InterpError> {
-            let slot = *bound
-                .slots
-                .get(&own)
-                .ok_or_else(|| InterpError::Internal(format!("{own} has no buffer")))?;
-            let shape = bound.values[slot].1.clone();
-            let count: usize = shape.iter().product();
-            let data = bound.frame.read(slot, count).into_owned();
-            let dtype = graph.node(own).dtype();
-            evaluation.values.insert(id, Tensor { dtype, shape, data });
-            Ok(())
-        };
         match copied {
             Some(copied) => {
                 for (id, own) in copied {
-                    copy_out(id, own)?;
+                    evaluation.values.insert(id, bound.value(graph, own)?);
                 }
             }
             None => {
                 for (id, _) in &bound.values {
-                    copy_out(*id, *id)?;
+                    evaluation.values.insert(*id, bound.value(graph, *id)?);
                 }
             }
         }
+        if let Some(kept) = ticket {
+            if let Some(resident) = &mut self.resident {
+                resident.computed = true;
+            }
+            *kept = Some(Kept {
+                ticket: self.tickets,
+                computed: true,
+            });
+        }
         Ok(evaluation)
+    }
+
+    /// The kept state of a ticket, read from its frame or its copies.
+    fn kept_values(
+        &self,
+        kept: &Kept,
+        computed: bool,
+    ) -> Result<BTreeMap<String, Tensor>, InterpError> {
+        let missing = || InterpError::Internal("the kept state is gone".into());
+        match &self.resident {
+            Some(resident) if resident.ticket == kept.ticket => {
+                if computed && !resident.computed {
+                    return Err(missing());
+                }
+                let program = self.programs.get(&resident.key).ok_or_else(missing)?;
+                let bound = program.frames.get(&resident.dims).ok_or_else(missing)?;
+                resident
+                    .carried
+                    .iter()
+                    .map(|(name, leaf, update)| {
+                        let id = if computed { *update } else { *leaf };
+                        Ok((name.clone(), bound.value(&program.graph, id)?))
+                    })
+                    .collect()
+            }
+            _ => {
+                let evicted = self.evicted.get(&kept.ticket).ok_or_else(missing)?;
+                if computed {
+                    evicted.computed.clone().ok_or_else(missing)
+                } else {
+                    Ok(evicted.started.clone())
+                }
+            }
+        }
+    }
+}
+
+impl Bound {
+    /// The buffer of a value.
+    fn slot(&self, id: NodeId) -> Result<usize, InterpError> {
+        self.slots
+            .get(&id)
+            .copied()
+            .ok_or_else(|| InterpError::Internal(format!("{id} has no buffer")))
+    }
+
+    /// A value copied out of its buffer, as the interpreter's tensor.
+    fn value(&self, graph: &Graph, id: NodeId) -> Result<Tensor, InterpError> {
+        let slot = self.slot(id)?;
+        let shape = self.values[slot].1.clone();
+        let count: usize = shape.iter().product();
+        let data = self.frame.read(slot, count).into_owned();
+        let dtype = graph.node(id).dtype();
+        Ok(Tensor { dtype, shape, data })
     }
 }
 

@@ -19,9 +19,10 @@ fn counter(value: u64) -> Tensor {
     Tensor::scalar(DType::I32, value.min(i32::MAX as u64) as f64)
 }
 
-/// Writes the session's state.
+/// Writes the session's state (an error if the backend keeps newer state:
+/// `Session::sync` first).
 pub fn save(session: &Session, path: &Path) -> Result<(), TrainError> {
-    let mut tensors = session.state.clone();
+    let mut tensors = session.state()?.clone();
     tensors.insert("train.step".into(), counter(session.steps_done));
     tensors.insert("train.epoch".into(), counter(session.epoch as u64));
     tensors.insert("train.batch".into(), counter(session.batch_index as u64));
@@ -54,7 +55,7 @@ fn fits(name: &str, loaded: &Tensor, current: &Tensor, path: &Path) -> Result<Te
 pub fn resume(session: &mut Session, path: &Path) -> Result<(), TrainError> {
     let loaded = read(path)?;
     let mut state = BTreeMap::new();
-    for (name, current) in &session.state {
+    for (name, current) in session.state()? {
         let tensor = loaded.get(name).ok_or_else(|| {
             TrainError::Checkpoint(format!(
                 "{}: no tensor `{name}`; --resume needs a checkpoint that `gradc train --save` wrote for this model and optimizer",
@@ -75,7 +76,7 @@ pub fn resume(session: &mut Session, path: &Path) -> Result<(), TrainError> {
     session.steps_done = count("train.step")?;
     session.epoch = count("train.epoch")? as usize;
     session.batch_index = count("train.batch")? as usize;
-    session.state = state;
+    *session.state_mut()? = state;
     Ok(())
 }
 
@@ -87,9 +88,9 @@ pub fn load_init(session: &mut Session, path: &Path) -> Result<Vec<String>, Trai
     let mut names = Vec::new();
     for (name, tensor) in &loaded {
         let is_weight = !name.contains('.');
-        if let (true, Some(current)) = (is_weight, session.state.get(name)) {
+        if let (true, Some(current)) = (is_weight, session.state()?.get(name)) {
             let value = fits(name, tensor, current, path)?;
-            session.state.insert(name.clone(), value);
+            session.state_mut()?.insert(name.clone(), value);
             names.push(name.clone());
         }
     }

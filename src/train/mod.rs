@@ -49,6 +49,74 @@ pub trait Backend {
         let _ = wanted;
         self.run(graph, leaves, context)
     }
+
+    /// Runs a training step whose `carried` state (each a leaf and the
+    /// node computing its next value) the backend may keep between steps
+    /// instead of handing it back: the state stays where the step reads it
+    /// (the JIT's frame), as a model's params stay on the device in
+    /// PyTorch.
+    ///
+    /// On entry, `kept` names the state the backend keeps for this caller
+    /// (the values its previous step computed): they replace the carried
+    /// leaves of `leaves`, which may be out of date. On return, `kept`
+    /// names what the backend keeps now: after a successful step, this
+    /// step's computed values, which the evaluation then leaves out; after
+    /// an error, the values the step started from. By default nothing is
+    /// kept: the evaluation holds the carried values, as `run_wanted`.
+    fn run_carrying(
+        &mut self,
+        graph: &Graph,
+        leaves: &BTreeMap<String, Tensor>,
+        context: Context,
+        wanted: &[NodeId],
+        carried: &[Carried],
+        kept: &mut Option<Kept>,
+    ) -> Result<Evaluation, InterpError> {
+        if kept.is_some() {
+            return Err(InterpError::Internal(
+                "this backend keeps no state between steps".into(),
+            ));
+        }
+        let mut wanted = wanted.to_vec();
+        wanted.extend(carried.iter().map(|c| c.update));
+        self.run_wanted(graph, leaves, context, &wanted)
+    }
+
+    /// The values of kept state, by name: those its step started from, or
+    /// those it computed (`Kept::computed`).
+    fn fetch_kept(
+        &mut self,
+        kept: &Kept,
+        computed: bool,
+    ) -> Result<BTreeMap<String, Tensor>, InterpError> {
+        let _ = (kept, computed);
+        Err(InterpError::Internal(
+            "this backend keeps no state between steps".into(),
+        ))
+    }
+}
+
+/// A state value a training step carries to the next: its name, its leaf
+/// (a param, buffer or optimizer state) and the node computing its next
+/// value (the `Role::Update` of that name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Carried {
+    /// The state's name.
+    pub name: String,
+    /// The leaf the step reads.
+    pub leaf: NodeId,
+    /// The value the step computes for the next step.
+    pub update: NodeId,
+}
+
+/// A backend's receipt for training state it keeps (`run_carrying`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Kept {
+    /// Tells kept states apart (unique per backend).
+    pub ticket: u64,
+    /// Whether the step computed its values (false after an error: only
+    /// the values it started from are there).
+    pub computed: bool,
 }
 
 /// The reference interpreter as a backend.
@@ -131,8 +199,14 @@ pub struct Session {
     pub eval_graph: Graph,
     /// The configuration (with command-line overrides applied).
     pub config: TrainConfig,
-    /// Params, buffers and optimizer state by name.
-    pub state: BTreeMap<String, Tensor>,
+    /// Params, buffers and optimizer state by name, as of the last `sync`
+    /// (`state`, `state_mut`).
+    state: BTreeMap<String, Tensor>,
+    /// The state the backend keeps (`Backend::run_carrying`): the current
+    /// one, computed by the last step.
+    kept: Option<Kept>,
+    /// Whether `state` holds the kept values too.
+    synced: bool,
     /// Steps taken so far.
     pub steps_done: u64,
     /// The epoch in progress (0-based).
@@ -152,36 +226,48 @@ struct StepReads {
     version: u64,
     loss: NodeId,
     stats: Vec<(String, NodeId)>,
-    updates: Vec<(String, NodeId)>,
+    carried: Vec<Carried>,
     wanted: Vec<NodeId>,
 }
 
 impl StepReads {
-    fn of(graph: &Graph) -> StepReads {
-        let loss = graph.loss().expect("step graphs have a loss");
+    fn of(graph: &Graph) -> Result<StepReads, TrainError> {
+        let loss = graph
+            .loss()
+            .ok_or_else(|| TrainError::Setup("the step graph has no loss".into()))?;
         let mut wanted = vec![loss];
-        let (mut stats, mut updates) = (Vec::new(), Vec::new());
+        let leaf_named = |name: &str| {
+            graph.ids().into_iter().find(|&id| {
+                graph.node(id).op.is_leaf() && graph.node(id).name.as_deref() == Some(name)
+            })
+        };
+        let (mut stats, mut carried) = (Vec::new(), Vec::new());
         for id in graph.ids() {
             match &graph.node(id).role {
                 Role::Stat(name) => {
                     stats.push((name.clone(), id));
                     wanted.push(id);
                 }
-                Role::Update(name) => {
-                    updates.push((name.clone(), id));
-                    wanted.push(id);
-                }
+                Role::Update(name) => carried.push(Carried {
+                    name: name.clone(),
+                    leaf: leaf_named(name).ok_or_else(|| {
+                        TrainError::Run(InterpError::Internal(format!(
+                            "update `{name}` has no state leaf"
+                        )))
+                    })?,
+                    update: id,
+                }),
                 _ => {}
             }
         }
         wanted.extend(cross_entropy_node(graph).map_or_else(Vec::new, |n| graph.operands(n)));
-        StepReads {
+        Ok(StepReads {
             version: graph.version(),
             loss,
             stats,
-            updates,
+            carried,
             wanted,
-        }
+        })
     }
 }
 
@@ -228,6 +314,8 @@ impl Session {
             eval_graph: model.eval.clone(),
             config,
             state: BTreeMap::new(),
+            kept: None,
+            synced: true,
             steps_done: 0,
             epoch: 0,
             batch_index: 0,
@@ -252,6 +340,8 @@ impl Session {
     /// Sets every param and buffer from its initializer and the optimizer
     /// state to zero.
     pub fn initialize(&mut self) {
+        self.kept = None;
+        self.synced = true;
         let seed = self.config.seed;
         for id in self.step_graph.ids() {
             let node = self.step_graph.node(id);
@@ -266,6 +356,52 @@ impl Session {
             };
             self.state.insert(name, value);
         }
+    }
+
+    /// Brings the state up to date with what the backend keeps (after
+    /// steps on a backend that keeps it, such as the JIT). The backend
+    /// keeps it still, so the next step does not copy it in again.
+    pub fn sync(&mut self, backend: &mut dyn Backend) -> Result<(), TrainError> {
+        if let (Some(kept), false) = (self.kept, self.synced) {
+            let values = backend.fetch_kept(&kept, true).map_err(|error| {
+                TrainError::Run(InterpError::Internal(format!(
+                    "cannot fetch the state the backend keeps: {error}"
+                )))
+            })?;
+            self.state.extend(values);
+            self.synced = true;
+        }
+        Ok(())
+    }
+
+    /// Takes the state back from the backend (`sync`) and forgets the
+    /// backend's copy, so that the next step copies it in again: for
+    /// stepping on another backend after this one.
+    pub fn release(&mut self, backend: &mut dyn Backend) -> Result<(), TrainError> {
+        self.sync(backend)?;
+        self.kept = None;
+        Ok(())
+    }
+
+    /// Params, buffers and optimizer state by name: an error if the
+    /// backend keeps newer values (call `sync` first).
+    pub fn state(&self) -> Result<&BTreeMap<String, Tensor>, TrainError> {
+        if self.synced {
+            Ok(&self.state)
+        } else {
+            Err(TrainError::Setup(
+                "the backend keeps newer state: `Session::sync` fetches it".into(),
+            ))
+        }
+    }
+
+    /// The state, to change: the backend's copy is forgotten, so the next
+    /// step copies the state in again. An error if the backend keeps newer
+    /// values (call `sync` first).
+    pub fn state_mut(&mut self) -> Result<&mut BTreeMap<String, Tensor>, TrainError> {
+        self.state()?;
+        self.kept = None;
+        Ok(&mut self.state)
     }
 
     /// Names of the trainable params that the step updates.
@@ -344,11 +480,24 @@ impl Session {
             .as_ref()
             .is_none_or(|r| r.version != graph.version())
         {
-            self.reads = Some(StepReads::of(graph));
+            match StepReads::of(graph) {
+                Ok(reads) => self.reads = Some(reads),
+                Err(error) => {
+                    self.state = restore(leaves, added, displaced);
+                    return Err(error);
+                }
+            }
         }
         let reads = self.reads.as_ref().expect("just set");
         let loss_id = reads.loss;
-        let result = backend.run_wanted(graph, &leaves, context, &reads.wanted);
+        let result = backend.run_carrying(
+            graph,
+            &leaves,
+            context,
+            &reads.wanted,
+            &reads.carried,
+            &mut self.kept,
+        );
         let read = |evaluation: &Evaluation| {
             let loss = evaluation.values[&loss_id].data[0];
             let stats: BTreeMap<String, f64> = reads
@@ -359,17 +508,36 @@ impl Session {
             let finite = loss.is_finite() && stats.get("grad_norm").is_none_or(|n| n.is_finite());
             (loss, stats, finite)
         };
+        let finite = result.as_ref().is_ok_and(|e| read(e).2);
+        // A failed or non-finite step is not applied: the state is the one
+        // it started from, which the backend may keep (then it comes back
+        // here).
+        let mut lost = None;
+        if !finite && let Some(kept) = self.kept.take() {
+            // (A step that failed before it began leaves the kept state
+            // it would have started from as it was.)
+            let computed = result.is_err() && kept.computed;
+            match backend.fetch_kept(&kept, computed) {
+                Ok(started) => {
+                    leaves.extend(started);
+                    self.synced = true;
+                }
+                Err(error) => lost = Some(error),
+            }
+        }
+        if let Some(error) = lost {
+            self.state = restore(leaves, added, displaced);
+            return Err(TrainError::Run(InterpError::Internal(format!(
+                "the state the backend kept is lost: {error}"
+            ))));
+        }
         // A non-finite step is run again in full (same leaves, same
         // context, same values) to find the first non-finite one.
         let diagnosis = match &result {
-            Ok(evaluation) if !read(evaluation).2 => Some(backend.run(graph, &leaves, context)),
+            Ok(_) if !finite => Some(backend.run(graph, &leaves, context)),
             _ => None,
         };
-        for name in added {
-            leaves.remove(&name);
-        }
-        leaves.extend(displaced);
-        self.state = leaves;
+        self.state = restore(leaves, added, displaced);
         let mut evaluation = result.map_err(TrainError::Run)?;
         let graph = &self.step_graph;
         let (loss, stats, finite) = read(&evaluation);
@@ -383,18 +551,25 @@ impl Session {
             )));
         }
         let correct = correct(graph, &evaluation);
-        // The new state is moved out of the evaluation, not copied, and
-        // replaces the old one only once every value is there.
-        let mut updates = Vec::new();
-        for (name, id) in &reads.updates {
-            let value = evaluation.values.remove(id).ok_or_else(|| {
-                TrainError::Run(InterpError::Internal(format!(
-                    "no value for update `{name}`"
-                )))
-            })?;
-            updates.push((name.clone(), value));
+        if self.kept.is_some() {
+            // The backend keeps the new state; `sync` fetches it.
+            self.synced = false;
+        } else {
+            // The new state is moved out of the evaluation, not copied, and
+            // replaces the old one only once every value is there.
+            let mut updates = Vec::new();
+            for carried in &reads.carried {
+                let value = evaluation.values.remove(&carried.update).ok_or_else(|| {
+                    TrainError::Run(InterpError::Internal(format!(
+                        "no value for update `{}`",
+                        carried.name
+                    )))
+                })?;
+                updates.push((carried.name.clone(), value));
+            }
+            self.state.extend(updates);
+            self.synced = true;
         }
-        self.state.extend(updates);
         self.steps_done = t;
         Ok(StepResult {
             loss,
@@ -407,11 +582,12 @@ impl Session {
 
     /// Loss and accuracy of the eval graph over some rows, in batches.
     pub fn evaluate(
-        &self,
+        &mut self,
         backend: &mut dyn Backend,
         data: &data::Dataset,
         rows: &[usize],
     ) -> Result<Metrics, TrainError> {
+        self.sync(backend)?;
         let mut total_loss = 0.0;
         let mut total_correct = 0;
         let mut any_correct = false;
@@ -445,6 +621,20 @@ impl Session {
             rows: rows.len(),
         })
     }
+}
+
+/// The state back out of a step's leaves: without the names the step
+/// added, with the values it displaced.
+fn restore(
+    mut leaves: BTreeMap<String, Tensor>,
+    added: Vec<String>,
+    displaced: Vec<(String, Tensor)>,
+) -> BTreeMap<String, Tensor> {
+    for name in added {
+        leaves.remove(&name);
+    }
+    leaves.extend(displaced);
+    leaves
 }
 
 /// A declared shape with every dimension fixed (params, buffers, state).

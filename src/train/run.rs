@@ -157,6 +157,7 @@ pub fn train(
                         let path = options.save.clone().unwrap_or_else(|| {
                             PathBuf::from(format!("{}.last-good.safetensors", model.name))
                         });
+                        session.sync(backend)?;
                         checkpoint::save(&session, &path)?;
                         eprintln!("kept the last good state in {}", path.display());
                     }
@@ -179,6 +180,7 @@ pub fn train(
                 let path = options.save.clone().unwrap_or_else(|| {
                     PathBuf::from(format!("{}.interrupted.safetensors", model.name))
                 });
+                session.release(backend)?;
                 checkpoint::save(&session, &path)?;
                 if options.verbose {
                     println!(
@@ -240,6 +242,8 @@ pub fn train(
         crate::tensor_file::write_atomically(path, svg.as_bytes())
             .map_err(|e| TrainError::Checkpoint(format!("cannot write {}: {e}", path.display())))?;
     }
+    // (The backend goes away with this function.)
+    session.release(backend)?;
     if let Some(path) = &options.save {
         checkpoint::save(&session, path)?;
     }
