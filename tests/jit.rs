@@ -973,3 +973,125 @@ fn f32_row_kernels_match_the_interpreter() {
     }
     assert!(checked >= 6, "only {checked} results");
 }
+
+/// The state a JIT session keeps in its frame between steps stays right
+/// when the frame changes (a partial batch), when an evaluation runs,
+/// when another session steps on the same JIT (the state is moved out of
+/// the frame and back), and when the caller changes a param by hand: two
+/// sessions on one JIT end bit-identical, and within `close` of the
+/// interpreter.
+#[test]
+fn state_kept_in_the_jit_survives_frames_evaluations_and_other_sessions() {
+    let compilation = common::example("digits_mlp.grad");
+    let model = &compilation.models[0];
+    let mut config = model.train_config.clone().expect("train block");
+    config.data = None;
+    let mut reference = Session::new(model, config.clone(), &[]).expect("session");
+    let mut first = Session::new(model, config.clone(), &[]).expect("session");
+    let mut second = Session::new(model, config, &[]).expect("session");
+    let digits = data::load(&data::Source::EmbeddedDigits, &first.forward).expect("digits");
+    let held_out: Vec<usize> = (1500..1797).collect();
+    let mut jit = Jit::new();
+    let mut start = 0;
+    for step in 0..9 {
+        // Every third batch is a partial one: another frame.
+        let size = if step % 3 == 2 { 29 } else { 64 };
+        let rows: Vec<usize> = (start..start + size).collect();
+        start += size;
+        let batch = |s: &Session| data::batch(&digits, &rows, &s.forward);
+        reference
+            .step(&mut Interpreter, batch(&reference))
+            .expect("interpreter step");
+        first.step(&mut jit, batch(&first)).expect("jit step");
+        second.step(&mut jit, batch(&second)).expect("jit step");
+        assert!(first.state().is_err(), "the state is kept by the JIT");
+        if step == 4 {
+            let expected = reference
+                .evaluate(&mut Interpreter, &digits, &held_out)
+                .expect("evaluates");
+            let got = first
+                .evaluate(&mut jit, &digits, &held_out)
+                .expect("evaluates");
+            assert!(
+                (expected.loss - got.loss).abs() < 1e-5,
+                "{expected:?} {got:?}"
+            );
+            // A param changed by hand is copied in again.
+            for session in [&mut reference, &mut first, &mut second] {
+                session.sync(&mut jit).ok();
+                let b2 = session
+                    .state_mut()
+                    .expect("synced")
+                    .get_mut("b2")
+                    .expect("b2");
+                b2.data.iter_mut().for_each(|v| *v = 0.5);
+            }
+        }
+    }
+    first.sync(&mut jit).expect("sync");
+    second.sync(&mut jit).expect("sync");
+    let (expected, first, second) = (
+        reference.state().expect("synced"),
+        first.state().expect("synced"),
+        second.state().expect("synced"),
+    );
+    for (name, value) in expected {
+        assert!(
+            identical(&first[name], &second[name]),
+            "{name}: the sessions differ"
+        );
+        assert!(
+            close(value, &first[name]),
+            "{name} differs from the interpreter"
+        );
+    }
+}
+
+/// A step that diverges is not applied on the JIT either: the session gets
+/// back the state the step started from, which the JIT kept.
+#[test]
+fn a_diverging_step_on_the_jit_leaves_the_last_good_state() {
+    let compilation = common::example("regression.grad");
+    let model = &compilation.models[0];
+    let mut config = model.train_config.clone().expect("train block");
+    config.optimizer = gradc::lower::train::Optimizer::Sgd {
+        lr: 1e12,
+        momentum: 0.0,
+        nesterov: false,
+        weight_decay: 0.0,
+    };
+    let mut session = Session::new(model, config, &[]).expect("session");
+    let mut jit = Jit::new();
+    let mut stream = gradc::random::Stream::new(3);
+    let mut tensor = |shape: Vec<usize>| {
+        let count = shape.iter().product();
+        Tensor::new(
+            DType::F32,
+            shape,
+            (0..count).map(|_| stream.uniform()).collect(),
+        )
+    };
+    let mut last_good = session.state().expect("fresh").clone();
+    for step in 0..20 {
+        let batch = vec![
+            ("x".to_string(), tensor(vec![32, 4])),
+            ("y".to_string(), tensor(vec![32, 1])),
+        ];
+        match session.step(&mut jit, batch) {
+            Ok(_) => {
+                session.sync(&mut jit).expect("sync");
+                last_good = session.state().expect("synced").clone();
+            }
+            Err(gradc::train::TrainError::NonFinite(message)) => {
+                assert!(step > 0, "diverged at once: {message}");
+                let state = session.state().expect("the last good state is back");
+                for (name, value) in &last_good {
+                    assert!(identical(value, &state[name]), "{name} changed");
+                }
+                return;
+            }
+            Err(error) => panic!("{error}"),
+        }
+    }
+    panic!("lr 1e12 did not diverge in 20 steps");
+}

@@ -95,6 +95,11 @@ type ProgramKey = (u64, Option<Vec<NodeId>>);
 /// its batch size, the last partial batch and the eval batch size.
 const FRAMES: usize = 8;
 
+/// How many kept states moved out of their frames a JIT holds (one per
+/// session that steps on it, at most); beyond, the oldest is dropped, and
+/// its session's next step fails.
+const EVICTED: usize = 16;
+
 /// The JIT backend. Programs are cached per graph version
 /// (`Graph::version`): the runtime runs the same step graph every step, and
 /// any change to a graph gives it a new version.
@@ -257,6 +262,12 @@ impl Jit {
             } else {
                 None
             };
+            // (A session that forgot its ticket never asks again: the
+            // oldest copies go.)
+            while self.evicted.len() >= EVICTED {
+                let oldest = self.evicted.keys().min().copied();
+                oldest.and_then(|t| self.evicted.remove(&t));
+            }
             self.evicted
                 .insert(resident.ticket, Evicted { started, computed });
         }
@@ -937,17 +948,19 @@ impl Jit {
             (&self.resident, resumed),
             (Some(r), Some(t)) if r.ticket == t && r.computed && here(r)
         );
-        // Kept state in this frame that this step does not resume, or in
-        // another frame of the one it resumes, or in a frame that binding a
-        // new one may drop, leaves its frame first.
+        // Kept state that this step does not resume in place leaves its
+        // frame first if this step will keep its own (one frame keeps
+        // state at a time), uses its frame, or binds a new frame (which may
+        // drop the others).
         let new_frame = !self
             .programs
             .get(&key)
             .is_some_and(|p| p.frames.contains_key(&dims));
         if !in_frame
-            && self.resident.as_ref().is_some_and(|r| {
-                here(r) || Some(r.ticket) == resumed || (new_frame && r.key == key)
-            })
+            && self
+                .resident
+                .as_ref()
+                .is_some_and(|r| kept.is_some() || here(r) || (new_frame && r.key == key))
         {
             self.evict();
         }

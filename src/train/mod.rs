@@ -527,8 +527,12 @@ impl Session {
         }
         if let Some(error) = lost {
             self.state = restore(leaves, added, displaced);
+            let failure = match &result {
+                Err(failure) => format!("the step failed ({failure}) and "),
+                Ok(_) => "the step diverged and ".into(),
+            };
             return Err(TrainError::Run(InterpError::Internal(format!(
-                "the state the backend kept is lost: {error}"
+                "{failure}the state the backend kept is lost: {error}"
             ))));
         }
         // A non-finite step is run again in full (same leaves, same
