@@ -5,7 +5,8 @@
 //! both fail; and where both succeed, every result (outputs, loss,
 //! gradients, updates, statistics) must agree to a tolerance loose enough
 //! for the GEMM's summation order and the polynomial functions on
-//! arbitrary inputs. Run with `cargo fuzz run backends` (see
+//! arbitrary inputs; and two steps with the state kept in the JIT between
+//! them agree with the interpreter fed its own updates. Run with `cargo fuzz run backends` (see
 //! `docs/testing.md`).
 #![no_main]
 
@@ -16,7 +17,7 @@ use gradc::interp::{self, Context, Tensor};
 use gradc::ir::{DType, Dim, Graph, NodeId, Role};
 use gradc::jit::Jit;
 use gradc::lower::LowerOptions;
-use gradc::train::Backend;
+use gradc::train::{Backend, Carried};
 use libfuzzer_sys::fuzz_target;
 
 /// Symbolic dimensions are bound to this size.
@@ -109,6 +110,66 @@ fn compare(graph: &Graph) {
     }
 }
 
+/// Two training steps with the state kept in the JIT's frame between
+/// them (`run_carrying`, as `Session::step` runs it), against the
+/// interpreter fed its own updates: the second step's results and the
+/// state it computes must agree.
+fn compare_carried(graph: &Graph) {
+    let carried: Vec<Carried> = graph
+        .ids()
+        .into_iter()
+        .filter_map(|id| match &graph.node(id).role {
+            Role::Update(name) => {
+                let leaf = graph.ids().into_iter().find(|&l| {
+                    graph.node(l).op.is_leaf() && graph.node(l).name.as_deref() == Some(name)
+                })?;
+                Some(Carried { name: name.clone(), leaf, update: id })
+            }
+            _ => None,
+        })
+        .collect();
+    let wanted: Vec<NodeId> = graph
+        .ids()
+        .into_iter()
+        .filter(|&id| matches!(graph.node(id).role, Role::Stat(_) | Role::Loss))
+        .collect();
+    let leaves = leaves(graph);
+    let (first, second) = (Context { seed: 5, step: 1 }, Context { seed: 5, step: 2 });
+    let Ok(once) = interp::evaluate(graph, &leaves, first) else {
+        return;
+    };
+    let mut next = leaves.clone();
+    for c in &carried {
+        next.insert(c.name.clone(), once.values[&c.update].clone());
+    }
+    let expected = interp::evaluate(graph, &next, second);
+    let mut jit = Jit::new();
+    let mut kept = None;
+    let Ok(_) = jit.run_carrying(graph, &leaves, first, &wanted, &carried, &mut kept) else {
+        return;
+    };
+    // (The leaves still hold the first step's state: the JIT's own replace it.)
+    let got = jit.run_carrying(graph, &leaves, second, &wanted, &carried, &mut kept);
+    match (expected, got) {
+        (Ok(expected), Ok(got)) => {
+            for id in &wanted {
+                assert!(agree(&expected.values[id], &got.values[id]), "{id:?} after a kept step");
+            }
+            let kept = kept.expect("the JIT keeps the state");
+            let state = jit.fetch_kept(&kept, true).expect("the kept state");
+            for c in &carried {
+                assert!(
+                    agree(&expected.values[&c.update], &state[&c.name]),
+                    "kept `{}` after two steps",
+                    c.name
+                );
+            }
+        }
+        (Err(_), Err(_)) => {}
+        (expected, got) => panic!("the backends disagree on a kept step: {expected:?} vs {got:?}"),
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     for dtype in [DType::F64, DType::F32] {
         let compilation = compile_bytes("fuzz.grad", data, LowerOptions { float_dtype: Some(dtype) });
@@ -133,6 +194,7 @@ fuzz_target!(|data: &[u8]| {
                 && small(&step)
             {
                 compare(&step);
+                compare_carried(&step);
             }
         }
     }

@@ -417,7 +417,6 @@ fn compile(
             loops.push(loop_shape);
             continue;
         }
-        let last = kernel.nodes.last().copied();
         // A gradient broadcast back over a sum's or mean's axes is a kernel
         // of its own, reading the gradient through its kept shape.
         let broadcast_back = matches!(body.as_slice(), [id]
@@ -427,9 +426,7 @@ fn compile(
         let compilable = broadcast_back
             || (kernel.kind != fusion::Kind::Other
                 && !body.is_empty()
-                && body
-                    .iter()
-                    .all(|&id| elementwise(id) || (Some(id) == last && closing_sum(id))));
+                && body.iter().all(|&id| elementwise(id) || closing_sum(id)));
         if !compilable {
             let ops: Vec<String> = kernel
                 .nodes

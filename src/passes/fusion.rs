@@ -8,8 +8,11 @@
 //!   is still open and loops over the same shape; otherwise it opens one;
 //! - a matrix product opens a kernel whose epilogue (bias add, activation,
 //!   clipping scale) the following elementwise ops join;
-//! - a reduction joins an open kernel that produces its operand, as the
-//!   kernel's last op, and closes it; otherwise it is a kernel of its own;
+//! - a reduction joins an open kernel that produces its operand (a kernel
+//!   may close several: a gradient's norm and its count of zeros, an
+//!   update's norm and the new param's); otherwise it is a kernel of its
+//!   own. Nothing that reads a reduction joins the kernel computing it (its
+//!   value is complete only after the kernel's loop);
 //! - every other op (softmax, normalizations, cross-entropy, gathers) is a
 //!   kernel of its own.
 //!
@@ -28,7 +31,7 @@ use crate::ir::{BinaryFn, Graph, NodeId, Op, Role, Shape, UnaryFn};
 /// What a kernel does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
-    /// A chain of elementwise ops, perhaps ending in a reduction.
+    /// A chain of elementwise ops and reductions of them.
     Elementwise,
     /// A matrix product and its elementwise epilogue.
     MatMul,
@@ -179,26 +182,33 @@ pub fn plan(graph: &Graph) -> Plan {
             .iter()
             .filter_map(|o| plan.kernel_of.get(o).copied())
             .max();
+        // (A reduction's value is complete only after the kernel's loop:
+        // nothing that reads it can join its kernel.)
+        let reads_a_sum_of = |k: usize| {
+            reads(graph, id)
+                .iter()
+                .any(|o| plan.kernel_of.get(o) == Some(&k) && is_reduction(&graph.node(*o).op))
+        };
         let joinable = |plan: &Plan, shape: &Shape| -> Option<usize> {
             let k = latest?;
             let kernel = &plan.kernels[k];
             (kernel.open
                 && matches!(kernel.kind, Kind::Elementwise | Kind::MatMul)
-                && &kernel.loop_shape == shape)
-                .then_some(k)
+                && &kernel.loop_shape == shape
+                && !reads_a_sum_of(k))
+            .then_some(k)
         };
         let chosen = if is_elementwise(&node.op) {
-            joinable(&plan, node.shape()).map(|k| (k, true))
+            joinable(&plan, node.shape())
         } else if is_reduction(&node.op) {
             let input_shape = graph.node(graph.operands(id)[0]).shape().clone();
-            joinable(&plan, &input_shape).map(|k| (k, false))
+            joinable(&plan, &input_shape)
         } else {
             None
         };
         let k = match chosen {
-            Some((k, stays_open)) => {
+            Some(k) => {
                 plan.kernels[k].nodes.push(id);
-                plan.kernels[k].open &= stays_open;
                 k
             }
             None => {
