@@ -28,7 +28,7 @@ fn identical(a: &Tensor, b: &Tensor) -> bool {
 /// Whether two results agree within the tolerance of their dtype. The
 /// differences between the backends are the order of the sums in matrix
 /// products (the JIT calls a tuned GEMM) and in sums to one element (two
-/// interleaved lanes), and the polynomial functions (a few ulps); every
+/// or four interleaved lanes), and the polynomial functions (a few ulps); every
 /// other elementwise kernel, sum and dropout mask is bit-identical. So
 /// values agree to a few units of the last place of `f64`, and in `f32` to
 /// a few roundings of `f32`.
@@ -405,7 +405,7 @@ fn random_model(seed: u64, exact: bool) -> String {
 }
 
 /// The values that depend on a sum to one element (`sum`, `mean`,
-/// `zero_fraction` of a whole tensor): the JIT adds those in two
+/// `zero_fraction` of a whole tensor): the JIT adds those in two or four
 /// interleaved lanes, so they and everything computed from them agree
 /// within `close`, not bit for bit.
 fn after_full_sums(graph: &gradc::ir::Graph) -> std::collections::BTreeSet<gradc::ir::NodeId> {

@@ -1326,11 +1326,15 @@ impl CodeCache {
                 zero: zero_f64,
                 count,
             };
-            // Each running total is an `f64x2`: a vector step adds its two
-            // elements lane by lane, a scalar step adds into lane 0; the
-            // lanes are added after the loops.
+            // Each running total is two `f64x2`s: a pair step adds its two
+            // elements lane by lane into the first, a scalar step adds into
+            // lane 0 of the first, an `f32x4` step adds its first pair into
+            // the first and its second into the second (two chains of
+            // additions, not one twice as long); the two are added, then
+            // their lanes, after the loops.
             let start: Vec<Value> = single_sums
                 .iter()
+                .flat_map(|_| [(); 2])
                 .map(|_| b.ins().splat(types::F64X2, zero_f64))
                 .collect();
             let lanes = match cols {
@@ -1349,8 +1353,12 @@ impl CodeCache {
                 }
             };
             let totals: Vec<Value> = lanes
-                .iter()
-                .map(|&total| {
+                .chunks(2)
+                .map(|halves| {
+                    let total = match halves {
+                        [first, second] => b.ins().fadd(*first, *second),
+                        _ => halves[0],
+                    };
                     let even = b.ins().extractlane(total, 0);
                     let odd = b.ins().extractlane(total, 1);
                     b.ins().fadd(even, odd)
@@ -1737,10 +1745,13 @@ impl Body<'_> {
             let pairs = |b: &mut FunctionBuilder<'_>| match width {
                 4 => {
                     let low = b.ins().fvpromote_low(value);
+                    // The upper two lanes moved down by one shuffle (not
+                    // through a general register).
                     let little = MemFlagsData::new().with_endianness(Endianness::Little);
-                    let words = b.ins().bitcast(types::I64X2, little, value);
-                    let upper = b.ins().extractlane(words, 1);
-                    let upper = b.ins().scalar_to_vector(types::I64X2, upper);
+                    let bytes = b.ins().bitcast(types::I8X16, little, value);
+                    let mask: Vec<u8> = (8..16).chain(8..16).collect();
+                    let mask = b.func.dfg.immediates.push(mask.into());
+                    let upper = b.ins().shuffle(bytes, bytes, mask);
                     let upper = b.ins().bitcast(types::F32X4, little, upper);
                     vec![low, b.ins().fvpromote_low(upper)]
                 }
@@ -1752,11 +1763,11 @@ impl Body<'_> {
                 // A sum to one element: total += value, in a register.
                 Access::Single => {
                     let slot = self.single_sums.iter().position(|&s| s == j).unwrap_or(0);
-                    let mut total = totals[slot];
-                    for pair in pairs(b) {
-                        total = b.ins().fadd(total, pair);
+                    let mut halves = [totals[2 * slot], totals[2 * slot + 1]];
+                    for (half, pair) in pairs(b).into_iter().enumerate() {
+                        halves[half] = b.ins().fadd(halves[half], pair);
                     }
-                    next.push(total);
+                    next.extend(halves);
                 }
                 // out[slot] += value, in the interpreter's order (each
                 // lane of a vector is its own slot; the slots are `f64`).

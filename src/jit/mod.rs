@@ -20,7 +20,7 @@
 //! Compiled kernels compute exactly what the interpreter computes (`f64`
 //! arithmetic, one `f32` rounding per op), so they agree bit for bit, but
 //! for three stated exceptions: the GEMM sums in another order (and an
-//! `f32` product in `f32`), a sum to one element adds in two lanes, and
+//! `f32` product in `f32`), a sum to one element adds in two or four lanes, and
 //! `exp`, `log`, `tanh`, `sigmoid`, `softplus` and GELU's `erf` are
 //! polynomials within a few ulps (`tests/jit.rs` and `tests/approx.rs`
 //! state the tolerances; the fuzzer and generated models compare the
