@@ -985,13 +985,19 @@ impl Jit {
                 .ok_or_else(|| InterpError::Internal(format!("{id} has no buffer")))
         };
         let mut buffers = bound.frame.buffers();
-        // The kept state becomes what this step starts from: the updates
-        // copied to the leaves in the frame, or written from their copies.
+        // The kept state becomes what this step starts from: each update's
+        // buffer exchanged with its leaf's in the frame (this step's update
+        // overwrites the leaf's old values), or the leaves written from
+        // their copies.
         let mut skipped = BTreeSet::new();
         if in_frame {
             for (_, leaf, update) in &carried {
                 let (from, to) = (slot(*update)?, slot(*leaf)?);
-                buffers.copy(from, to).map_err(internal)?;
+                if buffers.swap(from, to).is_err() {
+                    // (Stored otherwise: copied, converted.)
+                    let values = buffers.read(from, usize::MAX).into_owned();
+                    buffers.write(to, &values).map_err(internal)?;
+                }
                 skipped.insert(*leaf);
             }
         }
