@@ -1095,3 +1095,45 @@ fn a_diverging_step_on_the_jit_leaves_the_last_good_state() {
     }
     panic!("lr 1e12 did not diverge in 20 steps");
 }
+
+/// A program keeps a frame for at most 8 sets of sizes: a session that
+/// steps with more batch sizes than that makes the JIT drop its frames,
+/// and the state kept in one of them must survive (it is moved out
+/// first). Twelve batch sizes on the JIT end within `close` of the
+/// interpreter.
+#[test]
+fn state_kept_in_the_jit_survives_dropped_frames() {
+    let compilation = common::example("digits_mlp.grad");
+    let model = &compilation.models[0];
+    let mut config = model.train_config.clone().expect("train block");
+    config.data = None;
+    let mut reference = Session::new(model, config.clone(), &[]).expect("session");
+    let mut session = Session::new(model, config, &[]).expect("session");
+    let digits = data::load(&data::Source::EmbeddedDigits, &session.forward).expect("digits");
+    let mut jit = Jit::new();
+    let mut start = 0;
+    for size in (1..=12).chain(1..=3) {
+        let rows: Vec<usize> = (start..start + size).collect();
+        start += size;
+        reference
+            .step(
+                &mut Interpreter,
+                data::batch(&digits, &rows, &reference.forward),
+            )
+            .expect("interpreter step");
+        session
+            .step(&mut jit, data::batch(&digits, &rows, &session.forward))
+            .expect("jit step");
+    }
+    session.sync(&mut jit).expect("sync");
+    let (expected, got) = (
+        reference.state().expect("synced"),
+        session.state().expect("synced"),
+    );
+    for (name, value) in expected {
+        assert!(
+            close(value, &got[name]),
+            "{name} differs from the interpreter"
+        );
+    }
+}
