@@ -243,11 +243,10 @@ fn check_leaf(
             .collect();
         format!("{dtype}[{}]", dims.join(", "))
     };
-    let found = format!("{}{:?}", tensor.dtype, tensor.shape);
     let mismatch = |expected: String| InterpError::Mismatch {
         name: name.to_string(),
         expected,
-        found: found.clone(),
+        found: format!("{}{:?}", tensor.dtype, tensor.shape),
     };
     if dtype.is_float() != tensor.dtype.is_float() || tensor.shape.len() != shape.rank() {
         return Err(mismatch(expected(dims)));

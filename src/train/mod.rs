@@ -227,6 +227,8 @@ struct StepReads {
     loss: NodeId,
     stats: Vec<(String, NodeId)>,
     carried: Vec<Carried>,
+    /// The cross-entropy whose logits and labels give the accuracy.
+    cross_entropy: Option<NodeId>,
     wanted: Vec<NodeId>,
 }
 
@@ -260,12 +262,14 @@ impl StepReads {
                 _ => {}
             }
         }
-        wanted.extend(cross_entropy_node(graph).map_or_else(Vec::new, |n| graph.operands(n)));
+        let cross_entropy = cross_entropy_node(graph);
+        wanted.extend(cross_entropy.map_or_else(Vec::new, |n| graph.operands(n)));
         Ok(StepReads {
             version: graph.version(),
             loss,
             stats,
             carried,
+            cross_entropy,
             wanted,
         })
     }
@@ -508,7 +512,8 @@ impl Session {
             let finite = loss.is_finite() && stats.get("grad_norm").is_none_or(|n| n.is_finite());
             (loss, stats, finite)
         };
-        let finite = result.as_ref().is_ok_and(|e| read(e).2);
+        let summary = result.as_ref().ok().map(read);
+        let finite = summary.as_ref().is_some_and(|s| s.2);
         // A failed or non-finite step is not applied: the state is the one
         // it started from, which the backend may keep (then it comes back
         // here).
@@ -544,7 +549,7 @@ impl Session {
         self.state = restore(leaves, added, displaced);
         let mut evaluation = result.map_err(TrainError::Run)?;
         let graph = &self.step_graph;
-        let (loss, stats, finite) = read(&evaluation);
+        let (loss, stats, finite) = summary.unwrap_or_else(|| read(&evaluation));
         if !finite {
             let full = match diagnosis {
                 Some(Ok(full)) => full,
@@ -554,7 +559,9 @@ impl Session {
                 graph, &full, t, loss,
             )));
         }
-        let correct = correct(graph, &evaluation);
+        let correct = reads
+            .cross_entropy
+            .and_then(|ce| correct(graph, ce, &evaluation));
         if self.kept.is_some() {
             // The backend keeps the new state; `sync` fetches it.
             self.synced = false;
@@ -613,7 +620,8 @@ impl Session {
             if let Some(loss) = self.eval_graph.loss() {
                 total_loss += evaluation.values[&loss].data[0] * chunk.len() as f64;
             }
-            if let Some(c) = correct(&self.eval_graph, &evaluation) {
+            let ce = cross_entropy_node(&self.eval_graph);
+            if let Some(c) = ce.and_then(|ce| correct(&self.eval_graph, ce, &evaluation)) {
                 total_correct += c;
                 any_correct = true;
             }
@@ -662,8 +670,7 @@ pub fn cross_entropy_node(graph: &Graph) -> Option<NodeId> {
 }
 
 /// How many rows' largest logit is their label.
-fn correct(graph: &Graph, evaluation: &Evaluation) -> Option<usize> {
-    let node = cross_entropy_node(graph)?;
+fn correct(graph: &Graph, node: NodeId, evaluation: &Evaluation) -> Option<usize> {
     let operands = graph.operands(node);
     let logits = &evaluation.values[&operands[0]];
     let labels = &evaluation.values[&operands[1]];
