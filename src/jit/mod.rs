@@ -15,14 +15,17 @@
 //! calls every kernel in plan order, handing matrix products and
 //! interpreted kernels back to Rust (`codegen::Host`). A step copies the
 //! leaves into their buffers (after the interpreter's checks), makes the
-//! one call, and copies the values out as an `Evaluation`.
+//! one call, and copies the values out as an `Evaluation`. A training step
+//! (`Backend::run_carrying`) keeps the params and optimizer state in the
+//! frame for the next step instead (`Resident`; moved out to host copies,
+//! `Evicted`, when other work needs the frame).
 //!
 //! Compiled kernels compute exactly what the interpreter computes (`f64`
 //! arithmetic, one `f32` rounding per op), so they agree bit for bit, but
 //! for three stated exceptions: the GEMM sums in another order (and an
-//! `f32` product in `f32`), a sum to one element adds in two or four lanes, and
-//! `exp`, `log`, `tanh`, `sigmoid`, `softplus` and GELU's `erf` are
-//! polynomials within a few ulps (`tests/jit.rs` and `tests/approx.rs`
+//! `f32` product in `f32`), a sum to one element adds in two or four
+//! lanes, and `exp`, `log`, `tanh`, `sigmoid`, `softplus` and GELU's `erf`
+//! are polynomials within a few ulps (`tests/jit.rs` and `tests/approx.rs`
 //! state the tolerances; the fuzzer and generated models compare the
 //! backends).
 

@@ -4,8 +4,10 @@
 //! and the training state (params, buffers, optimizer state, counters). Each
 //! [`Session::step`] feeds one batch, the learning rate and the step
 //! counter to the step graph through a [`Backend`] and takes back the new
-//! state, the loss and the monitor statistics. Nothing here is specific to
-//! the interpreter: the JIT plugs in as another `Backend`.
+//! state (or leaves it with a backend that keeps it between steps, as the
+//! JIT does: [`Session::sync`] fetches it), the loss and the monitor
+//! statistics. Nothing here is specific to the interpreter: the JIT plugs
+//! in as another `Backend`.
 //!
 //! [`run`] is `gradc train`: data, epochs, schedules, metrics, checkpoints,
 //! the gradient-health monitor, Ctrl-C.
@@ -238,11 +240,13 @@ impl StepReads {
             .loss()
             .ok_or_else(|| TrainError::Setup("the step graph has no loss".into()))?;
         let mut wanted = vec![loss];
-        let leaf_named = |name: &str| {
-            graph.ids().into_iter().find(|&id| {
-                graph.node(id).op.is_leaf() && graph.node(id).name.as_deref() == Some(name)
-            })
-        };
+        let leaves: BTreeMap<&str, NodeId> = graph
+            .ids()
+            .into_iter()
+            .filter(|&id| graph.node(id).op.is_leaf())
+            .filter_map(|id| Some((graph.node(id).name.as_deref()?, id)))
+            .collect();
+        let leaf_named = |name: &str| leaves.get(name).copied();
         let (mut stats, mut carried) = (Vec::new(), Vec::new());
         for id in graph.ids() {
             match &graph.node(id).role {
@@ -599,6 +603,7 @@ impl Session {
         rows: &[usize],
     ) -> Result<Metrics, TrainError> {
         self.sync(backend)?;
+        let ce = cross_entropy_node(&self.eval_graph);
         let mut total_loss = 0.0;
         let mut total_correct = 0;
         let mut any_correct = false;
@@ -620,7 +625,6 @@ impl Session {
             if let Some(loss) = self.eval_graph.loss() {
                 total_loss += evaluation.values[&loss].data[0] * chunk.len() as f64;
             }
-            let ce = cross_entropy_node(&self.eval_graph);
             if let Some(c) = ce.and_then(|ce| correct(&self.eval_graph, ce, &evaluation)) {
                 total_correct += c;
                 any_correct = true;
