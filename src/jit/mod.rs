@@ -101,7 +101,7 @@ const FRAMES: usize = 8;
 /// How many kept states moved out of their frames a JIT holds (one per
 /// session that steps on it, at most); beyond, the oldest is dropped, and
 /// its session's next step fails.
-const EVICTED: usize = 16;
+const EVICTED: usize = 4;
 
 /// The JIT backend. Programs are cached per graph version
 /// (`Graph::version`): the runtime runs the same step graph every step, and
@@ -135,10 +135,13 @@ struct Resident {
     carried: Vec<(String, NodeId, NodeId)>,
 }
 
-/// Kept state moved out of its frame.
+/// Kept state moved out of its frame: the values its step computed, or
+/// (after a failed step) those it started from. (A session fetches the
+/// values a step started from right after that step, so the computed
+/// values are all a later step needs.)
 struct Evicted {
-    started: BTreeMap<String, Tensor>,
-    computed: Option<BTreeMap<String, Tensor>>,
+    values: BTreeMap<String, Tensor>,
+    computed: bool,
 }
 
 impl Jit {
@@ -259,20 +262,16 @@ impl Jit {
                 })
                 .collect()
         };
-        if let Some(started) = values(false) {
-            let computed = if resident.computed {
-                values(true)
-            } else {
-                None
-            };
+        if let Some(values) = values(resident.computed) {
             // (A session that forgot its ticket never asks again: the
             // oldest copies go.)
             while self.evicted.len() >= EVICTED {
                 let oldest = self.evicted.keys().min().copied();
                 oldest.and_then(|t| self.evicted.remove(&t));
             }
+            let computed = resident.computed;
             self.evicted
-                .insert(resident.ticket, Evicted { started, computed });
+                .insert(resident.ticket, Evicted { values, computed });
         }
     }
 
@@ -968,7 +967,8 @@ impl Jit {
             Some(t) if !in_frame => Some(
                 self.evicted
                     .get(&t)
-                    .and_then(|e| e.computed.clone())
+                    .filter(|e| e.computed)
+                    .map(|e| e.values.clone())
                     .ok_or_else(|| {
                         InterpError::Internal("the state this step resumes is gone".into())
                     })?,
@@ -994,15 +994,7 @@ impl Jit {
         // their copies.
         let mut skipped = BTreeSet::new();
         if in_frame {
-            for (_, leaf, update) in &carried {
-                let (from, to) = (slot(*update)?, slot(*leaf)?);
-                if buffers.swap(from, to).is_err() {
-                    // (Stored otherwise: copied, converted.)
-                    let values = buffers.read(from, usize::MAX).into_owned();
-                    buffers.write(to, &values).map_err(internal)?;
-                }
-                skipped.insert(*leaf);
-            }
+            skipped.extend(carried.iter().map(|(_, leaf, _)| *leaf));
         }
         if let Some(values) = &from_evicted {
             for (name, leaf, _) in &carried {
@@ -1025,6 +1017,18 @@ impl Jit {
                 continue;
             }
             buffers.write(slot, &tensor.data).map_err(internal)?;
+        }
+        // (Exchanged last, once nothing can fail before the new ticket:
+        // until then the kept state is where its ticket says.)
+        if in_frame {
+            for (_, leaf, update) in &carried {
+                let (from, to) = (slot(*update)?, slot(*leaf)?);
+                if buffers.swap(from, to).is_err() {
+                    // (Stored otherwise: copied, converted.)
+                    let values = buffers.read(from, usize::MAX).into_owned();
+                    buffers.write(to, &values).map_err(internal)?;
+                }
+            }
         }
         // From here on the frame holds what this step starts from.
         let ticket = if let Some(kept) = kept {
@@ -1118,10 +1122,10 @@ impl Jit {
             }
             _ => {
                 let evicted = self.evicted.get(&kept.ticket).ok_or_else(missing)?;
-                if computed {
-                    evicted.computed.clone().ok_or_else(missing)
+                if evicted.computed == computed {
+                    Ok(evicted.values.clone())
                 } else {
-                    Ok(evicted.started.clone())
+                    Err(missing())
                 }
             }
         }
