@@ -1137,3 +1137,53 @@ fn state_kept_in_the_jit_survives_dropped_frames() {
         );
     }
 }
+
+/// A JIT keeps the state of at most four sessions besides the one in its
+/// frame: a session whose kept state was dropped gets an error, not
+/// another session's values, and the others go on as on the interpreter.
+#[test]
+fn a_session_whose_kept_state_was_dropped_gets_an_error() {
+    let compilation = common::example("digits_mlp.grad");
+    let model = &compilation.models[0];
+    let mut config = model.train_config.clone().expect("train block");
+    config.data = None;
+    let new_session = || Session::new(model, config.clone(), &[]).expect("session");
+    let mut sessions: Vec<Session> = (0..6).map(|_| new_session()).collect();
+    let mut reference = new_session();
+    let digits = data::load(&data::Source::EmbeddedDigits, &reference.forward).expect("digits");
+    let rows: Vec<usize> = (0..64).collect();
+    let mut jit = Jit::new();
+    for session in &mut sessions {
+        session
+            .step(&mut jit, data::batch(&digits, &rows, &session.forward))
+            .expect("first step");
+    }
+    let first = &mut sessions[0];
+    let batch = data::batch(&digits, &rows, &first.forward);
+    let error = first
+        .step(&mut jit, batch)
+        .expect_err("the oldest kept state was dropped");
+    assert!(error.to_string().contains("lost"), "{error}");
+    for _ in 0..2 {
+        reference
+            .step(
+                &mut Interpreter,
+                data::batch(&digits, &rows, &reference.forward),
+            )
+            .expect("interpreter step");
+    }
+    let second = &mut sessions[1];
+    let batch = data::batch(&digits, &rows, &second.forward);
+    second.step(&mut jit, batch).expect("a kept state resumes");
+    second.sync(&mut jit).expect("sync");
+    let (expected, got) = (
+        reference.state().expect("synced"),
+        second.state().expect("synced"),
+    );
+    for (name, value) in expected {
+        assert!(
+            close(value, &got[name]),
+            "{name} differs from the interpreter"
+        );
+    }
+}

@@ -947,6 +947,15 @@ impl Jit {
             (&self.resident, resumed),
             (Some(r), Some(t)) if r.ticket == t && r.computed && here(r)
         );
+        // (State that is gone: an error before anything moves.)
+        if let Some(t) = resumed {
+            let resident = self.resident.as_ref().is_some_and(|r| r.ticket == t);
+            if !resident && !self.evicted.contains_key(&t) {
+                return Err(InterpError::Internal(
+                    "the state this step resumes is gone".into(),
+                ));
+            }
+        }
         // Kept state that this step does not resume in place leaves its
         // frame first if this step will keep its own (one frame keeps
         // state at a time), uses its frame, or binds a new frame (which may
@@ -955,6 +964,9 @@ impl Jit {
             .programs
             .get(&key)
             .is_some_and(|p| p.frames.contains_key(&dims));
+        // (The copies this step resumes from are set aside meanwhile, so
+        // that evicting cannot drop them as the oldest.)
+        let held = resumed.and_then(|t| Some((t, self.evicted.remove(&t)?)));
         if !in_frame
             && self
                 .resident
@@ -962,6 +974,9 @@ impl Jit {
                 .is_some_and(|r| kept.is_some() || here(r) || (new_frame && r.key == key))
         {
             self.evict();
+        }
+        if let Some((t, copies)) = held {
+            self.evicted.insert(t, copies);
         }
         let from_evicted = match resumed {
             Some(t) if !in_frame => Some(
