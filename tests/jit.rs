@@ -130,9 +130,18 @@ fn training_on_the_jit_ends_with_the_same_params() {
     let (compiled, total) = jit.coverage(&b.step_graph).expect("coverage");
     assert!(compiled > 0 && compiled < total, "{compiled} of {total}");
     b.sync(&mut jit).expect("sync");
-    let (a, b) = (a.state().expect("synced"), b.state().expect("synced"));
-    for (name, value) in a {
-        assert!(close(value, &b[name]), "{name} differs after 12 steps");
+    assert_same_state(&a, &b);
+}
+
+/// Every param, buffer and optimizer state of `got` (synced) agrees with
+/// `expected`'s (an interpreter session's) within `close`.
+fn assert_same_state(expected: &Session, got: &Session) {
+    let got = got.state().expect("synced");
+    for (name, value) in expected.state().expect("synced") {
+        assert!(
+            close(value, &got[name]),
+            "{name} differs from the interpreter"
+        );
     }
 }
 
@@ -1030,19 +1039,12 @@ fn state_kept_in_the_jit_survives_frames_evaluations_and_other_sessions() {
     }
     first.sync(&mut jit).expect("sync");
     second.sync(&mut jit).expect("sync");
-    let (expected, first, second) = (
-        reference.state().expect("synced"),
-        first.state().expect("synced"),
-        second.state().expect("synced"),
-    );
-    for (name, value) in expected {
+    assert_same_state(&reference, &first);
+    let theirs = second.state().expect("synced");
+    for (name, value) in first.state().expect("synced") {
         assert!(
-            identical(&first[name], &second[name]),
+            identical(value, &theirs[name]),
             "{name}: the sessions differ"
-        );
-        assert!(
-            close(value, &first[name]),
-            "{name} differs from the interpreter"
         );
     }
 }
@@ -1126,16 +1128,7 @@ fn state_kept_in_the_jit_survives_dropped_frames() {
             .expect("jit step");
     }
     session.sync(&mut jit).expect("sync");
-    let (expected, got) = (
-        reference.state().expect("synced"),
-        session.state().expect("synced"),
-    );
-    for (name, value) in expected {
-        assert!(
-            close(value, &got[name]),
-            "{name} differs from the interpreter"
-        );
-    }
+    assert_same_state(&reference, &session);
 }
 
 /// A JIT keeps the state of at most four sessions besides the one in its
@@ -1176,14 +1169,5 @@ fn a_session_whose_kept_state_was_dropped_gets_an_error() {
     let batch = data::batch(&digits, &rows, &second.forward);
     second.step(&mut jit, batch).expect("a kept state resumes");
     second.sync(&mut jit).expect("sync");
-    let (expected, got) = (
-        reference.state().expect("synced"),
-        second.state().expect("synced"),
-    );
-    for (name, value) in expected {
-        assert!(
-            close(value, &got[name]),
-            "{name} differs from the interpreter"
-        );
-    }
+    assert_same_state(&reference, second);
 }
