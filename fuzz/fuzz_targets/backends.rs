@@ -115,19 +115,9 @@ fn compare(graph: &Graph) {
 /// interpreter fed its own updates: the second step's results and the
 /// state it computes must agree.
 fn compare_carried(graph: &Graph) {
-    let carried: Vec<Carried> = graph
-        .ids()
-        .into_iter()
-        .filter_map(|id| match &graph.node(id).role {
-            Role::Update(name) => {
-                let leaf = graph.ids().into_iter().find(|&l| {
-                    graph.node(l).op.is_leaf() && graph.node(l).name.as_deref() == Some(name)
-                })?;
-                Some(Carried { name: name.clone(), leaf, update: id })
-            }
-            _ => None,
-        })
-        .collect();
+    let Ok(carried) = Carried::of(graph) else {
+        return;
+    };
     let wanted: Vec<NodeId> = graph
         .ids()
         .into_iter()

@@ -158,6 +158,24 @@ impl Jit {
         graph: &Graph,
         wanted: Option<&[NodeId]>,
     ) -> Result<&mut Program, InterpError> {
+        let key = self.compiled(graph, wanted)?;
+        self.program_at(&key)
+    }
+
+    /// The program of a key `compiled` gave.
+    fn program_at(&mut self, key: &ProgramKey) -> Result<&mut Program, InterpError> {
+        self.programs
+            .get_mut(key)
+            .ok_or_else(|| InterpError::Internal("the program vanished".into()))
+    }
+
+    /// Compiles the program for a graph (as `program` says) unless it is
+    /// cached, and returns its key.
+    fn compiled(
+        &mut self,
+        graph: &Graph,
+        wanted: Option<&[NodeId]>,
+    ) -> Result<ProgramKey, InterpError> {
         let key = program_key(graph, wanted);
         if !self.programs.contains_key(&key) {
             let (run, ids) = match (&key.1, wanted) {
@@ -177,9 +195,7 @@ impl Jit {
                 .map_err(|e| InterpError::Internal(e.to_string()))?;
             self.programs.insert(key.clone(), program);
         }
-        self.programs
-            .get_mut(&key)
-            .ok_or_else(|| InterpError::Internal("the program vanished".into()))
+        Ok(key)
     }
 
     /// How many kernels of a graph are compiled, out of how many.
@@ -226,8 +242,8 @@ impl Jit {
         graph: &Graph,
         leaves: &BTreeMap<String, Tensor>,
     ) -> Result<&mut Bound, InterpError> {
-        let key = program_key(graph, Some(&[]));
-        let program = self.program(graph, Some(&[]))?;
+        let key = self.compiled(graph, Some(&[]))?;
+        let program = self.program_at(&key)?;
         let run = Arc::clone(&program.graph);
         let mut dims = BTreeMap::new();
         interp::checked_leaves(&run, &program.order, leaves, &mut dims)?;
@@ -236,7 +252,7 @@ impl Jit {
         if new && self.resident.as_ref().is_some_and(|r| r.key == key) {
             self.evict();
         }
-        self.program(graph, Some(&[]))?.bound(&run, &dims)
+        self.program_at(&key)?.bound(&run, &dims)
     }
 
     /// Moves the state kept in a frame out of it (into `evicted`), so that
@@ -549,6 +565,14 @@ impl Program {
     }
 }
 
+/// The buffer of a value, among a frame's `slots`.
+fn slot_in(slots: &HashMap<NodeId, usize>, id: NodeId) -> Result<usize, InterpError> {
+    slots
+        .get(&id)
+        .copied()
+        .ok_or_else(|| InterpError::Internal(format!("{id} has no buffer")))
+}
+
 fn internal(error: codegen::CodegenError) -> InterpError {
     InterpError::Internal(error.to_string())
 }
@@ -671,12 +695,7 @@ fn bind(
                 .map_err(internal)?;
         }
     }
-    let slot_of = |id: &NodeId| {
-        slots
-            .get(id)
-            .copied()
-            .ok_or_else(|| InterpError::Internal(format!("{id} has no buffer")))
-    };
+    let slot_of = |id: &NodeId| slot_in(&slots, *id);
     // Host work `w`, called from the entry at this point.
     let host = |frame: &mut Frame, work: &mut Vec<Work>, w: Work| {
         frame.push_host(work.len());
@@ -902,8 +921,8 @@ impl Jit {
         wanted: Option<&[NodeId]>,
         carrying: Option<(&[Carried], &mut Option<Kept>)>,
     ) -> Result<Evaluation, InterpError> {
-        let key = program_key(graph, wanted);
-        let program = self.program(graph, wanted)?;
+        let key = self.compiled(graph, wanted)?;
+        let program = self.program_at(&key)?;
         // From here on, the graph the program runs (whose leaves are the
         // caller's, with the same ids).
         let run = Arc::clone(&program.graph);
@@ -990,18 +1009,14 @@ impl Jit {
             ),
             _ => None,
         };
+        // (The field, not `program_at`: the step goes on to update the
+        // kept state while it holds the frame.)
         let program = self
             .programs
             .get_mut(&key)
             .ok_or_else(|| InterpError::Internal("the program vanished".into()))?;
         let bound = program.bound(graph, &dims)?;
-        let slot = |id: NodeId| {
-            bound
-                .slots
-                .get(&id)
-                .copied()
-                .ok_or_else(|| InterpError::Internal(format!("{id} has no buffer")))
-        };
+        let slot = |id: NodeId| slot_in(&bound.slots, id);
         let mut buffers = bound.frame.buffers();
         // The kept state becomes what this step starts from: each update's
         // buffer exchanged with its leaf's in the frame (this step's update
@@ -1148,17 +1163,9 @@ impl Jit {
 }
 
 impl Bound {
-    /// The buffer of a value.
-    fn slot(&self, id: NodeId) -> Result<usize, InterpError> {
-        self.slots
-            .get(&id)
-            .copied()
-            .ok_or_else(|| InterpError::Internal(format!("{id} has no buffer")))
-    }
-
     /// A value copied out of its buffer, as the interpreter's tensor.
     fn value(&self, graph: &Graph, id: NodeId) -> Result<Tensor, InterpError> {
-        let slot = self.slot(id)?;
+        let slot = slot_in(&self.slots, id)?;
         let shape = self.values[slot].1.clone();
         let count: usize = shape.iter().product();
         let data = self.frame.read(slot, count).into_owned();
@@ -1203,13 +1210,6 @@ impl Host for StepHost<'_> {
 }
 
 impl StepHost<'_> {
-    fn slot(&self, id: NodeId) -> Result<usize, InterpError> {
-        self.slots
-            .get(&id)
-            .copied()
-            .ok_or_else(|| InterpError::Internal(format!("{id} has no buffer")))
-    }
-
     /// Evaluates a node on the interpreter from copies of its operands
     /// (an operand its rule does not read, which no kernel materialized,
     /// is zeros), writing its buffer.
@@ -1245,7 +1245,7 @@ impl StepHost<'_> {
             .ok_or_else(|| InterpError::Internal(format!("{id} was not evaluated")))?;
         self.buffer_updates.append(&mut self.scratch.buffer_updates);
         buffers
-            .write(self.slot(id)?, &value.data)
+            .write(slot_in(self.slots, id)?, &value.data)
             .map_err(|e| InterpError::Internal(format!("{id}: {e}")))
     }
 

@@ -111,6 +111,33 @@ pub struct Carried {
     pub update: NodeId,
 }
 
+impl Carried {
+    /// The state a step graph carries: every `Role::Update` with the leaf
+    /// of its name.
+    pub fn of(graph: &Graph) -> Result<Vec<Carried>, InterpError> {
+        let leaves: BTreeMap<&str, NodeId> = graph
+            .ids()
+            .into_iter()
+            .filter(|&id| graph.node(id).op.is_leaf())
+            .filter_map(|id| Some((graph.node(id).name.as_deref()?, id)))
+            .collect();
+        let mut carried = Vec::new();
+        for id in graph.ids() {
+            if let Role::Update(name) = &graph.node(id).role {
+                let leaf = leaves.get(name.as_str()).copied().ok_or_else(|| {
+                    InterpError::Internal(format!("update `{name}` has no state leaf"))
+                })?;
+                carried.push(Carried {
+                    name: name.clone(),
+                    leaf,
+                    update: id,
+                });
+            }
+        }
+        Ok(carried)
+    }
+}
+
 /// A backend's receipt for training state it keeps (`run_carrying`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Kept {
@@ -240,32 +267,14 @@ impl StepReads {
             .loss()
             .ok_or_else(|| TrainError::Setup("the step graph has no loss".into()))?;
         let mut wanted = vec![loss];
-        let leaves: BTreeMap<&str, NodeId> = graph
-            .ids()
-            .into_iter()
-            .filter(|&id| graph.node(id).op.is_leaf())
-            .filter_map(|id| Some((graph.node(id).name.as_deref()?, id)))
-            .collect();
-        let leaf_named = |name: &str| leaves.get(name).copied();
-        let (mut stats, mut carried) = (Vec::new(), Vec::new());
+        let mut stats = Vec::new();
         for id in graph.ids() {
-            match &graph.node(id).role {
-                Role::Stat(name) => {
-                    stats.push((name.clone(), id));
-                    wanted.push(id);
-                }
-                Role::Update(name) => carried.push(Carried {
-                    name: name.clone(),
-                    leaf: leaf_named(name).ok_or_else(|| {
-                        TrainError::Run(InterpError::Internal(format!(
-                            "update `{name}` has no state leaf"
-                        )))
-                    })?,
-                    update: id,
-                }),
-                _ => {}
+            if let Role::Stat(name) = &graph.node(id).role {
+                stats.push((name.clone(), id));
+                wanted.push(id);
             }
         }
+        let carried = Carried::of(graph).map_err(TrainError::Run)?;
         let cross_entropy = cross_entropy_node(graph);
         wanted.extend(cross_entropy.map_or_else(Vec::new, |n| graph.operands(n)));
         Ok(StepReads {
