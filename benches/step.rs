@@ -365,7 +365,13 @@ fn main() {
         ("medium", &[64, 256, 256, 10], 128, 100),
         ("large", &[784, 1024, 1024, 10], 256, 10),
     ];
+    // More steps for profilers (`perf record`, callgrind) to sample.
+    let scale: usize = std::env::var("GRADC_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     for (name, layers, batch, steps) in models {
+        let steps = steps * scale;
         let models = ["tiny", "medium", "large"];
         let backends = ["hand", "interp", "jit"];
         let chosen = |names: &[&str], name: &str| {

@@ -878,7 +878,7 @@ fn f32x4_kernels_are_bit_identical() {
     let a = maximum(x * w, -0.5) / d - sqrt(abs(x * v))
     let b = clamp(leaky_relu(a, 0.25), -2, 2) + relu(x - v) * w
     retain d, a, b
-    loss mean(b * b) + sum(w * v)
+    loss mean(b * b) + sum(w * v) + mean(abs(x) * 0.5)
 }
 train m { optimizer sgd(lr = 0.5, momentum = 0.75) }
 ";
@@ -889,7 +889,10 @@ train m { optimizer sgd(lr = 0.5, momentum = 0.75) }
         "no kernel runs f32x4 loops"
     );
     let reordered = after_full_sums(&graph);
-    for rows in [1, 2, 3, 7] {
+    // From 13 elements, all in the scalar and pair loops, to 1,313: 20
+    // blocks of 64 (sums to one element add those in `f32` lanes), 8 steps
+    // of four and a single one.
+    for rows in [1, 2, 3, 7, 40, 101] {
         let mut leaves = common::leaves_for(&graph, DType::F32);
         let mut stream = gradc::random::Stream::new(rows as u64);
         let x = (0..rows * 13)

@@ -28,8 +28,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
-    AbiParam, BlockArg, Endianness, FuncRef, InstBuilder, MemFlagsData, Signature, UserFuncName,
-    Value, types,
+    AbiParam, BlockArg, Endianness, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData,
+    StackSlotKind, UserFuncName, Value, types,
 };
 use cranelift_codegen::isa::CallConv;
 use cranelift_codegen::settings::{self, Configurable};
@@ -1662,7 +1662,9 @@ impl Body<'_> {
     /// the inputs at `address(j)`, computes the nodes, and stores or
     /// accumulates the outputs. Returns the next running totals of the
     /// single sums (`f64x2`: a pair adds lane by lane, one element into
-    /// lane 0, four elements as two pairs).
+    /// lane 0, four elements as two pairs; or, when `in_blocks`, one
+    /// `f32x4` per sum, four `f32`s added lane by lane: see `blocked`).
+    #[allow(clippy::too_many_arguments, reason = "the step's parts, spelled out")]
     fn step(
         &self,
         b: &mut FunctionBuilder<'_>,
@@ -1671,6 +1673,7 @@ impl Body<'_> {
         width: u8,
         address: &dyn Fn(&mut FunctionBuilder<'_>, usize) -> Value,
         totals: &[Value],
+        in_blocks: bool,
     ) -> Result<Vec<Value>, CodegenError> {
         let (graph, access, elems) = (self.graph, self.access, self.elems);
         let zero = match width {
@@ -1733,24 +1736,17 @@ impl Body<'_> {
             // What a sum adds, as `f64` pairs: four `f32`s widened as two
             // pairs, in order.
             let pairs = |b: &mut FunctionBuilder<'_>| match width {
-                4 => {
-                    let low = b.ins().fvpromote_low(value);
-                    // The upper two lanes moved down by one shuffle (not
-                    // through a general register).
-                    let little = MemFlagsData::new().with_endianness(Endianness::Little);
-                    let bytes = b.ins().bitcast(types::I8X16, little, value);
-                    let mask: Vec<u8> = (8..16).chain(8..16).collect();
-                    let mask = b.func.dfg.immediates.push(mask.into());
-                    let upper = b.ins().shuffle(bytes, bytes, mask);
-                    let upper = b.ins().bitcast(types::F32X4, little, upper);
-                    vec![low, b.ins().fvpromote_low(upper)]
-                }
+                4 => widen(b, value).to_vec(),
                 // [value, 0.0]
                 1 => vec![b.ins().scalar_to_vector(types::F64X2, value)],
                 _ => vec![value],
             };
             match access[j] {
                 // A sum to one element: total += value, in a register.
+                Access::Single if in_blocks => {
+                    let slot = self.single_sums.iter().position(|&s| s == j).unwrap_or(0);
+                    next.push(b.ins().fadd(totals[slot], value));
+                }
                 Access::Single => {
                     let slot = self.single_sums.iter().position(|&s| s == j).unwrap_or(0);
                     let mut halves = [totals[2 * slot], totals[2 * slot + 1]];
@@ -1828,20 +1824,24 @@ impl Body<'_> {
             };
             let pairs = with_params(b);
             let quads = self.quad.then(|| with_params(b));
+            let blocks = (self.quad && !self.single_sums.is_empty()).then(|| with_params(b));
             let start: Vec<BlockArg> = std::iter::once(zero)
                 .chain(totals.iter().copied())
                 .map(Into::into)
                 .collect();
-            b.ins().jump(quads.unwrap_or(pairs), &start);
+            b.ins().jump(blocks.or(quads).unwrap_or(pairs), &start);
             let index = |_: &mut FunctionBuilder<'_>, i: Value| i;
             let address = |b: &mut FunctionBuilder<'_>, i: Value, j: usize| match self.access[j] {
                 Access::Full => element_at(b, self.elems[j], self.bases[j], i),
                 _ => self.bases[j],
             };
-            if let Some(quads) = quads {
-                self.vector_loop(b, calls, n, 4, (quads, pairs), &index, &address)?;
+            if let (Some(blocks), Some(quads)) = (blocks, quads) {
+                self.blocked(b, calls, n, (blocks, quads), &index, &address)?;
             }
-            self.vector_loop(b, calls, n, 2, (pairs, header), &index, &address)?;
+            if let Some(quads) = quads {
+                self.vector_loop(b, calls, n, 4, (quads, pairs), &index, &address, false)?;
+            }
+            self.vector_loop(b, calls, n, 2, (pairs, header), &index, &address, false)?;
         } else {
             let start: Vec<BlockArg> = std::iter::once(zero)
                 .chain(counters_start)
@@ -1871,7 +1871,7 @@ impl Body<'_> {
                 element_at(b, self.elems[j], self.bases[j], counters[c].1)
             }
         };
-        let next_totals = self.step(b, calls, i, 1, &address, &running)?;
+        let next_totals = self.step(b, calls, i, 1, &address, &running, false)?;
         let mut next: Vec<Value> = vec![b.ins().iadd_imm_u(i, 1)];
         for (c, &(_, k, m)) in factors.iter().enumerate() {
             let (within, index) = counters[c];
@@ -1906,6 +1906,7 @@ impl Body<'_> {
         (header, exit): (cranelift_codegen::ir::Block, cranelift_codegen::ir::Block),
         index: &dyn Fn(&mut FunctionBuilder<'_>, Value) -> Value,
         address: &dyn Fn(&mut FunctionBuilder<'_>, Value, usize) -> Value,
+        in_blocks: bool,
     ) -> Result<(), CodegenError> {
         let body = b.create_block();
         b.switch_to_block(header);
@@ -1918,9 +1919,96 @@ impl Body<'_> {
 
         b.switch_to_block(body);
         let at = index(b, counter);
-        let next = self.step(b, calls, at, width, &|b, j| address(b, counter, j), running)?;
+        let address = |b: &mut FunctionBuilder<'_>, j| address(b, counter, j);
+        let next = self.step(b, calls, at, width, &address, running, in_blocks)?;
         let next: Vec<BlockArg> = std::iter::once(end).chain(next).map(Into::into).collect();
         b.ins().jump(header, &next);
+        Ok(())
+    }
+
+    /// Fills `header` (parameters: a counter, then the totals as pairs)
+    /// with the loop over whole blocks of `SUM_BLOCK` steps of four `f32`s,
+    /// leaving to `exit` with the same parameters. Within a block each sum
+    /// to one element runs in one `f32x4` (lane by lane, in `f32`); at the
+    /// block's end its lanes are widened and added to the `f64` pairs,
+    /// which wait in a stack slot meanwhile (in registers they crowd the
+    /// block's own sums out). Widening every step's summand instead costs
+    /// two conversions and a shuffle per sum, which bound the loop.
+    fn blocked(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        calls: &mut Calls<'_>,
+        bound: Value,
+        (header, exit): (cranelift_codegen::ir::Block, cranelift_codegen::ir::Block),
+        index: &dyn Fn(&mut FunctionBuilder<'_>, Value) -> Value,
+        address: &dyn Fn(&mut FunctionBuilder<'_>, Value, usize) -> Value,
+    ) -> Result<(), CodegenError> {
+        let pointer = types::I64;
+        let sums = self.single_sums.len();
+        let slot = b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            32 * sums as u32,
+            4,
+        ));
+        let loop_header = b.create_block();
+        let start = b.create_block();
+        let inner = b.create_block();
+        let flush = b.create_block();
+        let leave = b.create_block();
+        b.append_block_param(loop_header, pointer);
+        for block in [inner, flush] {
+            b.append_block_param(block, pointer);
+            for _ in 0..sums {
+                b.append_block_param(block, types::F32X4);
+            }
+        }
+        b.append_block_param(leave, pointer);
+
+        b.switch_to_block(header);
+        let state = b.block_params(header).to_vec();
+        for (k, &total) in state[1..].iter().enumerate() {
+            b.ins().stack_store(pointer, total, slot, 16 * k as i32);
+        }
+        b.ins().jump(loop_header, &[state[0].into()]);
+
+        b.switch_to_block(loop_header);
+        let counter = b.block_params(loop_header)[0];
+        let end = b.ins().iadd_imm_u(counter, 4 * SUM_BLOCK);
+        let more = b.ins().icmp(IntCC::SignedLessThanOrEqual, end, bound);
+        b.ins().brif(more, start, &[], leave, &[counter.into()]);
+
+        b.switch_to_block(start);
+        let scalar = b.ins().f32const(0.0);
+        let zero = b.ins().splat(types::F32X4, scalar);
+        let first: Vec<BlockArg> = std::iter::once(counter)
+            .chain((0..sums).map(|_| zero))
+            .map(Into::into)
+            .collect();
+        b.ins().jump(inner, &first);
+        self.vector_loop(b, calls, end, 4, (inner, flush), index, address, true)?;
+
+        b.switch_to_block(flush);
+        let block_sums = b.block_params(flush)[1..].to_vec();
+        for (s, &sum) in block_sums.iter().enumerate() {
+            for (half, pair) in widen(b, sum).into_iter().enumerate() {
+                let at = 16 * (2 * s + half) as i32;
+                let total = b.ins().stack_load(pointer, types::F64X2, slot, at);
+                let total = b.ins().fadd(total, pair);
+                b.ins().stack_store(pointer, total, slot, at);
+            }
+        }
+        b.ins().jump(loop_header, &[end.into()]);
+
+        b.switch_to_block(leave);
+        let counter = b.block_params(leave)[0];
+        let mut out: Vec<BlockArg> = vec![counter.into()];
+        for k in 0..2 * sums {
+            let total = b
+                .ins()
+                .stack_load(pointer, types::F64X2, slot, 16 * k as i32);
+            out.push(total.into());
+        }
+        b.ins().jump(exit, &out);
         Ok(())
     }
 
@@ -1998,9 +2086,9 @@ impl Body<'_> {
             Access::Single | Access::Strided => self.bases[j],
         };
         if let Some(quads) = quads {
-            self.vector_loop(b, calls, width, 4, (quads, pairs), &index, &address)?;
+            self.vector_loop(b, calls, width, 4, (quads, pairs), &index, &address, false)?;
         }
-        self.vector_loop(b, calls, width, 2, (pairs, tail), &index, &address)?;
+        self.vector_loop(b, calls, width, 2, (pairs, tail), &index, &address, false)?;
 
         b.switch_to_block(tail);
         let state = b.block_params(tail).to_vec();
@@ -2011,7 +2099,15 @@ impl Body<'_> {
 
         b.switch_to_block(single);
         let at = index(b, column);
-        let next = self.step(b, calls, at, 1, &|b, j| address(b, column, j), &running)?;
+        let next = self.step(
+            b,
+            calls,
+            at,
+            1,
+            &|b, j| address(b, column, j),
+            &running,
+            false,
+        )?;
         let after = b.ins().iadd_imm_u(column, 1);
         b.ins().jump(tail, &arguments(after, &next));
 
@@ -2023,6 +2119,26 @@ impl Body<'_> {
         b.switch_to_block(done);
         Ok(b.block_params(done).to_vec())
     }
+}
+
+/// How many steps of four `f32`s a sum to one element adds in `f32` lanes
+/// before it widens them into its `f64` total (`Body::blocked`): each lane
+/// then holds at most 16 rounded additions (a relative error of at most
+/// about `16 * 2^-24 = 1e-6` of the block's magnitude; counts stay exact).
+const SUM_BLOCK: i64 = 16;
+
+/// Four `f32`s as two `f64` pairs, in order.
+fn widen(b: &mut FunctionBuilder<'_>, value: Value) -> [Value; 2] {
+    let low = b.ins().fvpromote_low(value);
+    // The upper two lanes moved down by one shuffle (not through a general
+    // register).
+    let little = MemFlagsData::new().with_endianness(Endianness::Little);
+    let bytes = b.ins().bitcast(types::I8X16, little, value);
+    let mask: Vec<u8> = (8..16).chain(8..16).collect();
+    let mask = b.func.dfg.immediates.push(mask.into());
+    let upper = b.ins().shuffle(bytes, bytes, mask);
+    let upper = b.ins().bitcast(types::F32X4, little, upper);
+    [low, b.ins().fvpromote_low(upper)]
 }
 
 /// The static shape a kernel's output is accumulated into, right-aligned
