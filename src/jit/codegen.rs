@@ -1755,6 +1755,15 @@ impl Body<'_> {
                     }
                     next.extend(halves);
                 }
+                // A sum over rows in a block of rows: into the scratch row,
+                // four `f32`s lane by lane (`rows_and_columns`).
+                Access::Row if width == 4 && in_blocks => {
+                    let at = address(b, j);
+                    let flags = access_flags(true);
+                    let total = b.ins().load(types::F32X4, flags, at, 0);
+                    let total = b.ins().fadd(total, value);
+                    b.ins().store(flags, total, at, 0);
+                }
                 // out[slot] += value, in the interpreter's order (each
                 // lane of a vector is its own slot; the slots are `f64`).
                 Access::Strided | Access::Row if width == 4 => {
@@ -2018,6 +2027,12 @@ impl Body<'_> {
     /// columns `j` (four `f32`s in `f32_exact` kernels, then pairs), then a
     /// scalar loop over the rest; a full buffer is at `r + j`, a row buffer
     /// at `j`. Returns the final totals.
+    ///
+    /// In an `f32x4` kernel whose sums are all sums over rows (a bias
+    /// gradient, a dead-unit count), the rows run in blocks of `SUM_BLOCK`:
+    /// within a block the four-column steps add into a row of `f32`s on the
+    /// stack (no conversions), which is then widened and added to the
+    /// `f64` slots, as `blocked` does for sums to one element.
     fn rows_and_columns(
         &self,
         b: &mut FunctionBuilder<'_>,
@@ -2025,6 +2040,97 @@ impl Body<'_> {
         n: Value,
         cols: usize,
         totals: &[Value],
+    ) -> Result<Vec<Value>, CodegenError> {
+        let pointer = types::I64;
+        let row_sums: Vec<usize> = (self.inputs.len()..self.access.len())
+            .filter(|&j| self.access[j] == Access::Row)
+            .collect();
+        let quad_cols = cols / 4 * 4;
+        let scratch_bytes = row_sums.len() * quad_cols * 4;
+        let blocked = self.quad
+            && totals.is_empty()
+            && quad_cols > 0
+            && !row_sums.is_empty()
+            && row_sums.iter().all(|&j| self.elems[j] == Elem::F64)
+            && scratch_bytes <= ROW_SCRATCH_BYTES;
+        if !blocked {
+            let zero = b.ins().iconst(pointer, 0);
+            return self.rows(b, calls, (zero, n), cols, totals, None);
+        }
+        let slot = b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            scratch_bytes as u32,
+            4,
+        ));
+        let scratch = b.ins().stack_addr(pointer, slot, 0);
+        let header = b.create_block();
+        let body = b.create_block();
+        let done = b.create_block();
+        b.append_block_param(header, pointer);
+        let zero = b.ins().iconst(pointer, 0);
+        b.ins().jump(header, &[zero.into()]);
+
+        b.switch_to_block(header);
+        let start = b.block_params(header)[0];
+        let more = b.ins().icmp(IntCC::SignedLessThan, start, n);
+        b.ins().brif(more, body, &[], done, &[]);
+
+        b.switch_to_block(body);
+        let flags = MemFlagsData::trusted();
+        let quads = b.ins().iconst(pointer, (scratch_bytes / 16) as i64);
+        rows::counted_loop(b, quads, &[], |b, q, _| {
+            let scalar = b.ins().f32const(0.0);
+            let zeros = b.ins().splat(types::F32X4, scalar);
+            let offset = b.ins().imul_imm_u(q, 16);
+            let at = b.ins().iadd(scratch, offset);
+            b.ins().store(flags, zeros, at, 0);
+            Ok(vec![])
+        })?;
+        let end = b.ins().iadd_imm_u(start, SUM_BLOCK * cols as i64);
+        let within = b.ins().icmp(IntCC::SignedLessThan, end, n);
+        let end = b.ins().select(within, end, n);
+        let rows = Scratch {
+            base: scratch,
+            row_sums: &row_sums,
+            quad_cols,
+        };
+        self.rows(b, calls, (start, end), cols, &[], Some(rows))?;
+        let quads = b.ins().iconst(pointer, (quad_cols / 4) as i64);
+        rows::counted_loop(b, quads, &[], |b, q, _| {
+            for (r, &j) in row_sums.iter().enumerate() {
+                let offset = b.ins().imul_imm_u(q, 16);
+                let at = b.ins().iadd(scratch, offset);
+                let sum = b
+                    .ins()
+                    .load(types::F32X4, flags, at, (r * quad_cols * 4) as i32);
+                let offset = b.ins().imul_imm_u(q, 32);
+                let slots = b.ins().iadd(self.bases[j], offset);
+                for (half, pair) in widen(b, sum).into_iter().enumerate() {
+                    let at = b.ins().iadd_imm_u(slots, 16 * half as i64);
+                    let total = load(b, Elem::F64, true, at);
+                    let total = b.ins().fadd(total, pair);
+                    store(b, Elem::F64, total, at);
+                }
+            }
+            Ok(vec![])
+        })?;
+        b.ins().jump(header, &[end.into()]);
+
+        b.switch_to_block(done);
+        Ok(vec![])
+    }
+
+    /// The rows from `first` (a row start) to `end` of `rows_and_columns`,
+    /// with the four-column steps of sums over rows adding into `scratch`
+    /// if given.
+    fn rows(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        calls: &mut Calls<'_>,
+        (first, n): (Value, Value),
+        cols: usize,
+        totals: &[Value],
+        scratch: Option<Scratch<'_>>,
     ) -> Result<Vec<Value>, CodegenError> {
         let pointer = types::I64;
         let zero = b.ins().iconst(pointer, 0);
@@ -2055,7 +2161,7 @@ impl Body<'_> {
                 .map(Into::into)
                 .collect()
         };
-        b.ins().jump(outer, &arguments(zero, totals));
+        b.ins().jump(outer, &arguments(first, totals));
 
         b.switch_to_block(outer);
         let state = b.block_params(outer).to_vec();
@@ -2086,7 +2192,27 @@ impl Body<'_> {
             Access::Single | Access::Strided => self.bases[j],
         };
         if let Some(quads) = quads {
-            self.vector_loop(b, calls, width, 4, (quads, pairs), &index, &address, false)?;
+            // A sum over rows in blocks: its four columns in the scratch row.
+            let in_scratch = |b: &mut FunctionBuilder<'_>, column: Value, j: usize| match scratch
+                .and_then(|s| Some((s, s.row_sums.iter().position(|&r| r == j)?)))
+            {
+                Some((s, r)) => {
+                    let at = element_at(b, Elem::F32, s.base, column);
+                    b.ins().iadd_imm_u(at, (r * s.quad_cols * 4) as i64)
+                }
+                None => address(b, column, j),
+            };
+            let in_blocks = scratch.is_some();
+            self.vector_loop(
+                b,
+                calls,
+                width,
+                4,
+                (quads, pairs),
+                &index,
+                &in_scratch,
+                in_blocks,
+            )?;
         }
         self.vector_loop(b, calls, width, 2, (pairs, tail), &index, &address, false)?;
 
@@ -2120,6 +2246,20 @@ impl Body<'_> {
         Ok(b.block_params(done).to_vec())
     }
 }
+
+/// The row of `f32`s on the stack that the sums over rows of a block of
+/// rows add into (`Body::rows_and_columns`): `quad_cols` for each sum over
+/// rows, in the order of `row_sums`.
+#[derive(Clone, Copy)]
+struct Scratch<'s> {
+    base: Value,
+    row_sums: &'s [usize],
+    quad_cols: usize,
+}
+
+/// The largest scratch row (`Scratch`) a kernel puts on the stack; a kernel
+/// whose sums over rows need more adds every step into its `f64` slots.
+const ROW_SCRATCH_BYTES: usize = 32 * 1024;
 
 /// How many steps of four `f32`s a sum to one element adds in `f32` lanes
 /// before it widens them into its `f64` total (`Body::blocked`): each lane
