@@ -17,7 +17,7 @@ pub mod vjp;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use crate::ir::{DType, Dim, Graph, NodeId, Op, Role, Shape};
+use crate::ir::{DType, Dim, Graph, IdMap, NodeId, Op, Role, Shape};
 pub use tensor::Tensor;
 
 /// What the random parts of a step depend on.
@@ -82,7 +82,7 @@ impl std::error::Error for InterpError {}
 #[derive(Clone, Debug, Default)]
 pub struct Evaluation {
     /// Every node's value.
-    pub values: HashMap<NodeId, Tensor>,
+    pub values: IdMap<Tensor>,
     /// New values of buffers that train-mode batch-norm updated, by name.
     pub buffer_updates: BTreeMap<String, Tensor>,
     /// The symbolic dimensions as bound by the leaves.

@@ -23,6 +23,36 @@ use crate::diagnostic::Span;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId(u32);
 
+/// A map keyed by node id, hashed by one multiplication (`IdHasher`)
+/// instead of SipHash: the JIT looks ids up in such maps many times per
+/// step, and ids are not attacker-chosen keys.
+pub type IdMap<V> = std::collections::HashMap<NodeId, V, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// The hasher of `IdMap`: Fx hashing (a multiply by an odd constant per
+/// word), which puts the id's entropy in the high bits the table uses.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u32(&mut self, word: u32) {
+        self.write_u64(u64::from(word));
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
 impl NodeId {
     fn index(self) -> NodeIndex {
         NodeIndex::new(self.0 as usize)

@@ -37,7 +37,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use crate::interp::{self, Context, Evaluation, InterpError, Tensor};
-use crate::ir::{DType, Graph, NodeId, Op, Role, Shape};
+use crate::ir::{DType, Graph, IdMap, NodeId, Op, Role, Shape};
 use crate::passes::{
     self,
     fusion::{self, Plan},
@@ -72,7 +72,7 @@ struct Program {
     /// with a role (which the passes may move to another node) and the
     /// values kept for the caller. Empty for an unoptimized program, whose
     /// ids are the caller's.
-    ids: HashMap<NodeId, NodeId>,
+    ids: IdMap<NodeId>,
     plan: Plan,
     kernels: Vec<Option<Compiled>>,
     /// The shape each kernel loops over.
@@ -186,10 +186,10 @@ impl Jit {
                     if wanted.iter().all(|id| ids.contains_key(id)) {
                         (run, ids)
                     } else {
-                        (graph.clone(), HashMap::new())
+                        (graph.clone(), IdMap::default())
                     }
                 }
-                _ => (graph.clone(), HashMap::new()),
+                _ => (graph.clone(), IdMap::default()),
             };
             let program = compile(run, ids, self.keep_clif)
                 .map_err(|e| InterpError::Internal(e.to_string()))?;
@@ -322,7 +322,7 @@ fn program_key(graph: &Graph, wanted: Option<&[NodeId]>) -> ProgramKey {
 /// The graph optimized by the passes, with the `kept` values retained
 /// (so no pass removes them; their ids stay), and where every node with a
 /// role and every kept value lives in it.
-fn optimized(graph: &Graph, kept: &[NodeId]) -> (Graph, HashMap<NodeId, NodeId>) {
+fn optimized(graph: &Graph, kept: &[NodeId]) -> (Graph, IdMap<NodeId>) {
     let mut run = graph.clone();
     for &id in kept {
         run.node_mut(id).retain = true;
@@ -340,7 +340,7 @@ fn optimized(graph: &Graph, kept: &[NodeId]) -> (Graph, HashMap<NodeId, NodeId>)
                 .or_insert(Some(id));
         }
     }
-    let mut ids = HashMap::new();
+    let mut ids = IdMap::default();
     for id in graph.ids() {
         let node = graph.node(id);
         let own = if node.op.is_leaf() || kept.contains(&id) {
@@ -361,7 +361,7 @@ fn optimized(graph: &Graph, kept: &[NodeId]) -> (Graph, HashMap<NodeId, NodeId>)
 /// (keeping their CLIF text if asked).
 fn compile(
     run: Graph,
-    ids: HashMap<NodeId, NodeId>,
+    ids: IdMap<NodeId>,
     keep_clif: bool,
 ) -> Result<Program, codegen::CodegenError> {
     let graph = &run;
@@ -525,7 +525,7 @@ fn elem(graph: &Graph, storage: &HashMap<NodeId, Elem>, id: NodeId) -> Elem {
 struct Bound {
     frame: Frame,
     /// The buffer of every value the step materializes.
-    slots: HashMap<NodeId, usize>,
+    slots: IdMap<usize>,
     /// Each buffer's node and concrete shape.
     values: Vec<(NodeId, Vec<usize>)>,
     /// Host work, by the index the entry passes.
@@ -566,7 +566,7 @@ impl Program {
 }
 
 /// The buffer of a value, among a frame's `slots`.
-fn slot_in(slots: &HashMap<NodeId, usize>, id: NodeId) -> Result<usize, InterpError> {
+fn slot_in(slots: &IdMap<usize>, id: NodeId) -> Result<usize, InterpError> {
     slots
         .get(&id)
         .copied()
@@ -666,7 +666,7 @@ fn bind(
     }
     // A buffer per materialized value (a dead fraction keeps a slot per
     // unit while it counts).
-    let mut slots = HashMap::new();
+    let mut slots = IdMap::default();
     let mut values = Vec::new();
     let mut lengths = Vec::new();
     for &id in &program.order {
@@ -1178,7 +1178,7 @@ impl Bound {
 /// write the frame's buffers.
 struct StepHost<'a> {
     graph: &'a Graph,
-    slots: &'a HashMap<NodeId, usize>,
+    slots: &'a IdMap<usize>,
     values: &'a [(NodeId, Vec<usize>)],
     work: &'a [Work],
     context: Context,
