@@ -291,7 +291,14 @@ fn bench_compile_time() {
 /// threads.
 fn bench_gemm() {
     use gradc::jit::codegen::{MatrixView, gemm, gemm_parallel};
-    for (m, k, n) in [(256, 784, 1024), (256, 1024, 1024), (1024, 256, 1024)] {
+    for (m, k, n) in [
+        (256, 784, 1024),
+        (256, 1024, 1024),
+        (1024, 256, 1024),
+        (784, 256, 1024),
+        (128, 256, 256),
+        (256, 128, 256),
+    ] {
         let a: Vec<f64> = (0..m * k).map(|i| (i % 17) as f64 / 17.0).collect();
         let b: Vec<f64> = (0..k * n).map(|i| (i % 13) as f64 / 13.0).collect();
         let (a32, b32): (Vec<f32>, Vec<f32>) = (
@@ -328,6 +335,24 @@ fn bench_gemm() {
             )
             .expect("fits")
         });
+        // The backward products' layouts: `dW = A^T g` reads its left
+        // operand transposed, `dX = g W^T` its right one.
+        let lhs_t_time = median(&mut || {
+            gemm(
+                MatrixView::row_major(&a32, k, m).transposed(),
+                MatrixView::row_major(&b32, k, n),
+                &mut c32,
+            )
+            .expect("fits")
+        });
+        let rhs_t_time = median(&mut || {
+            gemm(
+                MatrixView::row_major(&a32, m, k),
+                MatrixView::row_major(&b32, n, k).transposed(),
+                &mut c32,
+            )
+            .expect("fits")
+        });
         let mut c64 = vec![0.0f64; m * n];
         let f64_time = median(&mut || {
             gemm(
@@ -338,8 +363,10 @@ fn bench_gemm() {
             .expect("fits")
         });
         println!(
-            "gemm {m}x{k}x{n}: f32 {:.1} GFLOP/s (two threads: {:.1}), f64 {:.1} GFLOP/s",
+            "gemm {m}x{k}x{n}: f32 {:.1} GFLOP/s (left transposed {:.1}, right transposed {:.1}; two threads: {:.1}), f64 {:.1} GFLOP/s",
             flops / f32_time / 1e9,
+            flops / lhs_t_time / 1e9,
+            flops / rhs_t_time / 1e9,
             flops / parallel_time / 1e9,
             flops / f64_time / 1e9
         );

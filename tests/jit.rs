@@ -9,7 +9,7 @@
 
 use gradc::driver::compile_source;
 use gradc::interp::{self, Context, Tensor};
-use gradc::ir::{DType, Role};
+use gradc::ir::{DType, Op, Role};
 use gradc::jit::Jit;
 use gradc::lower::LowerOptions;
 use gradc::step;
@@ -27,9 +27,11 @@ fn identical(a: &Tensor, b: &Tensor) -> bool {
 
 /// Whether two results agree within the tolerance of their dtype. The
 /// differences between the backends are the order of the sums in matrix
-/// products (the JIT calls a tuned GEMM) and in sums to one element (two
-/// or four interleaved lanes), and the polynomial functions (a few ulps); every
-/// other elementwise kernel, sum and dropout mask is bit-identical. So
+/// products (the JIT calls a tuned GEMM), in sums to one element (two or
+/// four interleaved lanes), in `f32` sums (blocks in `f32` lanes) and in
+/// the row kernels' sums of `exp` (pairs), and the polynomial functions (a
+/// few ulps); every other elementwise kernel, sum and dropout mask is
+/// bit-identical. So
 /// values agree to a few units of the last place of `f64`, and in `f32` to
 /// a few roundings of `f32`.
 fn close(a: &Tensor, b: &Tensor) -> bool {
@@ -353,12 +355,13 @@ fn random_model(seed: u64, exact: bool, dtype: DType) -> String {
     for i in 0..count {
         let h = format!("h{i}");
         // An exact model leaves out products and the polynomial functions
-        // (cases 0, 1, 8, 9, 10, 11 and 15), so it must match bit for bit;
-        // in `f32`, also sums over rows (16), which `f32x4` loops add in
-        // blocks in `f32` lanes (`after_reordered_sums`).
+        // (cases 0, 1, 8, 9, 10, 11 and 15) and the row kernels that take
+        // `exp` (12, 13, 14), so it must match bit for bit; in `f32`, also
+        // sums over rows (16), which `f32x4` loops add in blocks in `f32`
+        // lanes (`after_reordered_sums`).
         let inexact: &[u64] = match dtype {
-            DType::F32 => &[0, 1, 8, 9, 10, 11, 15, 16],
-            _ => &[0, 1, 8, 9, 10, 11, 15],
+            DType::F32 => &[0, 1, 8, 9, 10, 11, 12, 13, 14, 15, 16],
+            _ => &[0, 1, 8, 9, 10, 11, 12, 13, 14, 15],
         };
         let mut case = stream.below(19);
         while exact && inexact.contains(&case) {
@@ -385,9 +388,7 @@ fn random_model(seed: u64, exact: bool, dtype: DType) -> String {
             13 => format!(
                 "{h} - logsumexp({h}, axis = 1, keepdims = true) + max({h}, axis = -1, keepdims = true)"
             ),
-            // Huge logits only where nothing before them may differ in the
-            // last place (see the loss below).
-            14 if exact => format!("softmax({h} * 1e30, axis = 1) + log_softmax({h} * 1e30)"),
+            // (Huge logits: `row_kernels_stay_close_on_huge_and_special_logits`.)
             14 => format!("softmax({h} * 3, axis = 1) + log_softmax({h} * 3)"),
             17 => format!("layer_norm({h} * 3, v, v * 0.5) + {h}"),
             _ => format!("batch_norm({h} * 3, v, v * 0.5, rm, rv) - {h}"),
@@ -400,12 +401,10 @@ fn random_model(seed: u64, exact: bool, dtype: DType) -> String {
         ));
     } else {
         lines.insert(1, "    input y: i32[B]".into());
-        // Huge logits where the backends must agree bit for bit; where a
-        // product or a polynomial may differ in the last place, a factor of
-        // 1e3 would amplify that past any tolerance.
-        let scale = if exact { "1e3" } else { "10" };
+        // (Cross-entropy takes the polynomial `exp`: a factor of 1e3 would
+        // amplify its last place past any tolerance.)
         lines.push(format!(
-            "    loss cross_entropy(h{count} * {scale}, y) + cross_entropy(h{count}, y) + sum(v * v)"
+            "    loss cross_entropy(h{count} * 10, y) + cross_entropy(h{count}, y) + sum(v * v)"
         ));
     }
     let optimizer = match stream.below(3) {
@@ -421,16 +420,28 @@ fn random_model(seed: u64, exact: bool, dtype: DType) -> String {
 
 /// The values that depend on a sum the JIT adds in another order than the
 /// interpreter: a sum to one element (`sum`, `mean`, `zero_fraction` of a
-/// whole tensor), which it adds in two or four interleaved lanes, and any
+/// whole tensor), which it adds in two or four interleaved lanes, any
 /// `f32` sum, which `f32x4` loops add in blocks in `f32` lanes before
-/// widening to `f64`. They and everything computed from them agree within
-/// `close`, not bit for bit.
+/// widening to `f64`, and a row kernel that takes `exp` (softmax,
+/// log-softmax, logsumexp, cross-entropy and their VJPs: the polynomial
+/// `exp`, two columns at a time). They and everything computed from them
+/// agree within `close`, not bit for bit.
 fn after_reordered_sums(graph: &gradc::ir::Graph) -> std::collections::BTreeSet<gradc::ir::NodeId> {
+    let takes_exp = |op: &Op| match op {
+        Op::Softmax { .. } | Op::LogSoftmax { .. } | Op::CrossEntropy => true,
+        Op::Reduce { func, .. } => *func == gradc::ir::ReduceFn::LogSumExp,
+        _ => false,
+    };
     let mut reordered = std::collections::BTreeSet::new();
     for id in graph.topo_order().expect("acyclic") {
         let node = graph.node(id);
-        let full_sum = gradc::jit::codegen::is_sum(graph, id)
-            && (node.shape().0.iter().all(|d| d.is_one()) || node.dtype() == DType::F32);
+        let row_exp = match &node.op {
+            Op::Vjp { forward, .. } => takes_exp(forward),
+            op => takes_exp(op),
+        };
+        let full_sum = row_exp
+            || gradc::jit::codegen::is_sum(graph, id)
+                && (node.shape().0.iter().all(|d| d.is_one()) || node.dtype() == DType::F32);
         // (Through the operands a node reads: a VJP's forward output is
         // an operand it may not read.)
         let reads = gradc::passes::fusion::reads(graph, id);
@@ -575,13 +586,14 @@ fn clif_of_small_kernels() {
 
 /// The row kernels (`softmax`, `log_softmax`, `max` and `logsumexp` over the
 /// last axis, `cross_entropy`, the VJPs of the first two and the last,
-/// `layer_norm`, and the VJPs of `mse`)
-/// follow the interpreter operation for operation, so every value of a
-/// step graph that uses them is bit-identical (but for the sums to one
-/// element and what follows them, within `close`), on huge logits (`1e30`,
-/// `700`), infinities and NaN included; the huge rows stay finite.
+/// `layer_norm`, and the VJPs of `mse`) follow the interpreter operation
+/// for operation, but for the polynomial `exp` taken two columns at a
+/// time: every value of a step graph that uses them is bit-identical
+/// where no `exp` or sum to one element comes before it, and within
+/// `close` after one, on huge logits (`1e30`, `700`), infinities and NaN
+/// included; the huge rows stay finite.
 #[test]
-fn row_kernels_are_bit_identical_on_huge_and_special_logits() {
+fn row_kernels_stay_close_on_huge_and_special_logits() {
     let source = "model m {
     input x: f32[B, 5]
     input y: i32[B]
@@ -934,10 +946,12 @@ train m { optimizer sgd(lr = 0.5, momentum = 0.75) }
     }
 }
 
-/// Row kernels in `f32` (which call the interpreter's `exp` and `log` and
-/// round once): on 20,000 rows of ten logits, spread from 0.01 to 100
-/// apart, softmax, log-softmax, logsumexp, cross-entropy and its gradient
-/// give the interpreter's `f32` values bit for bit.
+/// Row kernels in `f32` (which compute in `f64` with the polynomial `exp`
+/// and the interpreter's `log`, and round once): on 20,000 rows of ten
+/// logits, spread from 0.01 to 100 apart, softmax, log-softmax, logsumexp,
+/// cross-entropy and its gradient agree within `close`, and give the
+/// interpreter's `f32` value bit for bit in all but at most one value in
+/// 10,000 (measured: 14 of 640,031 differ, in the last place).
 #[test]
 fn f32_row_kernels_match_the_interpreter() {
     use gradc::autodiff;
@@ -981,17 +995,23 @@ fn f32_row_kernels_match_the_interpreter() {
     let context = Context { seed: 0, step: 0 };
     let got = Jit::new().run(&joint, &leaves, context).expect("jit");
     let expected = interp::evaluate(&joint, &leaves, context).expect("interpreter");
-    let mut checked = 0;
+    let (mut checked, mut values, mut differing) = (0, 0, 0);
     for id in joint.ids() {
         let node = joint.node(id);
         if node.role == Role::Intermediate || node.op.is_leaf() {
             continue;
         }
         let (a, b) = (&expected.values[&id], &got.values[&id]);
-        assert!(identical(a, b), "{:?}: the f32 values differ", node.role);
+        assert!(close(a, b), "{:?}: the f32 values differ", node.role);
+        values += a.data.len();
+        differing += a.data.iter().zip(&b.data).filter(|(x, y)| x != y).count();
         checked += 1;
     }
     assert!(checked >= 6, "only {checked} results");
+    assert!(
+        differing * 10_000 <= values,
+        "{differing} of {values} values differ"
+    );
 }
 
 /// The state a JIT session keeps in its frame between steps stays right
