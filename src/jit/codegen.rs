@@ -405,6 +405,9 @@ pub struct RowKernel {
     pub output: NodeId,
     /// How each buffer stores its elements (inputs, then the output).
     pub elems: Vec<Elem>,
+    /// Compiled for an even number of columns only (a static even last
+    /// axis): `push_rows` refuses an odd one.
+    pub even_cols: bool,
 }
 
 /// A step entry: `fn(words, state, context) -> status` (see `Frame::run`).
@@ -928,7 +931,11 @@ impl Frame {
     ) -> Result<(), CodegenError> {
         let (lengths, out) = kernel.op.lengths(rows, cols);
         let all = rows.checked_mul(cols).and_then(|n| i64::try_from(n).ok());
-        if cols == 0 || all.is_none() || slots.len() != lengths.len() + 1 {
+        if cols == 0
+            || all.is_none()
+            || slots.len() != lengths.len() + 1
+            || (kernel.even_cols && cols % 2 != 0)
+        {
             return Err(CodegenError(format!(
                 "row kernel: bad sizes {rows} x {cols}"
             )));
@@ -1592,6 +1599,16 @@ impl CodeCache {
         } else {
             Elem::of(graph.node(node).dtype())
         });
+        // Rows of a static even length need no odd last column: the
+        // kernel leaves that code out, and binding refuses an odd `cols`.
+        let inputs = op.reads(&graph.operands(node));
+        let (lengths, _) = op.lengths(3, 5);
+        let even_cols = inputs
+            .iter()
+            .zip(&lengths)
+            .find(|&(_, &length)| length == 15)
+            .and_then(|(&input, _)| graph.node(input).shape().0.last().cloned())
+            .is_some_and(|last| matches!(last, Dim::Fixed(c) if c % 2 == 0));
         let (id, mut context) = self.declare("kernel", 3, false)?;
         let mut builder_context = FunctionBuilderContext::new();
         {
@@ -1606,9 +1623,12 @@ impl CodeCache {
                 declared: HashMap::new(),
             };
             let f32 = graph.node(node).dtype() == DType::F32;
-            rows::emit(
-                &mut b, &mut calls, op, f32, &elems, params[0], params[1], params[2],
-            )?;
+            let shape = rows::RowShape {
+                rows: params[1],
+                cols: params[2],
+                even_cols,
+            };
+            rows::emit(&mut b, &mut calls, op, f32, &elems, params[0], shape)?;
             b.ins().return_(&[]);
             b.seal_all_blocks();
             b.finalize(self.module.target_config());
@@ -1618,9 +1638,10 @@ impl CodeCache {
             RowKernel {
                 func: id,
                 op,
-                inputs: op.reads(&graph.operands(node)),
+                inputs,
                 output: node,
                 elems,
+                even_cols,
             },
             clif,
         ))

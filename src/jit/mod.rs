@@ -1415,4 +1415,35 @@ mod tests {
         assert_eq!(factors(&[2, 1, 4], &[2, 3, 4]), None);
         assert_eq!(factors(&[3, 1], &[2, 3, 4]), Some((4, 3)));
     }
+
+    /// A row kernel compiled for a static even row length has no code for
+    /// an odd last column, so binding it to an odd `cols` is an error, not
+    /// a call; the same sizes with an even `cols` bind.
+    #[test]
+    fn a_row_kernel_for_even_rows_refuses_odd_ones() {
+        let compilation = crate::driver::compile_source(
+            "m.grad",
+            "model m {\n    input x: f64[B, 4]\n    output p = softmax(x)\n}\n",
+            crate::lower::LowerOptions::default(),
+        );
+        let graph = &compilation.models[0].eval;
+        let softmax = graph
+            .ids()
+            .into_iter()
+            .find(|&id| matches!(graph.node(id).op, Op::Softmax { .. }))
+            .expect("softmax");
+        let x = graph.operands(softmax)[0];
+        let mut code = CodeCache::new(false).expect("code cache");
+        let (kernel, _) = code
+            .compile_rows(graph, softmax, RowOp::Softmax, &[Elem::F64])
+            .expect("row kernel");
+        assert!(kernel.even_cols);
+        assert_eq!(kernel.inputs, vec![x]);
+        let mut frame = Frame::new(&[(12, Elem::F64), (12, Elem::F64)]);
+        let error = frame.push_rows(&kernel, vec![0, 1], 4, 3).expect_err("odd");
+        assert!(error.to_string().contains("bad sizes 4 x 3"), "{error}");
+        frame
+            .push_rows(&kernel, vec![0, 1], 3, 4)
+            .expect("even columns bind");
+    }
 }

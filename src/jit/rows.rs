@@ -389,7 +389,7 @@ fn rounded(b: &mut FunctionBuilder<'_>, f32: bool, value: Value) -> Value {
 /// `j`, or (`pair`) columns `j` and `j + 1` as an `f64x2`.
 fn write_row_paired(
     b: &mut FunctionBuilder<'_>,
-    cols: Value,
+    cols: (Value, bool),
     f32: bool,
     out_row: Row,
     mut value: impl FnMut(&mut FunctionBuilder<'_>, Value, bool) -> Result<Value, CodegenError>,
@@ -527,7 +527,7 @@ fn row_logsumexp(
     b: &mut FunctionBuilder<'_>,
     calls: &mut Calls<'_>,
     row: Row,
-    cols: Value,
+    cols: (Value, bool),
 ) -> Result<Value, CodegenError> {
     let (m, sum) = row_exps(b, row, cols)?;
     let magnitude = b.ins().fabs(m);
@@ -544,9 +544,9 @@ fn row_logsumexp(
 fn row_exps(
     b: &mut FunctionBuilder<'_>,
     row: Row,
-    cols: Value,
+    cols: (Value, bool),
 ) -> Result<(Value, Value), CodegenError> {
-    let m = row_max(b, row, cols)?;
+    let m = row_max(b, row, cols.0)?;
     let zero = b.ins().f64const(0.0);
     let start = b.ins().splat(types::F64X2, zero);
     let pair_max = b.ins().splat(types::F64X2, m);
@@ -575,10 +575,11 @@ fn row_exp(b: &mut FunctionBuilder<'_>, row: Row, m: Value, j: Value, pair: bool
 
 /// A loop over `0..count` two at a time, `body(b, j, true, carried)` at
 /// `j = 0, 2, 4, ...` while `j + 1 < count`, then `body(b, count - 1,
-/// false, carried)` if `count` is odd.
+/// false, carried)` if `count` is odd (unless `even`: `count` is known to
+/// be even, and that code is left out).
 fn paired_loop(
     b: &mut FunctionBuilder<'_>,
-    count: Value,
+    (count, even): (Value, bool),
     initial: &[Value],
     mut body: impl FnMut(
         &mut FunctionBuilder<'_>,
@@ -592,6 +593,9 @@ fn paired_loop(
         let j = b.ins().ishl_imm_u(i, 1);
         body(b, j, true, carried)
     })?;
+    if even {
+        return Ok(after);
+    }
     let tail = b.create_block();
     let exit = b.create_block();
     for &value in &after {
@@ -622,12 +626,17 @@ fn label_index(b: &mut FunctionBuilder<'_>, labels: Row, r: Value, cols: Value) 
     b.ins().umin(index, last)
 }
 
+/// A row kernel's sizes: its `rows` and `cols` parameters, and whether it
+/// is compiled for an even `cols` only (`RowKernel::even_cols`).
+#[derive(Clone, Copy)]
+pub(super) struct RowShape {
+    pub rows: Value,
+    pub cols: Value,
+    pub even_cols: bool,
+}
+
 /// Emits the body of a row kernel `fn(ptrs, rows, cols)`: `ptrs` holds the
 /// buffers `op.reads` lists, then the output, stored as `elems` says.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the kernel's signature, spelled out"
-)]
 pub(super) fn emit(
     b: &mut FunctionBuilder<'_>,
     calls: &mut Calls<'_>,
@@ -635,9 +644,13 @@ pub(super) fn emit(
     f32: bool,
     elems: &[Elem],
     ptrs: Value,
-    rows: Value,
-    cols: Value,
+    shape: RowShape,
 ) -> Result<(), CodegenError> {
+    let RowShape {
+        rows,
+        cols,
+        even_cols,
+    } = shape;
     let flags = MemFlagsData::trusted();
     let buffers = op.lengths(1, 1).0.len() + 1;
     if elems.len() != buffers {
@@ -675,7 +688,7 @@ pub(super) fn emit(
                 let value = if op == RowOp::Max {
                     row_max(b, row, cols)?
                 } else {
-                    row_logsumexp(b, calls, row, cols)?
+                    row_logsumexp(b, calls, row, (cols, even_cols))?
                 };
                 let value = rounded(b, f32, value);
                 store(b, value, out, r);
@@ -685,12 +698,12 @@ pub(super) fn emit(
         RowOp::Softmax => {
             counted_loop(b, rows, &[], |b, r, _| {
                 let (row, out_row) = (row_of(b, bases[0], r), row_of(b, out, r));
-                let (m, sum) = row_exps(b, row, cols)?;
+                let (m, sum) = row_exps(b, row, (cols, even_cols))?;
                 let pairs = (
                     b.ins().splat(types::F64X2, m),
                     b.ins().splat(types::F64X2, sum),
                 );
-                write_row_paired(b, cols, f32, out_row, |b, j, pair| {
+                write_row_paired(b, (cols, even_cols), f32, out_row, |b, j, pair| {
                     let (m, sum) = if pair { pairs } else { (m, sum) };
                     let e = row_exp(b, row, m, j, pair);
                     Ok(b.ins().fdiv(e, sum))
@@ -701,7 +714,7 @@ pub(super) fn emit(
         RowOp::LogSoftmax => {
             counted_loop(b, rows, &[], |b, r, _| {
                 let (row, out_row) = (row_of(b, bases[0], r), row_of(b, out, r));
-                let lse = row_logsumexp(b, calls, row, cols)?;
+                let lse = row_logsumexp(b, calls, row, (cols, even_cols))?;
                 write_row(b, cols, f32, out_row, |b, j| {
                     let v = load(b, row, j);
                     let value = b.ins().fsub(v, lse);
@@ -716,7 +729,7 @@ pub(super) fn emit(
             let start = b.ins().f64const(-0.0);
             let total = counted_loop(b, rows, &[start], |b, r, carried| {
                 let row = row_of(b, bases[0], r);
-                let lse = row_logsumexp(b, calls, row, cols)?;
+                let lse = row_logsumexp(b, calls, row, (cols, even_cols))?;
                 let label = label_index(b, bases[1], r, cols);
                 let v = load(b, row, label);
                 let log_p = b.ins().fsub(v, lse);
@@ -738,13 +751,13 @@ pub(super) fn emit(
             let scale = b.ins().fdiv(g, count);
             counted_loop(b, rows, &[], |b, r, _| {
                 let (row, out_row) = (row_of(b, bases[1], r), row_of(b, out, r));
-                let (m, sum) = row_exps(b, row, cols)?;
+                let (m, sum) = row_exps(b, row, (cols, even_cols))?;
                 let label = label_index(b, bases[2], r, cols);
                 let pairs = (
                     b.ins().splat(types::F64X2, m),
                     b.ins().splat(types::F64X2, sum),
                 );
-                write_row_paired(b, cols, f32, out_row, |b, j, pair| {
+                write_row_paired(b, (cols, even_cols), f32, out_row, |b, j, pair| {
                     let (m, sum) = if pair { pairs } else { (m, sum) };
                     let e = row_exp(b, row, m, j, pair);
                     let p = b.ins().fdiv(e, sum);
