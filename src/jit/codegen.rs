@@ -934,7 +934,7 @@ impl Frame {
         if cols == 0
             || all.is_none()
             || slots.len() != lengths.len() + 1
-            || (kernel.even_cols && cols % 2 != 0)
+            || (kernel.even_cols && !cols.is_multiple_of(2))
         {
             return Err(CodegenError(format!(
                 "row kernel: bad sizes {rows} x {cols}"
@@ -1608,7 +1608,7 @@ impl CodeCache {
             .zip(&lengths)
             .find(|&(_, &length)| length == 15)
             .and_then(|(&input, _)| graph.node(input).shape().0.last().cloned())
-            .is_some_and(|last| matches!(last, Dim::Fixed(c) if c % 2 == 0));
+            .is_some_and(|last| matches!(last, Dim::Fixed(c) if c.is_multiple_of(2)));
         let (id, mut context) = self.declare("kernel", 3, false)?;
         let mut builder_context = FunctionBuilderContext::new();
         {
