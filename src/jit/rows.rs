@@ -565,6 +565,30 @@ fn row_exps(
     Ok((m, b.ins().fadd(first, second)))
 }
 
+/// Writes `then(p, j, pair)` of a row's softmax `p = exp(x - m) / sum`
+/// (`kernels::softmax`: the exponentials taken again, not kept) to
+/// `out_row`, two columns at a time (`pair`: `p` is an `f64x2`).
+fn write_softmax(
+    b: &mut FunctionBuilder<'_>,
+    row: Row,
+    out_row: Row,
+    cols: (Value, bool),
+    f32: bool,
+    mut then: impl FnMut(&mut FunctionBuilder<'_>, Value, Value, bool) -> Value,
+) -> Result<(), CodegenError> {
+    let (m, sum) = row_exps(b, row, cols)?;
+    let pairs = (
+        b.ins().splat(types::F64X2, m),
+        b.ins().splat(types::F64X2, sum),
+    );
+    write_row_paired(b, cols, f32, out_row, |b, j, pair| {
+        let (m, sum) = if pair { pairs } else { (m, sum) };
+        let e = row_exp(b, row, m, j, pair);
+        let p = b.ins().fdiv(e, sum);
+        Ok(then(b, p, j, pair))
+    })
+}
+
 /// `exp(x[j] - m)` of a row, or of columns `j` and `j + 1` as a pair (`m`
 /// then a pair too), by the polynomial `exp`.
 fn row_exp(b: &mut FunctionBuilder<'_>, row: Row, m: Value, j: Value, pair: bool) -> Value {
@@ -698,16 +722,7 @@ pub(super) fn emit(
         RowOp::Softmax => {
             counted_loop(b, rows, &[], |b, r, _| {
                 let (row, out_row) = (row_of(b, bases[0], r), row_of(b, out, r));
-                let (m, sum) = row_exps(b, row, (cols, even_cols))?;
-                let pairs = (
-                    b.ins().splat(types::F64X2, m),
-                    b.ins().splat(types::F64X2, sum),
-                );
-                write_row_paired(b, (cols, even_cols), f32, out_row, |b, j, pair| {
-                    let (m, sum) = if pair { pairs } else { (m, sum) };
-                    let e = row_exp(b, row, m, j, pair);
-                    Ok(b.ins().fdiv(e, sum))
-                })?;
+                write_softmax(b, row, out_row, (cols, even_cols), f32, |_, p, _, _| p)?;
                 Ok(vec![])
             })?;
         }
@@ -751,16 +766,8 @@ pub(super) fn emit(
             let scale = b.ins().fdiv(g, count);
             counted_loop(b, rows, &[], |b, r, _| {
                 let (row, out_row) = (row_of(b, bases[1], r), row_of(b, out, r));
-                let (m, sum) = row_exps(b, row, (cols, even_cols))?;
                 let label = label_index(b, bases[2], r, cols);
-                let pairs = (
-                    b.ins().splat(types::F64X2, m),
-                    b.ins().splat(types::F64X2, sum),
-                );
-                write_row_paired(b, (cols, even_cols), f32, out_row, |b, j, pair| {
-                    let (m, sum) = if pair { pairs } else { (m, sum) };
-                    let e = row_exp(b, row, m, j, pair);
-                    let p = b.ins().fdiv(e, sum);
+                write_softmax(b, row, out_row, (cols, even_cols), f32, |b, p, j, pair| {
                     let zero = codegen::constant(b, p, 0.0);
                     let one = codegen::constant(b, p, 1.0);
                     // The one-hot row at `j` (and `j + 1`).
@@ -780,7 +787,7 @@ pub(super) fn emit(
                     } else {
                         scale
                     };
-                    Ok(b.ins().fmul(difference, scale))
+                    b.ins().fmul(difference, scale)
                 })?;
                 Ok(vec![])
             })?;
