@@ -910,8 +910,8 @@ train m { optimizer sgd(lr = 0.5, momentum = 0.75) }
     );
     let reordered = after_reordered_sums(&graph);
     // From 13 elements, all in the scalar and pair loops, to 1,313: 20
-    // blocks of 64 (sums to one element add those in `f32` lanes), 8 steps
-    // of four and a single one.
+    // blocks of 64 (sums to one element add those in `f32` lanes), then
+    // the pair loop (16 pairs) and a single element.
     for rows in [1, 2, 3, 7, 40, 101] {
         let mut leaves = common::leaves_for(&graph, DType::F32);
         let mut stream = gradc::random::Stream::new(rows as u64);

@@ -1850,8 +1850,11 @@ impl Body<'_> {
                 block
             };
             let pairs = with_params(b);
-            let quads = self.quad.then(|| with_params(b));
+            // With sums to one element, whole blocks of four `f32`s
+            // (`blocked`), the rest in pairs: one copy of the `f32x4` body,
+            // not two (compile time).
             let blocks = (self.quad && !self.single_sums.is_empty()).then(|| with_params(b));
+            let quads = (self.quad && blocks.is_none()).then(|| with_params(b));
             let start: Vec<BlockArg> = std::iter::once(zero)
                 .chain(totals.iter().copied())
                 .map(Into::into)
@@ -1862,8 +1865,8 @@ impl Body<'_> {
                 Access::Full => element_at(b, self.elems[j], self.bases[j], i),
                 _ => self.bases[j],
             };
-            if let (Some(blocks), Some(quads)) = (blocks, quads) {
-                self.blocked(b, calls, n, (blocks, quads), &index, &address)?;
+            if let Some(blocks) = blocks {
+                self.blocked(b, calls, n, (blocks, pairs), &index, &address)?;
             }
             if let Some(quads) = quads {
                 self.vector_loop(b, calls, n, 4, (quads, pairs), &index, &address, false)?;
