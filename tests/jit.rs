@@ -891,14 +891,15 @@ fn a_product_on_two_threads_matches_one_call_bit_for_bit() {
 #[test]
 fn f32x4_kernels_are_bit_identical() {
     let source = "model m {
-    input x: f32[B, 13]
-    param w: f32[13] = uniform(-1, 1)
-    param v: f32[13] = uniform(0.5, 1.5)
+    input x: f32[B, 37]
+    param w: f32[37] = uniform(-1, 1)
+    param v: f32[37] = uniform(0.5, 1.5)
+    param u: f32[37] = uniform(-1, 1)
     let d = 1 + abs(x * v)
     let a = maximum(x * w, -0.5) / d - sqrt(abs(x * v))
     let b = clamp(leaky_relu(a, 0.25), -2, 2) + relu(x - v) * w
     retain d, a, b
-    loss mean(b * b) + sum(w * v) + mean(abs(x) * 0.5)
+    loss mean(b * b) + sum(w * v) + mean(abs(x) * 0.5) + sum(relu(x + u) * w)
 }
 train m { optimizer sgd(lr = 0.5, momentum = 0.75) }
 ";
@@ -909,16 +910,18 @@ train m { optimizer sgd(lr = 0.5, momentum = 0.75) }
         "no kernel runs f32x4 loops"
     );
     let reordered = after_reordered_sums(&graph);
-    // From 13 elements, all in the scalar and pair loops, to 1,313: 20
-    // blocks of 64 (sums to one element add those in `f32` lanes), then
-    // the pair loop (16 pairs) and a single element.
+    // From 37 elements, all in the scalar and pair loops, to 3,737: sums
+    // to one element in 58 blocks of 64 (added in `f32` lanes), then the
+    // pair loop (12 pairs) and a single element; sums over rows (the
+    // gradient of `u`, through ReLU's mask) in blocks of 16 rows of 36
+    // columns (`f32` lanes), a partial block, and the odd column.
     for rows in [1, 2, 3, 7, 40, 101] {
         let mut leaves = common::leaves_for(&graph, DType::F32);
         let mut stream = gradc::random::Stream::new(rows as u64);
-        let x = (0..rows * 13)
+        let x = (0..rows * 37)
             .map(|_| f64::from((stream.uniform() * 6.0 - 3.0) as f32))
             .collect();
-        leaves.insert("x".into(), Tensor::new(DType::F32, vec![rows, 13], x));
+        leaves.insert("x".into(), Tensor::new(DType::F32, vec![rows, 37], x));
         let context = Context { seed: 2, step: 1 };
         let expected = interp::evaluate(&graph, &leaves, context).expect("interpreter");
         // Every value of the graph as given, and every result of the

@@ -1334,16 +1334,13 @@ impl CodeCache {
             let lanes = match cols {
                 Some(cols) => body.rows_and_columns(&mut b, &mut calls, n, cols, &start)?,
                 None => {
-                    // A loop statically over fewer than two elements (a
-                    // norm, a clipping coefficient) gets no vector loop.
                     let static_count = loop_shape.and_then(|shape| {
                         shape.0.iter().try_fold(1u64, |count, d| match d {
                             Dim::Fixed(size) => count.checked_mul(*size),
                             Dim::Sym(_) => None,
                         })
                     });
-                    let vector = static_count.is_none_or(|count| count >= 2);
-                    body.flat(&mut b, &mut calls, n, &factors, &start, vector)?
+                    body.flat(&mut b, &mut calls, n, &factors, &start, static_count)?
                 }
             };
             let totals: Vec<Value> = lanes
@@ -1819,8 +1816,13 @@ impl Body<'_> {
         n: Value,
         factors: &[(usize, Value, Value)],
         totals: &[Value],
-        vector: bool,
+        static_count: Option<u64>,
     ) -> Result<Vec<Value>, CodegenError> {
+        // A loop statically over fewer than two elements (a norm, a
+        // clipping coefficient) gets no vector loop, and one over less
+        // than a block no blocks (their code would only cost compile time).
+        let vector = static_count.is_none_or(|count| count >= 2);
+        let whole_block = static_count.is_none_or(|count| count >= 4 * SUM_BLOCK as u64);
         let pointer = types::I64;
         let zero = b.ins().iconst(pointer, 0);
         let done = b.create_block();
@@ -1853,7 +1855,8 @@ impl Body<'_> {
             // With sums to one element, whole blocks of four `f32`s
             // (`blocked`), the rest in pairs: one copy of the `f32x4` body,
             // not two (compile time).
-            let blocks = (self.quad && !self.single_sums.is_empty()).then(|| with_params(b));
+            let blocks =
+                (self.quad && !self.single_sums.is_empty() && whole_block).then(|| with_params(b));
             let quads = (self.quad && blocks.is_none()).then(|| with_params(b));
             let start: Vec<BlockArg> = std::iter::once(zero)
                 .chain(totals.iter().copied())
@@ -2070,7 +2073,7 @@ impl Body<'_> {
         let scratch_bytes = row_sums.len() * quad_cols * 4;
         let blocked = self.quad
             && totals.is_empty()
-            && quad_cols > 0
+            && quad_cols >= ROW_BLOCK_COLS
             && !row_sums.is_empty()
             && row_sums.iter().all(|&j| self.elems[j] == Elem::F64)
             && scratch_bytes <= ROW_SCRATCH_BYTES;
@@ -2277,6 +2280,11 @@ struct Scratch<'s> {
     row_sums: &'s [usize],
     quad_cols: usize,
 }
+
+/// The fewest columns (of those taken four at a time) for which sums over
+/// rows run in blocks of rows: on shorter rows the widening costs little
+/// and the blocks' code only compile time.
+const ROW_BLOCK_COLS: usize = 32;
 
 /// The largest scratch row (`Scratch`) a kernel puts on the stack; a kernel
 /// whose sums over rows need more adds every step into its `f64` slots.
