@@ -343,9 +343,17 @@ fn load(b: &mut FunctionBuilder<'_>, row: Row, j: Value) -> Value {
 
 /// Element `j` of a row, or (`pair`) elements `j` and `j + 1` as an
 /// `f64x2`; pairs only of contiguous rows (`stride` none).
-fn load_lanes(b: &mut FunctionBuilder<'_>, row: Row, j: Value, pair: bool) -> Value {
+fn load_lanes(
+    b: &mut FunctionBuilder<'_>,
+    row: Row,
+    j: Value,
+    pair: bool,
+) -> Result<Value, CodegenError> {
+    if pair && row.stride.is_some() {
+        return Err(CodegenError("a pair of a strided line".into()));
+    }
     let at = row.at(b, j);
-    codegen::load(b, row.elem, pair && row.stride.is_none(), at)
+    Ok(codegen::load(b, row.elem, pair, at))
 }
 
 /// Stores `value` as element `j` of a row.
@@ -552,10 +560,10 @@ fn row_exps(
     let pair_max = b.ins().splat(types::F64X2, m);
     let totals = paired_loop(b, cols, &[start], |b, j, pair, carried| {
         let e = if pair {
-            row_exp(b, row, pair_max, j, true)
+            row_exp(b, row, pair_max, j, true)?
         } else {
             // [e, 0.0]
-            let e = row_exp(b, row, m, j, false);
+            let e = row_exp(b, row, m, j, false)?;
             b.ins().scalar_to_vector(types::F64X2, e)
         };
         Ok(vec![b.ins().fadd(carried[0], e)])
@@ -583,7 +591,7 @@ fn write_softmax(
     );
     write_row_paired(b, cols, f32, out_row, |b, j, pair| {
         let (m, sum) = if pair { pairs } else { (m, sum) };
-        let e = row_exp(b, row, m, j, pair);
+        let e = row_exp(b, row, m, j, pair)?;
         let p = b.ins().fdiv(e, sum);
         Ok(then(b, p, j, pair))
     })
@@ -591,10 +599,16 @@ fn write_softmax(
 
 /// `exp(x[j] - m)` of a row, or of columns `j` and `j + 1` as a pair (`m`
 /// then a pair too), by the polynomial `exp`.
-fn row_exp(b: &mut FunctionBuilder<'_>, row: Row, m: Value, j: Value, pair: bool) -> Value {
-    let v = load_lanes(b, row, j, pair);
+fn row_exp(
+    b: &mut FunctionBuilder<'_>,
+    row: Row,
+    m: Value,
+    j: Value,
+    pair: bool,
+) -> Result<Value, CodegenError> {
+    let v = load_lanes(b, row, j, pair)?;
     let shifted = b.ins().fsub(v, m);
-    approx::exp(b, shifted)
+    Ok(approx::exp(b, shifted))
 }
 
 /// A loop over `0..count` two at a time, `body(b, j, true, carried)` at
