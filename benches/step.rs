@@ -319,36 +319,28 @@ fn bench_gemm() {
             times[10]
         };
         let mut c32 = vec![0.0f32; m * n];
-        let f32_time = median(&mut || {
-            gemm(
-                MatrixView::row_major(&a32, m, k),
-                MatrixView::row_major(&b32, k, n),
-                &mut c32,
-            )
-            .expect("fits")
-        });
+        // One `f32` call on these views of `a` and `b`. The backward
+        // products' layouts: `dW = A^T g` reads its left operand
+        // transposed, `dX = g W^T` its right one.
+        let mut one_call = |a: MatrixView<'_, f32>, b: MatrixView<'_, f32>| {
+            median(&mut || gemm(a, b, &mut c32).expect("fits"))
+        };
+        let f32_time = one_call(
+            MatrixView::row_major(&a32, m, k),
+            MatrixView::row_major(&b32, k, n),
+        );
+        let lhs_t_time = one_call(
+            MatrixView::row_major(&a32, k, m).transposed(),
+            MatrixView::row_major(&b32, k, n),
+        );
+        let rhs_t_time = one_call(
+            MatrixView::row_major(&a32, m, k),
+            MatrixView::row_major(&b32, n, k).transposed(),
+        );
         let parallel_time = median(&mut || {
             gemm_parallel(
                 MatrixView::row_major(&a32, m, k),
                 MatrixView::row_major(&b32, k, n),
-                &mut c32,
-            )
-            .expect("fits")
-        });
-        // The backward products' layouts: `dW = A^T g` reads its left
-        // operand transposed, `dX = g W^T` its right one.
-        let lhs_t_time = median(&mut || {
-            gemm(
-                MatrixView::row_major(&a32, k, m).transposed(),
-                MatrixView::row_major(&b32, k, n),
-                &mut c32,
-            )
-            .expect("fits")
-        });
-        let rhs_t_time = median(&mut || {
-            gemm(
-                MatrixView::row_major(&a32, m, k),
-                MatrixView::row_major(&b32, n, k).transposed(),
                 &mut c32,
             )
             .expect("fits")

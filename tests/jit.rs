@@ -112,15 +112,23 @@ fn jit_and_interpreter_agree_on_every_model() {
     );
 }
 
-#[test]
-fn training_on_the_jit_ends_with_the_same_params() {
-    let compilation = common::example("bn_dropout.grad");
+/// `N` fresh sessions of an example model, its data source left out, and
+/// the embedded digits they train on.
+fn digits_sessions<const N: usize>(example: &str) -> ([Session; N], data::Dataset) {
+    let compilation = common::example(example);
     let model = &compilation.models[0];
     let mut config = model.train_config.clone().expect("train block");
     config.data = None;
-    let mut a = Session::new(model, config.clone(), &[]).expect("session");
-    let mut b = Session::new(model, config, &[]).expect("session");
-    let digits = data::load(&data::Source::EmbeddedDigits, &a.forward).expect("digits");
+    let sessions: [Session; N] =
+        std::array::from_fn(|_| Session::new(model, config.clone(), &[]).expect("session"));
+    let forward = &sessions.first().expect("a session").forward;
+    let digits = data::load(&data::Source::EmbeddedDigits, forward).expect("digits");
+    (sessions, digits)
+}
+
+#[test]
+fn training_on_the_jit_ends_with_the_same_params() {
+    let ([mut a, mut b], digits) = digits_sessions("bn_dropout.grad");
     let mut jit = Jit::new();
     for step in 0..12 {
         let rows: Vec<usize> = (step * 64..(step + 1) * 64).collect();
@@ -1025,14 +1033,7 @@ fn f32_row_kernels_match_the_interpreter() {
 /// interpreter.
 #[test]
 fn state_kept_in_the_jit_survives_frames_evaluations_and_other_sessions() {
-    let compilation = common::example("digits_mlp.grad");
-    let model = &compilation.models[0];
-    let mut config = model.train_config.clone().expect("train block");
-    config.data = None;
-    let mut reference = Session::new(model, config.clone(), &[]).expect("session");
-    let mut first = Session::new(model, config.clone(), &[]).expect("session");
-    let mut second = Session::new(model, config, &[]).expect("session");
-    let digits = data::load(&data::Source::EmbeddedDigits, &first.forward).expect("digits");
+    let ([mut reference, mut first, mut second], digits) = digits_sessions("digits_mlp.grad");
     let held_out: Vec<usize> = (1500..1797).collect();
     let mut jit = Jit::new();
     let mut start = 0;
@@ -1139,13 +1140,7 @@ fn a_diverging_step_on_the_jit_leaves_the_last_good_state() {
 /// interpreter.
 #[test]
 fn state_kept_in_the_jit_survives_dropped_frames() {
-    let compilation = common::example("digits_mlp.grad");
-    let model = &compilation.models[0];
-    let mut config = model.train_config.clone().expect("train block");
-    config.data = None;
-    let mut reference = Session::new(model, config.clone(), &[]).expect("session");
-    let mut session = Session::new(model, config, &[]).expect("session");
-    let digits = data::load(&data::Source::EmbeddedDigits, &session.forward).expect("digits");
+    let ([mut reference, mut session], digits) = digits_sessions("digits_mlp.grad");
     let mut jit = Jit::new();
     let mut start = 0;
     for size in (1..=12).chain(1..=3) {
@@ -1170,14 +1165,7 @@ fn state_kept_in_the_jit_survives_dropped_frames() {
 /// another session's values, and the others go on as on the interpreter.
 #[test]
 fn a_session_whose_kept_state_was_dropped_gets_an_error() {
-    let compilation = common::example("digits_mlp.grad");
-    let model = &compilation.models[0];
-    let mut config = model.train_config.clone().expect("train block");
-    config.data = None;
-    let new_session = || Session::new(model, config.clone(), &[]).expect("session");
-    let mut sessions: Vec<Session> = (0..6).map(|_| new_session()).collect();
-    let mut reference = new_session();
-    let digits = data::load(&data::Source::EmbeddedDigits, &reference.forward).expect("digits");
+    let ([mut sessions @ .., mut reference], digits) = digits_sessions::<7>("digits_mlp.grad");
     let rows: Vec<usize> = (0..64).collect();
     let mut jit = Jit::new();
     for session in &mut sessions {
