@@ -27,10 +27,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::condcodes::{CondCode, FloatCC, IntCC};
 use cranelift_codegen::ir::{
-    AbiParam, BlockArg, Endianness, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData,
-    StackSlotKind, UserFuncName, Value, types,
+    AbiParam, Block, BlockArg, Endianness, FuncRef, InstBuilder, MemFlagsData, Signature,
+    StackSlotData, StackSlotKind, UserFuncName, Value, types,
 };
 use cranelift_codegen::isa::CallConv;
 use cranelift_codegen::settings::{self, Configurable};
@@ -279,6 +279,26 @@ pub(super) fn constant(b: &mut FunctionBuilder<'_>, like: Value, c: f64) -> Valu
         }
         _ => b.ins().f64const(c),
     }
+}
+
+/// A loop header's test: on to `body` while `test` (a comparison and its
+/// operands) holds, else to `exit` with its arguments.
+///
+/// The exit is the branch's first successor on purpose. Cranelift's
+/// elaboration (0.135) hoists loop-invariant values out of the loops on a
+/// stack that it pops when it enters a block outside the innermost loop and
+/// never restores when its walk of the dominator tree comes back; with the
+/// body first, the walk entered a loop's exit before its body, the stack
+/// was empty there, and nothing was hoisted (a division per element in the
+/// cross-entropy gradient's loop; `tests/jit.rs` checks the hoisting).
+pub(super) fn loop_branch(
+    b: &mut FunctionBuilder<'_>,
+    (condition, x, y): (IntCC, Value, Value),
+    body: Block,
+    (exit, exit_args): (Block, &[BlockArg]),
+) {
+    let finished = b.ins().icmp(condition.complement(), x, y);
+    b.ins().brif(finished, exit, exit_args, body, &[]);
 }
 
 /// `x` where `condition` holds, else `y` (per lane for vectors, whose
@@ -1049,14 +1069,28 @@ pub struct CodeCache {
     /// declares them in the same order and `--stage clif` is deterministic.
     imports: BTreeMap<&'static str, FuncId>,
     next: u32,
-    /// Whether to keep each function's CLIF text (`--stage clif`):
+    /// Which CLIF text of each function to keep (`--stage clif`):
     /// printing it is a tenth of the compile time.
-    keep_clif: bool,
+    keep_clif: ClifText,
+}
+
+/// Which CLIF text a `CodeCache` keeps of each function it compiles.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClifText {
+    /// None (the runtime's programs).
+    #[default]
+    None,
+    /// As gradc built it (`--stage clif`, the snapshots).
+    AsBuilt,
+    /// As Cranelift's optimizer left it, before instruction selection:
+    /// where each value ended up (`tests/jit.rs` checks the hoisting out
+    /// of loops on it).
+    Optimized,
 }
 
 impl CodeCache {
     /// A module for the host ISA (with its native features: FMA, AVX).
-    pub fn new(keep_clif: bool) -> Result<CodeCache, CodegenError> {
+    pub fn new(keep_clif: ClifText) -> Result<CodeCache, CodegenError> {
         let mut flags = settings::builder();
         let set = |flags: &mut settings::Builder, k: &str, v: &str| {
             flags.set(k, v).map_err(|e| CodegenError(e.to_string()))
@@ -1478,15 +1512,16 @@ impl CodeCache {
     /// Defines a built function and returns its CLIF text, if kept (the
     /// module is finalized when a step entry is compiled).
     fn finish(&mut self, id: FuncId, mut context: Context) -> Result<String, CodegenError> {
-        let clif = if self.keep_clif {
-            context.func.display().to_string()
-        } else {
-            String::new()
-        };
+        let as_built =
+            (self.keep_clif == ClifText::AsBuilt).then(|| context.func.display().to_string());
         self.module
             .define_function(id, &mut context)
             .map_err(|e| CodegenError(format!("{e:?}")))?;
-        Ok(clif)
+        Ok(match self.keep_clif {
+            ClifText::None => String::new(),
+            ClifText::AsBuilt => as_built.unwrap_or_default(),
+            ClifText::Optimized => context.func.display().to_string(),
+        })
     }
 
     /// Compiles the step entry of a frame: one function that makes the
@@ -1891,9 +1926,8 @@ impl Body<'_> {
             .map(|c| (state[1 + 2 * c], state[2 + 2 * c]))
             .collect();
         let running = state[1 + 2 * factors.len()..].to_vec();
-        let more = b.ins().icmp(IntCC::SignedLessThan, i, n);
         let finished: Vec<BlockArg> = running.iter().map(|&v| v.into()).collect();
-        b.ins().brif(more, inside, &[], done, &finished);
+        loop_branch(b, (IntCC::SignedLessThan, i, n), inside, (done, &finished));
 
         b.switch_to_block(inside);
         let address = |b: &mut FunctionBuilder<'_>, j: usize| match self.access[j] {
@@ -1946,9 +1980,13 @@ impl Body<'_> {
         let state = b.block_params(header).to_vec();
         let (counter, running) = (state[0], &state[1..]);
         let end = b.ins().iadd_imm_u(counter, i64::from(width));
-        let more = b.ins().icmp(IntCC::SignedLessThanOrEqual, end, bound);
         let leave: Vec<BlockArg> = state.iter().map(|&v| v.into()).collect();
-        b.ins().brif(more, body, &[], exit, &leave);
+        loop_branch(
+            b,
+            (IntCC::SignedLessThanOrEqual, end, bound),
+            body,
+            (exit, &leave),
+        );
 
         b.switch_to_block(body);
         let at = index(b, counter);
@@ -2007,8 +2045,12 @@ impl Body<'_> {
         b.switch_to_block(loop_header);
         let counter = b.block_params(loop_header)[0];
         let end = b.ins().iadd_imm_u(counter, 4 * SUM_BLOCK);
-        let more = b.ins().icmp(IntCC::SignedLessThanOrEqual, end, bound);
-        b.ins().brif(more, start, &[], leave, &[counter.into()]);
+        loop_branch(
+            b,
+            (IntCC::SignedLessThanOrEqual, end, bound),
+            start,
+            (leave, &[counter.into()]),
+        );
 
         b.switch_to_block(start);
         let scalar = b.ins().f32const(0.0);
@@ -2096,8 +2138,7 @@ impl Body<'_> {
 
         b.switch_to_block(header);
         let start = b.block_params(header)[0];
-        let more = b.ins().icmp(IntCC::SignedLessThan, start, n);
-        b.ins().brif(more, body, &[], done, &[]);
+        loop_branch(b, (IntCC::SignedLessThan, start, n), body, (done, &[]));
 
         b.switch_to_block(body);
         let flags = MemFlagsData::trusted();
@@ -2190,9 +2231,13 @@ impl Body<'_> {
         b.switch_to_block(outer);
         let state = b.block_params(outer).to_vec();
         let (row, running) = (state[0], state[1..].to_vec());
-        let more = b.ins().icmp(IntCC::SignedLessThan, row, n);
         let finished: Vec<BlockArg> = running.iter().map(|&v| v.into()).collect();
-        b.ins().brif(more, outer_body, &[], done, &finished);
+        loop_branch(
+            b,
+            (IntCC::SignedLessThan, row, n),
+            outer_body,
+            (done, &finished),
+        );
 
         b.switch_to_block(outer_body);
         // Four `f32` columns at a time (`f32_exact` kernels), then pairs,
@@ -2243,9 +2288,13 @@ impl Body<'_> {
         b.switch_to_block(tail);
         let state = b.block_params(tail).to_vec();
         let (column, running) = (state[0], state[1..].to_vec());
-        let more = b.ins().icmp(IntCC::SignedLessThan, column, width);
         let row_done: Vec<BlockArg> = running.iter().map(|&v| v.into()).collect();
-        b.ins().brif(more, single, &[], next_row, &row_done);
+        loop_branch(
+            b,
+            (IntCC::SignedLessThan, column, width),
+            single,
+            (next_row, &row_done),
+        );
 
         b.switch_to_block(single);
         let at = index(b, column);

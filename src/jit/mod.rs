@@ -43,7 +43,7 @@ use crate::passes::{
     fusion::{self, Plan},
 };
 use crate::train::{Backend, Carried, Kept};
-use codegen::{Buffers, CodeCache, CompiledKernel, Elem, Frame, Host, RowKernel};
+use codegen::{Buffers, ClifText, CodeCache, CompiledKernel, Elem, Frame, Host, RowKernel};
 use rows::RowOp;
 
 /// A kernel's compiled form.
@@ -109,9 +109,9 @@ const EVICTED: usize = 4;
 #[derive(Default)]
 pub struct Jit {
     programs: HashMap<ProgramKey, Program>,
-    /// Whether programs keep their CLIF text (set by the first call of
-    /// `clif` or `entry_clif`).
-    keep_clif: bool,
+    /// Which CLIF text programs keep (set by the first call of `clif`,
+    /// `entry_clif` or `optimized_clif`).
+    keep_clif: ClifText,
     /// Training state kept in a frame between steps
     /// (`Backend::run_carrying`).
     resident: Option<Resident>,
@@ -210,7 +210,14 @@ impl Jit {
     /// The Cranelift IR of every compiled kernel of a graph, with a line
     /// for each kernel left on the interpreter.
     pub fn clif(&mut self, graph: &Graph) -> Result<String, InterpError> {
-        self.keep_clif_text();
+        self.keep_clif_text(ClifText::AsBuilt);
+        Ok(self.program(graph, Some(&[]))?.clif.join("\n"))
+    }
+
+    /// `clif`, but each kernel as Cranelift's optimizer left it: where the
+    /// values ended up (out of loops or not).
+    pub fn optimized_clif(&mut self, graph: &Graph) -> Result<String, InterpError> {
+        self.keep_clif_text(ClifText::Optimized);
         Ok(self.program(graph, Some(&[]))?.clif.join("\n"))
     }
 
@@ -221,7 +228,7 @@ impl Jit {
         graph: &Graph,
         leaves: &BTreeMap<String, Tensor>,
     ) -> Result<String, InterpError> {
-        self.keep_clif_text();
+        self.keep_clif_text(ClifText::AsBuilt);
         Ok(self.bound(graph, leaves)?.entry_clif.clone())
     }
 
@@ -291,11 +298,11 @@ impl Jit {
         }
     }
 
-    /// From now on programs keep their CLIF text; those compiled without it
-    /// are compiled again.
-    fn keep_clif_text(&mut self) {
-        if !self.keep_clif {
-            self.keep_clif = true;
+    /// From now on programs keep this CLIF text; those compiled with
+    /// another are compiled again.
+    fn keep_clif_text(&mut self, text: ClifText) {
+        if self.keep_clif != text {
+            self.keep_clif = text;
             self.evict();
             self.programs.clear();
         }
@@ -362,7 +369,7 @@ fn optimized(graph: &Graph, kept: &[NodeId]) -> (Graph, IdMap<NodeId>) {
 fn compile(
     run: Graph,
     ids: IdMap<NodeId>,
-    keep_clif: bool,
+    keep_clif: ClifText,
 ) -> Result<Program, codegen::CodegenError> {
     let graph = &run;
     let plan = fusion::plan(graph);
@@ -1433,7 +1440,7 @@ mod tests {
             .find(|&id| matches!(graph.node(id).op, Op::Softmax { .. }))
             .expect("softmax");
         let x = graph.operands(softmax)[0];
-        let mut code = CodeCache::new(false).expect("code cache");
+        let mut code = CodeCache::new(ClifText::None).expect("code cache");
         let (kernel, _) = code
             .compile_rows(graph, softmax, RowOp::Softmax, &[Elem::F64])
             .expect("row kernel");

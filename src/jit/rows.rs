@@ -300,9 +300,8 @@ pub(super) fn counted_loop(
     b.switch_to_block(header);
     let params = b.block_params(header).to_vec();
     let (j, carried) = (params[0], &params[1..]);
-    let more = b.ins().icmp(IntCC::SignedLessThan, j, count);
     let done: Vec<BlockArg> = carried.iter().copied().map(Into::into).collect();
-    b.ins().brif(more, inside, &[], exit, &done);
+    codegen::loop_branch(b, (IntCC::SignedLessThan, j, count), inside, (exit, &done));
 
     b.switch_to_block(inside);
     let next = body(b, j, carried)?;
