@@ -663,10 +663,12 @@ fn loop_invariants_leave_the_loops() {
 /// time: every value of a step graph that uses them is bit-identical
 /// where no `exp` or sum to one element comes before it, and within
 /// `close` after one, on huge logits (`1e30`, `700`), infinities and NaN
-/// included; the huge rows stay finite.
+/// included; the huge rows stay finite. Both with a static row length (the
+/// kernels keep a softmax row's exponentials on the stack) and a symbolic
+/// one (they take them again).
 #[test]
 fn row_kernels_stay_close_on_huge_and_special_logits() {
-    let source = "model m {
+    let fixed = "model m {
     input x: f32[B, 5]
     input y: i32[B]
     param w: f32[5] = ones
@@ -680,6 +682,17 @@ fn row_kernels_stay_close_on_huge_and_special_logits() {
 }
 train m { optimizer sgd(lr = 0.1) }
 ";
+    let symbolic = "model m {
+    input x: f32[B, C]
+    input y: i32[B]
+    param v: f32[2] = ones
+    let z = x * 1.5
+    output p = softmax(z)
+    output top = max(z, axis = -1)
+    loss cross_entropy(z, y) + sum(softmax(z, axis = 1) * x) + sum(log_softmax(z) * x) + sum(logsumexp(z, axis = 1) * 0.5) + sum(v * v)
+}
+train m { optimizer sgd(lr = 0.1) }
+";
     let rows: [[f64; 5]; 6] = [
         [1e30, -1e30, 0.0, 3.0, 2.0],
         [1.0, 2.0, 3.0, 4.0, 5.0],
@@ -688,7 +701,10 @@ train m { optimizer sgd(lr = 0.1) }
         [f64::NAN, 0.0, 1.0, 2.0, 3.0],
         [f64::NEG_INFINITY; 5],
     ];
-    for dtype in [DType::F32, DType::F64] {
+    for (source, dtype) in [fixed, symbolic]
+        .into_iter()
+        .flat_map(|source| [(source, DType::F32), (source, DType::F64)])
+    {
         let graph = step_graph(source, dtype);
         for (first, count) in [(0, 3), (0, 6)] {
             let mut leaves = common::leaves_for(&graph, dtype);

@@ -425,9 +425,11 @@ pub struct RowKernel {
     pub output: NodeId,
     /// How each buffer stores its elements (inputs, then the output).
     pub elems: Vec<Elem>,
-    /// Compiled for an even number of columns only (a static even last
-    /// axis): `push_rows` refuses an odd one.
-    pub even_cols: bool,
+    /// Compiled for this row length only (a static last axis): the
+    /// kernel takes it as a constant, leaves out the odd last column when
+    /// it is even, and keeps a softmax row's exponentials on the stack;
+    /// `push_rows` refuses any other.
+    pub fixed_cols: Option<usize>,
 }
 
 /// A step entry: `fn(words, state, context) -> status` (see `Frame::run`).
@@ -954,7 +956,7 @@ impl Frame {
         if cols == 0
             || all.is_none()
             || slots.len() != lengths.len() + 1
-            || (kernel.even_cols && !cols.is_multiple_of(2))
+            || kernel.fixed_cols.is_some_and(|fixed| fixed != cols)
         {
             return Err(CodegenError(format!(
                 "row kernel: bad sizes {rows} x {cols}"
@@ -1631,16 +1633,19 @@ impl CodeCache {
         } else {
             Elem::of(graph.node(node).dtype())
         });
-        // Rows of a static even length need no odd last column: the
-        // kernel leaves that code out, and binding refuses an odd `cols`.
+        // Rows of a static length: the kernel is compiled for that length
+        // (`RowKernel::fixed_cols`), and binding refuses any other.
         let inputs = op.reads(&graph.operands(node));
         let (lengths, _) = op.lengths(3, 5);
-        let even_cols = inputs
+        let fixed_cols = inputs
             .iter()
             .zip(&lengths)
             .find(|&(_, &length)| length == 15)
             .and_then(|(&input, _)| graph.node(input).shape().0.last().cloned())
-            .is_some_and(|last| matches!(last, Dim::Fixed(c) if c.is_multiple_of(2)));
+            .and_then(|last| match last {
+                Dim::Fixed(c) if c > 0 && c <= i64::MAX as u64 => usize::try_from(c).ok(),
+                _ => None,
+            });
         let (id, mut context) = self.declare("kernel", 3, false)?;
         let mut builder_context = FunctionBuilderContext::new();
         {
@@ -1655,10 +1660,28 @@ impl CodeCache {
                 declared: HashMap::new(),
             };
             let f32 = graph.node(node).dtype() == DType::F32;
+            let cols = match fixed_cols {
+                Some(c) => b.ins().iconst(types::I64, c as i64),
+                None => params[2],
+            };
+            // A row's exponentials, kept for the second pass of a softmax
+            // (`f64`s, so the values are the ones computed again before).
+            let exps = match fixed_cols {
+                Some(c) if op.takes_softmax() && c * 8 <= ROW_SCRATCH_BYTES => {
+                    let slot = b.create_sized_stack_slot(StackSlotData::new(
+                        StackSlotKind::ExplicitSlot,
+                        (c * 8) as u32,
+                        4,
+                    ));
+                    Some(b.ins().stack_addr(types::I64, slot, 0))
+                }
+                _ => None,
+            };
             let shape = rows::RowShape {
                 rows: params[1],
-                cols: params[2],
-                even_cols,
+                cols,
+                even_cols: fixed_cols.is_some_and(|c| c.is_multiple_of(2)),
+                exps,
             };
             rows::emit(&mut b, &mut calls, op, f32, &elems, params[0], shape)?;
             b.ins().return_(&[]);
@@ -1673,7 +1696,7 @@ impl CodeCache {
                 inputs,
                 output: node,
                 elems,
-                even_cols,
+                fixed_cols,
             },
             clif,
         ))

@@ -1423,11 +1423,11 @@ mod tests {
         assert_eq!(factors(&[3, 1], &[2, 3, 4]), Some((4, 3)));
     }
 
-    /// A row kernel compiled for a static even row length has no code for
-    /// an odd last column, so binding it to an odd `cols` is an error, not
-    /// a call; the same sizes with an even `cols` bind.
+    /// A row kernel compiled for a static row length (4 here: no code for
+    /// an odd last column, a stack row of 4 exponentials) refuses to bind
+    /// to any other `cols`, odd or even; its own binds.
     #[test]
-    fn a_row_kernel_for_even_rows_refuses_odd_ones() {
+    fn a_row_kernel_for_a_static_row_length_refuses_others() {
         let compilation = crate::driver::compile_source(
             "m.grad",
             "model m {\n    input x: f64[B, 4]\n    output p = softmax(x)\n}\n",
@@ -1444,11 +1444,16 @@ mod tests {
         let (kernel, _) = code
             .compile_rows(graph, softmax, RowOp::Softmax, &[Elem::F64])
             .expect("row kernel");
-        assert!(kernel.even_cols);
+        assert_eq!(kernel.fixed_cols, Some(4));
         assert_eq!(kernel.inputs, vec![x]);
         let mut frame = Frame::new(&[(12, Elem::F64), (12, Elem::F64)]);
-        let error = frame.push_rows(&kernel, vec![0, 1], 4, 3).expect_err("odd");
-        assert!(error.to_string().contains("bad sizes 4 x 3"), "{error}");
+        for (rows, cols) in [(4, 3), (2, 6)] {
+            let error = frame
+                .push_rows(&kernel, vec![0, 1], rows, cols)
+                .expect_err("another row length");
+            let bad = format!("bad sizes {rows} x {cols}");
+            assert!(error.to_string().contains(&bad), "{error}");
+        }
         frame
             .push_rows(&kernel, vec![0, 1], 3, 4)
             .expect("even columns bind");

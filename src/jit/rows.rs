@@ -271,6 +271,12 @@ impl RowOp {
     pub fn accumulates(self) -> bool {
         matches!(self, RowOp::LayerNormVjp { operand, .. } if operand > 0)
     }
+
+    /// Whether the kernel writes a row's softmax (`write_softmax`), which
+    /// reads each exponential twice.
+    pub fn takes_softmax(self) -> bool {
+        matches!(self, RowOp::Softmax | RowOp::CrossEntropyVjp)
+    }
 }
 
 /// Emits `for j in 0..count { carried = body(j, carried) }` and returns the
@@ -536,7 +542,7 @@ fn row_logsumexp(
     row: Row,
     cols: (Value, bool),
 ) -> Result<Value, CodegenError> {
-    let (m, sum) = row_exps(b, row, cols)?;
+    let (m, sum) = row_exps(b, row, cols, None)?;
     let magnitude = b.ins().fabs(m);
     let infinity = b.ins().f64const(f64::INFINITY);
     let finite = b.ins().fcmp(FloatCC::LessThan, magnitude, infinity);
@@ -548,21 +554,27 @@ fn row_logsumexp(
 /// The maximum `m` of a row and the sum of `exp(x - m)`: two columns at a
 /// time in `f64x2` by the polynomial `exp` (`approx::exp`, within 1 ulp),
 /// the odd last one alone; the pair's lanes are added, then the last one.
+/// Each `exp(x[j] - m)` is also stored at `kept[j]` (`f64`s) if given.
 fn row_exps(
     b: &mut FunctionBuilder<'_>,
     row: Row,
     cols: (Value, bool),
+    kept: Option<Value>,
 ) -> Result<(Value, Value), CodegenError> {
     let m = row_max(b, row, cols.0)?;
     let zero = b.ins().f64const(0.0);
     let start = b.ins().splat(types::F64X2, zero);
     let pair_max = b.ins().splat(types::F64X2, m);
     let totals = paired_loop(b, cols, &[start], |b, j, pair, carried| {
+        let e = row_exp(b, row, if pair { pair_max } else { m }, j, pair)?;
+        if let Some(kept) = kept {
+            let at = codegen::element_at(b, Elem::F64, kept, j);
+            codegen::store(b, Elem::F64, e, at);
+        }
+        // (A single one as [e, 0.0].)
         let e = if pair {
-            row_exp(b, row, pair_max, j, true)?
+            e
         } else {
-            // [e, 0.0]
-            let e = row_exp(b, row, m, j, false)?;
             b.ins().scalar_to_vector(types::F64X2, e)
         };
         Ok(vec![b.ins().fadd(carried[0], e)])
@@ -573,24 +585,32 @@ fn row_exps(
 }
 
 /// Writes `then(p, j, pair)` of a row's softmax `p = exp(x - m) / sum`
-/// (`kernels::softmax`: the exponentials taken again, not kept) to
-/// `out_row`, two columns at a time (`pair`: `p` is an `f64x2`).
+/// (`kernels::softmax`) to `out_row`, two columns at a time (`pair`: `p` is
+/// an `f64x2`). The exponentials are read back from `kept` (a row of
+/// `f64`s on the stack) if given, else taken again: the same values
+/// either way.
 fn write_softmax(
     b: &mut FunctionBuilder<'_>,
-    row: Row,
+    (row, kept): (Row, Option<Value>),
     out_row: Row,
     cols: (Value, bool),
     f32: bool,
     mut then: impl FnMut(&mut FunctionBuilder<'_>, Value, Value, bool) -> Value,
 ) -> Result<(), CodegenError> {
-    let (m, sum) = row_exps(b, row, cols)?;
+    let (m, sum) = row_exps(b, row, cols, kept)?;
     let pairs = (
         b.ins().splat(types::F64X2, m),
         b.ins().splat(types::F64X2, sum),
     );
     write_row_paired(b, cols, f32, out_row, |b, j, pair| {
         let (m, sum) = if pair { pairs } else { (m, sum) };
-        let e = row_exp(b, row, m, j, pair)?;
+        let e = match kept {
+            Some(kept) => {
+                let at = codegen::element_at(b, Elem::F64, kept, j);
+                codegen::load(b, Elem::F64, pair, at)
+            }
+            None => row_exp(b, row, m, j, pair)?,
+        };
         let p = b.ins().fdiv(e, sum);
         Ok(then(b, p, j, pair))
     })
@@ -663,13 +683,16 @@ fn label_index(b: &mut FunctionBuilder<'_>, labels: Row, r: Value, cols: Value) 
     b.ins().umin(index, last)
 }
 
-/// A row kernel's sizes: its `rows` and `cols` parameters, and whether it
-/// is compiled for an even `cols` only (`RowKernel::even_cols`).
+/// A row kernel's sizes: its `rows` parameter, its `cols` (a constant when
+/// it is compiled for one row length, `RowKernel::fixed_cols`), whether
+/// that length is even, and where a softmax row's exponentials are kept
+/// (a stack row of `cols` `f64`s; without one they are taken again).
 #[derive(Clone, Copy)]
 pub(super) struct RowShape {
     pub rows: Value,
     pub cols: Value,
     pub even_cols: bool,
+    pub exps: Option<Value>,
 }
 
 /// Emits the body of a row kernel `fn(ptrs, rows, cols)`: `ptrs` holds the
@@ -687,6 +710,7 @@ pub(super) fn emit(
         rows,
         cols,
         even_cols,
+        exps,
     } = shape;
     let flags = MemFlagsData::trusted();
     let buffers = op.lengths(1, 1).0.len() + 1;
@@ -735,7 +759,14 @@ pub(super) fn emit(
         RowOp::Softmax => {
             counted_loop(b, rows, &[], |b, r, _| {
                 let (row, out_row) = (row_of(b, bases[0], r), row_of(b, out, r));
-                write_softmax(b, row, out_row, (cols, even_cols), f32, |_, p, _, _| p)?;
+                write_softmax(
+                    b,
+                    (row, exps),
+                    out_row,
+                    (cols, even_cols),
+                    f32,
+                    |_, p, _, _| p,
+                )?;
                 Ok(vec![])
             })?;
         }
@@ -780,28 +811,35 @@ pub(super) fn emit(
             counted_loop(b, rows, &[], |b, r, _| {
                 let (row, out_row) = (row_of(b, bases[1], r), row_of(b, out, r));
                 let label = label_index(b, bases[2], r, cols);
-                write_softmax(b, row, out_row, (cols, even_cols), f32, |b, p, j, pair| {
-                    let zero = codegen::constant(b, p, 0.0);
-                    let one = codegen::constant(b, p, 1.0);
-                    // The one-hot row at `j` (and `j + 1`).
-                    let is_label = if pair {
-                        let columns = b.ins().scalar_to_vector(types::I64X2, j);
-                        let next = b.ins().iadd_imm_u(j, 1);
-                        let columns = b.ins().insertlane(columns, next, 1);
-                        let labels = b.ins().splat(types::I64X2, label);
-                        b.ins().icmp(IntCC::Equal, columns, labels)
-                    } else {
-                        b.ins().icmp(IntCC::Equal, j, label)
-                    };
-                    let hot = codegen::pick(b, is_label, one, zero);
-                    let difference = b.ins().fsub(p, hot);
-                    let scale = if pair {
-                        b.ins().splat(types::F64X2, scale)
-                    } else {
-                        scale
-                    };
-                    b.ins().fmul(difference, scale)
-                })?;
+                write_softmax(
+                    b,
+                    (row, exps),
+                    out_row,
+                    (cols, even_cols),
+                    f32,
+                    |b, p, j, pair| {
+                        let zero = codegen::constant(b, p, 0.0);
+                        let one = codegen::constant(b, p, 1.0);
+                        // The one-hot row at `j` (and `j + 1`).
+                        let is_label = if pair {
+                            let columns = b.ins().scalar_to_vector(types::I64X2, j);
+                            let next = b.ins().iadd_imm_u(j, 1);
+                            let columns = b.ins().insertlane(columns, next, 1);
+                            let labels = b.ins().splat(types::I64X2, label);
+                            b.ins().icmp(IntCC::Equal, columns, labels)
+                        } else {
+                            b.ins().icmp(IntCC::Equal, j, label)
+                        };
+                        let hot = codegen::pick(b, is_label, one, zero);
+                        let difference = b.ins().fsub(p, hot);
+                        let scale = if pair {
+                            b.ins().splat(types::F64X2, scale)
+                        } else {
+                            scale
+                        };
+                        b.ins().fmul(difference, scale)
+                    },
+                )?;
                 Ok(vec![])
             })?;
         }
