@@ -394,6 +394,11 @@ pub struct CompiledKernel {
     pub read_shapes: Vec<Shape>,
     /// How each buffer stores its elements (inputs, then outputs).
     pub elems: Vec<Elem>,
+    /// A number the element count is always a multiple of (the product of
+    /// the loop shape's static axes), when the kernel relies on it: its
+    /// vector loop then covers every element, and the narrower loops after
+    /// it are left out (`Body::flat`). `push_kernel` refuses other counts.
+    pub multiple_of: Option<usize>,
 }
 
 /// How a kernel's loop reaches one of its buffers, decided from the static
@@ -928,6 +933,15 @@ impl Frame {
                 return Err(CodegenError(format!("output buffer {j} aliases another")));
             }
         }
+        if kernel
+            .multiple_of
+            .is_some_and(|multiple| !n.is_multiple_of(multiple))
+        {
+            return Err(CodegenError(format!(
+                "{n} elements, the kernel handles multiples of {:?} only",
+                kernel.multiple_of
+            )));
+        }
         let n = i64::try_from(n).map_err(|_| CodegenError("too many elements".into()))?;
         self.calls.push(BoundCall::Kernel {
             func: kernel.func,
@@ -1237,6 +1251,8 @@ impl CodeCache {
         }
         let pointer = types::I64;
         let (id, mut context) = self.declare("kernel", 5, false)?;
+        // (Set by `Body::flat` when the kernel relies on it.)
+        let mut multiple_of = None;
         let mut builder_context = FunctionBuilderContext::new();
         {
             let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
@@ -1376,7 +1392,24 @@ impl CodeCache {
                             Dim::Sym(_) => None,
                         })
                     });
-                    body.flat(&mut b, &mut calls, n, &factors, &start, static_count)?
+                    // The product of the static axes: every count is a
+                    // multiple of it.
+                    let factor = loop_shape.map_or(1, |shape| {
+                        shape.0.iter().fold(1u64, |product, d| match d {
+                            Dim::Fixed(size) => product.saturating_mul(*size).max(1),
+                            Dim::Sym(_) => product,
+                        })
+                    });
+                    let (lanes, width) = body.flat(
+                        &mut b,
+                        &mut calls,
+                        n,
+                        &factors,
+                        &start,
+                        (static_count, factor),
+                    )?;
+                    multiple_of = width;
+                    lanes
                 }
             };
             let totals: Vec<Value> = lanes
@@ -1478,6 +1511,7 @@ impl CodeCache {
                 cols,
                 read_shapes,
                 elems,
+                multiple_of,
             },
             clif,
         ))
@@ -1866,7 +1900,14 @@ impl Body<'_> {
     /// The loops over `i` in `0..n`: with no strided buffer (and `vector`),
     /// a vector loop over pairs first; then the scalar loop, which reads strided buffers
     /// by counters that wrap at `k` and `m` (no division). Returns the
-    /// final totals; the builder continues after the loops.
+    /// final totals (the builder continues after the loops) and, when the
+    /// loops rely on it, the number `n` is always a multiple of.
+    ///
+    /// `n` is always a multiple of `factor` (the product of the loop
+    /// shape's static axes). When that is a multiple of the widest loop's
+    /// width (four `f32`s, or a pair without them), that loop covers every
+    /// element and the narrower loops after it are not emitted: less code
+    /// to compile, and no tail to test at run time.
     fn flat(
         &self,
         b: &mut FunctionBuilder<'_>,
@@ -1874,8 +1915,8 @@ impl Body<'_> {
         n: Value,
         factors: &[(usize, Value, Value)],
         totals: &[Value],
-        static_count: Option<u64>,
-    ) -> Result<Vec<Value>, CodegenError> {
+        (static_count, factor): (Option<u64>, u64),
+    ) -> Result<(Vec<Value>, Option<usize>), CodegenError> {
         // A loop statically over fewer than two elements (a norm, a
         // clipping coefficient) gets no vector loop, and one over less
         // than a block no blocks (their code would only cost compile time).
@@ -1920,6 +1961,32 @@ impl Body<'_> {
                 .chain(totals.iter().copied())
                 .map(Into::into)
                 .collect();
+            // The widest loop covers every element: no narrower ones.
+            let whole = match (blocks, quads) {
+                (None, Some(quads)) if factor.is_multiple_of(4) => Some((quads, 4)),
+                (None, None) if factor.is_multiple_of(2) => Some((pairs, 2)),
+                _ => None,
+            };
+            if let Some((first, width)) = whole {
+                b.ins().jump(first, &start);
+                let index = |_: &mut FunctionBuilder<'_>, i: Value| i;
+                let address = |b: &mut FunctionBuilder<'_>, i: Value, j: usize| match self.access[j]
+                {
+                    Access::Full => element_at(b, self.elems[j], self.bases[j], i),
+                    _ => self.bases[j],
+                };
+                // (`pairs` becomes the exit: it drops the counter.)
+                let exit = if width == 4 { pairs } else { with_params(b) };
+                self.vector_loop(b, calls, n, width, (first, exit), &index, &address, false)?;
+                b.switch_to_block(exit);
+                let finished: Vec<BlockArg> = b.block_params(exit)[1..]
+                    .iter()
+                    .map(|&v| v.into())
+                    .collect();
+                b.ins().jump(done, &finished);
+                b.switch_to_block(done);
+                return Ok((b.block_params(done).to_vec(), Some(width as usize)));
+            }
             b.ins().jump(blocks.or(quads).unwrap_or(pairs), &start);
             let index = |_: &mut FunctionBuilder<'_>, i: Value| i;
             let address = |b: &mut FunctionBuilder<'_>, i: Value, j: usize| match self.access[j] {
@@ -1979,7 +2046,7 @@ impl Body<'_> {
         b.ins().jump(header, &next);
 
         b.switch_to_block(done);
-        Ok(b.block_params(done).to_vec())
+        Ok((b.block_params(done).to_vec(), None))
     }
 
     /// Fills `header` (parameters: a counter, then the totals) with the

@@ -1429,6 +1429,52 @@ mod tests {
         assert_eq!(factors(&[3, 1], &[2, 3, 4]), Some((4, 3)));
     }
 
+    /// An elementwise kernel over `[B, 4]` of `f32`s is only its `f32x4`
+    /// loop (the count is a multiple of 4): it refuses to bind to a count
+    /// that is not, and binds to one that is; over `[B, 3]` it keeps the
+    /// narrower loops and takes any count.
+    #[test]
+    fn a_kernel_without_tails_refuses_other_counts() {
+        for (cols, multiple) in [(4, Some(4)), (3, None)] {
+            let compilation = crate::driver::compile_source(
+                "m.grad",
+                &format!(
+                    "model m {{\n    input x: f32[B, {cols}]\n    output y = sqrt(x * x)\n}}\n"
+                ),
+                crate::lower::LowerOptions::default(),
+            );
+            let graph = &compilation.models[0].eval;
+            let nodes: Vec<NodeId> = graph
+                .ids()
+                .into_iter()
+                .filter(|&id| graph.node(id).op != Op::Input)
+                .collect();
+            let x = graph
+                .ids()
+                .into_iter()
+                .find(|&id| graph.node(id).op == Op::Input)
+                .expect("x");
+            let last = *nodes.last().expect("nodes");
+            let mut code = CodeCache::new(ClifText::None).expect("code cache");
+            let (kernel, _) = code
+                .compile(graph, &nodes, &[x], &[Elem::F32], &[last])
+                .expect("kernel");
+            assert_eq!(kernel.multiple_of, multiple);
+            let mut frame = Frame::new(&[(12, Elem::F32), (12, Elem::F32)]);
+            let bind = |frame: &mut Frame, n: usize| {
+                frame.push_kernel(&kernel, vec![0, 1], vec![1, 1], vec![n as i64, n as i64], n)
+            };
+            let odd = bind(&mut frame, 6);
+            if multiple.is_some() {
+                let error = odd.expect_err("6 is no multiple of 4");
+                assert!(error.to_string().contains("multiples of"), "{error}");
+            } else {
+                odd.expect("any count binds");
+            }
+            bind(&mut frame, 12).expect("12 binds");
+        }
+    }
+
     /// A row kernel compiled for a static row length (4 here: no code for
     /// an odd last column, a stack row of 4 exponentials) refuses to bind
     /// to any other `cols`, odd or even; its own binds.
