@@ -78,9 +78,21 @@ pub(super) fn exp(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
     // Beyond these bounds e^x is inf or 0 anyway; the clamp keeps n in
     // range. NaN passes through (fmin and fmax propagate it).
     let high = constant(b, x, 710.0);
-    let low = constant(b, x, -746.0);
     let clamped = b.ins().fmin(x, high);
-    let clamped = b.ins().fmax(clamped, low);
+    exp_below(b, clamped)
+}
+
+/// `exp` of an `x` that is at most 0 or NaN (a row's `x - max(x)`): the
+/// same values, without the upper clamp, which cannot apply (its
+/// NaN-propagating minimum is seven instructions per pair).
+pub(super) fn exp_of_nonpositive(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
+    exp_below(b, x)
+}
+
+/// `exp` of an `x` at most 710 (or NaN).
+fn exp_below(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
+    let low = constant(b, x, -746.0);
+    let clamped = b.ins().fmax(x, low);
     let log2e = constant(b, x, std::f64::consts::LOG2_E);
     let scaled = b.ins().fmul(clamped, log2e);
     let n = round_integer(b, scaled);

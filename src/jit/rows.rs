@@ -627,7 +627,8 @@ fn row_exp(
 ) -> Result<Value, CodegenError> {
     let v = load_lanes(b, row, j, pair)?;
     let shifted = b.ins().fsub(v, m);
-    Ok(approx::exp(b, shifted))
+    // (`x - m` is at most 0, or NaN: `m` is the row's maximum.)
+    Ok(approx::exp_of_nonpositive(b, shifted))
 }
 
 /// A loop over `0..count` two at a time, `body(b, j, true, carried)` at
