@@ -76,10 +76,26 @@ fn has_fma() -> bool {
 /// `e^x`, to within 1 ulp, for `f64` or `f64x2`.
 pub(super) fn exp(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
     // Beyond these bounds e^x is inf or 0 anyway; the clamp keeps n in
-    // range. NaN passes through (fmin and fmax propagate it).
+    // range. NaN passes through.
     let high = constant(b, x, 710.0);
-    let clamped = b.ins().fmin(x, high);
+    let clamped = clamp(b, x, high, FloatCC::GreaterThan);
     exp_below(b, clamped)
+}
+
+/// `x`, or `bound` where `x` is beyond it (`beyond`: `GreaterThan` for an
+/// upper bound, `LessThan` for a lower one); NaN passes. For vectors a
+/// comparison and a selection (as `minpd`/`maxpd` pick), where `fmin` and
+/// `fmax`, which must also make NaN of a NaN `bound`, take seven
+/// instructions; for scalars `fmin`/`fmax`, the same values.
+fn clamp(b: &mut FunctionBuilder<'_>, x: Value, bound: Value, beyond: FloatCC) -> Value {
+    if b.func.dfg.value_type(x).is_vector() {
+        let outside = b.ins().fcmp(beyond, x, bound);
+        pick(b, outside, bound, x)
+    } else if beyond == FloatCC::GreaterThan {
+        b.ins().fmin(x, bound)
+    } else {
+        b.ins().fmax(x, bound)
+    }
 }
 
 /// `exp` of an `x` that is at most 0 or NaN (a row's `x - max(x)`): the
@@ -92,7 +108,7 @@ pub(super) fn exp_of_nonpositive(b: &mut FunctionBuilder<'_>, x: Value) -> Value
 /// `exp` of an `x` at most 710 (or NaN).
 fn exp_below(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
     let low = constant(b, x, -746.0);
-    let clamped = b.ins().fmax(x, low);
+    let clamped = clamp(b, x, low, FloatCC::LessThan);
     let log2e = constant(b, x, std::f64::consts::LOG2_E);
     let scaled = b.ins().fmul(clamped, log2e);
     let n = round_integer(b, scaled);
