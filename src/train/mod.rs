@@ -20,6 +20,7 @@ pub mod plot;
 pub mod run;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::interp::{self, Context, Evaluation, InterpError, Tensor};
 use crate::ir::{Dim, Graph, NodeId, Op, Role};
@@ -203,8 +204,10 @@ pub struct StepResult {
     pub rows: usize,
     /// The learning rate used.
     pub lr: f64,
-    /// Monitor statistics by name (`grad_norm.w1`, `dead.h`, ...).
-    pub stats: BTreeMap<String, f64>,
+    /// Monitor statistics by name (`grad_norm.w1`, `dead.h`, ...), in the
+    /// step graph's order (the names shared with the session, not copied
+    /// every step).
+    pub stats: Vec<(Arc<str>, f64)>,
 }
 
 /// Loss and accuracy over some rows.
@@ -254,7 +257,7 @@ pub struct Session {
 struct StepReads {
     version: u64,
     loss: NodeId,
-    stats: Vec<(String, NodeId)>,
+    stats: Vec<(Arc<str>, NodeId)>,
     carried: Vec<Carried>,
     /// The cross-entropy whose logits and labels give the accuracy.
     cross_entropy: Option<NodeId>,
@@ -270,7 +273,7 @@ impl StepReads {
         let mut stats = Vec::new();
         for id in graph.ids() {
             if let Role::Stat(name) = &graph.node(id).role {
-                stats.push((name.clone(), id));
+                stats.push((Arc::from(name.as_str()), id));
                 wanted.push(id);
             }
         }
@@ -517,12 +520,15 @@ impl Session {
         );
         let read = |evaluation: &Evaluation| {
             let loss = evaluation.values[&loss_id].data[0];
-            let stats: BTreeMap<String, f64> = reads
+            let stats: Vec<(Arc<str>, f64)> = reads
                 .stats
                 .iter()
-                .map(|(name, id)| (name.clone(), evaluation.values[id].data[0]))
+                .map(|(name, id)| (Arc::clone(name), evaluation.values[id].data[0]))
                 .collect();
-            let finite = loss.is_finite() && stats.get("grad_norm").is_none_or(|n| n.is_finite());
+            let finite = loss.is_finite()
+                && stats
+                    .iter()
+                    .all(|(name, value)| &**name != "grad_norm" || value.is_finite());
             (loss, stats, finite)
         };
         let summary = result.as_ref().ok().map(read);

@@ -4,6 +4,7 @@
 //! from.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::autodiff::rules;
 use crate::interp::Evaluation;
@@ -36,21 +37,36 @@ pub fn lines(graph: &Graph) -> BTreeMap<String, u32> {
     lines
 }
 
+/// Sets `map[name]` to `next` of its value (`start` if it has none).
+fn update(map: &mut BTreeMap<String, f64>, name: &str, start: f64, next: impl Fn(f64) -> f64) {
+    match map.get_mut(name) {
+        Some(value) => *value = next(*value),
+        None => {
+            map.insert(name.to_string(), next(start));
+        }
+    }
+}
+
 /// Steps in a row with a vanishing gradient before it is reported.
 const VANISHING_STEPS: usize = 20;
 
 impl Monitor {
-    /// Records one step's statistics.
-    pub fn record(&mut self, stats: &BTreeMap<String, f64>) {
+    /// Records one step's statistics (names are copied the first time
+    /// they are seen only).
+    pub fn record(&mut self, stats: &[(Arc<str>, f64)]) {
         self.steps += 1;
-        for (name, &value) in stats {
-            *self.sums.entry(name.clone()).or_default() += value;
-            let min = self.mins.entry(name.clone()).or_insert(f64::INFINITY);
-            *min = min.min(value);
-            let max = self.maxs.entry(name.clone()).or_insert(f64::NEG_INFINITY);
-            *max = max.max(value);
+        for (name, value) in stats {
+            let (name, value) = (&**name, *value);
+            update(&mut self.sums, name, 0.0, |sum| sum + value);
+            update(&mut self.mins, name, f64::INFINITY, |min| min.min(value));
+            update(&mut self.maxs, name, f64::NEG_INFINITY, |max| {
+                max.max(value)
+            });
             if let Some(param) = name.strip_prefix("grad_norm.") {
-                let run = self.vanishing_run.entry(param.to_string()).or_default();
+                let run = match self.vanishing_run.get_mut(param) {
+                    Some(run) => run,
+                    None => self.vanishing_run.entry(param.to_string()).or_default(),
+                };
                 *run = if value < 1e-7 { *run + 1 } else { 0 };
             }
         }
