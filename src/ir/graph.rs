@@ -26,7 +26,11 @@ pub struct NodeId(u32);
 /// A map keyed by node id, hashed by one multiplication (`IdHasher`)
 /// instead of SipHash: the JIT looks ids up in such maps many times per
 /// step, and ids are not attacker-chosen keys.
-pub type IdMap<V> = std::collections::HashMap<NodeId, V, std::hash::BuildHasherDefault<IdHasher>>;
+pub type IdMap<V> = std::collections::HashMap<NodeId, V, IdBuildHasher>;
+
+/// `IdHasher` for any map of gradc's own keys (the JIT's programs and
+/// frames, looked up every step).
+pub type IdBuildHasher = std::hash::BuildHasherDefault<IdHasher>;
 
 /// The hasher of `IdMap`: Fx hashing (a multiply by an odd constant per
 /// word), which puts the id's entropy in the high bits the table uses.

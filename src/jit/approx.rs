@@ -79,7 +79,7 @@ pub(super) fn exp(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
     // range. NaN passes through.
     let high = constant(b, x, 710.0);
     let clamped = clamp(b, x, high, FloatCC::GreaterThan);
-    exp_below(b, clamped)
+    exp_of_nonpositive(b, clamped)
 }
 
 /// `x`, or `bound` where `x` is beyond it (`beyond`: `GreaterThan` for an
@@ -98,15 +98,10 @@ fn clamp(b: &mut FunctionBuilder<'_>, x: Value, bound: Value, beyond: FloatCC) -
     }
 }
 
-/// `exp` of an `x` that is at most 0 or NaN (a row's `x - max(x)`): the
-/// same values, without the upper clamp, which cannot apply (its
-/// NaN-propagating minimum is seven instructions per pair).
+/// `exp` without the upper clamp, for an `x` at most 710 or NaN: `exp`
+/// itself after that clamp, and the row kernels, whose `x - max(x)` is at
+/// most 0 (the same values, a clamp fewer).
 pub(super) fn exp_of_nonpositive(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
-    exp_below(b, x)
-}
-
-/// `exp` of an `x` at most 710 (or NaN).
-fn exp_below(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
     let low = constant(b, x, -746.0);
     let clamped = clamp(b, x, low, FloatCC::LessThan);
     let log2e = constant(b, x, std::f64::consts::LOG2_E);

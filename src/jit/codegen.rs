@@ -1961,6 +1961,11 @@ impl Body<'_> {
                 .chain(totals.iter().copied())
                 .map(Into::into)
                 .collect();
+            let index = |_: &mut FunctionBuilder<'_>, i: Value| i;
+            let address = |b: &mut FunctionBuilder<'_>, i: Value, j: usize| match self.access[j] {
+                Access::Full => element_at(b, self.elems[j], self.bases[j], i),
+                _ => self.bases[j],
+            };
             // The widest loop covers every element: no narrower ones.
             let whole = match (blocks, quads) {
                 (None, Some(quads)) if factor.is_multiple_of(4) => Some((quads, 4)),
@@ -1969,12 +1974,6 @@ impl Body<'_> {
             };
             if let Some((first, width)) = whole {
                 b.ins().jump(first, &start);
-                let index = |_: &mut FunctionBuilder<'_>, i: Value| i;
-                let address = |b: &mut FunctionBuilder<'_>, i: Value, j: usize| match self.access[j]
-                {
-                    Access::Full => element_at(b, self.elems[j], self.bases[j], i),
-                    _ => self.bases[j],
-                };
                 // (`pairs` becomes the exit: it drops the counter.)
                 let exit = if width == 4 { pairs } else { with_params(b) };
                 self.vector_loop(b, calls, n, width, (first, exit), &index, &address, false)?;
@@ -1988,11 +1987,6 @@ impl Body<'_> {
                 return Ok((b.block_params(done).to_vec(), Some(width as usize)));
             }
             b.ins().jump(blocks.or(quads).unwrap_or(pairs), &start);
-            let index = |_: &mut FunctionBuilder<'_>, i: Value| i;
-            let address = |b: &mut FunctionBuilder<'_>, i: Value, j: usize| match self.access[j] {
-                Access::Full => element_at(b, self.elems[j], self.bases[j], i),
-                _ => self.bases[j],
-            };
             if let Some(blocks) = blocks {
                 self.blocked(b, calls, n, (blocks, pairs), &index, &address)?;
             }

@@ -37,7 +37,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use crate::interp::{self, Context, Evaluation, InterpError, Tensor};
-use crate::ir::{DType, Graph, IdHasher, IdMap, NodeId, Op, Role, Shape};
+use crate::ir::{DType, Graph, IdBuildHasher, IdMap, NodeId, Op, Role, Shape};
 use crate::passes::{
     self,
     fusion::{self, Plan},
@@ -84,7 +84,7 @@ struct Program {
     /// How each value's buffer stores its elements, where that is not
     /// `Elem::of` its type (sums a compiled kernel accumulates in `f64`).
     storage: HashMap<NodeId, Elem>,
-    frames: HashMap<BTreeMap<String, usize>, Bound, FxBuild>,
+    frames: HashMap<BTreeMap<String, usize>, Bound, IdBuildHasher>,
     /// Holds the compiled code: it outlives `kernels` and `frames`.
     code: CodeCache,
 }
@@ -93,10 +93,6 @@ struct Program {
 /// given (every value can be read back), or the intermediate values a
 /// caller reads besides the graph's results (the graph is optimized).
 type ProgramKey = (u64, Option<Vec<NodeId>>);
-
-/// The hashing of the maps every step looks its program and frame up in:
-/// `IdMap`'s multiply instead of SipHash (keys are gradc's own).
-type FxBuild = std::hash::BuildHasherDefault<IdHasher>;
 
 /// How many frames (sets of sizes) a program keeps: a training run needs
 /// its batch size, the last partial batch and the eval batch size.
@@ -112,7 +108,7 @@ const EVICTED: usize = 4;
 /// any change to a graph gives it a new version.
 #[derive(Default)]
 pub struct Jit {
-    programs: HashMap<ProgramKey, Program, FxBuild>,
+    programs: HashMap<ProgramKey, Program, IdBuildHasher>,
     /// Which CLIF text programs keep (set by the first call of `clif`,
     /// `entry_clif` or `optimized_clif`).
     keep_clif: ClifText,

@@ -37,8 +37,9 @@ pub fn lines(graph: &Graph) -> BTreeMap<String, u32> {
     lines
 }
 
-/// Sets `map[name]` to `next` of its value (`start` if it has none).
-fn update(map: &mut BTreeMap<String, f64>, name: &str, start: f64, next: impl Fn(f64) -> f64) {
+/// Sets `map[name]` to `next` of its value (`start` if it has none),
+/// copying `name` only when it is new.
+fn update<V: Copy>(map: &mut BTreeMap<String, V>, name: &str, start: V, next: impl Fn(V) -> V) {
     match map.get_mut(name) {
         Some(value) => *value = next(*value),
         None => {
@@ -63,11 +64,10 @@ impl Monitor {
                 max.max(value)
             });
             if let Some(param) = name.strip_prefix("grad_norm.") {
-                let run = match self.vanishing_run.get_mut(param) {
-                    Some(run) => run,
-                    None => self.vanishing_run.entry(param.to_string()).or_default(),
-                };
-                *run = if value < 1e-7 { *run + 1 } else { 0 };
+                let vanishing = value < 1e-7;
+                update(&mut self.vanishing_run, param, 0, |run| {
+                    if vanishing { run + 1 } else { 0 }
+                });
             }
         }
     }
