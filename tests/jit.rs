@@ -1275,3 +1275,62 @@ fn a_session_whose_kept_state_was_dropped_gets_an_error() {
     second.sync(&mut jit).expect("sync");
     assert_same_state(&reference, second);
 }
+
+/// A cross-entropy whose VJP has a constant `g` (any plain loss) runs as
+/// one row kernel with it (`RowOp::CrossEntropyWithVjp`); scaled by a
+/// param, `g` is not constant and the two run apart. With the param at
+/// one, both give the same loss and logit gradient bit for bit, in `f32`
+/// and `f64`, and agree with the interpreter.
+#[test]
+fn cross_entropy_and_its_vjp_fused_give_the_same_values() {
+    for dtype in [DType::F32, DType::F64] {
+        let model = |loss: &str| {
+            format!(
+                "model m {{
+    input x: f32[B, 7]
+    input y: i32[B]
+    param w: f32[7, 5] = kaiming_uniform
+    param s: f32[] = ones
+    let logits = x @ w
+    retain logits
+    loss {loss}
+}}
+train m {{ optimizer sgd(lr = 0.1) }}
+"
+            )
+        };
+        let plain = step_graph(&model("cross_entropy(logits, y) + 0.0 * s"), dtype);
+        let scaled = step_graph(&model("cross_entropy(logits, y) * s"), dtype);
+        // The same leaves for both, with `s` at one.
+        let mut leaves = common::leaves_for(&plain, dtype);
+        leaves.insert("s".into(), Tensor::new(dtype, Vec::new(), vec![1.0]));
+        let mut runs = Vec::new();
+        for graph in [&plain, &scaled] {
+            let context = Context { seed: 1, step: 1 };
+            let expected = interp::evaluate(graph, &leaves, context).expect("interpreter");
+            let mut jit = Jit::new();
+            optimized_results_agree(&mut jit, graph, &leaves, context, &expected, "ce");
+            let wanted = results(graph);
+            let got = jit
+                .run_wanted(graph, &leaves, context, &wanted)
+                .expect("jit");
+            let fused = jit.clif(graph).expect("clif").contains(": within k");
+            let value = |role: &Role| {
+                let id = wanted
+                    .iter()
+                    .find(|&&id| graph.node(id).role == *role)
+                    .expect("result");
+                got.values[id].clone()
+            };
+            runs.push((
+                fused,
+                value(&Role::Loss),
+                value(&Role::Gradient("logits".into())),
+            ));
+        }
+        assert!(runs[0].0, "{dtype:?}: the plain loss is not fused");
+        assert!(!runs[1].0, "{dtype:?}: the scaled loss is fused");
+        assert!(identical(&runs[0].1, &runs[1].1), "{dtype:?}: losses");
+        assert!(identical(&runs[0].2, &runs[1].2), "{dtype:?}: gradients");
+    }
+}

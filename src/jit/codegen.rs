@@ -426,9 +426,9 @@ pub struct RowKernel {
     pub op: RowOp,
     /// Values read, in argument order (`RowOp::reads`).
     pub inputs: Vec<NodeId>,
-    /// The node it computes.
-    pub output: NodeId,
-    /// How each buffer stores its elements (inputs, then the output).
+    /// The nodes it computes (one, but for `RowOp::CrossEntropyWithVjp`).
+    pub outputs: Vec<NodeId>,
+    /// How each buffer stores its elements (inputs, then the outputs).
     pub elems: Vec<Elem>,
     /// Compiled for this row length only (a static last axis): the
     /// kernel takes it as a constant, leaves out the odd last column when
@@ -954,9 +954,9 @@ impl Frame {
     }
 
     /// Appends a call of a row kernel over `rows x cols` reading and
-    /// writing `slots` (inputs, then the output), checking that every
+    /// writing `slots` (inputs, then the outputs), checking that every
     /// buffer holds what `RowOp::lengths` says (and no more is reached) and
-    /// that the output is its own buffer. Labels must be checked by host
+    /// that each output is its own buffer. Labels must be checked by host
     /// work pushed before it (the kernel caps them at `cols - 1` anyway).
     pub fn push_rows(
         &mut self,
@@ -965,18 +965,18 @@ impl Frame {
         rows: usize,
         cols: usize,
     ) -> Result<(), CodegenError> {
-        let (lengths, out) = kernel.op.lengths(rows, cols);
+        let (lengths, outs) = kernel.op.lengths(rows, cols);
         let all = rows.checked_mul(cols).and_then(|n| i64::try_from(n).ok());
         if cols == 0
             || all.is_none()
-            || slots.len() != lengths.len() + 1
+            || slots.len() != lengths.len() + outs.len()
             || kernel.fixed_cols.is_some_and(|fixed| fixed != cols)
         {
             return Err(CodegenError(format!(
                 "row kernel: bad sizes {rows} x {cols}"
             )));
         }
-        for (j, &length) in lengths.iter().chain([&out]).enumerate() {
+        for (j, &length) in lengths.iter().chain(&outs).enumerate() {
             let (has, elem) = self.buffer(slots[j])?;
             if elem != kernel.elems[j] {
                 return Err(CodegenError(format!(
@@ -990,11 +990,12 @@ impl Frame {
                 )));
             }
         }
-        let output = slots[lengths.len()];
-        if slots[..lengths.len()].contains(&output) {
-            return Err(CodegenError(
-                "row kernel: the output aliases an input".into(),
-            ));
+        for (j, output) in slots.iter().enumerate().skip(lengths.len()) {
+            if slots[..j].contains(output) {
+                return Err(CodegenError(
+                    "row kernel: an output aliases another buffer".into(),
+                ));
+            }
         }
         self.calls.push(BoundCall::Rows {
             func: kernel.func,
@@ -1650,23 +1651,29 @@ impl CodeCache {
         Ok(clif)
     }
 
-    /// Compiles a row kernel (`jit::rows`) for a node `RowOp::of` accepts,
-    /// whose inputs (`RowOp::reads`) are stored as `input_elems` say; also
-    /// returns the CLIF text.
+    /// Compiles a row kernel (`jit::rows`) computing `outputs` (a node
+    /// `RowOp::of` accepts, or the pair of `RowOp::CrossEntropyWithVjp`)
+    /// from the first one's operands, whose inputs (`RowOp::reads`) are
+    /// stored as `input_elems` say; also returns the CLIF text.
     pub fn compile_rows(
         &mut self,
         graph: &Graph,
-        node: NodeId,
+        outputs: &[NodeId],
         op: RowOp,
         input_elems: &[Elem],
     ) -> Result<(RowKernel, String), CodegenError> {
+        let node = *outputs
+            .first()
+            .ok_or_else(|| CodegenError("row kernel: no output".into()))?;
         let mut elems = input_elems.to_vec();
         // An output accumulated in place is `f64`, like a strided sum's.
-        elems.push(if op.accumulates() {
-            Elem::F64
-        } else {
-            Elem::of(graph.node(node).dtype())
-        });
+        elems.extend(outputs.iter().map(|&output| {
+            if op.accumulates() {
+                Elem::F64
+            } else {
+                Elem::of(graph.node(output).dtype())
+            }
+        }));
         // Rows of a static length: the kernel is compiled for that length
         // (`RowKernel::fixed_cols`), and binding refuses any other.
         let inputs = op.reads(&graph.operands(node));
@@ -1728,7 +1735,7 @@ impl CodeCache {
                 func: id,
                 op,
                 inputs,
-                output: node,
+                outputs: outputs.to_vec(),
                 elems,
                 fixed_cols,
             },

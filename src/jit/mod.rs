@@ -61,6 +61,9 @@ enum Compiled {
         prologue: Vec<NodeId>,
         kernel: RowKernel,
     },
+    /// Computed by the row kernel of an earlier kernel, fused with it
+    /// (`fused_cross_entropy`).
+    Within,
 }
 
 /// A graph prepared for running: the graph its kernels compute (the
@@ -383,6 +386,8 @@ fn compile(
     let position: HashMap<NodeId, usize> =
         order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
     let mut storage: HashMap<NodeId, Elem> = HashMap::new();
+    // Kernels computed within an earlier one: (the earlier, the later).
+    let mut fused: Vec<(usize, usize)> = Vec::new();
     for (k, kernel) in plan.kernels.iter().enumerate() {
         let elems = |ids: &[NodeId], storage: &HashMap<NodeId, Elem>| -> Vec<Elem> {
             ids.iter().map(|id| elem(graph, storage, *id)).collect()
@@ -423,14 +428,34 @@ fn compile(
                     .iter()
                     .all(|&o| graph.node(o).shape() == &loop_shape)
         };
-        // A single reduction or normalization along the last axis.
+        // Computed already, by a kernel fused with it.
+        if let Some(&(first, _)) = fused.iter().find(|&&(_, later)| later == k) {
+            clif.push(format!("; kernel k{k}: within k{first}\n"));
+            kernels.push(Some(Compiled::Within));
+            loops.push(loop_shape);
+            continue;
+        }
+        // A single reduction or normalization along the last axis (with,
+        // for a cross-entropy, its VJP if that can run with it).
         if let [node] = kernel.nodes.as_slice()
             && let Some(op) = RowOp::of(graph, *node)
         {
+            let with_vjp = match op {
+                RowOp::CrossEntropy => fused_cross_entropy(graph, &plan, k, *node),
+                _ => None,
+            };
+            let (op, outputs) = match with_vjp {
+                Some((later, vjp, g)) => {
+                    fused.push((k, later));
+                    (RowOp::CrossEntropyWithVjp { g }, vec![*node, vjp])
+                }
+                None => (op, vec![*node]),
+            };
             let reads = op.reads(&graph.operands(*node));
-            let (compiled, text) = code.compile_rows(graph, *node, op, &elems(&reads, &storage))?;
-            if let Some(&e) = compiled.elems.last() {
-                record(&mut storage, graph, *node, e);
+            let (compiled, text) =
+                code.compile_rows(graph, &outputs, op, &elems(&reads, &storage))?;
+            for (&output, &e) in outputs.iter().zip(&compiled.elems[reads.len()..]) {
+                record(&mut storage, graph, output, e);
             }
             clif.push(format!("; kernel k{k}\n{text}"));
             let mut prologue: Vec<NodeId> = kernel.recompute.iter().copied().collect();
@@ -510,6 +535,40 @@ fn compile(
         frames: HashMap::default(),
         code,
     })
+}
+
+/// The cross-entropy VJP that plan kernel `k`, the cross-entropy `node`,
+/// can compute with it in one row kernel: a later kernel that is only the
+/// VJP for the same logits and labels, with a constant `g`. Returns that
+/// kernel's index, the VJP and `g` (as its buffer would hold it).
+fn fused_cross_entropy(
+    graph: &Graph,
+    plan: &Plan,
+    k: usize,
+    node: NodeId,
+) -> Option<(usize, NodeId, f64)> {
+    let operands = graph.operands(node);
+    plan.kernels
+        .iter()
+        .enumerate()
+        .skip(k + 1)
+        .find_map(|(later, kernel)| {
+            let [vjp] = kernel.nodes.as_slice() else {
+                return None;
+            };
+            if RowOp::of(graph, *vjp) != Some(RowOp::CrossEntropyVjp) {
+                return None;
+            }
+            let vjp_operands = graph.operands(*vjp);
+            let Op::Constant(g) = graph.node(vjp_operands[0]).op else {
+                return None;
+            };
+            let g = match graph.node(vjp_operands[0]).dtype() {
+                DType::F32 => f64::from(g as f32),
+                _ => g,
+            };
+            (vjp_operands[1..3] == operands[..2]).then_some((later, *vjp, g))
+        })
 }
 
 /// Notes how a compiled kernel stores value `id`, where that is not
@@ -656,6 +715,12 @@ fn bind(
                     _ => Call::Interpret(interpreted(&done)),
                 }
             }
+            // (Nothing to do, unless that kernel fell back to the
+            // interpreter.)
+            Some(Compiled::Within) if kernel.nodes.iter().all(|id| done.contains(id)) => {
+                Call::Interpret(Vec::new())
+            }
+            Some(Compiled::Within) => Call::Interpret(interpreted(&done)),
             None => Call::Interpret(interpreted(&done)),
         };
         let produced: Vec<NodeId> = match &call {
@@ -664,7 +729,7 @@ fn bind(
             } => prologue.iter().chain(&kernel.outputs).copied().collect(),
             Call::Rows {
                 prologue, kernel, ..
-            } => prologue.iter().copied().chain([kernel.output]).collect(),
+            } => prologue.iter().chain(&kernel.outputs).copied().collect(),
             Call::Interpret(nodes) => nodes.clone(),
         };
         done.extend(produced.iter().copied());
@@ -742,7 +807,7 @@ fn bind(
                 let buffers = kernel
                     .inputs
                     .iter()
-                    .chain([&kernel.output])
+                    .chain(&kernel.outputs)
                     .map(slot_of)
                     .collect::<Result<Vec<usize>, _>>()?;
                 if let Some(labels) = kernel.op.labels() {
@@ -756,6 +821,7 @@ fn bind(
                     .push_rows(kernel, buffers, rows, cols)
                     .map_err(internal)?;
             }
+            Call::Interpret(nodes) if nodes.is_empty() => {}
             Call::Interpret(nodes) => host(&mut frame, &mut work, Work::Interpret(nodes)),
         }
     }
@@ -1490,7 +1556,7 @@ mod tests {
         let x = graph.operands(softmax)[0];
         let mut code = CodeCache::new(ClifText::None).expect("code cache");
         let (kernel, _) = code
-            .compile_rows(graph, softmax, RowOp::Softmax, &[Elem::F64])
+            .compile_rows(graph, &[softmax], RowOp::Softmax, &[Elem::F64])
             .expect("row kernel");
         assert_eq!(kernel.fixed_cols, Some(4));
         assert_eq!(kernel.inputs, vec![x]);

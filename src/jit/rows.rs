@@ -1,7 +1,7 @@
 //! Row kernels: the ops that reduce or normalize along the last axis
 //! (`max` and `logsumexp` over it, `softmax`, `log_softmax`,
-//! `cross_entropy`, the VJPs of the last three and of `mse`, and
-//! `layer_norm` with its VJPs), compiled as a loop over rows with a few
+//! `cross_entropy`, the VJPs of the last three and of `mse`, `layer_norm`
+//! with its VJPs, and a cross-entropy together with its VJP), compiled as a loop over rows with a few
 //! passes over each row's contiguous elements; and column kernels, the same
 //! loops over the columns of `[N, C]` (batch normalization, its VJPs and
 //! running statistics).
@@ -47,6 +47,15 @@ pub enum RowOp {
     /// Its VJP for the logits: `(softmax(x) - onehot) * g / N`. Reads `g`
     /// (one value), logits, labels; writes `rows x cols`.
     CrossEntropyVjp,
+    /// Both at once, for a VJP whose `g` is the constant `g` (the JIT
+    /// fuses the two kernels when it finds them: `RowOp::of` never gives
+    /// this): each row's maximum and exponentials are taken once. Reads
+    /// logits, labels; writes the mean loss (one value), then the
+    /// gradient (`rows x cols`), each as the two ops alone would.
+    CrossEntropyWithVjp {
+        /// The VJP's `g`.
+        g: f64,
+    },
     /// `y * (g - sum(g * y))` per row. Reads `g`, `y`; writes `rows x cols`.
     SoftmaxVjp,
     /// `g - exp(y) * sum(g)` per row. Reads `g`, `y`; writes `rows x cols`.
@@ -191,7 +200,9 @@ impl RowOp {
             RowOp::Max | RowOp::LogSumExp | RowOp::Softmax | RowOp::LogSoftmax => {
                 vec![operands[0]]
             }
-            RowOp::CrossEntropy => vec![operands[0], operands[1]],
+            RowOp::CrossEntropy | RowOp::CrossEntropyWithVjp { .. } => {
+                vec![operands[0], operands[1]]
+            }
             RowOp::LayerNorm { .. } => vec![operands[0], operands[1], operands[2]],
             RowOp::BatchNorm { training: true, .. } => {
                 vec![operands[0], operands[1], operands[2]]
@@ -226,17 +237,18 @@ impl RowOp {
     /// Which of the values read holds labels, checked before the call.
     pub fn labels(self) -> Option<usize> {
         match self {
-            RowOp::CrossEntropy => Some(1),
+            RowOp::CrossEntropy | RowOp::CrossEntropyWithVjp { .. } => Some(1),
             RowOp::CrossEntropyVjp => Some(2),
             _ => None,
         }
     }
 
-    /// How many elements each value read must hold, then the output's
-    /// count, for `rows x cols`.
-    pub fn lengths(self, rows: usize, cols: usize) -> (Vec<usize>, usize) {
+    /// How many elements each value read must hold, then each output's
+    /// count (one output but for `CrossEntropyWithVjp`), for `rows x cols`.
+    pub fn lengths(self, rows: usize, cols: usize) -> (Vec<usize>, Vec<usize>) {
         let all = rows * cols;
-        match self {
+        let (reads, output) = match self {
+            RowOp::CrossEntropyWithVjp { .. } => return (vec![all, rows], vec![1, all]),
             RowOp::Max | RowOp::LogSumExp => (vec![all], rows),
             RowOp::Softmax | RowOp::LogSoftmax => (vec![all], all),
             RowOp::CrossEntropy => (vec![all, rows], 1),
@@ -253,7 +265,8 @@ impl RowOp {
             RowOp::BatchNormVjp { operand: 0, .. } => (vec![all, all, cols], all),
             RowOp::BatchNormVjp { .. } => (vec![all, all, cols], cols),
             RowOp::RunningStat { .. } => (vec![all, cols], cols),
-        }
+        };
+        (reads, vec![output])
     }
 
     /// The fewest rows the kernel computes what the interpreter does for:
@@ -275,7 +288,10 @@ impl RowOp {
     /// Whether the kernel writes a row's softmax (`write_softmax`), which
     /// reads each exponential twice.
     pub fn takes_softmax(self) -> bool {
-        matches!(self, RowOp::Softmax | RowOp::CrossEntropyVjp)
+        matches!(
+            self,
+            RowOp::Softmax | RowOp::CrossEntropyVjp | RowOp::CrossEntropyWithVjp { .. }
+        )
     }
 }
 
@@ -543,6 +559,16 @@ fn row_logsumexp(
     cols: (Value, bool),
 ) -> Result<Value, CodegenError> {
     let (m, sum) = row_exps(b, row, cols, None)?;
+    logsumexp_of(b, calls, m, sum)
+}
+
+/// `row_logsumexp` from the row's maximum `m` and its sum of `exp(x - m)`.
+fn logsumexp_of(
+    b: &mut FunctionBuilder<'_>,
+    calls: &mut Calls<'_>,
+    m: Value,
+    sum: Value,
+) -> Result<Value, CodegenError> {
     let magnitude = b.ins().fabs(m);
     let infinity = b.ins().f64const(f64::INFINITY);
     let finite = b.ins().fcmp(FloatCC::LessThan, magnitude, infinity);
@@ -595,9 +621,23 @@ fn write_softmax(
     out_row: Row,
     cols: (Value, bool),
     f32: bool,
+    then: impl FnMut(&mut FunctionBuilder<'_>, Value, Value, bool) -> Value,
+) -> Result<(), CodegenError> {
+    let exps = row_exps(b, row, cols, kept)?;
+    write_softmax_of(b, (row, kept), exps, out_row, cols, f32, then)
+}
+
+/// `write_softmax` given the row's maximum `m` and its sum of `exp(x - m)`
+/// (`row_exps`, which has filled `kept` if given).
+fn write_softmax_of(
+    b: &mut FunctionBuilder<'_>,
+    (row, kept): (Row, Option<Value>),
+    (m, sum): (Value, Value),
+    out_row: Row,
+    cols: (Value, bool),
+    f32: bool,
     mut then: impl FnMut(&mut FunctionBuilder<'_>, Value, Value, bool) -> Value,
 ) -> Result<(), CodegenError> {
-    let (m, sum) = row_exps(b, row, cols, kept)?;
     let pairs = (
         b.ins().splat(types::F64X2, m),
         b.ins().splat(types::F64X2, sum),
@@ -614,6 +654,60 @@ fn write_softmax(
         let p = b.ins().fdiv(e, sum);
         Ok(then(b, p, j, pair))
     })
+}
+
+/// One column (or, `pair`, two) of the cross-entropy VJP's row from the
+/// softmax `p`: `(p - onehot) * scale`, where the row's label is `label`
+/// and `scale` is `g / N`.
+fn cross_entropy_gradient(
+    b: &mut FunctionBuilder<'_>,
+    (p, j, pair): (Value, Value, bool),
+    label: Value,
+    scale: Value,
+) -> Value {
+    let zero = codegen::constant(b, p, 0.0);
+    let one = codegen::constant(b, p, 1.0);
+    // The one-hot row at `j` (and `j + 1`).
+    let is_label = if pair {
+        let columns = b.ins().scalar_to_vector(types::I64X2, j);
+        let next = b.ins().iadd_imm_u(j, 1);
+        let columns = b.ins().insertlane(columns, next, 1);
+        let labels = b.ins().splat(types::I64X2, label);
+        b.ins().icmp(IntCC::Equal, columns, labels)
+    } else {
+        b.ins().icmp(IntCC::Equal, j, label)
+    };
+    let hot = codegen::pick(b, is_label, one, zero);
+    let difference = b.ins().fsub(p, hot);
+    let scale = if pair {
+        b.ins().splat(types::F64X2, scale)
+    } else {
+        scale
+    };
+    b.ins().fmul(difference, scale)
+}
+
+/// A row's cross-entropy term, `-(x[label] - lse)`.
+fn cross_entropy_term(b: &mut FunctionBuilder<'_>, row: Row, label: Value, lse: Value) -> Value {
+    let v = load(b, row, label);
+    let log_p = b.ins().fsub(v, lse);
+    b.ins().fneg(log_p)
+}
+
+/// The mean of a sum over `rows` rows (as the interpreter divides: by at
+/// least one), rounded to `f32` if `f32`, stored as `out`'s first element.
+fn store_mean(b: &mut FunctionBuilder<'_>, total: Value, rows: Value, f32: bool, out: Row) {
+    let count = row_count(b, rows);
+    let mean = b.ins().fdiv(total, count);
+    let mean = rounded(b, f32, mean);
+    codegen::store(b, out.elem, mean, out.base);
+}
+
+/// `max(rows, 1)` as an `f64`, the divisor of a mean over rows.
+fn row_count(b: &mut FunctionBuilder<'_>, rows: Value) -> Value {
+    let one = b.ins().iconst(types::I64, 1);
+    let count = b.ins().umax(rows, one);
+    b.ins().fcvt_from_uint(types::F64, count)
 }
 
 /// `exp(x[j] - m)` of a row, or of columns `j` and `j + 1` as a pair (`m`
@@ -714,7 +808,8 @@ pub(super) fn emit(
         exps,
     } = shape;
     let flags = MemFlagsData::trusted();
-    let buffers = op.lengths(1, 1).0.len() + 1;
+    let (reads, outputs) = op.lengths(1, 1);
+    let buffers = reads.len() + outputs.len();
     if elems.len() != buffers {
         return Err(CodegenError(
             "row kernel: an element type per buffer expected".into(),
@@ -727,7 +822,7 @@ pub(super) fn emit(
             stride: None,
         })
         .collect();
-    let out = bases[buffers - 1];
+    let out = bases[reads.len()];
     // Row r of a rows x cols buffer.
     let row_of = |b: &mut FunctionBuilder<'_>, buffer: Row, r: Value| {
         let start = b.ins().imul(r, cols);
@@ -791,23 +886,14 @@ pub(super) fn emit(
                 let row = row_of(b, bases[0], r);
                 let lse = row_logsumexp(b, calls, row, (cols, even_cols))?;
                 let label = label_index(b, bases[1], r, cols);
-                let v = load(b, row, label);
-                let log_p = b.ins().fsub(v, lse);
-                let loss = b.ins().fneg(log_p);
+                let loss = cross_entropy_term(b, row, label, lse);
                 Ok(vec![b.ins().fadd(carried[0], loss)])
             })?[0];
-            let one = b.ins().iconst(types::I64, 1);
-            let count = b.ins().umax(rows, one);
-            let count = b.ins().fcvt_from_uint(types::F64, count);
-            let mean = b.ins().fdiv(total, count);
-            let mean = rounded(b, f32, mean);
-            codegen::store(b, out.elem, mean, out.base);
+            store_mean(b, total, rows, f32, out);
         }
         RowOp::CrossEntropyVjp => {
             let g = codegen::load(b, bases[0].elem, false, bases[0].base);
-            let one = b.ins().iconst(types::I64, 1);
-            let count = b.ins().umax(rows, one);
-            let count = b.ins().fcvt_from_uint(types::F64, count);
+            let count = row_count(b, rows);
             let scale = b.ins().fdiv(g, count);
             counted_loop(b, rows, &[], |b, r, _| {
                 let (row, out_row) = (row_of(b, bases[1], r), row_of(b, out, r));
@@ -818,31 +904,36 @@ pub(super) fn emit(
                     out_row,
                     (cols, even_cols),
                     f32,
-                    |b, p, j, pair| {
-                        let zero = codegen::constant(b, p, 0.0);
-                        let one = codegen::constant(b, p, 1.0);
-                        // The one-hot row at `j` (and `j + 1`).
-                        let is_label = if pair {
-                            let columns = b.ins().scalar_to_vector(types::I64X2, j);
-                            let next = b.ins().iadd_imm_u(j, 1);
-                            let columns = b.ins().insertlane(columns, next, 1);
-                            let labels = b.ins().splat(types::I64X2, label);
-                            b.ins().icmp(IntCC::Equal, columns, labels)
-                        } else {
-                            b.ins().icmp(IntCC::Equal, j, label)
-                        };
-                        let hot = codegen::pick(b, is_label, one, zero);
-                        let difference = b.ins().fsub(p, hot);
-                        let scale = if pair {
-                            b.ins().splat(types::F64X2, scale)
-                        } else {
-                            scale
-                        };
-                        b.ins().fmul(difference, scale)
-                    },
+                    |b, p, j, pair| cross_entropy_gradient(b, (p, j, pair), label, scale),
                 )?;
                 Ok(vec![])
             })?;
+        }
+        RowOp::CrossEntropyWithVjp { g } => {
+            // The two kernels above in one loop over rows: the same values.
+            let g = b.ins().f64const(g);
+            let count = row_count(b, rows);
+            let scale = b.ins().fdiv(g, count);
+            let gradient = bases[3];
+            let start = b.ins().f64const(-0.0);
+            let total = counted_loop(b, rows, &[start], |b, r, carried| {
+                let (row, out_row) = (row_of(b, bases[0], r), row_of(b, gradient, r));
+                let (m, sum) = row_exps(b, row, (cols, even_cols), exps)?;
+                let lse = logsumexp_of(b, calls, m, sum)?;
+                let label = label_index(b, bases[1], r, cols);
+                let loss = cross_entropy_term(b, row, label, lse);
+                write_softmax_of(
+                    b,
+                    (row, exps),
+                    (m, sum),
+                    out_row,
+                    (cols, even_cols),
+                    f32,
+                    |b, p, j, pair| cross_entropy_gradient(b, (p, j, pair), label, scale),
+                )?;
+                Ok(vec![b.ins().fadd(carried[0], loss)])
+            })?[0];
+            store_mean(b, total, rows, f32, out);
         }
         RowOp::MseVjp { negate } => {
             // `sign * 2 * (p - t) * g / n`, in that order, as `interp::vjp`.
