@@ -741,11 +741,11 @@ impl Buffers<'_> {
 
     /// Calls `f` with the buffers `inputs` to read and the buffer `output`
     /// to write (which must not be among the inputs), all holding `T`s.
-    pub fn compute<T: Stored, R>(
+    pub fn compute<T: Stored, R, const N: usize>(
         &mut self,
-        inputs: &[usize],
+        inputs: [usize; N],
         output: usize,
-        f: impl FnOnce(&[&[T]], &mut [T]) -> R,
+        f: impl FnOnce([&[T]; N], &mut [T]) -> R,
     ) -> Result<R, CodegenError> {
         if inputs.contains(&output) {
             return Err(CodegenError(format!("buffer {output} is read and written")));
@@ -754,12 +754,12 @@ impl Buffers<'_> {
         // Moving the storage out keeps its heap allocation where it is.
         let mut out = std::mem::replace(&mut self.0[output], Storage::F64(Vec::new()));
         let result = (|| {
-            let reads = inputs
-                .iter()
-                .map(|&slot| T::elements(&self.0[slot]).ok_or_else(wrong))
-                .collect::<Result<Vec<&[T]>, _>>()?;
+            let mut reads: [&[T]; N] = [&[]; N];
+            for (read, &slot) in reads.iter_mut().zip(&inputs) {
+                *read = T::elements(&self.0[slot]).ok_or_else(wrong)?;
+            }
             let written = T::elements_mut(&mut out).ok_or_else(wrong)?;
-            Ok(f(&reads, written))
+            Ok(f(reads, written))
         })();
         self.0[output] = out;
         result

@@ -83,6 +83,8 @@ struct Program {
     clif: Vec<String>,
     /// The graph's topological order, and each node's place in it.
     order: Vec<NodeId>,
+    /// The leaves, in that order (what a step's checks go through).
+    leaves: Vec<NodeId>,
     position: HashMap<NodeId, usize>,
     /// How each value's buffer stores its elements, where that is not
     /// `Elem::of` its type (sums a compiled kernel accumulates in `f64`).
@@ -95,7 +97,7 @@ struct Program {
 /// A program's graph version and what it keeps: `None` for the graph as
 /// given (every value can be read back), or the intermediate values a
 /// caller reads besides the graph's results (the graph is optimized).
-type ProgramKey = (u64, Option<Vec<NodeId>>);
+type ProgramKey = (u64, Option<Arc<[NodeId]>>);
 
 /// How many frames (sets of sizes) a program keeps: a training run needs
 /// its batch size, the last partial batch and the eval batch size.
@@ -123,6 +125,9 @@ pub struct Jit {
     evicted: HashMap<u64, Evicted>,
     /// The last ticket given out.
     tickets: u64,
+    /// The key `compiled` gave last, for the graph version and the values
+    /// wanted it was asked for (a run asks for the same every step).
+    last_key: Option<(u64, Option<Vec<NodeId>>, ProgramKey)>,
 }
 
 /// Training state kept in a frame: the leaf buffers hold the values the
@@ -135,7 +140,7 @@ struct Resident {
     key: ProgramKey,
     dims: BTreeMap<String, usize>,
     /// Each state's name, its leaf and its update, as the program's ids.
-    carried: Vec<(String, NodeId, NodeId)>,
+    carried: Arc<[(String, NodeId, NodeId)]>,
 }
 
 /// Kept state moved out of its frame: the values its step computed, or
@@ -179,7 +184,18 @@ impl Jit {
         graph: &Graph,
         wanted: Option<&[NodeId]>,
     ) -> Result<ProgramKey, InterpError> {
-        let key = program_key(graph, wanted);
+        let key = match &self.last_key {
+            Some((version, last, key))
+                if *version == graph.version() && last.as_deref() == wanted =>
+            {
+                key.clone()
+            }
+            _ => {
+                let key = program_key(graph, wanted);
+                self.last_key = Some((graph.version(), wanted.map(<[_]>::to_vec), key.clone()));
+                key
+            }
+        };
         if !self.programs.contains_key(&key) {
             let (run, ids) = match (&key.1, wanted) {
                 (Some(kept), Some(wanted)) => {
@@ -256,7 +272,7 @@ impl Jit {
         let program = self.program_at(&key)?;
         let run = Arc::clone(&program.graph);
         let mut dims = BTreeMap::new();
-        interp::checked_leaves(&run, &program.order, leaves, &mut dims)?;
+        interp::checked_leaves(&run, &program.leaves, leaves, &mut dims)?;
         // (A new frame may drop the others.)
         let new = !program.frames.contains_key(&dims);
         if new && self.resident.as_ref().is_some_and(|r| r.key == key) {
@@ -324,7 +340,7 @@ fn program_key(graph: &Graph, wanted: Option<&[NodeId]>) -> ProgramKey {
             .collect();
         kept.sort_unstable();
         kept.dedup();
-        kept
+        Arc::from(kept)
     });
     (graph.version(), kept)
 }
@@ -522,6 +538,11 @@ fn compile(
         }));
         loops.push(loop_shape);
     }
+    let leaves = order
+        .iter()
+        .copied()
+        .filter(|&id| graph.node(id).op.is_leaf())
+        .collect();
     Ok(Program {
         graph: Arc::new(run),
         ids,
@@ -529,6 +550,7 @@ fn compile(
         kernels,
         loops,
         clif,
+        leaves,
         order,
         position,
         storage,
@@ -603,8 +625,8 @@ struct Bound {
 /// Host work of a step entry.
 enum Work {
     /// Nodes evaluated on the interpreter (a matrix product on the GEMM),
-    /// in order.
-    Interpret(Vec<NodeId>),
+    /// in order, each with its operands.
+    Interpret(Vec<(NodeId, Vec<NodeId>)>),
     /// The labels in a buffer must lie in `0..cols` (the interpreter's
     /// check and error), before a row kernel reads them.
     Labels { slot: usize, cols: usize },
@@ -629,6 +651,17 @@ impl Program {
             .get_mut(dims)
             .ok_or_else(|| InterpError::Internal("the frame vanished".into()))
     }
+}
+
+/// Where a program computes the caller's value `id` (`Program::ids`;
+/// the same id in a program of the graph as given).
+fn own_id(ids: &IdMap<NodeId>, id: NodeId) -> Result<NodeId, InterpError> {
+    let own = if ids.is_empty() {
+        Some(id)
+    } else {
+        ids.get(&id).copied()
+    };
+    own.ok_or_else(|| InterpError::Internal(format!("{id} is not computed by the program")))
 }
 
 /// The buffer of a value, among a frame's `slots`.
@@ -768,6 +801,15 @@ fn bind(
         }
     }
     let slot_of = |id: &NodeId| slot_in(&slots, *id);
+    // Nodes to interpret, with their operands (looked up once, here).
+    let interpret = |nodes: Vec<NodeId>| {
+        Work::Interpret(
+            nodes
+                .into_iter()
+                .map(|id| (id, graph.operands(id)))
+                .collect(),
+        )
+    };
     // Host work `w`, called from the entry at this point.
     let host = |frame: &mut Frame, work: &mut Vec<Work>, w: Work| {
         frame.push_host(work.len());
@@ -783,7 +825,7 @@ fn bind(
                 n,
             } => {
                 if !prologue.is_empty() {
-                    host(&mut frame, &mut work, Work::Interpret(prologue));
+                    host(&mut frame, &mut work, interpret(prologue));
                 }
                 let buffers = kernel
                     .inputs
@@ -802,7 +844,7 @@ fn bind(
                 cols,
             } => {
                 if !prologue.is_empty() {
-                    host(&mut frame, &mut work, Work::Interpret(prologue));
+                    host(&mut frame, &mut work, interpret(prologue));
                 }
                 let buffers = kernel
                     .inputs
@@ -822,7 +864,7 @@ fn bind(
                     .map_err(internal)?;
             }
             Call::Interpret(nodes) if nodes.is_empty() => {}
-            Call::Interpret(nodes) => host(&mut frame, &mut work, Work::Interpret(nodes)),
+            Call::Interpret(nodes) => host(&mut frame, &mut work, interpret(nodes)),
         }
     }
     let entry_clif = program.code.compile_entry(&mut frame).map_err(internal)?;
@@ -995,41 +1037,50 @@ impl Jit {
         carrying: Option<(&[Carried], &mut Option<Kept>)>,
     ) -> Result<Evaluation, InterpError> {
         let key = self.compiled(graph, wanted)?;
-        let program = self.program_at(&key)?;
+        let program = self
+            .programs
+            .get(&key)
+            .ok_or_else(|| InterpError::Internal("the program vanished".into()))?;
         // From here on, the graph the program runs (whose leaves are the
         // caller's, with the same ids).
         let run = Arc::clone(&program.graph);
-        let own = |id: NodeId| -> Result<NodeId, InterpError> {
-            let own = if program.ids.is_empty() {
-                Some(id)
-            } else {
-                program.ids.get(&id).copied()
-            };
-            own.ok_or_else(|| InterpError::Internal(format!("{id} is not computed by the program")))
-        };
-        // The values to copy out, as (the caller's id, the program's id).
-        let copied: Option<Vec<(NodeId, NodeId)>> = match wanted {
-            None => None,
-            Some(wanted) => Some(
-                wanted
-                    .iter()
-                    .map(|&id| Ok((id, own(id)?)))
-                    .collect::<Result<_, InterpError>>()?,
-            ),
-        };
-        let (carried, kept) = match carrying {
-            Some((carried, kept)) => {
-                let carried = carried
-                    .iter()
-                    .map(|c| Ok((c.name.clone(), c.leaf, own(c.update)?)))
-                    .collect::<Result<Vec<_>, InterpError>>()?;
-                (carried, Some(kept))
+        let own = |id: NodeId| own_id(&program.ids, id);
+        // Every value to copy out is computed by the program (checked
+        // before anything runs; copied out by `own` again at the end).
+        if let Some(wanted) = wanted {
+            for &id in wanted {
+                own(id)?;
             }
-            None => (Vec::new(), None),
+        }
+        // Each carried state's name, leaf and update (the program's id):
+        // the list the state kept in the frame has, if it is the same.
+        let carried: Option<Arc<[(String, NodeId, NodeId)]>> = match &carrying {
+            Some((carried, _)) => {
+                let same = self.resident.as_ref().is_some_and(|r| {
+                    r.carried.len() == carried.len()
+                        && r.carried.iter().zip(carried.iter()).all(|(kept, c)| {
+                            kept.0 == c.name
+                                && kept.1 == c.leaf
+                                && own(c.update).is_ok_and(|u| u == kept.2)
+                        })
+                });
+                match &self.resident {
+                    Some(r) if same => Some(Arc::clone(&r.carried)),
+                    _ => Some(
+                        carried
+                            .iter()
+                            .map(|c| Ok((c.name.clone(), c.leaf, own(c.update)?)))
+                            .collect::<Result<Arc<[_]>, InterpError>>()?,
+                    ),
+                }
+            }
+            None => None,
         };
+        let kept = carrying.map(|(_, kept)| kept);
+        let carried_list: &[(String, NodeId, NodeId)] = carried.as_deref().unwrap_or(&[]);
         // The interpreter's checks of every leaf, binding the sizes.
         let mut dims = BTreeMap::new();
-        let bound_leaves = interp::checked_leaves(&run, &program.order, leaves, &mut dims)?;
+        let bound_leaves = interp::checked_leaves(&run, &program.leaves, leaves, &mut dims)?;
         let graph = &*run;
         // Where the state this step resumes is: in this frame, moved out
         // of its frame, or (a fresh start) in `leaves`.
@@ -1088,24 +1139,26 @@ impl Jit {
             .programs
             .get_mut(&key)
             .ok_or_else(|| InterpError::Internal("the program vanished".into()))?;
-        let bound = program.bound(graph, &dims)?;
+        program.bound(graph, &dims)?;
+        let Program { ids, frames, .. } = program;
+        let bound = frames
+            .get_mut(&dims)
+            .ok_or_else(|| InterpError::Internal("the frame vanished".into()))?;
         let slot = |id: NodeId| slot_in(&bound.slots, id);
         let mut buffers = bound.frame.buffers();
         // The kept state becomes what this step starts from: each update's
         // buffer exchanged with its leaf's in the frame (this step's update
         // overwrites the leaf's old values), or the leaves written from
-        // their copies.
-        let mut skipped = BTreeSet::new();
-        if in_frame {
-            skipped.extend(carried.iter().map(|(_, leaf, _)| *leaf));
-        }
+        // their copies; those leaves are not written from `leaves`.
+        let skipped = |id: NodeId| {
+            (in_frame || from_evicted.is_some()) && carried_list.iter().any(|c| c.1 == id)
+        };
         if let Some(values) = &from_evicted {
-            for (name, leaf, _) in &carried {
+            for (name, leaf, _) in carried_list {
                 let value = values
                     .get(name)
                     .ok_or_else(|| InterpError::Internal(format!("no kept value for `{name}`")))?;
                 buffers.write(slot(*leaf)?, &value.data).map_err(internal)?;
-                skipped.insert(*leaf);
             }
         }
         // The leaves into their buffers, converted as the interpreter
@@ -1116,7 +1169,7 @@ impl Jit {
             let Some(&slot) = bound.slots.get(&id) else {
                 continue;
             };
-            if skipped.contains(&id) {
+            if skipped(id) {
                 continue;
             }
             buffers.write(slot, &tensor.data).map_err(internal)?;
@@ -1124,7 +1177,7 @@ impl Jit {
         // (Exchanged last, once nothing can fail before the new ticket:
         // until then the kept state is where its ticket says.)
         if in_frame {
-            for (_, leaf, update) in &carried {
+            for (_, leaf, update) in carried_list {
                 let (from, to) = (slot(*update)?, slot(*leaf)?);
                 if buffers.swap(from, to).is_err() {
                     // (Stored otherwise: copied, converted.)
@@ -1134,17 +1187,22 @@ impl Jit {
             }
         }
         // From here on the frame holds what this step starts from.
-        let ticket = if let Some(kept) = kept {
+        let ticket = if let (Some(kept), Some(carried)) = (kept, carried) {
             self.tickets += 1;
             if let Some(t) = resumed {
                 self.evicted.remove(&t);
             }
+            // (The kept sizes and key again if they are the same: no copy.)
+            let (key, dims) = match self.resident.take() {
+                Some(r) if r.key == key && r.dims == dims => (r.key, r.dims),
+                _ => (key.clone(), dims.clone()),
+            };
             self.resident = Some(Resident {
                 ticket: self.tickets,
                 computed: false,
-                key: key.clone(),
-                dims: dims.clone(),
-                carried: carried.clone(),
+                key,
+                dims,
+                carried,
             });
             *kept = Some(Kept {
                 ticket: self.tickets,
@@ -1160,10 +1218,8 @@ impl Jit {
             values: &bound.values,
             work: &bound.work,
             context,
-            scratch: Evaluation {
-                dims: bound.dims.clone(),
-                ..Evaluation::default()
-            },
+            dims: &bound.dims,
+            scratch: None,
             buffer_updates: BTreeMap::new(),
             narrow: (Vec::new(), Vec::new(), Vec::new()),
         };
@@ -1176,11 +1232,13 @@ impl Jit {
             buffer_updates,
             ..Evaluation::default()
         };
-        let outputs = copied.as_ref().map_or(bound.values.len(), Vec::len);
-        evaluation.values.reserve(outputs);
-        match copied {
-            Some(copied) => {
-                for (id, own) in copied {
+        evaluation
+            .values
+            .reserve(wanted.map_or(bound.values.len(), <[_]>::len));
+        match wanted {
+            Some(wanted) => {
+                for &id in wanted {
+                    let own = own_id(ids, id)?;
                     evaluation.values.insert(id, bound.value(graph, own)?);
                 }
             }
@@ -1257,8 +1315,11 @@ struct StepHost<'a> {
     values: &'a [(NodeId, Vec<usize>)],
     work: &'a [Work],
     context: Context,
-    /// The interpreter's working values for one node.
-    scratch: Evaluation,
+    /// The frame's sizes.
+    dims: &'a BTreeMap<String, usize>,
+    /// The interpreter's working values for one node (made by the first
+    /// node interpreted).
+    scratch: Option<Evaluation>,
     buffer_updates: BTreeMap<String, Tensor>,
     /// `f32` copies of a product's operands and its result, for an `f32`
     /// operand kept in an `f64` buffer.
@@ -1269,8 +1330,9 @@ impl Host for StepHost<'_> {
     fn call(&mut self, index: usize, buffers: &mut Buffers<'_>) -> Result<(), InterpError> {
         match self.work.get(index) {
             Some(Work::Interpret(nodes)) => {
-                for &id in nodes {
-                    if !self.matrix_product(id, buffers)? {
+                for (id, operands) in nodes {
+                    let id = *id;
+                    if !self.matrix_product(id, operands, buffers)? {
                         self.interpret(id, buffers)?;
                     }
                 }
@@ -1290,7 +1352,12 @@ impl StepHost<'_> {
     /// is zeros), writing its buffer.
     fn interpret(&mut self, id: NodeId, buffers: &mut Buffers<'_>) -> Result<(), InterpError> {
         let graph = self.graph;
-        self.scratch.values.clear();
+        let dims = self.dims;
+        let scratch = self.scratch.get_or_insert_with(|| Evaluation {
+            dims: dims.clone(),
+            ..Evaluation::default()
+        });
+        scratch.values.clear();
         let needed = fusion::reads(graph, id);
         for operand in graph.operands(id) {
             let node = graph.node(operand);
@@ -1304,21 +1371,19 @@ impl StepHost<'_> {
                         data: buffers.read(slot, count).into_owned(),
                     }
                 }
-                None if !needed.contains(&operand) => Tensor::zeros(
-                    node.dtype(),
-                    &interp::concrete(node.shape(), &self.scratch.dims)?,
-                ),
+                None if !needed.contains(&operand) => {
+                    Tensor::zeros(node.dtype(), &interp::concrete(node.shape(), dims)?)
+                }
                 None => return Err(InterpError::Internal(format!("{operand} has no buffer"))),
             };
-            self.scratch.values.insert(operand, value);
+            scratch.values.insert(operand, value);
         }
-        interp::evaluate_node(graph, id, &mut self.scratch, self.context)?;
-        let value = self
-            .scratch
+        interp::evaluate_node(graph, id, scratch, self.context)?;
+        let value = scratch
             .values
             .remove(&id)
             .ok_or_else(|| InterpError::Internal(format!("{id} was not evaluated")))?;
-        self.buffer_updates.append(&mut self.scratch.buffer_updates);
+        self.buffer_updates.append(&mut scratch.buffer_updates);
         buffers
             .write(slot_in(self.slots, id)?, &value.data)
             .map_err(|e| InterpError::Internal(format!("{id}: {e}")))
@@ -1338,11 +1403,11 @@ impl StepHost<'_> {
     fn matrix_product(
         &mut self,
         id: NodeId,
+        operands: &[NodeId],
         buffers: &mut Buffers<'_>,
     ) -> Result<bool, InterpError> {
         let graph = self.graph;
         let node = graph.node(id);
-        let operands = graph.operands(id);
         // (left operand, transposed?), (right operand, transposed?).
         let ((left, transpose_left), (right, transpose_right)) = match &node.op {
             Op::MatMul => ((operands[0], false), (operands[1], false)),
@@ -1369,9 +1434,10 @@ impl StepHost<'_> {
             return Ok(false);
         };
         // Each operand as (shape, transposed?) and its matrix sizes as read.
-        let operand = |slot: usize, transposed: bool| -> Option<(Operand, (usize, usize))> {
-            let shape = self.values[slot].1.clone();
-            let (rows, cols) = matrix_dims(&shape)?;
+        let values = self.values;
+        let operand = |slot: usize, transposed: bool| -> Option<(Operand<'_>, (usize, usize))> {
+            let shape = values[slot].1.as_slice();
+            let (rows, cols) = matrix_dims(shape)?;
             let dims = if transposed {
                 (cols, rows)
             } else {
@@ -1409,7 +1475,7 @@ impl StepHost<'_> {
                 narrow(b32, right, b_rows * b_cols);
                 c32.clear();
                 c32.resize(count, 0.0);
-                let (Some(a), Some(b)) = (matrix_view(a32, &a.0, a.1), matrix_view(b32, &b.0, b.1))
+                let (Some(a), Some(b)) = (matrix_view(a32, a.0, a.1), matrix_view(b32, b.0, b.1))
                 else {
                     return Ok(false);
                 };
@@ -1426,20 +1492,20 @@ impl StepHost<'_> {
 
 /// One operand of a product: its shape, and whether it is read
 /// transposed.
-type Operand = (Vec<usize>, bool);
+type Operand<'s> = (&'s [usize], bool);
 
 /// `out = a @ b` on the GEMM, straight from buffers holding `T`s.
 fn product_in_place<T: codegen::GemmElement + codegen::Stored + Send + Sync>(
     buffers: &mut Buffers<'_>,
     [left, right, out]: [usize; 3],
-    a: &Operand,
-    b: &Operand,
+    a: &Operand<'_>,
+    b: &Operand<'_>,
 ) -> Result<(), codegen::CodegenError> {
     buffers
-        .compute::<T, _>(&[left, right], out, |reads, c| {
+        .compute::<T, _, 2>([left, right], out, |reads, c| {
             match (
-                matrix_view(reads[0], &a.0, a.1),
-                matrix_view(reads[1], &b.0, b.1),
+                matrix_view(reads[0], a.0, a.1),
+                matrix_view(reads[1], b.0, b.1),
             ) {
                 (Some(a), Some(b)) => {
                     let count = a.rows * b.cols;
