@@ -73,6 +73,7 @@ pub fn is_sum(graph: &Graph, id: NodeId) -> bool {
             | Op::ZeroFraction
             | Op::DeadFraction
             | Op::Mse
+            | Op::BceWithLogits
     ) && graph.node(id).dtype() != DType::I32
         && graph.node(graph.operands(id)[0]).dtype() != DType::I32
 }
@@ -108,6 +109,20 @@ fn summand(
             let target = value_of(operands.get(1))?;
             let difference = b.ins().fsub(value, target);
             b.ins().fmul(difference, difference)
+        }
+        // max(x, 0) - x t + ln(1 + e^-|x|), in that order, as
+        // `kernels::bce_with_logits` (whose `max` gives 0 for NaN too).
+        Op::BceWithLogits => {
+            let target = value_of(operands.get(1))?;
+            let zero = constant(b, value, 0.0);
+            let positive = b.ins().fcmp(FloatCC::GreaterThan, value, zero);
+            let hinge = pick(b, positive, value, zero);
+            let product = b.ins().fmul(value, target);
+            let difference = b.ins().fsub(hinge, product);
+            let magnitude = b.ins().fabs(value);
+            let negated = b.ins().fneg(magnitude);
+            let tail = approx::softplus(b, negated);
+            b.ins().fadd(difference, tail)
         }
         _ => value,
     })
@@ -1450,6 +1465,7 @@ impl CodeCache {
                         ..
                     } | Op::ZeroFraction
                         | Op::Mse
+                        | Op::BceWithLogits
                 );
                 match access[j] {
                     Access::Full => {}
@@ -2521,8 +2537,8 @@ fn f32_exact(graph: &Graph, nodes: &[NodeId], input_elems: &[Elem], outputs: &[N
                 && constants_exact
                 && if is_sum(graph, id) {
                     // Sums of the values or of counts (`mse` squares a
-                    // difference first).
-                    node.op != Op::Mse
+                    // difference first; `bce_with_logits` takes `exp`).
+                    !matches!(node.op, Op::Mse | Op::BceWithLogits)
                 } else {
                     single_op(node) && !is_broadcast_back(graph, id)
                 }

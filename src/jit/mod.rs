@@ -931,7 +931,7 @@ fn kernel_factors(
                     .collect(),
             ),
             Op::SumTo => Some(interp::concrete(node.shape(), dims)?),
-            Op::ZeroFraction | Op::Mse => Some(Vec::new()),
+            Op::ZeroFraction | Op::Mse | Op::BceWithLogits => Some(Vec::new()),
             Op::DeadFraction => {
                 let mut kept = to.to_vec();
                 if let Some(rows) = kept.first_mut() {

@@ -1,7 +1,8 @@
 //! Row kernels: the ops that reduce or normalize along the last axis
 //! (`max` and `logsumexp` over it, `softmax`, `log_softmax`,
-//! `cross_entropy`, the VJPs of the last three and of `mse`, `layer_norm`
-//! with its VJPs, and a cross-entropy together with its VJP), compiled as a loop over rows with a few
+//! `cross_entropy`, the VJPs of the last three, of `mse` and of
+//! `bce_with_logits`, `layer_norm` with its VJPs, and a cross-entropy
+//! together with its VJP), compiled as a loop over rows with a few
 //! passes over each row's contiguous elements; and column kernels, the same
 //! loops over the columns of `[N, C]` (batch normalization, its VJPs and
 //! running statistics).
@@ -66,6 +67,13 @@ pub enum RowOp {
     MseVjp {
         /// For the target: the sign flips.
         negate: bool,
+    },
+    /// The VJP of `bce_with_logits` for the logits, `(sigmoid(x) - t) g /
+    /// n` elementwise, or (`target`) for the target, `-x g / n`. Reads `g`
+    /// (one value), `x`, `t`; writes `rows x cols`.
+    BceVjp {
+        /// For the target.
+        target: bool,
     },
     /// Layer normalization over the last axis: `(x - mean) / sqrt(var +
     /// eps) * gamma + beta` with the row's mean and biased variance. Reads
@@ -186,8 +194,17 @@ impl RowOp {
                 Op::Softmax { axis } if last(*axis, 1) => Some(RowOp::SoftmaxVjp),
                 Op::LogSoftmax { axis } if last(*axis, 1) => Some(RowOp::LogSoftmaxVjp),
                 Op::Mse if rank(1).is_some_and(|r| r >= 1) => Some(RowOp::MseVjp { negate: false }),
+                Op::BceWithLogits if rank(1).is_some_and(|r| r >= 1) => {
+                    Some(RowOp::BceVjp { target: false })
+                }
                 _ => None,
             },
+            Op::Vjp {
+                forward,
+                operand: 1,
+            } if **forward == Op::BceWithLogits && rank(1).is_some_and(|r| r >= 1) => {
+                Some(RowOp::BceVjp { target: true })
+            }
             _ => None,
         }
     }
@@ -213,6 +230,7 @@ impl RowOp {
             RowOp::RunningStat { .. } => vec![operands[0], operands[1]],
             RowOp::CrossEntropyVjp
             | RowOp::MseVjp { .. }
+            | RowOp::BceVjp { .. }
             | RowOp::LayerNormVjp { .. }
             | RowOp::BatchNormVjp { .. } => {
                 vec![operands[0], operands[1], operands[2]]
@@ -228,6 +246,7 @@ impl RowOp {
             | RowOp::SoftmaxVjp
             | RowOp::LogSoftmaxVjp
             | RowOp::MseVjp { .. }
+            | RowOp::BceVjp { .. }
             | RowOp::LayerNormVjp { .. }
             | RowOp::BatchNormVjp { .. } => 1,
             _ => 0,
@@ -253,7 +272,7 @@ impl RowOp {
             RowOp::Softmax | RowOp::LogSoftmax => (vec![all], all),
             RowOp::CrossEntropy => (vec![all, rows], 1),
             RowOp::CrossEntropyVjp => (vec![1, all, rows], all),
-            RowOp::MseVjp { .. } => (vec![1, all, all], all),
+            RowOp::MseVjp { .. } | RowOp::BceVjp { .. } => (vec![1, all, all], all),
             RowOp::SoftmaxVjp | RowOp::LogSoftmaxVjp => (vec![all, all], all),
             RowOp::LayerNorm { .. } => (vec![all, cols, cols], all),
             RowOp::LayerNormVjp { operand: 0, .. } => (vec![all, all, cols], all),
@@ -954,6 +973,30 @@ pub(super) fn emit(
                     let value = b.ins().fmul(value, g);
                     let value = b.ins().fdiv(value, count);
                     Ok(value)
+                })?;
+                Ok(vec![])
+            })?;
+        }
+        RowOp::BceVjp { target } => {
+            // `(sigmoid(x) - t) * (g / n)` or `-x * (g / n)`, as
+            // `interp::vjp`.
+            let g = codegen::load(b, bases[0].elem, false, bases[0].base);
+            let all = b.ins().imul(rows, cols);
+            let count = row_count(b, all);
+            let scale = b.ins().fdiv(g, count);
+            counted_loop(b, rows, &[], |b, r, _| {
+                let (x_row, t_row) = (row_of(b, bases[1], r), row_of(b, bases[2], r));
+                let out_row = row_of(b, out, r);
+                write_row(b, cols, f32, out_row, |b, j| {
+                    let x = load(b, x_row, j);
+                    let factor = if target {
+                        b.ins().fneg(x)
+                    } else {
+                        let t = load(b, t_row, j);
+                        let p = approx::sigmoid(b, x);
+                        b.ins().fsub(p, t)
+                    };
+                    Ok(b.ins().fmul(factor, scale))
                 })?;
                 Ok(vec![])
             })?;
