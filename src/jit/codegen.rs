@@ -25,7 +25,10 @@
     reason = "JIT-compiled code, its host trampoline and the raw-pointer GEMM; see the SAFETY comments"
 )]
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
+use std::mem::ManuallyDrop;
+use std::rc::Rc;
 
 use cranelift_codegen::ir::condcodes::{CondCode, FloatCC, IntCC};
 use cranelift_codegen::ir::{
@@ -853,6 +856,8 @@ pub struct Frame {
     /// pointer array.
     words: Vec<i64>,
     pointers: Vec<Vec<*const u8>>,
+    /// Keeps the entry's code (and the kernels it calls) in memory.
+    lease: Option<Rc<CodeLease>>,
 }
 
 impl Frame {
@@ -1096,7 +1101,11 @@ impl Frame {
 
 /// A JIT module holding compiled kernels; dropping it frees their code.
 pub struct CodeCache {
-    module: JITModule,
+    /// Taken out only when the cache is dropped (into `lease`).
+    module: ManuallyDrop<JITModule>,
+    /// Keeps the module's code memory until this cache and every frame
+    /// whose entry it compiled are gone.
+    lease: Rc<CodeLease>,
     /// The runtime functions, by name: a `BTreeMap`, so every kernel
     /// declares them in the same order and `--stage clif` is deterministic.
     imports: BTreeMap<&'static str, FuncId>,
@@ -1104,6 +1113,34 @@ pub struct CodeCache {
     /// Which CLIF text of each function to keep (`--stage clif`):
     /// printing it is a tenth of the compile time.
     keep_clif: ClifText,
+}
+
+impl Drop for CodeCache {
+    fn drop(&mut self) {
+        // SAFETY: `module` is not used again: this is the cache's last use
+        // of it, and the field is not dropped on its own (`ManuallyDrop`).
+        let module = unsafe { ManuallyDrop::take(&mut self.module) };
+        // (Freed with the lease, now or when the last frame goes.)
+        self.lease.0.set(Some(module));
+    }
+}
+
+/// The code memory of a `CodeCache`'s module: the cache and every frame
+/// whose entry it compiled hold the lease, and the last one to go frees
+/// the memory (before, compiled code was never freed).
+#[derive(Default)]
+struct CodeLease(Cell<Option<JITModule>>);
+
+impl Drop for CodeLease {
+    fn drop(&mut self) {
+        if let Some(module) = self.0.take() {
+            // SAFETY: the only pointers into this memory that are ever
+            // called are frames' entries (which call the kernels); each
+            // frame holding one also holds this lease, so none is left,
+            // and none is running (a running entry's frame is borrowed).
+            unsafe { module.free_memory() }
+        }
+    }
 }
 
 /// Which CLIF text a `CodeCache` keeps of each function it compiles.
@@ -1171,7 +1208,8 @@ impl CodeCache {
             .map_err(|e| CodegenError(e.to_string()))?;
         imports.insert("gradc_host", host);
         Ok(CodeCache {
-            module,
+            module: ManuallyDrop::new(module),
+            lease: Rc::default(),
             imports,
             next: 0,
             keep_clif,
@@ -1658,12 +1696,12 @@ impl CodeCache {
         // SAFETY: `code` is the finalized machine code of the function
         // declared above with three pointer-sized parameters and one
         // pointer-sized return, which matches this `extern "C"` type on the
-        // host's System V ABI. Finalized code is never freed: dropping a
-        // `JITModule` leaks its code memory on purpose (cranelift-jit keeps
-        // function pointers valid that way, and `free_memory` is never
-        // called here), so the pointer stays valid even if the frame
-        // outlives this cache, and so do the kernels the entry calls.
+        // host's System V ABI. The frame takes a lease on the code memory
+        // (below), so the pointer stays valid as long as the frame, even if
+        // the frame outlives this cache, and so do the kernels the entry
+        // calls (`CodeLease`).
         frame.entry = Some(unsafe { std::mem::transmute::<*const u8, EntryFn>(code) });
+        frame.lease = Some(Rc::clone(&self.lease));
         Ok(clif)
     }
 
