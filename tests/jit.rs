@@ -914,6 +914,21 @@ fn run_wanted_copies_out_only_the_wanted_values() {
         .expect("wanted");
     assert_eq!(some.values.len(), 1);
     assert_eq!(some.values[&loss], full.values[&loss]);
+    // An evaluation handed back (`Backend::recycle`) is filled again: the
+    // same values, only the wanted ones, in the same memory.
+    let expected = full.values[&loss].clone();
+    let data = some.values[&loss].data.as_ptr();
+    jit.recycle(some);
+    let again = jit
+        .run_wanted(&graph, &leaves, context, &[loss])
+        .expect("wanted again");
+    assert_eq!(again.values.len(), 1);
+    assert_eq!(again.values[&loss], expected);
+    assert_eq!(again.values[&loss].data.as_ptr(), data);
+    // Asked for everything, it holds everything again.
+    jit.recycle(again);
+    let everything = jit.run(&graph, &leaves, context).expect("full again");
+    assert_eq!(everything.values.len(), full.values.len());
 }
 
 /// A large product on two threads (rows split in halves when there are at

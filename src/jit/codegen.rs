@@ -642,6 +642,17 @@ impl Storage {
         }
     }
 
+    /// `read` into `out` (replacing what it held, reusing its memory).
+    fn read_into(&self, count: usize, out: &mut Vec<f64>) {
+        out.clear();
+        match self {
+            Storage::F64(data) => out.extend_from_slice(&data[..count.min(data.len())]),
+            Storage::F32(data) => {
+                out.extend(data[..count.min(data.len())].iter().map(|&v| f64::from(v)))
+            }
+        }
+    }
+
     /// Writes `values` into the first elements (narrowed to `f32` for an
     /// `f32` buffer); an error if they do not fit.
     fn write(&mut self, values: &[f64]) -> Result<(), CodegenError> {
@@ -881,6 +892,11 @@ impl Frame {
     /// The first `count` elements of buffer `slot` as `f64`s.
     pub fn read(&self, slot: usize, count: usize) -> std::borrow::Cow<'_, [f64]> {
         self.buffers[slot].read(count)
+    }
+
+    /// `read` into `out` (replacing what it held, reusing its memory).
+    pub fn read_into(&self, slot: usize, count: usize, out: &mut Vec<f64>) {
+        self.buffers[slot].read_into(count, out);
     }
 
     /// The length and element type of buffer `slot`.

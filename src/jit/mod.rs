@@ -125,6 +125,9 @@ pub struct Jit {
     evicted: HashMap<u64, Evicted>,
     /// The last ticket given out.
     tickets: u64,
+    /// An evaluation handed back (`Backend::recycle`), whose tensors the
+    /// next step's values are copied into.
+    spare: Option<Evaluation>,
     /// The key `compiled` gave last, for the graph version and the values
     /// wanted it was asked for (a run asks for the same every step).
     last_key: Option<(u64, Option<Vec<NodeId>>, ProgramKey)>,
@@ -1021,6 +1024,10 @@ impl Backend for Jit {
     ) -> Result<BTreeMap<String, Tensor>, InterpError> {
         self.kept_values(kept, computed)
     }
+
+    fn recycle(&mut self, evaluation: Evaluation) {
+        self.spare = Some(evaluation);
+    }
 }
 
 impl Jit {
@@ -1227,22 +1234,26 @@ impl Jit {
         let buffer_updates = host.buffer_updates;
         // Every materialized value out (or the wanted ones), as the
         // interpreter's tensors.
-        let mut evaluation = Evaluation {
-            dims,
-            buffer_updates,
-            ..Evaluation::default()
-        };
-        evaluation
-            .values
-            .reserve(wanted.map_or(bound.values.len(), <[_]>::len));
+        // (Into the tensors of an evaluation handed back, `recycle`.)
+        let mut evaluation = self.spare.take().unwrap_or_default();
+        evaluation.dims = dims;
+        evaluation.buffer_updates = buffer_updates;
         match wanted {
             Some(wanted) => {
+                evaluation.values.retain(|id, _| wanted.contains(id));
                 for &id in wanted {
                     let own = own_id(ids, id)?;
-                    evaluation.values.insert(id, bound.value(graph, own)?);
+                    match evaluation.values.get_mut(&id) {
+                        Some(tensor) => bound.refill(graph, own, tensor)?,
+                        None => {
+                            evaluation.values.insert(id, bound.value(graph, own)?);
+                        }
+                    }
                 }
             }
             None => {
+                evaluation.values.clear();
+                evaluation.values.reserve(bound.values.len());
                 for (id, _) in &bound.values {
                     evaluation.values.insert(*id, bound.value(graph, *id)?);
                 }
@@ -1298,12 +1309,24 @@ impl Jit {
 impl Bound {
     /// A value copied out of its buffer, as the interpreter's tensor.
     fn value(&self, graph: &Graph, id: NodeId) -> Result<Tensor, InterpError> {
+        let mut tensor = Tensor {
+            dtype: graph.node(id).dtype(),
+            shape: Vec::new(),
+            data: Vec::new(),
+        };
+        self.refill(graph, id, &mut tensor)?;
+        Ok(tensor)
+    }
+
+    /// `value` into a tensor of an earlier step (reusing its memory).
+    fn refill(&self, graph: &Graph, id: NodeId, tensor: &mut Tensor) -> Result<(), InterpError> {
         let slot = slot_in(&self.slots, id)?;
-        let shape = self.values[slot].1.clone();
-        let count: usize = shape.iter().product();
-        let data = self.frame.read(slot, count).into_owned();
-        let dtype = graph.node(id).dtype();
-        Ok(Tensor { dtype, shape, data })
+        let shape = &self.values[slot].1;
+        tensor.dtype = graph.node(id).dtype();
+        tensor.shape.clone_from(shape);
+        self.frame
+            .read_into(slot, shape.iter().product(), &mut tensor.data);
+        Ok(())
     }
 }
 

@@ -85,6 +85,13 @@ pub trait Backend {
         self.run_wanted(graph, leaves, context, &wanted)
     }
 
+    /// Hands back an evaluation the caller has finished reading, whose
+    /// tensors the backend may fill again next time instead of allocating
+    /// new ones (the JIT does; by default it is dropped).
+    fn recycle(&mut self, evaluation: Evaluation) {
+        drop(evaluation);
+    }
+
     /// The values of kept state, by name: those its step started from, or
     /// those it computed (`Kept::computed`).
     fn fetch_kept(
@@ -601,6 +608,7 @@ impl Session {
             self.synced = true;
         }
         self.steps_done = t;
+        backend.recycle(evaluation);
         Ok(StepResult {
             loss,
             correct,
