@@ -851,8 +851,29 @@ enum BoundCall {
         rows: i64,
         cols: i64,
     },
+    /// A copy kernel: `slots` are the source and the destination, `params`
+    /// the counts, offsets and strides of `Frame::push_copy`.
+    Copy {
+        func: FuncId,
+        slots: Vec<usize>,
+        params: Vec<i64>,
+    },
     /// Host work `index`.
     Host(usize),
+}
+
+/// The counts, offsets and strides of a copy kernel's call
+/// (`Frame::push_copy`): element `(a, b, c)` of the `counts[0] x counts[1]
+/// x counts[2]` block goes from `from.0 + a from.1[0] + b from.1[1] + c
+/// from.1[2]` in the source to the same place by `to` in the destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CopyBlock {
+    /// The block's extent.
+    pub counts: [usize; 3],
+    /// The source's offset and strides.
+    pub from: (usize, [usize; 3]),
+    /// The destination's offset and strides.
+    pub to: (usize, [usize; 3]),
 }
 
 /// A program bound to one set of sizes: a buffer per value, allocated once
@@ -1042,6 +1063,63 @@ impl Frame {
         Ok(())
     }
 
+    /// Appends a call of a copy kernel (`CodeCache::compile_copy`, for
+    /// buffers storing `elem`) copying `block` from buffer `slots[0]` to
+    /// buffer `slots[1]`, after checking that both store `elem`, are
+    /// distinct, and hold every element the block reaches (an empty block
+    /// is no call).
+    pub fn push_copy(
+        &mut self,
+        (func, elem): (FuncId, Elem),
+        slots: [usize; 2],
+        block: CopyBlock,
+    ) -> Result<(), CodegenError> {
+        if slots[0] == slots[1] {
+            return Err(CodegenError("copy: the source is the destination".into()));
+        }
+        if block.counts.contains(&0) {
+            return Ok(());
+        }
+        // The last element reached, by checked arithmetic.
+        let last = |(offset, strides): (usize, [usize; 3])| {
+            block
+                .counts
+                .iter()
+                .zip(strides)
+                .try_fold(offset, |at, (&count, stride)| {
+                    (count - 1).checked_mul(stride)?.checked_add(at)
+                })
+        };
+        for (slot, reach) in slots.iter().zip([last(block.from), last(block.to)]) {
+            let (has, stored) = self.buffer(*slot)?;
+            if stored != elem {
+                return Err(CodegenError(format!(
+                    "copy: buffer {slot} holds {stored:?}, the kernel copies {elem:?}"
+                )));
+            }
+            if reach.is_none_or(|last| last >= has) {
+                return Err(CodegenError(format!(
+                    "copy: a block reaches past buffer {slot} ({has} elements)"
+                )));
+            }
+        }
+        let params = block
+            .counts
+            .iter()
+            .chain([&block.from.0])
+            .chain(&block.from.1)
+            .chain([&block.to.0])
+            .chain(&block.to.1)
+            .map(|&v| i64::try_from(v).map_err(|_| CodegenError("copy: too large".into())))
+            .collect::<Result<Vec<i64>, _>>()?;
+        self.calls.push(BoundCall::Copy {
+            func,
+            slots: slots.to_vec(),
+            params,
+        });
+        Ok(())
+    }
+
     /// Appends host work `index` (`Host::call`).
     pub fn push_host(&mut self, index: usize) {
         self.calls.push(BoundCall::Host(index));
@@ -1083,6 +1161,11 @@ impl Frame {
                     pointers.extend(slots.iter().map(|&s| self.buffers[s].as_ptr()));
                     self.words.extend([pointers.as_ptr() as i64, *rows, *cols]);
                 }
+                BoundCall::Copy { slots, params, .. } => {
+                    pointers.extend(slots.iter().map(|&s| self.buffers[s].as_ptr()));
+                    self.words
+                        .extend([pointers.as_ptr() as i64, params.as_ptr() as i64]);
+                }
                 BoundCall::Host(_) => {}
             }
         }
@@ -1097,7 +1180,7 @@ impl Frame {
         // `self.calls`, and the module holding it outlives the frame
         // (`jit::Program` keeps both). Every call's buffers were checked
         // when it was pushed: a kernel reads and writes only inside the
-        // lengths checked then (see `push_kernel` and `push_rows`, and the
+        // lengths checked then (see `push_kernel`, `push_rows` and `push_copy`, and the
         // SAFETY reasoning of the access patterns in `compile`), and the
         // buffers have not been resized since (nothing can: `Buffers` only
         // hands out slices). The words and pointer arrays were rebuilt
@@ -1126,6 +1209,8 @@ pub struct CodeCache {
     /// declares them in the same order and `--stage clif` is deterministic.
     imports: BTreeMap<&'static str, FuncId>,
     next: u32,
+    /// The copy kernel for each element type, once compiled.
+    copies: Vec<(Elem, FuncId)>,
     /// Which CLIF text of each function to keep (`--stage clif`):
     /// printing it is a tenth of the compile time.
     keep_clif: ClifText,
@@ -1228,6 +1313,7 @@ impl CodeCache {
             lease: Rc::default(),
             imports,
             next: 0,
+            copies: Vec::new(),
             keep_clif,
         })
     }
@@ -1686,6 +1772,15 @@ impl CodeCache {
                         });
                         b.ins().call(callee, &arguments);
                     }
+                    BoundCall::Copy { func, .. } => {
+                        let arguments: Vec<Value> = (0..2).map(|_| load_word(&mut b)).collect();
+                        let callee = *declared.entry(*func).or_insert_with(|| {
+                            let callee = self.module.declare_func_in_func(*func, b.func);
+                            b.func.dfg.ext_funcs[callee].colocated = false;
+                            callee
+                        });
+                        b.ins().call(callee, &arguments);
+                    }
                     BoundCall::Host(index) => {
                         let index = b.ins().iconst(pointer, *index as i64);
                         let call = b.ins().call(host, &[state, index]);
@@ -1719,6 +1814,68 @@ impl CodeCache {
         frame.entry = Some(unsafe { std::mem::transmute::<*const u8, EntryFn>(code) });
         frame.lease = Some(Rc::clone(&self.lease));
         Ok(clif)
+    }
+
+    /// The copy kernel for buffers storing `elem` (compiled on first use):
+    /// `fn(ptrs, params)` copies a block (`CopyBlock`, whose eleven values
+    /// `params` holds: counts, then the source's offset and strides, then
+    /// the destination's) from `ptrs[0]` to `ptrs[1]`, bit for bit. It
+    /// moves the data of `reshape`, `transpose`, `concat` and their VJPs.
+    /// Also returns the CLIF text (empty if compiled before).
+    pub fn compile_copy(&mut self, elem: Elem) -> Result<(FuncId, String), CodegenError> {
+        if let Some(&(_, id)) = self.copies.iter().find(|(e, _)| *e == elem) {
+            return Ok((id, String::new()));
+        }
+        let (id, mut context) = self.declare("copy", 2, false)?;
+        let mut builder_context = FunctionBuilderContext::new();
+        {
+            let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            let params = b.block_params(entry).to_vec();
+            let flags = MemFlagsData::trusted();
+            let word = |b: &mut FunctionBuilder<'_>, base: Value, k: i32| {
+                b.ins().load(types::I64, flags, base, 8 * k)
+            };
+            let (src, dst) = (word(&mut b, params[0], 0), word(&mut b, params[0], 1));
+            let p: Vec<Value> = (0..11).map(|k| word(&mut b, params[1], k)).collect();
+            let (counts, from, to) = (&p[0..3], &p[3..7], &p[7..11]);
+            // The elements as integers of their width: copied bit for bit.
+            let bits = match elem {
+                Elem::F32 => types::I32,
+                Elem::F64 => types::I64,
+            };
+            let step = |b: &mut FunctionBuilder<'_>, at: Value, i: Value, stride: Value| {
+                let offset = b.ins().imul(i, stride);
+                b.ins().iadd(at, offset)
+            };
+            rows::counted_loop(&mut b, counts[0], &[], |b, i, _| {
+                let from_i = step(b, from[0], i, from[1]);
+                let to_i = step(b, to[0], i, to[1]);
+                rows::counted_loop(b, counts[1], &[], |b, j, _| {
+                    let from_j = step(b, from_i, j, from[2]);
+                    let to_j = step(b, to_i, j, to[2]);
+                    rows::counted_loop(b, counts[2], &[], |b, k, _| {
+                        let from_k = step(b, from_j, k, from[3]);
+                        let to_k = step(b, to_j, k, to[3]);
+                        let source = element_at(b, elem, src, from_k);
+                        let value = b.ins().load(bits, flags, source, 0);
+                        let target = element_at(b, elem, dst, to_k);
+                        b.ins().store(flags, value, target, 0);
+                        Ok(vec![])
+                    })?;
+                    Ok(vec![])
+                })?;
+                Ok(vec![])
+            })?;
+            b.ins().return_(&[]);
+            b.seal_all_blocks();
+            b.finalize(self.module.target_config());
+        }
+        let clif = self.finish(id, context)?;
+        self.copies.push((elem, id));
+        Ok((id, clif))
     }
 
     /// Compiles a row kernel (`jit::rows`) computing `outputs` (a node

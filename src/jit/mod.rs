@@ -43,7 +43,9 @@ use crate::passes::{
     fusion::{self, Plan},
 };
 use crate::train::{Backend, Carried, Kept};
-use codegen::{Buffers, ClifText, CodeCache, CompiledKernel, Elem, Frame, Host, RowKernel};
+use codegen::{
+    Buffers, ClifText, CodeCache, CompiledKernel, CopyBlock, Elem, Frame, Host, RowKernel,
+};
 use rows::RowOp;
 
 /// A kernel's compiled form.
@@ -64,6 +66,15 @@ enum Compiled {
     /// Computed by the row kernel of an earlier kernel, fused with it
     /// (`fused_cross_entropy`).
     Within,
+    /// A node that only moves its operands' elements (`copy_blocks`), by
+    /// the copy kernel for buffers storing `elem`, after the cheap values
+    /// it recomputes (on the interpreter).
+    Copy {
+        prologue: Vec<NodeId>,
+        node: NodeId,
+        func: cranelift_module::FuncId,
+        elem: Elem,
+    },
 }
 
 /// A graph prepared for running: the graph its kernels compute (the
@@ -454,6 +465,35 @@ fn compile(
             loops.push(loop_shape);
             continue;
         }
+        // A single node that only moves elements, between buffers that
+        // store them alike.
+        if let [node] = kernel.nodes.as_slice()
+            && let Some(moved) = moved_operands(graph, *node)
+        {
+            let elem = Elem::of(graph.node(*node).dtype());
+            if moved
+                .iter()
+                .all(|&o| self::elem(graph, &storage, o) == elem)
+            {
+                let (func, text) = code.compile_copy(elem)?;
+                let text = if text.is_empty() {
+                    "(the copy kernel above)\n".to_string()
+                } else {
+                    text
+                };
+                clif.push(format!("; kernel k{k}: copy\n{text}"));
+                let mut prologue: Vec<NodeId> = kernel.recompute.iter().copied().collect();
+                prologue.sort_by_key(|id| position[id]);
+                kernels.push(Some(Compiled::Copy {
+                    prologue,
+                    node: *node,
+                    func,
+                    elem,
+                }));
+                loops.push(loop_shape);
+                continue;
+            }
+        }
         // A single reduction or normalization along the last axis (with,
         // for a cross-entropy, its VJP if that can run with it).
         if let [node] = kernel.nodes.as_slice()
@@ -594,6 +634,116 @@ fn fused_cross_entropy(
             };
             (vjp_operands[1..3] == operands[..2]).then_some((later, *vjp, g))
         })
+}
+
+/// The operands whose elements a node only moves (a `reshape`, a
+/// `transpose` of the last two axes, a `concat`, or the VJP of one of
+/// them: the gradient's), or `None` for any other node.
+fn moved_operands(graph: &Graph, id: NodeId) -> Option<Vec<NodeId>> {
+    let operands = graph.operands(id);
+    let rank = |n: NodeId| graph.node(n).shape().rank();
+    match &graph.node(id).op {
+        Op::Reshape => Some(vec![operands[0]]),
+        Op::Transpose if rank(operands[0]) >= 2 => Some(vec![operands[0]]),
+        Op::Concat { .. } => Some(operands),
+        Op::Vjp { forward, .. } => match forward.as_ref() {
+            Op::Reshape | Op::Concat { .. } => Some(vec![operands[0]]),
+            Op::Transpose if rank(operands[0]) >= 2 => Some(vec![operands[0]]),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// How a node `moved_operands` accepts is its operands' elements moved, at
+/// these sizes: the blocks to copy, each with the operand it copies from
+/// (as the interpreter's `reshape`, `kernels::transpose`,
+/// `kernels::concat` and their VJPs order the elements).
+fn copy_blocks(
+    graph: &Graph,
+    id: NodeId,
+    dims: &BTreeMap<String, usize>,
+) -> Result<Option<Vec<(NodeId, CopyBlock)>>, InterpError> {
+    let operands = graph.operands(id);
+    let shape_of = |n: NodeId| interp::concrete(graph.node(n).shape(), dims);
+    let whole = |n: usize| CopyBlock {
+        counts: [1, 1, n],
+        from: (0, [0, 0, 1]),
+        to: (0, [0, 0, 1]),
+    };
+    // `[.., r, c]` to `[.., c, r]`.
+    let transposed = |shape: &[usize]| -> Option<CopyBlock> {
+        let rank = shape.len();
+        let (r, c) = (*shape.get(rank.checked_sub(2)?)?, shape[rank - 1]);
+        let batch: usize = shape[..rank - 2].iter().product();
+        Some(CopyBlock {
+            counts: [batch, r, c],
+            from: (0, [r * c, c, 1]),
+            to: (0, [r * c, 1, r]),
+        })
+    };
+    // Operand `j` of a concat of `parts` along `axis` into `shape`, as
+    // (its block within each outer row, the whole row's length).
+    let concat_part = |shape: &[usize], axis: usize, parts: &[Vec<usize>], j: usize| {
+        let inner: usize = shape[axis + 1..].iter().product();
+        let before: usize = parts[..j].iter().map(|p| p[axis]).sum();
+        let outer: usize = shape[..axis].iter().product();
+        (
+            outer,
+            before * inner,
+            parts[j][axis] * inner,
+            shape[axis] * inner,
+        )
+    };
+    let node = graph.node(id);
+    Ok(match &node.op {
+        Op::Reshape => Some(vec![(operands[0], whole(shape_of(id)?.iter().product()))]),
+        Op::Transpose => transposed(&shape_of(operands[0])?).map(|b| vec![(operands[0], b)]),
+        Op::Concat { axis } => {
+            let shape = shape_of(id)?;
+            let parts = operands
+                .iter()
+                .map(|&o| shape_of(o))
+                .collect::<Result<Vec<_>, _>>()?;
+            let blocks = (0..operands.len())
+                .map(|j| {
+                    let (outer, start, width, row) = concat_part(&shape, *axis, &parts, j);
+                    let block = CopyBlock {
+                        counts: [outer, 1, width],
+                        from: (0, [width, 0, 1]),
+                        to: (start, [row, 0, 1]),
+                    };
+                    (operands[j], block)
+                })
+                .collect();
+            Some(blocks)
+        }
+        Op::Vjp { forward, operand } => {
+            let g = operands[0];
+            match forward.as_ref() {
+                Op::Reshape => Some(vec![(g, whole(shape_of(id)?.iter().product()))]),
+                Op::Transpose => transposed(&shape_of(g)?).map(|b| vec![(g, b)]),
+                Op::Concat { axis } => {
+                    // Operands: the gradient, the concat's inputs, its value.
+                    let inputs = &operands[1..operands.len() - 1];
+                    let parts = inputs
+                        .iter()
+                        .map(|&o| shape_of(o))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let shape = shape_of(g)?;
+                    let (outer, start, width, row) = concat_part(&shape, *axis, &parts, *operand);
+                    let block = CopyBlock {
+                        counts: [outer, 1, width],
+                        from: (start, [row, 0, 1]),
+                        to: (0, [width, 0, 1]),
+                    };
+                    Some(vec![(g, block)])
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    })
 }
 
 /// Notes how a compiled kernel stores value `id`, where that is not
@@ -751,6 +901,20 @@ fn bind(
                     _ => Call::Interpret(interpreted(&done)),
                 }
             }
+            Some(Compiled::Copy {
+                prologue,
+                node,
+                func,
+                elem,
+            }) => match copy_blocks(graph, *node, dims)? {
+                Some(blocks) => Call::Copy {
+                    prologue: unfinished(prologue, &done),
+                    node: *node,
+                    func: (*func, *elem),
+                    blocks,
+                },
+                None => Call::Interpret(interpreted(&done)),
+            },
             // (Nothing to do, unless that kernel fell back to the
             // interpreter.)
             Some(Compiled::Within) if kernel.nodes.iter().all(|id| done.contains(id)) => {
@@ -766,6 +930,7 @@ fn bind(
             Call::Rows {
                 prologue, kernel, ..
             } => prologue.iter().chain(&kernel.outputs).copied().collect(),
+            Call::Copy { prologue, node, .. } => prologue.iter().copied().chain([*node]).collect(),
             Call::Interpret(nodes) => nodes.clone(),
         };
         done.extend(produced.iter().copied());
@@ -866,6 +1031,22 @@ fn bind(
                     .push_rows(kernel, buffers, rows, cols)
                     .map_err(internal)?;
             }
+            Call::Copy {
+                prologue,
+                node,
+                func,
+                blocks,
+            } => {
+                if !prologue.is_empty() {
+                    host(&mut frame, &mut work, interpret(prologue));
+                }
+                let to = slot_of(&node)?;
+                for (from, block) in blocks {
+                    frame
+                        .push_copy(func, [slot_of(&from)?, to], block)
+                        .map_err(internal)?;
+                }
+            }
             Call::Interpret(nodes) if nodes.is_empty() => {}
             Call::Interpret(nodes) => host(&mut frame, &mut work, interpret(nodes)),
         }
@@ -895,6 +1076,12 @@ enum Call<'p> {
         kernel: &'p RowKernel,
         rows: usize,
         cols: usize,
+    },
+    Copy {
+        prologue: Vec<NodeId>,
+        node: NodeId,
+        func: (cranelift_module::FuncId, Elem),
+        blocks: Vec<(NodeId, CopyBlock)>,
     },
     Interpret(Vec<NodeId>),
 }
@@ -1624,6 +1811,53 @@ mod tests {
             }
             bind(&mut frame, 12).expect("12 binds");
         }
+    }
+
+    /// A copy kernel's call is bound only if every element its block
+    /// reaches lies in its buffers, which store what it copies and are
+    /// two: a block one element too long, a wrong element type, a stride
+    /// that overflows or a copy onto its source is refused.
+    #[test]
+    fn a_copy_reaches_only_inside_its_buffers() {
+        let mut code = CodeCache::new(ClifText::None).expect("code cache");
+        let (copy, _) = code.compile_copy(Elem::F32).expect("copy kernel");
+        let mut frame = Frame::new(&[(6, Elem::F32), (6, Elem::F32), (6, Elem::F64)]);
+        let transpose = CopyBlock {
+            counts: [1, 2, 3],
+            from: (0, [6, 3, 1]),
+            to: (0, [6, 1, 2]),
+        };
+        frame
+            .push_copy((copy, Elem::F32), [0, 1], transpose)
+            .expect("a 2 x 3 transpose fits");
+        let too_long = CopyBlock {
+            counts: [1, 1, 6],
+            from: (1, [0, 0, 1]),
+            to: (0, [0, 0, 1]),
+        };
+        let overflowing = CopyBlock {
+            counts: [2, 1, 1],
+            from: (0, [usize::MAX, 0, 1]),
+            to: (0, [1, 0, 1]),
+        };
+        for (slots, block, says) in [
+            ([0, 1], too_long, "reaches past"),
+            ([0, 1], overflowing, "reaches past"),
+            ([0, 2], transpose, "holds F64"),
+            ([1, 1], transpose, "is the destination"),
+        ] {
+            let error = frame
+                .push_copy((copy, Elem::F32), slots, block)
+                .expect_err("refused");
+            assert!(error.to_string().contains(says), "{error}");
+        }
+        let empty = CopyBlock {
+            counts: [0, 1, 1],
+            ..too_long
+        };
+        frame
+            .push_copy((copy, Elem::F32), [0, 1], empty)
+            .expect("an empty block is no call");
     }
 
     /// A row kernel compiled for a static row length (4 here: no code for
