@@ -1350,18 +1350,21 @@ train m {{ optimizer sgd(lr = 0.1) }}
     }
 }
 
-/// `reshape`, `transpose`, `concat` and their VJPs run as copy kernels
-/// (`--stage clif` says so), agree with the interpreter, and move the very
-/// bits its kernels do from the same operands, in `f32` and `f64`, forward
-/// and backward, at an odd batch size.
+/// `reshape`, `transpose`, `concat` and their VJPs run as copy kernels,
+/// and `embedding` as a gather (`--stage clif` says so); they agree with
+/// the interpreter and move the very bits its kernels do from the same
+/// operands, in `f32` and `f64`, forward and backward, at an odd batch
+/// size. An index out of range is the interpreter's error.
 #[test]
-fn reshape_transpose_and_concat_are_compiled_copies() {
+fn reshape_transpose_concat_and_embedding_are_compiled_copies() {
     let source = "model m {
     input x: f32[B, 6]
+    input ids: i32[B, 2]
     input y: i32[B]
     param w: f32[6, 3] = kaiming_uniform
     param v: f32[3, 2] = kaiming_uniform
-    let a = x @ w
+    param table: f32[4, 3] = kaiming_uniform
+    let a = x @ w + sum(embedding(ids, table), axis = 1)
     retain a
     let t = transpose(reshape(a, [B, 3, 1]))
     let c = concat([a, reshape(t, [B, 3]), a], axis = 1)
@@ -1383,20 +1386,33 @@ train m { optimizer sgd(lr = 0.1) }
         leaves.insert("x".into(), Tensor::new(dtype, vec![rows, 6], x));
         let y = (0..rows).map(|r| (r % 2) as f64).collect();
         leaves.insert("y".into(), Tensor::new(DType::I32, vec![rows], y));
+        let ids = (0..rows * 2).map(|i| (i * 3 % 4) as f64).collect();
+        leaves.insert("ids".into(), Tensor::new(DType::I32, vec![rows, 2], ids));
         let context = Context { seed: 2, step: 1 };
         let expected = interp::evaluate(&graph, &leaves, context).expect("interpreter");
         let mut jit = Jit::new();
         let clif = jit.clif(&graph).expect("clif");
         let copies = clif.matches(": copy").count();
         assert!(copies >= 6, "{dtype:?}: {copies} copy kernels\n{clif}");
-        assert!(!clif.contains("on the interpreter"), "{dtype:?}:\n{clif}");
+        assert!(clif.contains(": gather"), "{dtype:?}:\n{clif}");
+        // (All but the embedding's VJP, a sum of rows.)
+        let interpreted: Vec<&str> = clif
+            .lines()
+            .filter(|l| l.contains("on the interpreter"))
+            .collect();
+        assert!(
+            interpreted.iter().all(|l| l.contains("(embedding.vjp1)")),
+            "{dtype:?}: {interpreted:?}"
+        );
         let got = jit.run(&graph, &leaves, context).expect("jit");
         // Every copied value, forward and backward, is the interpreter's.
         let mut checked = 0;
         for id in graph.ids() {
             let node = graph.node(id);
-            let moved = matches!(node.op, Op::Reshape | Op::Transpose | Op::Concat { .. })
-                || matches!(&node.op, Op::Vjp { forward, .. }
+            let moved = matches!(
+                node.op,
+                Op::Reshape | Op::Transpose | Op::Concat { .. } | Op::Embedding
+            ) || matches!(&node.op, Op::Vjp { forward, .. }
                     if matches!(forward.as_ref(), Op::Reshape | Op::Transpose | Op::Concat { .. }));
             if !moved {
                 continue;
@@ -1423,7 +1439,17 @@ train m { optimizer sgd(lr = 0.1) }
             );
             checked += 1;
         }
-        assert!(checked >= 8, "{dtype:?}: only {checked} copies checked");
+        assert!(checked >= 9, "{dtype:?}: only {checked} copies checked");
         optimized_results_agree(&mut jit, &graph, &leaves, context, &expected, "copies");
+        // An index out of range: the interpreter's error, from both.
+        let mut bad = leaves.clone();
+        let ids = (0..rows * 2)
+            .map(|i| if i == 7 { 4.0 } else { 0.0 })
+            .collect();
+        bad.insert("ids".into(), Tensor::new(DType::I32, vec![rows, 2], ids));
+        let expected = interp::evaluate(&graph, &bad, context).expect_err("interpreter");
+        let got = jit.run(&graph, &bad, context).expect_err("jit");
+        assert_eq!(got.to_string(), expected.to_string());
+        assert!(got.to_string().contains("embedding index 4"), "{got}");
     }
 }

@@ -851,8 +851,10 @@ enum BoundCall {
         rows: i64,
         cols: i64,
     },
-    /// A copy kernel: `slots` are the source and the destination, `params`
-    /// the counts, offsets and strides of `Frame::push_copy`.
+    /// A copy kernel (`slots` the source and the destination, `params` the
+    /// counts, offsets and strides of `Frame::push_copy`) or a gather kernel
+    /// (`slots` the indices, the table and the output, `params` `[n, d,
+    /// v]`, `Frame::push_gather`).
     Copy {
         func: FuncId,
         slots: Vec<usize>,
@@ -1120,6 +1122,55 @@ impl Frame {
         Ok(())
     }
 
+    /// Appends a call of a gather kernel (`CodeCache::compile_gather`, for
+    /// tables storing `elem`) picking rows of the `v x d` table in buffer
+    /// `slots[1]` by the `n` indices in buffer `slots[0]` into buffer
+    /// `slots[2]`, after checking the buffers' types and lengths (`n`
+    /// indices stored as `f64`, `v d` table elements, `n d` outputs, the
+    /// output distinct). The indices must be checked by host work pushed
+    /// before it (the kernel caps them at `v - 1` anyway).
+    pub fn push_gather(
+        &mut self,
+        (func, elem): (FuncId, Elem),
+        slots: [usize; 3],
+        [n, d, v]: [usize; 3],
+    ) -> Result<(), CodegenError> {
+        let lengths = [Some(n), v.checked_mul(d), n.checked_mul(d)];
+        let elems = [Elem::F64, elem, elem];
+        for ((&slot, length), want) in slots.iter().zip(lengths).zip(elems) {
+            let (has, stored) = self.buffer(slot)?;
+            if stored != want {
+                return Err(CodegenError(format!(
+                    "gather: buffer {slot} holds {stored:?}, expected {want:?}"
+                )));
+            }
+            if length.is_none_or(|length| has < length) {
+                return Err(CodegenError(format!(
+                    "gather: buffer {slot} has {has} elements, too few"
+                )));
+            }
+        }
+        if slots[2] == slots[0] || slots[2] == slots[1] {
+            return Err(CodegenError("gather: the output aliases an input".into()));
+        }
+        if n == 0 || d == 0 {
+            return Ok(());
+        }
+        if v == 0 {
+            return Err(CodegenError("gather: an empty table".into()));
+        }
+        let params = [n, d, v]
+            .iter()
+            .map(|&v| i64::try_from(v).map_err(|_| CodegenError("gather: too large".into())))
+            .collect::<Result<Vec<i64>, _>>()?;
+        self.calls.push(BoundCall::Copy {
+            func,
+            slots: slots.to_vec(),
+            params,
+        });
+        Ok(())
+    }
+
     /// Appends host work `index` (`Host::call`).
     pub fn push_host(&mut self, index: usize) {
         self.calls.push(BoundCall::Host(index));
@@ -1177,11 +1228,12 @@ impl Frame {
         };
         let state_pointer = (&mut state as *mut HostState<'_>).cast::<HostState<'static>>();
         // SAFETY: `entry` was compiled by `compile_entry` for exactly
-        // `self.calls`, and the module holding it outlives the frame
-        // (`jit::Program` keeps both). Every call's buffers were checked
-        // when it was pushed: a kernel reads and writes only inside the
-        // lengths checked then (see `push_kernel`, `push_rows` and `push_copy`, and the
-        // SAFETY reasoning of the access patterns in `compile`), and the
+        // `self.calls`, and its code memory lives as long as the frame's
+        // lease (`CodeLease`). Every call's buffers were checked when it
+        // was pushed: a kernel reads and writes only inside the lengths
+        // checked then (see `push_kernel`, `push_rows`, `push_copy` and
+        // `push_gather`, and the SAFETY reasoning of the access patterns
+        // in `compile`), and the
         // buffers have not been resized since (nothing can: `Buffers` only
         // hands out slices). The words and pointer arrays were rebuilt
         // above from those buffers and live in `self` for the whole call;
@@ -1211,6 +1263,8 @@ pub struct CodeCache {
     next: u32,
     /// The copy kernel for each element type, once compiled.
     copies: Vec<(Elem, FuncId)>,
+    /// The gather kernel for each element type, once compiled.
+    gathers: Vec<(Elem, FuncId)>,
     /// Which CLIF text of each function to keep (`--stage clif`):
     /// printing it is a tenth of the compile time.
     keep_clif: ClifText,
@@ -1314,6 +1368,7 @@ impl CodeCache {
             imports,
             next: 0,
             copies: Vec::new(),
+            gathers: Vec::new(),
             keep_clif,
         })
     }
@@ -1875,6 +1930,70 @@ impl CodeCache {
         }
         let clif = self.finish(id, context)?;
         self.copies.push((elem, id));
+        Ok((id, clif))
+    }
+
+    /// The gather kernel for tables storing `elem` (compiled on first
+    /// use): `fn(ptrs, params)` with `ptrs` the indices (stored as `f64`),
+    /// the `v x d` table and the output, and `params` `[n, d, v]`, copies
+    /// row `ids[j]` of the table to row `j` of the output for each of the
+    /// `n` indices, bit for bit (`embedding`). An index is truncated like
+    /// `as usize` and capped at `v - 1`, so no address leaves the table
+    /// (the runtime has checked the indices already). Also returns the
+    /// CLIF text (empty if compiled before).
+    pub fn compile_gather(&mut self, elem: Elem) -> Result<(FuncId, String), CodegenError> {
+        if let Some(&(_, id)) = self.gathers.iter().find(|(e, _)| *e == elem) {
+            return Ok((id, String::new()));
+        }
+        let (id, mut context) = self.declare("gather", 2, false)?;
+        let mut builder_context = FunctionBuilderContext::new();
+        {
+            let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            let params = b.block_params(entry).to_vec();
+            let flags = MemFlagsData::trusted();
+            let word = |b: &mut FunctionBuilder<'_>, base: Value, k: i32| {
+                b.ins().load(types::I64, flags, base, 8 * k)
+            };
+            let ids = word(&mut b, params[0], 0);
+            let table = word(&mut b, params[0], 1);
+            let out = word(&mut b, params[0], 2);
+            let (n, d, v) = (
+                word(&mut b, params[1], 0),
+                word(&mut b, params[1], 1),
+                word(&mut b, params[1], 2),
+            );
+            let bits = match elem {
+                Elem::F32 => types::I32,
+                Elem::F64 => types::I64,
+            };
+            let last = b.ins().iadd_imm_s(v, -1);
+            rows::counted_loop(&mut b, n, &[], |b, j, _| {
+                let at = element_at(b, Elem::F64, ids, j);
+                let index = b.ins().load(types::F64, flags, at, 0);
+                let row = b.ins().fcvt_to_uint_sat(types::I64, index);
+                let row = b.ins().umin(row, last);
+                let from = b.ins().imul(row, d);
+                let to = b.ins().imul(j, d);
+                rows::counted_loop(b, d, &[], |b, k, _| {
+                    let from = b.ins().iadd(from, k);
+                    let to = b.ins().iadd(to, k);
+                    let source = element_at(b, elem, table, from);
+                    let value = b.ins().load(bits, flags, source, 0);
+                    let target = element_at(b, elem, out, to);
+                    b.ins().store(flags, value, target, 0);
+                    Ok(vec![])
+                })?;
+                Ok(vec![])
+            })?;
+            b.ins().return_(&[]);
+            b.seal_all_blocks();
+            b.finalize(self.module.target_config());
+        }
+        let clif = self.finish(id, context)?;
+        self.gathers.push((elem, id));
         Ok((id, clif))
     }
 

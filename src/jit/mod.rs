@@ -75,6 +75,14 @@ enum Compiled {
         func: cranelift_module::FuncId,
         elem: Elem,
     },
+    /// An `embedding`: its table's rows picked by the gather kernel for
+    /// tables storing `elem`, after the indices' check.
+    Gather {
+        prologue: Vec<NodeId>,
+        node: NodeId,
+        func: cranelift_module::FuncId,
+        elem: Elem,
+    },
 }
 
 /// A graph prepared for running: the graph its kernels compute (the
@@ -494,6 +502,34 @@ fn compile(
                 continue;
             }
         }
+        // An embedding whose table and output store elements alike.
+        if let [node] = kernel.nodes.as_slice()
+            && graph.node(*node).op == Op::Embedding
+        {
+            let operands = graph.operands(*node);
+            let elem = Elem::of(graph.node(*node).dtype());
+            if self::elem(graph, &storage, operands[0]) == Elem::F64
+                && self::elem(graph, &storage, operands[1]) == elem
+            {
+                let (func, text) = code.compile_gather(elem)?;
+                let text = if text.is_empty() {
+                    "(the gather kernel above)\n".to_string()
+                } else {
+                    text
+                };
+                clif.push(format!("; kernel k{k}: gather\n{text}"));
+                let mut prologue: Vec<NodeId> = kernel.recompute.iter().copied().collect();
+                prologue.sort_by_key(|id| position[id]);
+                kernels.push(Some(Compiled::Gather {
+                    prologue,
+                    node: *node,
+                    func,
+                    elem,
+                }));
+                loops.push(loop_shape);
+                continue;
+            }
+        }
         // A single reduction or normalization along the last axis (with,
         // for a cross-entropy, its VJP if that can run with it).
         if let [node] = kernel.nodes.as_slice()
@@ -780,9 +816,13 @@ enum Work {
     /// Nodes evaluated on the interpreter (a matrix product on the GEMM),
     /// in order, each with its operands.
     Interpret(Vec<(NodeId, Vec<NodeId>)>),
-    /// The labels in a buffer must lie in `0..cols` (the interpreter's
-    /// check and error), before a row kernel reads them.
-    Labels { slot: usize, cols: usize },
+    /// The labels (or indices, `what`) in a buffer must lie in `0..cols`
+    /// (the interpreter's check and error), before a kernel reads them.
+    Labels {
+        slot: usize,
+        cols: usize,
+        what: &'static str,
+    },
 }
 
 impl Program {
@@ -915,6 +955,24 @@ fn bind(
                 },
                 None => Call::Interpret(interpreted(&done)),
             },
+            Some(Compiled::Gather {
+                prologue,
+                node,
+                func,
+                elem,
+            }) => {
+                let operands = graph.operands(*node);
+                let ids: usize = to(graph.node(operands[0]).shape())?.iter().product();
+                match to(graph.node(operands[1]).shape())?.as_slice() {
+                    &[v, d] => Call::Gather {
+                        prologue: unfinished(prologue, &done),
+                        node: *node,
+                        func: (*func, *elem),
+                        sizes: [ids, d, v],
+                    },
+                    _ => Call::Interpret(interpreted(&done)),
+                }
+            }
             // (Nothing to do, unless that kernel fell back to the
             // interpreter.)
             Some(Compiled::Within) if kernel.nodes.iter().all(|id| done.contains(id)) => {
@@ -930,7 +988,9 @@ fn bind(
             Call::Rows {
                 prologue, kernel, ..
             } => prologue.iter().chain(&kernel.outputs).copied().collect(),
-            Call::Copy { prologue, node, .. } => prologue.iter().copied().chain([*node]).collect(),
+            Call::Copy { prologue, node, .. } | Call::Gather { prologue, node, .. } => {
+                prologue.iter().copied().chain([*node]).collect()
+            }
             Call::Interpret(nodes) => nodes.clone(),
         };
         done.extend(produced.iter().copied());
@@ -1024,6 +1084,7 @@ fn bind(
                     let labels = Work::Labels {
                         slot: buffers[labels],
                         cols,
+                        what: "label",
                     };
                     host(&mut frame, &mut work, labels);
                 }
@@ -1046,6 +1107,29 @@ fn bind(
                         .push_copy(func, [slot_of(&from)?, to], block)
                         .map_err(internal)?;
                 }
+            }
+            Call::Gather {
+                prologue,
+                node,
+                func,
+                sizes,
+            } => {
+                if !prologue.is_empty() {
+                    host(&mut frame, &mut work, interpret(prologue));
+                }
+                let operands = graph.operands(node);
+                let slots = [
+                    slot_of(&operands[0])?,
+                    slot_of(&operands[1])?,
+                    slot_of(&node)?,
+                ];
+                let indices = Work::Labels {
+                    slot: slots[0],
+                    cols: sizes[2],
+                    what: "embedding index",
+                };
+                host(&mut frame, &mut work, indices);
+                frame.push_gather(func, slots, sizes).map_err(internal)?;
             }
             Call::Interpret(nodes) if nodes.is_empty() => {}
             Call::Interpret(nodes) => host(&mut frame, &mut work, interpret(nodes)),
@@ -1082,6 +1166,13 @@ enum Call<'p> {
         node: NodeId,
         func: (cranelift_module::FuncId, Elem),
         blocks: Vec<(NodeId, CopyBlock)>,
+    },
+    Gather {
+        prologue: Vec<NodeId>,
+        node: NodeId,
+        func: (cranelift_module::FuncId, Elem),
+        /// The number of indices, the row length, the table's rows.
+        sizes: [usize; 3],
     },
     Interpret(Vec<NodeId>),
 }
@@ -1548,8 +1639,8 @@ impl Host for StepHost<'_> {
                 }
                 Ok(())
             }
-            Some(Work::Labels { slot, cols }) => {
-                interp::kernels::check_indices(&buffers.read(*slot, usize::MAX), *cols, "label")
+            Some(Work::Labels { slot, cols, what }) => {
+                interp::kernels::check_indices(&buffers.read(*slot, usize::MAX), *cols, what)
             }
             None => Err(InterpError::Internal(format!("no host work {index}"))),
         }
@@ -1816,7 +1907,8 @@ mod tests {
     /// A copy kernel's call is bound only if every element its block
     /// reaches lies in its buffers, which store what it copies and are
     /// two: a block one element too long, a wrong element type, a stride
-    /// that overflows or a copy onto its source is refused.
+    /// that overflows or a copy onto its source is refused. The same for
+    /// a gather's indices, table and output.
     #[test]
     fn a_copy_reaches_only_inside_its_buffers() {
         let mut code = CodeCache::new(ClifText::None).expect("code cache");
@@ -1858,6 +1950,23 @@ mod tests {
         frame
             .push_copy((copy, Elem::F32), [0, 1], empty)
             .expect("an empty block is no call");
+        // A gather: 3 indices (in the `f64` buffer) into a 2 x 3 table.
+        let (gather, _) = code.compile_gather(Elem::F32).expect("gather kernel");
+        frame
+            .push_gather((gather, Elem::F32), [2, 0, 1], [2, 3, 2])
+            .expect("2 indices, rows of 3, a table of 2 rows");
+        for (slots, sizes, says) in [
+            ([2, 0, 1], [3, 3, 2], "too few"),
+            ([2, 0, 1], [2, 3, 3], "too few"),
+            ([0, 1, 2], [2, 3, 2], "holds F32"),
+            ([2, 0, 0], [2, 3, 2], "aliases"),
+            ([2, 0, 1], [2, usize::MAX, 2], "too few"),
+        ] {
+            let error = frame
+                .push_gather((gather, Elem::F32), slots, sizes)
+                .expect_err("refused");
+            assert!(error.to_string().contains(says), "{error}");
+        }
     }
 
     /// A row kernel compiled for a static row length (4 here: no code for
