@@ -852,9 +852,9 @@ enum BoundCall {
         cols: i64,
     },
     /// A copy kernel (`slots` the source and the destination, `params` the
-    /// counts, offsets and strides of `Frame::push_copy`) or a gather kernel
+    /// counts, offsets and strides of `Frame::push_copy`), a gather kernel
     /// (`slots` the indices, the table and the output, `params` `[n, d,
-    /// v]`, `Frame::push_gather`).
+    /// v]`, `Frame::push_gather`) or a scatter kernel (`push_scatter`).
     Copy {
         func: FuncId,
         slots: Vec<usize>,
@@ -1171,6 +1171,53 @@ impl Frame {
         Ok(())
     }
 
+    /// Appends a call of a scatter kernel (`CodeCache::compile_scatter`,
+    /// for gradients storing `elem`) adding the `n x d` rows of buffer
+    /// `slots[1]` into the `v x d` buffer `slots[2]` (stored as `f64`) at
+    /// the `n` indices of buffer `slots[0]` (stored as `f64`), rounding to
+    /// `f32` at the end if `f32`, after checking the buffers' types and
+    /// lengths and that the output is its own. The indices must be checked
+    /// by host work pushed before it (the kernel caps them anyway).
+    pub fn push_scatter(
+        &mut self,
+        (func, elem): (FuncId, Elem),
+        slots: [usize; 3],
+        [n, d, v]: [usize; 3],
+        f32: bool,
+    ) -> Result<(), CodegenError> {
+        let lengths = [Some(n), n.checked_mul(d), v.checked_mul(d)];
+        let elems = [Elem::F64, elem, Elem::F64];
+        for ((&slot, length), want) in slots.iter().zip(lengths).zip(elems) {
+            let (has, stored) = self.buffer(slot)?;
+            if stored != want {
+                return Err(CodegenError(format!(
+                    "scatter: buffer {slot} holds {stored:?}, expected {want:?}"
+                )));
+            }
+            if length.is_none_or(|length| has < length) {
+                return Err(CodegenError(format!(
+                    "scatter: buffer {slot} has {has} elements, too few"
+                )));
+            }
+        }
+        if slots[2] == slots[0] || slots[2] == slots[1] {
+            return Err(CodegenError("scatter: the output aliases an input".into()));
+        }
+        if v == 0 && n > 0 {
+            return Err(CodegenError("scatter: an empty table".into()));
+        }
+        let params = [n, d, v, usize::from(f32)]
+            .iter()
+            .map(|&v| i64::try_from(v).map_err(|_| CodegenError("scatter: too large".into())))
+            .collect::<Result<Vec<i64>, _>>()?;
+        self.calls.push(BoundCall::Copy {
+            func,
+            slots: slots.to_vec(),
+            params,
+        });
+        Ok(())
+    }
+
     /// Appends host work `index` (`Host::call`).
     pub fn push_host(&mut self, index: usize) {
         self.calls.push(BoundCall::Host(index));
@@ -1231,9 +1278,9 @@ impl Frame {
         // `self.calls`, and its code memory lives as long as the frame's
         // lease (`CodeLease`). Every call's buffers were checked when it
         // was pushed: a kernel reads and writes only inside the lengths
-        // checked then (see `push_kernel`, `push_rows`, `push_copy` and
-        // `push_gather`, and the SAFETY reasoning of the access patterns
-        // in `compile`), and the
+        // checked then (see `push_kernel`, `push_rows`, `push_copy`,
+        // `push_gather` and `push_scatter`, and the SAFETY reasoning of the
+        // access patterns in `compile`), and the
         // buffers have not been resized since (nothing can: `Buffers` only
         // hands out slices). The words and pointer arrays were rebuilt
         // above from those buffers and live in `self` for the whole call;
@@ -1265,6 +1312,8 @@ pub struct CodeCache {
     copies: Vec<(Elem, FuncId)>,
     /// The gather kernel for each element type, once compiled.
     gathers: Vec<(Elem, FuncId)>,
+    /// The scatter kernel for each element type, once compiled.
+    scatters: Vec<(Elem, FuncId)>,
     /// Which CLIF text of each function to keep (`--stage clif`):
     /// printing it is a tenth of the compile time.
     keep_clif: ClifText,
@@ -1369,6 +1418,7 @@ impl CodeCache {
             next: 0,
             copies: Vec::new(),
             gathers: Vec::new(),
+            scatters: Vec::new(),
             keep_clif,
         })
     }
@@ -1994,6 +2044,91 @@ impl CodeCache {
         }
         let clif = self.finish(id, context)?;
         self.gathers.push((elem, id));
+        Ok((id, clif))
+    }
+
+    /// The scatter kernel for gradients storing `elem` (compiled on first
+    /// use), the VJP of `embedding` for its table: `fn(ptrs, params)` with
+    /// `ptrs` the indices (stored as `f64`), the gradient `g` (`n x d`) and
+    /// the output (`v x d`, stored as `f64`), and `params` `[n, d, v,
+    /// f32]`, zeroes the output, adds row `j` of `g` to row `ids[j]` for
+    /// `j` in order, in `f64` (as `interp::vjp` does), and rounds every
+    /// sum to `f32` once at the end if `f32` is 1. Indices are capped at
+    /// `v - 1`. Also returns the CLIF text (empty if compiled before).
+    pub fn compile_scatter(&mut self, elem: Elem) -> Result<(FuncId, String), CodegenError> {
+        if let Some(&(_, id)) = self.scatters.iter().find(|(e, _)| *e == elem) {
+            return Ok((id, String::new()));
+        }
+        let (id, mut context) = self.declare("scatter", 2, false)?;
+        let mut builder_context = FunctionBuilderContext::new();
+        {
+            let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            let params = b.block_params(entry).to_vec();
+            let flags = MemFlagsData::trusted();
+            let word = |b: &mut FunctionBuilder<'_>, base: Value, k: i32| {
+                b.ins().load(types::I64, flags, base, 8 * k)
+            };
+            let ids = word(&mut b, params[0], 0);
+            let g = word(&mut b, params[0], 1);
+            let out = word(&mut b, params[0], 2);
+            let (n, d, v, round) = (
+                word(&mut b, params[1], 0),
+                word(&mut b, params[1], 1),
+                word(&mut b, params[1], 2),
+                word(&mut b, params[1], 3),
+            );
+            let all = b.ins().imul(v, d);
+            let zero = b.ins().f64const(0.0);
+            rows::counted_loop(&mut b, all, &[], |b, i, _| {
+                let at = element_at(b, Elem::F64, out, i);
+                b.ins().store(flags, zero, at, 0);
+                Ok(vec![])
+            })?;
+            let last = b.ins().iadd_imm_s(v, -1);
+            rows::counted_loop(&mut b, n, &[], |b, j, _| {
+                let at = element_at(b, Elem::F64, ids, j);
+                let index = b.ins().load(types::F64, flags, at, 0);
+                let row = b.ins().fcvt_to_uint_sat(types::I64, index);
+                let row = b.ins().umin(row, last);
+                let to = b.ins().imul(row, d);
+                let from = b.ins().imul(j, d);
+                rows::counted_loop(b, d, &[], |b, k, _| {
+                    let from = b.ins().iadd(from, k);
+                    let to = b.ins().iadd(to, k);
+                    let source = element_at(b, elem, g, from);
+                    let value = load(b, elem, false, source);
+                    let target = element_at(b, Elem::F64, out, to);
+                    let sum = b.ins().load(types::F64, flags, target, 0);
+                    let sum = b.ins().fadd(sum, value);
+                    b.ins().store(flags, sum, target, 0);
+                    Ok(vec![])
+                })?;
+                Ok(vec![])
+            })?;
+            // The `f32` rounding, once.
+            let rounding = b.create_block();
+            let done = b.create_block();
+            b.ins().brif(round, rounding, &[], done, &[]);
+            b.switch_to_block(rounding);
+            rows::counted_loop(&mut b, all, &[], |b, i, _| {
+                let at = element_at(b, Elem::F64, out, i);
+                let sum = b.ins().load(types::F64, flags, at, 0);
+                let narrow = b.ins().fdemote(types::F32, sum);
+                let sum = b.ins().fpromote(types::F64, narrow);
+                b.ins().store(flags, sum, at, 0);
+                Ok(vec![])
+            })?;
+            b.ins().jump(done, &[]);
+            b.switch_to_block(done);
+            b.ins().return_(&[]);
+            b.seal_all_blocks();
+            b.finalize(self.module.target_config());
+        }
+        let clif = self.finish(id, context)?;
+        self.scatters.push((elem, id));
         Ok((id, clif))
     }
 

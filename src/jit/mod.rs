@@ -83,6 +83,15 @@ enum Compiled {
         func: cranelift_module::FuncId,
         elem: Elem,
     },
+    /// The VJP of an `embedding` for its table: the gradient's rows added
+    /// into an `f64` buffer by the scatter kernel for gradients storing
+    /// `elem`, after the indices' check.
+    Scatter {
+        prologue: Vec<NodeId>,
+        node: NodeId,
+        func: cranelift_module::FuncId,
+        elem: Elem,
+    },
 }
 
 /// A graph prepared for running: the graph its kernels compute (the
@@ -521,6 +530,38 @@ fn compile(
                 let mut prologue: Vec<NodeId> = kernel.recompute.iter().copied().collect();
                 prologue.sort_by_key(|id| position[id]);
                 kernels.push(Some(Compiled::Gather {
+                    prologue,
+                    node: *node,
+                    func,
+                    elem,
+                }));
+                loops.push(loop_shape);
+                continue;
+            }
+        }
+        // The table's gradient of an embedding.
+        if let [node] = kernel.nodes.as_slice()
+            && let Op::Vjp {
+                forward,
+                operand: 1,
+            } = &graph.node(*node).op
+            && **forward == Op::Embedding
+        {
+            let operands = graph.operands(*node);
+            let elem = self::elem(graph, &storage, operands[0]);
+            if self::elem(graph, &storage, operands[1]) == Elem::F64 {
+                let (func, text) = code.compile_scatter(elem)?;
+                let text = if text.is_empty() {
+                    "(the scatter kernel above)\n".to_string()
+                } else {
+                    text
+                };
+                clif.push(format!("; kernel k{k}: scatter\n{text}"));
+                // (Summed in `f64`, rounded once: stored as `f64`.)
+                record(&mut storage, graph, *node, Elem::F64);
+                let mut prologue: Vec<NodeId> = kernel.recompute.iter().copied().collect();
+                prologue.sort_by_key(|id| position[id]);
+                kernels.push(Some(Compiled::Scatter {
                     prologue,
                     node: *node,
                     func,
@@ -969,6 +1010,29 @@ fn bind(
                         node: *node,
                         func: (*func, *elem),
                         sizes: [ids, d, v],
+                        slots: [operands[0], operands[1], *node],
+                        scatter: None,
+                    },
+                    _ => Call::Interpret(interpreted(&done)),
+                }
+            }
+            Some(Compiled::Scatter {
+                prologue,
+                node,
+                func,
+                elem,
+            }) => {
+                // Operands: the gradient, the ids, the table, its value.
+                let operands = graph.operands(*node);
+                let ids: usize = to(graph.node(operands[1]).shape())?.iter().product();
+                match to(graph.node(operands[2]).shape())?.as_slice() {
+                    &[v, d] => Call::Gather {
+                        prologue: unfinished(prologue, &done),
+                        node: *node,
+                        func: (*func, *elem),
+                        sizes: [ids, d, v],
+                        slots: [operands[1], operands[0], *node],
+                        scatter: Some(graph.node(*node).dtype() == DType::F32),
                     },
                     _ => Call::Interpret(interpreted(&done)),
                 }
@@ -1110,18 +1174,19 @@ fn bind(
             }
             Call::Gather {
                 prologue,
-                node,
                 func,
                 sizes,
+                slots,
+                scatter,
+                ..
             } => {
                 if !prologue.is_empty() {
                     host(&mut frame, &mut work, interpret(prologue));
                 }
-                let operands = graph.operands(node);
                 let slots = [
-                    slot_of(&operands[0])?,
-                    slot_of(&operands[1])?,
-                    slot_of(&node)?,
+                    slot_of(&slots[0])?,
+                    slot_of(&slots[1])?,
+                    slot_of(&slots[2])?,
                 ];
                 let indices = Work::Labels {
                     slot: slots[0],
@@ -1129,7 +1194,11 @@ fn bind(
                     what: "embedding index",
                 };
                 host(&mut frame, &mut work, indices);
-                frame.push_gather(func, slots, sizes).map_err(internal)?;
+                match scatter {
+                    None => frame.push_gather(func, slots, sizes),
+                    Some(f32) => frame.push_scatter(func, slots, sizes, f32),
+                }
+                .map_err(internal)?;
             }
             Call::Interpret(nodes) if nodes.is_empty() => {}
             Call::Interpret(nodes) => host(&mut frame, &mut work, interpret(nodes)),
@@ -1167,12 +1236,16 @@ enum Call<'p> {
         func: (cranelift_module::FuncId, Elem),
         blocks: Vec<(NodeId, CopyBlock)>,
     },
+    /// A gather, or (`scatter`: whether the result is `f32`) a scatter.
     Gather {
         prologue: Vec<NodeId>,
         node: NodeId,
         func: (cranelift_module::FuncId, Elem),
         /// The number of indices, the row length, the table's rows.
         sizes: [usize; 3],
+        /// The indices, the rows read, the output.
+        slots: [NodeId; 3],
+        scatter: Option<bool>,
     },
     Interpret(Vec<NodeId>),
 }
@@ -1908,7 +1981,7 @@ mod tests {
     /// reaches lies in its buffers, which store what it copies and are
     /// two: a block one element too long, a wrong element type, a stride
     /// that overflows or a copy onto its source is refused. The same for
-    /// a gather's indices, table and output.
+    /// a gather's and a scatter's indices, rows and output.
     #[test]
     fn a_copy_reaches_only_inside_its_buffers() {
         let mut code = CodeCache::new(ClifText::None).expect("code cache");
@@ -1964,6 +2037,24 @@ mod tests {
         ] {
             let error = frame
                 .push_gather((gather, Elem::F32), slots, sizes)
+                .expect_err("refused");
+            assert!(error.to_string().contains(says), "{error}");
+        }
+        // A scatter: 2 rows of 3 from the `f32` buffer into a 2 x 3 `f64`
+        // one at 2 indices (in a buffer with room for more).
+        let (scatter, _) = code.compile_scatter(Elem::F32).expect("scatter kernel");
+        let mut frame = Frame::new(&[(6, Elem::F64), (6, Elem::F32), (6, Elem::F64)]);
+        frame
+            .push_scatter((scatter, Elem::F32), [0, 1, 2], [2, 3, 2], true)
+            .expect("fits");
+        for (slots, sizes, says) in [
+            ([0, 1, 2], [2, 3, 3], "too few"),
+            ([0, 1, 2], [3, 3, 2], "too few"),
+            ([0, 2, 1], [2, 3, 2], "holds"),
+            ([0, 1, 0], [2, 3, 2], "aliases"),
+        ] {
+            let error = frame
+                .push_scatter((scatter, Elem::F32), slots, sizes, true)
                 .expect_err("refused");
             assert!(error.to_string().contains(says), "{error}");
         }
