@@ -851,10 +851,11 @@ enum BoundCall {
         rows: i64,
         cols: i64,
     },
-    /// A copy kernel (`slots` the source and the destination, `params` the
-    /// counts, offsets and strides of `Frame::push_copy`), a gather kernel
-    /// (`slots` the indices, the table and the output, `params` `[n, d,
-    /// v]`, `Frame::push_gather`) or a scatter kernel (`push_scatter`).
+    /// A kernel that moves elements (`Mover`): a copy (`slots` the source
+    /// and the destination, `params` the counts, offsets and strides of
+    /// `Frame::push_copy`), a gather or a scatter (`slots` the indices, the
+    /// rows read and the output, `params` `[n, d, v]` and for a scatter
+    /// whether to round to `f32`, `Frame::push_indexed`).
     Copy {
         func: FuncId,
         slots: Vec<usize>,
@@ -1065,7 +1066,7 @@ impl Frame {
         Ok(())
     }
 
-    /// Appends a call of a copy kernel (`CodeCache::compile_copy`, for
+    /// Appends a call of a copy kernel (`Mover::Copy`, for
     /// buffers storing `elem`) copying `block` from buffer `slots[0]` to
     /// buffer `slots[1]`, after checking that both store `elem`, are
     /// distinct, and hold every element the block reaches (an empty block
@@ -1122,93 +1123,60 @@ impl Frame {
         Ok(())
     }
 
-    /// Appends a call of a gather kernel (`CodeCache::compile_gather`, for
-    /// tables storing `elem`) picking rows of the `v x d` table in buffer
-    /// `slots[1]` by the `n` indices in buffer `slots[0]` into buffer
-    /// `slots[2]`, after checking the buffers' types and lengths (`n`
-    /// indices stored as `f64`, `v d` table elements, `n d` outputs, the
-    /// output distinct). The indices must be checked by host work pushed
-    /// before it (the kernel caps them at `v - 1` anyway).
-    pub fn push_gather(
+    /// Appends a call of a gather or scatter kernel (`Mover::Gather`,
+    /// `Mover::Scatter`, for rows storing `elem`) over the `n` indices in
+    /// buffer `slots[0]` (stored as `f64`), rows of `d` and a table of `v`
+    /// rows: a gather picks rows of the table `slots[1]` into `slots[2]`
+    /// (`n x d`); a scatter adds the `n x d` rows of `slots[1]` into the
+    /// table `slots[2]` (stored as `f64`), rounding to `f32` at the end if
+    /// `f32`. Checks the buffers' types and lengths and that the output is
+    /// its own. The indices must be checked by host work pushed before it
+    /// (the kernel caps them at `v - 1` anyway).
+    pub fn push_indexed(
         &mut self,
-        (func, elem): (FuncId, Elem),
-        slots: [usize; 3],
-        [n, d, v]: [usize; 3],
-    ) -> Result<(), CodegenError> {
-        let lengths = [Some(n), v.checked_mul(d), n.checked_mul(d)];
-        let elems = [Elem::F64, elem, elem];
-        for ((&slot, length), want) in slots.iter().zip(lengths).zip(elems) {
-            let (has, stored) = self.buffer(slot)?;
-            if stored != want {
-                return Err(CodegenError(format!(
-                    "gather: buffer {slot} holds {stored:?}, expected {want:?}"
-                )));
-            }
-            if length.is_none_or(|length| has < length) {
-                return Err(CodegenError(format!(
-                    "gather: buffer {slot} has {has} elements, too few"
-                )));
-            }
-        }
-        if slots[2] == slots[0] || slots[2] == slots[1] {
-            return Err(CodegenError("gather: the output aliases an input".into()));
-        }
-        if n == 0 || d == 0 {
-            return Ok(());
-        }
-        if v == 0 {
-            return Err(CodegenError("gather: an empty table".into()));
-        }
-        let params = [n, d, v]
-            .iter()
-            .map(|&v| i64::try_from(v).map_err(|_| CodegenError("gather: too large".into())))
-            .collect::<Result<Vec<i64>, _>>()?;
-        self.calls.push(BoundCall::Copy {
-            func,
-            slots: slots.to_vec(),
-            params,
-        });
-        Ok(())
-    }
-
-    /// Appends a call of a scatter kernel (`CodeCache::compile_scatter`,
-    /// for gradients storing `elem`) adding the `n x d` rows of buffer
-    /// `slots[1]` into the `v x d` buffer `slots[2]` (stored as `f64`) at
-    /// the `n` indices of buffer `slots[0]` (stored as `f64`), rounding to
-    /// `f32` at the end if `f32`, after checking the buffers' types and
-    /// lengths and that the output is its own. The indices must be checked
-    /// by host work pushed before it (the kernel caps them anyway).
-    pub fn push_scatter(
-        &mut self,
-        (func, elem): (FuncId, Elem),
+        (func, mover, elem): (FuncId, Mover, Elem),
         slots: [usize; 3],
         [n, d, v]: [usize; 3],
         f32: bool,
     ) -> Result<(), CodegenError> {
-        let lengths = [Some(n), n.checked_mul(d), v.checked_mul(d)];
-        let elems = [Elem::F64, elem, Elem::F64];
+        let name = mover.name();
+        let (lengths, elems) = match mover {
+            Mover::Gather => (
+                [Some(n), v.checked_mul(d), n.checked_mul(d)],
+                [Elem::F64, elem, elem],
+            ),
+            Mover::Scatter => (
+                [Some(n), n.checked_mul(d), v.checked_mul(d)],
+                [Elem::F64, elem, Elem::F64],
+            ),
+            Mover::Copy => return Err(CodegenError("a copy is bound by `push_copy`".into())),
+        };
         for ((&slot, length), want) in slots.iter().zip(lengths).zip(elems) {
             let (has, stored) = self.buffer(slot)?;
             if stored != want {
                 return Err(CodegenError(format!(
-                    "scatter: buffer {slot} holds {stored:?}, expected {want:?}"
+                    "{name}: buffer {slot} holds {stored:?}, expected {want:?}"
                 )));
             }
             if length.is_none_or(|length| has < length) {
                 return Err(CodegenError(format!(
-                    "scatter: buffer {slot} has {has} elements, too few"
+                    "{name}: buffer {slot} has {has} elements, too few"
                 )));
             }
         }
         if slots[2] == slots[0] || slots[2] == slots[1] {
-            return Err(CodegenError("scatter: the output aliases an input".into()));
+            return Err(CodegenError(format!("{name}: the output aliases an input")));
+        }
+        // (A scatter zeroes its output even with no indices.)
+        if mover == Mover::Gather && (n == 0 || d == 0) {
+            return Ok(());
         }
         if v == 0 && n > 0 {
-            return Err(CodegenError("scatter: an empty table".into()));
+            return Err(CodegenError(format!("{name}: an empty table")));
         }
-        let params = [n, d, v, usize::from(f32)]
+        let params = [n, d, v, usize::from(f32)][..mover.params()]
             .iter()
-            .map(|&v| i64::try_from(v).map_err(|_| CodegenError("scatter: too large".into())))
+            .map(|&v| i64::try_from(v).map_err(|_| CodegenError(format!("{name}: too large"))))
             .collect::<Result<Vec<i64>, _>>()?;
         self.calls.push(BoundCall::Copy {
             func,
@@ -1278,9 +1246,9 @@ impl Frame {
         // `self.calls`, and its code memory lives as long as the frame's
         // lease (`CodeLease`). Every call's buffers were checked when it
         // was pushed: a kernel reads and writes only inside the lengths
-        // checked then (see `push_kernel`, `push_rows`, `push_copy`,
-        // `push_gather` and `push_scatter`, and the SAFETY reasoning of the
-        // access patterns in `compile`), and the
+        // checked then (see `push_kernel`, `push_rows`, `push_copy` and
+        // `push_indexed`, and the SAFETY reasoning of the access patterns
+        // in `compile`), and the
         // buffers have not been resized since (nothing can: `Buffers` only
         // hands out slices). The words and pointer arrays were rebuilt
         // above from those buffers and live in `self` for the whole call;
@@ -1308,12 +1276,9 @@ pub struct CodeCache {
     /// declares them in the same order and `--stage clif` is deterministic.
     imports: BTreeMap<&'static str, FuncId>,
     next: u32,
-    /// The copy kernel for each element type, once compiled.
-    copies: Vec<(Elem, FuncId)>,
-    /// The gather kernel for each element type, once compiled.
-    gathers: Vec<(Elem, FuncId)>,
-    /// The scatter kernel for each element type, once compiled.
-    scatters: Vec<(Elem, FuncId)>,
+    /// The kernels that move elements, once compiled, by what they do
+    /// and the element type.
+    movers: Vec<((Mover, Elem), FuncId)>,
     /// Which CLIF text of each function to keep (`--stage clif`):
     /// printing it is a tenth of the compile time.
     keep_clif: ClifText,
@@ -1416,9 +1381,7 @@ impl CodeCache {
             lease: Rc::default(),
             imports,
             next: 0,
-            copies: Vec::new(),
-            gathers: Vec::new(),
-            scatters: Vec::new(),
+            movers: Vec::new(),
             keep_clif,
         })
     }
@@ -1921,17 +1884,20 @@ impl CodeCache {
         Ok(clif)
     }
 
-    /// The copy kernel for buffers storing `elem` (compiled on first use):
-    /// `fn(ptrs, params)` copies a block (`CopyBlock`, whose eleven values
-    /// `params` holds: counts, then the source's offset and strides, then
-    /// the destination's) from `ptrs[0]` to `ptrs[1]`, bit for bit. It
-    /// moves the data of `reshape`, `transpose`, `concat` and their VJPs.
-    /// Also returns the CLIF text (empty if compiled before).
-    pub fn compile_copy(&mut self, elem: Elem) -> Result<(FuncId, String), CodegenError> {
-        if let Some(&(_, id)) = self.copies.iter().find(|(e, _)| *e == elem) {
+    /// The kernel that moves elements as `mover` says, for buffers storing
+    /// `elem` (compiled on first use): `fn(ptrs, params)`, with the
+    /// buffers' addresses in `ptrs` and its sizes in `params`
+    /// (`Mover::buffers`, `Mover::params`). Also returns the CLIF text
+    /// (empty if compiled before).
+    pub fn compile_mover(
+        &mut self,
+        mover: Mover,
+        elem: Elem,
+    ) -> Result<(FuncId, String), CodegenError> {
+        if let Some(&(_, id)) = self.movers.iter().find(|(m, _)| *m == (mover, elem)) {
             return Ok((id, String::new()));
         }
-        let (id, mut context) = self.declare("copy", 2, false)?;
+        let (id, mut context) = self.declare(mover.name(), 2, false)?;
         let mut builder_context = FunctionBuilderContext::new();
         {
             let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
@@ -1939,199 +1905,29 @@ impl CodeCache {
             b.append_block_params_for_function_params(entry);
             b.switch_to_block(entry);
             let params = b.block_params(entry).to_vec();
-            let flags = MemFlagsData::trusted();
-            let word = |b: &mut FunctionBuilder<'_>, base: Value, k: i32| {
-                b.ins().load(types::I64, flags, base, 8 * k)
+            let words = |b: &mut FunctionBuilder<'_>, base: Value, count: usize| -> Vec<Value> {
+                (0..count)
+                    .map(|k| {
+                        b.ins()
+                            .load(types::I64, MemFlagsData::trusted(), base, 8 * k as i32)
+                    })
+                    .collect()
             };
-            let (src, dst) = (word(&mut b, params[0], 0), word(&mut b, params[0], 1));
-            let p: Vec<Value> = (0..11).map(|k| word(&mut b, params[1], k)).collect();
-            let (counts, from, to) = (&p[0..3], &p[3..7], &p[7..11]);
-            // The elements as integers of their width: copied bit for bit.
-            let bits = match elem {
-                Elem::F32 => types::I32,
-                Elem::F64 => types::I64,
-            };
-            let step = |b: &mut FunctionBuilder<'_>, at: Value, i: Value, stride: Value| {
-                let offset = b.ins().imul(i, stride);
-                b.ins().iadd(at, offset)
-            };
-            rows::counted_loop(&mut b, counts[0], &[], |b, i, _| {
-                let from_i = step(b, from[0], i, from[1]);
-                let to_i = step(b, to[0], i, to[1]);
-                rows::counted_loop(b, counts[1], &[], |b, j, _| {
-                    let from_j = step(b, from_i, j, from[2]);
-                    let to_j = step(b, to_i, j, to[2]);
-                    rows::counted_loop(b, counts[2], &[], |b, k, _| {
-                        let from_k = step(b, from_j, k, from[3]);
-                        let to_k = step(b, to_j, k, to[3]);
-                        let source = element_at(b, elem, src, from_k);
-                        let value = b.ins().load(bits, flags, source, 0);
-                        let target = element_at(b, elem, dst, to_k);
-                        b.ins().store(flags, value, target, 0);
-                        Ok(vec![])
-                    })?;
-                    Ok(vec![])
-                })?;
-                Ok(vec![])
-            })?;
+            let buffers = words(&mut b, params[0], mover.buffers());
+            let sizes = words(&mut b, params[1], mover.params());
+            match mover {
+                Mover::Copy => emit_copy(&mut b, elem, &buffers, &sizes)?,
+                Mover::Gather => emit_gather(&mut b, elem, &buffers, &sizes)?,
+                Mover::Scatter => emit_scatter(&mut b, elem, &buffers, &sizes)?,
+            }
             b.ins().return_(&[]);
             b.seal_all_blocks();
             b.finalize(self.module.target_config());
         }
         let clif = self.finish(id, context)?;
-        self.copies.push((elem, id));
+        self.movers.push(((mover, elem), id));
         Ok((id, clif))
     }
-
-    /// The gather kernel for tables storing `elem` (compiled on first
-    /// use): `fn(ptrs, params)` with `ptrs` the indices (stored as `f64`),
-    /// the `v x d` table and the output, and `params` `[n, d, v]`, copies
-    /// row `ids[j]` of the table to row `j` of the output for each of the
-    /// `n` indices, bit for bit (`embedding`). An index is truncated like
-    /// `as usize` and capped at `v - 1`, so no address leaves the table
-    /// (the runtime has checked the indices already). Also returns the
-    /// CLIF text (empty if compiled before).
-    pub fn compile_gather(&mut self, elem: Elem) -> Result<(FuncId, String), CodegenError> {
-        if let Some(&(_, id)) = self.gathers.iter().find(|(e, _)| *e == elem) {
-            return Ok((id, String::new()));
-        }
-        let (id, mut context) = self.declare("gather", 2, false)?;
-        let mut builder_context = FunctionBuilderContext::new();
-        {
-            let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
-            let entry = b.create_block();
-            b.append_block_params_for_function_params(entry);
-            b.switch_to_block(entry);
-            let params = b.block_params(entry).to_vec();
-            let flags = MemFlagsData::trusted();
-            let word = |b: &mut FunctionBuilder<'_>, base: Value, k: i32| {
-                b.ins().load(types::I64, flags, base, 8 * k)
-            };
-            let ids = word(&mut b, params[0], 0);
-            let table = word(&mut b, params[0], 1);
-            let out = word(&mut b, params[0], 2);
-            let (n, d, v) = (
-                word(&mut b, params[1], 0),
-                word(&mut b, params[1], 1),
-                word(&mut b, params[1], 2),
-            );
-            let bits = match elem {
-                Elem::F32 => types::I32,
-                Elem::F64 => types::I64,
-            };
-            let last = b.ins().iadd_imm_s(v, -1);
-            rows::counted_loop(&mut b, n, &[], |b, j, _| {
-                let at = element_at(b, Elem::F64, ids, j);
-                let index = b.ins().load(types::F64, flags, at, 0);
-                let row = b.ins().fcvt_to_uint_sat(types::I64, index);
-                let row = b.ins().umin(row, last);
-                let from = b.ins().imul(row, d);
-                let to = b.ins().imul(j, d);
-                rows::counted_loop(b, d, &[], |b, k, _| {
-                    let from = b.ins().iadd(from, k);
-                    let to = b.ins().iadd(to, k);
-                    let source = element_at(b, elem, table, from);
-                    let value = b.ins().load(bits, flags, source, 0);
-                    let target = element_at(b, elem, out, to);
-                    b.ins().store(flags, value, target, 0);
-                    Ok(vec![])
-                })?;
-                Ok(vec![])
-            })?;
-            b.ins().return_(&[]);
-            b.seal_all_blocks();
-            b.finalize(self.module.target_config());
-        }
-        let clif = self.finish(id, context)?;
-        self.gathers.push((elem, id));
-        Ok((id, clif))
-    }
-
-    /// The scatter kernel for gradients storing `elem` (compiled on first
-    /// use), the VJP of `embedding` for its table: `fn(ptrs, params)` with
-    /// `ptrs` the indices (stored as `f64`), the gradient `g` (`n x d`) and
-    /// the output (`v x d`, stored as `f64`), and `params` `[n, d, v,
-    /// f32]`, zeroes the output, adds row `j` of `g` to row `ids[j]` for
-    /// `j` in order, in `f64` (as `interp::vjp` does), and rounds every
-    /// sum to `f32` once at the end if `f32` is 1. Indices are capped at
-    /// `v - 1`. Also returns the CLIF text (empty if compiled before).
-    pub fn compile_scatter(&mut self, elem: Elem) -> Result<(FuncId, String), CodegenError> {
-        if let Some(&(_, id)) = self.scatters.iter().find(|(e, _)| *e == elem) {
-            return Ok((id, String::new()));
-        }
-        let (id, mut context) = self.declare("scatter", 2, false)?;
-        let mut builder_context = FunctionBuilderContext::new();
-        {
-            let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
-            let entry = b.create_block();
-            b.append_block_params_for_function_params(entry);
-            b.switch_to_block(entry);
-            let params = b.block_params(entry).to_vec();
-            let flags = MemFlagsData::trusted();
-            let word = |b: &mut FunctionBuilder<'_>, base: Value, k: i32| {
-                b.ins().load(types::I64, flags, base, 8 * k)
-            };
-            let ids = word(&mut b, params[0], 0);
-            let g = word(&mut b, params[0], 1);
-            let out = word(&mut b, params[0], 2);
-            let (n, d, v, round) = (
-                word(&mut b, params[1], 0),
-                word(&mut b, params[1], 1),
-                word(&mut b, params[1], 2),
-                word(&mut b, params[1], 3),
-            );
-            let all = b.ins().imul(v, d);
-            let zero = b.ins().f64const(0.0);
-            rows::counted_loop(&mut b, all, &[], |b, i, _| {
-                let at = element_at(b, Elem::F64, out, i);
-                b.ins().store(flags, zero, at, 0);
-                Ok(vec![])
-            })?;
-            let last = b.ins().iadd_imm_s(v, -1);
-            rows::counted_loop(&mut b, n, &[], |b, j, _| {
-                let at = element_at(b, Elem::F64, ids, j);
-                let index = b.ins().load(types::F64, flags, at, 0);
-                let row = b.ins().fcvt_to_uint_sat(types::I64, index);
-                let row = b.ins().umin(row, last);
-                let to = b.ins().imul(row, d);
-                let from = b.ins().imul(j, d);
-                rows::counted_loop(b, d, &[], |b, k, _| {
-                    let from = b.ins().iadd(from, k);
-                    let to = b.ins().iadd(to, k);
-                    let source = element_at(b, elem, g, from);
-                    let value = load(b, elem, false, source);
-                    let target = element_at(b, Elem::F64, out, to);
-                    let sum = b.ins().load(types::F64, flags, target, 0);
-                    let sum = b.ins().fadd(sum, value);
-                    b.ins().store(flags, sum, target, 0);
-                    Ok(vec![])
-                })?;
-                Ok(vec![])
-            })?;
-            // The `f32` rounding, once.
-            let rounding = b.create_block();
-            let done = b.create_block();
-            b.ins().brif(round, rounding, &[], done, &[]);
-            b.switch_to_block(rounding);
-            rows::counted_loop(&mut b, all, &[], |b, i, _| {
-                let at = element_at(b, Elem::F64, out, i);
-                let sum = b.ins().load(types::F64, flags, at, 0);
-                let narrow = b.ins().fdemote(types::F32, sum);
-                let sum = b.ins().fpromote(types::F64, narrow);
-                b.ins().store(flags, sum, at, 0);
-                Ok(vec![])
-            })?;
-            b.ins().jump(done, &[]);
-            b.switch_to_block(done);
-            b.ins().return_(&[]);
-            b.seal_all_blocks();
-            b.finalize(self.module.target_config());
-        }
-        let clif = self.finish(id, context)?;
-        self.scatters.push((elem, id));
-        Ok((id, clif))
-    }
-
     /// Compiles a row kernel (`jit::rows`) computing `outputs` (a node
     /// `RowOp::of` accepts, or the pair of `RowOp::CrossEntropyWithVjp`)
     /// from the first one's operands, whose inputs (`RowOp::reads`) are
@@ -2223,6 +2019,198 @@ impl CodeCache {
             clif,
         ))
     }
+}
+
+/// What a kernel that only moves elements does (`CodeCache::compile_mover`;
+/// bound by `Frame::push_copy` and `push_indexed`, which check every
+/// element it reaches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mover {
+    /// A three-level strided block (`CopyBlock`: counts, then the source's
+    /// offset and strides, then the destination's: eleven `params`) from
+    /// `buffers[0]` to `buffers[1]`, bit for bit: `reshape`, `transpose`,
+    /// `concat` and their VJPs.
+    Copy,
+    /// Row `ids[j]` of the `v x d` table `buffers[1]` to row `j` of
+    /// `buffers[2]`, bit for bit, for the `n` indices in `buffers[0]`
+    /// (stored as `f64`; `params` `[n, d, v]`): `embedding`.
+    Gather,
+    /// The VJP of `embedding` for its table: row `j` of the `n x d`
+    /// gradient `buffers[1]` added to row `ids[j]` of the zeroed `v x d`
+    /// output `buffers[2]` (stored as `f64`), for `j` in order, in `f64` as
+    /// `interp::vjp` adds, then every sum rounded to `f32` once if the
+    /// fourth of `params` `[n, d, v, f32]` is 1.
+    Scatter,
+}
+
+impl Mover {
+    /// The name of its function and of its kernels in `--stage clif`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mover::Copy => "copy",
+            Mover::Gather => "gather",
+            Mover::Scatter => "scatter",
+        }
+    }
+
+    /// How many buffers it reaches.
+    fn buffers(self) -> usize {
+        match self {
+            Mover::Copy => 2,
+            Mover::Gather | Mover::Scatter => 3,
+        }
+    }
+
+    /// How many sizes it reads.
+    fn params(self) -> usize {
+        match self {
+            Mover::Copy => 11,
+            Mover::Gather => 3,
+            Mover::Scatter => 4,
+        }
+    }
+}
+
+/// The integer type of an element's width: elements moved as bits.
+fn bits_of(elem: Elem) -> types::Type {
+    match elem {
+        Elem::F32 => types::I32,
+        Elem::F64 => types::I64,
+    }
+}
+
+/// An index stored as `f64`, truncated like `as usize` and capped at
+/// `last`, so no address leaves its table (the runtime has checked the
+/// indices already).
+fn capped_index(b: &mut FunctionBuilder<'_>, ids: Value, j: Value, last: Value) -> Value {
+    let at = element_at(b, Elem::F64, ids, j);
+    let index = b.ins().load(types::F64, MemFlagsData::trusted(), at, 0);
+    let row = b.ins().fcvt_to_uint_sat(types::I64, index);
+    b.ins().umin(row, last)
+}
+
+/// The body of `Mover::Copy`.
+fn emit_copy(
+    b: &mut FunctionBuilder<'_>,
+    elem: Elem,
+    buffers: &[Value],
+    params: &[Value],
+) -> Result<(), CodegenError> {
+    let flags = MemFlagsData::trusted();
+    let (counts, from, to) = (&params[0..3], &params[3..7], &params[7..11]);
+    let step = |b: &mut FunctionBuilder<'_>, at: Value, i: Value, stride: Value| {
+        let offset = b.ins().imul(i, stride);
+        b.ins().iadd(at, offset)
+    };
+    rows::counted_loop(b, counts[0], &[], |b, i, _| {
+        let from_i = step(b, from[0], i, from[1]);
+        let to_i = step(b, to[0], i, to[1]);
+        rows::counted_loop(b, counts[1], &[], |b, j, _| {
+            let from_j = step(b, from_i, j, from[2]);
+            let to_j = step(b, to_i, j, to[2]);
+            rows::counted_loop(b, counts[2], &[], |b, k, _| {
+                let from_k = step(b, from_j, k, from[3]);
+                let to_k = step(b, to_j, k, to[3]);
+                let source = element_at(b, elem, buffers[0], from_k);
+                let value = b.ins().load(bits_of(elem), flags, source, 0);
+                let target = element_at(b, elem, buffers[1], to_k);
+                b.ins().store(flags, value, target, 0);
+                Ok(vec![])
+            })?;
+            Ok(vec![])
+        })?;
+        Ok(vec![])
+    })?;
+    Ok(())
+}
+
+/// For each of the `n` indices `j` (in order) and each column `k < d`:
+/// `each(b, j d + k, ids[j] d + k)`, the index capped at `v - 1`.
+fn over_indexed_rows(
+    b: &mut FunctionBuilder<'_>,
+    ids: Value,
+    [n, d, v]: [Value; 3],
+    mut each: impl FnMut(&mut FunctionBuilder<'_>, Value, Value),
+) -> Result<(), CodegenError> {
+    let last = b.ins().iadd_imm_s(v, -1);
+    rows::counted_loop(b, n, &[], |b, j, _| {
+        let row = capped_index(b, ids, j, last);
+        let at_row = b.ins().imul(row, d);
+        let at_j = b.ins().imul(j, d);
+        rows::counted_loop(b, d, &[], |b, k, _| {
+            let at_j = b.ins().iadd(at_j, k);
+            let at_row = b.ins().iadd(at_row, k);
+            each(b, at_j, at_row);
+            Ok(vec![])
+        })?;
+        Ok(vec![])
+    })?;
+    Ok(())
+}
+
+/// The body of `Mover::Gather`.
+fn emit_gather(
+    b: &mut FunctionBuilder<'_>,
+    elem: Elem,
+    buffers: &[Value],
+    params: &[Value],
+) -> Result<(), CodegenError> {
+    let flags = MemFlagsData::trusted();
+    let (ids, table, out) = (buffers[0], buffers[1], buffers[2]);
+    over_indexed_rows(
+        b,
+        ids,
+        [params[0], params[1], params[2]],
+        |b, at_j, at_row| {
+            let source = element_at(b, elem, table, at_row);
+            let value = b.ins().load(bits_of(elem), flags, source, 0);
+            let target = element_at(b, elem, out, at_j);
+            b.ins().store(flags, value, target, 0);
+        },
+    )
+}
+
+/// The body of `Mover::Scatter`.
+fn emit_scatter(
+    b: &mut FunctionBuilder<'_>,
+    elem: Elem,
+    buffers: &[Value],
+    params: &[Value],
+) -> Result<(), CodegenError> {
+    let flags = MemFlagsData::trusted();
+    let (ids, g, out) = (buffers[0], buffers[1], buffers[2]);
+    let (d, v, round) = (params[1], params[2], params[3]);
+    let all = b.ins().imul(v, d);
+    let zero = b.ins().f64const(0.0);
+    rows::counted_loop(b, all, &[], |b, i, _| {
+        let at = element_at(b, Elem::F64, out, i);
+        b.ins().store(flags, zero, at, 0);
+        Ok(vec![])
+    })?;
+    over_indexed_rows(b, ids, [params[0], d, v], |b, at_j, at_row| {
+        let source = element_at(b, elem, g, at_j);
+        let value = load(b, elem, false, source);
+        let target = element_at(b, Elem::F64, out, at_row);
+        let sum = b.ins().load(types::F64, flags, target, 0);
+        let sum = b.ins().fadd(sum, value);
+        b.ins().store(flags, sum, target, 0);
+    })?;
+    // The `f32` rounding, once.
+    let rounding = b.create_block();
+    let done = b.create_block();
+    b.ins().brif(round, rounding, &[], done, &[]);
+    b.switch_to_block(rounding);
+    rows::counted_loop(b, all, &[], |b, i, _| {
+        let at = element_at(b, Elem::F64, out, i);
+        let sum = b.ins().load(types::F64, flags, at, 0);
+        let narrow = b.ins().fdemote(types::F32, sum);
+        let sum = b.ins().fpromote(types::F64, narrow);
+        b.ins().store(flags, sum, at, 0);
+        Ok(vec![])
+    })?;
+    b.ins().jump(done, &[]);
+    b.switch_to_block(done);
+    Ok(())
 }
 
 /// A single-element input as a scalar, a pair, and four `f32`s (if the

@@ -44,7 +44,7 @@ use crate::passes::{
 };
 use crate::train::{Backend, Carried, Kept};
 use codegen::{
-    Buffers, ClifText, CodeCache, CompiledKernel, CopyBlock, Elem, Frame, Host, RowKernel,
+    Buffers, ClifText, CodeCache, CompiledKernel, CopyBlock, Elem, Frame, Host, Mover, RowKernel,
 };
 use rows::RowOp;
 
@@ -66,31 +66,13 @@ enum Compiled {
     /// Computed by the row kernel of an earlier kernel, fused with it
     /// (`fused_cross_entropy`).
     Within,
-    /// A node that only moves its operands' elements (`copy_blocks`), by
-    /// the copy kernel for buffers storing `elem`, after the cheap values
-    /// it recomputes (on the interpreter).
-    Copy {
+    /// A node that only moves elements (`mover_for`), by the kernel
+    /// compiled for that (`codegen::Mover`) and the element type, after the
+    /// cheap values it recomputes (on the interpreter).
+    Mover {
         prologue: Vec<NodeId>,
         node: NodeId,
-        func: cranelift_module::FuncId,
-        elem: Elem,
-    },
-    /// An `embedding`: its table's rows picked by the gather kernel for
-    /// tables storing `elem`, after the indices' check.
-    Gather {
-        prologue: Vec<NodeId>,
-        node: NodeId,
-        func: cranelift_module::FuncId,
-        elem: Elem,
-    },
-    /// The VJP of an `embedding` for its table: the gradient's rows added
-    /// into an `f64` buffer by the scatter kernel for gradients storing
-    /// `elem`, after the indices' check.
-    Scatter {
-        prologue: Vec<NodeId>,
-        node: NodeId,
-        func: cranelift_module::FuncId,
-        elem: Elem,
+        func: (cranelift_module::FuncId, Mover, Elem),
     },
 }
 
@@ -482,94 +464,31 @@ fn compile(
             loops.push(loop_shape);
             continue;
         }
-        // A single node that only moves elements, between buffers that
-        // store them alike.
+        // A single node that only moves elements.
         if let [node] = kernel.nodes.as_slice()
-            && let Some(moved) = moved_operands(graph, *node)
+            && let Some((mover, elem)) = mover_for(graph, &storage, *node)
         {
-            let elem = Elem::of(graph.node(*node).dtype());
-            if moved
-                .iter()
-                .all(|&o| self::elem(graph, &storage, o) == elem)
-            {
-                let (func, text) = code.compile_copy(elem)?;
-                let text = if text.is_empty() {
-                    "(the copy kernel above)\n".to_string()
-                } else {
-                    text
-                };
-                clif.push(format!("; kernel k{k}: copy\n{text}"));
-                let mut prologue: Vec<NodeId> = kernel.recompute.iter().copied().collect();
-                prologue.sort_by_key(|id| position[id]);
-                kernels.push(Some(Compiled::Copy {
-                    prologue,
-                    node: *node,
-                    func,
-                    elem,
-                }));
-                loops.push(loop_shape);
-                continue;
-            }
-        }
-        // An embedding whose table and output store elements alike.
-        if let [node] = kernel.nodes.as_slice()
-            && graph.node(*node).op == Op::Embedding
-        {
-            let operands = graph.operands(*node);
-            let elem = Elem::of(graph.node(*node).dtype());
-            if self::elem(graph, &storage, operands[0]) == Elem::F64
-                && self::elem(graph, &storage, operands[1]) == elem
-            {
-                let (func, text) = code.compile_gather(elem)?;
-                let text = if text.is_empty() {
-                    "(the gather kernel above)\n".to_string()
-                } else {
-                    text
-                };
-                clif.push(format!("; kernel k{k}: gather\n{text}"));
-                let mut prologue: Vec<NodeId> = kernel.recompute.iter().copied().collect();
-                prologue.sort_by_key(|id| position[id]);
-                kernels.push(Some(Compiled::Gather {
-                    prologue,
-                    node: *node,
-                    func,
-                    elem,
-                }));
-                loops.push(loop_shape);
-                continue;
-            }
-        }
-        // The table's gradient of an embedding.
-        if let [node] = kernel.nodes.as_slice()
-            && let Op::Vjp {
-                forward,
-                operand: 1,
-            } = &graph.node(*node).op
-            && **forward == Op::Embedding
-        {
-            let operands = graph.operands(*node);
-            let elem = self::elem(graph, &storage, operands[0]);
-            if self::elem(graph, &storage, operands[1]) == Elem::F64 {
-                let (func, text) = code.compile_scatter(elem)?;
-                let text = if text.is_empty() {
-                    "(the scatter kernel above)\n".to_string()
-                } else {
-                    text
-                };
-                clif.push(format!("; kernel k{k}: scatter\n{text}"));
+            let (func, text) = code.compile_mover(mover, elem)?;
+            let name = mover.name();
+            let text = if text.is_empty() {
+                format!("(the {name} kernel above)\n")
+            } else {
+                text
+            };
+            clif.push(format!("; kernel k{k}: {name}\n{text}"));
+            if mover == Mover::Scatter {
                 // (Summed in `f64`, rounded once: stored as `f64`.)
                 record(&mut storage, graph, *node, Elem::F64);
-                let mut prologue: Vec<NodeId> = kernel.recompute.iter().copied().collect();
-                prologue.sort_by_key(|id| position[id]);
-                kernels.push(Some(Compiled::Scatter {
-                    prologue,
-                    node: *node,
-                    func,
-                    elem,
-                }));
-                loops.push(loop_shape);
-                continue;
             }
+            let mut prologue: Vec<NodeId> = kernel.recompute.iter().copied().collect();
+            prologue.sort_by_key(|id| position[id]);
+            kernels.push(Some(Compiled::Mover {
+                prologue,
+                node: *node,
+                func: (func, mover, elem),
+            }));
+            loops.push(loop_shape);
+            continue;
         }
         // A single reduction or normalization along the last axis (with,
         // for a cross-entropy, its VJP if that can run with it).
@@ -711,6 +630,61 @@ fn fused_cross_entropy(
             };
             (vjp_operands[1..3] == operands[..2]).then_some((later, *vjp, g))
         })
+}
+
+/// The kernel that moves a node's elements, and the element type it
+/// moves, if the node only moves them (`moved_operands`, an `embedding`,
+/// its VJP for the table) between buffers that store them alike (indices
+/// as `f64`; a scatter's output is stored as `f64`).
+fn mover_for(graph: &Graph, storage: &HashMap<NodeId, Elem>, id: NodeId) -> Option<(Mover, Elem)> {
+    let operands = graph.operands(id);
+    let stored = |o: NodeId| elem(graph, storage, o);
+    let own = Elem::of(graph.node(id).dtype());
+    match &graph.node(id).op {
+        Op::Embedding => (stored(operands[0]) == Elem::F64 && stored(operands[1]) == own)
+            .then_some((Mover::Gather, own)),
+        Op::Vjp {
+            forward,
+            operand: 1,
+        } if **forward == Op::Embedding => {
+            (stored(operands[1]) == Elem::F64).then(|| (Mover::Scatter, stored(operands[0])))
+        }
+        _ => moved_operands(graph, id)?
+            .iter()
+            .all(|&o| stored(o) == own)
+            .then_some((Mover::Copy, own)),
+    }
+}
+
+/// What a mover's call moves for node `id` at these sizes, or `None` when
+/// it cannot (the interpreter then runs the node).
+fn moves(
+    graph: &Graph,
+    id: NodeId,
+    mover: Mover,
+    dims: &BTreeMap<String, usize>,
+) -> Result<Option<Moves>, InterpError> {
+    let operands = graph.operands(id);
+    // An embedding's operands: the ids, the table; its VJP's: the
+    // gradient, the ids, the table, its value.
+    let (ids, rows, table) = match mover {
+        Mover::Copy => return Ok(copy_blocks(graph, id, dims)?.map(Moves::Blocks)),
+        Mover::Gather => (operands[0], operands[1], operands[1]),
+        Mover::Scatter => (operands[1], operands[0], operands[2]),
+    };
+    let n: usize = interp::concrete(graph.node(ids).shape(), dims)?
+        .iter()
+        .product();
+    Ok(
+        match interp::concrete(graph.node(table).shape(), dims)?.as_slice() {
+            &[v, d] => Some(Moves::Rows {
+                ids,
+                rows,
+                sizes: [n, d, v],
+            }),
+            _ => None,
+        },
+    )
 }
 
 /// The operands whose elements a node only moves (a `reshape`, a
@@ -982,61 +956,19 @@ fn bind(
                     _ => Call::Interpret(interpreted(&done)),
                 }
             }
-            Some(Compiled::Copy {
+            Some(Compiled::Mover {
                 prologue,
                 node,
                 func,
-                elem,
-            }) => match copy_blocks(graph, *node, dims)? {
-                Some(blocks) => Call::Copy {
+            }) => match moves(graph, *node, func.1, dims)? {
+                Some(moves) => Call::Mover {
                     prologue: unfinished(prologue, &done),
                     node: *node,
-                    func: (*func, *elem),
-                    blocks,
+                    func: *func,
+                    moves,
                 },
                 None => Call::Interpret(interpreted(&done)),
             },
-            Some(Compiled::Gather {
-                prologue,
-                node,
-                func,
-                elem,
-            }) => {
-                let operands = graph.operands(*node);
-                let ids: usize = to(graph.node(operands[0]).shape())?.iter().product();
-                match to(graph.node(operands[1]).shape())?.as_slice() {
-                    &[v, d] => Call::Gather {
-                        prologue: unfinished(prologue, &done),
-                        node: *node,
-                        func: (*func, *elem),
-                        sizes: [ids, d, v],
-                        slots: [operands[0], operands[1], *node],
-                        scatter: None,
-                    },
-                    _ => Call::Interpret(interpreted(&done)),
-                }
-            }
-            Some(Compiled::Scatter {
-                prologue,
-                node,
-                func,
-                elem,
-            }) => {
-                // Operands: the gradient, the ids, the table, its value.
-                let operands = graph.operands(*node);
-                let ids: usize = to(graph.node(operands[1]).shape())?.iter().product();
-                match to(graph.node(operands[2]).shape())?.as_slice() {
-                    &[v, d] => Call::Gather {
-                        prologue: unfinished(prologue, &done),
-                        node: *node,
-                        func: (*func, *elem),
-                        sizes: [ids, d, v],
-                        slots: [operands[1], operands[0], *node],
-                        scatter: Some(graph.node(*node).dtype() == DType::F32),
-                    },
-                    _ => Call::Interpret(interpreted(&done)),
-                }
-            }
             // (Nothing to do, unless that kernel fell back to the
             // interpreter.)
             Some(Compiled::Within) if kernel.nodes.iter().all(|id| done.contains(id)) => {
@@ -1052,9 +984,7 @@ fn bind(
             Call::Rows {
                 prologue, kernel, ..
             } => prologue.iter().chain(&kernel.outputs).copied().collect(),
-            Call::Copy { prologue, node, .. } | Call::Gather { prologue, node, .. } => {
-                prologue.iter().copied().chain([*node]).collect()
-            }
+            Call::Mover { prologue, node, .. } => prologue.iter().copied().chain([*node]).collect(),
             Call::Interpret(nodes) => nodes.clone(),
         };
         done.extend(produced.iter().copied());
@@ -1156,49 +1086,38 @@ fn bind(
                     .push_rows(kernel, buffers, rows, cols)
                     .map_err(internal)?;
             }
-            Call::Copy {
+            Call::Mover {
                 prologue,
                 node,
-                func,
-                blocks,
+                func: (func, mover, elem),
+                moves,
             } => {
                 if !prologue.is_empty() {
                     host(&mut frame, &mut work, interpret(prologue));
                 }
-                let to = slot_of(&node)?;
-                for (from, block) in blocks {
-                    frame
-                        .push_copy(func, [slot_of(&from)?, to], block)
-                        .map_err(internal)?;
+                match moves {
+                    Moves::Blocks(blocks) => {
+                        let to = slot_of(&node)?;
+                        for (from, block) in blocks {
+                            frame
+                                .push_copy((func, elem), [slot_of(&from)?, to], block)
+                                .map_err(internal)?;
+                        }
+                    }
+                    Moves::Rows { ids, rows, sizes } => {
+                        let slots = [slot_of(&ids)?, slot_of(&rows)?, slot_of(&node)?];
+                        let indices = Work::Labels {
+                            slot: slots[0],
+                            cols: sizes[2],
+                            what: "embedding index",
+                        };
+                        host(&mut frame, &mut work, indices);
+                        let f32 = graph.node(node).dtype() == DType::F32;
+                        frame
+                            .push_indexed((func, mover, elem), slots, sizes, f32)
+                            .map_err(internal)?;
+                    }
                 }
-            }
-            Call::Gather {
-                prologue,
-                func,
-                sizes,
-                slots,
-                scatter,
-                ..
-            } => {
-                if !prologue.is_empty() {
-                    host(&mut frame, &mut work, interpret(prologue));
-                }
-                let slots = [
-                    slot_of(&slots[0])?,
-                    slot_of(&slots[1])?,
-                    slot_of(&slots[2])?,
-                ];
-                let indices = Work::Labels {
-                    slot: slots[0],
-                    cols: sizes[2],
-                    what: "embedding index",
-                };
-                host(&mut frame, &mut work, indices);
-                match scatter {
-                    None => frame.push_gather(func, slots, sizes),
-                    Some(f32) => frame.push_scatter(func, slots, sizes, f32),
-                }
-                .map_err(internal)?;
             }
             Call::Interpret(nodes) if nodes.is_empty() => {}
             Call::Interpret(nodes) => host(&mut frame, &mut work, interpret(nodes)),
@@ -1230,24 +1149,28 @@ enum Call<'p> {
         rows: usize,
         cols: usize,
     },
-    Copy {
+    Mover {
         prologue: Vec<NodeId>,
         node: NodeId,
-        func: (cranelift_module::FuncId, Elem),
-        blocks: Vec<(NodeId, CopyBlock)>,
-    },
-    /// A gather, or (`scatter`: whether the result is `f32`) a scatter.
-    Gather {
-        prologue: Vec<NodeId>,
-        node: NodeId,
-        func: (cranelift_module::FuncId, Elem),
-        /// The number of indices, the row length, the table's rows.
-        sizes: [usize; 3],
-        /// The indices, the rows read, the output.
-        slots: [NodeId; 3],
-        scatter: Option<bool>,
+        func: (cranelift_module::FuncId, Mover, Elem),
+        moves: Moves,
     },
     Interpret(Vec<NodeId>),
+}
+
+/// What a mover's call moves at a frame's sizes.
+enum Moves {
+    /// A copy's blocks, each with the operand it copies from
+    /// (`copy_blocks`).
+    Blocks(Vec<(NodeId, CopyBlock)>),
+    /// A gather's or a scatter's rows: the indices, the rows read (the
+    /// table, or the gradient), and `[n, d, v]` (the number of indices,
+    /// the row length, the table's rows).
+    Rows {
+        ids: NodeId,
+        rows: NodeId,
+        sizes: [usize; 3],
+    },
 }
 
 /// The `ks` and `ms` of a compiled kernel's buffers.
@@ -1985,7 +1908,9 @@ mod tests {
     #[test]
     fn a_copy_reaches_only_inside_its_buffers() {
         let mut code = CodeCache::new(ClifText::None).expect("code cache");
-        let (copy, _) = code.compile_copy(Elem::F32).expect("copy kernel");
+        let (copy, _) = code
+            .compile_mover(Mover::Copy, Elem::F32)
+            .expect("copy kernel");
         let mut frame = Frame::new(&[(6, Elem::F32), (6, Elem::F32), (6, Elem::F64)]);
         let transpose = CopyBlock {
             counts: [1, 2, 3],
@@ -2024,9 +1949,16 @@ mod tests {
             .push_copy((copy, Elem::F32), [0, 1], empty)
             .expect("an empty block is no call");
         // A gather: 3 indices (in the `f64` buffer) into a 2 x 3 table.
-        let (gather, _) = code.compile_gather(Elem::F32).expect("gather kernel");
+        let (gather, _) = code
+            .compile_mover(Mover::Gather, Elem::F32)
+            .expect("gather kernel");
         frame
-            .push_gather((gather, Elem::F32), [2, 0, 1], [2, 3, 2])
+            .push_indexed(
+                (gather, Mover::Gather, Elem::F32),
+                [2, 0, 1],
+                [2, 3, 2],
+                false,
+            )
             .expect("2 indices, rows of 3, a table of 2 rows");
         for (slots, sizes, says) in [
             ([2, 0, 1], [3, 3, 2], "too few"),
@@ -2036,16 +1968,23 @@ mod tests {
             ([2, 0, 1], [2, usize::MAX, 2], "too few"),
         ] {
             let error = frame
-                .push_gather((gather, Elem::F32), slots, sizes)
+                .push_indexed((gather, Mover::Gather, Elem::F32), slots, sizes, false)
                 .expect_err("refused");
             assert!(error.to_string().contains(says), "{error}");
         }
         // A scatter: 2 rows of 3 from the `f32` buffer into a 2 x 3 `f64`
         // one at 2 indices (in a buffer with room for more).
-        let (scatter, _) = code.compile_scatter(Elem::F32).expect("scatter kernel");
+        let (scatter, _) = code
+            .compile_mover(Mover::Scatter, Elem::F32)
+            .expect("scatter kernel");
         let mut frame = Frame::new(&[(6, Elem::F64), (6, Elem::F32), (6, Elem::F64)]);
         frame
-            .push_scatter((scatter, Elem::F32), [0, 1, 2], [2, 3, 2], true)
+            .push_indexed(
+                (scatter, Mover::Scatter, Elem::F32),
+                [0, 1, 2],
+                [2, 3, 2],
+                true,
+            )
             .expect("fits");
         for (slots, sizes, says) in [
             ([0, 1, 2], [2, 3, 3], "too few"),
@@ -2054,7 +1993,7 @@ mod tests {
             ([0, 1, 0], [2, 3, 2], "aliases"),
         ] {
             let error = frame
-                .push_scatter((scatter, Elem::F32), slots, sizes, true)
+                .push_indexed((scatter, Mover::Scatter, Elem::F32), slots, sizes, true)
                 .expect_err("refused");
             assert!(error.to_string().contains(says), "{error}");
         }
