@@ -232,7 +232,7 @@ fn report(backend: &str, name: &str, layers: &[usize], batch: usize, times: &mut
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let median = times[steps / 2];
     println!(
-        "{backend} step, {name} ({}), batch {batch}: median {:.0} us, min {:.0} us, max {:.0} us over {steps} steps; {:.2} matmul GFLOP/s at the median",
+        "{backend} step, {name} ({}), batch {batch}: median {:.1} us, min {:.1} us, max {:.0} us over {steps} steps; {:.2} matmul GFLOP/s at the median",
         layers
             .iter()
             .map(ToString::to_string)
@@ -296,6 +296,16 @@ fn bench_gemm() {
         (784, 256, 1024),
         (128, 256, 256),
         (256, 128, 256),
+        // The medium step's narrow products and the tiny step's five
+        // (`small_sgemm` where the host has AVX-512).
+        (128, 256, 10),
+        (256, 128, 10),
+        (128, 10, 256),
+        (64, 128, 256),
+        (32, 64, 32),
+        (32, 32, 10),
+        (32, 10, 32),
+        (64, 32, 32),
     ] {
         let a: Vec<f64> = (0..m * k).map(|i| (i % 17) as f64 / 17.0).collect();
         let b: Vec<f64> = (0..k * n).map(|i| (i % 13) as f64 / 13.0).collect();
@@ -304,12 +314,17 @@ fn bench_gemm() {
             b.iter().map(|&v| v as f32).collect(),
         );
         let flops = 2.0 * (m * k * n) as f64;
+        // Small products are timed 200 calls at a time (a call takes about
+        // a microsecond).
+        let calls = if m * k * n <= 1 << 20 { 200 } else { 1 };
         let median = |run: &mut dyn FnMut()| {
             let mut times: Vec<f64> = (0..23)
                 .map(|_| {
                     let start = Instant::now();
-                    run();
-                    start.elapsed().as_secs_f64()
+                    for _ in 0..calls {
+                        run();
+                    }
+                    start.elapsed().as_secs_f64() / calls as f64
                 })
                 .skip(3)
                 .collect();

@@ -341,6 +341,58 @@ fn gemm_matches_the_interpreters_product_with_transposed_views() {
     assert!(gemm(fits.over(&data32), square.over(&data32), &mut c32[..8]).is_err());
 }
 
+#[test]
+fn small_products_sum_as_the_gemm_crate_does_bit_for_bit() {
+    // `gemm` runs small `f32` products on its own AVX-512 kernel where
+    // the host has it (`small_sgemm`): blocks of 8, 4, 2 and 1 rows by
+    // one or two registers of 16 columns, masked at the last columns. Every
+    // block shape, row remainder and column mask, with the left operand
+    // plain or read transposed, must give the crate's bits (each element
+    // one chain of fused multiply-adds from zero); a right operand read
+    // transposed, and matrix-vector and outer products (a size of 1), go
+    // to the crate itself.
+    use gradc::jit::codegen::{MatrixView, SMALL_PRODUCT_DEPTH, gemm, gemm_crate};
+    let values = |n: usize, salt: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((((i * 7919 + salt * 104_729) % 1009) as f32) - 504.0) / 97.0)
+            .collect()
+    };
+    let mut compared = 0;
+    for m in [1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 32, 33] {
+        for n in [1, 5, 10, 15, 16, 17, 31, 32, 33, 47, 64, 70] {
+            for k in [1, 3, 10, 32, 64, SMALL_PRODUCT_DEPTH] {
+                let (a, b) = (values(m * k, m + n), values(k * n, k));
+                for (transpose_a, transpose_b) in [(false, false), (true, false), (false, true)] {
+                    let a_view = if transpose_a {
+                        MatrixView::row_major(&a, k, m).transposed()
+                    } else {
+                        MatrixView::row_major(&a, m, k)
+                    };
+                    let b_view = if transpose_b {
+                        MatrixView::row_major(&b, n, k).transposed()
+                    } else {
+                        MatrixView::row_major(&b, k, n)
+                    };
+                    let mut mine = vec![f32::NAN; m * n];
+                    let mut theirs = vec![f32::NAN; m * n];
+                    gemm(a_view, b_view, &mut mine).expect("fits");
+                    gemm_crate(a_view, b_view, &mut theirs).expect("fits");
+                    let same = mine
+                        .iter()
+                        .zip(&theirs)
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(
+                        same,
+                        "{m}x{k}x{n} (left transposed {transpose_a}, right {transpose_b})"
+                    );
+                    compared += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(compared, 12 * 12 * 6 * 3);
+}
+
 /// A random small model for the property test below: a chain over
 /// `[B, 6]` mixing every kind of op the code generator compiles (unary
 /// functions, `**`, `maximum`/`minimum`, `clamp`, `leaky_relu`, dropout),

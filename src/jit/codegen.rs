@@ -3314,12 +3314,29 @@ pub trait GemmElement: Copy + Default {
         b: (*const Self, isize, isize),
         c: (*mut Self, isize),
     );
+
+    /// Runs a small product without the `gemm` crate where that is faster
+    /// (`small_sgemm` for `f32`); returns false, doing nothing, otherwise.
+    /// The views are checked (`gemm`).
+    fn small_gemm(a: MatrixView<'_, Self>, b: MatrixView<'_, Self>, c: &mut [Self]) -> bool {
+        let _ = (a, b, c);
+        false
+    }
 }
 
 /// Implements `GemmElement` for an element type by the `gemm` crate.
 macro_rules! gemm_element {
-    ($t:ty) => {
+    ($t:ty $(, $small:ident)?) => {
         impl GemmElement for $t {
+            $(
+                fn small_gemm(
+                    a: MatrixView<'_, $t>,
+                    b: MatrixView<'_, $t>,
+                    c: &mut [$t],
+                ) -> bool {
+                    $small(a, b, c)
+                }
+            )?
             unsafe fn raw_gemm(
                 m: usize,
                 k: usize,
@@ -3362,7 +3379,7 @@ macro_rules! gemm_element {
 }
 
 gemm_element!(f64);
-gemm_element!(f32);
+gemm_element!(f32, small_sgemm);
 
 /// A strided, read-only view of a `rows x cols` matrix: element `(r, c)`
 /// is `data[r * row_stride + c * col_stride]`. A transposed operand is the
@@ -3429,6 +3446,192 @@ impl<'a, T> MatrixView<'a, T> {
         last.is_some_and(|last| last < self.data.len())
             && isize::try_from(self.row_stride).is_ok()
             && isize::try_from(self.col_stride).is_ok()
+    }
+}
+
+/// `f32` products with at most this many multiply-adds (and an inner size
+/// of at most `SMALL_PRODUCT_DEPTH`) run on `small_sgemm` where the host
+/// has AVX-512: no packing of the left operand, no allocation, no dispatch.
+/// The `gemm` crate's fixed cost per call (its packing buffers, its
+/// thread-local storage, its dispatch) is most of a small product's time
+/// (`docs/performance.md`).
+pub const SMALL_PRODUCT: usize = 1 << 18;
+
+/// The largest inner size `small_sgemm` takes (the `gemm` crate sums an
+/// inner size of at most 512 in one block, as `small_sgemm` always does).
+pub const SMALL_PRODUCT_DEPTH: usize = 512;
+
+/// Whether `small_sgemm` runs on this host: AVX-512F is there and
+/// `GRADC_SMALL_GEMM` is not `0` (which keeps every product on the `gemm`
+/// crate, for comparisons).
+pub fn small_products() -> bool {
+    static SMALL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SMALL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        let host = std::arch::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        let host = false;
+        host && std::env::var("GRADC_SMALL_GEMM").map_or(true, |v| v != "0")
+    })
+}
+
+/// `c = a @ b` for a small `f32` product on AVX-512 (`small_products`):
+/// `c` row-major (`m x n`), 8 rows by 32 columns at a time in registers,
+/// each output element one chain of fused multiply-adds over `p = 0..k`
+/// from zero, as the `gemm` crate's micro-kernels sum it (tested bit for
+/// bit against it). The caller (`gemm`) has checked the views; returns
+/// false, doing nothing, where the product is not small, is a
+/// matrix-vector or outer product, the right operand's rows are not
+/// contiguous, or the host lacks AVX-512.
+fn small_sgemm(a: MatrixView<'_, f32>, b: MatrixView<'_, f32>, c: &mut [f32]) -> bool {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    // (Matrix-vector products and outer products, `min(m, k, n) == 1`,
+    // stay on the crate's own paths for them.)
+    if k > SMALL_PRODUCT_DEPTH
+        || m.min(k).min(n) < 2
+        || m.saturating_mul(k).saturating_mul(n) > SMALL_PRODUCT
+        || !small_products()
+        || c.len() != m * n
+        || b.rows != k
+    {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // A right operand read transposed (`W^T`, for `dX = g W^T`) stays
+        // on the crate: copying it into rows cost more than the crate's
+        // call on the step's shapes (`docs/performance.md`).
+        if b.col_stride != 1 {
+            return false;
+        }
+        // SAFETY: AVX-512F is present (`small_products`). Every element
+        // read lies in its slice: `a` and `b` were checked in bounds by
+        // `gemm` (element (r, p) at `r * row_stride + p * col_stride`), `b`
+        // holds `k` rows of `n` contiguous elements (column stride 1) a row
+        // stride apart, and the kernel's masked loads and stores touch only
+        // columns below `n`; `c` holds exactly `m * n` elements and is an
+        // exclusive borrow.
+        unsafe {
+            small_sgemm_avx512(
+                m,
+                k,
+                n,
+                (a.data.as_ptr(), a.row_stride, a.col_stride),
+                (b.data.as_ptr(), b.row_stride),
+                c.as_mut_ptr(),
+            );
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The AVX-512 loop of `small_sgemm`: blocks of up to 8 rows of `c`
+/// (8, 4, 2, 1) by up to 32 columns (two `f32x16` registers, masked at the
+/// last columns).
+///
+/// # Safety
+/// AVX-512F must be available; `a` addresses `m x k` readable elements at
+/// `(row stride, column stride)`, `b` `k` rows of `n` contiguous readable
+/// elements a row stride apart, and `c` `m * n` writable elements that
+/// nothing else reads or writes meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn small_sgemm_avx512(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: (*const f32, usize, usize),
+    b: (*const f32, usize),
+    c: *mut f32,
+) {
+    use std::arch::x86_64::__mmask16;
+    let mask = |columns: usize| -> __mmask16 {
+        if columns >= 16 {
+            0xffff
+        } else {
+            (1u16 << columns) - 1
+        }
+    };
+    let mut row = 0;
+    while row < m {
+        let rows = match m - row {
+            8.. => 8,
+            4..=7 => 4,
+            2..=3 => 2,
+            _ => 1,
+        };
+        let mut column = 0;
+        while column < n {
+            let columns = (n - column).min(32);
+            let masks = [mask(columns), mask(columns.saturating_sub(16))];
+            // SAFETY: the block's rows `row..row + rows` are below `m`
+            // and its columns `column..column + columns` below `n` (the
+            // masks), so every address stays inside the caller's
+            // guarantee; the offsets are in elements of those buffers.
+            unsafe {
+                let a_block = (a.0.add(row * a.1), a.1, a.2);
+                let b_block = (b.0.add(column), b.1);
+                let c_block = (c.add(row * n + column), n);
+                match (rows, columns > 16) {
+                    (8, true) => sgemm_block::<8, 2>(k, a_block, b_block, c_block, masks),
+                    (8, false) => sgemm_block::<8, 1>(k, a_block, b_block, c_block, masks),
+                    (4, true) => sgemm_block::<4, 2>(k, a_block, b_block, c_block, masks),
+                    (4, false) => sgemm_block::<4, 1>(k, a_block, b_block, c_block, masks),
+                    (2, true) => sgemm_block::<2, 2>(k, a_block, b_block, c_block, masks),
+                    (2, false) => sgemm_block::<2, 1>(k, a_block, b_block, c_block, masks),
+                    (_, true) => sgemm_block::<1, 2>(k, a_block, b_block, c_block, masks),
+                    (_, false) => sgemm_block::<1, 1>(k, a_block, b_block, c_block, masks),
+                }
+            }
+            column += 32;
+        }
+        row += rows;
+    }
+}
+
+/// One block of `small_sgemm_avx512`: `R` rows by `V` registers of 16
+/// columns (lanes past `masks` neither loaded nor stored), summed over
+/// `p = 0..k` by one fused multiply-add per element and step.
+///
+/// # Safety
+/// As `small_sgemm_avx512`, for the block's `R` rows and its masked columns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn sgemm_block<const R: usize, const V: usize>(
+    k: usize,
+    a: (*const f32, usize, usize),
+    b: (*const f32, usize),
+    c: (*mut f32, usize),
+    masks: [std::arch::x86_64::__mmask16; 2],
+) {
+    use std::arch::x86_64::{
+        _mm512_fmadd_ps, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_set1_ps,
+        _mm512_setzero_ps,
+    };
+    let mut sums = [[_mm512_setzero_ps(); V]; R];
+    for p in 0..k {
+        // SAFETY: row `p < k` of `b`, its masked columns; elements `(r, p)`
+        // of `a` for `r < R` (the caller's guarantee).
+        unsafe {
+            let b_row = b.0.add(p * b.1);
+            let right: [_; V] =
+                std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], b_row.add(16 * v)));
+            for (r, sum) in sums.iter_mut().enumerate() {
+                let left = _mm512_set1_ps(*a.0.add(r * a.1 + p * a.2));
+                for (v, lane) in sum.iter_mut().enumerate() {
+                    *lane = _mm512_fmadd_ps(left, right[v], *lane);
+                }
+            }
+        }
+    }
+    for (r, sum) in sums.iter().enumerate() {
+        for (v, lane) in sum.iter().enumerate() {
+            // SAFETY: row `r < R` of the block, its masked columns.
+            unsafe { _mm512_mask_storeu_ps(c.0.add(r * c.1 + 16 * v), masks[v], *lane) };
+        }
     }
 }
 
@@ -3554,11 +3757,33 @@ pub fn gemm_parallel<T: GemmElement + Send + Sync>(
 /// `a.rows x b.cols`, in `f64` or `f32`. In `f64` only the order of the
 /// sums differs from the interpreter's loop, so results agree to `f64`
 /// rounding; in `f32` the sums are `f32` sums (as in PyTorch), within a few
-/// `f32` roundings of the interpreter's `f64` sum rounded once.
+/// `f32` roundings of the interpreter's `f64` sum rounded once. Small
+/// `f32` products run on `small_sgemm` instead where the host has
+/// AVX-512, with the same sums bit for bit.
 pub fn gemm<T: GemmElement>(
     a: MatrixView<'_, T>,
     b: MatrixView<'_, T>,
     c: &mut [T],
+) -> Result<(), CodegenError> {
+    gemm_with(a, b, c, true)
+}
+
+/// `gemm` always on the `gemm` crate, small products too (what
+/// `small_sgemm` is tested and measured against).
+pub fn gemm_crate<T: GemmElement>(
+    a: MatrixView<'_, T>,
+    b: MatrixView<'_, T>,
+    c: &mut [T],
+) -> Result<(), CodegenError> {
+    gemm_with(a, b, c, false)
+}
+
+/// `gemm`, with or without the small-product path.
+fn gemm_with<T: GemmElement>(
+    a: MatrixView<'_, T>,
+    b: MatrixView<'_, T>,
+    c: &mut [T],
+    small: bool,
 ) -> Result<(), CodegenError> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if b.rows != k
@@ -3578,6 +3803,9 @@ pub fn gemm<T: GemmElement>(
     }
     if k == 0 {
         c.fill(T::default());
+        return Ok(());
+    }
+    if small && T::small_gemm(a, b, c) {
         return Ok(());
     }
     // SAFETY: `a` is m x k and `b` is k x n, and every element they address
