@@ -288,7 +288,7 @@ fn bench_compile_time() {
 /// GFLOP/s at the median of 20 runs, one call and (`f32`) split over two
 /// threads.
 fn bench_gemm() {
-    use gradc::jit::codegen::{MatrixView, gemm, gemm_parallel};
+    use gradc::jit::codegen::{MatrixView, gemm, gemm_crate, gemm_parallel};
     for (m, k, n) in [
         (256, 784, 1024),
         (256, 1024, 1024),
@@ -300,6 +300,8 @@ fn bench_gemm() {
         // (`small_sgemm` where the host has AVX-512).
         (128, 256, 10),
         (256, 128, 10),
+        (1024, 256, 10),
+        (256, 10, 1024),
         (128, 10, 256),
         (64, 128, 256),
         (32, 64, 32),
@@ -332,6 +334,14 @@ fn bench_gemm() {
             times[10]
         };
         let mut c32 = vec![0.0f32; m * n];
+        let crate_time = median(&mut || {
+            gemm_crate(
+                MatrixView::row_major(&a32, m, k),
+                MatrixView::row_major(&b32, k, n),
+                &mut c32,
+            )
+            .expect("fits")
+        });
         // One `f32` call on these views of `a` and `b`. The backward
         // products' layouts: `dW = A^T g` reads its left operand
         // transposed, `dX = g W^T` its right one.
@@ -368,8 +378,9 @@ fn bench_gemm() {
             .expect("fits")
         });
         println!(
-            "gemm {m}x{k}x{n}: f32 {:.1} GFLOP/s (left transposed {:.1}, right transposed {:.1}; two threads: {:.1}), f64 {:.1} GFLOP/s",
+            "gemm {m}x{k}x{n}: f32 {:.1} GFLOP/s (the gemm crate {:.1}; left transposed {:.1}, right transposed {:.1}; two threads: {:.1}), f64 {:.1} GFLOP/s",
             flops / f32_time / 1e9,
+            flops / crate_time / 1e9,
             flops / lhs_t_time / 1e9,
             flops / rhs_t_time / 1e9,
             flops / parallel_time / 1e9,

@@ -3449,13 +3449,19 @@ impl<'a, T> MatrixView<'a, T> {
     }
 }
 
-/// `f32` products with at most this many multiply-adds (and an inner size
-/// of at most `SMALL_PRODUCT_DEPTH`) run on `small_sgemm` where the host
-/// has AVX-512: no packing of the left operand, no allocation, no dispatch.
-/// The `gemm` crate's fixed cost per call (its packing buffers, its
-/// thread-local storage, its dispatch) is most of a small product's time
-/// (`docs/performance.md`).
-pub const SMALL_PRODUCT: usize = 1 << 18;
+/// `f32` products with at most this many multiply-adds, or at most
+/// `SMALL_PRODUCT_COLUMNS` columns, and an inner size of at most
+/// `SMALL_PRODUCT_DEPTH` run on `small_sgemm` where the host has AVX-512:
+/// no packing, no allocation, no dispatch. The `gemm` crate's fixed cost
+/// per call (its packing buffers, its thread-local storage, its dispatch)
+/// is most of a small product's time, and its micro-kernel wastes most of
+/// its width on 10 columns; it is faster from about `128 x 256 x 256` on
+/// (measured: `docs/performance.md`).
+pub const SMALL_PRODUCT: usize = 1 << 21;
+
+/// Products this narrow take `small_sgemm` whatever their size (one block
+/// of columns: each row of the right operand is loaded once per 8 rows).
+pub const SMALL_PRODUCT_COLUMNS: usize = 32;
 
 /// The largest inner size `small_sgemm` takes (the `gemm` crate sums an
 /// inner size of at most 512 in one block, as `small_sgemm` always does).
@@ -3489,7 +3495,7 @@ fn small_sgemm(a: MatrixView<'_, f32>, b: MatrixView<'_, f32>, c: &mut [f32]) ->
     // stay on the crate's own paths for them.)
     if k > SMALL_PRODUCT_DEPTH
         || m.min(k).min(n) < 2
-        || m.saturating_mul(k).saturating_mul(n) > SMALL_PRODUCT
+        || (m.saturating_mul(k).saturating_mul(n) > SMALL_PRODUCT && n > SMALL_PRODUCT_COLUMNS)
         || !small_products()
         || c.len() != m * n
         || b.rows != k
