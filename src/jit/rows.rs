@@ -556,16 +556,49 @@ fn normalization_dx(
 fn row_max(b: &mut FunctionBuilder<'_>, row: Row, cols: Value) -> Result<Value, CodegenError> {
     let start = b.ins().f64const(f64::NEG_INFINITY);
     let result = counted_loop(b, cols, &[start], |b, j, carried| {
-        let m = carried[0];
         let v = load(b, row, j);
-        let v_nan = b.ins().fcmp(FloatCC::Unordered, v, v);
-        let larger = b.ins().fcmp(FloatCC::LessThan, m, v);
-        let replace = b.ins().bor(v_nan, larger);
-        let m_nan = b.ins().fcmp(FloatCC::Unordered, m, m);
-        let candidate = b.ins().select(m_nan, m, v);
-        Ok(vec![b.ins().select(replace, candidate, m)])
+        Ok(vec![max_step(b, carried[0], v)])
     })?;
     Ok(result[0])
+}
+
+/// One step of `row_max` (lane by lane for pairs): `v` replaces `m` when
+/// it is NaN or larger, unless `m` is already NaN.
+fn max_step(b: &mut FunctionBuilder<'_>, m: Value, v: Value) -> Value {
+    let v_nan = b.ins().fcmp(FloatCC::Unordered, v, v);
+    let larger = b.ins().fcmp(FloatCC::LessThan, m, v);
+    let replace = b.ins().bor(v_nan, larger);
+    let m_nan = b.ins().fcmp(FloatCC::Unordered, m, m);
+    let candidate = codegen::pick(b, m_nan, m, v);
+    codegen::pick(b, replace, candidate, m)
+}
+
+/// `row_max` of a contiguous row two columns at a time: the even and the
+/// odd columns' maxima in the lanes of an `f64x2` (an odd last column in
+/// the first lane, beside `-inf`), then the second lane's taken into the
+/// first's by the same step. The same maximum as `row_max` (a larger
+/// value, or a NaN, wins wherever it is), but for which of two NaNs or of
+/// `0` and `-0` comes out when a row holds both.
+fn row_max_paired(
+    b: &mut FunctionBuilder<'_>,
+    row: Row,
+    cols: (Value, bool),
+) -> Result<Value, CodegenError> {
+    let lowest = b.ins().f64const(f64::NEG_INFINITY);
+    let start = b.ins().splat(types::F64X2, lowest);
+    let maxima = paired_loop(b, cols, &[start], |b, j, pair, carried| {
+        let v = load_lanes(b, row, j, pair)?;
+        let v = if pair {
+            v
+        } else {
+            let lanes = b.ins().splat(types::F64X2, lowest);
+            b.ins().insertlane(lanes, v, 0)
+        };
+        Ok(vec![max_step(b, carried[0], v)])
+    })?;
+    let first = b.ins().extractlane(maxima[0], 0);
+    let second = b.ins().extractlane(maxima[0], 1);
+    Ok(max_step(b, first, second))
 }
 
 /// `logsumexp` of a row as `kernels::reduce` computes it: the maximum `m`,
@@ -606,7 +639,11 @@ fn row_exps(
     cols: (Value, bool),
     kept: Option<Value>,
 ) -> Result<(Value, Value), CodegenError> {
-    let m = row_max(b, row, cols.0)?;
+    let m = if row.stride.is_none() {
+        row_max_paired(b, row, cols)?
+    } else {
+        row_max(b, row, cols.0)?
+    };
     let zero = b.ins().f64const(0.0);
     let start = b.ins().splat(types::F64X2, zero);
     let pair_max = b.ins().splat(types::F64X2, m);
@@ -676,34 +713,51 @@ fn write_softmax_of(
 }
 
 /// One column (or, `pair`, two) of the cross-entropy VJP's row from the
-/// softmax `p`: `(p - onehot) * scale`, where the row's label is `label`
-/// and `scale` is `g / N`.
+/// softmax `p` off the label: `(p - 0) * scale`, that is `p * scale`
+/// (`scale` is `g / N`); the label's column is then overwritten by
+/// `label_gradient`. (One store more per row instead of a one-hot
+/// comparison per pair.)
 fn cross_entropy_gradient(
     b: &mut FunctionBuilder<'_>,
-    (p, j, pair): (Value, Value, bool),
-    label: Value,
+    p: Value,
+    pair: bool,
     scale: Value,
 ) -> Value {
-    let zero = codegen::constant(b, p, 0.0);
-    let one = codegen::constant(b, p, 1.0);
-    // The one-hot row at `j` (and `j + 1`).
-    let is_label = if pair {
-        let columns = b.ins().scalar_to_vector(types::I64X2, j);
-        let next = b.ins().iadd_imm_u(j, 1);
-        let columns = b.ins().insertlane(columns, next, 1);
-        let labels = b.ins().splat(types::I64X2, label);
-        b.ins().icmp(IntCC::Equal, columns, labels)
-    } else {
-        b.ins().icmp(IntCC::Equal, j, label)
-    };
-    let hot = codegen::pick(b, is_label, one, zero);
-    let difference = b.ins().fsub(p, hot);
     let scale = if pair {
         b.ins().splat(types::F64X2, scale)
     } else {
         scale
     };
-    b.ins().fmul(difference, scale)
+    b.ins().fmul(p, scale)
+}
+
+/// Overwrites the label's column of a cross-entropy VJP row with `(p - 1)
+/// * scale`, `p` being the softmax there (`exp(x - m) / sum`, the
+/// exponential read back from `kept` if given): the value the one-hot
+/// difference gives.
+fn label_gradient(
+    b: &mut FunctionBuilder<'_>,
+    (row, kept): (Row, Option<Value>),
+    (m, sum): (Value, Value),
+    (out_row, label): (Row, Value),
+    scale: Value,
+    f32: bool,
+) -> Result<(), CodegenError> {
+    let e = match kept {
+        Some(kept) => {
+            let at = codegen::element_at(b, Elem::F64, kept, label);
+            codegen::load(b, Elem::F64, false, at)
+        }
+        None => row_exp(b, row, m, label, false)?,
+    };
+    let p = b.ins().fdiv(e, sum);
+    let one = b.ins().f64const(1.0);
+    let difference = b.ins().fsub(p, one);
+    let value = b.ins().fmul(difference, scale);
+    let value = rounded(b, f32, value);
+    let at = out_row.at(b, label);
+    codegen::store(b, out_row.elem, value, at);
+    Ok(())
 }
 
 /// A row's cross-entropy term, `-(x[label] - lse)`.
@@ -917,14 +971,17 @@ pub(super) fn emit(
             counted_loop(b, rows, &[], |b, r, _| {
                 let (row, out_row) = (row_of(b, bases[1], r), row_of(b, out, r));
                 let label = label_index(b, bases[2], r, cols);
-                write_softmax(
+                let (m, sum) = row_exps(b, row, (cols, even_cols), exps)?;
+                write_softmax_of(
                     b,
                     (row, exps),
+                    (m, sum),
                     out_row,
                     (cols, even_cols),
                     f32,
-                    |b, p, j, pair| cross_entropy_gradient(b, (p, j, pair), label, scale),
+                    |b, p, _, pair| cross_entropy_gradient(b, p, pair, scale),
                 )?;
+                label_gradient(b, (row, exps), (m, sum), (out_row, label), scale, f32)?;
                 Ok(vec![])
             })?;
         }
@@ -948,8 +1005,9 @@ pub(super) fn emit(
                     out_row,
                     (cols, even_cols),
                     f32,
-                    |b, p, j, pair| cross_entropy_gradient(b, (p, j, pair), label, scale),
+                    |b, p, _, pair| cross_entropy_gradient(b, p, pair, scale),
                 )?;
+                label_gradient(b, (row, exps), (m, sum), (out_row, label), scale, f32)?;
                 Ok(vec![b.ins().fadd(carried[0], loss)])
             })?[0];
             store_mean(b, total, rows, f32, out);
