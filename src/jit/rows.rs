@@ -731,9 +731,9 @@ fn cross_entropy_gradient(
     b.ins().fmul(p, scale)
 }
 
-/// Overwrites the label's column of a cross-entropy VJP row with `(p - 1)
-/// * scale`, `p` being the softmax there (`exp(x - m) / sum`, the
-/// exponential read back from `kept` if given): the value the one-hot
+/// Overwrites the label's column of a cross-entropy VJP row with
+/// `(p - 1) * scale`, `p` being the softmax there (`exp(x - m) / sum`,
+/// the exponential read back from `kept` if given): the value the one-hot
 /// difference gives.
 fn label_gradient(
     b: &mut FunctionBuilder<'_>,
