@@ -257,6 +257,31 @@ fn compiled_dropout_draws_the_interpreters_mask() {
     }
 }
 
+/// The operands of an `m x k` by `k x n` product: each row-major, or,
+/// when its flag is set, its transposed storage read through swapped
+/// strides.
+fn product_views<'a, T>(
+    (a, a_stored_transposed, transpose_a): (&'a [T], &'a [T], bool),
+    (b, b_stored_transposed, transpose_b): (&'a [T], &'a [T], bool),
+    (m, k, n): (usize, usize, usize),
+) -> (
+    gradc::jit::codegen::MatrixView<'a, T>,
+    gradc::jit::codegen::MatrixView<'a, T>,
+) {
+    use gradc::jit::codegen::MatrixView;
+    let a_view = if transpose_a {
+        MatrixView::row_major(a_stored_transposed, k, m).transposed()
+    } else {
+        MatrixView::row_major(a, m, k)
+    };
+    let b_view = if transpose_b {
+        MatrixView::row_major(b_stored_transposed, n, k).transposed()
+    } else {
+        MatrixView::row_major(b, k, n)
+    };
+    (a_view, b_view)
+}
+
 #[test]
 fn gemm_matches_the_interpreters_product_with_transposed_views() {
     use gradc::interp::kernels;
@@ -283,16 +308,8 @@ fn gemm_matches_the_interpreters_product_with_transposed_views() {
         for (transpose_a, transpose_b) in
             [(false, false), (true, false), (false, true), (true, true)]
         {
-            let a_view = if transpose_a {
-                MatrixView::row_major(&at, k, m).transposed()
-            } else {
-                MatrixView::row_major(&a, m, k)
-            };
-            let b_view = if transpose_b {
-                MatrixView::row_major(&bt, n, k).transposed()
-            } else {
-                MatrixView::row_major(&b, k, n)
-            };
+            let (a_view, b_view) =
+                product_views((&a, &at, transpose_a), (&b, &bt, transpose_b), (m, k, n));
             let mut c = vec![f64::NAN; m * n];
             gemm(a_view, b_view, &mut c).expect("views fit");
             for (x, y) in expected.iter().zip(&c) {
@@ -351,7 +368,7 @@ fn small_products_sum_as_the_gemm_crate_does_bit_for_bit() {
     // one chain of fused multiply-adds from zero); a right operand read
     // transposed, and matrix-vector and outer products (a size of 1), go
     // to the crate itself.
-    use gradc::jit::codegen::{MatrixView, SMALL_PRODUCT_DEPTH, gemm, gemm_crate};
+    use gradc::jit::codegen::{SMALL_PRODUCT_DEPTH, gemm, gemm_crate};
     let values = |n: usize, salt: usize| -> Vec<f32> {
         (0..n)
             .map(|i| ((((i * 7919 + salt * 104_729) % 1009) as f32) - 504.0) / 97.0)
@@ -363,16 +380,9 @@ fn small_products_sum_as_the_gemm_crate_does_bit_for_bit() {
             for k in [1, 3, 10, 32, 64, SMALL_PRODUCT_DEPTH] {
                 let (a, b) = (values(m * k, m + n), values(k * n, k));
                 for (transpose_a, transpose_b) in [(false, false), (true, false), (false, true)] {
-                    let a_view = if transpose_a {
-                        MatrixView::row_major(&a, k, m).transposed()
-                    } else {
-                        MatrixView::row_major(&a, m, k)
-                    };
-                    let b_view = if transpose_b {
-                        MatrixView::row_major(&b, n, k).transposed()
-                    } else {
-                        MatrixView::row_major(&b, k, n)
-                    };
+                    // (The same values read as either layout.)
+                    let (a_view, b_view) =
+                        product_views((&a, &a, transpose_a), (&b, &b, transpose_b), (m, k, n));
                     let mut mine = vec![f32::NAN; m * n];
                     let mut theirs = vec![f32::NAN; m * n];
                     gemm(a_view, b_view, &mut mine).expect("fits");

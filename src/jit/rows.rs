@@ -700,16 +700,29 @@ fn write_softmax_of(
     );
     write_row_paired(b, cols, f32, out_row, |b, j, pair| {
         let (m, sum) = if pair { pairs } else { (m, sum) };
-        let e = match kept {
-            Some(kept) => {
-                let at = codegen::element_at(b, Elem::F64, kept, j);
-                codegen::load(b, Elem::F64, pair, at)
-            }
-            None => row_exp(b, row, m, j, pair)?,
-        };
-        let p = b.ins().fdiv(e, sum);
+        let p = softmax_at(b, (row, kept), (m, sum), j, pair)?;
         Ok(then(b, p, j, pair))
     })
+}
+
+/// The softmax `exp(x - m) / sum` of a row at column `j` (or, `pair`,
+/// `j` and `j + 1`; `m` and `sum` then pairs too), the exponential read
+/// back from `kept` if given, else taken again.
+fn softmax_at(
+    b: &mut FunctionBuilder<'_>,
+    (row, kept): (Row, Option<Value>),
+    (m, sum): (Value, Value),
+    j: Value,
+    pair: bool,
+) -> Result<Value, CodegenError> {
+    let e = match kept {
+        Some(kept) => {
+            let at = codegen::element_at(b, Elem::F64, kept, j);
+            codegen::load(b, Elem::F64, pair, at)
+        }
+        None => row_exp(b, row, m, j, pair)?,
+    };
+    Ok(b.ins().fdiv(e, sum))
 }
 
 /// One column (or, `pair`, two) of the cross-entropy VJP's row from the
@@ -743,14 +756,7 @@ fn label_gradient(
     scale: Value,
     f32: bool,
 ) -> Result<(), CodegenError> {
-    let e = match kept {
-        Some(kept) => {
-            let at = codegen::element_at(b, Elem::F64, kept, label);
-            codegen::load(b, Elem::F64, false, at)
-        }
-        None => row_exp(b, row, m, label, false)?,
-    };
-    let p = b.ins().fdiv(e, sum);
+    let p = softmax_at(b, (row, kept), (m, sum), label, false)?;
     let one = b.ins().f64const(1.0);
     let difference = b.ins().fsub(p, one);
     let value = b.ins().fmul(difference, scale);
