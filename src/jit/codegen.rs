@@ -3317,8 +3317,12 @@ pub trait GemmElement: Copy + Default {
 
     /// Runs a small product without the `gemm` crate where that is faster
     /// (`small_sgemm` for `f32`); returns false, doing nothing, otherwise.
-    /// The views are checked (`gemm`).
-    fn small_gemm(a: MatrixView<'_, Self>, b: MatrixView<'_, Self>, c: &mut [Self]) -> bool {
+    ///
+    /// # Safety
+    /// The views must be checked as `gemm` checks them: `a` is `m x k`,
+    /// `b` is `k x n`, every element they address lies inside their
+    /// slices, and `c` holds exactly `m * n` elements.
+    unsafe fn small_gemm(a: MatrixView<'_, Self>, b: MatrixView<'_, Self>, c: &mut [Self]) -> bool {
         let _ = (a, b, c);
         false
     }
@@ -3329,12 +3333,13 @@ macro_rules! gemm_element {
     ($t:ty $(, $small:ident)?) => {
         impl GemmElement for $t {
             $(
-                fn small_gemm(
+                unsafe fn small_gemm(
                     a: MatrixView<'_, $t>,
                     b: MatrixView<'_, $t>,
                     c: &mut [$t],
                 ) -> bool {
-                    $small(a, b, c)
+                    // SAFETY: the caller's guarantee is `$small`'s.
+                    unsafe { $small(a, b, c) }
                 }
             )?
             unsafe fn raw_gemm(
@@ -3485,38 +3490,35 @@ pub fn small_products() -> bool {
 /// `c` row-major (`m x n`), 8 rows by 32 columns at a time in registers,
 /// each output element one chain of fused multiply-adds over `p = 0..k`
 /// from zero, as the `gemm` crate's micro-kernels sum it (tested bit for
-/// bit against it). The caller (`gemm`) has checked the views; returns
-/// false, doing nothing, where the product is not small, is a
-/// matrix-vector or outer product, the right operand's rows are not
-/// contiguous, or the host lacks AVX-512.
-fn small_sgemm(a: MatrixView<'_, f32>, b: MatrixView<'_, f32>, c: &mut [f32]) -> bool {
+/// bit against it). Returns false, doing nothing, where the product is
+/// not small, is a matrix-vector or outer product, the right operand's
+/// rows are not contiguous, or the host lacks AVX-512.
+///
+/// # Safety
+/// As `GemmElement::small_gemm`: the views checked by `gemm`.
+unsafe fn small_sgemm(a: MatrixView<'_, f32>, b: MatrixView<'_, f32>, c: &mut [f32]) -> bool {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    // (Matrix-vector products and outer products, `min(m, k, n) == 1`,
-    // stay on the crate's own paths for them.)
+    // Matrix-vector and outer products (`min(m, k, n) == 1`) stay on the
+    // crate's own paths for them, and so does a right operand read
+    // transposed (`W^T`, for `dX = g W^T`): copying it into rows cost more
+    // than the crate's call on the step's shapes (`docs/performance.md`).
     if k > SMALL_PRODUCT_DEPTH
         || m.min(k).min(n) < 2
         || (m.saturating_mul(k).saturating_mul(n) > SMALL_PRODUCT && n > SMALL_PRODUCT_COLUMNS)
+        || b.col_stride != 1
         || !small_products()
-        || c.len() != m * n
-        || b.rows != k
     {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
     {
-        // A right operand read transposed (`W^T`, for `dX = g W^T`) stays
-        // on the crate: copying it into rows cost more than the crate's
-        // call on the step's shapes (`docs/performance.md`).
-        if b.col_stride != 1 {
-            return false;
-        }
         // SAFETY: AVX-512F is present (`small_products`). Every element
-        // read lies in its slice: `a` and `b` were checked in bounds by
-        // `gemm` (element (r, p) at `r * row_stride + p * col_stride`), `b`
-        // holds `k` rows of `n` contiguous elements (column stride 1) a row
-        // stride apart, and the kernel's masked loads and stores touch only
-        // columns below `n`; `c` holds exactly `m * n` elements and is an
-        // exclusive borrow.
+        // read lies in its slice: `a` and `b` are in bounds (the caller's
+        // guarantee; element (r, p) at `r * row_stride + p * col_stride`),
+        // `b` holds `k` rows of `n` contiguous elements (column stride 1) a
+        // row stride apart, and the kernel's masked loads and stores touch
+        // only columns below `n`; `c` holds exactly `m * n` elements and is
+        // an exclusive borrow.
         unsafe {
             small_sgemm_avx512(
                 m,
@@ -3811,7 +3813,9 @@ fn gemm_with<T: GemmElement>(
         c.fill(T::default());
         return Ok(());
     }
-    if small && T::small_gemm(a, b, c) {
+    // SAFETY: the views and `c` were checked above, as `small_gemm`
+    // requires.
+    if small && unsafe { T::small_gemm(a, b, c) } {
         return Ok(());
     }
     // SAFETY: `a` is m x k and `b` is k x n, and every element they address

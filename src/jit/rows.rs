@@ -591,8 +591,7 @@ fn row_max_paired(
         let v = if pair {
             v
         } else {
-            let lanes = b.ins().splat(types::F64X2, lowest);
-            b.ins().insertlane(lanes, v, 0)
+            b.ins().insertlane(start, v, 0)
         };
         Ok(vec![max_step(b, carried[0], v)])
     })?;
@@ -639,11 +638,7 @@ fn row_exps(
     cols: (Value, bool),
     kept: Option<Value>,
 ) -> Result<(Value, Value), CodegenError> {
-    let m = if row.stride.is_none() {
-        row_max_paired(b, row, cols)?
-    } else {
-        row_max(b, row, cols.0)?
-    };
+    let m = row_max_paired(b, row, cols)?;
     let zero = b.ins().f64const(0.0);
     let start = b.ins().splat(types::F64X2, zero);
     let pair_max = b.ins().splat(types::F64X2, m);
