@@ -353,21 +353,26 @@ fn bench_gemm() {
         // One `f32` call on these views of `a` and `b`. The backward
         // products' layouts: `dW = A^T g` reads its left operand
         // transposed, `dX = g W^T` its right one.
-        let mut one_call = |a: MatrixView<'_, f32>, b: MatrixView<'_, f32>| {
-            median(&mut || gemm(a, b, &mut c32).expect("fits"))
+        let mut one_call = |a: MatrixView<'_, f32>, b: MatrixView<'_, f32>, product: Product| {
+            median(&mut || product(a, b, &mut c32).expect("fits"))
         };
         let f32_time = one_call(
             MatrixView::row_major(&a32, m, k),
             MatrixView::row_major(&b32, k, n),
+            gemm,
         );
         let lhs_t_time = one_call(
             MatrixView::row_major(&a32, k, m).transposed(),
             MatrixView::row_major(&b32, k, n),
+            gemm,
         );
-        let rhs_t_time = one_call(
-            MatrixView::row_major(&a32, m, k),
-            MatrixView::row_major(&b32, n, k).transposed(),
-        );
+        let [rhs_t_time, rhs_t_crate_time] = [gemm, gemm_crate].map(|product| {
+            one_call(
+                MatrixView::row_major(&a32, m, k),
+                MatrixView::row_major(&b32, n, k).transposed(),
+                product,
+            )
+        });
         let mut c64 = vec![0.0f64; m * n];
         let f64_time = median(&mut || {
             gemm(
@@ -378,11 +383,12 @@ fn bench_gemm() {
             .expect("fits")
         });
         println!(
-            "gemm {m}x{k}x{n}: f32 {:.1} GFLOP/s (the gemm crate {:.1}; left transposed {:.1}, right transposed {:.1}; two threads: {:.1}), f64 {:.1} GFLOP/s",
+            "gemm {m}x{k}x{n}: f32 {:.1} GFLOP/s (the gemm crate {:.1}; left transposed {:.1}, right transposed {:.1} (crate {:.1}); two threads: {:.1}), f64 {:.1} GFLOP/s",
             flops / f32_time / 1e9,
             flops / crate_time / 1e9,
             flops / lhs_t_time / 1e9,
             flops / rhs_t_time / 1e9,
+            flops / rhs_t_crate_time / 1e9,
             flops / parallel_time / 1e9,
             flops / f64_time / 1e9
         );

@@ -362,12 +362,13 @@ fn gemm_matches_the_interpreters_product_with_transposed_views() {
 fn small_products_sum_as_the_gemm_crate_does_bit_for_bit() {
     // `gemm` runs small `f32` products on its own AVX-512 kernel where
     // the host has it (`small_sgemm`): blocks of 8, 4, 2 and 1 rows by
-    // one or two registers of 16 columns, masked at the last columns. Every
-    // block shape, row remainder and column mask, with the left operand
-    // plain or read transposed, must give the crate's bits (each element
-    // one chain of fused multiply-adds from zero); a right operand read
-    // transposed, and matrix-vector and outer products (a size of 1), go
-    // to the crate itself.
+    // one or two registers of 16 columns, masked at the last columns, the
+    // right operand first gathered into rows when it is read transposed.
+    // Every block shape, row remainder and column mask, with either
+    // operand plain or read transposed, must give the crate's bits (each
+    // element one chain of fused multiply-adds from zero); the shapes the
+    // crate sums otherwise (a size of 1, an inner size of 2, at most 256
+    // dot products of contiguous rows and columns) go to the crate itself.
     use gradc::jit::codegen::{SMALL_PRODUCT_DEPTH, gemm, gemm_crate};
     let values = |n: usize, salt: usize| -> Vec<f32> {
         (0..n)
@@ -377,9 +378,11 @@ fn small_products_sum_as_the_gemm_crate_does_bit_for_bit() {
     let mut compared = 0;
     for m in [1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 32, 33] {
         for n in [1, 5, 10, 15, 16, 17, 31, 32, 33, 47, 64, 70] {
-            for k in [1, 3, 10, 32, 64, SMALL_PRODUCT_DEPTH] {
+            for k in [1, 2, 3, 4, 10, 32, 64, SMALL_PRODUCT_DEPTH] {
                 let (a, b) = (values(m * k, m + n), values(k * n, k));
-                for (transpose_a, transpose_b) in [(false, false), (true, false), (false, true)] {
+                for (transpose_a, transpose_b) in
+                    [(false, false), (true, false), (false, true), (true, true)]
+                {
                     // (The same values read as either layout.)
                     let (a_view, b_view) =
                         product_views((&a, &a, transpose_a), (&b, &b, transpose_b), (m, k, n));
@@ -400,7 +403,7 @@ fn small_products_sum_as_the_gemm_crate_does_bit_for_bit() {
             }
         }
     }
-    assert_eq!(compared, 12 * 12 * 6 * 3);
+    assert_eq!(compared, 12 * 12 * 8 * 4);
 }
 
 /// A random small model for the property test below: a chain over

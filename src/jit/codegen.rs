@@ -3486,30 +3486,148 @@ pub fn small_products() -> bool {
     })
 }
 
+/// The largest right operand (`k * n` elements) that `small_sgemm` copies
+/// into contiguous rows when its rows are not contiguous (`W^T` in
+/// `dX = g W^T`): the copy costs about one store per element, the product
+/// `m` multiply-adds per element, so the copy pays where `m` is not tiny,
+/// and it stays in the L1 cache (measured: `docs/performance.md`).
+pub const SMALL_PACKED_RIGHT: usize = 1 << 12;
+
+thread_local! {
+    /// The rows `small_sgemm` copies a right operand into (`SMALL_PACKED_RIGHT`
+    /// elements at most), kept between calls so that no call allocates.
+    static PACKED_RIGHT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// `c = a @ b` for a small `f32` product on AVX-512 (`small_products`):
 /// `c` row-major (`m x n`), 8 rows by 32 columns at a time in registers,
 /// each output element one chain of fused multiply-adds over `p = 0..k`
 /// from zero, as the `gemm` crate's micro-kernels sum it (tested bit for
-/// bit against it). Returns false, doing nothing, where the product is
-/// not small, is a matrix-vector or outer product, the right operand's
-/// rows are not contiguous, or the host lacks AVX-512.
+/// bit against it). A right operand whose rows are not contiguous (read
+/// transposed) is first copied into rows if it has at most
+/// `SMALL_PACKED_RIGHT` elements. Returns false, doing nothing, where the
+/// product is not small, is a matrix-vector or outer product, the right
+/// operand is strided and larger, or the host lacks AVX-512.
 ///
 /// # Safety
 /// As `GemmElement::small_gemm`: the views checked by `gemm`.
 unsafe fn small_sgemm(a: MatrixView<'_, f32>, b: MatrixView<'_, f32>, c: &mut [f32]) -> bool {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    // Matrix-vector and outer products (`min(m, k, n) == 1`) stay on the
-    // crate's own paths for them, and so does a right operand read
-    // transposed (`W^T`, for `dX = g W^T`): copying it into rows cost more
-    // than the crate's call on the step's shapes (`docs/performance.md`).
+    // Matrix-vector and outer products (`min(m, k, n) == 1`), inner sizes
+    // of 2, and products of rows by columns that are both contiguous along
+    // `k` with at most 256 outputs stay on the crate's own paths for them
+    // (which sum otherwise: its `gevv` and its horizontal dot products).
+    let horizontal = a.col_stride == 1 && b.row_stride == 1 && m.saturating_mul(n) <= 256;
     if k > SMALL_PRODUCT_DEPTH
-        || m.min(k).min(n) < 2
+        || m.min(n) < 2
+        || k <= 2
+        || horizontal
         || (m.saturating_mul(k).saturating_mul(n) > SMALL_PRODUCT && n > SMALL_PRODUCT_COLUMNS)
-        || b.col_stride != 1
+        || (b.col_stride != 1 && k.saturating_mul(n) > SMALL_PACKED_RIGHT)
         || !small_products()
     {
         return false;
     }
+    if b.col_stride == 1 {
+        // SAFETY: the caller's guarantee, and `b`'s rows are contiguous.
+        unsafe { small_sgemm_rows(a, b, c) };
+        return true;
+    }
+    PACKED_RIGHT.with_borrow_mut(|packed| {
+        // (Every element of `b` lies inside its slice: the caller's
+        // guarantee, so the indexing cannot fail.)
+        packed.resize(k * n, 0.0);
+        // SAFETY: AVX-512F is present (`small_products`); `b` is in bounds
+        // (the caller's guarantee) and `packed` holds `k * n` elements.
+        unsafe { pack_rows(b, &mut packed[..k * n]) };
+        let rows = MatrixView::row_major(&packed[..k * n], k, n);
+        // SAFETY: `a` and `c` as the caller guarantees; `rows` is the
+        // contiguous `k x n` copy of `b`.
+        unsafe { small_sgemm_rows(a, rows, c) };
+    });
+    true
+}
+
+/// Copies the `k x n` view `b` into `packed` row by row (`packed[p * n +
+/// j] = b(p, j)`): on AVX-512, 16 columns at a time by one gather per row
+/// where the strides allow 32-bit offsets, else element by element.
+///
+/// # Safety
+/// Every element `b` addresses lies inside `b.data`, `packed` holds
+/// `b.rows * b.cols` elements, and (on x86-64) AVX-512F is present.
+unsafe fn pack_rows(b: MatrixView<'_, f32>, packed: &mut [f32]) {
+    let (k, n) = (b.rows, b.cols);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let fits = |stride: usize| {
+            stride
+                .checked_mul(16)
+                .is_some_and(|s| i32::try_from(s).is_ok())
+        };
+        if fits(b.col_stride) {
+            // SAFETY: as the caller guarantees; the offsets fit `i32`.
+            unsafe { pack_rows_avx512(b, packed) };
+            return;
+        }
+    }
+    for (p, row) in packed.chunks_exact_mut(n).take(k).enumerate() {
+        for (j, out) in row.iter_mut().enumerate() {
+            *out = b.data[p * b.row_stride + j * b.col_stride];
+        }
+    }
+}
+
+/// `pack_rows` by gathers: for each block of 16 columns (masked at the
+/// last), row `p` of `packed` is `b(p, j..j + 16)`, read at offsets
+/// `j * col_stride` from `b(p, j)`.
+///
+/// # Safety
+/// As `pack_rows`, with `16 * b.col_stride` within `i32`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_rows_avx512(b: MatrixView<'_, f32>, packed: &mut [f32]) {
+    use std::arch::x86_64::{
+        _mm512_mask_i32gather_ps, _mm512_mask_storeu_ps, _mm512_mullo_epi32, _mm512_set1_epi32,
+        _mm512_setr_epi32, _mm512_setzero_ps,
+    };
+    let (k, n) = (b.rows, b.cols);
+    // (`col_stride * 15` fits `i32`: the caller's guarantee.)
+    let offsets = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(b.col_stride as i32),
+    );
+    let base = b.data.as_ptr();
+    let out = packed.as_mut_ptr();
+    let mut column = 0;
+    while column < n {
+        let columns = (n - column).min(16);
+        let mask = if columns == 16 {
+            0xffff
+        } else {
+            (1u16 << columns) - 1
+        };
+        for p in 0..k {
+            // SAFETY: the masked lanes read `b(p, column + l)` for
+            // `column + l < n`, which lie inside `b.data` (the caller's
+            // guarantee); the store writes row `p < k` of `packed`,
+            // columns below `n`.
+            unsafe {
+                let from = base.add(p * b.row_stride + column * b.col_stride);
+                let values =
+                    _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, offsets, from.cast());
+                _mm512_mask_storeu_ps(out.add(p * n + column), mask, values);
+            }
+        }
+        column += 16;
+    }
+}
+
+/// `small_sgemm` once the right operand's rows are contiguous.
+///
+/// # Safety
+/// As `small_sgemm`, with `b.col_stride == 1` and AVX-512F on the host.
+unsafe fn small_sgemm_rows(a: MatrixView<'_, f32>, b: MatrixView<'_, f32>, c: &mut [f32]) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: AVX-512F is present (`small_products`). Every element
@@ -3529,10 +3647,9 @@ unsafe fn small_sgemm(a: MatrixView<'_, f32>, b: MatrixView<'_, f32>, c: &mut [f
                 c.as_mut_ptr(),
             );
         }
-        true
     }
     #[cfg(not(target_arch = "x86_64"))]
-    false
+    let _ = (m, k, n, a, b, c);
 }
 
 /// The AVX-512 loop of `small_sgemm`: blocks of up to 8 rows of `c`
