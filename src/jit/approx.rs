@@ -5,8 +5,9 @@
 //!
 //! `exp` reduces `x = n ln 2 + r` with `|r| <= ln 2 / 2` (Cody and Waite:
 //! `ln 2` split in two so that `n ln 2` is exact), evaluates the degree-13
-//! Taylor polynomial of `e^r` by Horner's rule (its truncation error is
-//! below `5e-18` relative), and scales by `2^n` as two exact powers of two
+//! Taylor polynomial of `e^r` (its truncation error is below `5e-18`
+//! relative) as `1 + (r + r^2 P(r))` with the tail `P` by Estrin's scheme
+//! (a short chain: `exp_series`), and scales by `2^n` as two exact powers of two
 //! built from bits, so that overflow gives `inf`, deep underflow `0`, and
 //! subnormal results round once. No float-to-integer conversion is needed:
 //! `n` is rounded with the `1.5 * 2^52` shifter. `log` follows fdlibm's
@@ -113,29 +114,7 @@ pub(super) fn exp_of_nonpositive(b: &mut FunctionBuilder<'_>, x: Value) -> Value
     let r = b.ins().fsub(clamped, high_part);
     let low_part = b.ins().fmul(n, ln2_lo);
     let r = b.ins().fsub(r, low_part);
-    // e^r = sum r^k / k!, k = 0..=13, by Horner's rule with fused
-    // multiply-adds (one rounding a step, and half the latency of a
-    // multiply then an add: the chain is what bounds a row kernel).
-    let mut factorial = 1.0f64;
-    let coefficients: Vec<f64> = (0..=13)
-        .map(|k| {
-            if k > 0 {
-                factorial *= f64::from(k);
-            }
-            1.0 / factorial
-        })
-        .collect();
-    let mut p = constant(b, x, coefficients[13]);
-    let fused = has_fma();
-    for &c in coefficients[..13].iter().rev() {
-        let c = constant(b, x, c);
-        p = if fused {
-            b.ins().fma(p, r, c)
-        } else {
-            let product = b.ins().fmul(p, r);
-            b.ins().fadd(product, c)
-        };
-    }
+    let p = exp_series(b, x, r);
     // 2^n as 2^n1 * 2^n2, each a normal power of two, so the product
     // overflows to inf or underflows (rounding once) like e^x.
     let half = constant(b, x, 0.5);
@@ -146,6 +125,56 @@ pub(super) fn exp_of_nonpositive(b: &mut FunctionBuilder<'_>, x: Value) -> Value
     let second = power_of_two(b, n2);
     let p = b.ins().fmul(p, first);
     b.ins().fmul(p, second)
+}
+
+/// `e^r = sum r^k / k!` for `k = 0..=13` and `|r| <= ln 2 / 2`, as
+/// `1 + (r + r^2 P(r))`: the tail `P(r) = sum r^(k-2) / k!` (`k >= 2`) by
+/// Estrin's scheme (pairs of terms, then pairs of pairs over `r^2`, `r^4`
+/// and `r^8`: a chain of 4 fused multiply-adds where Horner's rule has
+/// 11), and the two leading terms added last, so the result is rounded
+/// about once (`|r + r^2 P| < 0.42`). A row kernel's exponentials are one
+/// such chain each, and the chain's latency is what bounds it: the tiny
+/// step took 0.3 us less than by Horner's rule (`docs/performance.md`).
+fn exp_series(b: &mut FunctionBuilder<'_>, x: Value, r: Value) -> Value {
+    let mut factorial = 1.0f64;
+    let coefficients: Vec<f64> = (0..=13)
+        .map(|k| {
+            if k > 0 {
+                factorial *= f64::from(k);
+            }
+            1.0 / factorial
+        })
+        .collect();
+    let fused = has_fma();
+    // `a * m + c`, fused where the host has it.
+    let madd = |b: &mut FunctionBuilder<'_>, a: Value, m: Value, c: Value| {
+        if fused {
+            b.ins().fma(a, m, c)
+        } else {
+            let product = b.ins().fmul(a, m);
+            b.ins().fadd(product, c)
+        }
+    };
+    let r2 = b.ins().fmul(r, r);
+    let r4 = b.ins().fmul(r2, r2);
+    let r8 = b.ins().fmul(r4, r4);
+    // The tail's pairs `c[k] + c[k+1] r` for k = 2, 4, ..., 12.
+    let pairs: Vec<Value> = coefficients[2..]
+        .chunks_exact(2)
+        .map(|c| {
+            let (low, high) = (constant(b, x, c[0]), constant(b, x, c[1]));
+            madd(b, high, r, low)
+        })
+        .collect();
+    let quads: Vec<Value> = pairs
+        .chunks_exact(2)
+        .map(|q| madd(b, q[1], r2, q[0]))
+        .collect();
+    let low = madd(b, quads[1], r4, quads[0]);
+    let tail = madd(b, quads[2], r8, low);
+    let linear = madd(b, r2, tail, r);
+    let one = constant(b, x, 1.0);
+    b.ins().fadd(one, linear)
 }
 
 /// The logistic function as the interpreter computes it: `1 / (1 + e^-x)`
