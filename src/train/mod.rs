@@ -212,9 +212,29 @@ pub struct StepResult {
     /// The learning rate used.
     pub lr: f64,
     /// Monitor statistics by name (`grad_norm.w1`, `dead.h`, ...), in the
-    /// step graph's order (the names shared with the session, not copied
-    /// every step).
-    pub stats: Vec<(Arc<str>, f64)>,
+    /// step graph's order.
+    pub stats: StepStats,
+}
+
+/// A step's monitor statistics: the names, shared with the session (one
+/// reference counted per step, not one per name), and the values in the
+/// same order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepStats {
+    /// The statistics' names.
+    pub names: Arc<[Arc<str>]>,
+    /// Their values, one per name.
+    pub values: Vec<f64>,
+}
+
+impl StepStats {
+    /// Each statistic as (name, value).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, f64)> {
+        self.names
+            .iter()
+            .map(|name| &**name)
+            .zip(self.values.iter().copied())
+    }
 }
 
 /// Loss and accuracy over some rows.
@@ -264,7 +284,9 @@ pub struct Session {
 struct StepReads {
     version: u64,
     loss: NodeId,
-    stats: Vec<(Arc<str>, NodeId)>,
+    /// The statistics' names and, in the same order, their values' ids.
+    stat_names: Arc<[Arc<str>]>,
+    stat_ids: Vec<NodeId>,
     carried: Vec<Carried>,
     /// The cross-entropy whose logits and labels give the accuracy.
     cross_entropy: Option<NodeId>,
@@ -277,10 +299,12 @@ impl StepReads {
             .loss()
             .ok_or_else(|| TrainError::Setup("the step graph has no loss".into()))?;
         let mut wanted = vec![loss];
-        let mut stats = Vec::new();
+        let mut stat_names = Vec::new();
+        let mut stat_ids = Vec::new();
         for id in graph.ids() {
             if let Role::Stat(name) = &graph.node(id).role {
-                stats.push((Arc::from(name.as_str()), id));
+                stat_names.push(Arc::from(name.as_str()));
+                stat_ids.push(id);
                 wanted.push(id);
             }
         }
@@ -290,7 +314,8 @@ impl StepReads {
         Ok(StepReads {
             version: graph.version(),
             loss,
-            stats,
+            stat_names: stat_names.into(),
+            stat_ids,
             carried,
             cross_entropy,
             wanted,
@@ -527,15 +552,18 @@ impl Session {
         );
         let read = |evaluation: &Evaluation| {
             let loss = evaluation.values[&loss_id].data[0];
-            let stats: Vec<(Arc<str>, f64)> = reads
-                .stats
-                .iter()
-                .map(|(name, id)| (Arc::clone(name), evaluation.values[id].data[0]))
-                .collect();
+            let stats = StepStats {
+                names: Arc::clone(&reads.stat_names),
+                values: reads
+                    .stat_ids
+                    .iter()
+                    .map(|id| evaluation.values[id].data[0])
+                    .collect(),
+            };
             let finite = loss.is_finite()
                 && stats
                     .iter()
-                    .all(|(name, value)| &**name != "grad_norm" || value.is_finite());
+                    .all(|(name, value)| name != "grad_norm" || value.is_finite());
             (loss, stats, finite)
         };
         let summary = result.as_ref().ok().map(read);
@@ -707,14 +735,15 @@ fn correct(graph: &Graph, node: NodeId, evaluation: &Evaluation) -> Option<usize
         (0..rows)
             .filter(|&r| {
                 let row = &logits.data[r * classes..(r + 1) * classes];
-                let best = row
-                    .iter()
-                    .enumerate()
-                    .fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &v)| {
-                        if v > bv { (i, v) } else { (bi, bv) }
-                    })
-                    .0;
-                best as f64 == labels.data[r]
+                // (The first largest; NaN never wins. Selections, not
+                // branches: which column wins is not predictable.)
+                let mut best = (0, f64::NEG_INFINITY);
+                for (i, &v) in row.iter().enumerate() {
+                    let larger = v > best.1;
+                    best.0 = if larger { i } else { best.0 };
+                    best.1 = if larger { v } else { best.1 };
+                }
+                best.0 as f64 == labels.data[r]
             })
             .count(),
     )

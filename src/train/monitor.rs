@@ -3,8 +3,8 @@
 //! param and its source line), the `--watch` table, and where a NaN came
 //! from.
 
+use super::StepStats;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use crate::autodiff::rules;
 use crate::interp::Evaluation;
@@ -54,10 +54,9 @@ const VANISHING_STEPS: usize = 20;
 impl Monitor {
     /// Records one step's statistics (names are copied the first time
     /// they are seen only).
-    pub fn record(&mut self, stats: &[(Arc<str>, f64)]) {
+    pub fn record(&mut self, stats: &StepStats) {
         self.steps += 1;
-        for (name, value) in stats {
-            let (name, value) = (&**name, *value);
+        for (name, value) in stats.iter() {
             update(&mut self.sums, name, 0.0, |sum| sum + value);
             update(&mut self.mins, name, f64::INFINITY, |min| min.min(value));
             update(&mut self.maxs, name, f64::NEG_INFINITY, |max| {
