@@ -1984,22 +1984,28 @@ impl CodeCache {
             };
             // A row's exponentials, kept for the second pass of a softmax
             // (`f64`s, so the values are the ones computed again before).
-            let exps = match fixed_cols {
-                Some(c) if op.takes_softmax() && c * 8 <= ROW_SCRATCH_BYTES => {
+            // (Two such rows for a kernel that takes rows in pairs.)
+            let kept_rows = if op.takes_row_pairs() { 2 } else { 1 };
+            let (exps, second_exps) = match fixed_cols {
+                Some(c) if op.takes_softmax() && kept_rows * c * 8 <= ROW_SCRATCH_BYTES => {
                     let slot = b.create_sized_stack_slot(StackSlotData::new(
                         StackSlotKind::ExplicitSlot,
-                        (c * 8) as u32,
+                        (kept_rows * c * 8) as u32,
                         4,
                     ));
-                    Some(b.ins().stack_addr(types::I64, slot, 0))
+                    let first = b.ins().stack_addr(types::I64, slot, 0);
+                    let second = (kept_rows == 2)
+                        .then(|| b.ins().stack_addr(types::I64, slot, (c * 8) as i32));
+                    (Some(first), second)
                 }
-                _ => None,
+                _ => (None, None),
             };
             let shape = rows::RowShape {
                 rows: params[1],
                 cols,
                 even_cols: fixed_cols.is_some_and(|c| c.is_multiple_of(2)),
                 exps,
+                second_exps,
             };
             rows::emit(&mut b, &mut calls, op, f32, &elems, params[0], shape)?;
             b.ins().return_(&[]);

@@ -312,6 +312,11 @@ impl RowOp {
             RowOp::Softmax | RowOp::CrossEntropyVjp | RowOp::CrossEntropyWithVjp { .. }
         )
     }
+
+    /// Whether the kernel takes two rows at a time (`RowShape::second_exps`).
+    pub fn takes_row_pairs(self) -> bool {
+        matches!(self, RowOp::CrossEntropyWithVjp { .. })
+    }
 }
 
 /// Emits `for j in 0..count { carried = body(j, carried) }` and returns the
@@ -431,25 +436,6 @@ fn rounded(b: &mut FunctionBuilder<'_>, f32: bool, value: Value) -> Value {
         let narrow = b.ins().fdemote(types::F32, value);
         b.ins().fpromote(types::F64, narrow)
     }
-}
-
-/// `write_row` two columns at a time: `value(b, j, pair)` gives column
-/// `j`, or (`pair`) columns `j` and `j + 1` as an `f64x2`.
-fn write_row_paired(
-    b: &mut FunctionBuilder<'_>,
-    cols: (Value, bool),
-    f32: bool,
-    out_row: Row,
-    mut value: impl FnMut(&mut FunctionBuilder<'_>, Value, bool) -> Result<Value, CodegenError>,
-) -> Result<(), CodegenError> {
-    paired_loop(b, cols, &[], |b, j, pair, _| {
-        let v = value(b, j, pair)?;
-        let v = rounded(b, f32, v);
-        let at = out_row.at(b, j);
-        codegen::store(b, out_row.elem, v, at);
-        Ok(vec![])
-    })?;
-    Ok(())
 }
 
 /// The mean and biased variance of a row as `kernels::group_moments`
@@ -573,31 +559,42 @@ fn max_step(b: &mut FunctionBuilder<'_>, m: Value, v: Value) -> Value {
     codegen::pick(b, replace, candidate, m)
 }
 
-/// `row_max` of a contiguous row two columns at a time: the even and the
+/// `row_max` of contiguous rows two columns at a time: the even and the
 /// odd columns' maxima in the lanes of an `f64x2` (an odd last column in
 /// the first lane, beside `-inf`), then the second lane's taken into the
 /// first's by the same step. The same maximum as `row_max` (a larger
 /// value, or a NaN, wins wherever it is), but for which of two NaNs or of
-/// `0` and `-0` comes out when a row holds both.
-fn row_max_paired(
+/// `0` and `-0` comes out when a row holds both. Several rows are taken
+/// in one loop, each by its own chain (so that the chains overlap).
+fn rows_max_paired(
     b: &mut FunctionBuilder<'_>,
-    row: Row,
+    rows: &[Row],
     cols: (Value, bool),
-) -> Result<Value, CodegenError> {
+) -> Result<Vec<Value>, CodegenError> {
     let lowest = b.ins().f64const(f64::NEG_INFINITY);
     let start = b.ins().splat(types::F64X2, lowest);
-    let maxima = paired_loop(b, cols, &[start], |b, j, pair, carried| {
-        let v = load_lanes(b, row, j, pair)?;
-        let v = if pair {
-            v
-        } else {
-            b.ins().insertlane(start, v, 0)
-        };
-        Ok(vec![max_step(b, carried[0], v)])
+    let maxima = paired_loop(b, cols, &vec![start; rows.len()], |b, j, pair, carried| {
+        rows.iter()
+            .zip(carried)
+            .map(|(&row, &m)| {
+                let v = load_lanes(b, row, j, pair)?;
+                let v = if pair {
+                    v
+                } else {
+                    b.ins().insertlane(start, v, 0)
+                };
+                Ok(max_step(b, m, v))
+            })
+            .collect()
     })?;
-    let first = b.ins().extractlane(maxima[0], 0);
-    let second = b.ins().extractlane(maxima[0], 1);
-    Ok(max_step(b, first, second))
+    Ok(maxima
+        .into_iter()
+        .map(|m| {
+            let first = b.ins().extractlane(m, 0);
+            let second = b.ins().extractlane(m, 1);
+            max_step(b, first, second)
+        })
+        .collect())
 }
 
 /// `logsumexp` of a row as `kernels::reduce` computes it: the maximum `m`,
@@ -638,27 +635,53 @@ fn row_exps(
     cols: (Value, bool),
     kept: Option<Value>,
 ) -> Result<(Value, Value), CodegenError> {
-    let m = row_max_paired(b, row, cols)?;
+    Ok(rows_exps(b, &[(row, kept)], cols)?[0])
+}
+
+/// `row_exps` of several rows in the same loops, each row by its own
+/// chains (the same operations, in the same order, as one row alone; the
+/// rows' chains overlap).
+fn rows_exps(
+    b: &mut FunctionBuilder<'_>,
+    rows: &[(Row, Option<Value>)],
+    cols: (Value, bool),
+) -> Result<Vec<(Value, Value)>, CodegenError> {
+    let lines: Vec<Row> = rows.iter().map(|r| r.0).collect();
+    let maxima = rows_max_paired(b, &lines, cols)?;
     let zero = b.ins().f64const(0.0);
     let start = b.ins().splat(types::F64X2, zero);
-    let pair_max = b.ins().splat(types::F64X2, m);
-    let totals = paired_loop(b, cols, &[start], |b, j, pair, carried| {
-        let e = row_exp(b, row, if pair { pair_max } else { m }, j, pair)?;
-        if let Some(kept) = kept {
-            let at = codegen::element_at(b, Elem::F64, kept, j);
-            codegen::store(b, Elem::F64, e, at);
+    let pair_maxima: Vec<Value> = maxima
+        .iter()
+        .map(|&m| b.ins().splat(types::F64X2, m))
+        .collect();
+    let totals = paired_loop(b, cols, &vec![start; rows.len()], |b, j, pair, carried| {
+        let mut next = Vec::with_capacity(rows.len());
+        for (i, &(row, kept)) in rows.iter().enumerate() {
+            let m = if pair { pair_maxima[i] } else { maxima[i] };
+            let e = row_exp(b, row, m, j, pair)?;
+            if let Some(kept) = kept {
+                let at = codegen::element_at(b, Elem::F64, kept, j);
+                codegen::store(b, Elem::F64, e, at);
+            }
+            // (A single one as [e, 0.0].)
+            let e = if pair {
+                e
+            } else {
+                b.ins().scalar_to_vector(types::F64X2, e)
+            };
+            next.push(b.ins().fadd(carried[i], e));
         }
-        // (A single one as [e, 0.0].)
-        let e = if pair {
-            e
-        } else {
-            b.ins().scalar_to_vector(types::F64X2, e)
-        };
-        Ok(vec![b.ins().fadd(carried[0], e)])
+        Ok(next)
     })?;
-    let first = b.ins().extractlane(totals[0], 0);
-    let second = b.ins().extractlane(totals[0], 1);
-    Ok((m, b.ins().fadd(first, second)))
+    Ok(maxima
+        .into_iter()
+        .zip(totals)
+        .map(|(m, total)| {
+            let first = b.ins().extractlane(total, 0);
+            let second = b.ins().extractlane(total, 1);
+            (m, b.ins().fadd(first, second))
+        })
+        .collect())
 }
 
 /// Writes `then(p, j, pair)` of a row's softmax `p = exp(x - m) / sum`
@@ -687,17 +710,58 @@ fn write_softmax_of(
     out_row: Row,
     cols: (Value, bool),
     f32: bool,
+    then: impl FnMut(&mut FunctionBuilder<'_>, Value, Value, bool) -> Value,
+) -> Result<(), CodegenError> {
+    let softmax = Softmax {
+        row,
+        kept,
+        exps: (m, sum),
+        out_row,
+    };
+    write_softmaxes(b, &[softmax], cols, f32, then)
+}
+
+/// A row's softmax to write (`write_softmaxes`): the row, where its
+/// exponentials are kept, its maximum and sum of exponentials
+/// (`rows_exps`), and the output row.
+#[derive(Clone, Copy)]
+struct Softmax {
+    row: Row,
+    kept: Option<Value>,
+    exps: (Value, Value),
+    out_row: Row,
+}
+
+/// `write_softmax_of` for several rows in one loop (each row's values as
+/// alone).
+fn write_softmaxes(
+    b: &mut FunctionBuilder<'_>,
+    rows: &[Softmax],
+    cols: (Value, bool),
+    f32: bool,
     mut then: impl FnMut(&mut FunctionBuilder<'_>, Value, Value, bool) -> Value,
 ) -> Result<(), CodegenError> {
-    let pairs = (
-        b.ins().splat(types::F64X2, m),
-        b.ins().splat(types::F64X2, sum),
-    );
-    write_row_paired(b, cols, f32, out_row, |b, j, pair| {
-        let (m, sum) = if pair { pairs } else { (m, sum) };
-        let p = softmax_at(b, (row, kept), (m, sum), j, pair)?;
-        Ok(then(b, p, j, pair))
-    })
+    let pairs: Vec<(Value, Value)> = rows
+        .iter()
+        .map(|r| {
+            (
+                b.ins().splat(types::F64X2, r.exps.0),
+                b.ins().splat(types::F64X2, r.exps.1),
+            )
+        })
+        .collect();
+    paired_loop(b, cols, &[], |b, j, pair, _| {
+        for (r, &row_pairs) in rows.iter().zip(&pairs) {
+            let (m, sum) = if pair { row_pairs } else { r.exps };
+            let p = softmax_at(b, (r.row, r.kept), (m, sum), j, pair)?;
+            let v = then(b, p, j, pair);
+            let v = rounded(b, f32, v);
+            let at = r.out_row.at(b, j);
+            codegen::store(b, r.out_row.elem, v, at);
+        }
+        Ok(vec![])
+    })?;
+    Ok(())
 }
 
 /// The softmax `exp(x - m) / sum` of a row at column `j` (or, `pair`,
@@ -862,6 +926,9 @@ pub(super) struct RowShape {
     pub cols: Value,
     pub even_cols: bool,
     pub exps: Option<Value>,
+    /// A second such row, for kernels that take two rows at a time
+    /// (`RowOp::CrossEntropyWithVjp`); without one they take one.
+    pub second_exps: Option<Value>,
 }
 
 /// Emits the body of a row kernel `fn(ptrs, rows, cols)`: `ptrs` holds the
@@ -880,6 +947,7 @@ pub(super) fn emit(
         cols,
         even_cols,
         exps,
+        second_exps,
     } = shape;
     let flags = MemFlagsData::trusted();
     let (reads, outputs) = op.lengths(1, 1);
@@ -988,29 +1056,84 @@ pub(super) fn emit(
         }
         RowOp::CrossEntropyWithVjp { g } => {
             // The two kernels above in one loop over rows: the same values.
+            // Two rows at a time where there are scratch rows for both (or
+            // none is kept), each by its own chains, so that the chains of
+            // the one overlap the other's (the exponentials, the `log` call
+            // and the row's softmax make a long chain); the losses are
+            // added in row order.
             let g = b.ins().f64const(g);
             let count = row_count(b, rows);
             let scale = b.ins().fdiv(g, count);
             let gradient = bases[3];
             let start = b.ins().f64const(-0.0);
-            let total = counted_loop(b, rows, &[start], |b, r, carried| {
-                let (row, out_row) = (row_of(b, bases[0], r), row_of(b, gradient, r));
-                let (m, sum) = row_exps(b, row, (cols, even_cols), exps)?;
-                let lse = logsumexp_of(b, calls, m, sum)?;
-                let label = label_index(b, bases[1], r, cols);
-                let loss = cross_entropy_term(b, row, label, lse);
-                write_softmax_of(
-                    b,
-                    (row, exps),
-                    (m, sum),
-                    out_row,
-                    (cols, even_cols),
-                    f32,
-                    |b, p, _, pair| cross_entropy_gradient(b, p, pair, scale),
-                )?;
-                label_gradient(b, (row, exps), (m, sum), (out_row, label), scale, f32)?;
-                Ok(vec![b.ins().fadd(carried[0], loss)])
-            })?[0];
+            // Rows `r..r + kept.len()` into the running total.
+            let mut body = |b: &mut FunctionBuilder<'_>,
+                            first: Value,
+                            kept: &[Option<Value>],
+                            total: Value|
+             -> Result<Value, CodegenError> {
+                let lines: Vec<(Row, Row, Value)> = (0..kept.len())
+                    .map(|i| {
+                        let r = b.ins().iadd_imm_u(first, i as i64);
+                        (row_of(b, bases[0], r), row_of(b, gradient, r), r)
+                    })
+                    .collect();
+                let inputs: Vec<(Row, Option<Value>)> = lines
+                    .iter()
+                    .zip(kept)
+                    .map(|(line, &kept)| (line.0, kept))
+                    .collect();
+                let exponentials = rows_exps(b, &inputs, (cols, even_cols))?;
+                let mut losses = Vec::new();
+                let mut labels = Vec::new();
+                for (&(row, _, r), &(m, sum)) in lines.iter().zip(&exponentials) {
+                    let lse = logsumexp_of(b, calls, m, sum)?;
+                    let label = label_index(b, bases[1], r, cols);
+                    losses.push(cross_entropy_term(b, row, label, lse));
+                    labels.push(label);
+                }
+                let softmaxes: Vec<Softmax> = lines
+                    .iter()
+                    .zip(kept)
+                    .zip(&exponentials)
+                    .map(|((&(row, out_row, _), &kept), &exps)| Softmax {
+                        row,
+                        kept,
+                        exps,
+                        out_row,
+                    })
+                    .collect();
+                write_softmaxes(b, &softmaxes, (cols, even_cols), f32, |b, p, _, pair| {
+                    cross_entropy_gradient(b, p, pair, scale)
+                })?;
+                let mut total = total;
+                for ((softmax, &label), &loss) in softmaxes.iter().zip(&labels).zip(&losses) {
+                    label_gradient(
+                        b,
+                        (softmax.row, softmax.kept),
+                        softmax.exps,
+                        (softmax.out_row, label),
+                        scale,
+                        f32,
+                    )?;
+                    total = b.ins().fadd(total, loss);
+                }
+                Ok(total)
+            };
+            let total = if exps.is_none() || second_exps.is_some() {
+                paired_loop(b, (rows, false), &[start], |b, r, pair, carried| {
+                    let kept = if pair {
+                        vec![exps, second_exps]
+                    } else {
+                        vec![exps]
+                    };
+                    Ok(vec![body(b, r, &kept, carried[0])?])
+                })?[0]
+            } else {
+                counted_loop(b, rows, &[start], |b, r, carried| {
+                    Ok(vec![body(b, r, &[exps], carried[0])?])
+                })?[0]
+            };
             store_mean(b, total, rows, f32, out);
         }
         RowOp::MseVjp { negate } => {
