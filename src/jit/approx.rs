@@ -105,15 +105,7 @@ fn clamp(b: &mut FunctionBuilder<'_>, x: Value, bound: Value, beyond: FloatCC) -
 pub(super) fn exp_of_nonpositive(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
     let low = constant(b, x, -746.0);
     let clamped = clamp(b, x, low, FloatCC::LessThan);
-    let log2e = constant(b, x, std::f64::consts::LOG2_E);
-    let scaled = b.ins().fmul(clamped, log2e);
-    let n = round_integer(b, scaled);
-    let ln2_hi = constant(b, x, LN2_HI);
-    let ln2_lo = constant(b, x, LN2_LO);
-    let high_part = b.ins().fmul(n, ln2_hi);
-    let r = b.ins().fsub(clamped, high_part);
-    let low_part = b.ins().fmul(n, ln2_lo);
-    let r = b.ins().fsub(r, low_part);
+    let (n, r) = reduced(b, clamped);
     let p = exp_series(b, x, r);
     // 2^n as 2^n1 * 2^n2, each a normal power of two, so the product
     // overflows to inf or underflows (rounding once) like e^x.
@@ -125,6 +117,37 @@ pub(super) fn exp_of_nonpositive(b: &mut FunctionBuilder<'_>, x: Value) -> Value
     let second = power_of_two(b, n2);
     let p = b.ins().fmul(p, first);
     b.ins().fmul(p, second)
+}
+
+/// `exp_of_nonpositive` where the result is only used rounded to `f32`
+/// and relative to a sum of at least 1 (a row kernel's exponentials,
+/// shifted by the row's maximum): `x` is clamped at -708 instead, so that
+/// `2^n` is one normal power of two and one product. Only results below
+/// `e^-708` (about `3e-308`) differ, and they, like the exact ones, are 0
+/// once rounded to `f32` (or divided by a sum of at least 1 and rounded),
+/// and add nothing to such a sum: the `f32` results are the same.
+pub(super) fn exp_of_nonpositive_for_f32(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
+    let low = constant(b, x, -708.0);
+    let clamped = clamp(b, x, low, FloatCC::LessThan);
+    let (n, r) = reduced(b, clamped);
+    let p = exp_series(b, x, r);
+    // (n >= -1022: 2^n is normal.)
+    let scale = power_of_two(b, n);
+    b.ins().fmul(p, scale)
+}
+
+/// `x = n ln 2 + r` with `n` an integer-valued float and `|r| <= ln 2 /
+/// 2` (Cody and Waite), for `|x| <= 746`: `(n, r)`.
+fn reduced(b: &mut FunctionBuilder<'_>, x: Value) -> (Value, Value) {
+    let log2e = constant(b, x, std::f64::consts::LOG2_E);
+    let scaled = b.ins().fmul(x, log2e);
+    let n = round_integer(b, scaled);
+    let ln2_hi = constant(b, x, LN2_HI);
+    let ln2_lo = constant(b, x, LN2_LO);
+    let high_part = b.ins().fmul(n, ln2_hi);
+    let r = b.ins().fsub(x, high_part);
+    let low_part = b.ins().fmul(n, ln2_lo);
+    (n, b.ins().fsub(r, low_part))
 }
 
 /// `e^r = sum r^k / k!` for `k = 0..=13` and `|r| <= ln 2 / 2`, as

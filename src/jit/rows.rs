@@ -859,8 +859,13 @@ fn row_exp(
 ) -> Result<Value, CodegenError> {
     let v = load_lanes(b, row, j, pair)?;
     let shifted = b.ins().fsub(v, m);
-    // (`x - m` is at most 0, or NaN: `m` is the row's maximum.)
-    Ok(approx::exp_of_nonpositive(b, shifted))
+    // (`x - m` is at most 0, or NaN: `m` is the row's maximum. An `f32`
+    // row is an `f32` op's operand, whose results are rounded to `f32`.)
+    Ok(if row.elem == Elem::F32 {
+        approx::exp_of_nonpositive_for_f32(b, shifted)
+    } else {
+        approx::exp_of_nonpositive(b, shifted)
+    })
 }
 
 /// A loop over `0..count` two at a time, `body(b, j, true, carried)` at
