@@ -828,9 +828,9 @@ struct Bound {
 
 /// Host work of a step entry.
 enum Work {
-    /// Nodes evaluated on the interpreter (a matrix product on the GEMM),
-    /// in order, each with its operands.
-    Interpret(Vec<(NodeId, Vec<NodeId>)>),
+    /// Nodes evaluated in order: a matrix product on the GEMM, another on
+    /// the interpreter.
+    Interpret(Vec<HostNode>),
     /// The labels (or indices, `what`) in a buffer must lie in `0..cols`
     /// (the interpreter's check and error), before a kernel reads them.
     Labels {
@@ -838,6 +838,28 @@ enum Work {
         cols: usize,
         what: &'static str,
     },
+}
+
+/// A node of host work, as the frame's sizes make it.
+enum HostNode {
+    /// A matrix product, planned when the frame is bound.
+    Product(Product),
+    /// Another node, on the interpreter.
+    Node(NodeId),
+}
+
+/// A matrix product on the GEMM, straight from the frame's buffers
+/// (`plan_product`): `out = a @ b`, each operand a buffer read as a
+/// `rows x cols` matrix, transposed or not.
+struct Product {
+    id: NodeId,
+    dtype: DType,
+    /// The buffers of `a`, `b` and the result.
+    slots: [usize; 3],
+    /// `a` and `b` as stored (`matrix_dims`), and whether each is read
+    /// transposed.
+    a: ((usize, usize), bool),
+    b: ((usize, usize), bool),
 }
 
 impl Program {
@@ -1023,12 +1045,15 @@ fn bind(
         }
     }
     let slot_of = |id: &NodeId| slot_in(&slots, *id);
-    // Nodes to interpret, with their operands (looked up once, here).
+    // Host nodes: products planned here, once.
     let interpret = |nodes: Vec<NodeId>| {
         Work::Interpret(
             nodes
                 .into_iter()
-                .map(|id| (id, graph.operands(id)))
+                .map(|id| match plan_product(graph, &slots, &values, id) {
+                    Some(product) => HostNode::Product(product),
+                    None => HostNode::Node(id),
+                })
                 .collect(),
         )
     };
@@ -1627,11 +1652,17 @@ impl Host for StepHost<'_> {
     fn call(&mut self, index: usize, buffers: &mut Buffers<'_>) -> Result<(), InterpError> {
         match self.work.get(index) {
             Some(Work::Interpret(nodes)) => {
-                for (id, operands) in nodes {
-                    let id = *id;
-                    if !self.matrix_product(id, operands, buffers)? {
-                        self.interpret(id, buffers)?;
-                    }
+                for node in nodes {
+                    let id = match node {
+                        HostNode::Product(product) => {
+                            if self.matrix_product(product, buffers)? {
+                                continue;
+                            }
+                            product.id
+                        }
+                        HostNode::Node(id) => *id,
+                    };
+                    self.interpret(id, buffers)?;
                 }
                 Ok(())
             }
@@ -1686,80 +1717,26 @@ impl StepHost<'_> {
             .map_err(|e| InterpError::Internal(format!("{id}: {e}")))
     }
 
-    /// Computes a matrix product with the tuned GEMM (`codegen::gemm`)
-    /// straight from the buffers: a `matmul` (plain, or with a transposed
-    /// right operand) and both of its VJPs. False for any other node or a
-    /// shape it does not handle (the interpreter then runs it).
-    ///
-    /// A batched operand `[.., M, K]` is one `(B*M) x K` matrix, so each
-    /// case is a single GEMM: `A @ B`; `dA = g @ B^T`; and `dB = A^T @ g`,
-    /// whose inner size `B*M` also performs the sum over the batch. A
-    /// transpose is a view with swapped strides, never a copy. An `f32`
-    /// product runs on `sgemm` straight on the `f32` buffers (on `f32`
-    /// copies if an operand is kept in `f64`), an `f64` one on `dgemm`.
+    /// Runs a planned matrix product (`plan_product`) on the tuned GEMM
+    /// (`codegen::gemm`) straight from the buffers: an `f32` product on
+    /// `sgemm` on the `f32` buffers (on `f32` copies if an operand is kept
+    /// in `f64`), an `f64` one on `dgemm`. False, doing nothing, for
+    /// buffers of other element types (the interpreter then runs it).
     fn matrix_product(
         &mut self,
-        id: NodeId,
-        operands: &[NodeId],
+        product: &Product,
         buffers: &mut Buffers<'_>,
     ) -> Result<bool, InterpError> {
-        let graph = self.graph;
-        let node = graph.node(id);
-        // (left operand, transposed?), (right operand, transposed?).
-        let ((left, transpose_left), (right, transpose_right)) = match &node.op {
-            Op::MatMul => ((operands[0], false), (operands[1], false)),
-            Op::MatMulT {
-                transpose_a: false,
-                transpose_b,
-            } => ((operands[0], false), (operands[1], *transpose_b)),
-            Op::Vjp { forward, operand } if **forward == Op::MatMul => {
-                // Operands: the output gradient, A, B, the forward output.
-                let (g, a, b) = (operands[0], operands[1], operands[2]);
-                if *operand == 0 {
-                    ((g, false), (b, true))
-                } else {
-                    ((a, true), (g, false))
-                }
-            }
-            _ => return Ok(false),
-        };
-        let (Some(&left), Some(&right), Some(&out)) = (
-            self.slots.get(&left),
-            self.slots.get(&right),
-            self.slots.get(&id),
-        ) else {
-            return Ok(false);
-        };
-        // Each operand as (shape, transposed?) and its matrix sizes as read.
-        let values = self.values;
-        let operand = |slot: usize, transposed: bool| -> Option<(Operand<'_>, (usize, usize))> {
-            let shape = values[slot].1.as_slice();
-            let (rows, cols) = matrix_dims(shape)?;
-            let dims = if transposed {
-                (cols, rows)
-            } else {
-                (rows, cols)
-            };
-            Some(((shape, transposed), dims))
-        };
-        let (Some((a, (a_rows, a_cols))), Some((b, (b_rows, b_cols)))) = (
-            operand(left, transpose_left),
-            operand(right, transpose_right),
-        ) else {
-            return Ok(false);
-        };
-        let count: usize = self.values[out].1.iter().product();
-        if a_cols != b_rows || count != a_rows * b_cols || left == out || right == out {
-            return Ok(false);
-        }
-        let elems = [left, right, out].map(|slot| buffers.elem(slot));
-        match (node.dtype(), elems) {
+        let [left, right, out] = product.slots;
+        let (a, b) = (product.a, product.b);
+        let elems = product.slots.map(|slot| buffers.elem(slot));
+        match (product.dtype, elems) {
             // Straight from the buffers.
             (DType::F32, [Elem::F32, Elem::F32, Elem::F32]) => {
-                product_in_place::<f32>(buffers, [left, right, out], &a, &b)
+                product_in_place::<f32>(buffers, product.slots, a, b)
             }
             (DType::F64, [Elem::F64, Elem::F64, Elem::F64]) => {
-                product_in_place::<f64>(buffers, [left, right, out], &a, &b)
+                product_in_place::<f64>(buffers, product.slots, a, b)
             }
             // An `f32` operand kept in `f64` (a sum): through `f32` copies.
             (DType::F32, _) => {
@@ -1768,12 +1745,12 @@ impl StepHost<'_> {
                     to.clear();
                     to.extend(buffers.read(slot, count).iter().map(|&v| v as f32));
                 };
-                narrow(a32, left, a_rows * a_cols);
-                narrow(b32, right, b_rows * b_cols);
+                let count = product_rows(a) * product_cols(b);
+                narrow(a32, left, a.0.0 * a.0.1);
+                narrow(b32, right, b.0.0 * b.0.1);
                 c32.clear();
                 c32.resize(count, 0.0);
-                let (Some(a), Some(b)) = (matrix_view(a32, a.0, a.1), matrix_view(b32, b.0, b.1))
-                else {
+                let (Some(a), Some(b)) = (matrix_view(a32, a), matrix_view(b32, b)) else {
                     return Ok(false);
                 };
                 codegen::gemm_parallel(a, b, c32).map_err(internal)?;
@@ -1787,23 +1764,78 @@ impl StepHost<'_> {
     }
 }
 
-/// One operand of a product: its shape, and whether it is read
-/// transposed.
-type Operand<'s> = (&'s [usize], bool);
+/// Plans a matrix product on the GEMM for a frame (its buffers `slots`
+/// and their shapes `values`): a `matmul` (plain, or with a transposed
+/// right operand) and both of its VJPs. `None` for any other node or a
+/// shape it does not handle (the interpreter then runs it).
+///
+/// A batched operand `[.., M, K]` is one `(B*M) x K` matrix, so each case
+/// is a single GEMM: `A @ B`; `dA = g @ B^T`; and `dB = A^T @ g`, whose
+/// inner size `B*M` also performs the sum over the batch. A transpose is a
+/// view with swapped strides, never a copy.
+fn plan_product(
+    graph: &Graph,
+    slots: &IdMap<usize>,
+    values: &[(NodeId, Vec<usize>)],
+    id: NodeId,
+) -> Option<Product> {
+    let node = graph.node(id);
+    let operands = graph.operands(id);
+    // (left operand, transposed?), (right operand, transposed?).
+    let ((left, transpose_left), (right, transpose_right)) = match &node.op {
+        Op::MatMul => ((operands[0], false), (operands[1], false)),
+        Op::MatMulT {
+            transpose_a: false,
+            transpose_b,
+        } => ((operands[0], false), (operands[1], *transpose_b)),
+        Op::Vjp { forward, operand } if **forward == Op::MatMul => {
+            // Operands: the output gradient, A, B, the forward output.
+            let (g, a, b) = (operands[0], operands[1], operands[2]);
+            if *operand == 0 {
+                ((g, false), (b, true))
+            } else {
+                ((a, true), (g, false))
+            }
+        }
+        _ => return None,
+    };
+    let (&left, &right, &out) = (slots.get(&left)?, slots.get(&right)?, slots.get(&id)?);
+    let a = (matrix_dims(&values[left].1)?, transpose_left);
+    let b = (matrix_dims(&values[right].1)?, transpose_right);
+    let count: usize = values[out].1.iter().product();
+    let fits = product_cols(a) == product_rows(b)
+        && count == product_rows(a) * product_cols(b)
+        && left != out
+        && right != out;
+    fits.then_some(Product {
+        id,
+        dtype: node.dtype(),
+        slots: [left, right, out],
+        a,
+        b,
+    })
+}
+
+/// The rows of a product's operand as read (`Product::a`).
+fn product_rows(((rows, cols), transposed): ((usize, usize), bool)) -> usize {
+    if transposed { cols } else { rows }
+}
+
+/// The columns of a product's operand as read.
+fn product_cols(((rows, cols), transposed): ((usize, usize), bool)) -> usize {
+    if transposed { rows } else { cols }
+}
 
 /// `out = a @ b` on the GEMM, straight from buffers holding `T`s.
 fn product_in_place<T: codegen::GemmElement + codegen::Stored + Send + Sync>(
     buffers: &mut Buffers<'_>,
     [left, right, out]: [usize; 3],
-    a: &Operand<'_>,
-    b: &Operand<'_>,
+    a: ((usize, usize), bool),
+    b: ((usize, usize), bool),
 ) -> Result<(), codegen::CodegenError> {
     buffers
         .compute::<T, _, 2>([left, right], out, |reads, c| {
-            match (
-                matrix_view(reads[0], a.0, a.1),
-                matrix_view(reads[1], b.0, b.1),
-            ) {
+            match (matrix_view(reads[0], a), matrix_view(reads[1], b)) {
                 (Some(a), Some(b)) => {
                     let count = a.rows * b.cols;
                     match c.get_mut(..count) {
@@ -1827,14 +1859,12 @@ fn matrix_dims(shape: &[usize]) -> Option<(usize, usize)> {
     Some((shape.iter().product::<usize>() / cols, cols))
 }
 
-/// A buffer as the matrix of its shape (`matrix_dims`), read transposed or
-/// not; `None` if the shape is no matrix or `data` is too short.
+/// A buffer as a `rows x cols` matrix, read transposed or not; `None` if
+/// `data` is too short.
 fn matrix_view<'a, T>(
     data: &'a [T],
-    shape: &[usize],
-    transposed: bool,
+    ((rows, cols), transposed): ((usize, usize), bool),
 ) -> Option<codegen::MatrixView<'a, T>> {
-    let (rows, cols) = matrix_dims(shape)?;
     let view = codegen::MatrixView::row_major(data.get(..rows * cols)?, rows, cols);
     Some(if transposed { view.transposed() } else { view })
 }
