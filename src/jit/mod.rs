@@ -824,6 +824,9 @@ struct Bound {
     work: Vec<Work>,
     dims: BTreeMap<String, usize>,
     entry_clif: String,
+    /// The values the last step asked for (`Backend::run_wanted`), each
+    /// with its buffer and type: a step asks for the same ones every time.
+    wanted: Option<(Vec<NodeId>, Vec<(NodeId, usize, DType)>)>,
 }
 
 /// Host work of a step entry.
@@ -1156,6 +1159,7 @@ fn bind(
         work,
         dims: dims.clone(),
         entry_clif,
+        wanted: None,
     })
 }
 
@@ -1539,15 +1543,21 @@ impl Jit {
         evaluation.buffer_updates = buffer_updates;
         match wanted {
             Some(wanted) => {
-                evaluation.values.retain(|id, _| wanted.contains(id));
-                for &id in wanted {
-                    let own = own_id(ids, id)?;
-                    match evaluation.values.get_mut(&id) {
-                        Some(tensor) => bound.refill(graph, own, tensor)?,
-                        None => {
-                            evaluation.values.insert(id, bound.value(graph, own)?);
-                        }
-                    }
+                bound.want(graph, ids, wanted)?;
+                let outputs = bound.wanted.as_ref().map_or(&[][..], |w| &w.1[..]);
+                // (An evaluation handed back holds these values already.)
+                let same = evaluation.values.len() == outputs.len()
+                    && outputs.iter().all(|o| evaluation.values.contains_key(&o.0));
+                if !same {
+                    evaluation.values.retain(|id, _| wanted.contains(id));
+                }
+                for &(id, slot, dtype) in outputs {
+                    let tensor = evaluation.values.entry(id).or_insert_with(|| Tensor {
+                        dtype,
+                        shape: Vec::new(),
+                        data: Vec::new(),
+                    });
+                    bound.refill_slot(slot, dtype, tensor);
                 }
             }
             None => {
@@ -1620,11 +1630,38 @@ impl Bound {
     /// `value` into a tensor of an earlier step (reusing its memory).
     fn refill(&self, graph: &Graph, id: NodeId, tensor: &mut Tensor) -> Result<(), InterpError> {
         let slot = slot_in(&self.slots, id)?;
+        self.refill_slot(slot, graph.node(id).dtype(), tensor);
+        Ok(())
+    }
+
+    /// `refill` from buffer `slot`, of a value of type `dtype`.
+    fn refill_slot(&self, slot: usize, dtype: DType, tensor: &mut Tensor) {
         let shape = &self.values[slot].1;
-        tensor.dtype = graph.node(id).dtype();
+        tensor.dtype = dtype;
         tensor.shape.clone_from(shape);
         self.frame
             .read_into(slot, shape.iter().product(), &mut tensor.data);
+    }
+
+    /// Sets `Bound::wanted` to the caller's `wanted` values, each with the
+    /// buffer of the program's value (`ids`, `own_id`) and its type: worked
+    /// out again only when `wanted` is not the last step's list.
+    fn want(
+        &mut self,
+        graph: &Graph,
+        ids: &IdMap<NodeId>,
+        wanted: &[NodeId],
+    ) -> Result<(), InterpError> {
+        if self.wanted.as_ref().is_none_or(|w| w.0 != wanted) {
+            let outputs = wanted
+                .iter()
+                .map(|&id| {
+                    let own = own_id(ids, id)?;
+                    Ok((id, slot_in(&self.slots, own)?, graph.node(own).dtype()))
+                })
+                .collect::<Result<Vec<_>, InterpError>>()?;
+            self.wanted = Some((wanted.to_vec(), outputs));
+        }
         Ok(())
     }
 }
