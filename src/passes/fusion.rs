@@ -5,19 +5,20 @@
 //!
 //! - an elementwise op (including broadcasting operands and the elementwise
 //!   VJPs) joins the kernel of its latest-computed operand when that kernel
-//!   is still open and loops over the same shape; otherwise it opens one;
+//!   is still open and loops over the same shape, else the latest such
+//!   kernel after it; otherwise it opens one;
 //! - a matrix product opens a kernel whose epilogue (bias add, activation,
 //!   clipping scale) the following elementwise ops join;
-//! - a reduction joins an open kernel that produces its operand (a kernel
-//!   may close several: a gradient's norm and its count of zeros, an
-//!   update's norm and the new param's); otherwise it is a kernel of its
-//!   own. Nothing that reads a reduction joins the kernel computing it (its
-//!   value is complete only after the kernel's loop);
+//! - a reduction joins such an open kernel over its operand's shape (a
+//!   kernel may close several: a gradient's norm and its count of zeros,
+//!   an update's norm and the new param's); otherwise it is a kernel of
+//!   its own. Nothing that reads a reduction joins the kernel computing it
+//!   (its value is complete only after the kernel's loop);
 //! - every other op (softmax, normalizations, cross-entropy, gathers) is a
 //!   kernel of its own.
 //!
-//! Because an op joins the kernel of its *latest* operand, every kernel's
-//! inputs are computed by earlier kernels: kernels run in order. The
+//! Because an op joins no kernel before its *latest* operand's, every
+//! kernel's inputs are computed by earlier kernels: kernels run in order. The
 //! optimizer update of a param joins the kernel that produces its (clipped)
 //! gradient. Constants are immediates, not inputs. Every fused op keeps its
 //! node, so its source position and `grad_fn` name stay known.
@@ -189,14 +190,23 @@ pub fn plan(graph: &Graph) -> Plan {
                 .iter()
                 .any(|o| plan.kernel_of.get(o) == Some(&k) && is_reduction(&graph.node(*o).op))
         };
+        // The latest operand's kernel if it is open over `shape` (the
+        // values stay in registers), else the latest such kernel after it
+        // (which runs after every operand is computed), reading no sum of
+        // its own: so small loops (a norm's square root, a count over a
+        // bias) share one kernel instead of each opening its own.
         let joinable = |plan: &Plan, shape: &Shape| -> Option<usize> {
-            let k = latest?;
-            let kernel = &plan.kernels[k];
-            (kernel.open
-                && matches!(kernel.kind, Kind::Elementwise | Kind::MatMul)
-                && &kernel.loop_shape == shape
-                && !reads_a_sum_of(k))
-            .then_some(k)
+            let latest = latest?;
+            let fits = |k: usize| {
+                let kernel = &plan.kernels[k];
+                kernel.open
+                    && matches!(kernel.kind, Kind::Elementwise | Kind::MatMul)
+                    && &kernel.loop_shape == shape
+                    && !reads_a_sum_of(k)
+            };
+            std::iter::once(latest)
+                .chain((latest + 1..plan.kernels.len()).rev())
+                .find(|&k| fits(k))
         };
         let chosen = if is_elementwise(&node.op) {
             joinable(&plan, node.shape())
