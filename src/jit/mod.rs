@@ -824,9 +824,16 @@ struct Bound {
     work: Vec<Work>,
     dims: BTreeMap<String, usize>,
     entry_clif: String,
-    /// The values the last step asked for (`Backend::run_wanted`), each
-    /// with its buffer and type: a step asks for the same ones every time.
-    wanted: Option<(Vec<NodeId>, Vec<(NodeId, usize, DType)>)>,
+    /// The values the last step asked for (`Backend::run_wanted`): a step
+    /// asks for the same ones every time.
+    wanted: Option<Wanted>,
+}
+
+/// The values a step asks for (`Bound::want`), and each one's buffer and
+/// type.
+struct Wanted {
+    ids: Vec<NodeId>,
+    outputs: Vec<(NodeId, usize, DType)>,
 }
 
 /// Host work of a step entry.
@@ -1544,7 +1551,7 @@ impl Jit {
         match wanted {
             Some(wanted) => {
                 bound.want(graph, ids, wanted)?;
-                let outputs = bound.wanted.as_ref().map_or(&[][..], |w| &w.1[..]);
+                let outputs = bound.wanted.as_ref().map_or(&[][..], |w| &w.outputs[..]);
                 // (An evaluation handed back holds these values already.)
                 let same = evaluation.values.len() == outputs.len()
                     && outputs.iter().all(|o| evaluation.values.contains_key(&o.0));
@@ -1652,7 +1659,7 @@ impl Bound {
         ids: &IdMap<NodeId>,
         wanted: &[NodeId],
     ) -> Result<(), InterpError> {
-        if self.wanted.as_ref().is_none_or(|w| w.0 != wanted) {
+        if self.wanted.as_ref().is_none_or(|w| w.ids != wanted) {
             let outputs = wanted
                 .iter()
                 .map(|&id| {
@@ -1660,7 +1667,10 @@ impl Bound {
                     Ok((id, slot_in(&self.slots, own)?, graph.node(own).dtype()))
                 })
                 .collect::<Result<Vec<_>, InterpError>>()?;
-            self.wanted = Some((wanted.to_vec(), outputs));
+            self.wanted = Some(Wanted {
+                ids: wanted.to_vec(),
+                outputs,
+            });
         }
         Ok(())
     }
