@@ -587,7 +587,10 @@ pub(super) fn element_at(
     base: Value,
     index: Value,
 ) -> Value {
-    let offset = b.ins().imul_imm_u(index, elem.bytes());
+    // (A shift, not a multiply: Cranelift folds `base + (index << s)`
+    // into the address of the load or store.)
+    let shift = elem.bytes().trailing_zeros();
+    let offset = b.ins().ishl_imm_u(index, i64::from(shift));
     b.ins().iadd(base, offset)
 }
 
