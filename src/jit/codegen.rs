@@ -96,11 +96,12 @@ fn summand(
             .ok_or_else(|| CodegenError(format!("the operands of {id} are not computed")))
     };
     let value = value_of(operands.first())?;
+    // 1 where `value cc 0`, else 0.
     let counted = |b: &mut FunctionBuilder<'_>, cc: FloatCC| {
         let zero = constant(b, value, 0.0);
         let one = constant(b, value, 1.0);
         let hit = b.ins().fcmp(cc, value, zero);
-        pick(b, hit, one, zero)
+        keep_where(b, hit, one, zero)
     };
     Ok(match graph.node(id).op {
         // 1 for a zero.
@@ -328,6 +329,19 @@ pub(super) fn pick(b: &mut FunctionBuilder<'_>, condition: Value, x: Value, y: V
         b.ins().bitselect(mask, x, y)
     } else {
         b.ins().select(condition, x, y)
+    }
+}
+
+/// `x` where `condition` holds, else `zero` (`+0.0`): for vectors the lane
+/// mask and'ed with `x` (one instruction, where `pick` takes three; `+0.0`
+/// is all zero bits).
+fn keep_where(b: &mut FunctionBuilder<'_>, condition: Value, x: Value, zero: Value) -> Value {
+    let ty = b.func.dfg.value_type(x);
+    if ty.is_vector() {
+        let mask = b.ins().bitcast(ty, MemFlagsData::new(), condition);
+        b.ins().band(mask, x)
+    } else {
+        b.ins().select(condition, x, zero)
     }
 }
 
@@ -3196,7 +3210,7 @@ fn unary(
         // relu(x) = x if x > 0 else 0 (NaN gives 0, as in the interpreter).
         UnaryFn::Relu => {
             let positive = b.ins().fcmp(FloatCC::GreaterThan, x, zero);
-            pick(b, positive, x, zero)
+            keep_where(b, positive, x, zero)
         }
         UnaryFn::Exp => approx::exp(b, x),
         UnaryFn::Log => approx::log(b, x),
@@ -3251,7 +3265,7 @@ fn vjp(
         }
         Op::Unary(UnaryFn::Relu) => {
             let positive = b.ins().fcmp(FloatCC::GreaterThan, y, zero);
-            pick(b, positive, g, zero)
+            keep_where(b, positive, g, zero)
         }
         // g y
         Op::Unary(UnaryFn::Exp) => b.ins().fmul(g, y),
