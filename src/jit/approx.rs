@@ -103,10 +103,7 @@ fn clamp(b: &mut FunctionBuilder<'_>, x: Value, bound: Value, beyond: FloatCC) -
 /// itself after that clamp, and the row kernels, whose `x - max(x)` is at
 /// most 0 (the same values, a clamp fewer).
 pub(super) fn exp_of_nonpositive(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
-    let low = constant(b, x, -746.0);
-    let clamped = clamp(b, x, low, FloatCC::LessThan);
-    let (n, r) = reduced(b, clamped);
-    let p = exp_series(b, x, r);
+    let (n, p) = exp_above(b, x, -746.0);
     // 2^n as 2^n1 * 2^n2, each a normal power of two, so the product
     // overflows to inf or underflows (rounding once) like e^x.
     let half = constant(b, x, 0.5);
@@ -127,13 +124,19 @@ pub(super) fn exp_of_nonpositive(b: &mut FunctionBuilder<'_>, x: Value) -> Value
 /// once rounded to `f32` (or divided by a sum of at least 1 and rounded),
 /// and add nothing to such a sum: the `f32` results are the same.
 pub(super) fn exp_of_nonpositive_for_f32(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
-    let low = constant(b, x, -708.0);
-    let clamped = clamp(b, x, low, FloatCC::LessThan);
-    let (n, r) = reduced(b, clamped);
-    let p = exp_series(b, x, r);
+    let (n, p) = exp_above(b, x, -708.0);
     // (n >= -1022: 2^n is normal.)
     let scale = power_of_two(b, n);
     b.ins().fmul(p, scale)
+}
+
+/// `x` clamped at `low` (NaN passes) as `n ln 2 + r`: `(n, e^r)`, the
+/// power of two left to the caller.
+fn exp_above(b: &mut FunctionBuilder<'_>, x: Value, low: f64) -> (Value, Value) {
+    let low = constant(b, x, low);
+    let clamped = clamp(b, x, low, FloatCC::LessThan);
+    let (n, r) = reduced(b, clamped);
+    (n, exp_series(b, x, r))
 }
 
 /// `x = n ln 2 + r` with `n` an integer-valued float and `|r| <= ln 2 /

@@ -702,56 +702,41 @@ fn avx512() -> bool {
 }
 
 /// `to[i] = from[i] as f32` (rounded to nearest): the leaves copied into
-/// `f32` buffers every step, eight at a time where the host has AVX-512.
+/// `f32` buffers every step.
 fn narrow_elements(from: &[f64], to: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: AVX-512F is present; the function only converts, in
-        // bounds (the slices' own iteration).
-        unsafe { narrow_avx512(from, to) };
-        return;
-    }
-    for (to, &from) in to.iter_mut().zip(from) {
-        *to = from as f32;
-    }
-}
-
-/// `narrow_elements`, compiled for AVX-512 (the compiler vectorizes the loop).
-///
-/// # Safety
-/// AVX-512F must be present.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn narrow_avx512(from: &[f64], to: &mut [f32]) {
-    for (to, &from) in to.iter_mut().zip(from) {
-        *to = from as f32;
-    }
+    convert(from, to, |v| v as f32);
 }
 
 /// `to[i] = f64::from(from[i])` (exact): values copied out of `f32`
-/// buffers every step, eight at a time where the host has AVX-512.
+/// buffers every step.
 fn widen_elements(from: &[f32], to: &mut [f64]) {
+    convert(from, to, f64::from);
+}
+
+/// `to[i] = convert(from[i])`, eight at a time where the host has AVX-512
+/// (the same loop, compiled for it).
+fn convert<A: Copy, B>(from: &[A], to: &mut [B], convert: impl Fn(A) -> B) {
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         // SAFETY: AVX-512F is present; the function only converts, in
         // bounds (the slices' own iteration).
-        unsafe { widen_avx512(from, to) };
+        unsafe { convert_avx512(from, to, convert) };
         return;
     }
     for (to, &from) in to.iter_mut().zip(from) {
-        *to = f64::from(from);
+        *to = convert(from);
     }
 }
 
-/// `widen_elements`, compiled for AVX-512 (the compiler vectorizes the loop).
+/// `convert`, compiled for AVX-512 (the compiler vectorizes the loop).
 ///
 /// # Safety
 /// AVX-512F must be present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn widen_avx512(from: &[f32], to: &mut [f64]) {
+unsafe fn convert_avx512<A: Copy, B>(from: &[A], to: &mut [B], convert: impl Fn(A) -> B) {
     for (to, &from) in to.iter_mut().zip(from) {
-        *to = f64::from(from);
+        *to = convert(from);
     }
 }
 
