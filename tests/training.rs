@@ -628,3 +628,21 @@ fn the_step_graph_of_an_empty_model_is_an_error() {
     let config = model.train_config.clone().expect("the train block");
     assert!(gradc::step::build(&model.train, &config).is_err());
 }
+
+#[test]
+fn a_batch_that_names_an_input_twice_is_an_error_and_changes_nothing() {
+    // The second tensor would displace the first, which would then be
+    // put back into the state as if it were a param.
+    let mut s = session("optimizer sgd(lr = 0.1)");
+    let c = |v: f64| Tensor::new(DType::F64, vec![2], vec![v; 2]);
+    let before = s.state().expect("synced").clone();
+    let error = s
+        .step(
+            &mut Interpreter,
+            vec![("c".to_string(), c(1.0)), ("c".to_string(), c(2.0))],
+        )
+        .expect_err("a repeated name");
+    assert!(error.to_string().contains("`c` twice"), "{error}");
+    assert_eq!(s.state().expect("synced"), &before);
+    assert_eq!(s.steps_done, 0);
+}

@@ -495,6 +495,15 @@ impl Session {
         backend: &mut dyn Backend,
         batch: Vec<(String, Tensor)>,
     ) -> Result<StepResult, TrainError> {
+        // (A name given twice would displace the batch's own tensor, which
+        // would then go back into the state as if it were a param.)
+        if let Some((name, _)) = batch
+            .iter()
+            .enumerate()
+            .find_map(|(i, (name, _))| batch[..i].iter().find(|(n, _)| n == name))
+        {
+            return Err(TrainError::Setup(format!("the batch names `{name}` twice")));
+        }
         let t = self.steps_done + 1;
         let lr = self.learning_rate(t);
         let dtype = self
