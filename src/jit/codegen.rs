@@ -690,7 +690,8 @@ impl Storage {
     }
 }
 
-/// Whether the host has AVX-512F (for the conversions below).
+/// Whether the host has AVX-512F (for the conversions below and
+/// `small_products`).
 fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -3548,13 +3549,7 @@ pub const SMALL_PRODUCT_DEPTH: usize = 512;
 /// crate, for comparisons).
 pub fn small_products() -> bool {
     static SMALL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SMALL.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        let host = std::arch::is_x86_feature_detected!("avx512f");
-        #[cfg(not(target_arch = "x86_64"))]
-        let host = false;
-        host && std::env::var("GRADC_SMALL_GEMM").map_or(true, |v| v != "0")
-    })
+    *SMALL.get_or_init(|| avx512() && std::env::var("GRADC_SMALL_GEMM").map_or(true, |v| v != "0"))
 }
 
 /// The largest right operand (`k * n` elements) that `small_sgemm` copies
@@ -3605,8 +3600,6 @@ unsafe fn small_sgemm(a: MatrixView<'_, f32>, b: MatrixView<'_, f32>, c: &mut [f
         return true;
     }
     PACKED_RIGHT.with_borrow_mut(|packed| {
-        // (Every element of `b` lies inside its slice: the caller's
-        // guarantee, so the indexing cannot fail.)
         packed.resize(k * n, 0.0);
         // SAFETY: AVX-512F is present (`small_products`); `b` is in bounds
         // (the caller's guarantee) and `packed` holds `k * n` elements.
@@ -3671,12 +3664,7 @@ unsafe fn pack_rows_avx512(b: MatrixView<'_, f32>, packed: &mut [f32]) {
     let out = packed.as_mut_ptr();
     let mut column = 0;
     while column < n {
-        let columns = (n - column).min(16);
-        let mask = if columns == 16 {
-            0xffff
-        } else {
-            (1u16 << columns) - 1
-        };
+        let mask = column_mask(n - column);
         for p in 0..k {
             // SAFETY: the masked lanes read `b(p, column + l)` for
             // `column + l < n`, which lie inside `b.data` (the caller's
@@ -3690,6 +3678,17 @@ unsafe fn pack_rows_avx512(b: MatrixView<'_, f32>, packed: &mut [f32]) {
             }
         }
         column += 16;
+    }
+}
+
+/// The lanes of a 16-lane register that hold the first `columns` columns
+/// (all of them from 16 on).
+#[cfg(target_arch = "x86_64")]
+fn column_mask(columns: usize) -> std::arch::x86_64::__mmask16 {
+    if columns >= 16 {
+        0xffff
+    } else {
+        (1u16 << columns) - 1
     }
 }
 
@@ -3742,14 +3741,6 @@ unsafe fn small_sgemm_avx512(
     b: (*const f32, usize),
     c: *mut f32,
 ) {
-    use std::arch::x86_64::__mmask16;
-    let mask = |columns: usize| -> __mmask16 {
-        if columns >= 16 {
-            0xffff
-        } else {
-            (1u16 << columns) - 1
-        }
-    };
     let mut row = 0;
     while row < m {
         let rows = match m - row {
@@ -3761,7 +3752,10 @@ unsafe fn small_sgemm_avx512(
         let mut column = 0;
         while column < n {
             let columns = (n - column).min(32);
-            let masks = [mask(columns), mask(columns.saturating_sub(16))];
+            let masks = [
+                column_mask(columns),
+                column_mask(columns.saturating_sub(16)),
+            ];
             // SAFETY: the block's rows `row..row + rows` are below `m`
             // and its columns `column..column + columns` below `n` (the
             // masks), so every address stays inside the caller's

@@ -866,10 +866,37 @@ struct Product {
     dtype: DType,
     /// The buffers of `a`, `b` and the result.
     slots: [usize; 3],
-    /// `a` and `b` as stored (`matrix_dims`), and whether each is read
-    /// transposed.
-    a: ((usize, usize), bool),
-    b: ((usize, usize), bool),
+    a: Matrix,
+    b: Matrix,
+}
+
+/// A buffer as a matrix: its rows and columns as stored (`matrix_dims`),
+/// and whether it is read transposed.
+#[derive(Clone, Copy)]
+struct Matrix {
+    rows: usize,
+    cols: usize,
+    transposed: bool,
+}
+
+impl Matrix {
+    /// The rows as read.
+    fn read_rows(self) -> usize {
+        if self.transposed {
+            self.cols
+        } else {
+            self.rows
+        }
+    }
+
+    /// The columns as read.
+    fn read_cols(self) -> usize {
+        if self.transposed {
+            self.rows
+        } else {
+            self.cols
+        }
+    }
 }
 
 impl Program {
@@ -1792,9 +1819,9 @@ impl StepHost<'_> {
                     to.clear();
                     to.extend(buffers.read(slot, count).iter().map(|&v| v as f32));
                 };
-                let count = product_rows(a) * product_cols(b);
-                narrow(a32, left, a.0.0 * a.0.1);
-                narrow(b32, right, b.0.0 * b.0.1);
+                let count = a.read_rows() * b.read_cols();
+                narrow(a32, left, a.rows * a.cols);
+                narrow(b32, right, b.rows * b.cols);
                 c32.clear();
                 c32.resize(count, 0.0);
                 let (Some(a), Some(b)) = (matrix_view(a32, a), matrix_view(b32, b)) else {
@@ -1847,11 +1874,21 @@ fn plan_product(
         _ => return None,
     };
     let (&left, &right, &out) = (slots.get(&left)?, slots.get(&right)?, slots.get(&id)?);
-    let a = (matrix_dims(&values[left].1)?, transpose_left);
-    let b = (matrix_dims(&values[right].1)?, transpose_right);
+    let matrix = |slot: usize, transposed: bool| {
+        let (rows, cols) = matrix_dims(&values[slot].1)?;
+        Some(Matrix {
+            rows,
+            cols,
+            transposed,
+        })
+    };
+    let (a, b) = (
+        matrix(left, transpose_left)?,
+        matrix(right, transpose_right)?,
+    );
     let count: usize = values[out].1.iter().product();
-    let fits = product_cols(a) == product_rows(b)
-        && count == product_rows(a) * product_cols(b)
+    let fits = a.read_cols() == b.read_rows()
+        && count == a.read_rows() * b.read_cols()
         && left != out
         && right != out;
     fits.then_some(Product {
@@ -1863,22 +1900,12 @@ fn plan_product(
     })
 }
 
-/// The rows of a product's operand as read (`Product::a`).
-fn product_rows(((rows, cols), transposed): ((usize, usize), bool)) -> usize {
-    if transposed { cols } else { rows }
-}
-
-/// The columns of a product's operand as read.
-fn product_cols(((rows, cols), transposed): ((usize, usize), bool)) -> usize {
-    if transposed { rows } else { cols }
-}
-
 /// `out = a @ b` on the GEMM, straight from buffers holding `T`s.
 fn product_in_place<T: codegen::GemmElement + codegen::Stored + Send + Sync>(
     buffers: &mut Buffers<'_>,
     [left, right, out]: [usize; 3],
-    a: ((usize, usize), bool),
-    b: ((usize, usize), bool),
+    a: Matrix,
+    b: Matrix,
 ) -> Result<(), codegen::CodegenError> {
     buffers
         .compute::<T, _, 2>([left, right], out, |reads, c| {
@@ -1906,14 +1933,15 @@ fn matrix_dims(shape: &[usize]) -> Option<(usize, usize)> {
     Some((shape.iter().product::<usize>() / cols, cols))
 }
 
-/// A buffer as a `rows x cols` matrix, read transposed or not; `None` if
-/// `data` is too short.
-fn matrix_view<'a, T>(
-    data: &'a [T],
-    ((rows, cols), transposed): ((usize, usize), bool),
-) -> Option<codegen::MatrixView<'a, T>> {
-    let view = codegen::MatrixView::row_major(data.get(..rows * cols)?, rows, cols);
-    Some(if transposed { view.transposed() } else { view })
+/// A buffer as the matrix `m`, read transposed or not; `None` if `data` is
+/// too short.
+fn matrix_view<T>(data: &[T], m: Matrix) -> Option<codegen::MatrixView<'_, T>> {
+    let view = codegen::MatrixView::row_major(data.get(..m.rows * m.cols)?, m.rows, m.cols);
+    Some(if m.transposed {
+        view.transposed()
+    } else {
+        view
+    })
 }
 
 #[cfg(test)]

@@ -1077,42 +1077,34 @@ pub(super) fn emit(
                             kept: &[Option<Value>],
                             total: Value|
              -> Result<Value, CodegenError> {
-                let lines: Vec<(Row, Row, Value)> = (0..kept.len())
-                    .map(|i| {
-                        let r = b.ins().iadd_imm_u(first, i as i64);
-                        (row_of(b, bases[0], r), row_of(b, gradient, r), r)
-                    })
+                let indices: Vec<Value> = (0..kept.len())
+                    .map(|i| b.ins().iadd_imm_u(first, i as i64))
                     .collect();
-                let inputs: Vec<(Row, Option<Value>)> = lines
+                let inputs: Vec<(Row, Option<Value>)> = indices
                     .iter()
                     .zip(kept)
-                    .map(|(line, &kept)| (line.0, kept))
+                    .map(|(&r, &kept)| (row_of(b, bases[0], r), kept))
                     .collect();
                 let exponentials = rows_exps(b, &inputs, (cols, even_cols))?;
-                let mut losses = Vec::new();
-                let mut labels = Vec::new();
-                for (&(row, _, r), &(m, sum)) in lines.iter().zip(&exponentials) {
-                    let lse = logsumexp_of(b, calls, m, sum)?;
+                let mut softmaxes = Vec::new();
+                let mut labelled = Vec::new();
+                for ((&r, &(row, kept)), &exps) in indices.iter().zip(&inputs).zip(&exponentials) {
+                    let lse = logsumexp_of(b, calls, exps.0, exps.1)?;
                     let label = label_index(b, bases[1], r, cols);
-                    losses.push(cross_entropy_term(b, row, label, lse));
-                    labels.push(label);
-                }
-                let softmaxes: Vec<Softmax> = lines
-                    .iter()
-                    .zip(kept)
-                    .zip(&exponentials)
-                    .map(|((&(row, out_row, _), &kept), &exps)| Softmax {
+                    labelled.push((label, cross_entropy_term(b, row, label, lse)));
+                    let out_row = row_of(b, gradient, r);
+                    softmaxes.push(Softmax {
                         row,
                         kept,
                         exps,
                         out_row,
-                    })
-                    .collect();
+                    });
+                }
                 write_softmaxes(b, &softmaxes, (cols, even_cols), f32, |b, p, _, pair| {
                     cross_entropy_gradient(b, p, pair, scale)
                 })?;
                 let mut total = total;
-                for ((softmax, &label), &loss) in softmaxes.iter().zip(&labels).zip(&losses) {
+                for (softmax, (label, loss)) in softmaxes.iter().zip(labelled) {
                     label_gradient(
                         b,
                         (softmax.row, softmax.kept),

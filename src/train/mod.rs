@@ -744,15 +744,14 @@ fn correct(graph: &Graph, node: NodeId, evaluation: &Evaluation) -> Option<usize
         (0..rows)
             .filter(|&r| {
                 let row = &logits.data[r * classes..(r + 1) * classes];
-                // (The first largest; NaN never wins. Selections, not
-                // branches: which column wins is not predictable.)
-                let mut best = (0, f64::NEG_INFINITY);
-                for (i, &v) in row.iter().enumerate() {
-                    let larger = v > best.1;
-                    best.0 = if larger { i } else { best.0 };
-                    best.1 = if larger { v } else { best.1 };
-                }
-                best.0 as f64 == labels.data[r]
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                        if v > bv { (i, v) } else { (bi, bv) }
+                    })
+                    .0;
+                best as f64 == labels.data[r]
             })
             .count(),
     )
