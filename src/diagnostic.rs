@@ -245,17 +245,17 @@ pub fn render(file_name: &str, source: &str, diagnostics: &[Diagnostic]) -> Stri
     for diagnostic in diagnostics {
         let mut labels = vec![
             cs::Label::primary((), clamp(diagnostic.primary.span, source))
-                .with_message(diagnostic.primary.message.clone()),
+                .with_message(shorten_quotes(&diagnostic.primary.message)),
         ];
         for label in &diagnostic.secondary {
             labels.push(
                 cs::Label::secondary((), clamp(label.span, source))
-                    .with_message(label.message.clone()),
+                    .with_message(shorten_quotes(&label.message)),
             );
         }
-        let mut notes = diagnostic.notes.clone();
+        let mut notes: Vec<String> = diagnostic.notes.iter().map(|n| shorten_quotes(n)).collect();
         if let Some(help) = &diagnostic.help {
-            notes.push(format!("help: {help}"));
+            notes.push(shorten_quotes(&format!("help: {help}")));
         }
         let severity = match diagnostic.severity {
             Severity::Error => cs::Severity::Error,
@@ -263,7 +263,7 @@ pub fn render(file_name: &str, source: &str, diagnostics: &[Diagnostic]) -> Stri
         };
         let rendered = cs::Diagnostic::new(severity)
             .with_code(diagnostic.code.as_str())
-            .with_message(diagnostic.message.clone())
+            .with_message(shorten_quotes(&diagnostic.message))
             .with_labels(labels)
             .with_notes(notes);
         match term::emit_into_string(&config, &file, &rendered) {
@@ -274,7 +274,7 @@ pub fn render(file_name: &str, source: &str, diagnostics: &[Diagnostic]) -> Stri
                 "{}[{}]: {}\n",
                 severity_word(diagnostic.severity),
                 diagnostic.code,
-                diagnostic.message
+                shorten_quotes(&diagnostic.message)
             )),
         }
     }
@@ -319,14 +319,64 @@ fn floor_boundary(source: &str, mut offset: usize) -> usize {
     offset
 }
 
+/// The longest name "did you mean" looks for.
+const MAX_SUGGESTED_LENGTH: usize = 256;
+
+/// The most characters of a quoted name or literal a message shows.
+pub const MAX_QUOTED: usize = 100;
+
+/// `text`, or its first characters and how many were left out when it is
+/// longer than `limit` characters: what a message echoes of user input.
+pub fn shorten(text: &str, limit: usize) -> String {
+    let count = text.chars().count();
+    if count <= limit {
+        return text.to_string();
+    }
+    let kept: String = text.chars().take(limit).collect();
+    format!("{kept}... ({} more characters)", count - limit)
+}
+
+/// A message with every backticked part longer than [`MAX_QUOTED`]
+/// characters shortened, so that a 200 KB identifier or literal does not
+/// fill the terminal.
+pub fn shorten_quotes(message: &str) -> String {
+    let parts: Vec<&str> = message.split('`').collect();
+    if parts.len() < 3 {
+        return message.to_string();
+    }
+    let mut out = String::with_capacity(message.len().min(4096));
+    for (index, part) in parts.iter().enumerate() {
+        if index > 0 {
+            out.push('`');
+        }
+        // Odd parts are inside backticks (when they are closed).
+        let quoted = index % 2 == 1 && index + 1 < parts.len();
+        if quoted {
+            out.push_str(&shorten(part, MAX_QUOTED));
+        } else {
+            out.push_str(part);
+        }
+    }
+    out
+}
+
 /// "Did you mean" support: the candidate closest to `name` by edit
 /// distance, if it is close enough to be a plausible typo.
 pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     // One-letter names are all one edit apart; only a case slip counts.
     let length = name.chars().count();
+    // The distance costs the product of the lengths: names longer than any
+    // plausible identifier get no suggestion.
+    if length > MAX_SUGGESTED_LENGTH {
+        return None;
+    }
     let limit = if length == 1 { 0 } else { (length / 3).max(1) };
     let mut best: Option<(usize, &str)> = None;
     for candidate in candidates {
+        // The distance is at least the difference in length.
+        if candidate.chars().count().abs_diff(length) > limit {
+            continue;
+        }
         // A difference in case only is the likeliest typo of all.
         let distance = if candidate.eq_ignore_ascii_case(name) {
             0
@@ -358,6 +408,19 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_quotes_are_cut_and_long_names_get_no_suggestion() {
+        let name = "x".repeat(200_000);
+        let message = format!("unknown name `{name}` here");
+        let short = shorten_quotes(&message);
+        assert!(short.len() < 160, "{short}");
+        assert!(short.ends_with("more characters)` here"), "{short}");
+        let started = std::time::Instant::now();
+        assert_eq!(closest(&name, [name.as_str(), "x"]), None);
+        assert!(started.elapsed().as_secs() < 1);
+        assert_eq!(shorten_quotes("a `short` one"), "a `short` one");
+    }
 
     #[test]
     fn closest_finds_typos_only() {

@@ -33,8 +33,23 @@ impl Compilation {
     }
 
     /// Renders every diagnostic as plain text.
+    /// At most [`MAX_RENDERED`] of them, then how many more there are.
     pub fn render_diagnostics(&self) -> String {
-        render(&self.file_name, &self.source, &self.diagnostics)
+        let shown = self.diagnostics.len().min(MAX_RENDERED);
+        let mut out = render(&self.file_name, &self.source, &self.diagnostics[..shown]);
+        let more = self.diagnostics.len() - shown;
+        if more > 0 {
+            let errors = self.diagnostics[shown..]
+                .iter()
+                .filter(|d| d.is_error())
+                .count();
+            out.push_str(&format!(
+                "... and {more} more diagnostic{} ({errors} error{}) not shown\n",
+                if more == 1 { "" } else { "s" },
+                if errors == 1 { "" } else { "s" }
+            ));
+        }
+        out
     }
 
     /// The model called `name`, or the only one when `name` is `None`.
@@ -114,8 +129,9 @@ pub fn compile_source(file_name: &str, source: &str, options: LowerOptions) -> C
     }
 }
 
-/// The largest source file gradc reads, in bytes: spans are `u32` offsets.
-pub const MAX_SOURCE_BYTES: u64 = 1 << 30;
+/// The largest source file gradc reads, in bytes (64 MiB; a model file is
+/// kilobytes, and spans are `u32` offsets).
+pub const MAX_SOURCE_BYTES: u64 = 64 << 20;
 
 /// W0002 for every trainable param of a model with a loss that no gradient
 /// can reach, pointing at the declaration and at what blocks the gradient.
@@ -172,15 +188,32 @@ fn gradient_warnings(graph: &Graph, earlier: &[Diagnostic]) -> Vec<Diagnostic> {
 /// Reads and compiles a file. Only I/O errors (and files too large to be a
 /// model) are `Err`.
 pub fn compile_file(path: &Path, options: LowerOptions) -> std::io::Result<Compilation> {
-    let size = std::fs::metadata(path)?.len();
-    if size > MAX_SOURCE_BYTES {
-        return Err(std::io::Error::other(format!(
-            "the file has {size} bytes; gradc reads model files of at most {MAX_SOURCE_BYTES} bytes"
-        )));
+    // The size is checked on what is read, not on what the file system
+    // says: `/dev/zero` or a FIFO has no size and never ends.
+    let too_large = || {
+        std::io::Error::other(format!(
+            "the file has more than {MAX_SOURCE_BYTES} bytes ({} MiB), the most gradc reads of a model file",
+            MAX_SOURCE_BYTES >> 20
+        ))
+    };
+    if std::fs::metadata(path)?.len() > MAX_SOURCE_BYTES {
+        return Err(too_large());
     }
-    let bytes = std::fs::read(path)?;
+    let mut bytes = Vec::new();
+    use std::io::Read;
+    std::fs::File::open(path)?
+        .take(MAX_SOURCE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_SOURCE_BYTES {
+        return Err(too_large());
+    }
     Ok(compile_bytes(&path.display().to_string(), &bytes, options))
 }
+
+/// The most diagnostics printed for one file: past that, a file is
+/// rarely a model (random text gave 57,535), and the first ones say what
+/// is wrong.
+pub const MAX_RENDERED: usize = 100;
 
 /// Parameter counts of a graph: (params, trainable elements, frozen
 /// elements).

@@ -34,6 +34,7 @@ pub mod autodiff;
 pub mod cli;
 pub mod diagnostic;
 pub mod driver;
+pub mod files;
 pub mod gradcheck;
 pub mod interp;
 pub mod ir;

@@ -2,12 +2,10 @@
 //! (`safetensors.torch`) and JAX users load directly.
 //!
 //! Reading accepts `F32`, `F64`, `I32` and `I64` tensors and rejects
-//! anything else with an error naming the tensor. Writing is atomic: the
-//! file is written beside its destination under a temporary name, synced,
-//! then renamed, so no half-written file is ever left behind.
+//! anything else with an error naming the tensor. Writing goes through
+//! [`crate::files::write`]: atomic, through symlinks, keeping the mode.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -149,28 +147,5 @@ pub fn write(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<(), File
     }
     let bytes = safetensors::serialize(views, None)
         .map_err(|e| FileError::Format(path.to_path_buf(), e.to_string()))?;
-    write_atomically(path, &bytes).map_err(io)
-}
-
-/// Writes bytes to a temporary file beside `path`, syncs it and renames it
-/// over `path`; on failure the temporary file is removed.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let directory = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let file_name = path
-        .file_name()
-        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
-    let temporary = directory.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temporary);
-    }
-    result
+    crate::files::write(path, &bytes).map_err(io)
 }

@@ -300,14 +300,27 @@ fn bad_data_files_name_file_line_and_column_and_nothing_starts() {
             "1,2,0\n1,nan,1\n",
             "d.csv:2:2: `nan` is not a finite number",
         ),
-        ("1,2,0\n1,2,3\n", "d.csv:2: label 3 is not a class in 0..3"),
+        (
+            "1,2,0\n1,2,3\n",
+            "d.csv:2: label 3 of `y` is not a class in 0..3",
+        ),
         (
             "1,2,0\n1,2,1.5\n",
-            "d.csv:2: label 1.5 is not a class in 0..3",
+            "d.csv:2: label 1.5 of `y` is not a class in 0..3",
+        ),
+        // The file line, not the data row: the header is line 1.
+        (
+            "a,b,label\n1,2,0\n1,2,3\n",
+            "d.csv:3: label 3 of `y` is not a class in 0..3",
+        ),
+        // A byte-order mark before a headerless file: the first row is data.
+        (
+            "\u{feff}1,2,7\n1,2,0\n",
+            "d.csv:1: label 7 of `y` is not a class in 0..3",
         ),
         (
             "1,2,5,0\n",
-            "3 feature values per row, but input `x` is f32[B, 2] and wants 2",
+            "3 values per row for input `x`, but it is f32[B, 2] and wants 2",
         ),
         ("", "d.csv: the file has no rows"),
     ];

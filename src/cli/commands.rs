@@ -12,7 +12,7 @@ use crate::gradcheck::{self, Options};
 use crate::interp::{self, Context, Tensor};
 use crate::ir::{Graph, Mode, Op, Role};
 use crate::ledger;
-use crate::lower::train::{Optimizer, TrainConfig};
+use crate::lower::train::{LabelColumn, Optimizer, TrainConfig};
 use crate::lower::{LowerOptions, LoweredModel};
 use crate::tensor_file;
 use crate::train::run::{self, RunOptions};
@@ -55,6 +55,14 @@ fn run_grad(args: &super::GradArgs) -> Result<ExitStatus, ExitStatus> {
         backend,
     } = args;
     let (model, mode, seed) = (model.as_deref(), Mode::from(*mode), *seed);
+    crate::files::refuse_overlaps(
+        &[("the model source", file), ("--tensors", tensors)],
+        &[("--out", out)],
+    )
+    .map_err(|message| {
+        eprintln!("error: {message}");
+        ExitStatus::Error
+    })?;
     let compilation = compiled(file, Some(*dtype))?;
     let lowered = pick(&compilation, model)?;
     let forward = lowered.graph(mode);
@@ -263,30 +271,38 @@ pub fn explain(file: &Path, model: Option<&str>) -> ExitStatus {
     }
 }
 
-/// The train configuration with the command line's overrides.
+/// The train configuration with the command line's overrides, each
+/// checked by the train block's rules.
 fn configure(lowered: &LoweredModel, args: &super::TrainArgs) -> Result<TrainConfig, ExitStatus> {
     let mut config = lowered.train_config.clone().unwrap_or_default();
-    if let Some(name) = &args.optimizer {
-        config.optimizer = match name.as_str() {
-            "sgd" => Optimizer::Sgd {
-                lr: 0.01,
-                momentum: 0.0,
-                nesterov: false,
-                weight_decay: 0.0,
-            },
-            "adam" | "adamw" => Optimizer::Adam {
-                lr: 1e-3,
-                betas: (0.9, 0.999),
-                eps: 1e-8,
-                weight_decay: if name == "adamw" { 0.01 } else { 0.0 },
-                decoupled: name == "adamw",
-            },
-            other => {
-                eprintln!("error: unknown optimizer `{other}`; choose sgd, adam or adamw");
-                return Err(ExitStatus::Error);
-            }
-        };
+    let mut overrides: Vec<(String, String)> = Vec::new();
+    let mut entry = |flag: &str, text: String| overrides.push((flag.to_string(), text));
+    if let Some(optimizer) = &args.optimizer {
+        entry("--optimizer", format!("optimizer {optimizer}"));
     }
+    if let Some(schedule) = &args.schedule {
+        entry("--schedule", format!("schedule {schedule}"));
+    }
+    if let Some(norm) = args.clip_grad_norm {
+        entry("--clip-grad-norm", format!("clip_grad_norm {norm:?}"));
+    }
+    if let Some(value) = args.clip_grad_value {
+        entry("--clip-grad-value", format!("clip_grad_value {value:?}"));
+    }
+    if let Some(epochs) = args.epochs {
+        entry("--epochs", format!("epochs {epochs}"));
+    }
+    if let Some(batch) = args.batch {
+        entry("--batch", format!("batch {batch}"));
+    }
+    if let Some(seed) = args.seed {
+        entry("--seed", format!("seed {seed}"));
+    }
+    crate::lower::train::apply_overrides(&mut config, &overrides).map_err(|message| {
+        eprint!("{}", message.trim_end_matches('\n'));
+        eprintln!();
+        ExitStatus::Error
+    })?;
     if let Some(lr) = args.lr {
         if !(lr > 0.0 && lr.is_finite()) {
             eprintln!("error: --lr must be a positive number, not {lr}");
@@ -296,20 +312,11 @@ fn configure(lowered: &LoweredModel, args: &super::TrainArgs) -> Result<TrainCon
             Optimizer::Sgd { lr: base, .. } | Optimizer::Adam { lr: base, .. } => *base = lr,
         }
     }
-    for (flag, value, target) in [
-        ("--epochs", args.epochs, &mut config.epochs),
-        ("--batch", args.batch, &mut config.batch),
-    ] {
-        if let Some(value) = value {
-            if value == 0 {
-                eprintln!("error: {flag} must be at least 1");
-                return Err(ExitStatus::Error);
-            }
-            *target = value;
-        }
-    }
-    if let Some(seed) = args.seed {
-        config.seed = seed;
+    if let Some(test) = args.test
+        && !(0.0..1.0).contains(&test)
+    {
+        eprintln!("error: --test is the held-out fraction, in [0, 1), not {test}");
+        return Err(ExitStatus::Error);
     }
     Ok(config)
 }
@@ -329,12 +336,19 @@ pub fn train(args: &super::TrainArgs) -> ExitStatus {
         Err(status) => return status,
     };
     let options = RunOptions {
+        model_file: Some(args.file.clone()),
         base_dir: args
             .file
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_default(),
         data: args.data.clone(),
+        labels: args.labels.clone(),
+        label: args.label.map(|l| match l {
+            super::LabelArg::First => LabelColumn::First,
+            super::LabelArg::Last => LabelColumn::Last,
+        }),
+        test: args.test,
         freeze: args.freeze.clone(),
         init: args.init.clone(),
         resume: args.resume.clone(),
@@ -363,6 +377,7 @@ pub fn eval(
     file: &Path,
     checkpoint: &Path,
     data: Option<std::path::PathBuf>,
+    labels: Option<std::path::PathBuf>,
     model: Option<&str>,
     backend: super::BackendArg,
 ) -> ExitStatus {
@@ -375,8 +390,10 @@ pub fn eval(
         Err(status) => return status,
     };
     let options = RunOptions {
+        model_file: Some(file.to_path_buf()),
         base_dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
         data,
+        labels,
         jit: backend == super::BackendArg::Jit,
         ..RunOptions::default()
     };
@@ -419,6 +436,16 @@ pub fn snapshot(files: &[std::path::PathBuf], dir: &Path, check: bool) -> ExitSt
                 }
             };
             for (name, text) in stages {
+                let inputs: Vec<(&str, &Path)> = files
+                    .iter()
+                    .map(|f| ("the model source", f.as_path()))
+                    .collect();
+                if let Err(message) =
+                    crate::files::refuse_overlaps(&inputs, &[("a snapshot", &dir.join(&name))])
+                {
+                    eprintln!("error: {message}");
+                    return ExitStatus::Error;
+                }
                 if check {
                     match crate::snapshot::check(dir, &name, &text) {
                         crate::snapshot::Check::Same => {}
@@ -436,9 +463,9 @@ pub fn snapshot(files: &[std::path::PathBuf], dir: &Path, check: bool) -> ExitSt
                     }
                     continue;
                 }
-                if let Err(error) = std::fs::create_dir_all(dir).and_then(|()| {
-                    crate::tensor_file::write_atomically(&dir.join(&name), text.as_bytes())
-                }) {
+                if let Err(error) = std::fs::create_dir_all(dir)
+                    .and_then(|()| crate::files::write(&dir.join(&name), text.as_bytes()))
+                {
                     eprintln!("error: cannot write {}: {error}", dir.join(&name).display());
                     return ExitStatus::Error;
                 }

@@ -151,6 +151,9 @@ pub enum Command {
         /// Evaluate on every row of this file instead of the held-out rows.
         #[arg(long)]
         data: Option<PathBuf>,
+        /// A `.npy` labels file for `--data FEATURES.npy`.
+        #[arg(long, value_name = "LABELS.npy")]
+        labels: Option<PathBuf>,
         /// The model (needed when the file has several).
         #[arg(long)]
         model: Option<String>,
@@ -217,9 +220,31 @@ pub struct TrainArgs {
     /// Base learning rate.
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Optimizer: sgd, adam or adamw (with its default settings).
-    #[arg(long)]
+    /// Optimizer, as in the train block: `sgd`, `adam`, `adamw` (their
+    /// defaults) or a call such as `sgd(lr = 0.1, momentum = 0.9)`.
+    #[arg(long, value_name = "OPTIMIZER")]
     pub optimizer: Option<String>,
+    /// Learning-rate schedule, as in the train block: `constant`,
+    /// `step(every = 5, gamma = 0.5)`, `cosine(warmup = 50)`,
+    /// `linear_warmup(steps = 100)`.
+    #[arg(long, value_name = "SCHEDULE")]
+    pub schedule: Option<String>,
+    /// Clip the global gradient norm to at most this.
+    #[arg(long, value_name = "NORM", conflicts_with = "clip_grad_value")]
+    pub clip_grad_norm: Option<f64>,
+    /// Clamp every gradient element into [-VALUE, VALUE].
+    #[arg(long, value_name = "VALUE")]
+    pub clip_grad_value: Option<f64>,
+    /// The fraction of rows held out for evaluation, in [0, 1).
+    #[arg(long, value_name = "FRACTION")]
+    pub test: Option<f64>,
+    /// Where a CSV file's label column is (when its header does not name
+    /// the inputs).
+    #[arg(long, value_enum)]
+    pub label: Option<LabelArg>,
+    /// A `.npy` labels file for `--data FEATURES.npy`.
+    #[arg(long, value_name = "LABELS.npy")]
+    pub labels: Option<PathBuf>,
     /// Seed of initialization, the split, shuffling and dropout.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -255,6 +280,15 @@ pub struct TrainArgs {
     /// rounding), or on the reference interpreter.
     #[arg(long, value_enum, default_value_t = BackendArg::Jit)]
     pub backend: BackendArg,
+}
+
+/// `--label`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LabelArg {
+    /// The first column.
+    First,
+    /// The last column.
+    Last,
 }
 
 /// `--backend`.
@@ -364,9 +398,10 @@ pub fn run(cli: Cli) -> ExitStatus {
             file,
             checkpoint,
             data,
+            labels,
             model,
             backend,
-        } => commands::eval(&file, &checkpoint, data, model.as_deref(), backend),
+        } => commands::eval(&file, &checkpoint, data, labels, model.as_deref(), backend),
     }
 }
 

@@ -98,6 +98,24 @@ pub enum Schedule {
     },
 }
 
+impl Schedule {
+    /// Whether the rate at a step depends on the run's total length (so
+    /// that resuming with other `epochs` changes it).
+    pub fn depends_on_length(&self) -> bool {
+        matches!(self, Schedule::Cosine { .. })
+    }
+
+    /// The schedule's name in the train block.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Schedule::Constant => "constant",
+            Schedule::Step { .. } => "step",
+            Schedule::Cosine { .. } => "cosine",
+            Schedule::LinearWarmup { .. } => "linear_warmup",
+        }
+    }
+}
+
 /// Gradient clipping.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Clip {
@@ -260,6 +278,51 @@ pub fn check_train_blocks(
         }
     }
     configs
+}
+
+/// Applies command-line overrides, each a train-block entry as it would
+/// be written in the block (`optimizer sgd(lr = 0.1, momentum = 0.9)`,
+/// `schedule cosine(warmup = 50)`, `clip_grad_norm 1.0`), checked by the
+/// same rules as the block. An error is the rendered diagnostics, naming
+/// the flag as the file.
+pub fn apply_overrides(
+    config: &mut TrainConfig,
+    overrides: &[(String, String)],
+) -> Result<(), String> {
+    for (flag, entry) in overrides {
+        let source = format!("train m {{ {entry} }}");
+        let (ast, mut diagnostics) = crate::syntax::parse(&source);
+        let train = ast.items.iter().find_map(|item| match item {
+            Item::Train(train) => Some(train),
+            _ => None,
+        });
+        let checked = train.map(|train| check_block(&ast, train, &mut diagnostics));
+        let errors: Vec<Diagnostic> = diagnostics.into_iter().filter(|d| d.is_error()).collect();
+        let (Some(checked), true) = (checked, errors.is_empty()) else {
+            let rendered = crate::diagnostic::render(flag, &source, &errors);
+            return Err(if rendered.is_empty() {
+                format!("{flag}: `{entry}` is not a train-block entry")
+            } else {
+                rendered
+            });
+        };
+        let key = entry.split_whitespace().next().unwrap_or_default();
+        match key {
+            "data" => {
+                return Err(format!(
+                    "{flag}: the data is chosen with --data, --labels, --label and --test"
+                ));
+            }
+            "optimizer" => config.optimizer = checked.optimizer,
+            "schedule" => config.schedule = checked.schedule,
+            "clip_grad_norm" | "clip_grad_value" => config.clip = checked.clip,
+            "batch" => config.batch = checked.batch,
+            "epochs" => config.epochs = checked.epochs,
+            "seed" => config.seed = checked.seed,
+            other => return Err(format!("{flag}: `{other}` is not a train-block entry")),
+        }
+    }
+    Ok(())
 }
 
 fn check_block(ast: &Ast, train: &Train, diagnostics: &mut Vec<Diagnostic>) -> TrainConfig {
@@ -456,7 +519,7 @@ impl EntryCheck<'_, '_> {
                 let key = self.key().to_string();
                 self.diagnostics.push(bad_value(
                     span,
-                    format!("`{key}` must be a whole number of at least {min}"),
+                    format!("`{key}` must be a whole number from {min} to {}", u32::MAX),
                 ));
                 None
             }

@@ -470,7 +470,11 @@ impl Session {
         let base = match self.config.optimizer {
             Optimizer::Sgd { lr, .. } | Optimizer::Adam { lr, .. } => lr,
         };
-        let total = (self.config.epochs * self.steps_per_epoch).max(1);
+        let total = self
+            .config
+            .epochs
+            .saturating_mul(self.steps_per_epoch)
+            .max(1);
         let epoch = (t.saturating_sub(1)) / self.steps_per_epoch.max(1);
         match self.config.schedule {
             Schedule::Constant => base,

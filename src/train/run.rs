@@ -14,13 +14,21 @@ use crate::lower::LoweredModel;
 use crate::lower::train::{LabelColumn, TrainConfig};
 
 /// Everything `gradc train` takes beyond the train block.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct RunOptions {
+    /// The `.grad` file, so that no output overwrites it.
+    pub model_file: Option<PathBuf>,
     /// The directory train-block paths are relative to (the `.grad` file's).
     pub base_dir: PathBuf,
     /// `--data`: replaces the train block's data (relative to the current
     /// directory).
     pub data: Option<PathBuf>,
+    /// `--labels`: the labels file of `--data FEATURES.npy`.
+    pub labels: Option<PathBuf>,
+    /// `--label`: where a CSV's label column is.
+    pub label: Option<LabelColumn>,
+    /// `--test`: the held-out fraction.
+    pub test: Option<f64>,
     /// `--freeze`: params to freeze.
     pub freeze: Vec<String>,
     /// `--init`: pretrained params and buffers.
@@ -41,6 +49,29 @@ pub struct RunOptions {
     /// elementwise kernels, GEMM products) instead of the reference
     /// interpreter.
     pub jit: bool,
+}
+
+impl Default for RunOptions {
+    /// No files, quiet, on the JIT (as `gradc train` runs by default).
+    fn default() -> RunOptions {
+        RunOptions {
+            model_file: None,
+            base_dir: PathBuf::new(),
+            data: None,
+            labels: None,
+            label: None,
+            test: None,
+            freeze: Vec::new(),
+            init: None,
+            resume: None,
+            save: None,
+            metrics: None,
+            plot: None,
+            watch: false,
+            verbose: false,
+            jit: true,
+        }
+    }
 }
 
 impl RunOptions {
@@ -69,18 +100,53 @@ pub struct Summary {
 
 /// The data source of a configuration and options.
 pub fn source(config: &TrainConfig, options: &RunOptions) -> Source {
+    let label = options
+        .label
+        .or(config.data.as_ref().map(|d| d.label))
+        .unwrap_or(LabelColumn::Last);
     if let Some(path) = &options.data {
-        let label = config.data.as_ref().map_or(LabelColumn::Last, |d| d.label);
-        return Source::from_path(path.clone(), label, None);
+        return Source::from_path(path.clone(), label, options.labels.clone());
     }
     match &config.data {
         None => Source::EmbeddedDigits,
         Some(spec) => Source::from_path(
             options.base_dir.join(&spec.path),
-            spec.label,
-            spec.labels.as_ref().map(|l| options.base_dir.join(l)),
+            label,
+            options
+                .labels
+                .clone()
+                .or_else(|| spec.labels.as_ref().map(|l| options.base_dir.join(l))),
         ),
     }
+}
+
+/// The fraction of rows held out: `--test`, the data entry's, or 0.2.
+fn test_fraction(config: &TrainConfig, options: &RunOptions) -> f64 {
+    options
+        .test
+        .or(config.data.as_ref().map(|d| d.test))
+        .unwrap_or(0.2)
+}
+
+/// Refuses a run whose `--save`, `--metrics` or `--plot` is one of its
+/// inputs (the model source, the data, `--init`, `--resume`) or another of
+/// its outputs.
+fn refuse_overlaps(options: &RunOptions, source: &Source) -> Result<(), TrainError> {
+    let mut inputs: Vec<(&str, &Path)> = Vec::new();
+    inputs.extend(
+        options
+            .model_file
+            .as_deref()
+            .map(|p| ("the model source", p)),
+    );
+    inputs.extend(source.paths());
+    inputs.extend(options.init.as_deref().map(|p| ("--init", p)));
+    inputs.extend(options.resume.as_deref().map(|p| ("--resume", p)));
+    let mut outputs: Vec<(&str, &Path)> = Vec::new();
+    outputs.extend(options.save.as_deref().map(|p| ("--save", p)));
+    outputs.extend(options.metrics.as_deref().map(|p| ("--metrics", p)));
+    outputs.extend(options.plot.as_deref().map(|p| ("--plot", p)));
+    crate::files::refuse_overlaps(&inputs, &outputs).map_err(TrainError::Setup)
 }
 
 fn interrupted_flag() -> Arc<AtomicBool> {
@@ -96,6 +162,9 @@ fn interrupted_flag() -> Arc<AtomicBool> {
     .clone()
 }
 
+/// The most steps a run may take: the step counter is saved as an `I32`.
+pub const MAX_STEPS: u64 = i32::MAX as u64;
+
 /// Trains a model. Prints per-epoch lines when `options.verbose`.
 pub fn train(
     model: &LoweredModel,
@@ -105,20 +174,63 @@ pub fn train(
     let mut backend = options.backend();
     let backend = backend.as_mut();
     let mut session = Session::new(model, config, &options.freeze)?;
-    let dataset = data::load(&source(&session.config, options), &session.forward)
-        .map_err(TrainError::Data)?;
-    let test_fraction = session.config.data.as_ref().map_or(0.2, |d| d.test);
-    let split = data::split(dataset.rows, test_fraction, session.config.seed);
+    let source = source(&session.config, options);
+    refuse_overlaps(options, &source)?;
+    let dataset = data::load(&source, &session.forward).map_err(TrainError::Data)?;
+    let split = data::split(
+        dataset.rows,
+        test_fraction(&session.config, options),
+        session.config.seed,
+    );
     let batch = (session.config.batch as usize).max(1);
     session.steps_per_epoch = split.train.len().div_ceil(batch).max(1) as u64;
+    let total_steps = session
+        .config
+        .epochs
+        .checked_mul(session.steps_per_epoch)
+        .filter(|&total| total <= MAX_STEPS);
+    if total_steps.is_none() {
+        return Err(TrainError::Setup(format!(
+            "{} epochs of {} steps is more than {MAX_STEPS} steps; choose fewer epochs",
+            session.config.epochs, session.steps_per_epoch
+        )));
+    }
+    if session.trainable().is_empty() {
+        eprintln!(
+            "warning: every param of `{}` is frozen: training will change no param (only buffers such as running statistics)",
+            model.name
+        );
+    }
     if let Some(path) = &options.init {
-        let names = checkpoint::load_init(&mut session, path)?;
+        let loaded = checkpoint::load_init(&mut session, path)?;
         if options.verbose {
-            println!("loaded {} from {}", names.join(", "), path.display());
+            println!(
+                "loaded {} from {}",
+                loaded.loaded.join(", "),
+                path.display()
+            );
+            if !loaded.initialized.is_empty() {
+                println!(
+                    "not in {}, so starting from their initializers: {}",
+                    path.display(),
+                    loaded.initialized.join(", ")
+                );
+            }
         }
     }
     if let Some(path) = &options.resume {
-        checkpoint::resume(&mut session, path)?;
+        let resumed = checkpoint::resume(&mut session, path)?;
+        if let Some(before) = resumed.epochs
+            && before != session.config.epochs
+            && session.config.schedule.depends_on_length()
+        {
+            eprintln!(
+                "warning: {} was saved by a run of {before} epochs and this one has {}: the {} schedule follows the run's length, so the learning rate from here on differs from the interrupted run's",
+                path.display(),
+                session.config.epochs,
+                session.config.schedule.name()
+            );
+        }
         if options.verbose {
             println!(
                 "resuming at epoch {}, batch {} (step {}) from {}",
@@ -175,31 +287,11 @@ pub fn train(
             monitor.record(&result.stats);
             progress.set_message(format!("loss {:.4}", loss_sum / seen.max(1) as f64));
             progress.inc(1);
-            if interrupted.load(Ordering::SeqCst) {
+            // (After an epoch's last batch the epoch is finished first, so
+            // that a resumed run starts with the next one.)
+            if interrupted.load(Ordering::SeqCst) && session.batch_index < batches.len() {
                 progress.finish_and_clear();
-                let path = options.save.clone().unwrap_or_else(|| {
-                    PathBuf::from(format!("{}.interrupted.safetensors", model.name))
-                });
-                session.release(backend)?;
-                checkpoint::save(&session, &path)?;
-                if options.verbose {
-                    println!(
-                        "interrupted at epoch {}, batch {}: saved to {} (continue with --resume {})",
-                        epoch + 1,
-                        session.batch_index,
-                        path.display(),
-                        path.display()
-                    );
-                }
-                return Ok((
-                    session,
-                    Summary {
-                        epochs: epoch,
-                        steps: 0,
-                        last: rows.last().copied(),
-                        interrupted: true,
-                    },
-                ));
+                return stop_interrupted(model, options, session, backend, &rows, epoch);
             }
         }
         progress.finish_and_clear();
@@ -236,10 +328,14 @@ pub fn train(
         if let Some(path) = &options.metrics {
             write_metrics(path, &rows)?;
         }
+        if interrupted.load(Ordering::SeqCst) && session.epoch < epochs {
+            let done = session.epoch;
+            return stop_interrupted(model, options, session, backend, &rows, done);
+        }
     }
     if let Some(path) = &options.plot {
         let svg = plot::svg(&format!("{} ({} epochs)", model.name, rows.len()), &rows);
-        crate::tensor_file::write_atomically(path, svg.as_bytes())
+        crate::files::write(path, svg.as_bytes())
             .map_err(|e| TrainError::Checkpoint(format!("cannot write {}: {e}", path.display())))?;
     }
     // (The backend goes away with this function.)
@@ -278,6 +374,41 @@ pub fn train(
         interrupted: false,
     };
     Ok((session, summary))
+}
+
+/// Saves the state after Ctrl-C or SIGTERM and says how to continue.
+fn stop_interrupted(
+    model: &LoweredModel,
+    options: &RunOptions,
+    mut session: Session,
+    backend: &mut dyn Backend,
+    rows: &[EpochRow],
+    epochs_done: usize,
+) -> Result<(Session, Summary), TrainError> {
+    let path = options
+        .save
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{}.interrupted.safetensors", model.name)));
+    session.release(backend)?;
+    checkpoint::save(&session, &path)?;
+    if options.verbose {
+        println!(
+            "interrupted at epoch {}, batch {}: saved to {} (continue with --resume {})",
+            session.epoch + 1,
+            session.batch_index,
+            path.display(),
+            path.display()
+        );
+    }
+    Ok((
+        session,
+        Summary {
+            epochs: epochs_done,
+            steps: 0,
+            last: rows.last().copied(),
+            interrupted: true,
+        },
+    ))
 }
 
 fn progress_bar(verbose: bool, len: u64, epoch: usize, epochs: usize) -> indicatif::ProgressBar {
@@ -330,7 +461,7 @@ fn write_metrics(path: &Path, rows: &[EpochRow]) -> Result<(), TrainError> {
             row.seconds
         ));
     }
-    crate::tensor_file::write_atomically(path, csv.as_bytes())
+    crate::files::write(path, csv.as_bytes())
         .map_err(|e| TrainError::Checkpoint(format!("cannot write {}: {e}", path.display())))
 }
 
@@ -343,13 +474,13 @@ pub fn evaluate(
     checkpoint_path: &Path,
 ) -> Result<Metrics, TrainError> {
     let mut session = Session::new(model, config, &[])?;
-    checkpoint::load_init(&mut session, checkpoint_path)?;
+    checkpoint::load_for_eval(&mut session, checkpoint_path)?;
     let dataset: Dataset = data::load(&source(&session.config, options), &session.eval_graph)
         .map_err(TrainError::Data)?;
     let rows: Vec<usize> = if options.data.is_some() {
         (0..dataset.rows).collect()
     } else {
-        let test = session.config.data.as_ref().map_or(0.2, |d| d.test);
+        let test = test_fraction(&session.config, options);
         let split = data::split(dataset.rows, test, session.config.seed);
         if split.test.is_empty() {
             split.train
