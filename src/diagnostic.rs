@@ -266,6 +266,27 @@ pub fn render(file_name: &str, source: &str, diagnostics: &[Diagnostic]) -> Stri
             .with_message(shorten_quotes(&diagnostic.message))
             .with_labels(labels)
             .with_notes(notes);
+        // A label on a huge line (a 200 KB identifier, a minified file)
+        // would print the whole line: name the place and leave it out.
+        let spans = std::iter::once(&diagnostic.primary).chain(&diagnostic.secondary);
+        let longest = spans
+            .map(|label| line_length(source, label.span.start as usize))
+            .max()
+            .unwrap_or(0);
+        if longest > MAX_SHOWN_LINE {
+            let (line, col) = line_col(source, diagnostic.primary.span.start);
+            out.push_str(&format!(
+                "{}[{}]: {}\n  ┌─ {file_name}:{line}:{col}\n  = the line is {longest} bytes long, too long to show\n",
+                severity_word(diagnostic.severity),
+                diagnostic.code,
+                shorten_quotes(&diagnostic.message)
+            ));
+            for note in &rendered.notes {
+                out.push_str(&format!("  = {note}\n"));
+            }
+            out.push('\n');
+            continue;
+        }
         match term::emit_into_string(&config, &file, &rendered) {
             Ok(text) => out.push_str(&text),
             // A span that codespan cannot place (it never should: spans are
@@ -279,6 +300,19 @@ pub fn render(file_name: &str, source: &str, diagnostics: &[Diagnostic]) -> Stri
         }
     }
     out
+}
+
+/// The longest source line a diagnostic shows, in bytes.
+const MAX_SHOWN_LINE: usize = 1000;
+
+/// The length in bytes of the line holding byte `offset`.
+fn line_length(source: &str, offset: usize) -> usize {
+    let offset = floor_boundary(source, offset.min(source.len()));
+    let start = source[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let end = source[offset..]
+        .find('\n')
+        .map_or(source.len(), |i| offset + i);
+    end - start
 }
 
 fn severity_word(severity: Severity) -> &'static str {

@@ -22,8 +22,9 @@ pub fn unary(f: UnaryFn, x: f64) -> f64 {
         UnaryFn::Abs => x.abs(),
         UnaryFn::Tanh => x.tanh(),
         UnaryFn::Sigmoid => sigmoid(x),
+        // NaN stays NaN (as in PyTorch and JAX), so divergence is seen.
         UnaryFn::Relu => {
-            if x > 0.0 {
+            if x > 0.0 || x.is_nan() {
                 x
             } else {
                 0.0

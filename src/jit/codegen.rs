@@ -3193,10 +3193,11 @@ fn unary(
         UnaryFn::Neg => b.ins().fneg(x),
         UnaryFn::Abs => b.ins().fabs(x),
         UnaryFn::Sqrt => b.ins().sqrt(x),
-        // relu(x) = x if x > 0 else 0 (NaN gives 0, as in the interpreter).
+        // relu(x) = x if x > 0 or x is NaN, else 0 (NaN stays NaN, as in
+        // the interpreter, PyTorch and JAX).
         UnaryFn::Relu => {
-            let positive = b.ins().fcmp(FloatCC::GreaterThan, x, zero);
-            keep_where(b, positive, x, zero)
+            let kept = b.ins().fcmp(FloatCC::UnorderedOrGreaterThan, x, zero);
+            keep_where(b, kept, x, zero)
         }
         UnaryFn::Exp => approx::exp(b, x),
         UnaryFn::Log => approx::log(b, x),

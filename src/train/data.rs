@@ -266,11 +266,14 @@ pub fn load(source: &Source, graph: &Graph) -> Result<Dataset, DataError> {
     Ok(data)
 }
 
+/// An array of a file with its name: (name, shape, values).
+pub type NamedArray = (String, Vec<usize>, Vec<f64>);
+
 /// The arrays of a file whose names are inputs: the model's inputs fed by
 /// name (every one must be there; others are ignored).
 fn by_name(
     name: &str,
-    mut arrays: Vec<(String, Vec<usize>, Vec<f64>)>,
+    mut arrays: Vec<NamedArray>,
     specs: &[InputSpec],
 ) -> Result<Dataset, DataError> {
     let mut named = Vec::new();
@@ -772,10 +775,7 @@ pub fn parse_npy(name: &str, bytes: &[u8]) -> Result<(Vec<usize>, Vec<f64>), Dat
 
 /// Parses a NumPy `.npz` archive (`np.savez`, stored or deflated): each
 /// member `NAME.npy` becomes an array `NAME`.
-pub fn parse_npz(
-    name: &str,
-    bytes: &[u8],
-) -> Result<Vec<(String, Vec<usize>, Vec<f64>)>, DataError> {
+pub fn parse_npz(name: &str, bytes: &[u8]) -> Result<Vec<NamedArray>, DataError> {
     use std::io::Read;
     let bad = |why: String| error(name, None, None, format!("not a valid .npz file: {why}"));
     let mut archive =

@@ -1,0 +1,628 @@
+//! What a careful probe of the CLI found (issue "Reliability and a user's
+//! first hour"), one test per defect: files a user owns are never
+//! destroyed, checkpoints and data are checked before they are trusted,
+//! divergence and the monitor say what is true, and what a user expects on
+//! day one. Each test failed on the code before its fix.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::{run as gradc, scratch};
+use gradc::interp::{self, Context, Tensor};
+use gradc::ir::DType;
+use gradc::train::Backend;
+
+fn text(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+/// A small classifier over `[B, 2]` rows with three classes, trained from
+/// `d.csv` beside it.
+fn small_model(dir: &Path) -> std::path::PathBuf {
+    let model = dir.join("m.grad");
+    std::fs::write(
+        &model,
+        "model m { input x: f32[B, 2] input y: i32[B] param w: f32[2, 3] = xavier_normal loss cross_entropy(x @ w, y) }
+         train m { data \"d.csv\" epochs 2 batch 4 }",
+    )
+    .expect("write");
+    let rows: String = (0..24)
+        .map(|i| format!("{},{},{}\n", i % 5, i % 3, i % 3))
+        .collect();
+    std::fs::write(dir.join("d.csv"), rows).expect("write");
+    model
+}
+
+// ---------------------------------------------------------------------
+// Files a user owns are never destroyed.
+
+#[test]
+fn an_output_that_is_an_input_is_refused_naming_both_roles() {
+    let dir = scratch("overwrite-input");
+    let model = small_model(&dir);
+    let before = std::fs::read(&model).expect("read");
+    let spelled = dir.join(".").join("m.grad");
+    let (code, stdout, stderr) = gradc(&["train", text(&model), "--save", text(&spelled)]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--save") && stderr.contains("the model source"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("epoch"), "nothing trains: {stdout}");
+    assert_eq!(std::fs::read(&model).expect("read"), before);
+
+    let data = dir.join("d.csv");
+    let (code, _, stderr) = gradc(&["train", text(&model), "--metrics", text(&data)]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("the data file"), "{stderr}");
+
+    let (code, _, stderr) = gradc(&[
+        "train",
+        text(&model),
+        "--save",
+        text(&dir.join("a.safetensors")),
+        "--plot",
+        text(&dir.join("a.safetensors")),
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("--plot") && stderr.contains("--save"),
+        "{stderr}"
+    );
+
+    let tensors = dir.join("in.safetensors");
+    std::fs::write(&tensors, b"not really").expect("write");
+    let (code, _, stderr) = gradc(&[
+        "grad",
+        text(&model),
+        "--tensors",
+        text(&tensors),
+        "--out",
+        text(&tensors),
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("--out") && stderr.contains("--tensors"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&tensors).expect("read"), b"not really");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[cfg(unix)]
+#[test]
+fn saving_keeps_links_modes_and_devices() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = scratch("save-kinds");
+    let model = small_model(&dir);
+    let checkpoint = dir.join("ck.safetensors");
+    std::fs::write(&checkpoint, b"old").expect("write");
+    std::fs::set_permissions(&checkpoint, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let link = dir.join("link.safetensors");
+    std::os::unix::fs::symlink("ck.safetensors", &link).expect("symlink");
+    let (code, _, stderr) = gradc(&[
+        "train",
+        text(&model),
+        "--save",
+        text(&link),
+        "--metrics",
+        "/dev/null",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let link_kind = std::fs::symlink_metadata(&link).expect("lstat").file_type();
+    assert!(link_kind.is_symlink(), "the link is still a link");
+    let saved = std::fs::metadata(&checkpoint).expect("stat");
+    assert_eq!(
+        saved.permissions().mode() & 0o777,
+        0o600,
+        "the mode is kept"
+    );
+    assert!(saved.len() > 3, "written through the link");
+    let null = std::fs::metadata("/dev/null").expect("stat");
+    assert!(
+        null.file_type().is_char_device(),
+        "/dev/null is still a device"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_saves_a_checkpoint_like_ctrl_c() {
+    let dir = scratch("sigterm");
+    let model = small_model(&dir);
+    let checkpoint = dir.join("ck.safetensors");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gradc"))
+        .args([
+            "train",
+            text(&model),
+            "--epochs",
+            "100000",
+            "--save",
+            text(&checkpoint),
+            "--backend",
+            "interp",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let output = child.wait_with_output().expect("wait");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("interrupted at epoch"), "{stdout}");
+    assert!(checkpoint.exists(), "a checkpoint was saved");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+// ---------------------------------------------------------------------
+// Checkpoints and data are checked before they are trusted.
+
+fn save_checkpoint(dir: &Path, model: &Path) -> std::path::PathBuf {
+    let checkpoint = dir.join("ck.safetensors");
+    let (code, _, stderr) = gradc(&[
+        "train",
+        text(model),
+        "--epochs",
+        "1",
+        "--save",
+        text(&checkpoint),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    checkpoint
+}
+
+#[test]
+fn eval_refuses_a_checkpoint_of_another_model() {
+    let dir = scratch("eval-other");
+    let model = small_model(&dir);
+    let checkpoint = save_checkpoint(&dir, &model);
+    let mut tensors = gradc::tensor_file::read(&checkpoint).expect("read");
+    tensors.remove("w");
+    tensors.insert("w_other".into(), Tensor::zeros(DType::F32, &[2, 3]));
+    let broken = dir.join("other.safetensors");
+    gradc::tensor_file::write(&broken, &tensors).expect("write");
+    let (code, stdout, stderr) = gradc(&["eval", text(&model), "--checkpoint", text(&broken)]);
+    assert_eq!(code, 2, "{stdout}");
+    assert!(
+        stderr.contains("it has no `w`") && stderr.contains("the model has no `w_other`"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = gradc(&["eval", text(&model), "--checkpoint", text(&checkpoint)]);
+    assert_eq!(code, 0, "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn init_says_what_it_loaded_and_what_starts_from_initializers() {
+    let dir = scratch("init-report");
+    let model = small_model(&dir);
+    let bigger = dir.join("big.grad");
+    std::fs::write(
+        &bigger,
+        "model m { input x: f32[B, 2] input y: i32[B] param w: f32[2, 3] = xavier_normal param b: f32[3] = zeros loss cross_entropy(x @ w + b, y) }
+         train m { data \"d.csv\" epochs 1 batch 4 }",
+    )
+    .expect("write");
+    let checkpoint = save_checkpoint(&dir, &model);
+    let (code, stdout, stderr) = gradc(&["train", text(&bigger), "--init", text(&checkpoint)]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("loaded w from"), "{stdout}");
+    assert!(
+        stdout.contains("so starting from their initializers: b"),
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn non_finite_tensors_and_bad_counters_in_a_checkpoint_are_errors() {
+    let dir = scratch("bad-checkpoint");
+    let model = small_model(&dir);
+    let checkpoint = save_checkpoint(&dir, &model);
+    let good = gradc::tensor_file::read(&checkpoint).expect("read");
+    type Change = Box<dyn Fn(&mut BTreeMap<String, Tensor>)>;
+    let cases: Vec<(&str, Change, &str)> = vec![
+        (
+            "--resume",
+            Box::new(|t| t.get_mut("w").expect("w").data[4] = f64::NAN),
+            "tensor `w` holds NaN at index 4",
+        ),
+        (
+            "--init",
+            Box::new(|t| t.get_mut("w").expect("w").data[0] = f64::INFINITY),
+            "tensor `w` holds inf at index 0",
+        ),
+        (
+            "--resume",
+            Box::new(|t| {
+                t.get_mut("adam.v.w").expect("adam state").data[1] = f64::NAN;
+            }),
+            "tensor `adam.v.w` holds NaN at index 1",
+        ),
+        (
+            "--resume",
+            Box::new(|t| {
+                t.insert("train.step".into(), Tensor::scalar(DType::I32, -5.0));
+            }),
+            "counter `train.step` is -5",
+        ),
+        (
+            "--resume",
+            Box::new(|t| {
+                t.insert("train.batch".into(), Tensor::scalar(DType::I32, 999.0));
+            }),
+            "counter `train.batch` is 999",
+        ),
+    ];
+    for (flag, change, message) in cases {
+        let mut tensors = good.clone();
+        change(&mut tensors);
+        let bad = dir.join("bad.safetensors");
+        gradc::tensor_file::write(&bad, &tensors).expect("write");
+        let (code, stdout, stderr) = gradc(&["train", text(&model), flag, text(&bad)]);
+        assert_eq!(code, 2, "{flag} {message}: {stdout}");
+        assert!(
+            stderr.contains(message),
+            "{flag}: expected `{message}` in {stderr}"
+        );
+        assert!(!stdout.contains("epoch "), "nothing trains: {stdout}");
+    }
+    let mut tensors = good.clone();
+    tensors.get_mut("w").expect("w").data[2] = f64::NAN;
+    let bad = dir.join("bad.safetensors");
+    gradc::tensor_file::write(&bad, &tensors).expect("write");
+    let (code, _, stderr) = gradc(&["eval", text(&model), "--checkpoint", text(&bad)]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("tensor `w` holds NaN at index 2"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn nan_propagates_through_relu_maximum_clamp_and_max_on_both_backends() {
+    let source = "model m {
+        input x: f32[B, 4]
+        output r = relu(x)
+        output m = maximum(x, 0.0 * x)
+        output c = clamp(x, -1, 1)
+        output s = max(x, axis = 1)
+        output l = leaky_relu(x)
+        output p = softmax(x)
+    }";
+    let compilation =
+        gradc::driver::compile_source("nan.grad", source, gradc::lower::LowerOptions::default());
+    assert!(
+        !compilation.has_errors(),
+        "{}",
+        compilation.render_diagnostics()
+    );
+    let graph = &compilation.models[0].eval;
+    let x = Tensor::new(
+        DType::F32,
+        vec![2, 4],
+        vec![f64::NAN, -2.0, 0.5, 3.0, -1.0, -2.0, -3.0, -4.0],
+    );
+    let leaves: BTreeMap<String, Tensor> = [("x".to_string(), x)].into();
+    let context = Context { seed: 0, step: 0 };
+    let reference = interp::evaluate(graph, &leaves, context).expect("interpreter");
+    let jit = gradc::jit::Jit::new()
+        .run(graph, &leaves, context)
+        .expect("jit");
+    for (name, id) in graph.outputs() {
+        for (backend, evaluation) in [("interp", &reference), ("jit", &jit)] {
+            let value = &evaluation.values[&id].data;
+            assert!(
+                value[0].is_nan(),
+                "{backend}: `{name}` of NaN is {} (PyTorch and JAX give NaN)",
+                value[0]
+            );
+            let second_row = &value[value.len() / 2..];
+            assert!(
+                second_row.iter().all(|v| !v.is_nan()),
+                "{backend}: `{name}` spread NaN to another row: {value:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn data_files_say_which_file_and_line() {
+    let dir = scratch("data-lines");
+    let model = small_model(&dir);
+    let npy = |shape: &[usize], descr: &str, data: Vec<u8>| -> Vec<u8> {
+        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        let mut header = format!(
+            "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({},), }}",
+            dims.join(", ")
+        );
+        while (header.len() + 11) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend(data);
+        bytes
+    };
+    let x: Vec<u8> = (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let y: Vec<u8> = [0i64, 7, 1, 2]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    std::fs::write(dir.join("x.npy"), npy(&[4, 2], "<f4", x)).expect("write");
+    std::fs::write(dir.join("y.npy"), npy(&[4], "<i8", y)).expect("write");
+    let (code, _, stderr) = gradc(&[
+        "train",
+        text(&model),
+        "--data",
+        text(&dir.join("x.npy")),
+        "--labels",
+        text(&dir.join("y.npy")),
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("y.npy:2: label 7 of `y` is not a class in 0..3"),
+        "the labels file, not the features file: {stderr}"
+    );
+    std::fs::write(dir.join("empty.npy"), npy(&[0, 2], "<f4", Vec::new())).expect("write");
+    let (code, stdout, stderr) = gradc(&[
+        "train",
+        text(&model),
+        "--data",
+        text(&dir.join("empty.npy")),
+    ]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stderr.contains("empty.npy: the file has no rows"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_model_with_three_inputs_is_fed_by_name() {
+    let dir = scratch("by-name");
+    let model = dir.join("m.grad");
+    std::fs::write(
+        &model,
+        "model m {
+            input x: f32[B, 2]
+            input mask: f32[B, 2]
+            input y: i32[B]
+            param w: f32[2, 3] = xavier_normal
+            loss cross_entropy((x * mask) @ w, y)
+        }
+        train m { epochs 1 batch 4 }",
+    )
+    .expect("write");
+    let rows = 12;
+    let mut csv = String::from("x.0,x.1,mask.0,mask.1,y\n");
+    for i in 0..rows {
+        csv.push_str(&format!("{},{},1,0,{}\n", i % 4, i % 3, i % 3));
+    }
+    std::fs::write(dir.join("named.csv"), &csv).expect("write");
+    let (code, stdout, stderr) = gradc(&[
+        "train",
+        text(&model),
+        "--data",
+        text(&dir.join("named.csv")),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("epoch   1/1"), "{stdout}");
+
+    let unnamed: String = csv.lines().skip(1).map(|l| format!("{l}\n")).collect();
+    std::fs::write(dir.join("unnamed.csv"), unnamed).expect("write");
+    let (code, _, stderr) = gradc(&[
+        "train",
+        text(&model),
+        "--data",
+        text(&dir.join("unnamed.csv")),
+    ]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("name each column"), "{stderr}");
+
+    let tensor = |dtype, shape: Vec<usize>, f: &dyn Fn(usize) -> f64| {
+        let count = shape.iter().product();
+        Tensor::new(dtype, shape, (0..count).map(f).collect())
+    };
+    let tensors: BTreeMap<String, Tensor> = [
+        (
+            "x".to_string(),
+            tensor(DType::F32, vec![rows, 2], &|i| (i % 5) as f64),
+        ),
+        (
+            "mask".to_string(),
+            tensor(DType::F32, vec![rows, 2], &|_| 1.0),
+        ),
+        (
+            "y".to_string(),
+            tensor(DType::I32, vec![rows], &|i| (i % 3) as f64),
+        ),
+    ]
+    .into();
+    let file = dir.join("d.safetensors");
+    gradc::tensor_file::write(&file, &tensors).expect("write");
+    let (code, stdout, stderr) = gradc(&["train", text(&model), "--data", text(&file)]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("epoch   1/1"), "{stdout}");
+    let mut partial = tensors.clone();
+    partial.remove("mask");
+    gradc::tensor_file::write(&file, &partial).expect("write");
+    let (code, _, stderr) = gradc(&["train", text(&model), "--data", text(&file)]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no array named `mask`"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn an_npz_archive_feeds_inputs_by_name() {
+    let dir = scratch("npz");
+    let model = small_model(&dir);
+    let npy = |shape: &[usize], descr: &str, data: Vec<u8>| -> Vec<u8> {
+        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        let header = format!(
+            "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({},), }}\n",
+            dims.join(", ")
+        );
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend(data);
+        bytes
+    };
+    let rows = 12;
+    let x: Vec<u8> = (0..rows * 2)
+        .flat_map(|i| ((i % 7) as f64).to_le_bytes())
+        .collect();
+    let y: Vec<u8> = (0..rows)
+        .flat_map(|i| ((i % 3) as i32).to_le_bytes())
+        .collect();
+    let file = std::fs::File::create(dir.join("d.npz")).expect("create");
+    let mut zip = zip::ZipWriter::new(file);
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let deflated = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    use std::io::Write;
+    zip.start_file("x.npy", stored).expect("member");
+    zip.write_all(&npy(&[rows, 2], "<f8", x)).expect("write");
+    zip.start_file("y.npy", deflated).expect("member");
+    zip.write_all(&npy(&[rows], "<i4", y)).expect("write");
+    zip.finish().expect("finish");
+    let (code, stdout, stderr) =
+        gradc(&["train", text(&model), "--data", text(&dir.join("d.npz"))]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("epoch   2/2"), "{stdout}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[cfg(unix)]
+#[test]
+fn reading_a_source_is_bounded() {
+    let (code, _, stderr) = gradc(&["check", "/dev/zero"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("64 MiB"), "{stderr}");
+}
+
+#[test]
+fn huge_inputs_are_echoed_short_and_errors_are_capped() {
+    let dir = scratch("echo");
+    let name = "q".repeat(200_000);
+    let model = dir.join("long.grad");
+    std::fs::write(
+        &model,
+        format!("model m {{ input x: f32[B, 2] output y = x + {name} }}"),
+    )
+    .expect("write");
+    let started = std::time::Instant::now();
+    let (code, _, stderr) = gradc(&["check", text(&model)]);
+    assert_eq!(code, 1);
+    assert!(started.elapsed().as_secs() < 20, "no quadratic suggestion");
+    let message = stderr.lines().next().unwrap_or_default();
+    assert!(message.len() < 200, "{message}");
+    assert!(message.contains("more characters"), "{message}");
+
+    let noise: String = (0..20_000).map(|i| format!("${i} ")).collect();
+    let noisy = dir.join("noise.grad");
+    std::fs::write(&noisy, noise).expect("write");
+    let (code, _, stderr) = gradc(&["check", text(&noisy)]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("more diagnostics"),
+        "{}",
+        &stderr[stderr.len().saturating_sub(300)..]
+    );
+    assert!(
+        stderr.len() < 200_000,
+        "{} bytes of diagnostics",
+        stderr.len()
+    );
+
+    let cell = "7".repeat(50_000) + "x";
+    std::fs::write(dir.join("d.csv"), format!("1,{cell},0\n")).expect("write");
+    let data_model = small_model(&dir);
+    std::fs::write(dir.join("d.csv"), format!("1,{cell},0\n")).expect("write");
+    let (code, _, stderr) = gradc(&["train", text(&data_model)]);
+    assert_eq!(code, 1);
+    assert!(stderr.len() < 400, "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn absurd_epoch_counts_are_refused_not_wrapped() {
+    let dir = scratch("epochs");
+    let model = small_model(&dir);
+    let (code, stdout, stderr) = gradc(&["train", text(&model), "--epochs", "802032351030850071"]);
+    assert_eq!(code, 2, "{stdout}");
+    assert!(
+        stderr.contains("`epochs` must be a whole number"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = gradc(&["train", text(&model), "--epochs", "4000000000"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("choose fewer epochs"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_run_with_every_param_frozen_says_so() {
+    let dir = scratch("all-frozen");
+    let model = small_model(&dir);
+    let (code, _, stderr) = gradc(&["train", text(&model), "--freeze", "w"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("every param of `m` is frozen"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+// ---------------------------------------------------------------------
+// What a user expects on day one.
+
+#[test]
+fn every_train_entry_can_be_overridden_on_the_command_line() {
+    let dir = scratch("overrides");
+    let model = small_model(&dir);
+    let metrics = dir.join("m.csv");
+    let (code, stdout, stderr) = gradc(&[
+        "train",
+        text(&model),
+        "--optimizer",
+        "sgd(lr = 0.5, momentum = 0.9)",
+        "--schedule",
+        "step(every = 1, gamma = 0.5)",
+        "--clip-grad-norm",
+        "1.0",
+        "--test",
+        "0.25",
+        "--epochs",
+        "2",
+        "--metrics",
+        text(&metrics),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("lr 5.00e-1"), "{stdout}");
+    assert!(stdout.contains("lr 2.50e-1"), "{stdout}");
+    let (code, _, stderr) = gradc(&["train", text(&model), "--schedule", "cosine(warmup = -1)"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--schedule"), "{stderr}");
+    let (code, _, stderr) = gradc(&["train", text(&model), "--optimizer", "adamm"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("did you mean `adam`"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn the_library_trains_on_the_jit_by_default() {
+    assert!(gradc::train::run::RunOptions::default().jit);
+}
