@@ -626,3 +626,122 @@ fn every_train_entry_can_be_overridden_on_the_command_line() {
 fn the_library_trains_on_the_jit_by_default() {
     assert!(gradc::train::run::RunOptions::default().jit);
 }
+
+// ---------------------------------------------------------------------
+// Divergence and the monitor say what is true.
+
+#[test]
+fn both_backends_blame_the_op_the_interpreter_blames() {
+    let dir = scratch("blame");
+    small_model(&dir);
+    let model = dir.join("div.grad");
+    std::fs::write(
+        &model,
+        "model m {
+    input x: f32[B, 2]
+    input y: i32[B]
+    param w: f32[2, 3] = xavier_normal
+    param d: f32[3] = zeros
+    let h = (x @ w) / d
+    let z = h * 2 + 1
+    loss cross_entropy(z, y)
+}
+train m { data \"d.csv\" epochs 1 batch 4 }
+model big {
+    input x: f32[B, 2]
+    input y: i32[B]
+    param w: f32[2, 1] = ones
+    loss mean(x @ w) * 1e30
+}
+train big { data \"d.csv\" epochs 1 batch 4 }
+",
+    )
+    .expect("write");
+    let mut messages = Vec::new();
+    let kept = dir.join("kept.safetensors");
+    for backend in ["jit", "interp"] {
+        let (code, _, stderr) = gradc(&[
+            "train",
+            text(&model),
+            "--model",
+            "m",
+            "--backend",
+            backend,
+            "--save",
+            text(&kept),
+        ]);
+        assert_eq!(code, 1, "{stderr}");
+        assert!(
+            stderr.contains("came from `div` (Div forward) at line 6:13"),
+            "{backend}: {stderr}"
+        );
+        messages.push(stderr);
+        let (code, _, stderr) = gradc(&[
+            "train",
+            text(&model),
+            "--model",
+            "big",
+            "--backend",
+            backend,
+            "--save",
+            text(&kept),
+        ]);
+        assert_eq!(code, 1, "{stderr}");
+        assert!(
+            stderr.contains("the loss is finite (")
+                && stderr.contains("e30) but the global gradient norm is inf"),
+            "{backend}: {stderr}"
+        );
+        assert!(
+            stderr.contains("computing the monitor statistic `grad_norm.w`"),
+            "{backend}: {stderr}"
+        );
+        messages.push(stderr);
+    }
+    assert_eq!(messages[0], messages[2], "the same op on both backends");
+    assert_eq!(messages[1], messages[3], "the same op on both backends");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn watch_flags_vanishing_gradients_in_a_deep_sigmoid_mlp() {
+    let dir = scratch("deep-sigmoid");
+    let mut lines = vec![
+        "model deep {".to_string(),
+        "    input x: f32[B, 64]".into(),
+        "    input y: i32[B]".into(),
+        "    param w1: f32[64, 32] = xavier_normal".into(),
+        "    param b1: f32[32] = zeros".into(),
+    ];
+    for i in 2..=8 {
+        lines.push(format!("    param w{i}: f32[32, 32] = xavier_normal"));
+        lines.push(format!("    param b{i}: f32[32] = zeros"));
+    }
+    lines.push("    param wo: f32[32, 10] = xavier_normal".into());
+    lines.push("    param bo: f32[10] = zeros".into());
+    lines.push("    let h1 = sigmoid(x / 16 @ w1 + b1)".into());
+    for i in 2..=8 {
+        lines.push(format!("    let h{i} = sigmoid(h{} @ w{i} + b{i})", i - 1));
+    }
+    lines.push("    loss cross_entropy(h8 @ wo + bo, y)".into());
+    lines.push("}".into());
+    lines.push("train deep { epochs 2 optimizer sgd(lr = 0.01) }".into());
+    let model = dir.join("deep.grad");
+    std::fs::write(&model, lines.join("\n")).expect("write");
+    let (code, stdout, stderr) = gradc(&["train", text(&model), "--watch"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("warning: vanishing gradients in epoch 1: `w1` (line 4)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("than `wo` (line 20)"), "{stdout}");
+    assert!(
+        stdout.contains("relu or gelu instead of sigmoid/tanh"),
+        "{stdout}"
+    );
+    // The examples train without a false alarm.
+    let (code, stdout, _) = gradc(&["train", "examples/regression.grad"]);
+    assert_eq!(code, 0);
+    assert!(!stdout.contains("warning"), "{stdout}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -607,10 +607,13 @@ impl Session {
                 "{failure}the state the backend kept is lost: {error}"
             ))));
         }
-        // A non-finite step is run again in full (same leaves, same
-        // context, same values) to find the first non-finite one.
+        // A non-finite step is run again in full on the reference
+        // interpreter (same leaves, same context), node by node as the
+        // source wrote them, to find the first non-finite value: fused or
+        // reordered kernels would blame a later op (as JAX's `debug_nans`
+        // re-runs de-optimized).
         let diagnosis = match &result {
-            Ok(_) if !finite => Some(backend.run(graph, &leaves, context)),
+            Ok(_) if !finite => Some(interp::evaluate(graph, &leaves, context)),
             _ => None,
         };
         self.state = restore(leaves, added, displaced);
@@ -622,8 +625,11 @@ impl Session {
                 Some(Ok(full)) => full,
                 _ => evaluation,
             };
+            let grad_norm = stats
+                .iter()
+                .find_map(|(name, value)| (name == "grad_norm").then_some(value));
             return Err(TrainError::NonFinite(monitor::first_non_finite(
-                graph, &full, t, loss,
+                graph, &full, t, loss, grad_norm,
             )));
         }
         let correct = reads

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use crate::autodiff::rules;
 use crate::interp::Evaluation;
-use crate::ir::{Graph, Role};
+use crate::ir::{Graph, NodeId, Role};
 
 /// Per-epoch accumulation of the step statistics.
 #[derive(Clone, Debug, Default)]
@@ -21,8 +21,23 @@ pub struct Monitor {
     vanishing_run: BTreeMap<String, usize>,
     /// Mean gradient norm of each param in the previous epoch.
     previous: BTreeMap<String, f64>,
+    /// Consecutive epochs with each weight matrix's updates above
+    /// [`VIOLENT_UPDATE`] of its weights.
+    violent_run: BTreeMap<String, usize>,
     /// Warnings already given, so each is said once.
     warned: std::collections::BTreeSet<String>,
+}
+
+/// The rank of every param: weight matrices have rank 2 or more.
+pub fn ranks(graph: &Graph) -> BTreeMap<String, usize> {
+    graph
+        .with_role(&Role::Param)
+        .into_iter()
+        .filter_map(|id| {
+            let node = graph.node(id);
+            Some((node.name.clone()?, node.shape().0.len()))
+        })
+        .collect()
 }
 
 /// Where params and ReLUs are declared, for messages: name to line.
@@ -47,6 +62,19 @@ fn update<V: Copy>(map: &mut BTreeMap<String, V>, name: &str, start: V, next: im
         }
     }
 }
+
+/// A weight matrix whose mean gradient norm is below this fraction of the
+/// largest one's gets a vanishing-gradient warning.
+const VANISHING_RATIO: f64 = 1e-3;
+
+/// Updates below this fraction of the weights per step are too small to
+/// learn in any reasonable time.
+const TIMID_UPDATE: f64 = 1e-5;
+
+/// Updates above this fraction of the weights per step, two epochs in a
+/// row, are too large (a healthy run starting from small weights can
+/// exceed 1e-1 in its first epochs).
+const VIOLENT_UPDATE: f64 = 0.3;
 
 /// Steps in a row with a vanishing gradient before it is reported.
 const VANISHING_STEPS: usize = 20;
@@ -90,6 +118,7 @@ impl Monitor {
         &mut self,
         epoch: usize,
         lines: &BTreeMap<String, u32>,
+        ranks: &BTreeMap<String, usize>,
         lr: f64,
     ) -> Vec<String> {
         let mut warnings = Vec::new();
@@ -117,7 +146,7 @@ impl Monitor {
             }
             if max > 1e3 {
                 self.warn(&mut warnings, format!("exploding:{param}"), format!(
-                    "warning: gradients of `{param}`{} are exploding: norm {max:.3e} in epoch {} (above 1e3); try a smaller learning rate or clip_grad_norm",
+                    "warning: gradients of `{param}`{} are exploding: norm {max:.3e} in epoch {} (above 1e3); remedies: a smaller learning rate, clip_grad_norm, normalization (batch_norm, layer_norm)",
                     at(param),
                     epoch + 1
                 ));
@@ -146,6 +175,7 @@ impl Monitor {
             }
             self.previous.insert(param.clone(), norm);
         }
+        self.judge_layers(&mut warnings, epoch, lines, ranks, lr);
         let relus = self.names("dead.");
         for relu in relus {
             if self
@@ -167,6 +197,87 @@ impl Monitor {
         self.maxs.clear();
         self.steps = 0;
         warnings
+    }
+
+    /// Judges the weight matrices (params of rank 2 or more) against each
+    /// other and against their own size, as the blog this project started
+    /// from teaches: a layer whose gradient is a thousandth of the
+    /// largest layer's or less is starved by vanishing gradients, and an
+    /// update far from about 1e-3 of the weights per step is too timid or
+    /// too violent.
+    fn judge_layers(
+        &mut self,
+        warnings: &mut Vec<String>,
+        epoch: usize,
+        lines: &BTreeMap<String, u32>,
+        ranks: &BTreeMap<String, usize>,
+        lr: f64,
+    ) {
+        let at = |name: &str| {
+            lines
+                .get(name)
+                .map_or(String::new(), |l| format!(" (line {l})"))
+        };
+        let matrices: Vec<(String, f64, f64)> = self
+            .names("grad_norm.")
+            .into_iter()
+            .filter(|p| ranks.get(p).is_some_and(|&r| r >= 2))
+            .filter_map(|p| {
+                let norm = self.mean(&format!("grad_norm.{p}"))?;
+                let ratio = self.mean(&format!("update_ratio.{p}")).unwrap_or(0.0);
+                Some((p, norm, ratio))
+            })
+            .collect();
+        let Some((largest, top, _)) = matrices
+            .iter()
+            .filter(|(_, norm, _)| norm.is_finite())
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .cloned()
+        else {
+            return;
+        };
+        let starved: Vec<&(String, f64, f64)> = matrices
+            .iter()
+            .filter(|(_, norm, _)| *norm < top * VANISHING_RATIO)
+            .collect();
+        if let Some((first, norm, ratio)) = starved.first().copied() {
+            let others: Vec<String> = starved[1..]
+                .iter()
+                .map(|(p, n, _)| format!("`{p}` ({n:.1e})"))
+                .collect();
+            let also = if others.is_empty() {
+                String::new()
+            } else {
+                format!("; so do {}", others.join(", "))
+            };
+            let moves = if *ratio > 0.0 && *ratio < TIMID_UPDATE {
+                format!(
+                    ", and its updates are {ratio:.1e} of its weights per step (about 1e-3 is healthy)"
+                )
+            } else {
+                String::new()
+            };
+            self.warn(warnings, format!("vanishing:{first}"), format!(
+                "warning: vanishing gradients in epoch {}: `{first}`{} gets gradients {:.0}x smaller than `{largest}`{} (mean norm {norm:.1e} against {top:.1e}){moves}{also}. Gradients shrink on their way back through the layers, as they do through saturating sigmoid and tanh; remedies: relu or gelu instead of sigmoid/tanh, normalization (batch_norm, layer_norm), residual connections (`h + f(h)`)",
+                epoch + 1,
+                at(first),
+                top / norm.max(f64::MIN_POSITIVE),
+                at(&largest),
+            ));
+        }
+        for (param, _, ratio) in &matrices {
+            let violent = *ratio > VIOLENT_UPDATE;
+            update(&mut self.violent_run, param, 0, |run| {
+                if violent { run + 1 } else { 0 }
+            });
+            if self.violent_run[param] >= 2 {
+                self.warn(warnings, format!("violent:{param}"), format!(
+                    "warning: the updates of `{param}`{} were {ratio:.1e} of its weights per step in epoch {} and the one before (about 1e-3 is healthy): the learning rate ({lr:.1e}) is probably too large; lower it, or clip with clip_grad_norm",
+                    at(param),
+                    epoch + 1
+                ));
+            }
+        }
     }
 
     fn warn(&mut self, warnings: &mut Vec<String>, key: String, message: String) {
@@ -200,8 +311,85 @@ impl Monitor {
     }
 }
 
-/// Says which op first produced a non-finite value in a step.
-pub fn first_non_finite(graph: &Graph, evaluation: &Evaluation, step: u64, loss: f64) -> String {
+/// The role a value computes: its own, or else the first one found
+/// downstream (a monitor statistic, an update, a gradient).
+fn serving_role(graph: &Graph, id: NodeId) -> Option<Role> {
+    let mut queue = std::collections::VecDeque::from([id]);
+    let mut seen = std::collections::BTreeSet::from([id]);
+    while let Some(current) = queue.pop_front() {
+        let role = &graph.node(current).role;
+        if matches!(role, Role::Stat(_) | Role::Update(_) | Role::Gradient(_)) {
+            return Some(role.clone());
+        }
+        for user in graph.users(current) {
+            if seen.insert(user) {
+                queue.push_back(user);
+            }
+        }
+    }
+    None
+}
+
+/// Whether a value is part of the model's own forward or backward pass:
+/// a backward node, or one that reaches the loss or an output.
+fn serves_model(graph: &Graph, id: NodeId) -> bool {
+    if graph.node(id).backward.is_some() {
+        return true;
+    }
+    let mut stack = vec![id];
+    let mut seen = std::collections::BTreeSet::from([id]);
+    while let Some(current) = stack.pop() {
+        if matches!(graph.node(current).role, Role::Loss | Role::Output(_)) {
+            return true;
+        }
+        for user in graph.users(current) {
+            if seen.insert(user) {
+                stack.push(user);
+            }
+        }
+    }
+    false
+}
+
+/// A number for a message: plain when it reads well, in scientific
+/// notation when it is huge or tiny.
+pub fn number(value: f64) -> String {
+    if value == 0.0 || !value.is_finite() || (1e-4..1e6).contains(&value.abs()) {
+        format!("{value:.6}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
+    } else {
+        format!("{value:.4e}")
+    }
+}
+
+/// Says what in a step is not finite (the loss, or a gradient while the
+/// loss is finite) and which op first produced a non-finite value, at its
+/// source line (the evaluation should be the interpreter's, which runs
+/// the ops as written).
+pub fn first_non_finite(
+    graph: &Graph,
+    evaluation: &Evaluation,
+    step: u64,
+    loss: f64,
+    grad_norm: Option<f64>,
+) -> String {
+    let what_diverged = if loss.is_finite() {
+        match grad_norm {
+            Some(norm) if !norm.is_finite() => format!(
+                "step {step}: the loss is finite ({}) but the global gradient norm is {}",
+                number(loss),
+                number(norm)
+            ),
+            _ => format!(
+                "step {step}: the loss is finite ({}) but a value the step computes is not",
+                number(loss)
+            ),
+        }
+    } else {
+        format!("step {step}: the loss is {}", number(loss))
+    };
     let order = graph.topo_order().unwrap_or_else(|| graph.ids());
     for id in order {
         let Some(value) = evaluation.values.get(&id) else {
@@ -215,7 +403,7 @@ pub fn first_non_finite(graph: &Graph, evaluation: &Evaluation, step: u64, loss:
             Some(backward) => {
                 let forward = graph.node(backward.forward);
                 format!(
-                    "`{}` ({} of `{}`)",
+                    "`{}` ({} of `{}`, in the backward pass)",
                     node.op.name(),
                     backward.grad_fn,
                     forward.op.name()
@@ -227,22 +415,35 @@ pub fn first_non_finite(graph: &Graph, evaluation: &Evaluation, step: u64, loss:
                 rules::grad_fn(&node.op).replace("Backward", " forward")
             ),
         };
-        let role = match &node.role {
-            Role::Stat(name) | Role::Update(name) | Role::Gradient(name) => {
-                format!(", computing {name}")
-            }
+        let model_node = serves_model(graph, id);
+        let role_of = if model_node {
+            Some(node.role.clone())
+        } else {
+            serving_role(graph, id)
+        };
+        let role = match role_of {
+            Some(Role::Stat(name)) => format!(", computing the monitor statistic `{name}`"),
+            Some(Role::Update(name)) => format!(", computing the update of `{name}`"),
+            Some(Role::Gradient(name)) => format!(", computing the gradient of `{name}`"),
             _ => String::new(),
         };
-        let bad = value
+        let what = if model_node {
+            what
+        } else {
+            // A node the step added (optimizer, clipping, monitor) takes
+            // the position of the value it works on.
+            format!("`{}` of the training step", node.op.name())
+        };
+        let (index, bad) = value
             .data
             .iter()
-            .find(|v| !v.is_finite())
-            .copied()
-            .unwrap_or(f64::NAN);
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+            .map_or((0, f64::NAN), |(i, &v)| (i, v));
         return format!(
-            "step {step}: the loss is {loss}; the first non-finite value ({bad}) came from {what} at line {}:{}{role}",
+            "{what_diverged}; the first non-finite value ({bad}, element {index}) came from {what} at line {}:{}{role}",
             node.origin.line, node.origin.col
         );
     }
-    format!("step {step}: the loss is {loss}")
+    what_diverged
 }

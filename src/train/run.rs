@@ -244,6 +244,7 @@ pub fn train(
     let interrupted = interrupted_flag();
     interrupted.store(false, Ordering::SeqCst);
     let lines = monitor::lines(&session.forward);
+    let ranks = monitor::ranks(&session.forward);
     let mut monitor = Monitor::default();
     let mut rows: Vec<EpochRow> = Vec::new();
     let epochs = session.config.epochs as usize;
@@ -297,7 +298,7 @@ pub fn train(
         progress.finish_and_clear();
         let grad_norm = monitor.mean("grad_norm").unwrap_or(0.0);
         let table = monitor.table();
-        let warnings = monitor.end_epoch(epoch, &lines, lr);
+        let warnings = monitor.end_epoch(epoch, &lines, &ranks, lr);
         let test = if split.test.is_empty() {
             None
         } else {
