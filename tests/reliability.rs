@@ -745,3 +745,30 @@ fn watch_flags_vanishing_gradients_in_a_deep_sigmoid_mlp() {
     assert!(!stdout.contains("warning"), "{stdout}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn log_of_exp_is_stable_in_the_forward_and_the_backward_graph() {
+    let dir = scratch("log-exp");
+    small_model(&dir);
+    let model = dir.join("logexp.grad");
+    std::fs::write(
+        &model,
+        "model m {
+    input x: f32[B, 2]
+    input y: i32[B]
+    param w: f32[2, 3] = xavier_normal
+    let z = x @ w
+    loss mean(log(exp(z * 200))) + cross_entropy(z, y)
+}
+train m { data \"d.csv\" epochs 1 batch 4 }",
+    )
+    .expect("write");
+    for backend in ["jit", "interp"] {
+        let (code, stdout, stderr) = gradc(&["train", text(&model), "--backend", backend]);
+        assert_eq!(code, 0, "{backend}: {stderr}");
+        assert!(stdout.contains("epoch   1/1"), "{stdout}");
+    }
+    let (_, graph, _) = gradc(&["graph", text(&model), "--stage", "backward"]);
+    assert!(!graph.contains("exp"), "{graph}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -106,6 +106,31 @@ impl Lowering<'_, '_> {
 
     /// Applies an op: gives weak scalars the dtype of the tensors they
     /// meet, types the result and reports a type error at the operands.
+    /// `log(exp(x))` as `x` (an identity at the log's position) and
+    /// `log(softmax(x))` as `log_softmax(x)`: the stable forms, which never
+    /// take the log of an overflowed `exp` or an underflowed softmax. The
+    /// rewrite happens here, before differentiation, so that the forward
+    /// and the backward graphs, every backend and every pass see the same
+    /// computation (a later rewrite of the forward graph alone left the
+    /// backward dividing by the overflowed `exp`).
+    fn stable_log(&mut self, x: &Operand, what: &str, span: Span) -> Option<Value> {
+        let Value::Node(inner) = x.value else {
+            return None;
+        };
+        let op = match self.graph.node(inner).op {
+            Op::Unary(UnaryFn::Exp) => Op::Identity,
+            Op::Softmax { axis } => Op::LogSoftmax { axis },
+            _ => return None,
+        };
+        let operand = Operand {
+            value: Value::Node(self.graph.operands(inner)[0]),
+            span: x.span,
+            name: x.name,
+        };
+        self.superseded.push(inner);
+        Some(self.apply(op, what, vec![operand], span))
+    }
+
     fn apply(&mut self, op: Op, what: &str, operands: Vec<Operand>, span: Span) -> Value {
         self.apply_typed(op, what, operands, span, None)
     }
@@ -373,6 +398,11 @@ impl Lowering<'_, '_> {
         match builtin {
             Builtin::Unary(f) => {
                 let x = tensor(self, 0);
+                if f == UnaryFn::Log
+                    && let Some(stable) = self.stable_log(&x, name, span)
+                {
+                    return stable;
+                }
                 self.apply(Op::Unary(f), name, vec![x], span)
             }
             Builtin::StopGradient => {

@@ -341,6 +341,9 @@ struct Lowering<'a, 'd> {
     reported: std::collections::HashSet<(Code, Span)>,
     loss: Option<Span>,
     outputs: HashMap<String, Span>,
+    /// Nodes a stable rewrite replaced (the `exp` of `log(exp(x))`),
+    /// removed at the end if nothing else uses them.
+    superseded: Vec<NodeId>,
     diagnostics: &'d mut Vec<Diagnostic>,
 }
 
@@ -368,6 +371,7 @@ fn lower_model(
         reported: std::collections::HashSet::new(),
         loss: None,
         outputs: HashMap::new(),
+        superseded: Vec::new(),
         diagnostics,
     };
     let before = lowering.diagnostics.len();
@@ -377,6 +381,16 @@ fn lower_model(
         .any(Diagnostic::is_error);
     if mode == Mode::Train && clean {
         lowering.warn_unused();
+    }
+    for id in std::mem::take(&mut lowering.superseded) {
+        let node = lowering.graph.node(id);
+        let unused = node.name.is_none()
+            && node.role == Role::Intermediate
+            && !node.retain
+            && lowering.graph.users(id).is_empty();
+        if unused {
+            lowering.graph.remove(id);
+        }
     }
     lowering.graph
 }

@@ -11,7 +11,10 @@
 //! Rules that look tempting and are *not* applied: `x * 0 == 0` (false for
 //! `x = inf` or NaN), `x - x == 0` for tensors (the same, and a zero tensor
 //! has no op here; scalar `x - x` of a constant folds anyway), reassociating
-//! sums (changes rounding).
+//! sums (changes rounding), and the stable rewrites of `log(exp(x))` and
+//! `log(softmax(x))`: they change results (an overflowed `exp` becomes
+//! finite), so lowering does them, before differentiation, where the
+//! forward and backward graphs and every backend see the same thing.
 
 use super::replace;
 use crate::ir::{BinaryFn, Graph, Node, NodeId, Op, Role, UnaryFn};
@@ -104,25 +107,6 @@ fn rewrite(graph: &mut Graph, id: NodeId) -> bool {
                 Op::Unary(UnaryFn::Neg) => {
                     let inner = graph.operands(x)[0];
                     to(graph, inner)
-                }
-                _ => false,
-            }
-        }
-        Op::Unary(UnaryFn::Log) => {
-            let x = operands[0];
-            match graph.node(x).op {
-                // log(exp(x)) == x: exact in real arithmetic, and it removes
-                // the overflow of exp for large x (log(exp(100)) is inf in f32).
-                Op::Unary(UnaryFn::Exp) => {
-                    let inner = graph.operands(x)[0];
-                    to(graph, inner)
-                }
-                // log(softmax(x)) == log_softmax(x): the stable form, which
-                // never takes the log of an underflowed zero.
-                Op::Softmax { axis } => {
-                    let inner = graph.operands(x)[0];
-                    let stable = add_like(graph, id, Op::LogSoftmax { axis }, &[inner]);
-                    to(graph, stable)
                 }
                 _ => false,
             }
