@@ -109,6 +109,12 @@ pub struct ParamEntry {
     pub line: u32,
     /// Which case.
     pub case: Case,
+    /// Uses whose gradient is cut on the way to the loss (`stop_gradient`,
+    /// `no_grad`, a non-differentiable operand), also when other uses
+    /// still carry one: the silent bug of a detached path. Filled for
+    /// params a gradient reaches (for the others the case lists them),
+    /// when the ledger is built with chains.
+    pub cut_uses: Vec<Blocker>,
 }
 
 /// A buffer and what writes it (case 4).
@@ -231,6 +237,14 @@ pub fn param_cases(graph: &Graph, chains: bool) -> Result<Vec<ParamEntry>, Autod
                 ))
             }
         };
+        let cut_uses = if reached && chains {
+            if feeds_loss.is_none() {
+                feeds_loss = Some(autodiff::reach(graph)?.feeds_loss);
+            }
+            cuts(graph, id, feeds_loss.as_ref().expect("computed above"))
+        } else {
+            Vec::new()
+        };
         let case = match path {
             Ok(chain) if frozen => Case::FrozenOnPath { chain },
             Ok(chain) => Case::Updated { chain },
@@ -244,6 +258,7 @@ pub fn param_cases(graph: &Graph, chains: bool) -> Result<Vec<ParamEntry>, Autod
             span: node.origin.span,
             line: node.origin.line,
             case,
+            cut_uses,
         });
     }
     Ok(params)
@@ -299,6 +314,13 @@ fn blockers(graph: &Graph, param: NodeId, feeds_loss: &BTreeSet<NodeId>) -> Vec<
     if !feeds_loss.contains(&param) {
         return vec![Blocker::NotUsed];
     }
+    cuts(graph, param, feeds_loss)
+}
+
+/// Every place where a path from `param` to the loss is cut: the paths
+/// followed are those the gradient flows along, and each edge it does not
+/// flow along (into a value that still feeds the loss) is a cut.
+fn cuts(graph: &Graph, param: NodeId, feeds_loss: &BTreeSet<NodeId>) -> Vec<Blocker> {
     let mut queue = VecDeque::from([param]);
     let mut seen = BTreeSet::from([param]);
     let mut blockers = BTreeSet::new();
@@ -432,6 +454,31 @@ pub fn flops(graph: &Graph, id: NodeId, batch: u64) -> u64 {
     }
 }
 
+/// The cut uses of a param a gradient still reaches.
+fn render_cuts(out: &mut String, entry: &ParamEntry) {
+    for cut in &entry.cut_uses {
+        let place = match cut {
+            Blocker::NotUsed => continue,
+            Blocker::StopGradient(at) => {
+                format!(
+                    "a use goes through `stop_gradient` at {}:{}",
+                    at.line, at.col
+                )
+            }
+            Blocker::NoGrad(at) => format!("a use is inside `no_grad` at {}:{}", at.line, at.col),
+            Blocker::NotDifferentiable(op, at) => format!(
+                "a use is a non-differentiable operand of `{op}` at {}:{}",
+                at.line, at.col
+            ),
+        };
+        let _ = writeln!(
+            out,
+            "    gradient cut: {place}; that path adds nothing to d(loss)/d({}), the others still do",
+            entry.name
+        );
+    }
+}
+
 /// Renders the ledger as `gradc explain` prints it.
 pub fn render(ledger: &Ledger) -> String {
     let mut out = String::new();
@@ -477,6 +524,7 @@ pub fn render(ledger: &Ledger) -> String {
                     chain.join(" <- "),
                     entry.name
                 );
+                render_cuts(&mut out, entry);
             }
             Case::FrozenOnPath { chain } => {
                 let _ = writeln!(
@@ -489,6 +537,7 @@ pub fn render(ledger: &Ledger) -> String {
                     chain.join(" <- "),
                     entry.name
                 );
+                render_cuts(&mut out, entry);
             }
             Case::FrozenOffPath { blockers } => {
                 let _ = writeln!(

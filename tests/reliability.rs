@@ -772,3 +772,40 @@ train m { data \"d.csv\" epochs 1 batch 4 }",
     assert!(!graph.contains("exp"), "{graph}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn explain_lists_cut_uses_of_a_param_that_still_gets_a_gradient() {
+    let dir = scratch("explain-cuts");
+    let model = dir.join("cut.grad");
+    std::fs::write(
+        &model,
+        "model distill {
+    input x: f32[B, 4]
+    input y: i32[B]
+    param u: f32[4, 3] = xavier_normal
+    param w: f32[4, 3] = xavier_normal
+    let target = stop_gradient(tanh(x @ u))
+    let pred = tanh(x @ w + x @ u)
+    no_grad {
+        let scale = sum(x @ u)
+    }
+    loss mse(pred, target) * scale + cross_entropy(pred, y)
+}",
+    )
+    .expect("write");
+    let (code, stdout, stderr) = gradc(&["explain", text(&model)]);
+    assert_eq!(code, 0, "{stderr}");
+    let u = stdout.split("  w: ").next().expect("u comes first");
+    assert!(u.contains("case 1"), "{stdout}");
+    assert!(
+        u.contains("gradient cut: a use goes through `stop_gradient` at 6:18"),
+        "{stdout}"
+    );
+    assert!(
+        u.contains("gradient cut: a use is inside `no_grad` at 8:5"),
+        "{stdout}"
+    );
+    let w = stdout.split("  w: ").nth(1).expect("w");
+    assert!(!w.contains("gradient cut"), "{stdout}");
+    std::fs::remove_dir_all(&dir).ok();
+}
