@@ -5,6 +5,11 @@
 //! Stages: `forward` and `backward` (train and eval mode), `step` (the
 //! training step), `optimized` (the step graph, or the eval graph, after
 //! the passes of `passes`) and `kernels` (the fusion and memory plan).
+//!
+//! By default the text leaves out source positions (`@12:18`, `(inlined at
+//! 25:18)`), so that an edit that does not change the graph (a comment
+//! line above a model) changes no snapshot: a snapshot diff means the graph
+//! changed. `gradc snapshot --positions` keeps them.
 
 use std::path::{Path, PathBuf};
 
@@ -48,8 +53,64 @@ pub fn kernels(model: &LoweredModel, mode: Mode) -> Result<String, AutodiffError
     Ok(fusion::render(&graph, &plan, &memory))
 }
 
-/// Every stage of a model: (file name, text).
-pub fn stages(model: &LoweredModel) -> Result<Vec<(String, String)>, AutodiffError> {
+/// `text` without source positions: every ` @LINE:COL` and ` (inlined at
+/// LINE:COL)`.
+pub fn strip_positions(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let mut kept = String::with_capacity(line.len());
+        let mut rest = line;
+        while let Some(c) = rest.chars().next() {
+            let skip = if let Some(tail) = rest.strip_prefix(" (inlined at ") {
+                position_len(tail)
+                    .filter(|&n| tail[n..].starts_with(')'))
+                    .map(|n| " (inlined at ".len() + n + 1)
+            } else if let Some(tail) = rest.strip_prefix(" @") {
+                position_len(tail).map(|n| 2 + n)
+            } else {
+                None
+            };
+            match skip {
+                Some(n) => rest = &rest[n..],
+                None => {
+                    kept.push(c);
+                    rest = &rest[c.len_utf8()..];
+                }
+            }
+        }
+        out.push_str(kept.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The length of a `LINE:COL` at the start of `text`, if there is one.
+fn position_len(text: &str) -> Option<usize> {
+    let digits = |s: &str| s.bytes().take_while(u8::is_ascii_digit).count();
+    let line = digits(text);
+    if line == 0 || !text[line..].starts_with(':') {
+        return None;
+    }
+    let col = digits(&text[line + 1..]);
+    (col > 0).then_some(line + 1 + col)
+}
+
+/// Every stage of a model: (file name, text), with source positions or
+/// without ([`strip_positions`]).
+pub fn stages(
+    model: &LoweredModel,
+    positions: bool,
+) -> Result<Vec<(String, String)>, AutodiffError> {
+    let mut out = stages_with_positions(model)?;
+    if !positions {
+        for (_, text) in &mut out {
+            *text = strip_positions(text);
+        }
+    }
+    Ok(out)
+}
+
+fn stages_with_positions(model: &LoweredModel) -> Result<Vec<(String, String)>, AutodiffError> {
     let mut out = Vec::new();
     let has_loss = model.train.loss().is_some();
     for mode in [Mode::Train, Mode::Eval] {
@@ -212,6 +273,16 @@ pub fn diff_modes(model: &LoweredModel) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_are_stripped_and_nothing_else() {
+        let text = "  %9 = add %7, %3 : f32[B, 64]  @3:21 (inlined at 25:18)  let h\n    ops: %8 matmul @12:23, %9 add @12:23\n  stat dead.relu@4:5\n";
+        assert_eq!(
+            strip_positions(text),
+            "  %9 = add %7, %3 : f32[B, 64]   let h\n    ops: %8 matmul, %9 add\n  stat dead.relu@4:5\n"
+        );
+        assert_eq!(strip_positions("a @ b\n"), "a @ b\n");
+    }
 
     #[test]
     fn unified_diff_shows_changed_lines_with_context() {

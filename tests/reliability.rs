@@ -809,3 +809,48 @@ fn explain_lists_cut_uses_of_a_param_that_still_gets_a_gradient() {
     assert!(!w.contains("gradient cut"), "{stdout}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn snapshots_survive_an_edit_that_does_not_change_the_graph() {
+    let dir = scratch("snapshot-edit");
+    let model = dir.join("m.grad");
+    let source = std::fs::read_to_string("examples/digits_mlp.grad").expect("example");
+    std::fs::write(&model, &source).expect("write");
+    std::fs::create_dir_all(dir.join("data")).expect("mkdir");
+    let snapshots = dir.join("snaps");
+    let (code, _, stderr) = gradc(&["snapshot", text(&model), "--dir", text(&snapshots)]);
+    assert_eq!(code, 0, "{stderr}");
+    std::fs::write(&model, format!("# a comment above the model\n\n{source}")).expect("write");
+    let (code, stdout, stderr) = gradc(&[
+        "snapshot",
+        text(&model),
+        "--dir",
+        text(&snapshots),
+        "--check",
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    // A change of the graph still shows.
+    std::fs::write(&model, source.replace("relu(", "gelu(")).expect("write");
+    let (code, stdout, _) = gradc(&[
+        "snapshot",
+        text(&model),
+        "--dir",
+        text(&snapshots),
+        "--check",
+    ]);
+    assert_eq!(code, 1);
+    assert!(stdout.contains("gelu"), "{stdout}");
+    // With --positions, positions are kept (and so a moved line shows).
+    let (code, _, _) = gradc(&[
+        "snapshot",
+        text(&model),
+        "--dir",
+        text(&dir.join("with")),
+        "--positions",
+    ]);
+    assert_eq!(code, 0);
+    let forward = std::fs::read_to_string(dir.join("with").join("digits_mlp.forward.train.txt"))
+        .expect("written");
+    assert!(forward.contains(" @"), "{forward}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -419,7 +419,12 @@ pub fn eval(
 }
 
 /// `gradc snapshot`.
-pub fn snapshot(files: &[std::path::PathBuf], dir: &Path, check: bool) -> ExitStatus {
+pub fn snapshot(
+    files: &[std::path::PathBuf],
+    dir: &Path,
+    check: bool,
+    positions: bool,
+) -> ExitStatus {
     let mut changed = 0;
     let mut written = 0;
     for file in files {
@@ -428,7 +433,7 @@ pub fn snapshot(files: &[std::path::PathBuf], dir: &Path, check: bool) -> ExitSt
             Err(status) => return status,
         };
         for model in &compilation.models {
-            let stages = match crate::snapshot::stages(model) {
+            let stages = match crate::snapshot::stages(model, positions) {
                 Ok(stages) => stages,
                 Err(error) => {
                     eprintln!("error: {error}");

@@ -132,6 +132,11 @@ pub enum Command {
         /// Compare instead of writing.
         #[arg(long)]
         check: bool,
+        /// Keep source positions (`@12:18`) in the text; without them (the
+        /// default) an edit that does not change a graph, such as a comment
+        /// line above a model, changes no snapshot.
+        #[arg(long)]
+        positions: bool,
     },
     /// Train a model (the train block's settings, overridable by flags)
     #[command(
@@ -382,7 +387,12 @@ pub fn run(cli: Cli) -> ExitStatus {
             };
             graph(&file, &request, FloatType::options(dtype))
         }
-        Command::Snapshot { files, dir, check } => commands::snapshot(&files, &dir, check),
+        Command::Snapshot {
+            files,
+            dir,
+            check,
+            positions,
+        } => commands::snapshot(&files, &dir, check, positions),
         Command::Grad(args) => commands::grad(&args),
         Command::Gradcheck {
             file,
