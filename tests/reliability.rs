@@ -854,3 +854,63 @@ fn snapshots_survive_an_edit_that_does_not_change_the_graph() {
     assert!(forward.contains(" @"), "{forward}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_model_larger_than_the_memory_is_refused_before_anything_is_allocated() {
+    let dir = scratch("memory");
+    small_model(&dir);
+    let model = dir.join("huge.grad");
+    std::fs::write(
+        &model,
+        "model m {
+    input x: f32[B, 2]
+    input y: i32[B]
+    param w: f32[2, 3] = xavier_normal
+    buffer a: f32[16000, 16000] = zeros
+    buffer b: f32[16000, 16000] = zeros
+    loss cross_entropy(x @ w + sum(a) * sum(b), y)
+}
+train m { data \"d.csv\" epochs 1 batch 4 }",
+    )
+    .expect("write");
+    let (code, _, stderr) = gradc(&["train", text(&model), "--max-memory", "1G"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("need 3.8 GiB but only 1.0 GiB is available"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("memory allocation"), "{stderr}");
+    let (code, _, stderr) = gradc(&["train", text(&model), "--max-memory", "lots"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("not a size such as 8G"), "{stderr}");
+    assert_eq!(gradc::train::parse_bytes("512M"), Ok(512 << 20));
+    assert_eq!(gradc::train::parse_bytes("2GiB"), Ok(2 << 30));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_frozen_param_nothing_reads_is_not_fed_to_the_step() {
+    let source = "model m {
+        input x: f32[B, 2]
+        input y: i32[B]
+        param w: f32[2, 3] = xavier_normal
+        frozen param _big: f32[300, 300] = zeros
+        loss cross_entropy(x @ w, y)
+    }";
+    let compilation =
+        gradc::driver::compile_source("m.grad", source, gradc::lower::LowerOptions::default());
+    let model = &compilation.models[0];
+    let session = gradc::train::Session::new(model, Default::default(), &[]).expect("session");
+    let named = |graph: &gradc::ir::Graph| {
+        graph
+            .ids()
+            .into_iter()
+            .any(|id| graph.node(id).name.as_deref() == Some("_big"))
+    };
+    assert!(!named(&session.step_graph), "the step does not read it");
+    assert!(!named(&session.eval_graph), "nor does the eval graph");
+    assert!(
+        session.state().expect("state").contains_key("_big"),
+        "the state (and so every checkpoint) keeps it"
+    );
+}

@@ -356,6 +356,7 @@ pub fn train(args: &super::TrainArgs) -> ExitStatus {
         metrics: args.metrics.clone(),
         plot: args.plot.clone(),
         watch: args.watch,
+        max_memory: args.max_memory,
         verbose: true,
         jit: args.backend == super::BackendArg::Jit,
     };

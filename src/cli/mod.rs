@@ -277,6 +277,11 @@ pub struct TrainArgs {
     /// Print a per-param gradient table each epoch.
     #[arg(long)]
     pub watch: bool,
+    /// The most memory the run may need (such as 8G or 512M); by default
+    /// what the machine has available. A model that needs more is refused
+    /// before anything is allocated.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_memory: Option<u64>,
     /// Element type of every float value.
     #[arg(long, value_enum)]
     pub dtype: Option<FloatType>,
@@ -285,6 +290,10 @@ pub struct TrainArgs {
     /// rounding), or on the reference interpreter.
     #[arg(long, value_enum, default_value_t = BackendArg::Jit)]
     pub backend: BackendArg,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    crate::train::parse_bytes(text)
 }
 
 /// `--label`.

@@ -1391,11 +1391,10 @@ impl Jit {
         let own = |id: NodeId| own_id(&program.ids, id);
         // Every value to copy out is computed by the program (checked
         // before anything runs; copied out by `own` again at the end).
-        if let Some(wanted) = wanted {
-            for &id in wanted {
-                own(id)?;
-            }
-        }
+        let wanted_here: Option<Vec<NodeId>> = match wanted {
+            Some(wanted) => Some(wanted.iter().map(|&id| own(id)).collect::<Result<_, _>>()?),
+            None => None,
+        };
         // Each carried state's name, leaf and update (the program's id):
         // the list the state kept in the frame has, if it is the same.
         let carried: Option<Arc<[(String, NodeId, NodeId)]>> = match &carrying {
@@ -1509,11 +1508,17 @@ impl Jit {
         // converts them (an `f32` leaf rounded to `f32`).
         // (`checked_leaves` has matched their sizes to the shapes the
         // buffers were made for.)
+        // A leaf nothing reads and nobody wants back (a frozen param the
+        // model never uses) is not copied: it would cost its size every
+        // step for nothing.
+        let unread = |id: NodeId| {
+            wanted_here.as_ref().is_some_and(|w| !w.contains(&id)) && graph.users(id).is_empty()
+        };
         for (id, tensor) in bound_leaves {
             let Some(&slot) = bound.slots.get(&id) else {
                 continue;
             };
-            if skipped(id) {
+            if skipped(id) || unread(id) {
                 continue;
             }
             buffers.write(slot, &tensor.data).map_err(internal)?;

@@ -324,11 +324,24 @@ impl StepReads {
 }
 
 impl Session {
-    /// Builds the graphs and initializes the state from the initializers.
+    /// Builds the graphs and initializes the state from the initializers,
+    /// refusing state larger than the memory available
+    /// ([`available_memory`]).
     pub fn new(
         model: &LoweredModel,
         config: TrainConfig,
         freeze: &[String],
+    ) -> Result<Session, TrainError> {
+        Session::with_memory_limit(model, config, freeze, available_memory())
+    }
+
+    /// [`Session::new`] with a memory limit in bytes (`--max-memory`), or
+    /// none.
+    pub fn with_memory_limit(
+        model: &LoweredModel,
+        config: TrainConfig,
+        freeze: &[String],
+        limit: Option<u64>,
     ) -> Result<Session, TrainError> {
         let mut forward = model.train.clone();
         for name in freeze {
@@ -385,7 +398,39 @@ impl Session {
                 })?;
             }
         }
+        // The state is allocated next, and a failed allocation aborts the
+        // process: refuse what cannot fit first.
+        let state = state_bytes(&session.step_graph);
+        if let Some(limit) = limit
+            && state > limit
+        {
+            return Err(TrainError::Setup(format!(
+                "the params, buffers and optimizer state of `{}` need {} but only {} is available; make the model smaller (or raise the limit with --max-memory)",
+                model.name,
+                bytes_text(state),
+                bytes_text(limit)
+            )));
+        }
         session.initialize();
+        // Leaves the step never reads (a frozen param the model does not
+        // use) leave the step and eval graphs once the state has them: a backend
+        // would copy them in at every step for nothing. They stay in the
+        // state, so checkpoints keep them.
+        for graph in [&mut session.step_graph, &mut session.eval_graph] {
+            let unread: Vec<NodeId> = graph
+                .ids()
+                .into_iter()
+                .filter(|&id| {
+                    let node = graph.node(id);
+                    matches!(node.op, Op::Param(_) | Op::Buffer(_))
+                        && matches!(node.role, Role::Param | Role::FrozenParam | Role::Buffer)
+                        && graph.users(id).is_empty()
+                })
+                .collect();
+            for id in unread {
+                graph.remove(id);
+            }
+        }
         Ok(session)
     }
 
@@ -673,29 +718,43 @@ impl Session {
         rows: &[usize],
     ) -> Result<Metrics, TrainError> {
         self.sync(backend)?;
+        // The batch joins the state for each call and leaves it after, so
+        // that the params are never copied (as in `step`).
+        let mut leaves = std::mem::take(&mut self.state);
+        let result = self.evaluate_chunks(backend, data, rows, &mut leaves);
+        self.state = leaves;
+        result
+    }
+
+    fn evaluate_chunks(
+        &self,
+        backend: &mut dyn Backend,
+        data: &data::Dataset,
+        rows: &[usize],
+        leaves: &mut BTreeMap<String, Tensor>,
+    ) -> Result<Metrics, TrainError> {
         let ce = cross_entropy_node(&self.eval_graph);
         let mut total_loss = 0.0;
         let mut total_correct = 0;
         let mut any_correct = false;
         let batch_size = (self.config.batch as usize).max(1);
         for chunk in rows.chunks(batch_size) {
-            let mut leaves = self.state.clone();
-            leaves.extend(data::batch(data, chunk, &self.eval_graph));
-            let context = Context {
-                seed: self.config.seed,
-                step: 0,
-            };
-            // Only the loss and the accuracy's logits and labels are read.
-            let graph = &self.eval_graph;
-            let mut wanted: Vec<NodeId> = graph.loss().into_iter().collect();
-            wanted.extend(cross_entropy_node(graph).map_or_else(Vec::new, |n| graph.operands(n)));
-            let evaluation = backend
-                .run_wanted(graph, &leaves, context, &wanted)
-                .map_err(TrainError::Run)?;
-            if let Some(loss) = self.eval_graph.loss() {
-                total_loss += evaluation.values[&loss].data[0] * chunk.len() as f64;
+            let batch = data::batch(data, chunk, &self.eval_graph);
+            let mut displaced = Vec::new();
+            let names: Vec<String> = batch.iter().map(|(name, _)| name.clone()).collect();
+            for (name, tensor) in batch {
+                if let Some(old) = leaves.insert(name.clone(), tensor) {
+                    displaced.push((name, old));
+                }
             }
-            if let Some(c) = ce.and_then(|ce| correct(&self.eval_graph, ce, &evaluation)) {
+            let result = self.evaluate_chunk(backend, chunk.len(), ce, leaves);
+            for name in &names {
+                leaves.remove(name);
+            }
+            leaves.extend(displaced);
+            let (loss, correct) = result?;
+            total_loss += loss;
+            if let Some(c) = correct {
                 total_correct += c;
                 any_correct = true;
             }
@@ -706,6 +765,32 @@ impl Session {
             accuracy: any_correct.then_some(total_correct as f64 / n),
             rows: rows.len(),
         })
+    }
+
+    /// One chunk's summed loss and correct count.
+    fn evaluate_chunk(
+        &self,
+        backend: &mut dyn Backend,
+        rows: usize,
+        ce: Option<NodeId>,
+        leaves: &BTreeMap<String, Tensor>,
+    ) -> Result<(f64, Option<usize>), TrainError> {
+        let context = Context {
+            seed: self.config.seed,
+            step: 0,
+        };
+        // Only the loss and the accuracy's logits and labels are read.
+        let graph = &self.eval_graph;
+        let mut wanted: Vec<NodeId> = graph.loss().into_iter().collect();
+        wanted.extend(ce.map_or_else(Vec::new, |n| graph.operands(n)));
+        let evaluation = backend
+            .run_wanted(graph, leaves, context, &wanted)
+            .map_err(TrainError::Run)?;
+        let loss = graph
+            .loss()
+            .map_or(0.0, |loss| evaluation.values[&loss].data[0] * rows as f64);
+        let correct = ce.and_then(|ce| correct(graph, ce, &evaluation));
+        Ok((loss, correct))
     }
 }
 
@@ -724,6 +809,97 @@ fn restore(
 }
 
 /// A declared shape with every dimension fixed (params, buffers, state).
+/// The bytes the state of a step graph takes (params, buffers and
+/// optimizer state, stored as `f64`).
+pub fn state_bytes(graph: &Graph) -> u64 {
+    graph
+        .ids()
+        .into_iter()
+        .filter(|&id| matches!(graph.node(id).op, Op::Param(_) | Op::Buffer(_) | Op::State))
+        .map(|id| node_bytes(graph, id, 1))
+        .fold(0, u64::saturating_add)
+}
+
+/// The bytes every value of a step graph takes at once with `batch` for
+/// its symbolic dimensions (stored as `f64`): an upper bound of what a
+/// step holds (the reference interpreter keeps every value; the JIT
+/// reuses buffers and stores `f32` in four bytes).
+pub fn step_bytes(graph: &Graph, batch: u64) -> u64 {
+    graph
+        .ids()
+        .into_iter()
+        .map(|id| node_bytes(graph, id, batch))
+        .fold(0, u64::saturating_add)
+}
+
+fn node_bytes(graph: &Graph, id: NodeId, batch: u64) -> u64 {
+    graph
+        .node(id)
+        .shape()
+        .0
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => *n,
+            Dim::Sym(_) => batch,
+        })
+        .fold(8u64, u64::saturating_mul)
+}
+
+/// The memory available to this process: Linux's `MemAvailable` (what
+/// can be allocated without swapping), or none where it is not known.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// A byte count for messages (`1.9 GiB`).
+pub fn bytes_text(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Parses a memory size: a number of bytes with an optional unit `K`, `M`,
+/// `G` or `T` (powers of 1024; `KiB`, `MB` and the like are read the same).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size such as 8G or 512M"))?;
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches(['B', 'I'])
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("`{text}` is not a size such as 8G or 512M")),
+    };
+    let bytes = number * (1u64 << shift) as f64;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("`{text}` is not a size such as 8G or 512M"));
+    }
+    Ok(bytes as u64)
+}
+
 fn fixed_shape(shape: &crate::ir::Shape) -> Vec<usize> {
     shape
         .0

@@ -45,6 +45,9 @@ pub struct RunOptions {
     pub watch: bool,
     /// Print progress and per-epoch lines (the library can run quietly).
     pub verbose: bool,
+    /// `--max-memory`: the most bytes a run may need; by default the
+    /// memory available ([`super::available_memory`]).
+    pub max_memory: Option<u64>,
     /// Run the step and eval graphs on the JIT backend (compiled
     /// elementwise kernels, GEMM products) instead of the reference
     /// interpreter.
@@ -69,6 +72,7 @@ impl Default for RunOptions {
             plot: None,
             watch: false,
             verbose: false,
+            max_memory: None,
             jit: true,
         }
     }
@@ -173,7 +177,8 @@ pub fn train(
 ) -> Result<(Session, Summary), TrainError> {
     let mut backend = options.backend();
     let backend = backend.as_mut();
-    let mut session = Session::new(model, config, &options.freeze)?;
+    let limit = options.max_memory.or_else(super::available_memory);
+    let mut session = Session::with_memory_limit(model, config, &options.freeze, limit)?;
     let source = source(&session.config, options);
     refuse_overlaps(options, &source)?;
     let dataset = data::load(&source, &session.forward).map_err(TrainError::Data)?;
@@ -193,6 +198,17 @@ pub fn train(
         return Err(TrainError::Setup(format!(
             "{} epochs of {} steps is more than {MAX_STEPS} steps; choose fewer epochs",
             session.config.epochs, session.steps_per_epoch
+        )));
+    }
+    let needed = super::step_bytes(&session.step_graph, batch as u64);
+    if let Some(limit) = limit
+        && needed > limit
+    {
+        return Err(TrainError::Setup(format!(
+            "a training step of `{}` with batch {batch} may need up to {} but only {} is available; use a smaller batch (--batch) or model, or raise the limit with --max-memory",
+            model.name,
+            super::bytes_text(needed),
+            super::bytes_text(limit)
         )));
     }
     if session.trainable().is_empty() {
@@ -474,7 +490,8 @@ pub fn evaluate(
     options: &RunOptions,
     checkpoint_path: &Path,
 ) -> Result<Metrics, TrainError> {
-    let mut session = Session::new(model, config, &[])?;
+    let limit = options.max_memory.or_else(super::available_memory);
+    let mut session = Session::with_memory_limit(model, config, &[], limit)?;
     checkpoint::load_for_eval(&mut session, checkpoint_path)?;
     let dataset: Dataset = data::load(&source(&session.config, options), &session.eval_graph)
         .map_err(TrainError::Data)?;
