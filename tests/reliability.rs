@@ -914,3 +914,40 @@ fn a_frozen_param_nothing_reads_is_not_fed_to_the_step() {
         "the state (and so every checkpoint) keeps it"
     );
 }
+
+#[test]
+fn plot_draws_the_training_dashboard() {
+    let dir = scratch("dashboard");
+    let plot = dir.join("d.svg");
+    let (code, _, stderr) = gradc(&[
+        "train",
+        "examples/digits_mlp.grad",
+        "--epochs",
+        "3",
+        "--plot",
+        text(&plot),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let svg = std::fs::read_to_string(&plot).expect("written");
+    assert!(svg.starts_with("<svg"), "{}", &svg[..100.min(svg.len())]);
+    assert!(svg.trim_end().ends_with("</svg>"));
+    for caption in [
+        "loss",
+        "accuracy (%)",
+        "learning rate",
+        "gradient norm per weight matrix",
+        "update / weight per step",
+        "dead ReLU units (%)",
+        "healthy 1e-3",
+    ] {
+        assert!(svg.contains(caption), "no `{caption}` in the dashboard");
+    }
+    let texts: Vec<&str> = svg.lines().map(str::trim).collect();
+    for series in ["w1", "w2", "h", "train", "test"] {
+        assert!(
+            texts.contains(&series),
+            "no {series} legend in the dashboard"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -108,6 +108,14 @@ impl Monitor {
             .collect()
     }
 
+    /// The mean of every statistic over the epoch so far, by name.
+    pub fn means(&self) -> BTreeMap<String, f64> {
+        self.sums
+            .iter()
+            .map(|(name, sum)| (name.clone(), sum / self.steps.max(1) as f64))
+            .collect()
+    }
+
     /// The mean of a statistic over the epoch.
     pub fn mean(&self, name: &str) -> Option<f64> {
         self.sums.get(name).map(|s| s / self.steps.max(1) as f64)

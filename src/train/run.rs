@@ -263,6 +263,8 @@ pub fn train(
     let ranks = monitor::ranks(&session.forward);
     let mut monitor = Monitor::default();
     let mut rows: Vec<EpochRow> = Vec::new();
+    // The monitor's means of each epoch, for the dashboard.
+    let mut epoch_stats = Vec::new();
     let epochs = session.config.epochs as usize;
     let started = Instant::now();
     while session.epoch < epochs {
@@ -313,6 +315,7 @@ pub fn train(
         }
         progress.finish_and_clear();
         let grad_norm = monitor.mean("grad_norm").unwrap_or(0.0);
+        epoch_stats.push(monitor.means());
         let table = monitor.table();
         let warnings = monitor.end_epoch(epoch, &lines, &ranks, lr);
         let test = if split.test.is_empty() {
@@ -351,7 +354,14 @@ pub fn train(
         }
     }
     if let Some(path) = &options.plot {
-        let svg = plot::svg(&format!("{} ({} epochs)", model.name, rows.len()), &rows);
+        let title = format!("{} ({} epochs)", model.name, rows.len());
+        let layers: Vec<String> = ranks
+            .iter()
+            .filter(|&(_, &rank)| rank >= 2)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let svg = plot::svg(&title, &rows, &epoch_stats, &layers)
+            .map_err(|e| TrainError::Checkpoint(format!("cannot draw {}: {e}", path.display())))?;
         crate::files::write(path, svg.as_bytes())
             .map_err(|e| TrainError::Checkpoint(format!("cannot write {}: {e}", path.display())))?;
     }
