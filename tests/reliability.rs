@@ -951,3 +951,67 @@ fn plot_draws_the_training_dashboard() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[cfg(unix)]
+#[test]
+fn an_interrupt_at_an_epoch_boundary_resumes_cleanly_and_a_changed_length_is_said() {
+    let dir = scratch("boundary");
+    small_model(&dir);
+    let model = dir.join("one_step.grad");
+    // One batch per epoch: every interrupt lands on an epoch boundary.
+    std::fs::write(
+        &model,
+        "model m { input x: f32[B, 2] input y: i32[B] param w: f32[2, 3] = xavier_normal loss cross_entropy(x @ w, y) }
+         train m { data \"d.csv\" epochs 1000000 batch 64 schedule cosine(warmup = 0) optimizer sgd(lr = 0.1) }",
+    )
+    .expect("write");
+    let checkpoint = dir.join("ck.safetensors");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gradc"))
+        .args([
+            "train",
+            text(&model),
+            "--save",
+            text(&checkpoint),
+            "--backend",
+            "interp",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let output = child.wait_with_output().expect("wait");
+    assert_eq!(output.status.code(), Some(1));
+    let saved = gradc::tensor_file::read(&checkpoint).expect("a checkpoint");
+    let epoch = saved["train.epoch"].data[0] as u64;
+    assert_eq!(saved["train.batch"].data[0], 0.0, "saved at the boundary");
+    let (code, stdout, stderr) = gradc(&[
+        "train",
+        text(&model),
+        "--resume",
+        text(&checkpoint),
+        "--epochs",
+        &(epoch + 2).to_string(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        !stdout.contains("train loss 0.0000"),
+        "no bogus epoch line: {stdout}"
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("epoch ")).count(),
+        2,
+        "two epoch lines: {stdout}"
+    );
+    assert!(
+        stderr.contains("was saved by a run of 1000000 epochs")
+            && stderr.contains("the cosine schedule follows the run's length"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
