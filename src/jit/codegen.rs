@@ -617,11 +617,21 @@ pub enum Storage {
 }
 
 impl Storage {
-    fn zeros(length: usize, elem: Elem) -> Storage {
-        match elem {
-            Elem::F32 => Storage::F32(vec![0.0; length]),
-            Elem::F64 => Storage::F64(vec![0.0; length]),
+    /// Zeroed storage, or an error (not an abort) when the memory cannot
+    /// be had.
+    fn zeros(length: usize, elem: Elem) -> Result<Storage, std::collections::TryReserveError> {
+        fn zeroed<T: Clone + Default>(
+            length: usize,
+        ) -> Result<Vec<T>, std::collections::TryReserveError> {
+            let mut data = Vec::new();
+            data.try_reserve_exact(length)?;
+            data.resize(length, T::default());
+            Ok(data)
         }
+        Ok(match elem {
+            Elem::F32 => Storage::F32(zeroed(length)?),
+            Elem::F64 => Storage::F64(zeroed(length)?),
+        })
     }
 
     fn len(&self) -> usize {
@@ -964,14 +974,24 @@ pub struct Frame {
 impl Frame {
     /// A frame with zeroed buffers of these lengths and element types, and
     /// no calls.
-    pub fn new(buffers: &[(usize, Elem)]) -> Frame {
-        Frame {
-            buffers: buffers
-                .iter()
-                .map(|&(length, elem)| Storage::zeros(length, elem))
-                .collect(),
+    /// An allocation that fails is an error naming the bytes asked for.
+    pub fn new(buffers: &[(usize, Elem)]) -> Result<Frame, String> {
+        let storage = buffers
+            .iter()
+            .map(|&(length, elem)| {
+                Storage::zeros(length, elem).map_err(|_| {
+                    let bytes = length as u64 * elem.bytes() as u64;
+                    format!(
+                        "cannot allocate a frame buffer of {} (the machine has too little memory free)",
+                        crate::train::bytes_text(bytes)
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Frame {
+            buffers: storage,
             ..Frame::default()
-        }
+        })
     }
 
     /// The buffers, for binding leaves and reading results.

@@ -1069,7 +1069,7 @@ fn bind(
         values.push((id, shape));
         lengths.push((length, elem(graph, &program.storage, id)));
     }
-    let mut frame = Frame::new(&lengths);
+    let mut frame = Frame::new(&lengths).map_err(InterpError::Runtime)?;
     // Constants once.
     for &id in &program.order {
         if let Op::Constant(c) = graph.node(id).op {
@@ -1995,7 +1995,7 @@ mod tests {
                 .compile(graph, &nodes, &[x], &[Elem::F32], &[last])
                 .expect("kernel");
             assert_eq!(kernel.multiple_of, multiple);
-            let mut frame = Frame::new(&[(12, Elem::F32), (12, Elem::F32)]);
+            let mut frame = Frame::new(&[(12, Elem::F32), (12, Elem::F32)]).expect("a small frame");
             let bind = |frame: &mut Frame, n: usize| {
                 frame.push_kernel(&kernel, vec![0, 1], vec![1, 1], vec![n as i64, n as i64], n)
             };
@@ -2021,7 +2021,8 @@ mod tests {
         let (copy, _) = code
             .compile_mover(Mover::Copy, Elem::F32)
             .expect("copy kernel");
-        let mut frame = Frame::new(&[(6, Elem::F32), (6, Elem::F32), (6, Elem::F64)]);
+        let mut frame =
+            Frame::new(&[(6, Elem::F32), (6, Elem::F32), (6, Elem::F64)]).expect("a small frame");
         let transpose = CopyBlock {
             counts: [1, 2, 3],
             from: (0, [6, 3, 1]),
@@ -2087,7 +2088,8 @@ mod tests {
         let (scatter, _) = code
             .compile_mover(Mover::Scatter, Elem::F32)
             .expect("scatter kernel");
-        let mut frame = Frame::new(&[(6, Elem::F64), (6, Elem::F32), (6, Elem::F64)]);
+        let mut frame =
+            Frame::new(&[(6, Elem::F64), (6, Elem::F32), (6, Elem::F64)]).expect("a small frame");
         frame
             .push_indexed(
                 (scatter, Mover::Scatter, Elem::F32),
@@ -2132,7 +2134,7 @@ mod tests {
             .expect("row kernel");
         assert_eq!(kernel.fixed_cols, Some(4));
         assert_eq!(kernel.inputs, vec![x]);
-        let mut frame = Frame::new(&[(12, Elem::F64), (12, Elem::F64)]);
+        let mut frame = Frame::new(&[(12, Elem::F64), (12, Elem::F64)]).expect("a small frame");
         for (rows, cols) in [(4, 3), (2, 6)] {
             let error = frame
                 .push_rows(&kernel, vec![0, 1], rows, cols)
