@@ -396,16 +396,7 @@ fn pruned(graph: &Graph, batch: u64) -> Result<Pruned, AutodiffError> {
 
 /// Element count of a node with symbolic dimensions set to `batch`.
 fn count(graph: &Graph, id: NodeId, batch: u64) -> u64 {
-    graph
-        .node(id)
-        .shape()
-        .0
-        .iter()
-        .map(|d| match d {
-            Dim::Fixed(n) => *n,
-            Dim::Sym(_) => batch,
-        })
-        .fold(1u64, |a, b| a.saturating_mul(b))
+    graph.node(id).shape().count_with(batch)
 }
 
 /// An estimate of a node's floating-point operations: `2 m k n` for a

@@ -9,13 +9,36 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{run as gradc, scratch};
+use common::{npy, run as gradc, scratch};
 use gradc::interp::{self, Context, Tensor};
 use gradc::ir::DType;
 use gradc::train::Backend;
 
 fn text(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
+}
+
+/// Runs `gradc` with `args`, sends it `signal` (`TERM`, `INT`) after 1.5 s
+/// and returns its exit code and standard output.
+#[cfg(unix)]
+fn interrupted(args: &[&str], signal: &str) -> (Option<i32>, String) {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gradc"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let output = child.wait_with_output().expect("wait");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
 }
 
 /// A small classifier over `[B, 2]` rows with three classes, trained from
@@ -32,6 +55,14 @@ fn small_model(dir: &Path) -> std::path::PathBuf {
         .map(|i| format!("{},{},{}\n", i % 5, i % 3, i % 3))
         .collect();
     std::fs::write(dir.join("d.csv"), rows).expect("write");
+    model
+}
+
+/// Writes a model file into `dir`, beside the data of [`small_model`].
+fn beside_the_data(dir: &Path, name: &str, source: &str) -> std::path::PathBuf {
+    small_model(dir);
+    let model = dir.join(name);
+    std::fs::write(&model, source).expect("write");
     model
 }
 
@@ -134,8 +165,8 @@ fn sigterm_saves_a_checkpoint_like_ctrl_c() {
     let dir = scratch("sigterm");
     let model = small_model(&dir);
     let checkpoint = dir.join("ck.safetensors");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gradc"))
-        .args([
+    let (code, stdout) = interrupted(
+        &[
             "train",
             text(&model),
             "--epochs",
@@ -144,20 +175,10 @@ fn sigterm_saves_a_checkpoint_like_ctrl_c() {
             text(&checkpoint),
             "--backend",
             "interp",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let output = child.wait_with_output().expect("wait");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(1), "{stdout}");
+        ],
+        "TERM",
+    );
+    assert_eq!(code, Some(1), "{stdout}");
     assert!(stdout.contains("interrupted at epoch"), "{stdout}");
     assert!(checkpoint.exists(), "a checkpoint was saved");
     std::fs::remove_dir_all(&dir).ok();
@@ -340,22 +361,6 @@ fn nan_propagates_through_relu_maximum_clamp_and_max_on_both_backends() {
 fn data_files_say_which_file_and_line() {
     let dir = scratch("data-lines");
     let model = small_model(&dir);
-    let npy = |shape: &[usize], descr: &str, data: Vec<u8>| -> Vec<u8> {
-        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-        let mut header = format!(
-            "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({},), }}",
-            dims.join(", ")
-        );
-        while (header.len() + 11) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-        bytes.extend_from_slice(header.as_bytes());
-        bytes.extend(data);
-        bytes
-    };
     let x: Vec<u8> = (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect();
     let y: Vec<u8> = [0i64, 7, 1, 2]
         .iter()
@@ -470,18 +475,6 @@ fn a_model_with_three_inputs_is_fed_by_name() {
 fn an_npz_archive_feeds_inputs_by_name() {
     let dir = scratch("npz");
     let model = small_model(&dir);
-    let npy = |shape: &[usize], descr: &str, data: Vec<u8>| -> Vec<u8> {
-        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-        let header = format!(
-            "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({},), }}\n",
-            dims.join(", ")
-        );
-        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-        bytes.extend_from_slice(header.as_bytes());
-        bytes.extend(data);
-        bytes
-    };
     let rows = 12;
     let x: Vec<u8> = (0..rows * 2)
         .flat_map(|i| ((i % 7) as f64).to_le_bytes())
@@ -633,10 +626,9 @@ fn the_library_trains_on_the_jit_by_default() {
 #[test]
 fn both_backends_blame_the_op_the_interpreter_blames() {
     let dir = scratch("blame");
-    small_model(&dir);
-    let model = dir.join("div.grad");
-    std::fs::write(
-        &model,
+    let model = beside_the_data(
+        &dir,
+        "div.grad",
         "model m {
     input x: f32[B, 2]
     input y: i32[B]
@@ -655,8 +647,7 @@ model big {
 }
 train big { data \"d.csv\" epochs 1 batch 4 }
 ",
-    )
-    .expect("write");
+    );
     let mut messages = Vec::new();
     let kept = dir.join("kept.safetensors");
     for backend in ["jit", "interp"] {
@@ -749,10 +740,9 @@ fn watch_flags_vanishing_gradients_in_a_deep_sigmoid_mlp() {
 #[test]
 fn log_of_exp_is_stable_in_the_forward_and_the_backward_graph() {
     let dir = scratch("log-exp");
-    small_model(&dir);
-    let model = dir.join("logexp.grad");
-    std::fs::write(
-        &model,
+    let model = beside_the_data(
+        &dir,
+        "logexp.grad",
         "model m {
     input x: f32[B, 2]
     input y: i32[B]
@@ -761,8 +751,7 @@ fn log_of_exp_is_stable_in_the_forward_and_the_backward_graph() {
     loss mean(log(exp(z * 200))) + cross_entropy(z, y)
 }
 train m { data \"d.csv\" epochs 1 batch 4 }",
-    )
-    .expect("write");
+    );
     for backend in ["jit", "interp"] {
         let (code, stdout, stderr) = gradc(&["train", text(&model), "--backend", backend]);
         assert_eq!(code, 0, "{backend}: {stderr}");
@@ -858,10 +847,9 @@ fn snapshots_survive_an_edit_that_does_not_change_the_graph() {
 #[test]
 fn a_model_larger_than_the_memory_is_refused_before_anything_is_allocated() {
     let dir = scratch("memory");
-    small_model(&dir);
-    let model = dir.join("huge.grad");
-    std::fs::write(
-        &model,
+    let model = beside_the_data(
+        &dir,
+        "huge.grad",
         "model m {
     input x: f32[B, 2]
     input y: i32[B]
@@ -871,8 +859,7 @@ fn a_model_larger_than_the_memory_is_refused_before_anything_is_allocated() {
     loss cross_entropy(x @ w + sum(a) * sum(b), y)
 }
 train m { data \"d.csv\" epochs 1 batch 4 }",
-    )
-    .expect("write");
+    );
     let (code, _, stderr) = gradc(&["train", text(&model), "--max-memory", "1G"]);
     assert_eq!(code, 2, "{stderr}");
     assert!(
@@ -966,27 +953,18 @@ fn an_interrupt_at_an_epoch_boundary_resumes_cleanly_and_a_changed_length_is_sai
     )
     .expect("write");
     let checkpoint = dir.join("ck.safetensors");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gradc"))
-        .args([
+    let (code, _) = interrupted(
+        &[
             "train",
             text(&model),
             "--save",
             text(&checkpoint),
             "--backend",
             "interp",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let output = child.wait_with_output().expect("wait");
-    assert_eq!(output.status.code(), Some(1));
+        ],
+        "INT",
+    );
+    assert_eq!(code, Some(1));
     let saved = gradc::tensor_file::read(&checkpoint).expect("a checkpoint");
     let epoch = saved["train.epoch"].data[0] as u64;
     assert_eq!(saved["train.batch"].data[0], 0.0, "saved at the boundary");

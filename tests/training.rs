@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 mod common;
 
-use common::{run as gradc, scratch};
+use common::{npy, run as gradc, scratch};
 
 use gradc::driver::compile_source;
 use gradc::interp::Tensor;
@@ -468,22 +468,6 @@ fn the_monitor_reports_dead_relus_and_vanishing_gradients() {
 #[test]
 fn npy_and_safetensors_data() {
     let dir = scratch("formats");
-    let npy = |shape: &[usize], descr: &str, data: Vec<u8>| -> Vec<u8> {
-        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-        let mut header = format!(
-            "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({},), }}",
-            dims.join(", ")
-        );
-        while (header.len() + 11) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-        bytes.extend_from_slice(header.as_bytes());
-        bytes.extend(data);
-        bytes
-    };
     let rows = 40;
     let x: Vec<u8> = (0..rows * 4)
         .flat_map(|i| ((i % 7) as f32 / 7.0).to_le_bytes())

@@ -143,6 +143,18 @@ impl Shape {
         }
     }
 
+    /// The element count with every symbolic dimension set to `size`
+    /// (saturating), for estimates.
+    pub fn count_with(&self, size: u64) -> u64 {
+        self.0
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => *n,
+                Dim::Sym(_) => size,
+            })
+            .fold(1u64, u64::saturating_mul)
+    }
+
     /// NumPy broadcasting of two shapes; `None` when they do not broadcast.
     pub fn broadcast(&self, other: &Shape) -> Option<Shape> {
         let rank = self.rank().max(other.rank());

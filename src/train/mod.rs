@@ -833,16 +833,7 @@ pub fn step_bytes(graph: &Graph, batch: u64) -> u64 {
 }
 
 fn node_bytes(graph: &Graph, id: NodeId, batch: u64) -> u64 {
-    graph
-        .node(id)
-        .shape()
-        .0
-        .iter()
-        .map(|d| match d {
-            Dim::Fixed(n) => *n,
-            Dim::Sym(_) => batch,
-        })
-        .fold(8u64, u64::saturating_mul)
+    graph.node(id).shape().count_with(batch).saturating_mul(8)
 }
 
 /// The memory available to this process: Linux's `MemAvailable` (what
