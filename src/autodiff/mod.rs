@@ -79,7 +79,7 @@ pub fn flows(graph: &Graph, user: NodeId, position: usize) -> bool {
     node.origin.no_grad.is_none()
         && matches!(
             rules::rule(&node.op, position),
-            Rule::Vjp | Rule::PassThrough
+            Rule::Graph | Rule::Vjp | Rule::PassThrough
         )
 }
 
@@ -160,6 +160,7 @@ pub fn differentiate(forward: &Graph) -> Result<Graph, AutodiffError> {
                 continue;
             }
             let contribution = match rules::rule(&node.op, position) {
+                Rule::Graph => graph_rule(&mut graph, id, &node, position, upstream, &operands)?,
                 Rule::Vjp => vjp(&mut graph, id, &node, position, upstream, &operands)?,
                 Rule::PassThrough => upstream,
                 Rule::Stopped | Rule::NotDifferentiable => continue,
@@ -203,6 +204,88 @@ pub fn differentiate(forward: &Graph) -> Result<Graph, AutodiffError> {
         graph.node_mut(target).role = Role::Gradient(name);
     }
     Ok(graph)
+}
+
+/// Emits a graph rule's nodes into the joint graph, each marked as part of
+/// the backward pass of `forward`.
+struct Emitter<'g> {
+    graph: &'g mut Graph,
+    forward: NodeId,
+    grad_fn: &'static str,
+    dtype: crate::ir::DType,
+    /// The first typing failure (a compiler bug in a rule).
+    error: Option<String>,
+}
+
+impl rules::Emit for Emitter<'_> {
+    fn op(&mut self, op: Op, operands: &[NodeId], declared: Option<NodeId>) -> NodeId {
+        let types: Vec<Type> = operands
+            .iter()
+            .map(|&o| self.graph.node(o).ty.clone())
+            .collect();
+        let refs: Vec<&Type> = types.iter().collect();
+        let declared = declared.map_or_else(
+            || Type::new(self.dtype, Shape::scalar()),
+            |like| self.graph.node(like).ty.clone(),
+        );
+        let ty = match op.infer(&refs, &declared) {
+            Ok(ty) => ty,
+            Err(e) => {
+                self.error
+                    .get_or_insert_with(|| format!("{} in a gradient: {e:?}", op.name()));
+                declared
+            }
+        };
+        let node = backward_node(self.graph, self.forward, op, ty, self.grad_fn);
+        self.graph.add(node, operands)
+    }
+
+    fn constant(&mut self, value: f64) -> NodeId {
+        let ty = Type::new(self.dtype, Shape::scalar());
+        let node = backward_node(
+            self.graph,
+            self.forward,
+            Op::Constant(value),
+            ty,
+            self.grad_fn,
+        );
+        self.graph.add(node, &[])
+    }
+}
+
+/// The gradient of operand `position` of `id` built from forward ops
+/// ([`rules::gradient`]), followed by a `sum_to` when broadcasting
+/// stretched the operand.
+fn graph_rule(
+    graph: &mut Graph,
+    id: NodeId,
+    node: &Node,
+    position: usize,
+    upstream: NodeId,
+    operands: &[NodeId],
+) -> Result<NodeId, AutodiffError> {
+    let grad_fn = rules::grad_fn(&node.op);
+    let operand_type = graph.node(operands[position]).ty.clone();
+    let mut emitter = Emitter {
+        graph,
+        forward: id,
+        grad_fn,
+        dtype: operand_type.dtype,
+        error: None,
+    };
+    let gradient = rules::gradient(&mut emitter, &node.op, position, upstream, operands, id)
+        .ok_or_else(|| AutodiffError::MissingRule {
+            op: node.op.name(),
+            line: node.origin.line,
+        })?;
+    if let Some(error) = emitter.error {
+        return Err(AutodiffError::InvalidGraph(error));
+    }
+    if graph.node(gradient).ty.shape == operand_type.shape {
+        return Ok(gradient);
+    }
+    let reduce = backward_node(graph, id, Op::SumTo, operand_type, grad_fn);
+    Ok(graph.add(reduce, &[gradient]))
 }
 
 /// The vector-Jacobian product node for operand `position` of `id`, followed

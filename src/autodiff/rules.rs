@@ -1,18 +1,26 @@
 //! The derivative rule table: for every [`Op`] and operand, how the
 //! gradient flows back, and the `grad_fn` name PyTorch gives the rule.
 //!
-//! This is only the *shape* of each rule (which operands get a gradient and
-//! through what). What each vector-Jacobian product computes is written
-//! beside the forward kernels of the reference interpreter
-//! (`interp::vjp`), one arm per op, and `docs/autodiff.md` lists the
-//! formulas. Both are exhaustive `match`es: a new op does not compile until
-//! it has a rule here and a kernel there.
+//! A rule is either a graph or a kernel. [`Rule::Graph`] rules are written
+//! here, in [`gradient`], as nodes of the forward op set (tinygrad's
+//! `gradient.py`, JAX's primitives): `tanh`'s is `g * (1 - y * y)`, `mul`'s
+//! `g * b` and `g * a`. Their gradients are ordinary forward ops, which
+//! every backend already runs and which can be differentiated again: one
+//! definition per op. The other ops still have a [`Rule::Vjp`]: a `Vjp`
+//! node whose kernel is written beside the interpreter's forward kernels
+//! (`interp::vjp`) and compiled by the JIT; they move to graph rules as the
+//! forward op set grows the primitives they need (a select for `relu`,
+//! `max` and `clamp`, a broadcast for the reductions, `erf` for `gelu`).
+//! `docs/autodiff.md` lists every formula. The matches are exhaustive: a
+//! new op does not compile until it has a rule.
 
-use crate::ir::{BinaryFn, Op, ReduceFn, UnaryFn};
+use crate::ir::{BinaryFn, NodeId, Op, ReduceFn, UnaryFn};
 
 /// How the gradient of one operand of an op is obtained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rule {
+    /// Forward ops compute it ([`gradient`]).
+    Graph,
     /// A `Vjp` node computes it.
     Vjp,
     /// The upstream gradient itself (`identity`).
@@ -29,16 +37,17 @@ pub enum Rule {
 pub fn rule(op: &Op, operand: usize) -> Rule {
     match op {
         Op::Input | Op::Param(_) | Op::Buffer(_) | Op::Constant(_) => Rule::Missing,
+        Op::Unary(f) if graph_rule_unary(*f) => Rule::Graph,
+        Op::Binary(f) if graph_rule_binary(*f) => Rule::Graph,
+        Op::Transpose | Op::Reshape => Rule::Graph,
         Op::Unary(_)
         | Op::LeakyRelu { .. }
         | Op::Clamp { .. }
         | Op::Binary(_)
         | Op::MatMul
-        | Op::Transpose
         | Op::Reduce { .. }
         | Op::Softmax { .. }
         | Op::LogSoftmax { .. }
-        | Op::Reshape
         | Op::Concat { .. }
         | Op::Dropout { .. }
         | Op::LayerNorm { .. }
@@ -61,6 +70,128 @@ pub fn rule(op: &Op, operand: usize) -> Rule {
             Rule::NotDifferentiable
         }
     }
+}
+
+/// Whether a unary function's gradient is a graph of forward ops.
+fn graph_rule_unary(f: UnaryFn) -> bool {
+    match f {
+        UnaryFn::Neg
+        | UnaryFn::Exp
+        | UnaryFn::Log
+        | UnaryFn::Sqrt
+        | UnaryFn::Tanh
+        | UnaryFn::Sigmoid
+        | UnaryFn::Sin
+        | UnaryFn::Cos => true,
+        // These need a select (abs, relu), erf (gelu) or PyTorch's
+        // threshold (softplus): still `Vjp` kernels.
+        UnaryFn::Abs | UnaryFn::Relu | UnaryFn::Gelu | UnaryFn::Softplus => false,
+    }
+}
+
+/// Whether a binary function's gradients are graphs of forward ops.
+fn graph_rule_binary(f: BinaryFn) -> bool {
+    match f {
+        BinaryFn::Add | BinaryFn::Sub | BinaryFn::Mul | BinaryFn::Div => true,
+        // PyTorch's zeros where `b == 0` (pow) and its shared ties
+        // (maximum, minimum) need a select: still `Vjp` kernels.
+        BinaryFn::Pow | BinaryFn::Maximum | BinaryFn::Minimum => false,
+    }
+}
+
+/// Adds the nodes of a gradient: forward ops, typed by `Op::infer`, each
+/// marked as part of the backward pass of one forward node.
+pub trait Emit {
+    /// A node computing `op` of `operands`; `declared` types a reshape.
+    fn op(&mut self, op: Op, operands: &[NodeId], declared: Option<NodeId>) -> NodeId;
+    /// A scalar constant in the gradient's element type.
+    fn constant(&mut self, value: f64) -> NodeId;
+}
+
+/// The gradient of operand `position` of a node computing `op` from
+/// `inputs` into `y`, given the upstream gradient `g`, as forward ops (for
+/// the ops whose [`rule`] is [`Rule::Graph`]). The result has the forward
+/// output's shape; the caller sums it back over broadcast axes. `None`:
+/// the op has no graph rule. The order of operations is the interpreter's
+/// kernel order, so `f64` results are the same bits.
+pub fn gradient(
+    emit: &mut dyn Emit,
+    op: &Op,
+    position: usize,
+    g: NodeId,
+    inputs: &[NodeId],
+    y: NodeId,
+) -> Option<NodeId> {
+    use BinaryFn::{Add, Div, Mul, Sub};
+    let x = inputs.first().copied()?;
+    let mul = |emit: &mut dyn Emit, a, b| emit.op(Op::Binary(Mul), &[a, b], None);
+    let unary = |emit: &mut dyn Emit, f, a| emit.op(Op::Unary(f), &[a], None);
+    Some(match op {
+        Op::Unary(f) => match f {
+            // -g
+            UnaryFn::Neg => unary(emit, UnaryFn::Neg, g),
+            // g * y
+            UnaryFn::Exp => mul(emit, g, y),
+            // g / x
+            UnaryFn::Log => emit.op(Op::Binary(Div), &[g, x], None),
+            // g / (2 y)
+            UnaryFn::Sqrt => {
+                let two = emit.constant(2.0);
+                let twice = mul(emit, y, two);
+                emit.op(Op::Binary(Div), &[g, twice], None)
+            }
+            // g * (1 - y y)
+            UnaryFn::Tanh => {
+                let one = emit.constant(1.0);
+                let square = mul(emit, y, y);
+                let slope = emit.op(Op::Binary(Sub), &[one, square], None);
+                mul(emit, g, slope)
+            }
+            // g y (1 - y)
+            UnaryFn::Sigmoid => {
+                let one = emit.constant(1.0);
+                let scaled = mul(emit, g, y);
+                let rest = emit.op(Op::Binary(Sub), &[one, y], None);
+                mul(emit, scaled, rest)
+            }
+            // g cos(x)
+            UnaryFn::Sin => {
+                let cos = unary(emit, UnaryFn::Cos, x);
+                mul(emit, g, cos)
+            }
+            // -g sin(x)
+            UnaryFn::Cos => {
+                let negated = unary(emit, UnaryFn::Neg, g);
+                let sin = unary(emit, UnaryFn::Sin, x);
+                mul(emit, negated, sin)
+            }
+            UnaryFn::Abs | UnaryFn::Relu | UnaryFn::Gelu | UnaryFn::Softplus => return None,
+        },
+        Op::Binary(f) => {
+            let b = *inputs.get(1)?;
+            match (f, position) {
+                // g, -g
+                (Add, _) | (Sub, 0) => g,
+                (Sub, _) => unary(emit, UnaryFn::Neg, g),
+                // g b, g a
+                (Mul, 0) => mul(emit, g, b),
+                (Mul, _) => mul(emit, g, x),
+                // g / b, -g a / (b b)
+                (Div, 0) => emit.op(Op::Binary(Div), &[g, b], None),
+                (Div, _) => {
+                    let negated = unary(emit, UnaryFn::Neg, g);
+                    let scaled = mul(emit, negated, x);
+                    let square = mul(emit, b, b);
+                    emit.op(Op::Binary(Div), &[scaled, square], None)
+                }
+                _ => return None,
+            }
+        }
+        // transpose(g), reshape(g) back to the operand's shape
+        Op::Transpose => emit.op(Op::Transpose, &[g], None),
+        Op::Reshape => emit.op(Op::Reshape, &[g], Some(x)),
+        _ => return None,
+    })
 }
 
 /// The `grad_fn` name of the rule that differentiates `op`, as PyTorch

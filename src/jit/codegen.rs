@@ -82,18 +82,28 @@ pub fn is_sum(graph: &Graph, id: NodeId) -> bool {
 }
 
 /// What a closing sum adds for one element, from its operands' `values`.
+/// (`zero` gives the lanes' type: a constant operand, such as a gradient
+/// that folded to one, is made from it.)
 fn summand(
     b: &mut FunctionBuilder<'_>,
     graph: &Graph,
     id: NodeId,
     values: &HashMap<NodeId, Value>,
+    zero: Value,
 ) -> Result<Value, CodegenError> {
     let operands = graph.operands(id);
-    let value_of = |operand: Option<&NodeId>| {
-        operand
-            .and_then(|o| values.get(o))
-            .copied()
-            .ok_or_else(|| CodegenError(format!("the operands of {id} are not computed")))
+    let mut value_of = |operand: Option<&NodeId>| match operand {
+        Some(&o) => match (values.get(&o), &graph.node(o).op) {
+            (Some(&v), _) => Ok(v),
+            (None, Op::Constant(c)) if graph.node(o).dtype() == DType::F32 => {
+                Ok(constant(b, zero, f64::from(*c as f32)))
+            }
+            (None, Op::Constant(c)) => Ok(constant(b, zero, *c)),
+            (None, _) => Err(CodegenError(format!(
+                "the operands of {id} are not computed"
+            ))),
+        },
+        None => Err(CodegenError(format!("{id} has no operands"))),
     };
     let value = value_of(operands.first())?;
     // 1 where `value cc 0`, else 0.
@@ -2402,7 +2412,7 @@ impl Body<'_> {
         for (o, &output) in self.outputs.iter().enumerate() {
             let j = self.inputs.len() + o;
             let value = if is_sum(graph, output) {
-                summand(b, graph, output, &values)?
+                summand(b, graph, output, &values, zero)?
             } else {
                 *values.get(&output).ok_or_else(|| {
                     CodegenError(format!("output {output} is not computed by the kernel"))

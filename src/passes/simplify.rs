@@ -121,23 +121,6 @@ fn rewrite(graph: &mut Graph, id: NodeId) -> bool {
         // without a role of its own.
         Op::StopGradient => to(graph, operands[0]),
         Op::Identity if node.role == Role::Intermediate => to(graph, operands[0]),
-        // The VJPs of add and sub are the upstream gradient itself (before
-        // `sum_to`): AddBackward(g) == g, SubBackward(g) == g and -g.
-        Op::Vjp { forward, operand } => match (forward.as_ref(), operand) {
-            (Op::Binary(BinaryFn::Add), _) | (Op::Binary(BinaryFn::Sub), 0) | (Op::Identity, _) => {
-                to(graph, operands[0])
-            }
-            (Op::Binary(BinaryFn::Sub), _) => {
-                let negated = add_like(graph, id, Op::Unary(UnaryFn::Neg), &[operands[0]]);
-                to(graph, negated)
-            }
-            // ReshapeBackward(g) == reshape(g) to the operand's shape.
-            (Op::Reshape, _) => {
-                let reshaped = add_like(graph, id, Op::Reshape, &[operands[0]]);
-                to(graph, reshaped)
-            }
-            _ => false,
-        },
         // sum_to(x) == x when nothing was broadcast.
         Op::SumTo if same_type(graph, operands[0]) => to(graph, operands[0]),
         _ => false,
