@@ -34,25 +34,28 @@ pub fn vjp(
     };
     Ok(match op {
         Op::Unary(f) => match f {
-            UnaryFn::Neg => elementwise(&|g, _, _| -g),
-            UnaryFn::Exp => elementwise(&|g, _, y| g * y),
-            UnaryFn::Log => elementwise(&|g, x, _| g / x),
-            UnaryFn::Sqrt => elementwise(&|g, _, y| g / (2.0 * y)),
             UnaryFn::Abs => elementwise(&|g, x, _| g * sign(x)),
-            UnaryFn::Tanh => elementwise(&|g, _, y| g * (1.0 - y * y)),
-            UnaryFn::Sigmoid => elementwise(&|g, _, y| g * y * (1.0 - y)),
             // y > 0 exactly when x > 0: reading the output lets the forward
             // pre-activation go (PyTorch's threshold_backward does the same).
             UnaryFn::Relu => elementwise(&|g, _, y| if y > 0.0 { g } else { 0.0 }),
             UnaryFn::Gelu => elementwise(&|g, x, _| g * kernels::gelu_derivative(x)),
             UnaryFn::Softplus => elementwise(&|g, x, _| if x > 20.0 { g } else { g * sigmoid(x) }),
-            UnaryFn::Sin => elementwise(&|g, x, _| g * x.cos()),
-            UnaryFn::Cos => elementwise(&|g, x, _| -g * x.sin()),
+            UnaryFn::Neg
+            | UnaryFn::Exp
+            | UnaryFn::Log
+            | UnaryFn::Sqrt
+            | UnaryFn::Tanh
+            | UnaryFn::Sigmoid
+            | UnaryFn::Sin
+            | UnaryFn::Cos => return Err(graph_rule(op)),
         },
         Op::LeakyRelu { slope } => elementwise(&|g, x, _| if x > 0.0 { g } else { g * slope }),
         // PyTorch passes the gradient where `lo <= x <= hi`, bounds included.
         Op::Clamp { lo, hi } => elementwise(&|g, x, _| if x >= *lo && x <= *hi { g } else { 0.0 }),
-        Op::Binary(f) => binary(*f, operand, g, inputs[0], inputs[1], output, out_shape),
+        Op::Binary(BinaryFn::Add | BinaryFn::Sub | BinaryFn::Mul | BinaryFn::Div)
+        | Op::Transpose
+        | Op::Reshape => return Err(graph_rule(op)),
+        Op::Binary(f) => binary(*f, operand, g, inputs[0], inputs[1], output, out_shape)?,
         Op::MatMul => {
             let (a, b) = (inputs[0], inputs[1]);
             if operand == 0 {
@@ -76,7 +79,6 @@ pub fn vjp(
                 out
             }
         }
-        Op::Transpose => kernels::transpose(&g.data, &g.shape),
         Op::Reduce { func, axes, .. } => {
             let (map, kept) = reduce_map(&x.shape, axes);
             let groups: usize = kept.iter().product();
@@ -139,7 +141,7 @@ pub fn vjp(
                 .map(|(i, &y)| g.data[i] - y.exp() * sum[map[i]])
                 .collect()
         }
-        Op::Reshape | Op::Identity => g.data.clone(),
+        Op::Identity => g.data.clone(),
         Op::Concat { axis } => {
             let outer: usize = g.shape[..*axis].iter().product();
             let inner: usize = g.shape[axis + 1..].iter().product();
@@ -289,20 +291,21 @@ fn binary(
     b: &Tensor,
     y: &Tensor,
     out_shape: &[usize],
-) -> Vec<f64> {
+) -> Result<Vec<f64>, InterpError> {
+    if matches!(
+        f,
+        BinaryFn::Add | BinaryFn::Sub | BinaryFn::Mul | BinaryFn::Div
+    ) {
+        return Err(graph_rule(&Op::Binary(f)));
+    }
     let ma = broadcast_map(&a.shape, out_shape);
     let mb = broadcast_map(&b.shape, out_shape);
-    (0..g.len())
+    Ok((0..g.len())
         .map(|i| {
             let (g, a, b, y) = (g.data[i], a.data[ma[i]], b.data[mb[i]], y.data[i]);
             match (f, operand) {
-                (BinaryFn::Add, _) => g,
-                (BinaryFn::Sub, 0) => g,
-                (BinaryFn::Sub, _) => -g,
-                (BinaryFn::Mul, 0) => g * b,
-                (BinaryFn::Mul, _) => g * a,
-                (BinaryFn::Div, 0) => g / b,
-                (BinaryFn::Div, _) => -g * a / (b * b),
+                // (Checked above: graph rules.)
+                (BinaryFn::Add | BinaryFn::Sub | BinaryFn::Mul | BinaryFn::Div, _) => f64::NAN,
                 // d(a^b)/da = b a^(b-1); PyTorch gives 0 where b == 0.
                 (BinaryFn::Pow, 0) => {
                     if b == 0.0 {
@@ -324,7 +327,16 @@ fn binary(
                 (BinaryFn::Maximum, _) | (BinaryFn::Minimum, _) => share(g, b, a),
             }
         })
-        .collect()
+        .collect())
+}
+
+/// The error for an op whose gradient is a graph rule
+/// (`autodiff::rules::gradient`): it never has a VJP node.
+fn graph_rule(op: &Op) -> InterpError {
+    InterpError::Internal(format!(
+        "`{}` is differentiated by a graph rule, not a VJP",
+        op.name()
+    ))
 }
 
 /// The gradient of `max(mine, other)` (or `min` with the roles swapped)

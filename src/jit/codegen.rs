@@ -3260,11 +3260,12 @@ fn vjp(
     zero: Value,
     calls: &mut Calls<'_>,
 ) -> Result<Value, CodegenError> {
+    // (The ops whose gradients are graph rules, `autodiff::rules::gradient`,
+    // never have a VJP node: they reach the error below.)
     let g = operands[0];
     let x = operands[1];
     let y = operands[operands.len() - 1];
     Ok(match forward {
-        Op::Unary(UnaryFn::Neg) => b.ins().fneg(g),
         Op::Unary(UnaryFn::Abs) => {
             // g * sign(x)
             let one = constant(b, g, 1.0);
@@ -3275,32 +3276,9 @@ fn vjp(
             let sign = pick(b, positive, one, sign);
             b.ins().fmul(g, sign)
         }
-        Op::Unary(UnaryFn::Sqrt) => {
-            let two = constant(b, g, 2.0);
-            let twice = b.ins().fmul(two, y);
-            b.ins().fdiv(g, twice)
-        }
         Op::Unary(UnaryFn::Relu) => {
             let positive = b.ins().fcmp(FloatCC::GreaterThan, y, zero);
             keep_where(b, positive, g, zero)
-        }
-        // g y
-        Op::Unary(UnaryFn::Exp) => b.ins().fmul(g, y),
-        // g / x
-        Op::Unary(UnaryFn::Log) => b.ins().fdiv(g, x),
-        // g (1 - y y)
-        Op::Unary(UnaryFn::Tanh) => {
-            let one = constant(b, g, 1.0);
-            let square = b.ins().fmul(y, y);
-            let complement = b.ins().fsub(one, square);
-            b.ins().fmul(g, complement)
-        }
-        // g y (1 - y)
-        Op::Unary(UnaryFn::Sigmoid) => {
-            let one = constant(b, g, 1.0);
-            let gy = b.ins().fmul(g, y);
-            let complement = b.ins().fsub(one, y);
-            b.ins().fmul(gy, complement)
         }
         // g (Phi(x) + x phi(x))
         Op::Unary(UnaryFn::Gelu) => {
@@ -3314,17 +3292,6 @@ fn vjp(
             let threshold = constant(b, g, 20.0);
             let above = b.ins().fcmp(FloatCC::GreaterThan, x, threshold);
             pick(b, above, g, scaled)
-        }
-        // g cos x
-        Op::Unary(UnaryFn::Sin) => {
-            let cos = call(b, calls, "gradc_cos", &[x])?;
-            b.ins().fmul(g, cos)
-        }
-        // -g sin x
-        Op::Unary(UnaryFn::Cos) => {
-            let sin = call(b, calls, "gradc_sin", &[x])?;
-            let negated = b.ins().fneg(g);
-            b.ins().fmul(negated, sin)
         }
         Op::LeakyRelu { slope } => {
             let slope = constant(b, g, *slope);
@@ -3340,21 +3307,16 @@ fn vjp(
             let inside = b.ins().band(above_lo, below_hi);
             pick(b, inside, g, zero)
         }
-        Op::Identity => g,
         Op::Binary(f) => {
             let (a, c) = (operands[1], operands[2]);
             match (f, operand) {
-                (BinaryFn::Add, _) | (BinaryFn::Sub, 0) => g,
-                (BinaryFn::Sub, _) => b.ins().fneg(g),
-                (BinaryFn::Mul, 0) => b.ins().fmul(g, c),
-                (BinaryFn::Mul, _) => b.ins().fmul(g, a),
-                (BinaryFn::Div, 0) => b.ins().fdiv(g, c),
-                (BinaryFn::Div, _) => {
-                    // -g * a / (b * b)
-                    let negated = b.ins().fneg(g);
-                    let top = b.ins().fmul(negated, a);
-                    let square = b.ins().fmul(c, c);
-                    b.ins().fdiv(top, square)
+                // (add, sub, mul and div are differentiated by graph rules,
+                // `autodiff::rules::gradient`: no VJP node.)
+                (BinaryFn::Add | BinaryFn::Sub | BinaryFn::Mul | BinaryFn::Div, _) => {
+                    return Err(CodegenError(format!(
+                        "`{}` is differentiated by a graph rule, not a VJP",
+                        forward.name()
+                    )));
                 }
                 (BinaryFn::Maximum, 0) | (BinaryFn::Minimum, 1) => share(b, g, a, c, zero),
                 (BinaryFn::Maximum, _) | (BinaryFn::Minimum, _) => share(b, g, c, a, zero),
