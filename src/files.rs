@@ -1,5 +1,5 @@
 //! The files a user owns: every output gradc writes goes through
-//! [`write`], and every command checks with [`refuse_overlaps`] that no
+//! [`write()`], and every command checks with [`refuse_overlaps`] that no
 //! output is also one of its inputs.
 //!
 //! Writing a regular file is atomic: the bytes go to a temporary file
