@@ -400,7 +400,7 @@ fn count(graph: &Graph, id: NodeId, batch: u64) -> u64 {
 }
 
 /// An estimate of a node's floating-point operations: `2 m k n` for a
-/// matrix product (and for each of its two VJPs), a few per element for
+/// matrix product (a gradient's included), a few per element for
 /// everything else.
 pub fn flops(graph: &Graph, id: NodeId, batch: u64) -> u64 {
     let node = graph.node(id);
@@ -410,18 +410,21 @@ pub fn flops(graph: &Graph, id: NodeId, batch: u64) -> u64 {
         op => op,
     };
     match op {
-        Op::MatMul => {
-            // Forward `[.., m, k] @ [k, n]`; its VJPs read the same operands.
-            let (a, b) = match &node.op {
-                Op::Vjp { .. } => (operands[1], operands[2]),
-                _ => (operands[0], operands[1]),
-            };
-            let k = match graph.node(b).shape().0.first() {
+        Op::MatMul | Op::MatMulT { .. } => {
+            // `2 k` per output element, `k` the length summed over: `a`'s
+            // last axis, or for `a^T @ c` its rows (a batch's included).
+            let a = operands[0];
+            let last = match graph.node(a).shape().0.last() {
                 Some(Dim::Fixed(k)) => *k,
                 _ => batch,
             };
-            let out = count(graph, a, batch).saturating_mul(count(graph, b, batch)) / k.max(1);
-            out.saturating_mul(2)
+            let k = match &node.op {
+                Op::MatMulT {
+                    transpose_a: true, ..
+                } => count(graph, a, batch) / last.max(1),
+                _ => last,
+            };
+            count(graph, id, batch).saturating_mul(k).saturating_mul(2)
         }
         Op::Input
         | Op::Param(_)

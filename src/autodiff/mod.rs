@@ -218,16 +218,13 @@ struct Emitter<'g> {
 }
 
 impl rules::Emit for Emitter<'_> {
-    fn op(&mut self, op: Op, operands: &[NodeId], declared: Option<NodeId>) -> NodeId {
+    fn op(&mut self, op: Op, operands: &[NodeId], declared: Option<Type>) -> NodeId {
         let types: Vec<Type> = operands
             .iter()
             .map(|&o| self.graph.node(o).ty.clone())
             .collect();
         let refs: Vec<&Type> = types.iter().collect();
-        let declared = declared.map_or_else(
-            || Type::new(self.dtype, Shape::scalar()),
-            |like| self.graph.node(like).ty.clone(),
-        );
+        let declared = declared.unwrap_or_else(|| Type::new(self.dtype, Shape::scalar()));
         let ty = match op.infer(&refs, &declared) {
             Ok(ty) => ty,
             Err(e) => {
@@ -238,6 +235,10 @@ impl rules::Emit for Emitter<'_> {
         };
         let node = backward_node(self.graph, self.forward, op, ty, self.grad_fn);
         self.graph.add(node, operands)
+    }
+
+    fn type_of(&self, id: NodeId) -> Type {
+        self.graph.node(id).ty.clone()
     }
 
     fn constant(&mut self, value: f64) -> NodeId {

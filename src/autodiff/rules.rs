@@ -14,7 +14,7 @@
 //! `docs/autodiff.md` lists every formula. The matches are exhaustive: a
 //! new op does not compile until it has a rule.
 
-use crate::ir::{BinaryFn, NodeId, Op, ReduceFn, UnaryFn};
+use crate::ir::{BinaryFn, NodeId, Op, ReduceFn, Shape, Type, UnaryFn};
 
 /// How the gradient of one operand of an op is obtained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,20 +39,30 @@ pub fn rule(op: &Op, operand: usize) -> Rule {
         Op::Input | Op::Param(_) | Op::Buffer(_) | Op::Constant(_) => Rule::Missing,
         Op::Unary(f) if graph_rule_unary(*f) => Rule::Graph,
         Op::Binary(f) if graph_rule_binary(*f) => Rule::Graph,
-        Op::Transpose | Op::Reshape => Rule::Graph,
+        Op::Transpose
+        | Op::Reshape
+        | Op::MatMul
+        | Op::SumTo
+        | Op::Expand
+        | Op::Softmax { .. }
+        | Op::LogSoftmax { .. }
+        | Op::Dropout { .. }
+        | Op::Mse
+        | Op::BceWithLogits => Rule::Graph,
+        // The products derivative rules make (`a @ b^T` and `a^T @ b`).
+        Op::MatMulT {
+            transpose_a,
+            transpose_b,
+        } if transpose_a != transpose_b => Rule::Graph,
+        Op::MatMulT { .. } => Rule::Missing,
+        Op::Reduce { func, .. } if *func != ReduceFn::Max => Rule::Graph,
         Op::Unary(_)
         | Op::LeakyRelu { .. }
         | Op::Clamp { .. }
         | Op::Binary(_)
-        | Op::MatMul
         | Op::Reduce { .. }
-        | Op::Softmax { .. }
-        | Op::LogSoftmax { .. }
         | Op::Concat { .. }
-        | Op::Dropout { .. }
-        | Op::LayerNorm { .. }
-        | Op::Mse
-        | Op::BceWithLogits => Rule::Vjp,
+        | Op::LayerNorm { .. } => Rule::Vjp,
         // Running mean and variance (operands 3 and 4) are state, not inputs
         // of the function being differentiated.
         Op::BatchNorm { .. } if operand < 3 => Rule::Vjp,
@@ -60,11 +70,13 @@ pub fn rule(op: &Op, operand: usize) -> Rule {
         Op::Embedding if operand == 0 => Rule::NotDifferentiable,
         Op::Embedding => Rule::Vjp,
         Op::CrossEntropy if operand == 1 => Rule::NotDifferentiable,
-        Op::CrossEntropy => Rule::Vjp,
+        Op::CrossEntropy => Rule::Graph,
         Op::StopGradient => Rule::Stopped,
         Op::Identity => Rule::PassThrough,
-        // The backward graph is not differentiated again.
-        Op::Vjp { .. } | Op::SumTo | Op::MatMulT { .. } => Rule::Missing,
+        // A kernel's gradient is not differentiated again.
+        Op::Vjp { .. } => Rule::Missing,
+        // Labels and shapes: no derivative.
+        Op::OneHot | Op::Count { .. } => Rule::NotDifferentiable,
         // Step-graph and monitor ops come after differentiation.
         Op::State | Op::RunningStat { .. } | Op::ZeroFraction | Op::DeadFraction => {
             Rule::NotDifferentiable
@@ -102,18 +114,23 @@ fn graph_rule_binary(f: BinaryFn) -> bool {
 /// Adds the nodes of a gradient: forward ops, typed by `Op::infer`, each
 /// marked as part of the backward pass of one forward node.
 pub trait Emit {
-    /// A node computing `op` of `operands`; `declared` types a reshape.
-    fn op(&mut self, op: Op, operands: &[NodeId], declared: Option<NodeId>) -> NodeId;
+    /// A node computing `op` of `operands`; `declared` types the ops that
+    /// take their type from the node (`reshape`, `expand`, `one_hot`,
+    /// `count`).
+    fn op(&mut self, op: Op, operands: &[NodeId], declared: Option<Type>) -> NodeId;
     /// A scalar constant in the gradient's element type.
     fn constant(&mut self, value: f64) -> NodeId;
+    /// The type of a node.
+    fn type_of(&self, id: NodeId) -> Type;
 }
 
 /// The gradient of operand `position` of a node computing `op` from
 /// `inputs` into `y`, given the upstream gradient `g`, as forward ops (for
 /// the ops whose [`rule`] is [`Rule::Graph`]). The result has the forward
-/// output's shape; the caller sums it back over broadcast axes. `None`:
-/// the op has no graph rule. The order of operations is the interpreter's
-/// kernel order, so `f64` results are the same bits.
+/// output's shape or the operand's; the caller sums it back over broadcast
+/// axes (so `expand`'s gradient is `g` itself). `None`: the op has no
+/// graph rule. The order of operations is the interpreter's kernel order,
+/// so `f64` results are the same bits.
 pub fn gradient(
     emit: &mut dyn Emit,
     op: &Op,
@@ -125,7 +142,39 @@ pub fn gradient(
     use BinaryFn::{Add, Div, Mul, Sub};
     let x = inputs.first().copied()?;
     let mul = |emit: &mut dyn Emit, a, b| emit.op(Op::Binary(Mul), &[a, b], None);
+    let sub = |emit: &mut dyn Emit, a, b| emit.op(Op::Binary(Sub), &[a, b], None);
+    let div = |emit: &mut dyn Emit, a, b| emit.op(Op::Binary(Div), &[a, b], None);
     let unary = |emit: &mut dyn Emit, f, a| emit.op(Op::Unary(f), &[a], None);
+    // The number of elements of `of` along `axes`.
+    let count = |emit: &mut dyn Emit, of: NodeId, axes: Vec<usize>| {
+        let dtype = emit.type_of(g).dtype;
+        emit.op(
+            Op::Count { axes },
+            &[of],
+            Some(Type::new(dtype, Shape::scalar())),
+        )
+    };
+    // A value of a reduction's output shape with the reduced axes kept.
+    let kept = |emit: &mut dyn Emit, value: NodeId, axes: &[usize], keepdims: bool| {
+        if keepdims {
+            return value;
+        }
+        let shape = emit.type_of(x).shape.kept(axes);
+        let dtype = emit.type_of(value).dtype;
+        emit.op(Op::Reshape, &[value], Some(Type::new(dtype, shape)))
+    };
+    let sum_along = |emit: &mut dyn Emit, value: NodeId, axis: usize| {
+        let op = Op::Reduce {
+            func: ReduceFn::Sum,
+            axes: vec![axis],
+            keepdims: true,
+        };
+        emit.op(op, &[value], None)
+    };
+    let expand_to = |emit: &mut dyn Emit, value: NodeId, like: NodeId| {
+        let ty = emit.type_of(like);
+        emit.op(Op::Expand, &[value], Some(ty))
+    };
     Some(match op {
         Op::Unary(f) => match f {
             // -g
@@ -133,25 +182,25 @@ pub fn gradient(
             // g * y
             UnaryFn::Exp => mul(emit, g, y),
             // g / x
-            UnaryFn::Log => emit.op(Op::Binary(Div), &[g, x], None),
+            UnaryFn::Log => div(emit, g, x),
             // g / (2 y)
             UnaryFn::Sqrt => {
                 let two = emit.constant(2.0);
                 let twice = mul(emit, y, two);
-                emit.op(Op::Binary(Div), &[g, twice], None)
+                div(emit, g, twice)
             }
             // g * (1 - y y)
             UnaryFn::Tanh => {
                 let one = emit.constant(1.0);
                 let square = mul(emit, y, y);
-                let slope = emit.op(Op::Binary(Sub), &[one, square], None);
+                let slope = sub(emit, one, square);
                 mul(emit, g, slope)
             }
             // g y (1 - y)
             UnaryFn::Sigmoid => {
                 let one = emit.constant(1.0);
                 let scaled = mul(emit, g, y);
-                let rest = emit.op(Op::Binary(Sub), &[one, y], None);
+                let rest = sub(emit, one, y);
                 mul(emit, scaled, rest)
             }
             // g cos(x)
@@ -177,21 +226,158 @@ pub fn gradient(
                 (Mul, 0) => mul(emit, g, b),
                 (Mul, _) => mul(emit, g, x),
                 // g / b, -g a / (b b)
-                (Div, 0) => emit.op(Op::Binary(Div), &[g, b], None),
+                (Div, 0) => div(emit, g, b),
                 (Div, _) => {
                     let negated = unary(emit, UnaryFn::Neg, g);
                     let scaled = mul(emit, negated, x);
                     let square = mul(emit, b, b);
-                    emit.op(Op::Binary(Div), &[scaled, square], None)
+                    div(emit, scaled, square)
                 }
                 _ => return None,
             }
         }
         // transpose(g), reshape(g) back to the operand's shape
         Op::Transpose => emit.op(Op::Transpose, &[g], None),
-        Op::Reshape => emit.op(Op::Reshape, &[g], Some(x)),
+        Op::Reshape => {
+            let ty = emit.type_of(x);
+            emit.op(Op::Reshape, &[g], Some(ty))
+        }
+        // y = a @ b: g @ b^T and a^T @ g (summed over a batch of `a`).
+        Op::MatMul => {
+            let b = *inputs.get(1)?;
+            let (operands, transpose_a, transpose_b) = match position {
+                0 => ([g, b], false, true),
+                _ => ([x, g], true, false),
+            };
+            let op = Op::MatMulT {
+                transpose_a,
+                transpose_b,
+            };
+            emit.op(op, &operands, None)
+        }
+        // y = a @ b^T: g @ b and g^T @ a.
+        Op::MatMulT {
+            transpose_a: false,
+            transpose_b: true,
+        } => {
+            let b = *inputs.get(1)?;
+            match position {
+                0 => emit.op(Op::MatMul, &[g, b], None),
+                _ => {
+                    let op = Op::MatMulT {
+                        transpose_a: true,
+                        transpose_b: false,
+                    };
+                    emit.op(op, &[g, x], None)
+                }
+            }
+        }
+        // y = a^T @ b (summed over a batch): b @ g^T and a @ g.
+        Op::MatMulT {
+            transpose_a: true,
+            transpose_b: false,
+        } => {
+            let b = *inputs.get(1)?;
+            match position {
+                0 => {
+                    let op = Op::MatMulT {
+                        transpose_a: false,
+                        transpose_b: true,
+                    };
+                    emit.op(op, &[b, g], None)
+                }
+                _ => emit.op(Op::MatMul, &[x, g], None),
+            }
+        }
+        Op::MatMulT { .. } => return None,
+        // The adjoint pair: a sum to a shape and a broadcast to one.
+        Op::SumTo => expand_to(emit, g, x),
+        Op::Expand => g,
+        Op::Reduce {
+            func,
+            axes,
+            keepdims,
+        } => {
+            let g_kept = kept(emit, g, axes, *keepdims);
+            match func {
+                // g broadcast back, over the count for a mean
+                ReduceFn::Sum => expand_to(emit, g_kept, x),
+                ReduceFn::Mean => {
+                    let spread = expand_to(emit, g_kept, x);
+                    let n = count(emit, x, axes.clone());
+                    div(emit, spread, n)
+                }
+                // g exp(x - y)
+                ReduceFn::LogSumExp => {
+                    let y_kept = kept(emit, y, axes, *keepdims);
+                    let shifted = sub(emit, x, y_kept);
+                    let weights = unary(emit, UnaryFn::Exp, shifted);
+                    mul(emit, g_kept, weights)
+                }
+                ReduceFn::Max => return None,
+            }
+        }
+        // y (g - sum(g y))
+        Op::Softmax { axis } => {
+            let products = mul(emit, g, y);
+            let dot = sum_along(emit, products, *axis);
+            let centred = sub(emit, g, dot);
+            mul(emit, y, centred)
+        }
+        // g - exp(y) sum(g)
+        Op::LogSoftmax { axis } => {
+            let total = sum_along(emit, g, *axis);
+            let p = unary(emit, UnaryFn::Exp, y);
+            let spread = mul(emit, p, total);
+            sub(emit, g, spread)
+        }
+        // the same mask, drawn again
+        Op::Dropout { .. } => emit.op(op.clone(), &[g], None),
+        // (softmax(logits) - one_hot(labels)) g / n: never through
+        // log(softmax).
+        Op::CrossEntropy => {
+            let labels = *inputs.get(1)?;
+            let logits = emit.type_of(x);
+            let p = emit.op(Op::Softmax { axis: 1 }, &[x], None);
+            let hot = emit.op(Op::OneHot, &[labels], Some(logits));
+            let difference = sub(emit, p, hot);
+            let n = count(emit, labels, vec![0]);
+            let scale = div(emit, g, n);
+            mul(emit, difference, scale)
+        }
+        // +-2 (a - b) g / n
+        Op::Mse => {
+            let b = *inputs.get(1)?;
+            let difference = sub(emit, x, b);
+            let two = emit.constant(if position == 0 { 2.0 } else { -2.0 });
+            let scaled = mul(emit, two, difference);
+            let weighted = mul(emit, scaled, g);
+            let axes = every_axis(emit, x);
+            let n = count(emit, x, axes);
+            div(emit, weighted, n)
+        }
+        // (sigmoid(x) - t) g / n and -x g / n
+        Op::BceWithLogits => {
+            let t = *inputs.get(1)?;
+            let axes = every_axis(emit, x);
+            let n = count(emit, x, axes);
+            let scale = div(emit, g, n);
+            let slope = match position {
+                0 => {
+                    let p = unary(emit, UnaryFn::Sigmoid, x);
+                    sub(emit, p, t)
+                }
+                _ => unary(emit, UnaryFn::Neg, x),
+            };
+            mul(emit, slope, scale)
+        }
         _ => return None,
     })
+}
+
+/// `[0, 1, ..., rank - 1]` of a node.
+fn every_axis(emit: &dyn Emit, id: NodeId) -> Vec<usize> {
+    (0..emit.type_of(id).shape.rank()).collect()
 }
 
 /// The `grad_fn` name of the rule that differentiates `op`, as PyTorch
@@ -245,9 +431,12 @@ pub fn grad_fn(op: &Op) -> &'static str {
         Op::BceWithLogits => "BinaryCrossEntropyWithLogitsBackward",
         Op::StopGradient => "DetachBackward",
         Op::Identity => "IdentityBackward",
+        Op::MatMulT { .. } => "MmBackward",
+        Op::SumTo => "SumToBackward",
+        Op::Expand => "ExpandBackward",
         Op::Vjp { .. }
-        | Op::SumTo
-        | Op::MatMulT { .. }
+        | Op::OneHot
+        | Op::Count { .. }
         | Op::State
         | Op::RunningStat { .. }
         | Op::ZeroFraction

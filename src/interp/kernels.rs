@@ -121,6 +121,38 @@ pub fn matmul(a: &[f64], a_shape: &[usize], b: &[f64], b_shape: &[usize]) -> Vec
     out
 }
 
+/// `sum_b a[b]^T @ c[b]` for `a: [..., M, K]` and `c: [..., M, N]`: the
+/// leading axes and rows flattened, `[K, N]`, summed in row order.
+pub fn batch_summed_product(a: &Tensor, c: &Tensor) -> Vec<f64> {
+    let k = a.shape[a.shape.len() - 1];
+    let n = c.shape[c.shape.len() - 1];
+    let rows = a.len() / k.max(1);
+    let mut out = vec![0.0; k * n];
+    for (i, o) in out.iter_mut().enumerate() {
+        let (p, q) = (i / n, i % n);
+        for r in 0..rows {
+            *o += a.data[r * k + p] * c.data[r * n + q];
+        }
+    }
+    out
+}
+
+/// Rows of `0` with a `1` at each label: `shape` is the labels' with the
+/// class axis last.
+pub fn one_hot(labels: &Tensor, shape: &[usize]) -> Result<Vec<f64>, InterpError> {
+    let classes = shape.last().copied().unwrap_or(0);
+    let mut out = vec![0.0; labels.len() * classes];
+    for (row, &label) in labels.data.iter().enumerate() {
+        if !(label >= 0.0 && (label as usize) < classes) {
+            return Err(InterpError::Runtime(format!(
+                "label {label} at row {row} is outside 0..{classes}"
+            )));
+        }
+        out[row * classes + label as usize] = 1.0;
+    }
+    Ok(out)
+}
+
 /// Swaps the last two axes.
 pub fn transpose(x: &[f64], shape: &[usize]) -> Vec<f64> {
     let rank = shape.len();

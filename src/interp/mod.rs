@@ -345,6 +345,9 @@ fn run(
                 shape.swap(n - 1, n - 2);
                 (kernels::transpose(&t.data, &t.shape), shape)
             };
+            if *transpose_a && !*transpose_b && inputs[1].shape.len() >= 3 {
+                return Ok((kernels::batch_summed_product(inputs[0], inputs[1]), None));
+            }
             let (a, a_shape) = read(inputs[0], *transpose_a);
             let (b, b_shape) = read(inputs[1], *transpose_b);
             kernels::matmul(&a, &a_shape, &b, &b_shape)
@@ -387,17 +390,24 @@ fn run(
         Op::Vjp { forward, operand } => {
             let n = inputs.len();
             let (g, forward_inputs, output) = (inputs[0], &inputs[1..n - 1], inputs[n - 1]);
-            vjp::vjp(
-                forward,
-                *operand,
-                g,
-                forward_inputs,
-                output,
-                shape,
-                &context,
-            )?
+            vjp::vjp(forward, *operand, g, forward_inputs, output, shape)?
         }
         Op::SumTo => tensor::sum_to(&x().data, &x().shape, shape),
+        Op::Expand => tensor::broadcast_map(&x().shape, shape)
+            .iter()
+            .map(|&i| x().data[i])
+            .collect(),
+        Op::OneHot => kernels::one_hot(x(), shape)?,
+        Op::Count { axes } => {
+            let counted = x()
+                .shape
+                .iter()
+                .enumerate()
+                .filter(|(d, _)| axes.contains(d))
+                .map(|(_, &n)| n)
+                .product::<usize>();
+            vec![counted as f64]
+        }
         Op::State => return Err(InterpError::Internal("leaves are bound, not run".into())),
         Op::RunningStat { momentum, variance } => {
             let (x, running) = (inputs[0], inputs[1]);

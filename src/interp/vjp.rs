@@ -7,9 +7,9 @@
 //! For elementwise binary ops the result has the broadcast shape; the
 //! graph's `sum_to` node then sums it back over the broadcast axes.
 
+use super::InterpError;
 use super::kernels::{self, channels, group_moments, rows, sigmoid};
 use super::tensor::{Tensor, broadcast_map, reduce_map};
-use super::{Context, InterpError};
 use crate::ir::{BinaryFn, Op, ReduceFn, UnaryFn};
 
 /// The gradient of operand `operand` of `op`, given the upstream gradient
@@ -21,7 +21,6 @@ pub fn vjp(
     inputs: &[&Tensor],
     output: &Tensor,
     out_shape: &[usize],
-    context: &Context,
 ) -> Result<Vec<f64>, InterpError> {
     let x = inputs[0];
     let elementwise = |f: &dyn Fn(f64, f64, f64) -> f64| -> Vec<f64> {
@@ -54,91 +53,44 @@ pub fn vjp(
         Op::Clamp { lo, hi } => elementwise(&|g, x, _| if x >= *lo && x <= *hi { g } else { 0.0 }),
         Op::Binary(BinaryFn::Add | BinaryFn::Sub | BinaryFn::Mul | BinaryFn::Div)
         | Op::Transpose
-        | Op::Reshape => return Err(graph_rule(op)),
-        Op::Binary(f) => binary(*f, operand, g, inputs[0], inputs[1], output, out_shape)?,
-        Op::MatMul => {
-            let (a, b) = (inputs[0], inputs[1]);
-            if operand == 0 {
-                // dA = g @ B^T
-                let bt = kernels::transpose(&b.data, &b.shape);
-                kernels::matmul(&g.data, &g.shape, &bt, &[b.shape[1], b.shape[0]])
-            } else {
-                // dB = sum over the batch of A^T @ g
-                let (m, k) = (a.shape[a.shape.len() - 2], a.shape[a.shape.len() - 1]);
-                let n = b.shape[1];
-                let batch = a.len() / (m * k).max(1);
-                let mut out = vec![0.0; k * n];
-                for t in 0..batch {
-                    let at = kernels::transpose(&a.data[t * m * k..(t + 1) * m * k], &[m, k]);
-                    let part =
-                        kernels::matmul(&at, &[k, m], &g.data[t * m * n..(t + 1) * m * n], &[m, n]);
-                    for (o, p) in out.iter_mut().zip(part) {
-                        *o += p;
-                    }
-                }
-                out
-            }
+        | Op::Reshape
+        | Op::MatMul
+        | Op::Reduce {
+            func: ReduceFn::Sum | ReduceFn::Mean | ReduceFn::LogSumExp,
+            ..
         }
-        Op::Reduce { func, axes, .. } => {
+        | Op::Softmax { .. }
+        | Op::LogSoftmax { .. }
+        | Op::Dropout { .. }
+        | Op::CrossEntropy
+        | Op::Mse
+        | Op::BceWithLogits => return Err(graph_rule(op)),
+        Op::Binary(f) => binary(*f, operand, g, inputs[0], inputs[1], output, out_shape)?,
+        Op::Reduce {
+            func: ReduceFn::Max,
+            axes,
+            ..
+        } => {
             let (map, kept) = reduce_map(&x.shape, axes);
             let groups: usize = kept.iter().product();
-            let count = (x.len() / groups.max(1)).max(1) as f64;
-            // `output` and `g` have one element per group, whatever keepdims.
-            match func {
-                ReduceFn::Sum => map.iter().map(|&k| g.data[k]).collect(),
-                ReduceFn::Mean => map.iter().map(|&k| g.data[k] / count).collect(),
-                ReduceFn::Max => {
-                    // Like `torch.amax`: ties share the gradient evenly.
-                    let mut ties = vec![0.0; groups];
-                    for (i, &v) in x.data.iter().enumerate() {
-                        if v == output.data[map[i]] {
-                            ties[map[i]] += 1.0;
-                        }
-                    }
-                    x.data
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &v)| {
-                            if v == output.data[map[i]] {
-                                g.data[map[i]] / ties[map[i]]
-                            } else {
-                                0.0
-                            }
-                        })
-                        .collect()
+            // Like `torch.amax`: ties share the gradient evenly. `output`
+            // and `g` have one element per group, whatever keepdims.
+            let mut ties = vec![0.0; groups];
+            for (i, &v) in x.data.iter().enumerate() {
+                if v == output.data[map[i]] {
+                    ties[map[i]] += 1.0;
                 }
-                ReduceFn::LogSumExp => x
-                    .data
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &v)| g.data[map[i]] * (v - output.data[map[i]]).exp())
-                    .collect(),
             }
-        }
-        Op::Softmax { axis } => {
-            let (map, kept) = reduce_map(&x.shape, &[*axis]);
-            let mut dot = vec![0.0; kept.iter().product()];
-            for (i, (&gi, &yi)) in g.data.iter().zip(&output.data).enumerate() {
-                dot[map[i]] += gi * yi;
-            }
-            output
-                .data
+            x.data
                 .iter()
                 .enumerate()
-                .map(|(i, &y)| y * (g.data[i] - dot[map[i]]))
-                .collect()
-        }
-        Op::LogSoftmax { axis } => {
-            let (map, kept) = reduce_map(&x.shape, &[*axis]);
-            let mut sum = vec![0.0; kept.iter().product()];
-            for (i, &gi) in g.data.iter().enumerate() {
-                sum[map[i]] += gi;
-            }
-            output
-                .data
-                .iter()
-                .enumerate()
-                .map(|(i, &y)| g.data[i] - y.exp() * sum[map[i]])
+                .map(|(i, &v)| {
+                    if v == output.data[map[i]] {
+                        g.data[map[i]] / ties[map[i]]
+                    } else {
+                        0.0
+                    }
+                })
                 .collect()
         }
         Op::Identity => g.data.clone(),
@@ -154,10 +106,6 @@ pub fn vjp(
                 out.extend_from_slice(&g.data[start..start + width * inner]);
             }
             out
-        }
-        Op::Dropout { p, key } => {
-            let scale = kernels::dropout_scale(*p, *key, g.len(), context.seed, context.step);
-            g.data.iter().zip(scale).map(|(g, s)| g * s).collect()
         }
         Op::BatchNorm { eps, training, .. } => {
             let (channel, c, per) = channels(&x.shape);
@@ -213,45 +161,6 @@ pub fn vjp(
             }
             out
         }
-        Op::CrossEntropy => {
-            let labels = inputs[1];
-            let (n, c) = (x.shape[0], x.shape[1]);
-            let p = kernels::softmax(x, 1);
-            let scale = g.data[0] / n.max(1) as f64;
-            (0..n * c)
-                .map(|i| {
-                    let hot = if labels.data[i / c] as usize == i % c {
-                        1.0
-                    } else {
-                        0.0
-                    };
-                    (p[i] - hot) * scale
-                })
-                .collect()
-        }
-        Op::Mse => {
-            let n = x.len().max(1) as f64;
-            let sign = if operand == 0 { 1.0 } else { -1.0 };
-            inputs[0]
-                .data
-                .iter()
-                .zip(&inputs[1].data)
-                .map(|(p, t)| sign * 2.0 * (p - t) * g.data[0] / n)
-                .collect()
-        }
-        Op::BceWithLogits => {
-            let n = x.len().max(1) as f64;
-            let scale = g.data[0] / n;
-            if operand == 0 {
-                x.data
-                    .iter()
-                    .zip(&inputs[1].data)
-                    .map(|(&x, &t)| (sigmoid(x) - t) * scale)
-                    .collect()
-            } else {
-                x.data.iter().map(|&x| -x * scale).collect()
-            }
-        }
         Op::Input
         | Op::Param(_)
         | Op::Buffer(_)
@@ -260,6 +169,9 @@ pub fn vjp(
         | Op::Vjp { .. }
         | Op::MatMulT { .. }
         | Op::SumTo
+        | Op::Expand
+        | Op::OneHot
+        | Op::Count { .. }
         | Op::State
         | Op::RunningStat { .. }
         | Op::ZeroFraction

@@ -215,8 +215,11 @@ pub enum Op {
     /// `a @ b`: `[M, K] @ [K, N]` or batched `[B, M, K] @ [K, N]`.
     MatMul,
     /// A matrix product with operands read transposed (their last two axes
-    /// swapped): what the `transpose` pass folds `a @ transpose(b)` into.
-    /// Made after differentiation only.
+    /// swapped): what the `transpose` pass folds `a @ transpose(b)` into,
+    /// and what derivative rules make of a product's gradients. With
+    /// `transpose_a` and a batched right operand (`[..., M, K]` and
+    /// `[..., M, N]`, the same leading axes) the product also sums over
+    /// the batch: `sum_b a[b]^T @ c[b]`, `[K, N]` (a weight's gradient).
     MatMulT {
         /// Read the left operand transposed.
         transpose_a: bool,
@@ -305,6 +308,19 @@ pub enum Op {
     /// Sums the operand over the axes broadcasting added or stretched, down
     /// to the node's shape (which must broadcast to the operand's).
     SumTo,
+    /// Broadcasts the operand to the node's shape (to which it must
+    /// broadcast): the adjoint of `SumTo`, made by derivative rules.
+    Expand,
+    /// Operand: `i32` labels; the node: one more axis of `classes`
+    /// elements, 1 at the label and 0 elsewhere, in the node's float type.
+    /// A label outside `0..classes` is an error.
+    OneHot,
+    /// The number of elements of the operand along `axes`, as a scalar of the node's float type: a mean's divisor when
+    /// the batch size is only known at run time.
+    Count {
+        /// The axes counted, sorted, distinct, within the rank.
+        axes: Vec<usize>,
+    },
     /// Optimizer state (a moment estimate, a momentum buffer), zero at the
     /// start. A leaf of the step graph.
     State,
@@ -431,6 +447,9 @@ impl Op {
             Op::Identity => "identity".into(),
             Op::Vjp { forward, operand } => format!("{}.vjp{operand}", forward.name()),
             Op::SumTo => "sum_to".into(),
+            Op::Expand => "expand".into(),
+            Op::OneHot => "one_hot".into(),
+            Op::Count { .. } => "count".into(),
             Op::State => "state".into(),
             Op::RunningStat {
                 variance: false, ..
@@ -452,6 +471,10 @@ impl Op {
                 let axes: Vec<String> = axes.iter().map(ToString::to_string).collect();
                 format!("axes=[{}] keepdims={keepdims}", axes.join(", "))
             }
+            Op::Count { axes } => {
+                let axes: Vec<String> = axes.iter().map(ToString::to_string).collect();
+                format!("axes=[{}]", axes.join(", "))
+            }
             Op::Softmax { axis } | Op::LogSoftmax { axis } | Op::Concat { axis } => {
                 format!("axis={axis}")
             }
@@ -471,6 +494,8 @@ impl Op {
             | Op::StopGradient
             | Op::Identity
             | Op::SumTo
+            | Op::Expand
+            | Op::OneHot
             | Op::State
             | Op::ZeroFraction
             | Op::DeadFraction => String::new(),
@@ -574,6 +599,9 @@ impl Op {
                     }
                     Op::Transpose.infer(&[t], t)
                 };
+                if *transpose_a && !*transpose_b && operands[1].shape.rank() >= 3 {
+                    return batch_summed_product(operands);
+                }
                 let (a, b) = (
                     swap(operands[0], *transpose_a)?,
                     swap(operands[1], *transpose_b)?,
@@ -779,6 +807,44 @@ impl Op {
                     }),
                 }
             }
+            Op::Expand => {
+                arity(operands, 1)?;
+                match operands[0].shape.broadcast(&declared.shape) {
+                    Some(shape) if shape == declared.shape => {
+                        Ok(Type::new(operands[0].dtype, declared.shape.clone()))
+                    }
+                    _ => Err(TypeError::Shapes {
+                        what: format!("a shape that broadcasts to {}", declared.shape),
+                        operands: (0, 0),
+                    }),
+                }
+            }
+            Op::OneHot => {
+                arity(operands, 1)?;
+                integer(operands, 0)?;
+                let labels = &operands[0].shape;
+                let fits = declared.dtype.is_float()
+                    && declared.shape.rank() == labels.rank() + 1
+                    && declared.shape.0[..labels.rank()] == labels.0[..]
+                    && matches!(declared.shape.0.last(), Some(Dim::Fixed(_)));
+                if !fits {
+                    return Err(TypeError::Shapes {
+                        what: format!("the labels' shape {labels} and a fixed class axis"),
+                        operands: (0, 0),
+                    });
+                }
+                Ok(declared.clone())
+            }
+            Op::Count { axes } => {
+                arity(operands, 1)?;
+                for &axis in axes {
+                    check_axis(axis, &operands[0].shape)?;
+                }
+                if !declared.dtype.is_float() {
+                    return Err(TypeError::NotFloat { operand: 0 });
+                }
+                Ok(Type::new(declared.dtype, Shape::scalar()))
+            }
             Op::Mse | Op::BceWithLogits => {
                 arity(operands, 2)?;
                 let dtype = same_float(operands)?;
@@ -792,6 +858,25 @@ impl Op {
             }
         }
     }
+}
+
+/// `sum_b a[b]^T @ c[b]` for `a: [..., M, K]` and `c: [..., M, N]` with the
+/// same leading axes: `[K, N]`.
+fn batch_summed_product(operands: &[&Type]) -> Result<Type, TypeError> {
+    let dtype = same_float(operands)?;
+    let (a, c) = (&operands[0].shape, &operands[1].shape);
+    rank_in(a, 0, c.rank(), c.rank(), "the right operand's")?;
+    let rank = a.rank();
+    if a.0[..rank - 1] != c.0[..rank - 1] {
+        return Err(TypeError::Shapes {
+            what: "the same leading axes and rows".into(),
+            operands: (0, 1),
+        });
+    }
+    Ok(Type::new(
+        dtype,
+        Shape(vec![a.0[rank - 1].clone(), c.0[rank - 1].clone()]),
+    ))
 }
 
 fn arity(operands: &[&Type], expected: usize) -> Result<(), TypeError> {

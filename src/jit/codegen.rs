@@ -155,6 +155,7 @@ pub fn supported(graph: &Graph, id: NodeId) -> bool {
         | Op::Clamp { .. }
         | Op::Identity
         | Op::StopGradient
+        | Op::Expand
         | Op::Dropout { .. } => true,
         Op::Vjp { forward, .. } => {
             matches!(
@@ -3067,7 +3068,7 @@ fn f32_exact(graph: &Graph, nodes: &[NodeId], input_elems: &[Elem], outputs: &[N
         ),
         Op::LeakyRelu { slope } => exact(*slope),
         Op::Clamp { lo, hi } => exact(*lo) && exact(*hi),
-        Op::Identity | Op::StopGradient => true,
+        Op::Identity | Op::StopGradient | Op::Expand => true,
         Op::Vjp { forward, operand } => match forward.as_ref() {
             Op::Unary(UnaryFn::Neg | UnaryFn::Abs | UnaryFn::Relu) | Op::Identity => true,
             Op::LeakyRelu { slope } => exact(*slope),
@@ -3164,7 +3165,8 @@ fn emit(
             pick(b, positive, operands[0], negative)
         }
         Op::Clamp { lo, hi } => clamp(b, operands[0], *lo, *hi),
-        Op::Identity | Op::StopGradient => operands[0],
+        // (An expanded operand is read broadcast, as a binary op's is.)
+        Op::Identity | Op::StopGradient | Op::Expand => operands[0],
         Op::Dropout { p, key } => {
             let scale = dropout_scale(b, calls, *p, *key, place)?;
             b.ins().fmul(operands[0], scale)

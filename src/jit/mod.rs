@@ -31,6 +31,7 @@
 
 mod approx;
 pub mod codegen;
+mod patterns;
 pub mod rows;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -367,6 +368,7 @@ fn optimized(graph: &Graph, kept: &[NodeId]) -> (Graph, IdMap<NodeId>) {
         run.node_mut(id).retain = true;
     }
     passes::optimize(&mut run, |_, _| {});
+    patterns::recognise(&mut run);
     // Roles held by one node each (a buffer two batch norms update is
     // held twice: those results are not found by role).
     let mut by_role: HashMap<&Role, Option<NodeId>> = HashMap::new();
@@ -1867,6 +1869,14 @@ fn plan_product(
             transpose_a: false,
             transpose_b,
         } => ((operands[0], false), (operands[1], *transpose_b)),
+        // `a^T @ c`, with a batch of both summed: as matrices (leading
+        // axes flattened into rows) that is one product.
+        Op::MatMulT {
+            transpose_a: true,
+            transpose_b: false,
+        } if graph.node(operands[0]).shape().rank() == graph.node(operands[1]).shape().rank() => {
+            ((operands[0], true), (operands[1], false))
+        }
         Op::Vjp { forward, operand } if **forward == Op::MatMul => {
             // Operands: the output gradient, A, B, the forward output.
             let (g, a, b) = (operands[0], operands[1], operands[2]);

@@ -141,6 +141,7 @@ fn is_elementwise(op: &Op) -> bool {
         | Op::Binary(_)
         | Op::Dropout { .. }
         | Op::Identity
+        | Op::Expand
         | Op::StopGradient => true,
         // The VJP of an elementwise op is elementwise too.
         Op::Vjp { forward, .. } => **forward != Op::StopGradient && is_elementwise(forward),
