@@ -113,6 +113,8 @@ codes! {
     Overflow = "E0405", "a shape whose element count overflows";
     WrongRank = "E0406", "an operand with the wrong number of dimensions";
     SymbolicParam = "E0407", "a param or buffer whose shape is not fixed, or a dimension below 1";
+    GradTarget = "E0408", "a `grad(e, x)` whose `x` is not a named float value, or whose `e` is not a float scalar";
+    NoHigherDerivative = "E0409", "a gradient differentiated again through an op whose rule cannot be differentiated";
     StatementNotAllowed = "E0507", "a statement where it cannot stand (an `input` inside a function)";
     LossNotScalar = "E0501", "a `loss` whose value is not a scalar";
     SecondLoss = "E0502", "a model with more than one `loss`";
@@ -129,6 +131,7 @@ codes! {
     TrainWithoutLoss = "E0607", "a `train` block for a model with no `loss`";
     UnusedValue = "W0001", "a value that nothing uses";
     NoGradient = "W0002", "a trainable param that no gradient from the loss can reach";
+    ZeroGradient = "W0003", "a `grad(e, x)` that is zero everywhere: `e` does not depend on `x`";
 }
 
 /// A labelled span.

@@ -46,7 +46,9 @@ impl Default for Options {
 /// The comparison for one tensor.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Report {
-    /// `grad.<name>`: a param or a retained value.
+    /// What was checked: `grad.<name>` for the loss's gradient with respect
+    /// to a param or a retained value, or a `grad(e, x)` call of the source
+    /// with its position.
     pub name: String,
     /// Whether it is a retained value rather than a param.
     pub retained: bool,
@@ -188,6 +190,7 @@ pub fn gradcheck_against(
     forward: &Graph,
     options: Options,
 ) -> Result<Vec<Report>, Error> {
+    let analytic_graph = analytic;
     let loss = forward.loss().ok_or(Error::NoLoss)?;
     let joint = autodiff::differentiate(analytic).map_err(Error::Autodiff)?;
     for id in analytic.ids() {
@@ -229,25 +232,23 @@ pub fn gradcheck_against(
         })
         .map(|id| (id, base.values[&id].clone()))
         .collect();
-    let loss_at = |leaves: &BTreeMap<String, Tensor>,
-                   changed: Option<(NodeId, Tensor)>|
+    // The value of `of` with the leaves and overrides given.
+    let value_at = |of: NodeId,
+                    leaves: &BTreeMap<String, Tensor>,
+                    changed: Option<(NodeId, Tensor)>|
      -> Result<f64, Error> {
         let mut overrides = constants.clone();
         overrides.extend(changed);
         let run =
             interp::evaluate_with(forward, leaves, context, &overrides).map_err(Error::Interp)?;
-        Ok(run.values[&loss].data[0])
+        Ok(run.values[&of].data[0])
     };
     let mut reports = Vec::new();
     let mut stream = Stream::new(options.seed ^ 0xC0FFEE);
-    for id in autodiff::wanted(forward) {
+    // d(of)/d(id) by finite differences against `analytic`.
+    let mut check = |of: NodeId, id: NodeId, analytic: &Tensor, shown: String| {
         let node = forward.node(id);
         let name = node.name.clone().unwrap_or_default();
-        let analytic = joint
-            .with_role(&Role::Gradient(name.clone()))
-            .first()
-            .map(|g| evaluation.values[g].cast(DType::F64))
-            .unwrap_or_else(|| Tensor::zeros(node.dtype(), &base.values[&id].shape));
         let value = base.values[&id].clone();
         let elements = sample(value.len(), options.max_elements, &mut stream);
         let (mut worst_abs, mut scale) = (0.0f64, 0.0f64);
@@ -256,12 +257,12 @@ pub fn gradcheck_against(
             let perturbed = |delta: f64| -> Result<f64, Error> {
                 let mut changed = value.clone();
                 changed.data[i] += delta;
-                if node.retain {
-                    loss_at(&leaves, Some((id, changed)))
-                } else {
+                if node.op.is_leaf() {
                     let mut leaves = leaves.clone();
                     leaves.insert(name.clone(), changed);
-                    loss_at(&leaves, None)
+                    value_at(of, &leaves, None)
+                } else {
+                    value_at(of, &leaves, Some((id, changed)))
                 }
             };
             // The five-point stencil: error O(h^4), so a larger step keeps
@@ -283,13 +284,31 @@ pub fn gradcheck_against(
         } else {
             worst_abs / scale.max(1e-12)
         };
-        reports.push(Report {
-            name,
+        Ok::<Report, Error>(Report {
+            name: shown,
             retained: node.retain,
             checked: elements.len(),
             relative_error,
             absolute_error: worst_abs,
-        });
+        })
+    };
+    for id in autodiff::wanted(forward) {
+        let node = forward.node(id);
+        let name = node.name.clone().unwrap_or_default();
+        let analytic = joint
+            .with_role(&Role::Gradient(name.clone()))
+            .first()
+            .map(|g| evaluation.values[g].cast(DType::F64))
+            .unwrap_or_else(|| Tensor::zeros(node.dtype(), &base.values[&id].shape));
+        reports.push(check(loss, id, &analytic, format!("grad.{name}"))?);
+    }
+    // Each `grad(e, x)` of the model (a first-order gradient that the loss
+    // may differentiate again) against finite differences of `e`.
+    if forward.grad_calls.len() == analytic_graph.grad_calls.len() {
+        for (call, analytic_call) in forward.grad_calls.iter().zip(&analytic_graph.grad_calls) {
+            let value = evaluation.values[&analytic_call.value].cast(DType::F64);
+            reports.push(check(call.of, call.wrt, &value, call.label.clone())?);
+        }
     }
     Ok(reports)
 }

@@ -75,12 +75,12 @@ pub enum Case {
     /// Case 1: a trainable param on a gradient path.
     Updated {
         /// `grad_fn`s from the loss down to the param.
-        chain: Vec<&'static str>,
+        chain: Vec<String>,
     },
     /// Case 2: a frozen param on a gradient path.
     FrozenOnPath {
         /// The chain its gradient would take.
-        chain: Vec<&'static str>,
+        chain: Vec<String>,
     },
     /// A frozen param that no gradient could reach anyway.
     FrozenOffPath {
@@ -154,6 +154,9 @@ pub struct Ledger {
     pub params: Vec<ParamEntry>,
     /// Retained values: (name, line).
     pub retained: Vec<(String, u32)>,
+    /// Every `grad(e, x)`: its label, its type, and whether the loss
+    /// differentiates it again (a second-order backward pass).
+    pub grad_calls: Vec<(String, String, bool)>,
     /// Every buffer.
     pub buffers: Vec<BufferEntry>,
     /// What freezing saves.
@@ -173,6 +176,16 @@ pub fn ledger(graph: &Graph, batch: u64) -> Result<Ledger, AutodiffError> {
                 graph.node(id).name.clone().unwrap_or_default(),
                 graph.node(id).origin.line,
             )
+        })
+        .collect();
+    let reach = autodiff::reach(graph)?;
+    let grad_calls = graph
+        .grad_calls
+        .iter()
+        .map(|call| {
+            let again = reach.gets_gradient(call.value);
+            let ty = graph.node(call.value).ty.to_string();
+            (call.label.clone(), ty, again)
         })
         .collect();
     let mut buffers = Vec::new();
@@ -202,6 +215,7 @@ pub fn ledger(graph: &Graph, batch: u64) -> Result<Ledger, AutodiffError> {
         has_loss: graph.loss().is_some(),
         params,
         retained,
+        grad_calls,
         buffers,
         pruned: pruned(graph, batch)?,
     })
@@ -291,13 +305,18 @@ fn chain(
     graph: &Graph,
     param: NodeId,
     toward_loss: &HashMap<NodeId, NodeId>,
-) -> Option<Vec<&'static str>> {
+) -> Option<Vec<String>> {
     let mut at = *toward_loss.get(&param)?;
     let mut chain = Vec::new();
     loop {
         let op = &graph.node(at).op;
         if *op != Op::Identity {
-            chain.push(rules::grad_fn(op));
+            // A node of a `grad(...)` is itself a gradient: differentiating
+            // it is a backward pass of one order more.
+            chain.push(match &graph.node(at).backward {
+                Some(b) => format!("{} (order {})", rules::grad_fn(op), b.order + 1),
+                None => rules::grad_fn(op).to_string(),
+            });
         }
         match toward_loss.get(&at) {
             Some(&next) => at = next,
@@ -559,6 +578,23 @@ pub fn render(ledger: &Ledger) -> String {
             let _ = writeln!(
                 out,
                 "  {name} (line {line}): d(loss)/d({name}) is reported as grad.{name}"
+            );
+        }
+    }
+    if !ledger.grad_calls.is_empty() {
+        let _ = writeln!(
+            out,
+            "\ngradients in the model (like `torch.autograd.grad(..., create_graph=True)`)"
+        );
+        for (label, ty, again) in &ledger.grad_calls {
+            let use_ = if *again {
+                "the loss differentiates it again: its nodes get a second-order backward pass (order 2 in `--stage backward`)"
+            } else {
+                "the loss does not differentiate it: no second-order pass"
+            };
+            let _ = writeln!(
+                out,
+                "  {label}: {ty}, computed in the forward pass from derivative rules; {use_}"
             );
         }
     }

@@ -76,10 +76,12 @@ impl Reach {
 /// `position`.
 pub fn flows(graph: &Graph, user: NodeId, position: usize) -> bool {
     let node = graph.node(user);
+    // An op without a rule (`Missing`) still passes dependence on: the
+    // sweep must stop with an error there, never treat it as a constant.
     node.origin.no_grad.is_none()
-        && matches!(
+        && !matches!(
             rules::rule(&node.op, position),
-            Rule::Graph | Rule::Vjp | Rule::PassThrough
+            Rule::Stopped | Rule::NotDifferentiable
         )
 }
 
@@ -96,12 +98,21 @@ pub fn wanted(graph: &Graph) -> BTreeSet<NodeId> {
         .collect()
 }
 
-/// Computes [`Reach`] for a forward graph.
+/// Computes [`Reach`] for a forward graph: from its loss to its
+/// [`wanted`] values.
 pub fn reach(graph: &Graph) -> Result<Reach, AutodiffError> {
+    reach_between(graph, graph.loss(), &wanted(graph))
+}
+
+/// Computes [`Reach`] from `root` (if any) to the `wanted` values.
+fn reach_between(
+    graph: &Graph,
+    root: Option<NodeId>,
+    wanted: &BTreeSet<NodeId>,
+) -> Result<Reach, AutodiffError> {
     let order = graph
         .topo_order()
         .ok_or_else(|| AutodiffError::InvalidGraph("it has a cycle".into()))?;
-    let wanted = wanted(graph);
     let mut reach = Reach::default();
     for &id in &order {
         let differentiable_input = graph
@@ -113,8 +124,8 @@ pub fn reach(graph: &Graph) -> Result<Reach, AutodiffError> {
             reach.depends.insert(id);
         }
     }
-    if let Some(loss) = graph.loss() {
-        let mut stack = vec![loss];
+    if let Some(root) = root {
+        let mut stack = vec![root];
         while let Some(id) = stack.pop() {
             if reach.feeds_loss.insert(id) {
                 stack.extend(graph.operands(id));
@@ -131,63 +142,7 @@ pub fn differentiate(forward: &Graph) -> Result<Graph, AutodiffError> {
     let Some(loss) = graph.loss() else {
         return Ok(graph);
     };
-    let reach = reach(&graph)?;
-    let order = graph
-        .topo_order()
-        .ok_or_else(|| AutodiffError::InvalidGraph("it has a cycle".into()))?;
-    let mut grads: HashMap<NodeId, NodeId> = HashMap::new();
-    if reach.gets_gradient(loss) {
-        let seed = backward_node(
-            &graph,
-            loss,
-            Op::Constant(1.0),
-            Type::new(graph.node(loss).dtype(), Shape::scalar()),
-            "GradSeed",
-        );
-        grads.insert(loss, graph.add(seed, &[]));
-    }
-    for &id in order.iter().rev() {
-        let Some(&upstream) = grads.get(&id) else {
-            continue;
-        };
-        let node = graph.node(id).clone();
-        if node.origin.no_grad.is_some() {
-            continue;
-        }
-        let operands = graph.operands(id);
-        for (position, &operand) in operands.iter().enumerate() {
-            if !reach.gets_gradient(operand) {
-                continue;
-            }
-            let contribution = match rules::rule(&node.op, position) {
-                Rule::Graph => graph_rule(&mut graph, id, &node, position, upstream, &operands)?,
-                Rule::Vjp => vjp(&mut graph, id, &node, position, upstream, &operands)?,
-                Rule::PassThrough => upstream,
-                Rule::Stopped | Rule::NotDifferentiable => continue,
-                Rule::Missing => {
-                    return Err(AutodiffError::MissingRule {
-                        op: node.op.name(),
-                        line: node.origin.line,
-                    });
-                }
-            };
-            let total = match grads.get(&operand) {
-                None => contribution,
-                Some(&previous) => {
-                    let ty = graph.node(previous).ty.clone();
-                    let sum = backward_node(
-                        &graph,
-                        operand,
-                        Op::Binary(BinaryFn::Add),
-                        ty,
-                        "AccumulateGrad",
-                    );
-                    graph.add(sum, &[previous, contribution])
-                }
-            };
-            grads.insert(operand, total);
-        }
-    }
+    let grads = gradients(&mut graph, loss, &wanted(forward))?;
     // Mark the gradients the backward graph exists to compute.
     for id in wanted(&graph) {
         let Some(&grad) = grads.get(&id) else {
@@ -204,6 +159,77 @@ pub fn differentiate(forward: &Graph) -> Result<Graph, AutodiffError> {
         graph.node_mut(target).role = Role::Gradient(name);
     }
     Ok(graph)
+}
+
+/// Adds to `graph` the nodes that compute the gradient of the scalar `root`
+/// with respect to each of the `wanted` values (`torch.autograd.grad` with
+/// `create_graph=True`): the nodes are ordinary ops, so a later sweep can
+/// differentiate them again. Returns the gradient node of every wanted
+/// value that a gradient reaches; the others are zero.
+pub fn gradients(
+    graph: &mut Graph,
+    root: NodeId,
+    wanted: &BTreeSet<NodeId>,
+) -> Result<HashMap<NodeId, NodeId>, AutodiffError> {
+    let reach = reach_between(graph, Some(root), wanted)?;
+    let order = graph
+        .topo_order()
+        .ok_or_else(|| AutodiffError::InvalidGraph("it has a cycle".into()))?;
+    let mut grads: HashMap<NodeId, NodeId> = HashMap::new();
+    if reach.gets_gradient(root) {
+        let seed = backward_node(
+            graph,
+            root,
+            Op::Constant(1.0),
+            Type::new(graph.node(root).dtype(), Shape::scalar()),
+            "GradSeed",
+        );
+        grads.insert(root, graph.add(seed, &[]));
+    }
+    for &id in order.iter().rev() {
+        let Some(&upstream) = grads.get(&id) else {
+            continue;
+        };
+        let node = graph.node(id).clone();
+        if node.origin.no_grad.is_some() {
+            continue;
+        }
+        let operands = graph.operands(id);
+        for (position, &operand) in operands.iter().enumerate() {
+            if !reach.gets_gradient(operand) {
+                continue;
+            }
+            let contribution = match rules::rule(&node.op, position) {
+                Rule::Graph => graph_rule(graph, id, &node, position, upstream, &operands)?,
+                Rule::Vjp => vjp(graph, id, &node, position, upstream, &operands)?,
+                Rule::PassThrough => upstream,
+                Rule::Stopped | Rule::NotDifferentiable => continue,
+                Rule::Missing => {
+                    return Err(AutodiffError::MissingRule {
+                        op: node.op.name(),
+                        line: node.origin.line,
+                    });
+                }
+            };
+            let total = match grads.get(&operand) {
+                None => contribution,
+                Some(&previous) => {
+                    let ty = graph.node(previous).ty.clone();
+                    let sum = backward_node(
+                        graph,
+                        operand,
+                        Op::Binary(BinaryFn::Add),
+                        ty,
+                        "AccumulateGrad",
+                    );
+                    graph.add(sum, &[previous, contribution])
+                }
+            };
+            grads.insert(operand, total);
+        }
+    }
+    grads.retain(|id, _| wanted.contains(id));
+    Ok(grads)
 }
 
 /// Emits a graph rule's nodes into the joint graph, each marked as part of
@@ -322,11 +348,18 @@ fn vjp(
     Ok(graph.add(reduce, &[product]))
 }
 
+/// A node of the backward pass of `forward`: one order above `forward`
+/// itself (a gradient of a gradient is of order 2).
 fn backward_node(graph: &Graph, forward: NodeId, op: Op, ty: Type, grad_fn: &'static str) -> Node {
+    let order = graph.node(forward).backward.as_ref().map_or(0, |b| b.order) + 1;
     Node::derived(
         op,
         ty,
         graph.node(forward).origin,
-        Some(Backward { forward, grad_fn }),
+        Some(Backward {
+            forward,
+            grad_fn,
+            order,
+        }),
     )
 }

@@ -223,14 +223,14 @@ pub fn gradcheck(
         },
         options.dim_size
     );
-    let width = reports.iter().map(|r| r.name.len()).max().unwrap_or(0) + 5;
+    let width = reports.iter().map(|r| r.name.len()).max().unwrap_or(0);
     let mut failed = 0;
     for report in &reports {
         let ok = report.relative_error <= tolerance;
         failed += usize::from(!ok);
         out.push_str(&format!(
             "  {:<width$} {:>4} elements  worst relative error {:.2e}  {}\n",
-            format!("grad.{}", report.name),
+            report.name,
             report.checked,
             report.relative_error,
             if ok { "ok" } else { "FAILED" }

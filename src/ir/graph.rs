@@ -133,6 +133,10 @@ pub struct Backward {
     pub forward: NodeId,
     /// PyTorch's `grad_fn` name for that rule, such as `MatMulBackward`.
     pub grad_fn: &'static str,
+    /// 1 for the gradient of a forward value, 2 for the gradient of a
+    /// gradient (a `grad(...)` that the loss differentiates again), and so
+    /// on.
+    pub order: u32,
 }
 
 /// A place in the source with its line and column, resolved once.
@@ -210,6 +214,23 @@ impl Node {
     }
 }
 
+/// One `grad(e, x)` of the source: the node of its value and of the
+/// values it differentiates.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GradCall {
+    /// The gradient's value, shaped like `x`.
+    pub value: NodeId,
+    /// `e`, the scalar differentiated.
+    pub of: NodeId,
+    /// `x`, what it is differentiated with respect to.
+    pub wrt: NodeId,
+    /// The call as written (cut to a readable length), with its line and
+    /// column: `grad(ce, x) @8:14`.
+    pub label: String,
+    /// The call's span.
+    pub span: Span,
+}
+
 /// A computation graph of one model in one mode.
 #[derive(Debug)]
 pub struct Graph {
@@ -218,6 +239,9 @@ pub struct Graph {
     /// Train or eval.
     pub mode: Mode,
     inner: StableGraph<Node, u32>,
+    /// The `grad(e, x)` expressions of the model, for `gradc gradcheck`
+    /// (which checks each against finite differences of `e`).
+    pub grad_calls: Vec<GradCall>,
     /// A number no other graph, and no earlier state of this one, has:
     /// renewed by every change and every clone, so a backend can cache what
     /// it compiled for a graph by it.
@@ -236,6 +260,7 @@ impl Clone for Graph {
             model: self.model.clone(),
             mode: self.mode,
             inner: self.inner.clone(),
+            grad_calls: self.grad_calls.clone(),
             version: fresh_version(),
         }
     }
@@ -253,6 +278,7 @@ impl Graph {
             model: model.into(),
             mode,
             inner: StableGraph::new(),
+            grad_calls: Vec::new(),
             version: fresh_version(),
         }
     }

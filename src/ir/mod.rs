@@ -25,7 +25,8 @@ pub mod types;
 pub mod verify;
 
 pub use graph::{
-    Backward, Graph, IdBuildHasher, IdHasher, IdMap, Loc, Mode, Node, NodeId, Origin, Role,
+    Backward, GradCall, Graph, IdBuildHasher, IdHasher, IdMap, Loc, Mode, Node, NodeId, Origin,
+    Role,
 };
 pub use op::{BinaryFn, Init, Op, ReduceFn, TypeError, UnaryFn};
 pub use types::{DType, Dim, Shape, Type};

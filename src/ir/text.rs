@@ -87,6 +87,9 @@ pub fn to_text(graph: &Graph) -> String {
                 .get(&backward.forward)
                 .map_or("?".to_string(), |n| format!("%{n}"));
             let _ = write!(line, "  {} of {of}", backward.grad_fn);
+            if backward.order > 1 {
+                let _ = write!(line, " (order {})", backward.order);
+            }
         }
         out.push_str(&line);
         out.push('\n');

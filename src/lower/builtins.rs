@@ -50,6 +50,8 @@ pub enum Builtin {
     BceWithLogits,
     /// `stop_gradient(x)`, alias `detach(x)`
     StopGradient,
+    /// `grad(e, x)`: the gradient of the scalar `e` with respect to `x`
+    Grad,
 }
 
 /// What a parameter accepts.
@@ -133,6 +135,7 @@ pub const NAMES: &[&str] = &[
     "bce_with_logits",
     "stop_gradient",
     "detach",
+    "grad",
 ];
 
 impl Builtin {
@@ -166,6 +169,7 @@ impl Builtin {
             "mse" => Builtin::Mse,
             "bce_with_logits" => Builtin::BceWithLogits,
             "stop_gradient" | "detach" => Builtin::StopGradient,
+            "grad" => Builtin::Grad,
             _ => return None,
         })
     }
@@ -216,6 +220,7 @@ impl Builtin {
             Builtin::CrossEntropy => &const { [req("logits", Tensor), req("labels", Tensor)] },
             Builtin::Mse => &const { [req("pred", Tensor), req("target", Tensor)] },
             Builtin::BceWithLogits => &const { [req("logits", Tensor), req("target", Tensor)] },
+            Builtin::Grad => &const { [req("e", Tensor), req("x", Tensor)] },
         }
     }
 }

@@ -4,7 +4,7 @@
 use super::builtins::{self, Builtin, Kind};
 use super::{Binding, BindingKind, Frame, Lowering, MAX_CALL_DEPTH, MAX_NODES, MAX_WORK, Value};
 use crate::diagnostic::{Code, Diagnostic, Span, closest};
-use crate::ir::{BinaryFn, Dim, Init, Mode, Op, Role, Shape, Type, TypeError, UnaryFn};
+use crate::ir::{BinaryFn, Dim, Init, Mode, NodeId, Op, Role, Shape, Type, TypeError, UnaryFn};
 use crate::syntax::ast::{Arg, BinaryOp, ExprId, ExprKind, Function, Ident, UnaryOp};
 
 /// An operand ready for an op: its node, its source span and what the
@@ -405,6 +405,11 @@ impl Lowering<'_, '_> {
                 }
                 self.apply(Op::Unary(f), name, vec![x], span)
             }
+            Builtin::Grad => {
+                let e = slots[0].expect("bind fills required slots");
+                let x = slots[1].expect("bind fills required slots");
+                self.grad(e, x, span)
+            }
             Builtin::StopGradient => {
                 let x = tensor(self, 0);
                 self.apply(Op::StopGradient, name, vec![x], span)
@@ -671,6 +676,152 @@ impl Lowering<'_, '_> {
                 self.apply(op, name, operands, span)
             }
         }
+    }
+
+    /// `grad(e, x)`: adds the nodes that compute d(e)/d(x) to the graph.
+    /// Every derivative rule emits forward ops, so the loss (or another
+    /// `grad`) can differentiate them again.
+    fn grad(&mut self, e_expr: ExprId, x_expr: ExprId, span: Span) -> Value {
+        let e = self.expr(e_expr);
+        let e_span = self.ast().expr(e_expr).span;
+        let x_span = self.ast().expr(x_expr).span;
+        let ExprKind::Name(x_name) = &self.ast().expr(x_expr).kind else {
+            self.expr(x_expr);
+            self.report(
+                Diagnostic::error(
+                    Code::GradTarget,
+                    x_span,
+                    "`grad` differentiates with respect to a named value",
+                )
+                .with_label("an expression, not a name")
+                .with_help("bind it first (`let h = ...`) and write `grad(e, h)`; `h` may be an input, a param or a `let` value"),
+            );
+            return Value::Poison;
+        };
+        let x = match self.lookup(x_name, x_span) {
+            Value::Node(x) => x,
+            Value::Poison => return Value::Poison,
+            Value::Scalar(_) => {
+                self.report(
+                    Diagnostic::error(
+                        Code::GradTarget,
+                        x_span,
+                        format!("`{x_name}` is a number, not a tensor value"),
+                    )
+                    .with_label("a constant has no gradient")
+                    .with_help("differentiate with respect to an input, a param or a `let` value computed from them"),
+                );
+                return Value::Poison;
+            }
+        };
+        let x_type = self.graph.node(x).ty.clone();
+        if !x_type.dtype.is_float() {
+            self.report(
+                Diagnostic::error(
+                    Code::GradTarget,
+                    x_span,
+                    format!("`{x_name}` is `{x_type}`: only float values have gradients"),
+                )
+                .with_label("integer values (labels, indices) are not differentiable")
+                .with_help("differentiate with respect to a float value, such as the embedding table or the logits"),
+            );
+            return Value::Poison;
+        }
+        let e = match e {
+            Value::Node(e) => e,
+            Value::Poison => return Value::Poison,
+            // A constant: its gradient is zero.
+            Value::Scalar(_) => return self.zero_gradient(x, x_name, e_span, span),
+        };
+        let e_type = self.graph.node(e).ty.clone();
+        if !e_type.dtype.is_float() || !e_type.shape.is_scalar() {
+            self.report(
+                Diagnostic::error(
+                    Code::GradTarget,
+                    e_span,
+                    format!("`grad` needs a float scalar to differentiate, not `{e_type}`"),
+                )
+                .with_label("not a scalar")
+                .with_help("reduce it first, as a loss is: `sum(...)` or `mean(...)`"),
+            );
+            return Value::Poison;
+        }
+        let before: std::collections::BTreeSet<NodeId> = self.graph.ids().into_iter().collect();
+        let wanted = std::collections::BTreeSet::from([x]);
+        let gradient = match crate::autodiff::gradients(&mut self.graph, e, &wanted) {
+            Ok(map) => map.get(&x).copied(),
+            Err(error) => {
+                self.report(
+                    Diagnostic::error(Code::NoHigherDerivative, span, format!("cannot build this gradient: {error}"))
+                        .with_label("this gradient")
+                        .with_help("the ops between `e` and `x` must all have derivative rules that build graphs; see docs/autodiff.md"),
+                );
+                return Value::Poison;
+            }
+        };
+        // The gradient is computed where `grad` stands: inside a `no_grad`
+        // block it is a constant to the backward pass too.
+        let no_grad = self.origin(span).no_grad;
+        for id in self.graph.ids() {
+            if !before.contains(&id) {
+                self.graph.node_mut(id).origin.no_grad = no_grad;
+            }
+        }
+        if self.graph.len() > MAX_NODES && !self.too_many_nodes {
+            self.too_many_nodes = true;
+            self.report(
+                Diagnostic::error(
+                    Code::TooManyNodes,
+                    span,
+                    format!("gradients expand the model past the limit of {MAX_NODES} nodes"),
+                )
+                .with_label("this gradient"),
+            );
+            return Value::Poison;
+        }
+        let value = match gradient {
+            Some(gradient) => gradient,
+            None => match self.zero_gradient(x, x_name, e_span, span) {
+                Value::Node(zeros) => zeros,
+                other => return other,
+            },
+        };
+        let origin = self.origin(span);
+        let text = &self.cx.source[span.start as usize..span.end as usize];
+        let label = format!(
+            "{} @{}:{}",
+            crate::diagnostic::shorten(text, 60),
+            origin.line,
+            origin.col
+        );
+        self.graph.grad_calls.push(crate::ir::GradCall {
+            value,
+            of: e,
+            wrt: x,
+            label,
+            span,
+        });
+        Value::Node(value)
+    }
+
+    /// The zeros a `grad(e, x)` is when `e` does not depend on `x` (as
+    /// `jax.grad` returns them), with warning W0003.
+    fn zero_gradient(&mut self, x: NodeId, x_name: &str, e_span: Span, span: Span) -> Value {
+        self.report(
+            Diagnostic::warning(
+                Code::ZeroGradient,
+                e_span,
+                format!("this does not depend on `{x_name}`: its gradient is zero everywhere"),
+            )
+            .with_label(format!("no differentiable path from `{x_name}` to this value"))
+            .with_help("`stop_gradient`, `no_grad` and integer values carry no gradient; check that this is the value you meant"),
+        );
+        let ty = self.graph.node(x).ty.clone();
+        let zero = self.constant(0.0, ty.dtype, span);
+        if ty.shape.is_scalar() {
+            return Value::Node(zero);
+        }
+        Value::Node(self.add_node(Op::Expand, ty, &[zero], span))
     }
 
     fn shape_of(&self, value: Value) -> Option<Shape> {

@@ -100,8 +100,9 @@ def bce_with_logits(x, t):
 CASES = []
 
 
-def case(name, model, inputs, params, loss):
-    CASES.append((name, model, inputs, params, loss))
+def case(name, model, inputs, params, loss, outputs=None):
+    """`outputs` maps a model output's name to the JAX function of it."""
+    CASES.append((name, model, inputs, params, loss, outputs or {}))
 
 
 UNARY = {
@@ -216,6 +217,149 @@ case(
 )
 
 
+# Second order: `grad(e, x)` in the loss, against `jax.grad` of a function
+# that calls `jax.grad` (float64). One case per differentiable op family:
+# the loss is d(sum(f(p) * c))/dp contracted with d, whose gradient with
+# respect to p is the Hessian-vector product of f.
+for name, (expr, f) in UNARY.items():
+    case(
+        "second_order_" + name,
+        f"model m {{ input c: f64[3, 4] input d: f64[3, 4] param p: f64[3, 4] = zeros "
+        f"let e = sum({expr} * c) loss sum(grad(e, p) * d) }}",
+        {"c": ((3, 4), "f"), "d": ((3, 4), "f")},
+        {"p": (3, 4)},
+        lambda P, I, f=f: jnp.sum(jax.grad(lambda p: jnp.sum(f(p) * I["c"]))(P["p"]) * I["d"]),
+    )
+for name, (expr, f) in BINARY.items():
+    case(
+        "second_order_" + name,
+        f"model m {{ input c: f64[3, 4] input d: f64[3, 1] input k: f64[4] param a: f64[3, 1] = zeros param b: f64[4] = zeros "
+        f"let e = sum(({expr}) * c) loss sum(grad(e, a) * d) + sum(grad(e, b) * k) }}",
+        {"c": ((3, 4), "f"), "d": ((3, 1), "f"), "k": ((4,), "f")},
+        {"a": (3, 1), "b": (4,)},
+        lambda P, I, f=f: jnp.sum(jax.grad(lambda a: jnp.sum(f(a, P["b"]) * I["c"]))(P["a"]) * I["d"])
+        + jnp.sum(jax.grad(lambda b: jnp.sum(f(P["a"], b) * I["c"]))(P["b"]) * I["k"]),
+    )
+for func, jf in [("sum", jnp.sum), ("mean", jnp.mean), ("max", jnp.max), ("logsumexp", logsumexp)]:
+    case(
+        "second_order_" + func,
+        f"model m {{ input d: f64[3, 4, 5] param x: f64[3, 4, 5] = zeros "
+        f"let e = sum(sin({func}(x, axis = [0, -1], keepdims = true) * 2)) loss sum(grad(e, x) * d) }}",
+        {"d": ((3, 4, 5), "f")},
+        {"x": (3, 4, 5)},
+        lambda P, I, jf=jf: jnp.sum(
+            jax.grad(lambda x: jnp.sum(jnp.sin(jf(x, axis=(0, 2), keepdims=True) * 2)))(P["x"]) * I["d"]
+        ),
+    )
+case(
+    "second_order_matmul_transpose",
+    "model m { input c: f64[3, 4] input d: f64[3, 4] param x: f64[3, 4] = zeros param w: f64[4, 4] = zeros "
+    "let e = sum(sin((x @ transpose(w)) @ w) * c) loss sum(grad(e, x) * d) + sum(grad(e, w) * grad(e, w)) }",
+    {"c": ((3, 4), "f"), "d": ((3, 4), "f")},
+    {"x": (3, 4), "w": (4, 4)},
+    lambda P, I: (
+        lambda e: jnp.sum(jax.grad(e, 0)(P["x"], P["w"]) * I["d"]) + jnp.sum(jax.grad(e, 1)(P["x"], P["w"]) ** 2)
+    )(lambda x, w: jnp.sum(jnp.sin((x @ w.T) @ w) * I["c"])),
+)
+case(
+    "second_order_softmax_log_softmax",
+    "model m { input c: f64[3, 4] input d: f64[3, 4] param x: f64[3, 4] = zeros "
+    "let e = sum(softmax(x, axis = 0) * c) + sum(log_softmax(x) * c) loss sum(grad(e, x) * d) }",
+    {"c": ((3, 4), "f"), "d": ((3, 4), "f")},
+    {"x": (3, 4)},
+    lambda P, I: jnp.sum(
+        jax.grad(lambda x: jnp.sum(jax.nn.softmax(x, axis=0) * I["c"]) + jnp.sum(jax.nn.log_softmax(x, axis=-1) * I["c"]))(P["x"]) * I["d"]
+    ),
+)
+case(
+    "second_order_reshape_concat",
+    "model m { input c: f64[4, 5] input d: f64[2, 2, 2] param a: f64[2, 2, 2] = zeros param b: f64[4, 3] = zeros "
+    "let e = sum(sin(concat([reshape(a, [4, -1]), b], axis = 1)) * c) loss sum(grad(e, a) * d) }",
+    {"c": ((4, 5), "f"), "d": ((2, 2, 2), "f")},
+    {"a": (2, 2, 2), "b": (4, 3)},
+    lambda P, I: jnp.sum(
+        jax.grad(lambda a: jnp.sum(jnp.sin(jnp.concatenate([a.reshape(4, 2), P["b"]], axis=1)) * I["c"]))(P["a"]) * I["d"]
+    ),
+)
+case(
+    "second_order_layer_norm",
+    "model m { input c: f64[4, 6] input d: f64[4, 6] param x: f64[4, 6] = zeros param g: f64[6] = ones param b: f64[6] = zeros "
+    "let e = sum(layer_norm(x, g, b) * c) loss sum(grad(e, x) * d) + sum(grad(e, g) * grad(e, g)) }",
+    {"c": ((4, 6), "f"), "d": ((4, 6), "f")},
+    {"x": (4, 6), "g": (6,), "b": (6,)},
+    lambda P, I: (
+        lambda e: jnp.sum(jax.grad(e, 0)(P["x"], P["g"]) * I["d"]) + jnp.sum(jax.grad(e, 1)(P["x"], P["g"]) ** 2)
+    )(lambda x, g: jnp.sum(layer_norm(x, g, P["b"]) * I["c"])),
+)
+case(
+    "second_order_batch_norm_train",
+    "model m { input c: f64[5, 3, 2] input d: f64[5, 3, 2] param x: f64[5, 3, 2] = zeros param g: f64[3] = ones param b: f64[3] = zeros "
+    "buffer mu: f64[3] = zeros buffer var: f64[3] = ones let e = sum(batch_norm(x, g, b, mu, var) * c) loss sum(grad(e, x) * d) }",
+    {"c": ((5, 3, 2), "f"), "d": ((5, 3, 2), "f"), "mu": ((3,), "f"), "var": ((3,), "pos")},
+    {"x": (5, 3, 2), "g": (3,), "b": (3,)},
+    lambda P, I: jnp.sum(jax.grad(lambda x: jnp.sum(batch_norm_train(x, P["g"], P["b"]) * I["c"]))(P["x"]) * I["d"]),
+)
+case(
+    "second_order_embedding",
+    "model m { input ids: i32[4, 3] input c: f64[4, 3, 2] input d: f64[5, 2] param t: f64[5, 2] = zeros "
+    "let e = sum(sin(embedding(ids, t)) * c) loss sum(grad(e, t) * d) }",
+    {"ids": ((4, 3), ("int", 5)), "c": ((4, 3, 2), "f"), "d": ((5, 2), "f")},
+    {"t": (5, 2)},
+    lambda P, I: jnp.sum(jax.grad(lambda t: jnp.sum(jnp.sin(t[I["ids"]]) * I["c"]))(P["t"]) * I["d"]),
+)
+case(
+    "second_order_losses",
+    "model m { input y: i32[4] input d: f64[4, 3] param l: f64[4, 3] = zeros param t: f64[4, 3] = zeros "
+    "let e = cross_entropy(l * 3, y) + mse(l, t) + bce_with_logits(l * 3, t) loss sum(grad(e, l) * d) + sum(grad(e, t) * d) }",
+    {"y": ((4,), ("int", 3)), "d": ((4, 3), "f")},
+    {"l": (4, 3), "t": (4, 3)},
+    lambda P, I: (
+        lambda e: jnp.sum(jax.grad(e, 0)(P["l"], P["t"]) * I["d"]) + jnp.sum(jax.grad(e, 1)(P["l"], P["t"]) * I["d"])
+    )(lambda l, t: cross_entropy(l * 3, I["y"]) + jnp.mean((l - t) ** 2) + bce_with_logits(l * 3, t)),
+)
+
+
+def mlp_ce(x, y, w1, b1, w2, act):
+    return cross_entropy(act(x @ w1 + b1) @ w2, y)
+
+
+# A gradient penalty on an MLP (the draft's `penalized` model), with its
+# saliency output: the penalty's gradient is second order.
+case(
+    "gradient_penalty_mlp",
+    "model m { input x: f64[6, 8] input y: i32[6] param w1: f64[8, 5] = zeros param b1: f64[5] = zeros param w2: f64[5, 4] = zeros "
+    "let ce = cross_entropy(gelu(x @ w1 + b1) @ w2, y) let gx = grad(ce, x) output saliency = gx "
+    "loss ce + 0.1 * mean(sum(gx * gx, axis = 1)) }",
+    {"x": ((6, 8), "f"), "y": ((6,), ("int", 4))},
+    {"w1": (8, 5), "b1": (5,), "w2": (5, 4)},
+    lambda P, I: (
+        lambda ce: ce(I["x"]) + 0.1 * jnp.mean(jnp.sum(jax.grad(ce)(I["x"]) ** 2, axis=1))
+    )(lambda x: mlp_ce(x, I["y"], P["w1"], P["b1"], P["w2"], gelu)),
+    {"saliency": lambda P, I: jax.grad(lambda x: mlp_ce(x, I["y"], P["w1"], P["b1"], P["w2"], gelu))(I["x"])},
+)
+# A Hessian-vector product through softmax cross-entropy: the loss is
+# <grad(ce, w), v>, so its gradient with respect to w is H v.
+case(
+    "hessian_vector_product_cross_entropy",
+    "model m { input x: f64[6, 8] input y: i32[6] input v: f64[8, 4] param w: f64[8, 4] = zeros "
+    "let ce = cross_entropy(x @ w, y) loss sum(grad(ce, w) * v) }",
+    {"x": ((6, 8), "f"), "y": ((6,), ("int", 4)), "v": ((8, 4), "f")},
+    {"w": (8, 4)},
+    lambda P, I: jnp.sum(jax.grad(lambda w: cross_entropy(I["x"] @ w, I["y"]))(P["w"]) * I["v"]),
+)
+# A third derivative: the gradient of a Hessian-vector product's norm.
+case(
+    "third_order_tanh",
+    "model m { input c: f64[3, 4] input v: f64[3, 4] param p: f64[3, 4] = zeros "
+    "let e = sum(tanh(p) * c) let hv = grad(sum(grad(e, p) * v), p) loss sum(hv * hv) }",
+    {"c": ((3, 4), "f"), "v": ((3, 4), "f")},
+    {"p": (3, 4)},
+    lambda P, I: jnp.sum(
+        jax.grad(lambda p: jnp.sum(jax.grad(lambda q: jnp.sum(jnp.tanh(q) * I["c"]))(p) * I["v"]))(P["p"]) ** 2
+    ),
+)
+
+
 def draw(rng, shape, kind):
     if kind == "f":
         return rng.uniform(-1, 1, shape)
@@ -228,7 +372,7 @@ def main():
     rng = np.random.default_rng(0)
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for name, model, inputs, params, loss in CASES:
+        for name, model, inputs, params, loss, outputs in CASES:
             I = {k: draw(rng, s, kind) for k, (s, kind) in inputs.items()}
             P = {k: rng.uniform(-1, 1, s) for k, s in params.items()}
             model_path = os.path.join(tmp, "m.grad")
@@ -249,6 +393,10 @@ def main():
             worst = abs(float(out["loss"]) - float(expected_loss)) / max(abs(float(expected_loss)), 1e-12)
             for k in P:
                 got, want = out["grad." + k], np.asarray(expected[k])
+                scale = max(np.max(np.abs(want)), np.max(np.abs(got)), 1e-12)
+                worst = max(worst, float(np.max(np.abs(got - want))) / scale)
+            for k, f in outputs.items():
+                got, want = out[k], np.asarray(f({k: jnp.asarray(v) for k, v in P.items()}, {k: jnp.asarray(v) for k, v in I.items()}))
                 scale = max(np.max(np.abs(want)), np.max(np.abs(got)), 1e-12)
                 worst = max(worst, float(np.max(np.abs(got - want))) / scale)
             status = "ok" if worst < TOLERANCE else "FAILED"
