@@ -37,9 +37,16 @@ pub enum Rule {
 pub fn rule(op: &Op, operand: usize) -> Rule {
     match op {
         Op::Input | Op::Param(_) | Op::Buffer(_) | Op::Constant(_) => Rule::Missing,
-        Op::Unary(f) if graph_rule_unary(*f) => Rule::Graph,
-        Op::Binary(f) if graph_rule_binary(*f) => Rule::Graph,
-        Op::Transpose
+        // Masks: flat almost everywhere, no derivative.
+        Op::Binary(f) if f.is_comparison() => Rule::NotDifferentiable,
+        Op::Select if operand == 0 => Rule::NotDifferentiable,
+        Op::Unary(_)
+        | Op::LeakyRelu { .. }
+        | Op::Clamp { .. }
+        | Op::Binary(_)
+        | Op::Select
+        | Op::Reduce { .. }
+        | Op::Transpose
         | Op::Reshape
         | Op::MatMul
         | Op::SumTo
@@ -55,14 +62,7 @@ pub fn rule(op: &Op, operand: usize) -> Rule {
             transpose_b,
         } if transpose_a != transpose_b => Rule::Graph,
         Op::MatMulT { .. } => Rule::Missing,
-        Op::Reduce { func, .. } if *func != ReduceFn::Max => Rule::Graph,
-        Op::Unary(_)
-        | Op::LeakyRelu { .. }
-        | Op::Clamp { .. }
-        | Op::Binary(_)
-        | Op::Reduce { .. }
-        | Op::Concat { .. }
-        | Op::LayerNorm { .. } => Rule::Vjp,
+        Op::Concat { .. } | Op::LayerNorm { .. } => Rule::Vjp,
         // Running mean and variance (operands 3 and 4) are state, not inputs
         // of the function being differentiated.
         Op::BatchNorm { .. } if operand < 3 => Rule::Vjp,
@@ -81,33 +81,6 @@ pub fn rule(op: &Op, operand: usize) -> Rule {
         Op::State | Op::RunningStat { .. } | Op::ZeroFraction | Op::DeadFraction => {
             Rule::NotDifferentiable
         }
-    }
-}
-
-/// Whether a unary function's gradient is a graph of forward ops.
-fn graph_rule_unary(f: UnaryFn) -> bool {
-    match f {
-        UnaryFn::Neg
-        | UnaryFn::Exp
-        | UnaryFn::Log
-        | UnaryFn::Sqrt
-        | UnaryFn::Tanh
-        | UnaryFn::Sigmoid
-        | UnaryFn::Sin
-        | UnaryFn::Cos => true,
-        // These need a select (abs, relu), erf (gelu) or PyTorch's
-        // threshold (softplus): still `Vjp` kernels.
-        UnaryFn::Abs | UnaryFn::Relu | UnaryFn::Gelu | UnaryFn::Softplus => false,
-    }
-}
-
-/// Whether a binary function's gradients are graphs of forward ops.
-fn graph_rule_binary(f: BinaryFn) -> bool {
-    match f {
-        BinaryFn::Add | BinaryFn::Sub | BinaryFn::Mul | BinaryFn::Div => true,
-        // PyTorch's zeros where `b == 0` (pow) and its shared ties
-        // (maximum, minimum) need a select: still `Vjp` kernels.
-        BinaryFn::Pow | BinaryFn::Maximum | BinaryFn::Minimum => false,
     }
 }
 
@@ -139,8 +112,10 @@ pub fn gradient(
     inputs: &[NodeId],
     y: NodeId,
 ) -> Option<NodeId> {
-    use BinaryFn::{Add, Div, Mul, Sub};
+    use BinaryFn::{Add, Div, Equal, Greater, GreaterEqual, Less, LessEqual, Mul, Sub};
     let x = inputs.first().copied()?;
+    let compare = |emit: &mut dyn Emit, f: BinaryFn, a, b| emit.op(Op::Binary(f), &[a, b], None);
+    let select = |emit: &mut dyn Emit, mask, a, b| emit.op(Op::Select, &[mask, a, b], None);
     let mul = |emit: &mut dyn Emit, a, b| emit.op(Op::Binary(Mul), &[a, b], None);
     let sub = |emit: &mut dyn Emit, a, b| emit.op(Op::Binary(Sub), &[a, b], None);
     let div = |emit: &mut dyn Emit, a, b| emit.op(Op::Binary(Div), &[a, b], None);
@@ -214,8 +189,85 @@ pub fn gradient(
                 let sin = unary(emit, UnaryFn::Sin, x);
                 mul(emit, negated, sin)
             }
-            UnaryFn::Abs | UnaryFn::Relu | UnaryFn::Gelu | UnaryFn::Softplus => return None,
+            // g sign(x): (x > 0) - (x < 0)
+            UnaryFn::Abs => {
+                let zero = emit.constant(0.0);
+                let positive = compare(emit, Greater, x, zero);
+                let negative = compare(emit, Less, x, zero);
+                let sign = sub(emit, positive, negative);
+                mul(emit, g, sign)
+            }
+            // g where y > 0, else 0 (PyTorch's threshold_backward reads the
+            // output too)
+            UnaryFn::Relu => {
+                let zero = emit.constant(0.0);
+                let positive = compare(emit, Greater, y, zero);
+                select(emit, positive, g, zero)
+            }
+            // g (Phi(x) + x phi(x)), Phi(x) = (1 + erf(x / sqrt 2)) / 2
+            UnaryFn::Gelu => {
+                let root_two = emit.constant(std::f64::consts::SQRT_2);
+                let scaled = div(emit, x, root_two);
+                let erf = unary(emit, UnaryFn::Erf, scaled);
+                let one = emit.constant(1.0);
+                let shifted = emit.op(Op::Binary(Add), &[one, erf], None);
+                let half = emit.constant(0.5);
+                let cdf = mul(emit, half, shifted);
+                let minus_half = emit.constant(-0.5);
+                let scaled_x = mul(emit, minus_half, x);
+                let exponent = mul(emit, scaled_x, x);
+                let bell = unary(emit, UnaryFn::Exp, exponent);
+                // 1 / sqrt(2 pi)
+                let norm = emit.constant(0.398_942_280_401_432_7);
+                let pdf = mul(emit, norm, bell);
+                let tail = mul(emit, x, pdf);
+                let slope = emit.op(Op::Binary(Add), &[cdf, tail], None);
+                mul(emit, g, slope)
+            }
+            // g sigmoid(x), or g above PyTorch's threshold 20
+            UnaryFn::Softplus => {
+                let threshold = emit.constant(20.0);
+                let above = compare(emit, Greater, x, threshold);
+                let p = unary(emit, UnaryFn::Sigmoid, x);
+                let scaled = mul(emit, g, p);
+                select(emit, above, g, scaled)
+            }
+            // g 2 / sqrt(pi) exp(-x x)
+            UnaryFn::Erf => {
+                let square = mul(emit, x, x);
+                let negated = unary(emit, UnaryFn::Neg, square);
+                let bell = unary(emit, UnaryFn::Exp, negated);
+                let norm = emit.constant(std::f64::consts::FRAC_2_SQRT_PI);
+                let slope = mul(emit, norm, bell);
+                mul(emit, g, slope)
+            }
         },
+        // g where x > 0, else g slope
+        Op::LeakyRelu { slope } => {
+            let zero = emit.constant(0.0);
+            let positive = compare(emit, Greater, x, zero);
+            let slope = emit.constant(*slope);
+            let scaled = mul(emit, g, slope);
+            select(emit, positive, g, scaled)
+        }
+        // g where lo <= x <= hi (bounds included, as PyTorch), else 0
+        Op::Clamp { lo, hi } => {
+            let lo = emit.constant(*lo);
+            let hi = emit.constant(*hi);
+            let above = compare(emit, GreaterEqual, x, lo);
+            let below = compare(emit, LessEqual, x, hi);
+            let inside = mul(emit, above, below);
+            let zero = emit.constant(0.0);
+            select(emit, inside, g, zero)
+        }
+        // g to `a` where the mask holds, to `b` where it does not
+        Op::Select => {
+            let zero = emit.constant(0.0);
+            match position {
+                1 => select(emit, x, g, zero),
+                _ => select(emit, x, zero, g),
+            }
+        }
         Op::Binary(f) => {
             let b = *inputs.get(1)?;
             match (f, position) {
@@ -232,6 +284,43 @@ pub fn gradient(
                     let scaled = mul(emit, negated, x);
                     let square = mul(emit, b, b);
                     div(emit, scaled, square)
+                }
+                // g b a^(b - 1), 0 where b = 0 (PyTorch)
+                (BinaryFn::Pow, 0) => {
+                    let one = emit.constant(1.0);
+                    let lowered = sub(emit, b, one);
+                    let power = emit.op(Op::Binary(BinaryFn::Pow), &[x, lowered], None);
+                    let scaled = mul(emit, g, b);
+                    let product = mul(emit, scaled, power);
+                    let zero = emit.constant(0.0);
+                    let constant = compare(emit, Equal, b, zero);
+                    select(emit, constant, zero, product)
+                }
+                // g y ln a, 0 where a = 0 and b >= 0 (PyTorch)
+                (BinaryFn::Pow, _) => {
+                    let log = unary(emit, UnaryFn::Log, x);
+                    let scaled = mul(emit, g, y);
+                    let product = mul(emit, scaled, log);
+                    let zero = emit.constant(0.0);
+                    let base_zero = compare(emit, Equal, x, zero);
+                    let nonnegative = compare(emit, GreaterEqual, b, zero);
+                    let masked = mul(emit, base_zero, nonnegative);
+                    select(emit, masked, zero, product)
+                }
+                // Ties share the gradient evenly, as in PyTorch: g where
+                // this operand wins, g / 2 where they tie.
+                (BinaryFn::Maximum | BinaryFn::Minimum, _) => {
+                    let (mine, other) = match (f, position) {
+                        (BinaryFn::Maximum, 0) | (BinaryFn::Minimum, 1) => (x, b),
+                        _ => (b, x),
+                    };
+                    let wins = compare(emit, Greater, mine, other);
+                    let ties = compare(emit, Equal, mine, other);
+                    let two = emit.constant(2.0);
+                    let half = div(emit, g, two);
+                    let zero = emit.constant(0.0);
+                    let shared = select(emit, ties, half, zero);
+                    select(emit, wins, g, shared)
                 }
                 _ => return None,
             }
@@ -314,7 +403,21 @@ pub fn gradient(
                     let weights = unary(emit, UnaryFn::Exp, shifted);
                     mul(emit, g_kept, weights)
                 }
-                ReduceFn::Max => return None,
+                // g shared evenly among the elements equal to the
+                // maximum (like `torch.amax`)
+                ReduceFn::Max => {
+                    let y_kept = kept(emit, y, axes, *keepdims);
+                    let hits = compare(emit, Equal, x, y_kept);
+                    let op = Op::Reduce {
+                        func: ReduceFn::Sum,
+                        axes: axes.clone(),
+                        keepdims: true,
+                    };
+                    let ties = emit.op(op, &[hits], None);
+                    let share = div(emit, g_kept, ties);
+                    let zero = emit.constant(0.0);
+                    select(emit, hits, share, zero)
+                }
             }
         }
         // y (g - sum(g y))
@@ -398,6 +501,7 @@ pub fn grad_fn(op: &Op) -> &'static str {
             UnaryFn::Softplus => "SoftplusBackward",
             UnaryFn::Sin => "SinBackward",
             UnaryFn::Cos => "CosBackward",
+            UnaryFn::Erf => "ErfBackward",
         },
         Op::LeakyRelu { .. } => "LeakyReluBackward",
         Op::Clamp { .. } => "ClampBackward",
@@ -409,7 +513,13 @@ pub fn grad_fn(op: &Op) -> &'static str {
             BinaryFn::Pow => "PowBackward",
             BinaryFn::Maximum => "MaximumBackward",
             BinaryFn::Minimum => "MinimumBackward",
+            BinaryFn::Greater
+            | BinaryFn::GreaterEqual
+            | BinaryFn::Less
+            | BinaryFn::LessEqual
+            | BinaryFn::Equal => "NoBackward",
         },
+        Op::Select => "WhereBackward",
         Op::MatMul => "MatMulBackward",
         Op::Transpose => "TransposeBackward",
         Op::Reduce { func, .. } => match func {

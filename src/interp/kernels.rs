@@ -31,6 +31,7 @@ pub fn unary(f: UnaryFn, x: f64) -> f64 {
             }
         }
         UnaryFn::Gelu => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+        UnaryFn::Erf => libm::erf(x),
         UnaryFn::Softplus => softplus(x),
         UnaryFn::Sin => x.sin(),
         UnaryFn::Cos => x.cos(),
@@ -51,13 +52,6 @@ pub fn sigmoid(x: f64) -> f64 {
 /// the threshold.
 pub fn softplus(x: f64) -> f64 {
     if x > 20.0 { x } else { x.exp().ln_1p() }
-}
-
-/// GELU's derivative, `Phi(x) + x phi(x)`.
-pub fn gelu_derivative(x: f64) -> f64 {
-    let cdf = 0.5 * (1.0 + libm::erf(x / std::f64::consts::SQRT_2));
-    let pdf = INV_SQRT_2PI * (-0.5 * x * x).exp();
-    cdf + x * pdf
 }
 
 /// A binary function's value.
@@ -82,7 +76,35 @@ pub fn binary(f: BinaryFn, a: f64, b: f64) -> f64 {
                 a.min(b)
             }
         }
+        BinaryFn::Greater => mask(a > b),
+        BinaryFn::GreaterEqual => mask(a >= b),
+        BinaryFn::Less => mask(a < b),
+        BinaryFn::LessEqual => mask(a <= b),
+        BinaryFn::Equal => mask(a == b),
     }
+}
+
+/// A comparison's value: 1 or 0.
+fn mask(holds: bool) -> f64 {
+    if holds { 1.0 } else { 0.0 }
+}
+
+/// `select(mask, a, b)` with the three broadcast to `shape`.
+pub fn select(mask: &Tensor, a: &Tensor, b: &Tensor, shape: &[usize]) -> Vec<f64> {
+    let (mm, ma, mb) = (
+        broadcast_map(&mask.shape, shape),
+        broadcast_map(&a.shape, shape),
+        broadcast_map(&b.shape, shape),
+    );
+    (0..mm.len())
+        .map(|i| {
+            if mask.data[mm[i]] != 0.0 {
+                a.data[ma[i]]
+            } else {
+                b.data[mb[i]]
+            }
+        })
+        .collect()
 }
 
 /// Applies an elementwise binary function with broadcasting.

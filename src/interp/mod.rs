@@ -389,10 +389,11 @@ fn run(
         Op::BceWithLogits => vec![kernels::bce_with_logits(inputs[0], inputs[1])],
         Op::Vjp { forward, operand } => {
             let n = inputs.len();
-            let (g, forward_inputs, output) = (inputs[0], &inputs[1..n - 1], inputs[n - 1]);
-            vjp::vjp(forward, *operand, g, forward_inputs, output, shape)?
+            let (g, forward_inputs) = (inputs[0], &inputs[1..n - 1]);
+            vjp::vjp(forward, *operand, g, forward_inputs)?
         }
         Op::SumTo => tensor::sum_to(&x().data, &x().shape, shape),
+        Op::Select => kernels::select(inputs[0], inputs[1], inputs[2], shape),
         Op::Expand => tensor::broadcast_map(&x().shape, shape)
             .iter()
             .map(|&i| x().data[i])

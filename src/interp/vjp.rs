@@ -8,9 +8,9 @@
 //! graph's `sum_to` node then sums it back over the broadcast axes.
 
 use super::InterpError;
-use super::kernels::{self, channels, group_moments, rows, sigmoid};
-use super::tensor::{Tensor, broadcast_map, reduce_map};
-use crate::ir::{BinaryFn, Op, ReduceFn, UnaryFn};
+use super::kernels::{channels, group_moments, rows};
+use super::tensor::Tensor;
+use crate::ir::Op;
 
 /// The gradient of operand `operand` of `op`, given the upstream gradient
 /// `g`, the forward operands and the forward output.
@@ -19,81 +19,9 @@ pub fn vjp(
     operand: usize,
     g: &Tensor,
     inputs: &[&Tensor],
-    output: &Tensor,
-    out_shape: &[usize],
 ) -> Result<Vec<f64>, InterpError> {
     let x = inputs[0];
-    let elementwise = |f: &dyn Fn(f64, f64, f64) -> f64| -> Vec<f64> {
-        g.data
-            .iter()
-            .zip(&x.data)
-            .zip(&output.data)
-            .map(|((&g, &x), &y)| f(g, x, y))
-            .collect()
-    };
     Ok(match op {
-        Op::Unary(f) => match f {
-            UnaryFn::Abs => elementwise(&|g, x, _| g * sign(x)),
-            // y > 0 exactly when x > 0: reading the output lets the forward
-            // pre-activation go (PyTorch's threshold_backward does the same).
-            UnaryFn::Relu => elementwise(&|g, _, y| if y > 0.0 { g } else { 0.0 }),
-            UnaryFn::Gelu => elementwise(&|g, x, _| g * kernels::gelu_derivative(x)),
-            UnaryFn::Softplus => elementwise(&|g, x, _| if x > 20.0 { g } else { g * sigmoid(x) }),
-            UnaryFn::Neg
-            | UnaryFn::Exp
-            | UnaryFn::Log
-            | UnaryFn::Sqrt
-            | UnaryFn::Tanh
-            | UnaryFn::Sigmoid
-            | UnaryFn::Sin
-            | UnaryFn::Cos => return Err(graph_rule(op)),
-        },
-        Op::LeakyRelu { slope } => elementwise(&|g, x, _| if x > 0.0 { g } else { g * slope }),
-        // PyTorch passes the gradient where `lo <= x <= hi`, bounds included.
-        Op::Clamp { lo, hi } => elementwise(&|g, x, _| if x >= *lo && x <= *hi { g } else { 0.0 }),
-        Op::Binary(BinaryFn::Add | BinaryFn::Sub | BinaryFn::Mul | BinaryFn::Div)
-        | Op::Transpose
-        | Op::Reshape
-        | Op::MatMul
-        | Op::Reduce {
-            func: ReduceFn::Sum | ReduceFn::Mean | ReduceFn::LogSumExp,
-            ..
-        }
-        | Op::Softmax { .. }
-        | Op::LogSoftmax { .. }
-        | Op::Dropout { .. }
-        | Op::CrossEntropy
-        | Op::Mse
-        | Op::BceWithLogits => return Err(graph_rule(op)),
-        Op::Binary(f) => binary(*f, operand, g, inputs[0], inputs[1], output, out_shape)?,
-        Op::Reduce {
-            func: ReduceFn::Max,
-            axes,
-            ..
-        } => {
-            let (map, kept) = reduce_map(&x.shape, axes);
-            let groups: usize = kept.iter().product();
-            // Like `torch.amax`: ties share the gradient evenly. `output`
-            // and `g` have one element per group, whatever keepdims.
-            let mut ties = vec![0.0; groups];
-            for (i, &v) in x.data.iter().enumerate() {
-                if v == output.data[map[i]] {
-                    ties[map[i]] += 1.0;
-                }
-            }
-            x.data
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| {
-                    if v == output.data[map[i]] {
-                        g.data[map[i]] / ties[map[i]]
-                    } else {
-                        0.0
-                    }
-                })
-                .collect()
-        }
-        Op::Identity => g.data.clone(),
         Op::Concat { axis } => {
             let outer: usize = g.shape[..*axis].iter().product();
             let inner: usize = g.shape[axis + 1..].iter().product();
@@ -161,85 +89,8 @@ pub fn vjp(
             }
             out
         }
-        Op::Input
-        | Op::Param(_)
-        | Op::Buffer(_)
-        | Op::Constant(_)
-        | Op::StopGradient
-        | Op::Vjp { .. }
-        | Op::MatMulT { .. }
-        | Op::SumTo
-        | Op::Expand
-        | Op::OneHot
-        | Op::Count { .. }
-        | Op::State
-        | Op::RunningStat { .. }
-        | Op::ZeroFraction
-        | Op::DeadFraction => {
-            return Err(InterpError::Internal(format!(
-                "no derivative kernel for `{}`",
-                op.name()
-            )));
-        }
+        _ => return Err(graph_rule(op)),
     })
-}
-
-fn sign(x: f64) -> f64 {
-    if x > 0.0 {
-        1.0
-    } else if x < 0.0 {
-        -1.0
-    } else {
-        0.0
-    }
-}
-
-/// Elementwise binary VJPs, in the broadcast output shape.
-fn binary(
-    f: BinaryFn,
-    operand: usize,
-    g: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
-    y: &Tensor,
-    out_shape: &[usize],
-) -> Result<Vec<f64>, InterpError> {
-    if matches!(
-        f,
-        BinaryFn::Add | BinaryFn::Sub | BinaryFn::Mul | BinaryFn::Div
-    ) {
-        return Err(graph_rule(&Op::Binary(f)));
-    }
-    let ma = broadcast_map(&a.shape, out_shape);
-    let mb = broadcast_map(&b.shape, out_shape);
-    Ok((0..g.len())
-        .map(|i| {
-            let (g, a, b, y) = (g.data[i], a.data[ma[i]], b.data[mb[i]], y.data[i]);
-            match (f, operand) {
-                // (Checked above: graph rules.)
-                (BinaryFn::Add | BinaryFn::Sub | BinaryFn::Mul | BinaryFn::Div, _) => f64::NAN,
-                // d(a^b)/da = b a^(b-1); PyTorch gives 0 where b == 0.
-                (BinaryFn::Pow, 0) => {
-                    if b == 0.0 {
-                        0.0
-                    } else {
-                        g * b * a.powf(b - 1.0)
-                    }
-                }
-                // d(a^b)/db = a^b ln a; PyTorch gives 0 where a == 0 and b >= 0.
-                (BinaryFn::Pow, _) => {
-                    if a == 0.0 && b >= 0.0 {
-                        0.0
-                    } else {
-                        g * y * a.ln()
-                    }
-                }
-                // Ties share the gradient evenly, as in PyTorch.
-                (BinaryFn::Maximum, 0) | (BinaryFn::Minimum, 1) => share(g, a, b),
-                (BinaryFn::Maximum, _) | (BinaryFn::Minimum, _) => share(g, b, a),
-            }
-        })
-        .collect())
 }
 
 /// The error for an op whose gradient is a graph rule
@@ -249,18 +100,6 @@ fn graph_rule(op: &Op) -> InterpError {
         "`{}` is differentiated by a graph rule, not a VJP",
         op.name()
     ))
-}
-
-/// The gradient of `max(mine, other)` (or `min` with the roles swapped)
-/// with respect to `mine`.
-fn share(g: f64, mine: f64, other: f64) -> f64 {
-    if mine > other {
-        g
-    } else if mine == other {
-        g / 2.0
-    } else {
-        0.0
-    }
 }
 
 /// The VJPs of a normalization `y = (x - mean) / sqrt(var + eps) * gamma +

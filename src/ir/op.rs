@@ -36,6 +36,8 @@ pub enum UnaryFn {
     Sin,
     /// `cos(x)`
     Cos,
+    /// the error function `erf(x)` (GELU's derivative is built from it)
+    Erf,
 }
 
 impl UnaryFn {
@@ -53,6 +55,7 @@ impl UnaryFn {
         UnaryFn::Softplus,
         UnaryFn::Sin,
         UnaryFn::Cos,
+        UnaryFn::Erf,
     ];
 
     /// The name used in the language and the text IR.
@@ -70,6 +73,7 @@ impl UnaryFn {
             UnaryFn::Softplus => "softplus",
             UnaryFn::Sin => "sin",
             UnaryFn::Cos => "cos",
+            UnaryFn::Erf => "erf",
         }
     }
 }
@@ -91,6 +95,17 @@ pub enum BinaryFn {
     Maximum,
     /// `minimum(a, b)`
     Minimum,
+    /// `a > b` as 1 or 0 (0 where either is NaN), in the operands' float
+    /// type: the masks derivative rules select with.
+    Greater,
+    /// `a >= b` as 1 or 0.
+    GreaterEqual,
+    /// `a < b` as 1 or 0.
+    Less,
+    /// `a <= b` as 1 or 0.
+    LessEqual,
+    /// `a == b` as 1 or 0.
+    Equal,
 }
 
 impl BinaryFn {
@@ -104,7 +119,24 @@ impl BinaryFn {
             BinaryFn::Pow => "pow",
             BinaryFn::Maximum => "maximum",
             BinaryFn::Minimum => "minimum",
+            BinaryFn::Greater => "gt",
+            BinaryFn::GreaterEqual => "ge",
+            BinaryFn::Less => "lt",
+            BinaryFn::LessEqual => "le",
+            BinaryFn::Equal => "eq",
         }
+    }
+
+    /// Whether the function is a comparison (a mask of 1 and 0).
+    pub fn is_comparison(self) -> bool {
+        matches!(
+            self,
+            BinaryFn::Greater
+                | BinaryFn::GreaterEqual
+                | BinaryFn::Less
+                | BinaryFn::LessEqual
+                | BinaryFn::Equal
+        )
     }
 }
 
@@ -305,6 +337,11 @@ pub enum Op {
         /// Which of its operands the gradient is for.
         operand: usize,
     },
+    /// Operands `mask, a, b` (broadcast together): `a` where the mask is
+    /// not 0, else `b` (`torch.where`). Derivative rules select with it, so
+    /// that a gradient of 0 stays 0 even where the other branch is not
+    /// finite.
+    Select,
     /// Sums the operand over the axes broadcasting added or stretched, down
     /// to the node's shape (which must broadcast to the operand's).
     SumTo,
@@ -447,6 +484,7 @@ impl Op {
             Op::Identity => "identity".into(),
             Op::Vjp { forward, operand } => format!("{}.vjp{operand}", forward.name()),
             Op::SumTo => "sum_to".into(),
+            Op::Select => "select".into(),
             Op::Expand => "expand".into(),
             Op::OneHot => "one_hot".into(),
             Op::Count { .. } => "count".into(),
@@ -494,6 +532,7 @@ impl Op {
             | Op::StopGradient
             | Op::Identity
             | Op::SumTo
+            | Op::Select
             | Op::Expand
             | Op::OneHot
             | Op::State
@@ -568,6 +607,19 @@ impl Op {
                         what: "shapes that broadcast".into(),
                         operands: (0, 1),
                     })?;
+                Ok(Type::new(dtype, shape))
+            }
+            Op::Select => {
+                arity(operands, 3)?;
+                let dtype = same_float(operands)?;
+                let broadcast = |a: &Shape, b: &Shape, pair| {
+                    a.broadcast(b).ok_or_else(|| TypeError::Shapes {
+                        what: "shapes that broadcast".into(),
+                        operands: pair,
+                    })
+                };
+                let shape = broadcast(&operands[0].shape, &operands[1].shape, (0, 1))?;
+                let shape = broadcast(&shape, &operands[2].shape, (1, 2))?;
                 Ok(Type::new(dtype, shape))
             }
             Op::MatMul => {

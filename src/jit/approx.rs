@@ -26,7 +26,6 @@ use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value, types};
 use cranelift_frontend::FunctionBuilder;
 
 use super::codegen::{constant, pick};
-use crate::interp::kernels;
 
 /// `1.5 * 2^52`: adding and subtracting it rounds to an integer.
 const SHIFTER: f64 = 6_755_399_441_055_744.0;
@@ -643,25 +642,4 @@ pub(super) fn gelu(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
     let cdf = b.ins().fadd(one, e);
     let half_x = b.ins().fmul(half, x);
     b.ins().fmul(half_x, cdf)
-}
-
-/// GELU's derivative as the interpreter computes it: `Phi(x) + x phi(x)`,
-/// `Phi(x) = 0.5 (1 + erf(x / sqrt 2))`, `phi(x) = e^(-x^2 / 2) /
-/// sqrt(2 pi)`.
-pub(super) fn gelu_derivative(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
-    let half = constant(b, x, 0.5);
-    let one = constant(b, x, 1.0);
-    let root = constant(b, x, std::f64::consts::SQRT_2);
-    let scaled = b.ins().fdiv(x, root);
-    let e = erf(b, scaled);
-    let sum = b.ins().fadd(one, e);
-    let cdf = b.ins().fmul(half, sum);
-    let minus_half = constant(b, x, -0.5);
-    let exponent = b.ins().fmul(minus_half, x);
-    let exponent = b.ins().fmul(exponent, x);
-    let density = exp(b, exponent);
-    let inverse_root = constant(b, x, kernels::INV_SQRT_2PI);
-    let pdf = b.ins().fmul(inverse_root, density);
-    let slope = b.ins().fmul(x, pdf);
-    b.ins().fadd(cdf, slope)
 }

@@ -156,18 +156,8 @@ pub fn supported(graph: &Graph, id: NodeId) -> bool {
         | Op::Identity
         | Op::StopGradient
         | Op::Expand
+        | Op::Select
         | Op::Dropout { .. } => true,
-        Op::Vjp { forward, .. } => {
-            matches!(
-                forward.as_ref(),
-                Op::Binary(_)
-                    | Op::Unary(_)
-                    | Op::LeakyRelu { .. }
-                    | Op::Clamp { .. }
-                    | Op::Dropout { .. }
-                    | Op::Identity
-            )
-        }
         _ => false,
     }
 }
@@ -261,8 +251,6 @@ struct Place {
     step: Value,
     /// The constant `0.0`, made once per kernel.
     zero: Value,
-    /// The group count a mean's gradient is divided by.
-    count: Value,
 }
 
 /// Dropout's scale of the current element (of each lane's element, for a
@@ -1633,32 +1621,6 @@ impl CodeCache {
                 imports: &self.imports,
                 declared: HashMap::new(),
             };
-            // A mean's gradient is divided by the count of each group, as
-            // the interpreter has it: (n / groups).max(1), where the groups
-            // are the gradient's elements (however the kernel reads them).
-            let mut count = zero_f64;
-            for &id in nodes {
-                let mean = matches!(&graph.node(id).op, Op::Vjp { forward, .. }
-                    if matches!(forward.as_ref(), Op::Reduce { func: ReduceFn::Mean, .. }));
-                if !(mean && is_broadcast_back(graph, id)) {
-                    continue;
-                }
-                // A gradient that is no input is a constant: one group.
-                let j = inputs.iter().position(|&i| i == graph.operands(id)[0]);
-                let groups = match (j.map(|j| access[j]), cols) {
-                    (Some(Access::Full), _) => n,
-                    (Some(Access::Row), Some(cols)) => b.ins().iconst(pointer, cols as i64),
-                    (Some(Access::Strided), _) => {
-                        factors.iter().find(|f| Some(f.0) == j).map_or(n, |f| f.2)
-                    }
-                    _ => b.ins().iconst(pointer, 1),
-                };
-                let one = b.ins().iconst(pointer, 1);
-                let groups = b.ins().umax(groups, one);
-                let per_group = b.ins().udiv(n, groups);
-                let per_group = b.ins().umax(per_group, one);
-                count = b.ins().fcvt_from_uint(types::F64, per_group);
-            }
             // Whether the vector loops take four `f32`s at a time.
             let quad = f32_exact(graph, nodes, &elems[..inputs.len()], outputs);
             // A single-element input is loaded once, before the loops (no
@@ -1691,7 +1653,6 @@ impl CodeCache {
                 seed,
                 step,
                 zero: zero_f64,
-                count,
             };
             // Each running total is two `f64x2`s: a pair step adds its two
             // elements lane by lane into the first, a scalar step adds into
@@ -2338,8 +2299,6 @@ struct Body<'k> {
     seed: Value,
     step: Value,
     zero: Value,
-    /// The group count a mean's gradient is divided by (unused otherwise).
-    count: Value,
 }
 
 impl Body<'_> {
@@ -2370,13 +2329,6 @@ impl Body<'_> {
                 b.ins().splat(types::F32X4, scalar)
             }
         };
-        // The mean's group count, as wide as the values (only if a mean's
-        // gradient needs it; never in `f32x4` loops).
-        let count = if width == 2 && self.count != self.zero {
-            b.ins().splat(types::F64X2, self.count)
-        } else {
-            self.count
-        };
         let mut values: HashMap<NodeId, Value> = HashMap::new();
         for (j, &input) in self.inputs.iter().enumerate() {
             let value = if let Some((scalar, pair, quad)) = self.singles[j] {
@@ -2404,7 +2356,6 @@ impl Body<'_> {
                 seed: self.seed,
                 step: self.step,
                 zero,
-                count,
             };
             let value = emit(b, graph, id, &values, calls, place)?;
             values.insert(id, value);
@@ -3068,18 +3019,7 @@ fn f32_exact(graph: &Graph, nodes: &[NodeId], input_elems: &[Elem], outputs: &[N
         ),
         Op::LeakyRelu { slope } => exact(*slope),
         Op::Clamp { lo, hi } => exact(*lo) && exact(*hi),
-        Op::Identity | Op::StopGradient | Op::Expand => true,
-        Op::Vjp { forward, operand } => match forward.as_ref() {
-            Op::Unary(UnaryFn::Neg | UnaryFn::Abs | UnaryFn::Relu) | Op::Identity => true,
-            Op::LeakyRelu { slope } => exact(*slope),
-            Op::Clamp { lo, hi } => exact(*lo) && exact(*hi),
-            // g, -g, g * other, g / divisor: one operation each.
-            Op::Binary(f) => matches!(
-                (f, operand),
-                (BinaryFn::Add | BinaryFn::Sub | BinaryFn::Mul, _) | (BinaryFn::Div, 0)
-            ),
-            _ => false,
-        },
+        Op::Identity | Op::StopGradient | Op::Expand | Op::Select => true,
         _ => false,
     };
     input_elems.iter().all(|&e| e == Elem::F32)
@@ -3167,28 +3107,15 @@ fn emit(
         Op::Clamp { lo, hi } => clamp(b, operands[0], *lo, *hi),
         // (An expanded operand is read broadcast, as a binary op's is.)
         Op::Identity | Op::StopGradient | Op::Expand => operands[0],
+        // `a` where the mask is not 0 (NaN included, as in the interpreter).
+        Op::Select => {
+            let chosen = b.ins().fcmp(FloatCC::NotEqual, operands[0], zero);
+            pick(b, chosen, operands[1], operands[2])
+        }
         Op::Dropout { p, key } => {
             let scale = dropout_scale(b, calls, *p, *key, place)?;
             b.ins().fmul(operands[0], scale)
         }
-        // The backward pass draws the same mask.
-        Op::Vjp { forward, .. } if matches!(forward.as_ref(), Op::Dropout { .. }) => {
-            let Op::Dropout { p, key } = forward.as_ref() else {
-                unreachable!("matched above")
-            };
-            let scale = dropout_scale(b, calls, *p, *key, place)?;
-            b.ins().fmul(operands[0], scale)
-        }
-        // The gradient broadcast back (read through its kept shape), over
-        // the group count for a mean.
-        Op::Vjp { forward, .. } if is_broadcast_back(graph, id) => match forward.as_ref() {
-            Op::Reduce {
-                func: ReduceFn::Mean,
-                ..
-            } => b.ins().fdiv(operands[0], place.count),
-            _ => operands[0],
-        },
-        Op::Vjp { forward, operand } => vjp(b, forward, *operand, &operands, zero, calls)?,
         other => return Err(CodegenError(format!("`{}` is not supported", other.name()))),
     };
     Ok(round(b, graph, id, raw))
@@ -3211,7 +3138,21 @@ fn binary(
         BinaryFn::Maximum => b.ins().fmax(x, y),
         BinaryFn::Minimum => b.ins().fmin(x, y),
         BinaryFn::Pow => call(b, calls, "gradc_pow", &[x, y])?,
+        BinaryFn::Greater => compare(b, FloatCC::GreaterThan, x, y),
+        BinaryFn::GreaterEqual => compare(b, FloatCC::GreaterThanOrEqual, x, y),
+        BinaryFn::Less => compare(b, FloatCC::LessThan, x, y),
+        BinaryFn::LessEqual => compare(b, FloatCC::LessThanOrEqual, x, y),
+        BinaryFn::Equal => compare(b, FloatCC::Equal, x, y),
     })
+}
+
+/// A comparison as 1 or 0 (ordered: 0 where either operand is NaN, as in
+/// the interpreter).
+fn compare(b: &mut FunctionBuilder<'_>, cc: FloatCC, x: Value, y: Value) -> Value {
+    let holds = b.ins().fcmp(cc, x, y);
+    let one = constant(b, x, 1.0);
+    let zero = constant(b, x, 0.0);
+    pick(b, holds, one, zero)
 }
 
 fn unary(
@@ -3236,6 +3177,7 @@ fn unary(
         UnaryFn::Tanh => approx::tanh(b, x),
         UnaryFn::Sigmoid => approx::sigmoid(b, x),
         UnaryFn::Gelu => approx::gelu(b, x),
+        UnaryFn::Erf => approx::erf(b, x),
         UnaryFn::Softplus => approx::softplus(b, x),
         UnaryFn::Sin => call(b, calls, "gradc_sin", &[x])?,
         UnaryFn::Cos => call(b, calls, "gradc_cos", &[x])?,
@@ -3250,117 +3192,6 @@ fn clamp(b: &mut FunctionBuilder<'_>, x: Value, lo: f64, hi: f64) -> Value {
     let raised = pick(b, below, lo, x);
     let above = b.ins().fcmp(FloatCC::GreaterThan, raised, hi);
     pick(b, above, hi, raised)
-}
-
-/// The elementwise VJPs, with the interpreter's formulas (`interp::vjp`).
-/// `operands` are `[g, forward operands..., y]`.
-fn vjp(
-    b: &mut FunctionBuilder<'_>,
-    forward: &Op,
-    operand: usize,
-    operands: &[Value],
-    zero: Value,
-    calls: &mut Calls<'_>,
-) -> Result<Value, CodegenError> {
-    // (The ops whose gradients are graph rules, `autodiff::rules::gradient`,
-    // never have a VJP node: they reach the error below.)
-    let g = operands[0];
-    let x = operands[1];
-    let y = operands[operands.len() - 1];
-    Ok(match forward {
-        Op::Unary(UnaryFn::Abs) => {
-            // g * sign(x)
-            let one = constant(b, g, 1.0);
-            let minus = constant(b, g, -1.0);
-            let positive = b.ins().fcmp(FloatCC::GreaterThan, x, zero);
-            let negative = b.ins().fcmp(FloatCC::LessThan, x, zero);
-            let sign = pick(b, negative, minus, zero);
-            let sign = pick(b, positive, one, sign);
-            b.ins().fmul(g, sign)
-        }
-        Op::Unary(UnaryFn::Relu) => {
-            let positive = b.ins().fcmp(FloatCC::GreaterThan, y, zero);
-            keep_where(b, positive, g, zero)
-        }
-        // g (Phi(x) + x phi(x))
-        Op::Unary(UnaryFn::Gelu) => {
-            let derivative = approx::gelu_derivative(b, x);
-            b.ins().fmul(g, derivative)
-        }
-        // g sigmoid(x), or g above the threshold 20
-        Op::Unary(UnaryFn::Softplus) => {
-            let sigmoid = approx::sigmoid(b, x);
-            let scaled = b.ins().fmul(g, sigmoid);
-            let threshold = constant(b, g, 20.0);
-            let above = b.ins().fcmp(FloatCC::GreaterThan, x, threshold);
-            pick(b, above, g, scaled)
-        }
-        Op::LeakyRelu { slope } => {
-            let slope = constant(b, g, *slope);
-            let scaled = b.ins().fmul(g, slope);
-            let positive = b.ins().fcmp(FloatCC::GreaterThan, x, zero);
-            pick(b, positive, g, scaled)
-        }
-        Op::Clamp { lo, hi } => {
-            let lo = constant(b, g, *lo);
-            let hi = constant(b, g, *hi);
-            let above_lo = b.ins().fcmp(FloatCC::GreaterThanOrEqual, x, lo);
-            let below_hi = b.ins().fcmp(FloatCC::LessThanOrEqual, x, hi);
-            let inside = b.ins().band(above_lo, below_hi);
-            pick(b, inside, g, zero)
-        }
-        Op::Binary(f) => {
-            let (a, c) = (operands[1], operands[2]);
-            match (f, operand) {
-                // (add, sub, mul and div are differentiated by graph rules,
-                // `autodiff::rules::gradient`: no VJP node.)
-                (BinaryFn::Add | BinaryFn::Sub | BinaryFn::Mul | BinaryFn::Div, _) => {
-                    return Err(CodegenError(format!(
-                        "`{}` is differentiated by a graph rule, not a VJP",
-                        forward.name()
-                    )));
-                }
-                (BinaryFn::Maximum, 0) | (BinaryFn::Minimum, 1) => share(b, g, a, c, zero),
-                (BinaryFn::Maximum, _) | (BinaryFn::Minimum, _) => share(b, g, c, a, zero),
-                // g b a^(b - 1), 0 where b = 0
-                (BinaryFn::Pow, 0) => {
-                    let one = constant(b, g, 1.0);
-                    let lowered = b.ins().fsub(c, one);
-                    let power = call(b, calls, "gradc_pow", &[a, lowered])?;
-                    let gb = b.ins().fmul(g, c);
-                    let product = b.ins().fmul(gb, power);
-                    let constant = b.ins().fcmp(FloatCC::Equal, c, zero);
-                    pick(b, constant, zero, product)
-                }
-                // g y ln a, 0 where a = 0 and b >= 0
-                (BinaryFn::Pow, _) => {
-                    let log = approx::log(b, a);
-                    let gy = b.ins().fmul(g, y);
-                    let product = b.ins().fmul(gy, log);
-                    let base_zero = b.ins().fcmp(FloatCC::Equal, a, zero);
-                    let exponent_nonnegative = b.ins().fcmp(FloatCC::GreaterThanOrEqual, c, zero);
-                    let masked = b.ins().band(base_zero, exponent_nonnegative);
-                    pick(b, masked, zero, product)
-                }
-            }
-        }
-        other => {
-            return Err(CodegenError(format!(
-                "the VJP of `{}` is not supported",
-                other.name()
-            )));
-        }
-    })
-}
-
-/// `g` if `mine > other`, `g / 2` on a tie, else 0.
-fn share(b: &mut FunctionBuilder<'_>, g: Value, mine: Value, other: Value, zero: Value) -> Value {
-    let two = constant(b, g, 2.0);
-    let half = b.ins().fdiv(g, two);
-    let greater = b.ins().fcmp(FloatCC::GreaterThan, mine, other);
-    let equal = b.ins().fcmp(FloatCC::Equal, mine, other);
-    let tie = pick(b, equal, half, zero);
-    pick(b, greater, g, tie)
 }
 
 /// An element type the tuned GEMM handles: `f64` (`dgemm`) and `f32`

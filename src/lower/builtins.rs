@@ -113,6 +113,7 @@ pub const NAMES: &[&str] = &[
     "softplus",
     "sin",
     "cos",
+    "erf",
     "leaky_relu",
     "maximum",
     "minimum",

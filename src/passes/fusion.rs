@@ -142,6 +142,7 @@ fn is_elementwise(op: &Op) -> bool {
         | Op::Dropout { .. }
         | Op::Identity
         | Op::Expand
+        | Op::Select
         | Op::StopGradient => true,
         // The VJP of an elementwise op is elementwise too.
         Op::Vjp { forward, .. } => **forward != Op::StopGradient && is_elementwise(forward),
