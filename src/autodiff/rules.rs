@@ -14,7 +14,7 @@
 //! `docs/autodiff.md` lists every formula. The matches are exhaustive: a
 //! new op does not compile until it has a rule.
 
-use crate::ir::{BinaryFn, NodeId, Op, ReduceFn, Shape, Type, UnaryFn};
+use crate::ir::{BinaryFn, Dim, NodeId, Op, ReduceFn, Shape, Type, UnaryFn};
 
 /// How the gradient of one operand of an op is obtained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,13 +62,14 @@ pub fn rule(op: &Op, operand: usize) -> Rule {
             transpose_b,
         } if transpose_a != transpose_b => Rule::Graph,
         Op::MatMulT { .. } => Rule::Missing,
-        Op::Concat { .. } | Op::LayerNorm { .. } => Rule::Vjp,
+        Op::Concat { .. } | Op::Slice { .. } | Op::LayerNorm { .. } => Rule::Graph,
         // Running mean and variance (operands 3 and 4) are state, not inputs
         // of the function being differentiated.
-        Op::BatchNorm { .. } if operand < 3 => Rule::Vjp,
+        Op::BatchNorm { .. } if operand < 3 => Rule::Graph,
         Op::BatchNorm { .. } => Rule::NotDifferentiable,
-        Op::Embedding if operand == 0 => Rule::NotDifferentiable,
-        Op::Embedding => Rule::Vjp,
+        // Indices have no derivative; the rows do.
+        Op::Embedding | Op::ScatterAdd if operand == 0 => Rule::NotDifferentiable,
+        Op::Embedding | Op::ScatterAdd => Rule::Graph,
         Op::CrossEntropy if operand == 1 => Rule::NotDifferentiable,
         Op::CrossEntropy => Rule::Graph,
         Op::StopGradient => Rule::Stopped,
@@ -436,6 +437,62 @@ pub fn gradient(
         }
         // the same mask, drawn again
         Op::Dropout { .. } => emit.op(op.clone(), &[g], None),
+        // g's part along the axis where this operand was joined in
+        Op::Concat { axis } => {
+            let start = inputs[..position]
+                .iter()
+                .map(|&i| emit.type_of(i).shape.0[*axis].fixed_size())
+                .sum();
+            let ty = emit.type_of(inputs[position]);
+            emit.op(Op::Slice { axis: *axis, start }, &[g], Some(ty))
+        }
+        // g between zeros where the rest of the operand was
+        Op::Slice { axis, start } => {
+            let whole = emit.type_of(x).shape;
+            let taken = emit.type_of(g).shape.0[*axis].fixed_size();
+            let total = whole.0[*axis].fixed_size();
+            let dtype = emit.type_of(g).dtype;
+            let zeros = |emit: &mut dyn Emit, n: u64| {
+                let mut shape = whole.clone();
+                shape.0[*axis] = Dim::Fixed(n);
+                let zero = emit.constant(0.0);
+                emit.op(Op::Expand, &[zero], Some(Type::new(dtype, shape)))
+            };
+            let mut parts = Vec::new();
+            if *start > 0 {
+                parts.push(zeros(emit, *start));
+            }
+            parts.push(g);
+            if start + taken < total {
+                parts.push(zeros(emit, total - start - taken));
+            }
+            match parts.as_slice() {
+                [only] => *only,
+                _ => emit.op(Op::Concat { axis: *axis }, &parts, None),
+            }
+        }
+        // The rows of g added at their ids; and back: the rows of gg at
+        // the ids.
+        Op::Embedding => {
+            let table = emit.type_of(*inputs.get(1)?);
+            emit.op(Op::ScatterAdd, &[x, g], Some(table))
+        }
+        Op::ScatterAdd => emit.op(Op::Embedding, &[x, g], None),
+        // y = xhat gamma + beta, xhat = (x - mean) rstd, statistics over
+        // every axis but the last (layer norm) or but 1 (batch norm).
+        Op::LayerNorm { eps } => {
+            let rank = emit.type_of(x).shape.rank();
+            let gamma = *inputs.get(1)?;
+            normalization_gradient(emit, position, g, x, gamma, None, *eps, rank - 1, true)
+        }
+        Op::BatchNorm { eps, training, .. } => {
+            let gamma = *inputs.get(1)?;
+            let running = match training {
+                true => None,
+                false => Some((*inputs.get(3)?, *inputs.get(4)?)),
+            };
+            normalization_gradient(emit, position, g, x, gamma, running, *eps, 1, false)
+        }
         // (softmax(logits) - one_hot(labels)) g / n: never through
         // log(softmax).
         Op::CrossEntropy => {
@@ -476,6 +533,115 @@ pub fn gradient(
         }
         _ => return None,
     })
+}
+
+/// The gradient of operand `position` (`x`, `gamma`, `beta`) of a
+/// normalization whose affine parameters lie along `feature` and whose
+/// statistics are taken over every other axis (batch norm) or, for a
+/// `layer` norm, over the last axis only (`feature` the last axis): from the batch
+/// (`running` is `None`) or the running statistics. As PyTorch computes it:
+/// `dx = rstd / n * (n dxhat - sum(dxhat) - xhat sum(dxhat xhat))` with
+/// `dxhat = g gamma`, or `dxhat rstd` with constant statistics; `gamma`'s
+/// is `sum(g xhat)` and `beta`'s `sum(g)` over the other axes.
+#[allow(clippy::too_many_arguments)]
+fn normalization_gradient(
+    emit: &mut dyn Emit,
+    position: usize,
+    g: NodeId,
+    x: NodeId,
+    gamma: NodeId,
+    running: Option<(NodeId, NodeId)>,
+    eps: f64,
+    feature: usize,
+    layer: bool,
+) -> NodeId {
+    let x_type = emit.type_of(x);
+    let rank = x_type.shape.rank();
+    let last = rank - 1;
+    let statistics: Vec<usize> = match layer {
+        true => vec![last],
+        false => (0..rank).filter(|&a| a != feature).collect(),
+    };
+    let others: Vec<usize> = (0..rank).filter(|&a| a != feature).collect();
+    let kept = Type::new(x_type.dtype, x_type.shape.kept(&statistics));
+    let reduce = |emit: &mut dyn Emit, func, value, axes: &[usize], keepdims| {
+        let op = Op::Reduce {
+            func,
+            axes: axes.to_vec(),
+            keepdims,
+        };
+        emit.op(op, &[value], None)
+    };
+    let binary = |emit: &mut dyn Emit, f, a, b| emit.op(Op::Binary(f), &[a, b], None);
+    // Per-feature values broadcast along `feature`.
+    let along_feature = |emit: &mut dyn Emit, value: NodeId| {
+        if feature == last {
+            return value;
+        }
+        let mut shape = Shape(vec![Dim::Fixed(1); rank]);
+        shape.0[feature] = x_type.shape.0[feature].clone();
+        emit.op(Op::Reshape, &[value], Some(Type::new(x_type.dtype, shape)))
+    };
+    let over_others = |emit: &mut dyn Emit, value: NodeId| {
+        if others.is_empty() {
+            return value;
+        }
+        reduce(emit, ReduceFn::Sum, value, &others, false)
+    };
+    if position == 2 {
+        return over_others(emit, g);
+    }
+    let (centred, var) = match running {
+        None => {
+            let mean = reduce(emit, ReduceFn::Mean, x, &statistics, true);
+            let centred = binary(emit, BinaryFn::Sub, x, mean);
+            let square = binary(emit, BinaryFn::Mul, centred, centred);
+            (
+                centred,
+                reduce(emit, ReduceFn::Mean, square, &statistics, true),
+            )
+        }
+        Some((mean, var)) => {
+            let mean = emit.op(Op::Reshape, &[mean], Some(kept.clone()));
+            let centred = binary(emit, BinaryFn::Sub, x, mean);
+            (centred, emit.op(Op::Reshape, &[var], Some(kept.clone())))
+        }
+    };
+    let eps = emit.constant(eps);
+    let shifted = binary(emit, BinaryFn::Add, var, eps);
+    let std = emit.op(Op::Unary(UnaryFn::Sqrt), &[shifted], None);
+    let one = emit.constant(1.0);
+    let rstd = binary(emit, BinaryFn::Div, one, std);
+    let xhat = |emit: &mut dyn Emit| binary(emit, BinaryFn::Mul, centred, rstd);
+    match position {
+        0 => {
+            let gamma = along_feature(emit, gamma);
+            let dxhat = binary(emit, BinaryFn::Mul, g, gamma);
+            if running.is_some() {
+                return binary(emit, BinaryFn::Mul, dxhat, rstd);
+            }
+            let xhat = xhat(emit);
+            let total = reduce(emit, ReduceFn::Sum, dxhat, &statistics, true);
+            let products = binary(emit, BinaryFn::Mul, dxhat, xhat);
+            let dot = reduce(emit, ReduceFn::Sum, products, &statistics, true);
+            let n = emit.op(
+                Op::Count { axes: statistics },
+                &[x],
+                Some(Type::new(x_type.dtype, Shape::scalar())),
+            );
+            let scaled = binary(emit, BinaryFn::Mul, n, dxhat);
+            let less_total = binary(emit, BinaryFn::Sub, scaled, total);
+            let projection = binary(emit, BinaryFn::Mul, xhat, dot);
+            let difference = binary(emit, BinaryFn::Sub, less_total, projection);
+            let scale = binary(emit, BinaryFn::Div, rstd, n);
+            binary(emit, BinaryFn::Mul, scale, difference)
+        }
+        _ => {
+            let xhat = xhat(emit);
+            let products = binary(emit, BinaryFn::Mul, g, xhat);
+            over_others(emit, products)
+        }
+    }
 }
 
 /// `[0, 1, ..., rank - 1]` of a node.
@@ -532,6 +698,8 @@ pub fn grad_fn(op: &Op) -> &'static str {
         Op::LogSoftmax { .. } => "LogSoftmaxBackward",
         Op::Reshape => "ReshapeBackward",
         Op::Concat { .. } => "CatBackward",
+        Op::Slice { .. } => "SliceBackward",
+        Op::ScatterAdd => "ScatterAddBackward",
         Op::Dropout { .. } => "DropoutBackward",
         Op::BatchNorm { .. } => "BatchNormBackward",
         Op::LayerNorm { .. } => "LayerNormBackward",

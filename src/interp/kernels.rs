@@ -286,6 +286,19 @@ pub fn concat(inputs: &[&Tensor], axis: usize, out_shape: &[usize]) -> Vec<f64> 
     out
 }
 
+/// The elements `start..start + out_shape[axis]` of `x` along `axis`.
+pub fn slice(x: &Tensor, axis: usize, start: usize, out_shape: &[usize]) -> Vec<f64> {
+    let outer: usize = out_shape[..axis].iter().product();
+    let inner: usize = out_shape[axis + 1..].iter().product();
+    let (total, width) = (x.shape[axis] * inner, out_shape[axis] * inner);
+    let mut out = Vec::with_capacity(outer * width);
+    for o in 0..outer {
+        let from = o * total + start * inner;
+        out.extend_from_slice(&x.data[from..from + width]);
+    }
+    out
+}
+
 /// The dropout keep-mask scale of each element: `1 / (1 - p)` where kept,
 /// 0 where dropped. Element `i` is dropped when
 /// `uniform_at(seed, step, key, i) < p`.
@@ -435,6 +448,25 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Vec<f64>, InterpError> 
     for &id in &ids.data {
         let row = id as usize;
         out.extend_from_slice(&table.data[row * d..(row + 1) * d]);
+    }
+    Ok(out)
+}
+
+/// A `[V, D]` table of zeros with each row of `rows` (`[..., D]`) added at
+/// its id, in order.
+pub fn scatter_add(
+    ids: &Tensor,
+    rows: &Tensor,
+    table_shape: &[usize],
+) -> Result<Vec<f64>, InterpError> {
+    let (v, d) = (table_shape[0], table_shape[1]);
+    check_indices(&ids.data, v, "embedding index")?;
+    let mut out = vec![0.0; v * d];
+    for (j, &id) in ids.data.iter().enumerate() {
+        let row = id as usize;
+        for k in 0..d {
+            out[row * d + k] += rows.data[j * d + k];
+        }
     }
     Ok(out)
 }

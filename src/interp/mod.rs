@@ -364,6 +364,8 @@ fn run(
         Op::LogSoftmax { axis } => kernels::log_softmax(x(), *axis),
         Op::Reshape | Op::StopGradient | Op::Identity => x().data.clone(),
         Op::Concat { axis } => kernels::concat(inputs, *axis, shape),
+        Op::Slice { axis, start } => kernels::slice(x(), *axis, *start as usize, shape),
+        Op::ScatterAdd => kernels::scatter_add(inputs[0], inputs[1], shape)?,
         Op::Dropout { p, key } => {
             let scale = kernels::dropout_scale(*p, *key, x().len(), context.seed, context.step);
             x().data.iter().zip(scale).map(|(v, s)| v * s).collect()

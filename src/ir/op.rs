@@ -286,6 +286,14 @@ pub enum Op {
         /// The axis.
         axis: usize,
     },
+    /// The elements `start..start + n` along `axis`, `n` the node's size
+    /// along it (the gradient of a `concat`, for one of its operands).
+    Slice {
+        /// The axis.
+        axis: usize,
+        /// The first element taken along the axis.
+        start: u64,
+    },
     /// Zeroes each element with probability `p` and scales the rest by
     /// `1 / (1 - p)`. Only in train-mode graphs.
     Dropout {
@@ -314,6 +322,10 @@ pub enum Op {
     },
     /// Operands `ids` (i32) and `table` `[V, D]`: rows of the table.
     Embedding,
+    /// Operands `ids` (i32) and `rows` (the ids' shape and `[D]`): a
+    /// `[V, D]` table (the node's shape) of zeros with each row added
+    /// at its id (the gradient of an `embedding`'s table).
+    ScatterAdd,
     /// Operands `logits [N, C]`, `labels i32 [N]`: mean negative
     /// log-likelihood of log-softmax.
     CrossEntropy,
@@ -470,6 +482,8 @@ impl Op {
             Op::LogSoftmax { .. } => "log_softmax".into(),
             Op::Reshape => "reshape".into(),
             Op::Concat { .. } => "concat".into(),
+            Op::Slice { .. } => "slice".into(),
+            Op::ScatterAdd => "scatter_add".into(),
             Op::Dropout { .. } => "dropout".into(),
             Op::BatchNorm { training: true, .. } => "batch_norm.train".into(),
             Op::BatchNorm {
@@ -517,6 +531,7 @@ impl Op {
                 format!("axis={axis}")
             }
             Op::Dropout { p, key } => format!("p={p:?} key={key}"),
+            Op::Slice { axis, start } => format!("axis={axis} start={start}"),
             Op::BatchNorm { eps, momentum, .. } => format!("eps={eps:?} momentum={momentum:?}"),
             Op::LayerNorm { eps } => format!("eps={eps:?}"),
             Op::Input
@@ -526,6 +541,7 @@ impl Op {
             | Op::Transpose
             | Op::Reshape
             | Op::Embedding
+            | Op::ScatterAdd
             | Op::CrossEntropy
             | Op::Mse
             | Op::BceWithLogits
@@ -760,6 +776,48 @@ impl Op {
                 let shape = Shape(dims);
                 shape.element_count().ok_or(TypeError::Overflow)?;
                 Ok(Type::new(first.dtype, shape))
+            }
+            Op::Slice { axis, start } => {
+                arity(operands, 1)?;
+                let from = &operands[0].shape;
+                check_axis(*axis, from)?;
+                let fits = declared.shape.rank() == from.rank()
+                    && (0..from.rank()).all(|d| d == *axis || declared.shape.0[d] == from.0[d])
+                    && match (&from.0[*axis], &declared.shape.0[*axis]) {
+                        (Dim::Fixed(total), Dim::Fixed(n)) => {
+                            start.checked_add(*n).is_some_and(|end| end <= *total)
+                        }
+                        _ => false,
+                    };
+                if !fits {
+                    return Err(TypeError::Shapes {
+                        what: format!(
+                            "a fixed size along axis {axis} of which {} from {start} fits",
+                            declared.shape
+                        ),
+                        operands: (0, 0),
+                    });
+                }
+                Ok(Type::new(operands[0].dtype, declared.shape.clone()))
+            }
+            Op::ScatterAdd => {
+                arity(operands, 2)?;
+                integer(operands, 0)?;
+                float(operands, 1)?;
+                let (ids, rows) = (&operands[0].shape, &operands[1].shape);
+                let table = &declared.shape;
+                let fits = table.rank() == 2
+                    && rows.rank() == ids.rank() + 1
+                    && rows.0[..ids.rank()] == ids.0[..]
+                    && rows.0.last() == table.0.last()
+                    && matches!(table.0[0], Dim::Fixed(_));
+                if !fits {
+                    return Err(TypeError::Shapes {
+                        what: format!("rows of the ids' shape and a [V, D] table, not {table}"),
+                        operands: (0, 1),
+                    });
+                }
+                Ok(Type::new(operands[1].dtype, table.clone()))
             }
             Op::BatchNorm { .. } => {
                 arity(operands, 5)?;

@@ -66,6 +66,14 @@ impl Dim {
     pub fn is_one(&self) -> bool {
         *self == Dim::Fixed(1)
     }
+
+    /// The size if it is fixed, else 0 (callers know it is fixed).
+    pub fn fixed_size(&self) -> u64 {
+        match self {
+            Dim::Fixed(n) => *n,
+            Dim::Sym(_) => 0,
+        }
+    }
 }
 
 impl fmt::Display for Dim {

@@ -148,18 +148,18 @@ pub fn supported(graph: &Graph, id: NodeId) -> bool {
     if node.dtype() == DType::I32 {
         return false;
     }
-    match &node.op {
+    matches!(
+        &node.op,
         Op::Binary(_)
-        | Op::Unary(_)
-        | Op::LeakyRelu { .. }
-        | Op::Clamp { .. }
-        | Op::Identity
-        | Op::StopGradient
-        | Op::Expand
-        | Op::Select
-        | Op::Dropout { .. } => true,
-        _ => false,
-    }
+            | Op::Unary(_)
+            | Op::LeakyRelu { .. }
+            | Op::Clamp { .. }
+            | Op::Identity
+            | Op::StopGradient
+            | Op::Expand
+            | Op::Select
+            | Op::Dropout { .. }
+    )
 }
 
 /// Whether a node is the VJP of a `sum` or `mean` for its operand: the

@@ -645,11 +645,8 @@ fn mover_for(graph: &Graph, storage: &HashMap<NodeId, Elem>, id: NodeId) -> Opti
     match &graph.node(id).op {
         Op::Embedding => (stored(operands[0]) == Elem::F64 && stored(operands[1]) == own)
             .then_some((Mover::Gather, own)),
-        Op::Vjp {
-            forward,
-            operand: 1,
-        } if **forward == Op::Embedding => {
-            (stored(operands[1]) == Elem::F64).then(|| (Mover::Scatter, stored(operands[0])))
+        Op::ScatterAdd => {
+            (stored(operands[0]) == Elem::F64).then(|| (Mover::Scatter, stored(operands[1])))
         }
         _ => moved_operands(graph, id)?
             .iter()
@@ -667,12 +664,12 @@ fn moves(
     dims: &BTreeMap<String, usize>,
 ) -> Result<Option<Moves>, InterpError> {
     let operands = graph.operands(id);
-    // An embedding's operands: the ids, the table; its VJP's: the
-    // gradient, the ids, the table, its value.
+    // An embedding's operands: the ids, the table; a scatter-add's: the
+    // ids and the rows, into a table of its own shape.
     let (ids, rows, table) = match mover {
         Mover::Copy => return Ok(copy_blocks(graph, id, dims)?.map(Moves::Blocks)),
         Mover::Gather => (operands[0], operands[1], operands[1]),
-        Mover::Scatter => (operands[1], operands[0], operands[2]),
+        Mover::Scatter => (operands[0], operands[1], id),
     };
     let n: usize = interp::concrete(graph.node(ids).shape(), dims)?
         .iter()
@@ -699,11 +696,7 @@ fn moved_operands(graph: &Graph, id: NodeId) -> Option<Vec<NodeId>> {
         Op::Reshape => Some(vec![operands[0]]),
         Op::Transpose if rank(operands[0]) >= 2 => Some(vec![operands[0]]),
         Op::Concat { .. } => Some(operands),
-        Op::Vjp { forward, .. } => match forward.as_ref() {
-            Op::Reshape | Op::Concat { .. } => Some(vec![operands[0]]),
-            Op::Transpose if rank(operands[0]) >= 2 => Some(vec![operands[0]]),
-            _ => None,
-        },
+        Op::Slice { .. } => Some(vec![operands[0]]),
         _ => None,
     }
 }
@@ -771,29 +764,17 @@ fn copy_blocks(
                 .collect();
             Some(blocks)
         }
-        Op::Vjp { forward, operand } => {
-            let g = operands[0];
-            match forward.as_ref() {
-                Op::Reshape => Some(vec![(g, whole(shape_of(id)?.iter().product()))]),
-                Op::Transpose => transposed(&shape_of(g)?).map(|b| vec![(g, b)]),
-                Op::Concat { axis } => {
-                    // Operands: the gradient, the concat's inputs, its value.
-                    let inputs = &operands[1..operands.len() - 1];
-                    let parts = inputs
-                        .iter()
-                        .map(|&o| shape_of(o))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    let shape = shape_of(g)?;
-                    let (outer, start, width, row) = concat_part(&shape, *axis, &parts, *operand);
-                    let block = CopyBlock {
-                        counts: [outer, 1, width],
-                        from: (start, [row, 0, 1]),
-                        to: (0, [width, 0, 1]),
-                    };
-                    Some(vec![(g, block)])
-                }
-                _ => None,
-            }
+        Op::Slice { axis, start } => {
+            let shape = shape_of(operands[0])?;
+            let inner: usize = shape[axis + 1..].iter().product();
+            let outer: usize = shape[..*axis].iter().product();
+            let width = shape_of(id)?[*axis] * inner;
+            let block = CopyBlock {
+                counts: [outer, 1, width],
+                from: (*start as usize * inner, [shape[*axis] * inner, 0, 1]),
+                to: (0, [width, 0, 1]),
+            };
+            Some(vec![(operands[0], block)])
         }
         _ => None,
     })

@@ -752,9 +752,9 @@ impl Lowering<'_, '_> {
             Ok(map) => map.get(&x).copied(),
             Err(error) => {
                 self.report(
-                    Diagnostic::error(Code::NoHigherDerivative, span, format!("cannot build this gradient: {error}"))
+                    Diagnostic::error(Code::GradTarget, span, format!("cannot build this gradient: {error}"))
                         .with_label("this gradient")
-                        .with_help("the ops between `e` and `x` must all have derivative rules that build graphs; see docs/autodiff.md"),
+                        .with_help("every op has a derivative rule, so this is a compiler bug: please report it with this model"),
                 );
                 return Value::Poison;
             }

@@ -105,7 +105,6 @@ pub fn lower(
             float_dtype: options.float_dtype,
         };
         let train = lower_model(&context, model, Mode::Train, &mut diagnostics);
-        check_higher_order(&train, &mut diagnostics);
         losses.insert(model.name.name.clone(), train.loss().is_some());
         if diagnostics[before..].iter().any(Diagnostic::is_error) {
             continue;
@@ -346,62 +345,6 @@ struct Lowering<'a, 'd> {
     /// removed at the end if nothing else uses them.
     superseded: Vec<NodeId>,
     diagnostics: &'d mut Vec<Diagnostic>,
-}
-
-/// E0409: a `grad(...)` that the loss differentiates again through an op
-/// whose gradient is not yet built from differentiable ops (its rule is
-/// still a `Vjp` kernel). Reported once per op, at the op and the call.
-fn check_higher_order(graph: &Graph, diagnostics: &mut Vec<Diagnostic>) {
-    use crate::autodiff::{self, rules};
-    if graph.grad_calls.is_empty() || graph.loss().is_none() {
-        return;
-    }
-    let Ok(reach) = autodiff::reach(graph) else {
-        return;
-    };
-    let mut reported = BTreeSet::new();
-    for id in graph.ids() {
-        let node = graph.node(id);
-        let blocked = reach.gets_gradient(id)
-            && graph.operands(id).iter().enumerate().any(|(i, &operand)| {
-                reach.gets_gradient(operand) && rules::rule(&node.op, i) == rules::Rule::Missing
-            });
-        if !blocked {
-            continue;
-        }
-        let forward = node.backward.as_ref().map_or(id, |b| b.forward);
-        if !reported.insert(forward) {
-            continue;
-        }
-        let forward = graph.node(forward);
-        let mut diagnostic = Diagnostic::error(
-            Code::NoHigherDerivative,
-            forward.origin.span,
-            format!(
-                "the gradient of `{}` cannot be differentiated again",
-                forward.op.name()
-            ),
-        )
-        .with_label("a `grad(...)` passes through this, and the loss differentiates that gradient")
-        .with_help("ops whose gradients have second derivatives are listed in docs/autodiff.md; or keep this `grad(...)` out of the loss with `stop_gradient`");
-        let inside = graph.grad_calls.iter().find(|call| {
-            let mut stack = vec![call.value];
-            let mut seen = BTreeSet::new();
-            while let Some(current) = stack.pop() {
-                if current == id {
-                    return true;
-                }
-                if seen.insert(current) {
-                    stack.extend(graph.operands(current));
-                }
-            }
-            false
-        });
-        if let Some(call) = inside {
-            diagnostic = diagnostic.with_secondary(call.span, "this gradient");
-        }
-        diagnostics.push(diagnostic);
-    }
 }
 
 fn lower_model(
