@@ -424,11 +424,7 @@ fn count(graph: &Graph, id: NodeId, batch: u64) -> u64 {
 pub fn flops(graph: &Graph, id: NodeId, batch: u64) -> u64 {
     let node = graph.node(id);
     let operands = graph.operands(id);
-    let op = match &node.op {
-        Op::Vjp { forward, .. } => forward.as_ref(),
-        op => op,
-    };
-    match op {
+    match &node.op {
         Op::MatMul | Op::MatMulT { .. } => {
             // `2 k` per output element, `k` the length summed over: `a`'s
             // last axis, or for `a^T @ c` its rows (a batch's included).
@@ -457,10 +453,7 @@ pub fn flops(graph: &Graph, id: NodeId, batch: u64) -> u64 {
         | Op::CrossEntropy
         | Op::BatchNorm { .. }
         | Op::LayerNorm { .. } => {
-            let input = operands
-                .get(usize::from(matches!(node.op, Op::Vjp { .. })))
-                .copied()
-                .unwrap_or(id);
+            let input = operands.first().copied().unwrap_or(id);
             count(graph, input, batch).saturating_mul(5)
         }
         _ => count(graph, id, batch).max(operands.first().map_or(0, |&o| count(graph, o, batch))),

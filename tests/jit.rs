@@ -509,7 +509,7 @@ fn after_reordered_sums(graph: &gradc::ir::Graph) -> std::collections::BTreeSet<
     for id in graph.topo_order().expect("acyclic") {
         let node = graph.node(id);
         let row_exp = match &node.op {
-            Op::Vjp { forward, .. } => takes_exp(forward),
+            Op::Kernel(gradc::ir::KernelOp::CrossEntropyGradient) => true,
             op => takes_exp(op),
         };
         let full_sum = row_exp
@@ -807,7 +807,9 @@ train m { optimizer sgd(lr = 0.1) }
             if count == 3 {
                 for id in graph.ids() {
                     let name = graph.node(id).op.name();
-                    if ["softmax", "cross_entropy", "cross_entropy.vjp0"].contains(&name.as_ref()) {
+                    if ["softmax", "cross_entropy", "kernel.cross_entropy_gradient"]
+                        .contains(&name.as_ref())
+                    {
                         assert!(
                             got.values[&id].data.iter().all(|v| v.is_finite()),
                             "{name}: {:?}",
@@ -826,8 +828,7 @@ train m { optimizer sgd(lr = 0.1) }
                     "(cross_entropy",
                     "(logsumexp)",
                     "(layer_norm)",
-                    "softmax.vjp0",
-                    "mse.vjp",
+                    "(kernel.cross_entropy_gradient",
                 ] {
                     assert!(!line.contains(op), "{line}");
                 }
@@ -1472,10 +1473,13 @@ train m { optimizer sgd(lr = 0.1) }
             let node = graph.node(id);
             let moved = matches!(
                 node.op,
-                Op::Reshape | Op::Transpose | Op::Concat { .. } | Op::Embedding
-            ) || matches!(&node.op, Op::Vjp { forward, .. }
-                    if matches!(forward.as_ref(),
-                        Op::Reshape | Op::Transpose | Op::Concat { .. } | Op::Embedding));
+                Op::Reshape
+                    | Op::Transpose
+                    | Op::Concat { .. }
+                    | Op::Slice { .. }
+                    | Op::Embedding
+                    | Op::ScatterAdd
+            );
             if !moved {
                 continue;
             }

@@ -201,7 +201,6 @@ pub fn gradients(
             }
             let contribution = match rules::rule(&node.op, position) {
                 Rule::Graph => graph_rule(graph, id, &node, position, upstream, &operands)?,
-                Rule::Vjp => vjp(graph, id, &node, position, upstream, &operands)?,
                 Rule::PassThrough => upstream,
                 Rule::Stopped | Rule::NotDifferentiable => continue,
                 Rule::Missing => {
@@ -313,39 +312,6 @@ fn graph_rule(
     }
     let reduce = backward_node(graph, id, Op::SumTo, operand_type, grad_fn);
     Ok(graph.add(reduce, &[gradient]))
-}
-
-/// The vector-Jacobian product node for operand `position` of `id`, followed
-/// by a `sum_to` when broadcasting stretched the operand.
-fn vjp(
-    graph: &mut Graph,
-    id: NodeId,
-    node: &Node,
-    position: usize,
-    upstream: NodeId,
-    operands: &[NodeId],
-) -> Result<NodeId, AutodiffError> {
-    let op = Op::Vjp {
-        forward: Box::new(node.op.clone()),
-        operand: position,
-    };
-    let mut inputs = vec![upstream];
-    inputs.extend_from_slice(operands);
-    inputs.push(id);
-    let types: Vec<Type> = inputs.iter().map(|&i| graph.node(i).ty.clone()).collect();
-    let refs: Vec<&Type> = types.iter().collect();
-    let operand_type = graph.node(operands[position]).ty.clone();
-    let ty = op.infer(&refs, &operand_type).map_err(|e| {
-        AutodiffError::InvalidGraph(format!("{} rejects its gradient: {e:?}", node.op.name()))
-    })?;
-    let grad_fn = rules::grad_fn(&node.op);
-    let product = backward_node(graph, id, op, ty.clone(), grad_fn);
-    let product = graph.add(product, &inputs);
-    if ty.shape == operand_type.shape {
-        return Ok(product);
-    }
-    let reduce = backward_node(graph, id, Op::SumTo, operand_type, grad_fn);
-    Ok(graph.add(reduce, &[product]))
 }
 
 /// A node of the backward pass of `forward`: one order above `forward`

@@ -21,8 +21,6 @@ use crate::ir::{BinaryFn, Dim, NodeId, Op, ReduceFn, Shape, Type, UnaryFn};
 pub enum Rule {
     /// Forward ops compute it ([`gradient`]).
     Graph,
-    /// A `Vjp` node computes it.
-    Vjp,
     /// The upstream gradient itself (`identity`).
     PassThrough,
     /// `stop_gradient`: the operand is a constant to the backward pass.
@@ -74,8 +72,8 @@ pub fn rule(op: &Op, operand: usize) -> Rule {
         Op::CrossEntropy => Rule::Graph,
         Op::StopGradient => Rule::Stopped,
         Op::Identity => Rule::PassThrough,
-        // A kernel's gradient is not differentiated again.
-        Op::Vjp { .. } => Rule::Missing,
+        // Kernels the JIT substitutes after differentiation.
+        Op::Kernel(_) => Rule::Missing,
         // Labels and shapes: no derivative.
         Op::OneHot | Op::Count { .. } => Rule::NotDifferentiable,
         // Step-graph and monitor ops come after differentiation.
@@ -712,7 +710,7 @@ pub fn grad_fn(op: &Op) -> &'static str {
         Op::MatMulT { .. } => "MmBackward",
         Op::SumTo => "SumToBackward",
         Op::Expand => "ExpandBackward",
-        Op::Vjp { .. }
+        Op::Kernel(_)
         | Op::OneHot
         | Op::Count { .. }
         | Op::State
@@ -720,47 +718,4 @@ pub fn grad_fn(op: &Op) -> &'static str {
         | Op::ZeroFraction
         | Op::DeadFraction => "NoBackward",
     }
-}
-
-/// Which values a vector-Jacobian product reads: PyTorch's "saved
-/// tensors". Positions index the `Vjp` node's operands: 0 is the upstream
-/// gradient, `1..=n` the forward operands, `n + 1` the forward output.
-pub fn saved(op: &Op, operand: usize, arity: usize) -> Vec<usize> {
-    let output = arity + 1;
-    let input = |i: usize| i + 1;
-    let mut reads = vec![0];
-    match op {
-        Op::Unary(f) => reads.push(match f {
-            UnaryFn::Neg => return reads,
-            UnaryFn::Exp | UnaryFn::Sqrt | UnaryFn::Tanh | UnaryFn::Sigmoid | UnaryFn::Relu => {
-                output
-            }
-            _ => input(0),
-        }),
-        Op::LeakyRelu { .. } | Op::Clamp { .. } => reads.push(input(0)),
-        Op::Binary(BinaryFn::Add | BinaryFn::Sub)
-        | Op::Identity
-        | Op::Reshape
-        | Op::Transpose
-        | Op::Dropout { .. } => {}
-        Op::Binary(BinaryFn::Mul) => reads.push(input(1 - operand.min(1))),
-        Op::Binary(BinaryFn::Div) if operand == 0 => reads.push(input(1)),
-        Op::Binary(BinaryFn::Pow) if operand == 1 => reads.extend([input(0), input(1), output]),
-        Op::Binary(_) => reads.extend([input(0), input(1)]),
-        Op::MatMul => reads.push(input(1 - operand.min(1))),
-        Op::Reduce {
-            func: ReduceFn::Sum | ReduceFn::Mean,
-            ..
-        } => reads.push(input(0)),
-        Op::Reduce { .. } => reads.extend([input(0), output]),
-        Op::Softmax { .. } | Op::LogSoftmax { .. } => reads.extend([input(0), output]),
-        Op::Concat { .. } => reads.extend((0..arity).map(input)),
-        Op::BatchNorm { .. } => reads.extend((0..arity).map(input)),
-        Op::LayerNorm { .. } => reads.extend([input(0), input(1)]),
-        Op::Embedding | Op::CrossEntropy | Op::Mse | Op::BceWithLogits => {
-            reads.extend([input(0), input(1)])
-        }
-        _ => reads.extend((1..=output).collect::<Vec<_>>()),
-    }
-    reads
 }

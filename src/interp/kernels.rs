@@ -482,6 +482,31 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<f64, InterpErro
     Ok(total / n.max(1) as f64)
 }
 
+/// Cross-entropy's gradient for the logits, `(softmax(logits) -
+/// one_hot(labels)) * (g / N)`, in the order of the primitives the
+/// derivative rule builds (what `KernelOp::CrossEntropyGradient` replaces).
+pub fn cross_entropy_gradient(
+    g: &Tensor,
+    logits: &Tensor,
+    labels: &Tensor,
+) -> Result<Vec<f64>, InterpError> {
+    let (n, c) = (logits.shape[0], logits.shape[1]);
+    check_indices(&labels.data, c, "label")?;
+    let p = softmax(logits, 1);
+    let scale = g.data[0] / n as f64;
+    Ok(p.iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            let hot = if labels.data[i / c] as usize == i % c {
+                1.0
+            } else {
+                0.0
+            };
+            (p - hot) * scale
+        })
+        .collect())
+}
+
 /// Mean squared error.
 pub fn mse(pred: &Tensor, target: &Tensor) -> f64 {
     let n = pred.len().max(1) as f64;

@@ -12,12 +12,11 @@
 
 pub mod kernels;
 pub mod tensor;
-pub mod vjp;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use crate::ir::{DType, Dim, Graph, IdMap, NodeId, Op, Role, Shape};
+use crate::ir::{DType, Dim, Graph, IdMap, KernelOp, NodeId, Op, Role, Shape};
 pub use tensor::Tensor;
 
 /// What the random parts of a step depend on.
@@ -389,10 +388,8 @@ fn run(
         Op::CrossEntropy => vec![kernels::cross_entropy(inputs[0], inputs[1])?],
         Op::Mse => vec![kernels::mse(inputs[0], inputs[1])],
         Op::BceWithLogits => vec![kernels::bce_with_logits(inputs[0], inputs[1])],
-        Op::Vjp { forward, operand } => {
-            let n = inputs.len();
-            let (g, forward_inputs) = (inputs[0], &inputs[1..n - 1]);
-            vjp::vjp(forward, *operand, g, forward_inputs)?
+        Op::Kernel(KernelOp::CrossEntropyGradient) => {
+            kernels::cross_entropy_gradient(inputs[0], inputs[1], inputs[2])?
         }
         Op::SumTo => tensor::sum_to(&x().data, &x().shape, shape),
         Op::Select => kernels::select(inputs[0], inputs[1], inputs[2], shape),

@@ -28,5 +28,5 @@ pub use graph::{
     Backward, GradCall, Graph, IdBuildHasher, IdHasher, IdMap, Loc, Mode, Node, NodeId, Origin,
     Role,
 };
-pub use op::{BinaryFn, Init, Op, ReduceFn, TypeError, UnaryFn};
+pub use op::{BinaryFn, Init, KernelOp, Op, ReduceFn, TypeError, UnaryFn};
 pub use types::{DType, Dim, Shape, Type};

@@ -337,18 +337,10 @@ pub enum Op {
     StopGradient,
     /// The operand unchanged; carries a second role for one value.
     Identity,
-    /// The vector-Jacobian product of `forward` with respect to its operand
-    /// `operand`. Operands: the upstream gradient (the type of the forward
-    /// output), the forward op's operands, and the forward output. The
-    /// result has the operand's type, except for elementwise binary ops,
-    /// whose result has the broadcast shape (a `SumTo` follows). Built by
-    /// `autodiff`; the rule of each op is in `autodiff::rules`.
-    Vjp {
-        /// The forward op being differentiated.
-        forward: Box<Op>,
-        /// Which of its operands the gradient is for.
-        operand: usize,
-    },
+    /// A hand-written kernel the JIT puts in place of the primitive graph
+    /// it computes (`jit::patterns`), after differentiation: never built
+    /// by the compiler's front end, never differentiated.
+    Kernel(KernelOp),
     /// Operands `mask, a, b` (broadcast together): `a` where the mask is
     /// not 0, else `b` (`torch.where`). Derivative rules select with it, so
     /// that a gradient of 0 stays 0 even where the other branch is not
@@ -463,6 +455,15 @@ pub enum TypeError {
     },
 }
 
+/// The hand-written kernels the JIT recognises ([`Op::Kernel`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelOp {
+    /// Operands `g, logits [N, C], labels [N], loss`: cross-entropy's
+    /// gradient `(softmax(logits) - one_hot(labels)) * (g / N)` in one
+    /// pass per row.
+    CrossEntropyGradient,
+}
+
 impl Op {
     /// The op's name in the text IR.
     pub fn name(&self) -> String {
@@ -496,7 +497,7 @@ impl Op {
             Op::BceWithLogits => "bce_with_logits".into(),
             Op::StopGradient => "stop_gradient".into(),
             Op::Identity => "identity".into(),
-            Op::Vjp { forward, operand } => format!("{}.vjp{operand}", forward.name()),
+            Op::Kernel(KernelOp::CrossEntropyGradient) => "kernel.cross_entropy_gradient".into(),
             Op::SumTo => "sum_to".into(),
             Op::Select => "select".into(),
             Op::Expand => "expand".into(),
@@ -542,6 +543,7 @@ impl Op {
             | Op::Reshape
             | Op::Embedding
             | Op::ScatterAdd
+            | Op::Kernel(_)
             | Op::CrossEntropy
             | Op::Mse
             | Op::BceWithLogits
@@ -564,7 +566,6 @@ impl Op {
                 (false, true) => "transpose_b".into(),
                 (false, false) => String::new(),
             },
-            Op::Vjp { forward, .. } => forward.attributes(),
         }
     }
 
@@ -878,32 +879,9 @@ impl Op {
                 }
                 Ok(Type::new(operands[0].dtype, Shape::scalar()))
             }
-            Op::Vjp { forward, operand } => {
-                let n = operands.len();
-                if n < 3 {
-                    return Err(TypeError::Arity {
-                        expected: 3,
-                        found: n,
-                    });
-                }
-                let (grad, forward_operands, output) =
-                    (operands[0], &operands[1..n - 1], operands[n - 1]);
-                if forward.infer(forward_operands, output)? != *output || grad != output {
-                    return Err(TypeError::Shapes {
-                        what: "the forward op's types and a gradient of its output's type".into(),
-                        operands: (0, n - 1),
-                    });
-                }
-                let Some(&input) = forward_operands.get(*operand) else {
-                    return Err(TypeError::Arity {
-                        expected: operand + 1,
-                        found: forward_operands.len(),
-                    });
-                };
-                match **forward {
-                    Op::Binary(_) => Ok(Type::new(input.dtype, output.shape.clone())),
-                    _ => Ok(input.clone()),
-                }
+            Op::Kernel(KernelOp::CrossEntropyGradient) => {
+                arity(operands, 4)?;
+                Ok(operands[1].clone())
             }
             Op::SumTo => {
                 arity(operands, 1)?;

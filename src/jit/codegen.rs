@@ -162,34 +162,6 @@ pub fn supported(graph: &Graph, id: NodeId) -> bool {
     )
 }
 
-/// Whether a node is the VJP of a `sum` or `mean` for its operand: the
-/// gradient broadcast back over the reduced axes (divided by the count for
-/// a mean). The code generator compiles it as a kernel of its own, reading
-/// the gradient through its kept shape (`read_shape`).
-pub fn is_broadcast_back(graph: &Graph, id: NodeId) -> bool {
-    matches!(
-        &graph.node(id).op,
-        Op::Vjp { forward, operand: 0 }
-            if matches!(forward.as_ref(), Op::Reduce { func: ReduceFn::Sum | ReduceFn::Mean, .. })
-    ) && graph.node(id).dtype() != DType::I32
-}
-
-/// The shape a kernel reads an input as: its own, except the gradient of a
-/// broadcast back (`is_broadcast_back`), read as the forward operand's
-/// shape with the reduced axes of size 1, whatever `keepdims` was (its
-/// elements are in that order).
-fn read_shape(graph: &Graph, nodes: &[NodeId], input: NodeId) -> Shape {
-    for &id in nodes {
-        if let (true, Op::Vjp { forward, .. }) = (is_broadcast_back(graph, id), &graph.node(id).op)
-            && let Op::Reduce { axes, .. } = forward.as_ref()
-            && graph.operands(id).first() == Some(&input)
-        {
-            return graph.node(graph.operands(id)[1]).shape().kept(axes);
-        }
-    }
-    graph.node(input).shape().clone()
-}
-
 // The transcendental functions compiled code calls: the interpreter's own
 // scalar functions, so results stay bit-identical (`log` once per row of
 // a row kernel; `exp` everywhere, and `log`, `tanh`, `sigmoid` and
@@ -1495,7 +1467,7 @@ impl CodeCache {
         let single = |id: NodeId| graph.node(id).shape().0.iter().all(|d| d.is_one());
         let read_shapes: Vec<Shape> = inputs
             .iter()
-            .map(|&i| read_shape(graph, nodes, i))
+            .map(|&i| graph.node(i).shape().clone())
             .collect();
         let mut access: Vec<Access> = Vec::new();
         for shape in &read_shapes {
@@ -2001,14 +1973,11 @@ impl CodeCache {
             .first()
             .ok_or_else(|| CodegenError("row kernel: no output".into()))?;
         let mut elems = input_elems.to_vec();
-        // An output accumulated in place is `f64`, like a strided sum's.
-        elems.extend(outputs.iter().map(|&output| {
-            if op.accumulates() {
-                Elem::F64
-            } else {
-                Elem::of(graph.node(output).dtype())
-            }
-        }));
+        elems.extend(
+            outputs
+                .iter()
+                .map(|&output| Elem::of(graph.node(output).dtype())),
+        );
         // Rows of a static length: the kernel is compiled for that length
         // (`RowKernel::fixed_cols`), and binding refuses any other.
         let inputs = op.reads(&graph.operands(node));
@@ -3036,7 +3005,7 @@ fn f32_exact(graph: &Graph, nodes: &[NodeId], input_elems: &[Elem], outputs: &[N
                     // difference first; `bce_with_logits` takes `exp`).
                     !matches!(node.op, Op::Mse | Op::BceWithLogits)
                 } else {
-                    single_op(node) && !is_broadcast_back(graph, id)
+                    single_op(node)
                 }
         })
         && outputs

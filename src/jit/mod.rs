@@ -524,16 +524,9 @@ fn compile(
             loops.push(loop_shape);
             continue;
         }
-        // A gradient broadcast back over a sum's or mean's axes is a kernel
-        // of its own, reading the gradient through its kept shape.
-        let broadcast_back = matches!(body.as_slice(), [id]
-            if codegen::is_broadcast_back(graph, *id)
-                && graph.node(*id).shape() == &loop_shape
-                && !inside_kernel(&body, graph.operands(*id)[0]));
-        let compilable = broadcast_back
-            || (kernel.kind != fusion::Kind::Other
-                && !body.is_empty()
-                && body.iter().all(|&id| elementwise(id) || closing_sum(id)));
+        let compilable = kernel.kind != fusion::Kind::Other
+            && !body.is_empty()
+            && body.iter().all(|&id| elementwise(id) || closing_sum(id));
         if !compilable {
             let ops: Vec<String> = kernel
                 .nodes
@@ -1277,11 +1270,6 @@ fn kernel_factors(
     Ok(Some((ks, ms)))
 }
 
-/// Whether `id` is one of `body`'s nodes.
-fn inside_kernel(body: &[NodeId], id: NodeId) -> bool {
-    body.contains(&id)
-}
-
 /// The broadcast factors `(k, m)` that read `operand` of shape `from` at
 /// `(i / k) % m` for element `i` of `to`; `None` when broadcasting is not
 /// one contiguous block of axes.
@@ -1857,15 +1845,6 @@ fn plan_product(
             transpose_b: false,
         } if graph.node(operands[0]).shape().rank() == graph.node(operands[1]).shape().rank() => {
             ((operands[0], true), (operands[1], false))
-        }
-        Op::Vjp { forward, operand } if **forward == Op::MatMul => {
-            // Operands: the output gradient, A, B, the forward output.
-            let (g, a, b) = (operands[0], operands[1], operands[2]);
-            if *operand == 0 {
-                ((g, false), (b, true))
-            } else {
-                ((a, true), (g, false))
-            }
         }
         _ => return None,
     };

@@ -4,8 +4,8 @@
 //! (`autodiff::rules::gradient`), which every backend runs. Where a
 //! hand-written kernel computes one of those primitive graphs much faster,
 //! the JIT finds the graph after the passes and replaces it by one
-//! kernel node that reads only what the kernel needs, before planning
-//! kernels; the interpreter never sees it.
+//! kernel node ([`Op::Kernel`]) before planning kernels; the interpreter
+//! runs it only where the JIT hands a node back to it.
 //!
 //! Today one pattern: cross-entropy's gradient `(softmax(logits) -
 //! one_hot(labels)) * (g / count(labels))` becomes the one-pass row kernel
@@ -13,7 +13,7 @@
 //! loss's own row kernel. It computes the same values in the same order:
 //! `(p - hot) * (g / n)`.
 
-use crate::ir::{BinaryFn, Graph, NodeId, Op};
+use crate::ir::{BinaryFn, Graph, KernelOp, NodeId, Op};
 use crate::passes::{dce, replace};
 
 /// Replaces every recognised primitive graph by its kernel node; true if
@@ -62,9 +62,6 @@ fn cross_entropy_gradient(graph: &Graph, id: NodeId) -> Option<(Vec<NodeId>, Op)
     let loss = graph.users(logits).into_iter().find(|&user| {
         graph.node(user).op == Op::CrossEntropy && graph.operands(user) == [logits, labels]
     })?;
-    let op = Op::Vjp {
-        forward: Box::new(Op::CrossEntropy),
-        operand: 0,
-    };
+    let op = Op::Kernel(KernelOp::CrossEntropyGradient);
     Some((vec![g, logits, labels, loss], op))
 }

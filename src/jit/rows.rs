@@ -1,11 +1,12 @@
 //! Row kernels: the ops that reduce or normalize along the last axis
 //! (`max` and `logsumexp` over it, `softmax`, `log_softmax`,
-//! `cross_entropy`, the VJPs of the last three, of `mse` and of
-//! `bce_with_logits`, `layer_norm` with its VJPs, and a cross-entropy
-//! together with its VJP), compiled as a loop over rows with a few
-//! passes over each row's contiguous elements; and column kernels, the same
-//! loops over the columns of `[N, C]` (batch normalization, its VJPs and
-//! running statistics).
+//! `cross_entropy`, the cross-entropy gradient kernel the JIT recognises
+//! (`patterns`), `layer_norm`, and a cross-entropy together with its
+//! gradient), compiled as a loop over rows with a few passes over each
+//! row's contiguous elements; and column kernels, the same loops over the
+//! columns of `[N, C]` (batch normalization and its running statistics).
+//! Gradients are graphs of primitives (`autodiff::rules`): the JIT
+//! compiles them like any forward op.
 //!
 //! Each follows its interpreter kernel operation for operation (the same
 //! NaN-aware maximum, the same `f64` sums from the same starting value in
@@ -28,7 +29,7 @@ use cranelift_frontend::FunctionBuilder;
 
 use super::approx;
 use super::codegen::{self, Calls, CodegenError, Elem, call};
-use crate::ir::{DType, Graph, NodeId, Op, ReduceFn};
+use crate::ir::{DType, Graph, KernelOp, NodeId, Op, ReduceFn};
 
 /// What a row kernel computes. Rows are the leading axes flattened, `cols`
 /// the last axis.
@@ -57,42 +58,12 @@ pub enum RowOp {
         /// The VJP's `g`.
         g: f64,
     },
-    /// `y * (g - sum(g * y))` per row. Reads `g`, `y`; writes `rows x cols`.
-    SoftmaxVjp,
-    /// `g - exp(y) * sum(g)` per row. Reads `g`, `y`; writes `rows x cols`.
-    LogSoftmaxVjp,
-    /// The VJP of the mean squared error for the prediction (or, when
-    /// `negate`, the target): `±2 (p - t) g / n` elementwise. Reads `g`
-    /// (one value), `p`, `t`; writes `rows x cols`.
-    MseVjp {
-        /// For the target: the sign flips.
-        negate: bool,
-    },
-    /// The VJP of `bce_with_logits` for the logits, `(sigmoid(x) - t) g /
-    /// n` elementwise, or (`target`) for the target, `-x g / n`. Reads `g`
-    /// (one value), `x`, `t`; writes `rows x cols`.
-    BceVjp {
-        /// For the target.
-        target: bool,
-    },
     /// Layer normalization over the last axis: `(x - mean) / sqrt(var +
     /// eps) * gamma + beta` with the row's mean and biased variance. Reads
     /// `x`, `gamma`, `beta` (`cols` each); writes `rows x cols`.
     LayerNorm {
         /// Added to the variance.
         eps: f64,
-    },
-    /// A VJP of layer normalization, as `interp::vjp` computes it from the
-    /// row's mean and `rstd = 1 / sqrt(var + eps)`, with `xhat = (x - mean)
-    /// rstd` and `d = g gamma`: for `x` (operand 0), `rstd / n (n d -
-    /// sum(d) - xhat sum(d xhat))` per row, `rows x cols`; for `gamma` (1)
-    /// and `beta` (2), `sum(g xhat)` and `sum(g)` over the rows, `cols`
-    /// values accumulated in `f64` (`accumulates`). Reads `g`, `x`, `gamma`.
-    LayerNormVjp {
-        /// Added to the variance.
-        eps: f64,
-        /// Which operand's gradient: 0, 1 or 2.
-        operand: usize,
     },
     /// Batch normalization of `x: [N, C]` (the channels are the columns),
     /// a loop over columns: in train mode with each column's mean and
@@ -104,14 +75,6 @@ pub enum RowOp {
         eps: f64,
         /// Batch statistics (else the running ones).
         training: bool,
-    },
-    /// A VJP of train-mode batch normalization of `[N, C]`, as
-    /// `LayerNormVjp` with columns for rows. Reads `g`, `x`, `gamma`.
-    BatchNormVjp {
-        /// Added to the variance.
-        eps: f64,
-        /// Which operand's gradient: 0, 1 or 2.
-        operand: usize,
     },
     /// The new running mean (or variance, with the unbiased batch variance)
     /// of a column: `(1 - momentum) running + momentum batch`. Reads `x`
@@ -146,64 +109,18 @@ impl RowOp {
             Op::LayerNorm { eps } if rank(0).is_some_and(|r| r >= 1) => {
                 Some(RowOp::LayerNorm { eps: *eps })
             }
-            Op::Vjp {
-                forward,
-                operand: 1,
-            } if **forward == Op::Mse && rank(1).is_some_and(|r| r >= 1) => {
-                Some(RowOp::MseVjp { negate: true })
-            }
-            Op::Vjp { forward, operand }
-                if rank(1).is_some_and(|r| r >= 1)
-                    && *operand <= 2
-                    && let Op::LayerNorm { eps } = forward.as_ref() =>
-            {
-                Some(RowOp::LayerNormVjp {
-                    eps: *eps,
-                    operand: *operand,
-                })
-            }
             Op::BatchNorm { eps, training, .. } if rank(0) == Some(2) => Some(RowOp::BatchNorm {
                 eps: *eps,
                 training: *training,
             }),
-            Op::Vjp { forward, operand }
-                if rank(1) == Some(2)
-                    && *operand <= 2
-                    && let Op::BatchNorm {
-                        eps,
-                        training: true,
-                        ..
-                    } = forward.as_ref() =>
-            {
-                Some(RowOp::BatchNormVjp {
-                    eps: *eps,
-                    operand: *operand,
-                })
-            }
             Op::RunningStat { momentum, variance } if rank(0) == Some(2) => {
                 Some(RowOp::RunningStat {
                     momentum: *momentum,
                     variance: *variance,
                 })
             }
-            Op::Vjp {
-                forward,
-                operand: 0,
-            } => match forward.as_ref() {
-                Op::CrossEntropy if rank(1) == Some(2) => Some(RowOp::CrossEntropyVjp),
-                Op::Softmax { axis } if last(*axis, 1) => Some(RowOp::SoftmaxVjp),
-                Op::LogSoftmax { axis } if last(*axis, 1) => Some(RowOp::LogSoftmaxVjp),
-                Op::Mse if rank(1).is_some_and(|r| r >= 1) => Some(RowOp::MseVjp { negate: false }),
-                Op::BceWithLogits if rank(1).is_some_and(|r| r >= 1) => {
-                    Some(RowOp::BceVjp { target: false })
-                }
-                _ => None,
-            },
-            Op::Vjp {
-                forward,
-                operand: 1,
-            } if **forward == Op::BceWithLogits && rank(1).is_some_and(|r| r >= 1) => {
-                Some(RowOp::BceVjp { target: true })
+            Op::Kernel(KernelOp::CrossEntropyGradient) if rank(1) == Some(2) => {
+                Some(RowOp::CrossEntropyVjp)
             }
             _ => None,
         }
@@ -212,7 +129,6 @@ impl RowOp {
     /// The graph values the kernel reads, in argument order, from the
     /// node's operands (a VJP's are `[g, forward operands..., y]`).
     pub fn reads(self, operands: &[NodeId]) -> Vec<NodeId> {
-        let last = operands[operands.len() - 1];
         match self {
             RowOp::Max | RowOp::LogSumExp | RowOp::Softmax | RowOp::LogSoftmax => {
                 vec![operands[0]]
@@ -228,27 +144,14 @@ impl RowOp {
                 training: false, ..
             } => operands[..5].to_vec(),
             RowOp::RunningStat { .. } => vec![operands[0], operands[1]],
-            RowOp::CrossEntropyVjp
-            | RowOp::MseVjp { .. }
-            | RowOp::BceVjp { .. }
-            | RowOp::LayerNormVjp { .. }
-            | RowOp::BatchNormVjp { .. } => {
-                vec![operands[0], operands[1], operands[2]]
-            }
-            RowOp::SoftmaxVjp | RowOp::LogSoftmaxVjp => vec![operands[0], last],
+            RowOp::CrossEntropyVjp => vec![operands[0], operands[1], operands[2]],
         }
     }
 
     /// Which of the values read has the `rows x cols` shape.
     pub fn shaped_by(self) -> usize {
         match self {
-            RowOp::CrossEntropyVjp
-            | RowOp::SoftmaxVjp
-            | RowOp::LogSoftmaxVjp
-            | RowOp::MseVjp { .. }
-            | RowOp::BceVjp { .. }
-            | RowOp::LayerNormVjp { .. }
-            | RowOp::BatchNormVjp { .. } => 1,
+            RowOp::CrossEntropyVjp => 1,
             _ => 0,
         }
     }
@@ -272,17 +175,11 @@ impl RowOp {
             RowOp::Softmax | RowOp::LogSoftmax => (vec![all], all),
             RowOp::CrossEntropy => (vec![all, rows], 1),
             RowOp::CrossEntropyVjp => (vec![1, all, rows], all),
-            RowOp::MseVjp { .. } | RowOp::BceVjp { .. } => (vec![1, all, all], all),
-            RowOp::SoftmaxVjp | RowOp::LogSoftmaxVjp => (vec![all, all], all),
             RowOp::LayerNorm { .. } => (vec![all, cols, cols], all),
-            RowOp::LayerNormVjp { operand: 0, .. } => (vec![all, all, cols], all),
-            RowOp::LayerNormVjp { .. } => (vec![all, all, cols], cols),
             RowOp::BatchNorm { training: true, .. } => (vec![all, cols, cols], all),
             RowOp::BatchNorm {
                 training: false, ..
             } => (vec![all, cols, cols, cols, cols], all),
-            RowOp::BatchNormVjp { operand: 0, .. } => (vec![all, all, cols], all),
-            RowOp::BatchNormVjp { .. } => (vec![all, all, cols], cols),
             RowOp::RunningStat { .. } => (vec![all, cols], cols),
         };
         (reads, vec![output])
@@ -296,12 +193,6 @@ impl RowOp {
             RowOp::BatchNorm { training: true, .. } => 2,
             _ => 0,
         }
-    }
-
-    /// Whether the kernel accumulates its output over the rows (in place:
-    /// the output is stored as `f64` and rounded once at the end).
-    pub fn accumulates(self) -> bool {
-        matches!(self, RowOp::LayerNormVjp { operand, .. } if operand > 0)
     }
 
     /// Whether the kernel writes a row's softmax (`write_softmax`), which
@@ -461,79 +352,6 @@ fn row_moments(
         Ok(vec![b.ins().fadd(carried[0], square)])
     })?[0];
     Ok((mean, b.ins().fdiv(squares, count)))
-}
-
-/// The lines (rows, or columns) one normalization VJP reads and writes:
-/// the gradient, the input, the output, and their length.
-struct Lines {
-    g: Row,
-    x: Row,
-    out: Row,
-    len: Value,
-}
-
-/// A line's mean and `rstd = 1 / sqrt(var + eps)`, as `interp::vjp`'s
-/// normalization VJP computes them.
-fn line_statistics(
-    b: &mut FunctionBuilder<'_>,
-    line: Row,
-    len: Value,
-    eps: f64,
-) -> Result<(Value, Value), CodegenError> {
-    let (mean, var) = row_moments(b, line, len)?;
-    let eps = b.ins().f64const(eps);
-    let shifted = b.ins().fadd(var, eps);
-    let root = b.ins().sqrt(shifted);
-    let one = b.ins().f64const(1.0);
-    Ok((mean, b.ins().fdiv(one, root)))
-}
-
-/// `xhat = (x - mean) rstd` at element `j` of a line.
-fn normalized(b: &mut FunctionBuilder<'_>, line: Row, mean: Value, rstd: Value, j: Value) -> Value {
-    let v = load(b, line, j);
-    let centered = b.ins().fsub(v, mean);
-    b.ins().fmul(centered, rstd)
-}
-
-/// The gradient of a normalization's input over one line, as
-/// `interp::vjp` has it: with `d = g gamma(j)`, `sum(d)` and `sum(d
-/// xhat)` from 0 in order, then `rstd / n (n d - sum(d) - xhat sum(d
-/// xhat))` for each element, `n` the line's length.
-fn normalization_dx(
-    b: &mut FunctionBuilder<'_>,
-    lines: Lines,
-    mean: Value,
-    rstd: Value,
-    f32: bool,
-    gamma: impl Fn(&mut FunctionBuilder<'_>, Value) -> Value,
-) -> Result<(), CodegenError> {
-    let Lines { g, x, out, len } = lines;
-    let n = b.ins().fcvt_from_uint(types::F64, len);
-    let zero = b.ins().f64const(0.0);
-    let sums = counted_loop(b, len, &[zero, zero], |b, j, carried| {
-        let gj = load(b, g, j);
-        let scale = gamma(b, j);
-        let d = b.ins().fmul(gj, scale);
-        let xhat = normalized(b, x, mean, rstd, j);
-        let dx = b.ins().fmul(d, xhat);
-        Ok(vec![
-            b.ins().fadd(carried[0], d),
-            b.ins().fadd(carried[1], dx),
-        ])
-    })?;
-    let (sum, dot) = (sums[0], sums[1]);
-    let factor = b.ins().fdiv(rstd, n);
-    write_row(b, len, f32, out, |b, j| {
-        let gj = load(b, g, j);
-        let scale = gamma(b, j);
-        let d = b.ins().fmul(gj, scale);
-        let xhat = normalized(b, x, mean, rstd, j);
-        let nd = b.ins().fmul(n, d);
-        let centered = b.ins().fsub(nd, sum);
-        let projected = b.ins().fmul(xhat, dot);
-        let inner = b.ins().fsub(centered, projected);
-        Ok(b.ins().fmul(factor, inner))
-    })
 }
 
 /// The row's maximum as `kernels::group_max` takes it: from -inf, a value
@@ -1133,53 +951,6 @@ pub(super) fn emit(
             };
             store_mean(b, total, rows, f32, out);
         }
-        RowOp::MseVjp { negate } => {
-            // `sign * 2 * (p - t) * g / n`, in that order, as `interp::vjp`.
-            let g = codegen::load(b, bases[0].elem, false, bases[0].base);
-            let all = b.ins().imul(rows, cols);
-            let one = b.ins().iconst(types::I64, 1);
-            let all = b.ins().umax(all, one);
-            let count = b.ins().fcvt_from_uint(types::F64, all);
-            let factor = b.ins().f64const(if negate { -2.0 } else { 2.0 });
-            counted_loop(b, rows, &[], |b, r, _| {
-                let (p_row, t_row) = (row_of(b, bases[1], r), row_of(b, bases[2], r));
-                let out_row = row_of(b, out, r);
-                write_row(b, cols, f32, out_row, |b, j| {
-                    let p = load(b, p_row, j);
-                    let t = load(b, t_row, j);
-                    let difference = b.ins().fsub(p, t);
-                    let value = b.ins().fmul(factor, difference);
-                    let value = b.ins().fmul(value, g);
-                    let value = b.ins().fdiv(value, count);
-                    Ok(value)
-                })?;
-                Ok(vec![])
-            })?;
-        }
-        RowOp::BceVjp { target } => {
-            // `(sigmoid(x) - t) * (g / n)` or `-x * (g / n)`, as
-            // `interp::vjp`.
-            let g = codegen::load(b, bases[0].elem, false, bases[0].base);
-            let all = b.ins().imul(rows, cols);
-            let count = row_count(b, all);
-            let scale = b.ins().fdiv(g, count);
-            counted_loop(b, rows, &[], |b, r, _| {
-                let (x_row, t_row) = (row_of(b, bases[1], r), row_of(b, bases[2], r));
-                let out_row = row_of(b, out, r);
-                write_row(b, cols, f32, out_row, |b, j| {
-                    let x = load(b, x_row, j);
-                    let factor = if target {
-                        b.ins().fneg(x)
-                    } else {
-                        let t = load(b, t_row, j);
-                        let p = approx::sigmoid(b, x);
-                        b.ins().fsub(p, t)
-                    };
-                    Ok(b.ins().fmul(factor, scale))
-                })?;
-                Ok(vec![])
-            })?;
-        }
         RowOp::LayerNorm { eps } => {
             counted_loop(b, rows, &[], |b, r, _| {
                 let (row, out_row) = (row_of(b, bases[0], r), row_of(b, out, r));
@@ -1199,62 +970,6 @@ pub(super) fn emit(
                 })?;
                 Ok(vec![])
             })?;
-        }
-        RowOp::LayerNormVjp { eps, operand } => {
-            let gamma = bases[2];
-            if operand == 0 {
-                counted_loop(b, rows, &[], |b, r, _| {
-                    let (g_row, x_row) = (row_of(b, bases[0], r), row_of(b, bases[1], r));
-                    let (mean, rstd) = line_statistics(b, x_row, cols, eps)?;
-                    let lines = Lines {
-                        g: g_row,
-                        x: x_row,
-                        out: row_of(b, out, r),
-                        len: cols,
-                    };
-                    normalization_dx(b, lines, mean, rstd, f32, |b, j| load(b, gamma, j))?;
-                    Ok(vec![])
-                })?;
-            } else {
-                // out[j] += g xhat (gamma) or g (beta), row after row, in
-                // `f64`; then rounded once.
-                let zero = b.ins().f64const(0.0);
-                counted_loop(b, cols, &[], |b, j, _| {
-                    store(b, zero, out, j);
-                    Ok(vec![])
-                })?;
-                counted_loop(b, rows, &[], |b, r, _| {
-                    let (g_row, x_row) = (row_of(b, bases[0], r), row_of(b, bases[1], r));
-                    let moments = if operand == 1 {
-                        Some(line_statistics(b, x_row, cols, eps)?)
-                    } else {
-                        None
-                    };
-                    counted_loop(b, cols, &[], |b, j, _| {
-                        let g = load(b, g_row, j);
-                        let term = match moments {
-                            Some((mean, rstd)) => {
-                                let x = normalized(b, x_row, mean, rstd, j);
-                                b.ins().fmul(g, x)
-                            }
-                            None => g,
-                        };
-                        let total = load(b, out, j);
-                        let total = b.ins().fadd(total, term);
-                        store(b, total, out, j);
-                        Ok(vec![])
-                    })?;
-                    Ok(vec![])
-                })?;
-                if f32 {
-                    counted_loop(b, cols, &[], |b, j, _| {
-                        let total = load(b, out, j);
-                        let total = rounded(b, true, total);
-                        store(b, total, out, j);
-                        Ok(vec![])
-                    })?;
-                }
-            }
         }
         RowOp::BatchNorm { eps, training } => {
             counted_loop(b, cols, &[], |b, c, _| {
@@ -1276,39 +991,6 @@ pub(super) fn emit(
                     let scaled = b.ins().fmul(normalized, gamma);
                     Ok(b.ins().fadd(scaled, beta))
                 })?;
-                Ok(vec![])
-            })?;
-        }
-        RowOp::BatchNormVjp { eps, operand } => {
-            // The normalization VJP with a column per channel.
-            counted_loop(b, cols, &[], |b, c, _| {
-                let (g_col, x_col) = (column_of(b, bases[0], c), column_of(b, bases[1], c));
-                let (mean, rstd) = line_statistics(b, x_col, rows, eps)?;
-                let gamma = load(b, bases[2], c);
-                if operand == 0 {
-                    let lines = Lines {
-                        g: g_col,
-                        x: x_col,
-                        out: column_of(b, out, c),
-                        len: rows,
-                    };
-                    normalization_dx(b, lines, mean, rstd, f32, |_, _| gamma)?;
-                } else {
-                    // sum(g xhat) for gamma, sum(g) for beta, from 0.
-                    let zero = b.ins().f64const(0.0);
-                    let total = counted_loop(b, rows, &[zero], |b, r, carried| {
-                        let g = load(b, g_col, r);
-                        let term = if operand == 1 {
-                            let x = normalized(b, x_col, mean, rstd, r);
-                            b.ins().fmul(g, x)
-                        } else {
-                            g
-                        };
-                        Ok(vec![b.ins().fadd(carried[0], term)])
-                    })?[0];
-                    let total = rounded(b, f32, total);
-                    store(b, total, out, c);
-                }
                 Ok(vec![])
             })?;
         }
@@ -1338,39 +1020,6 @@ pub(super) fn emit(
                 let value = b.ins().fadd(kept, added);
                 let value = rounded(b, f32, value);
                 store(b, value, out, c);
-                Ok(vec![])
-            })?;
-        }
-        RowOp::SoftmaxVjp | RowOp::LogSoftmaxVjp => {
-            counted_loop(b, rows, &[], |b, r, _| {
-                let g_row = row_of(b, bases[0], r);
-                let y_row = row_of(b, bases[1], r);
-                let out_row = row_of(b, out, r);
-                // softmax: sum(g * y); log_softmax: sum(g); from 0, in order.
-                let zero = b.ins().f64const(0.0);
-                let total = counted_loop(b, cols, &[zero], |b, j, carried| {
-                    let g = load(b, g_row, j);
-                    let term = if op == RowOp::SoftmaxVjp {
-                        let y = load(b, y_row, j);
-                        b.ins().fmul(g, y)
-                    } else {
-                        g
-                    };
-                    Ok(vec![b.ins().fadd(carried[0], term)])
-                })?[0];
-                write_row(b, cols, f32, out_row, |b, j| {
-                    let g = load(b, g_row, j);
-                    let y = load(b, y_row, j);
-                    let value = if op == RowOp::SoftmaxVjp {
-                        let difference = b.ins().fsub(g, total);
-                        b.ins().fmul(y, difference)
-                    } else {
-                        let e = approx::exp(b, y);
-                        let scaled = b.ins().fmul(e, total);
-                        b.ins().fsub(g, scaled)
-                    };
-                    Ok(value)
-                })?;
                 Ok(vec![])
             })?;
         }

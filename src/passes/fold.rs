@@ -27,7 +27,7 @@ pub fn run(graph: &mut Graph) -> bool {
             && node.shape().is_scalar()
             && !operands.is_empty()
             && operands.iter().all(|&o| matches!(graph.node(o).op, Op::Constant(_)))
-            && !matches!(node.op, Op::Dropout { .. } | Op::Vjp { .. } | Op::ZeroFraction | Op::DeadFraction)
+            && !matches!(node.op, Op::Dropout { .. } | Op::Kernel(_) | Op::ZeroFraction | Op::DeadFraction)
             // An identity that carries a role is how a folded result keeps it.
             && (node.op != Op::Identity || node.role == Role::Intermediate);
         if !foldable {

@@ -26,8 +26,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write;
 
-use crate::autodiff::rules;
-use crate::ir::{BinaryFn, Graph, NodeId, Op, Role, Shape, UnaryFn};
+use crate::ir::{BinaryFn, Graph, KernelOp, NodeId, Op, Role, Shape, UnaryFn};
 
 /// What a kernel does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,17 +70,14 @@ pub struct Plan {
     pub kernel_of: HashMap<NodeId, usize>,
 }
 
-/// The values a node actually reads: for a `Vjp` node only what its rule
-/// saves (`rules::saved`), for every other node all its operands.
+/// The values a node actually reads: all its operands, but the loss a
+/// cross-entropy gradient kernel names only to be fused with it.
 pub fn reads(graph: &Graph, id: NodeId) -> Vec<NodeId> {
-    let operands = graph.operands(id);
-    match &graph.node(id).op {
-        Op::Vjp { forward, operand } => rules::saved(forward, *operand, operands.len() - 2)
-            .into_iter()
-            .filter_map(|i| operands.get(i).copied())
-            .collect(),
-        _ => operands,
+    let mut operands = graph.operands(id);
+    if graph.node(id).op == Op::Kernel(KernelOp::CrossEntropyGradient) {
+        operands.truncate(3);
     }
+    operands
 }
 
 impl Plan {
@@ -144,8 +140,6 @@ fn is_elementwise(op: &Op) -> bool {
         | Op::Expand
         | Op::Select
         | Op::StopGradient => true,
-        // The VJP of an elementwise op is elementwise too.
-        Op::Vjp { forward, .. } => **forward != Op::StopGradient && is_elementwise(forward),
         _ => false,
     }
 }
@@ -163,11 +157,7 @@ fn is_reduction(op: &Op) -> bool {
 }
 
 fn is_matmul(op: &Op) -> bool {
-    match op {
-        Op::MatMul | Op::MatMulT { .. } => true,
-        Op::Vjp { forward, .. } => matches!(forward.as_ref(), Op::MatMul),
-        _ => false,
-    }
+    matches!(op, Op::MatMul | Op::MatMulT { .. })
 }
 
 /// Partitions the graph into kernels.
@@ -349,8 +339,6 @@ pub fn describe(graph: &Graph, id: NodeId, number: &HashMap<NodeId, usize>) -> S
     let mut text = format!("%{} {}", number[&id], node.op.name());
     if let Some(backward) = &node.backward {
         let _ = write!(text, " [{}]", backward.grad_fn);
-    } else if let Op::Vjp { forward, .. } = &node.op {
-        let _ = write!(text, " [{}]", rules::grad_fn(forward));
     }
     let _ = write!(text, " @{}:{}", node.origin.line, node.origin.col);
     text
