@@ -130,18 +130,18 @@ impl Plan {
 }
 
 fn is_elementwise(op: &Op) -> bool {
-    match op {
+    matches!(
+        op,
         Op::Unary(_)
-        | Op::LeakyRelu { .. }
-        | Op::Clamp { .. }
-        | Op::Binary(_)
-        | Op::Dropout { .. }
-        | Op::Identity
-        | Op::Expand
-        | Op::Select
-        | Op::StopGradient => true,
-        _ => false,
-    }
+            | Op::LeakyRelu { .. }
+            | Op::Clamp { .. }
+            | Op::Binary(_)
+            | Op::Dropout { .. }
+            | Op::Identity
+            | Op::Expand
+            | Op::Select
+            | Op::StopGradient
+    )
 }
 
 fn is_reduction(op: &Op) -> bool {
