@@ -86,3 +86,41 @@ fn every_source_file_starts_with_a_module_doc() {
         }
     }
 }
+
+/// The `grad_fn` names of the rule table, `"...Backward"` literals in
+/// `src/autodiff/rules.rs`.
+fn rule_table_names() -> std::collections::BTreeSet<String> {
+    let source = read("src/autodiff/rules.rs");
+    source
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|s| s.ends_with("Backward") && s.chars().all(char::is_alphanumeric))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn autodiff_doc_lists_every_rule() {
+    let doc = read("docs/autodiff.md");
+    let names = rule_table_names();
+    assert!(names.len() > 40, "found only {names:?}");
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|name| *name != "NoBackward" && !doc.contains(name.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/autodiff.md's rule table lacks {missing:?}"
+    );
+    // And the table names no rule that does not exist.
+    let table = doc
+        .lines()
+        .filter(|line| line.starts_with("| `"))
+        .flat_map(|line| line.split('|').nth(2).unwrap_or("").split(','))
+        .map(|name| name.trim().trim_matches(|c| c == '(' || c == ')'))
+        .filter(|name| name.ends_with("Backward"));
+    for name in table {
+        assert!(names.contains(name), "docs/autodiff.md names `{name}`, no rule has it");
+    }
+}
