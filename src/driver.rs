@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use crate::diagnostic::{Code, Diagnostic, Span, render};
+use crate::format::thousands;
 use crate::ir::{Graph, Mode, Role};
 use crate::lower::{self, LowerOptions, LoweredModel};
 use crate::syntax;
@@ -261,17 +262,4 @@ pub fn summary(model: &LoweredModel) -> String {
         line.push_str(", no loss");
     }
     line
-}
-
-/// `1234567` as `1,234,567`.
-pub fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }

@@ -19,7 +19,7 @@ use std::fmt::Write;
 
 use crate::autodiff::{self, AutodiffError, rules};
 use crate::diagnostic::Span;
-use crate::driver::thousands;
+use crate::format::thousands;
 use crate::ir::{Dim, Graph, Loc, NodeId, Op, Role};
 
 /// Why no gradient reaches a param.

@@ -35,6 +35,7 @@ pub mod cli;
 pub mod diagnostic;
 pub mod driver;
 pub mod files;
+pub mod format;
 pub mod gradcheck;
 pub mod interp;
 pub mod ir;

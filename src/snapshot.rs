@@ -50,7 +50,7 @@ pub fn kernels(model: &LoweredModel, mode: Mode) -> Result<String, AutodiffError
     let plan = fusion::plan(&graph);
     let batch = model.train_config.as_ref().map_or(32, |c| c.batch);
     let memory = memory::plan(&graph, &plan, batch);
-    Ok(fusion::render(&graph, &plan, &memory))
+    Ok(fusion::render(&graph, &plan) + &memory::render(&memory))
 }
 
 /// `text` without source positions: every ` @LINE:COL` and ` (inlined at

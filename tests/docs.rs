@@ -121,6 +121,9 @@ fn autodiff_doc_lists_every_rule() {
         .map(|name| name.trim().trim_matches(|c| c == '(' || c == ')'))
         .filter(|name| name.ends_with("Backward"));
     for name in table {
-        assert!(names.contains(name), "docs/autodiff.md names `{name}`, no rule has it");
+        assert!(
+            names.contains(name),
+            "docs/autodiff.md names `{name}`, no rule has it"
+        );
     }
 }

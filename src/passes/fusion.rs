@@ -344,8 +344,9 @@ pub fn describe(graph: &Graph, id: NodeId, number: &HashMap<NodeId, usize>) -> S
     text
 }
 
-/// Renders the plan, with ids numbered as in the canonical text form.
-pub fn render(graph: &Graph, plan: &Plan, memory: &super::memory::MemoryPlan) -> String {
+/// Renders the plan, with ids numbered as in the canonical text form
+/// (`snapshot` adds the memory plan's summary).
+pub fn render(graph: &Graph, plan: &Plan) -> String {
     let order = graph.topo_order().unwrap_or_else(|| graph.ids());
     let number: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
     let ids = |list: &[NodeId]| {
@@ -402,6 +403,5 @@ pub fn render(graph: &Graph, plan: &Plan, memory: &super::memory::MemoryPlan) ->
         let _ = writeln!(out, "    in: {}", ids(&plan.inputs(graph, k)));
         let _ = writeln!(out, "    out: {}", ids(&plan.outputs(graph, k)));
     }
-    out.push_str(&super::memory::render(memory));
     out
 }

@@ -13,7 +13,7 @@
 use std::fmt::Write;
 
 use super::fusion::Plan;
-use crate::driver::thousands;
+use crate::format::thousands;
 use crate::ir::{Dim, Graph, NodeId, Role};
 
 /// The memory plan.
