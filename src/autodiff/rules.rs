@@ -1,17 +1,15 @@
 //! The derivative rule table: for every [`Op`] and operand, how the
 //! gradient flows back, and the `grad_fn` name PyTorch gives the rule.
 //!
-//! A rule is either a graph or a kernel. [`Rule::Graph`] rules are written
-//! here, in [`gradient`], as nodes of the forward op set (tinygrad's
-//! `gradient.py`, JAX's primitives): `tanh`'s is `g * (1 - y * y)`, `mul`'s
-//! `g * b` and `g * a`. Their gradients are ordinary forward ops, which
-//! every backend already runs and which can be differentiated again: one
-//! definition per op. The other ops still have a [`Rule::Vjp`]: a `Vjp`
-//! node whose kernel is written beside the interpreter's forward kernels
-//! (`interp::vjp`) and compiled by the JIT; they move to graph rules as the
-//! forward op set grows the primitives they need (a select for `relu`,
-//! `max` and `clamp`, a broadcast for the reductions, `erf` for `gelu`).
-//! `docs/autodiff.md` lists every formula. The matches are exhaustive: a
+//! Every differentiable operand has a [`Rule::Graph`], written here, in
+//! [`gradient`], as nodes of the forward op set (tinygrad's `gradient.py`,
+//! JAX's primitives): `tanh`'s is `g * (1 - y * y)`, `mul`'s `g * b` and
+//! `g * a`, `relu`'s a `select` on `y > 0`, `concat`'s a `slice`,
+//! `embedding`'s a `scatter_add`, the norms' PyTorch's formula from means
+//! and sums. Gradients are ordinary forward ops, which every backend
+//! already runs and which can be differentiated again: one definition per
+//! op, and higher-order gradients for free. `docs/autodiff.md` lists every
+//! formula (`tests/docs.rs` checks it names every rule). The matches are exhaustive: a
 //! new op does not compile until it has a rule.
 
 use crate::ir::{BinaryFn, Dim, NodeId, Op, ReduceFn, Shape, Type, UnaryFn};

@@ -8,7 +8,7 @@
 //!   %8 = relu %7 : f32[B, 128]  @12:18  let h  retain
 //!   %9 = add %7, %3 : f32[B, 64]  @3:21 (inlined at 25:18)
 //!   %13 = cross_entropy %12, %1 : f32[]  @17:10  loss
-//!   %15 = cross_entropy.vjp0 %14, %12, %1, %13 : f32[B, 10]  @17:10  CrossEntropyBackward of %13
+//!   %15 = softmax %12 axis=1 : f32[B, 10]  @17:10  CrossEntropyBackward of %13
 //! ```
 //!
 //! Backward nodes (`gradc graph --stage backward`) carry their forward

@@ -2062,16 +2062,16 @@ pub enum Mover {
     /// A three-level strided block (`CopyBlock`: counts, then the source's
     /// offset and strides, then the destination's: eleven `params`) from
     /// `buffers[0]` to `buffers[1]`, bit for bit: `reshape`, `transpose`,
-    /// `concat` and their VJPs.
+    /// `concat` and `slice`.
     Copy,
     /// Row `ids[j]` of the `v x d` table `buffers[1]` to row `j` of
     /// `buffers[2]`, bit for bit, for the `n` indices in `buffers[0]`
     /// (stored as `f64`; `params` `[n, d, v]`): `embedding`.
     Gather,
-    /// The VJP of `embedding` for its table: row `j` of the `n x d`
-    /// gradient `buffers[1]` added to row `ids[j]` of the zeroed `v x d`
+    /// `scatter_add` (the gradient of `embedding`'s table): row `j` of the
+    /// `n x d` rows `buffers[1]` added to row `ids[j]` of the zeroed `v x d`
     /// output `buffers[2]` (stored as `f64`), for `j` in order, in `f64` as
-    /// `interp::vjp` adds, then every sum rounded to `f32` once if the
+    /// `kernels::scatter_add` adds, then every sum rounded to `f32` once if the
     /// fourth of `params` `[n, d, v, f32]` is 1.
     Scatter,
 }
@@ -3041,7 +3041,7 @@ fn emit(
     place: Place,
 ) -> Result<Value, CodegenError> {
     let node = graph.node(id);
-    // A VJP reads only what its rule saves; the operands it does not read
+    // A kernel node reads only some operands (`fusion::reads`); the others
     // get a placeholder.
     let needed = crate::passes::fusion::reads(graph, id);
     let mut operands = Vec::new();

@@ -680,8 +680,8 @@ fn moves(
 }
 
 /// The operands whose elements a node only moves (a `reshape`, a
-/// `transpose` of the last two axes, a `concat`, or the VJP of one of
-/// them: the gradient's), or `None` for any other node.
+/// `transpose` of the last two axes, a `concat`, a `slice`), or `None`
+/// for any other node.
 fn moved_operands(graph: &Graph, id: NodeId) -> Option<Vec<NodeId>> {
     let operands = graph.operands(id);
     let rank = |n: NodeId| graph.node(n).shape().rank();
@@ -697,7 +697,7 @@ fn moved_operands(graph: &Graph, id: NodeId) -> Option<Vec<NodeId>> {
 /// How a node `moved_operands` accepts is its operands' elements moved, at
 /// these sizes: the blocks to copy, each with the operand it copies from
 /// (as the interpreter's `reshape`, `kernels::transpose`,
-/// `kernels::concat` and their VJPs order the elements).
+/// `kernels::concat` and `kernels::slice` order the elements).
 fn copy_blocks(
     graph: &Graph,
     id: NodeId,

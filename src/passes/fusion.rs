@@ -3,8 +3,8 @@
 //!
 //! Greedy, in topological order:
 //!
-//! - an elementwise op (including broadcasting operands and the elementwise
-//!   VJPs) joins the kernel of its latest-computed operand when that kernel
+//! - an elementwise op (including broadcasting operands, `select` and the
+//!   comparisons) joins the kernel of its latest-computed operand when that kernel
 //!   is still open and loops over the same shape, else the latest such
 //!   kernel after it; otherwise it opens one;
 //! - a matrix product opens a kernel whose epilogue (bias add, activation,
