@@ -1,8 +1,8 @@
 //! Forward kernels of the reference interpreter: one plain function per op,
 //! written for clarity, not speed. Each computes in `f64`; the caller rounds
 //! to the node's element type. The semantics are PyTorch's (see
-//! `docs/language.md`); the matching derivative kernels are in
-//! [`super::vjp`].
+//! `docs/language.md`). There are no derivative kernels: gradients are
+//! graphs of these ops (`autodiff::rules`).
 
 use super::InterpError;
 use super::tensor::{Tensor, broadcast_map, reduce_map};

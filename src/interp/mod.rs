@@ -5,8 +5,8 @@
 //!
 //! [`evaluate`] binds the graph's leaves (inputs, params, buffers) to
 //! tensors by name, binds the symbolic dimensions from their shapes, and
-//! runs every node in topological order with the kernels of [`kernels`]
-//! and [`vjp`]. Dropout masks come from a counter-based generator keyed by
+//! runs every node in topological order with the kernels of [`kernels`].
+//! Dropout masks come from a counter-based generator keyed by
 //! `(seed, step, dropout key, element index)`, so any backend reproduces
 //! them. Train-mode batch-norm also yields the updated running statistics.
 
