@@ -14,6 +14,22 @@ use super::replace;
 use crate::interp::{self, Context, Tensor};
 use crate::ir::{Dim, Graph, Node, NodeId, Op, Role};
 
+/// Replaces `id` (whose node is `node`) by the constant `value`, keeping
+/// its type, source position and backward provenance.
+fn replace_by_constant(graph: &mut Graph, id: NodeId, node: &Node, value: f64) {
+    let constant = graph.add(
+        Node {
+            op: Op::Constant(value),
+            role: Role::Intermediate,
+            name: None,
+            retain: false,
+            ..node.clone()
+        },
+        &[],
+    );
+    replace(graph, id, constant);
+}
+
 /// The number of elements of `of` along `axes`, if those sizes are fixed.
 fn fixed_count(graph: &Graph, of: NodeId, axes: &[usize]) -> Option<u64> {
     let shape = graph.node(of).shape();
@@ -39,18 +55,7 @@ pub fn run(graph: &mut Graph) -> bool {
             && node.role == Role::Intermediate
             && let Some(count) = fixed_count(graph, operands[0], axes)
         {
-            let constant = graph.add(
-                Node {
-                    op: Op::Constant(count as f64),
-                    role: Role::Intermediate,
-                    name: None,
-                    retain: false,
-                    backward: node.backward.clone(),
-                    ..node.clone()
-                },
-                &[],
-            );
-            replace(graph, id, constant);
+            replace_by_constant(graph, id, &node, count as f64);
             changed = true;
             continue;
         }
@@ -91,18 +96,7 @@ pub fn run(graph: &mut Graph) -> bool {
             continue;
         };
         let value: &Tensor = &evaluation.values[&copy];
-        let constant = graph.add(
-            Node {
-                op: Op::Constant(value.data[0]),
-                role: Role::Intermediate,
-                name: None,
-                retain: false,
-                backward: node.backward.clone(),
-                ..node.clone()
-            },
-            &[],
-        );
-        replace(graph, id, constant);
+        replace_by_constant(graph, id, &node, value.data[0]);
         changed = true;
     }
     changed
