@@ -431,13 +431,22 @@ fn compile(
                 .clone(),
             _ => kernel.loop_shape.clone(),
         };
+        // Elementwise over the loop shape: compiled in the kernel's loop.
+        let over_loop =
+            |id: NodeId| codegen::supported(graph, id) && graph.node(id).shape() == &loop_shape;
         // What the interpreter computes first (a matrix product and the
-        // cheap values it recomputes), and what is compiled after it.
+        // cheap values it reads), and what is compiled after it (the
+        // epilogue, with the cheap values only it reads).
         let (prologue, body): (Vec<NodeId>, Vec<NodeId>) = match kernel.kind {
             fusion::Kind::MatMul => {
-                let mut first: Vec<NodeId> = kernel.recompute.iter().copied().collect();
+                let product = graph.operands(kernel.nodes[0]);
+                let (mut first, later): (Vec<NodeId>, Vec<NodeId>) = kernel
+                    .recompute
+                    .iter()
+                    .copied()
+                    .partition(|&id| product.contains(&id) || !over_loop(id));
                 first.push(kernel.nodes[0]);
-                (first, kernel.nodes[1..].to_vec())
+                (first, later.into_iter().chain(kernel.nodes[1..].iter().copied()).collect())
             }
             _ => (
                 Vec::new(),
@@ -450,8 +459,7 @@ fn compile(
             ),
         };
         // Elementwise ops over the loop shape, perhaps closed by a sum.
-        let elementwise =
-            |id: NodeId| codegen::supported(graph, id) && graph.node(id).shape() == &loop_shape;
+        let elementwise = over_loop;
         let closing_sum = |id: NodeId| {
             codegen::is_sum(graph, id)
                 && graph
