@@ -446,7 +446,13 @@ fn compile(
                     .copied()
                     .partition(|&id| product.contains(&id) || !over_loop(id));
                 first.push(kernel.nodes[0]);
-                (first, later.into_iter().chain(kernel.nodes[1..].iter().copied()).collect())
+                (
+                    first,
+                    later
+                        .into_iter()
+                        .chain(kernel.nodes[1..].iter().copied())
+                        .collect(),
+                )
             }
             _ => (
                 Vec::new(),
