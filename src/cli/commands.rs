@@ -78,7 +78,7 @@ fn run_grad(args: &super::GradArgs) -> Result<ExitStatus, ExitStatus> {
     let context = Context { seed, step: 0 };
     let evaluation = match backend {
         super::BackendArg::Jit => crate::jit::Jit::new().run(&joint, &leaves, context),
-        super::BackendArg::Interp => interp::evaluate(&joint, &leaves, context),
+        super::BackendArg::Interp => interp::evaluate(&joint, &leaves, context).map_err(Into::into),
     }
     .map_err(|e| {
         eprintln!("error: {e}");

@@ -43,7 +43,7 @@ use crate::passes::{
     self,
     fusion::{self, Plan},
 };
-use crate::train::{Backend, Carried, Kept};
+use crate::train::{Backend, BackendError, Carried, Kept};
 use codegen::{
     Buffers, ClifText, CodeCache, CompiledKernel, CopyBlock, Elem, Frame, Host, Mover, RowKernel,
 };
@@ -1307,14 +1307,25 @@ fn factors(from: &[usize], to: &[usize]) -> Option<(i64, i64)> {
     Some((i64::try_from(k.max(1)).ok()?, i64::try_from(m.max(1)).ok()?))
 }
 
+/// A JIT error as the [`Backend`] reports it: the interpreter's errors
+/// about the values as they are, the JIT's own failures (compiling,
+/// binding, its state) as [`BackendError::Internal`] of the JIT.
+fn reported(error: InterpError) -> BackendError {
+    match error {
+        InterpError::Internal(message) => BackendError::internal("the JIT", message),
+        other => BackendError::Run(other),
+    }
+}
+
 impl Backend for Jit {
     fn run(
         &mut self,
         graph: &Graph,
         leaves: &BTreeMap<String, Tensor>,
         context: Context,
-    ) -> Result<Evaluation, InterpError> {
+    ) -> Result<Evaluation, BackendError> {
         self.step(graph, leaves, context, None, None)
+            .map_err(reported)
     }
 
     fn run_wanted(
@@ -1323,8 +1334,9 @@ impl Backend for Jit {
         leaves: &BTreeMap<String, Tensor>,
         context: Context,
         wanted: &[NodeId],
-    ) -> Result<Evaluation, InterpError> {
+    ) -> Result<Evaluation, BackendError> {
         self.step(graph, leaves, context, Some(wanted), None)
+            .map_err(reported)
     }
 
     fn run_carrying(
@@ -1335,16 +1347,17 @@ impl Backend for Jit {
         wanted: &[NodeId],
         carried: &[Carried],
         kept: &mut Option<Kept>,
-    ) -> Result<Evaluation, InterpError> {
+    ) -> Result<Evaluation, BackendError> {
         self.step(graph, leaves, context, Some(wanted), Some((carried, kept)))
+            .map_err(reported)
     }
 
     fn fetch_kept(
         &mut self,
         kept: &Kept,
         computed: bool,
-    ) -> Result<BTreeMap<String, Tensor>, InterpError> {
-        self.kept_values(kept, computed)
+    ) -> Result<BTreeMap<String, Tensor>, BackendError> {
+        self.kept_values(kept, computed).map_err(reported)
     }
 
     fn recycle(&mut self, evaluation: Evaluation) {

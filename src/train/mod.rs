@@ -28,7 +28,56 @@ use crate::lower::LoweredModel;
 use crate::lower::train::{Optimizer, Schedule, TrainConfig};
 use crate::step;
 
-/// Runs graphs: the reference interpreter now, the JIT later.
+/// Why a backend could not run a graph.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BackendError {
+    /// The graph cannot run on these values (a missing or misfitting leaf,
+    /// a label out of range): the interpreter's errors, which every backend
+    /// reports alike.
+    Run(InterpError),
+    /// The backend itself failed (compiling, binding its buffers, state it
+    /// should have kept): a compiler bug, with the backend's name.
+    Internal {
+        /// Where: `the interpreter`, `the JIT`, `the training session`.
+        backend: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl BackendError {
+    /// A failure of `backend` itself.
+    pub fn internal(backend: &'static str, message: impl Into<String>) -> BackendError {
+        BackendError::Internal {
+            backend,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<InterpError> for BackendError {
+    fn from(error: InterpError) -> BackendError {
+        match error {
+            InterpError::Internal(message) => BackendError::internal("the interpreter", message),
+            other => BackendError::Run(other),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendError::Run(e) => write!(f, "{e}"),
+            BackendError::Internal { backend, message } => {
+                write!(f, "internal error in {backend} (a compiler bug): {message}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+/// Runs graphs: the reference interpreter and the JIT.
 pub trait Backend {
     /// Evaluates `graph` with its leaves bound by name.
     fn run(
@@ -36,7 +85,7 @@ pub trait Backend {
         graph: &Graph,
         leaves: &BTreeMap<String, Tensor>,
         context: Context,
-    ) -> Result<Evaluation, InterpError>;
+    ) -> Result<Evaluation, BackendError>;
 
     /// Like [`Backend::run`], for a caller that reads only the values of
     /// `wanted` (and the leaves it passed): a backend may leave the other
@@ -48,7 +97,7 @@ pub trait Backend {
         leaves: &BTreeMap<String, Tensor>,
         context: Context,
         wanted: &[NodeId],
-    ) -> Result<Evaluation, InterpError> {
+    ) -> Result<Evaluation, BackendError> {
         let _ = wanted;
         self.run(graph, leaves, context)
     }
@@ -74,10 +123,11 @@ pub trait Backend {
         wanted: &[NodeId],
         carried: &[Carried],
         kept: &mut Option<Kept>,
-    ) -> Result<Evaluation, InterpError> {
+    ) -> Result<Evaluation, BackendError> {
         if kept.is_some() {
-            return Err(InterpError::Internal(
-                "this backend keeps no state between steps".into(),
+            return Err(BackendError::internal(
+                "the interpreter",
+                "this backend keeps no state between steps",
             ));
         }
         let mut wanted = wanted.to_vec();
@@ -98,10 +148,11 @@ pub trait Backend {
         &mut self,
         kept: &Kept,
         computed: bool,
-    ) -> Result<BTreeMap<String, Tensor>, InterpError> {
+    ) -> Result<BTreeMap<String, Tensor>, BackendError> {
         let _ = (kept, computed);
-        Err(InterpError::Internal(
-            "this backend keeps no state between steps".into(),
+        Err(BackendError::internal(
+            "the interpreter",
+            "this backend keeps no state between steps",
         ))
     }
 }
@@ -166,8 +217,8 @@ impl Backend for Interpreter {
         graph: &Graph,
         leaves: &BTreeMap<String, Tensor>,
         context: Context,
-    ) -> Result<Evaluation, InterpError> {
-        interp::evaluate(graph, leaves, context)
+    ) -> Result<Evaluation, BackendError> {
+        Ok(interp::evaluate(graph, leaves, context)?)
     }
 }
 
@@ -181,7 +232,7 @@ pub enum TrainError {
     /// A checkpoint could not be read or written, or does not fit.
     Checkpoint(String),
     /// A graph could not be evaluated.
-    Run(InterpError),
+    Run(BackendError),
     /// The loss or a gradient became NaN or infinite.
     NonFinite(String),
 }
@@ -308,7 +359,7 @@ impl StepReads {
                 wanted.push(id);
             }
         }
-        let carried = Carried::of(graph).map_err(TrainError::Run)?;
+        let carried = Carried::of(graph).map_err(|e| TrainError::Run(e.into()))?;
         let cross_entropy = cross_entropy_node(graph);
         wanted.extend(cross_entropy.map_or_else(Vec::new, |n| graph.operands(n)));
         Ok(StepReads {
@@ -461,9 +512,10 @@ impl Session {
     pub fn sync(&mut self, backend: &mut dyn Backend) -> Result<(), TrainError> {
         if let (Some(kept), false) = (self.kept, self.synced) {
             let values = backend.fetch_kept(&kept, true).map_err(|error| {
-                TrainError::Run(InterpError::Internal(format!(
-                    "cannot fetch the state the backend keeps: {error}"
-                )))
+                TrainError::Run(BackendError::internal(
+                    "the training session",
+                    format!("cannot fetch the state the backend keeps: {error}"),
+                ))
             })?;
             self.state.extend(values);
             self.synced = true;
@@ -648,9 +700,10 @@ impl Session {
                 Err(failure) => format!("the step failed ({failure}) and "),
                 Ok(_) => "the step diverged and ".into(),
             };
-            return Err(TrainError::Run(InterpError::Internal(format!(
-                "{failure}the state the backend kept is lost: {error}"
-            ))));
+            return Err(TrainError::Run(BackendError::internal(
+                "the training session",
+                format!("{failure}the state the backend kept is lost: {error}"),
+            )));
         }
         // A non-finite step is run again in full on the reference
         // interpreter (same leaves, same context), node by node as the
@@ -689,10 +742,10 @@ impl Session {
             let mut updates = Vec::new();
             for carried in &reads.carried {
                 let value = evaluation.values.remove(&carried.update).ok_or_else(|| {
-                    TrainError::Run(InterpError::Internal(format!(
-                        "no value for update `{}`",
-                        carried.name
-                    )))
+                    TrainError::Run(BackendError::internal(
+                        "the training session",
+                        format!("no value for update `{}`", carried.name),
+                    ))
                 })?;
                 updates.push((carried.name.clone(), value));
             }
@@ -932,4 +985,29 @@ fn correct(graph: &Graph, node: NodeId, evaluation: &Evaluation) -> Option<usize
             })
             .count(),
     )
+}
+
+#[cfg(test)]
+mod backend_error_tests {
+    use super::BackendError;
+    use crate::interp::InterpError;
+
+    #[test]
+    fn interpreter_errors_keep_their_kind() {
+        let data = InterpError::Runtime("label 12 at position 3 is out of range 0..10".into());
+        assert_eq!(
+            BackendError::from(data.clone()),
+            BackendError::Run(data.clone())
+        );
+        let bug = BackendError::from(InterpError::Internal("no buffer".into()));
+        assert_eq!(bug, BackendError::internal("the interpreter", "no buffer"));
+        assert_eq!(
+            bug.to_string(),
+            "internal error in the interpreter (a compiler bug): no buffer"
+        );
+        assert_eq!(
+            BackendError::Run(data).to_string(),
+            "label 12 at position 3 is out of range 0..10"
+        );
+    }
 }
