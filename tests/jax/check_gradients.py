@@ -118,6 +118,7 @@ UNARY = {
     "softplus": ("softplus(p * 30)", lambda p: softplus(p * 30)),
     "sin": ("sin(p)", jnp.sin),
     "cos": ("cos(p)", jnp.cos),
+    "erf": ("erf(p * 2)", lambda p: erf(p * 2)),
     "leaky_relu": ("leaky_relu(p, 0.1)", lambda p: jnp.where(p > 0, p, 0.1 * p)),
     "clamp": ("clamp(p, -0.5, 0.5)", lambda p: jnp.clip(p, -0.5, 0.5)),
     "square": ("p ** 2", lambda p: p**2),
