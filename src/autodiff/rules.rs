@@ -477,9 +477,8 @@ pub fn gradient(
         // y = xhat gamma + beta, xhat = (x - mean) rstd, statistics over
         // every axis but the last (layer norm) or but 1 (batch norm).
         Op::LayerNorm { eps } => {
-            let rank = emit.type_of(x).shape.rank();
             let gamma = *inputs.get(1)?;
-            normalization_gradient(emit, position, g, x, gamma, None, *eps, rank - 1, true)
+            normalization_gradient(emit, position, g, x, gamma, None, *eps, true)
         }
         Op::BatchNorm { eps, training, .. } => {
             let gamma = *inputs.get(1)?;
@@ -487,7 +486,7 @@ pub fn gradient(
                 true => None,
                 false => Some((*inputs.get(3)?, *inputs.get(4)?)),
             };
-            normalization_gradient(emit, position, g, x, gamma, running, *eps, 1, false)
+            normalization_gradient(emit, position, g, x, gamma, running, *eps, false)
         }
         // (softmax(logits) - one_hot(labels)) g / n: never through
         // log(softmax).
@@ -532,9 +531,9 @@ pub fn gradient(
 }
 
 /// The gradient of operand `position` (`x`, `gamma`, `beta`) of a
-/// normalization whose affine parameters lie along `feature` and whose
-/// statistics are taken over every other axis (batch norm) or, for a
-/// `layer` norm, over the last axis only (`feature` the last axis): from the batch
+/// normalization: a `layer` norm's statistics and affine parameters lie
+/// along the last axis; a batch norm's parameters along axis 1 and its
+/// statistics over every other axis. The statistics come from the batch
 /// (`running` is `None`) or the running statistics. As PyTorch computes it:
 /// `dx = rstd / n * (n dxhat - sum(dxhat) - xhat sum(dxhat xhat))` with
 /// `dxhat = g gamma`, or `dxhat rstd` with constant statistics; `gamma`'s
@@ -548,12 +547,12 @@ fn normalization_gradient(
     gamma: NodeId,
     running: Option<(NodeId, NodeId)>,
     eps: f64,
-    feature: usize,
     layer: bool,
 ) -> NodeId {
     let x_type = emit.type_of(x);
     let rank = x_type.shape.rank();
     let last = rank - 1;
+    let feature = if layer { last } else { 1 };
     let statistics: Vec<usize> = match layer {
         true => vec![last],
         false => (0..rank).filter(|&a| a != feature).collect(),

@@ -492,18 +492,12 @@ pub fn cross_entropy_gradient(
 ) -> Result<Vec<f64>, InterpError> {
     let (n, c) = (logits.shape[0], logits.shape[1]);
     check_indices(&labels.data, c, "label")?;
-    let p = softmax(logits, 1);
+    let hot = one_hot(labels, &logits.shape)?;
     let scale = g.data[0] / n as f64;
-    Ok(p.iter()
-        .enumerate()
-        .map(|(i, &p)| {
-            let hot = if labels.data[i / c] as usize == i % c {
-                1.0
-            } else {
-                0.0
-            };
-            (p - hot) * scale
-        })
+    Ok(softmax(logits, 1)
+        .iter()
+        .zip(hot)
+        .map(|(p, hot)| (p - hot) * scale)
         .collect())
 }
 
@@ -528,4 +522,28 @@ pub fn bce_with_logits(logits: &Tensor, target: &Tensor) -> f64 {
         .map(|(&x, &t)| x.max(0.0) - x * t + (-x.abs()).exp().ln_1p())
         .sum::<f64>()
         / n
+}
+
+#[cfg(test)]
+mod cross_entropy_gradient_tests {
+    use super::{cross_entropy_gradient, softmax};
+    use crate::interp::tensor::Tensor;
+    use crate::ir::DType;
+
+    /// The kernel is `(softmax - one_hot) * g / N`, and refuses a label
+    /// out of range as the loss does.
+    #[test]
+    fn is_softmax_minus_one_hot_over_n() {
+        let logits = Tensor::new(DType::F64, vec![2, 3], vec![1.0, 2.0, 3.0, 0.5, -1.0, 0.0]);
+        let labels = Tensor::new(DType::I32, vec![2], vec![2.0, 0.0]);
+        let g = Tensor::new(DType::F64, vec![], vec![3.0]);
+        let got = cross_entropy_gradient(&g, &logits, &labels).expect("labels fit");
+        let p = softmax(&logits, 1);
+        let hot = [0.0, 0.0, 1.0, 1.0, 0.0, 0.0];
+        for i in 0..6 {
+            assert_eq!(got[i], (p[i] - hot[i]) * (3.0 / 2.0));
+        }
+        let bad = Tensor::new(DType::I32, vec![2], vec![3.0, 0.0]);
+        assert!(cross_entropy_gradient(&g, &logits, &bad).is_err());
+    }
 }

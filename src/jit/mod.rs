@@ -431,7 +431,8 @@ fn compile(
                 .clone(),
             _ => kernel.loop_shape.clone(),
         };
-        // Elementwise over the loop shape: compiled in the kernel's loop.
+        // Elementwise over the loop shape (compiled in the kernel's loop,
+        // perhaps closed by a sum).
         let over_loop =
             |id: NodeId| codegen::supported(graph, id) && graph.node(id).shape() == &loop_shape;
         // What the interpreter computes first (a matrix product and the
@@ -464,8 +465,6 @@ fn compile(
                     .collect(),
             ),
         };
-        // Elementwise ops over the loop shape, perhaps closed by a sum.
-        let elementwise = over_loop;
         let closing_sum = |id: NodeId| {
             codegen::is_sum(graph, id)
                 && graph
@@ -540,7 +539,7 @@ fn compile(
         }
         let compilable = kernel.kind != fusion::Kind::Other
             && !body.is_empty()
-            && body.iter().all(|&id| elementwise(id) || closing_sum(id));
+            && body.iter().all(|&id| over_loop(id) || closing_sum(id));
         if !compilable {
             let ops: Vec<String> = kernel
                 .nodes
@@ -1307,14 +1306,10 @@ fn factors(from: &[usize], to: &[usize]) -> Option<(i64, i64)> {
     Some((i64::try_from(k.max(1)).ok()?, i64::try_from(m.max(1)).ok()?))
 }
 
-/// A JIT error as the [`Backend`] reports it: the interpreter's errors
-/// about the values as they are, the JIT's own failures (compiling,
-/// binding, its state) as [`BackendError::Internal`] of the JIT.
+/// A JIT error as the [`Backend`] reports it (its own failures named
+/// as the JIT's).
 fn reported(error: InterpError) -> BackendError {
-    match error {
-        InterpError::Internal(message) => BackendError::internal("the JIT", message),
-        other => BackendError::Run(other),
-    }
+    BackendError::from_interp("the JIT", error)
 }
 
 impl Backend for Jit {

@@ -46,6 +46,15 @@ pub enum BackendError {
 }
 
 impl BackendError {
+    /// An interpreter error raised inside `backend`: `Internal` ones are
+    /// that backend's failures, the others are about the values.
+    pub fn from_interp(backend: &'static str, error: InterpError) -> BackendError {
+        match error {
+            InterpError::Internal(message) => BackendError::internal(backend, message),
+            other => BackendError::Run(other),
+        }
+    }
+
     /// A failure of `backend` itself.
     pub fn internal(backend: &'static str, message: impl Into<String>) -> BackendError {
         BackendError::Internal {
@@ -57,10 +66,7 @@ impl BackendError {
 
 impl From<InterpError> for BackendError {
     fn from(error: InterpError) -> BackendError {
-        match error {
-            InterpError::Internal(message) => BackendError::internal("the interpreter", message),
-            other => BackendError::Run(other),
-        }
+        BackendError::from_interp("the interpreter", error)
     }
 }
 
