@@ -288,7 +288,8 @@ fn bench_compile_time() {
 /// GFLOP/s at the median of 20 runs, one call and (`f32`) split over two
 /// threads.
 fn bench_gemm() {
-    use gradc::jit::codegen::{CodegenError, MatrixView, gemm, gemm_crate, gemm_parallel};
+    use gradc::jit::CodegenError;
+    use gradc::jit::gemm::{MatrixView, gemm, gemm_crate, gemm_parallel};
     for (m, k, n) in [
         (256, 784, 1024),
         (256, 1024, 1024),

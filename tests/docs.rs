@@ -87,6 +87,42 @@ fn every_source_file_starts_with_a_module_doc() {
     }
 }
 
+/// `unsafe` lives in one folder: `src/jit/native/` allows it (the crate
+/// denies it, `Cargo.toml`), and no other source file does.
+#[test]
+fn only_the_native_folder_allows_unsafe_code() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = read("Cargo.toml");
+    assert!(manifest.contains("unsafe_code = \"deny\""));
+    let native = root.join("src/jit/native");
+    let mut allowing = Vec::new();
+    let mut stack = vec![root.join("src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("readable dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).expect("readable file");
+                if text.contains("unsafe_code") {
+                    allowing.push(path);
+                }
+            }
+        }
+    }
+    assert!(
+        !allowing.is_empty(),
+        "the native folder allows `unsafe_code`"
+    );
+    for path in &allowing {
+        assert!(
+            path.starts_with(&native),
+            "{} mentions `unsafe_code`: only `src/jit/native/` may allow it",
+            path.display()
+        );
+    }
+}
+
 /// The `grad_fn` names of the rule table, `"...Backward"` literals in
 /// `src/autodiff/rules.rs`.
 fn rule_table_names() -> std::collections::BTreeSet<String> {

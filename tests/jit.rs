@@ -265,10 +265,10 @@ fn product_views<'a, T>(
     (b, b_stored_transposed, transpose_b): (&'a [T], &'a [T], bool),
     (m, k, n): (usize, usize, usize),
 ) -> (
-    gradc::jit::codegen::MatrixView<'a, T>,
-    gradc::jit::codegen::MatrixView<'a, T>,
+    gradc::jit::gemm::MatrixView<'a, T>,
+    gradc::jit::gemm::MatrixView<'a, T>,
 ) {
-    use gradc::jit::codegen::MatrixView;
+    use gradc::jit::gemm::MatrixView;
     let a_view = if transpose_a {
         MatrixView::row_major(a_stored_transposed, k, m).transposed()
     } else {
@@ -285,7 +285,7 @@ fn product_views<'a, T>(
 #[test]
 fn gemm_matches_the_interpreters_product_with_transposed_views() {
     use gradc::interp::kernels;
-    use gradc::jit::codegen::{MatrixView, gemm};
+    use gradc::jit::gemm::{MatrixView, gemm};
     let values = |n: usize, salt: usize| -> Vec<f64> {
         (0..n)
             .map(|i| (((i * 37 + salt * 11) % 23) as f64 - 11.0) / 7.0)
@@ -369,7 +369,7 @@ fn small_products_sum_as_the_gemm_crate_does_bit_for_bit() {
     // element one chain of fused multiply-adds from zero); the shapes the
     // crate sums otherwise (a size of 1, an inner size of 2, at most 256
     // dot products of contiguous rows and columns) go to the crate itself.
-    use gradc::jit::codegen::{SMALL_PRODUCT_DEPTH, gemm, gemm_crate};
+    use gradc::jit::gemm::{SMALL_PRODUCT_DEPTH, gemm, gemm_crate};
     let values = |n: usize, salt: usize| -> Vec<f32> {
         (0..n)
             .map(|i| ((((i * 7919 + salt * 104_729) % 1009) as f32) - 504.0) / 97.0)
@@ -513,7 +513,7 @@ fn after_reordered_sums(graph: &gradc::ir::Graph) -> std::collections::BTreeSet<
             op => takes_exp(op),
         };
         let full_sum = row_exp
-            || gradc::jit::codegen::is_sum(graph, id)
+            || gradc::jit::is_sum(graph, id)
                 && (node.shape().0.iter().all(|d| d.is_one()) || node.dtype() == DType::F32);
         // (Through the operands a node reads: a VJP's forward output is
         // an operand it may not read.)
@@ -660,7 +660,7 @@ fn clif_of_small_kernels() {
 }
 
 /// Loop-invariant values leave the loops. Cranelift hoists them only when a
-/// loop's exit is its header's first successor (`codegen::loop_branch`);
+/// loop's exit is its header's first successor (`clif::loop_branch`);
 /// before, the cross-entropy gradient's kernel divided `g` by the row count
 /// again for every pair of columns, and the update kernels splatted the
 /// learning rate again for every four elements. Checked on the CLIF as
@@ -1005,7 +1005,7 @@ fn run_wanted_copies_out_only_the_wanted_values() {
 /// transposed.
 #[test]
 fn a_product_on_two_threads_matches_one_call_bit_for_bit() {
-    use gradc::jit::codegen::{MatrixView, PARALLEL_PRODUCT, gemm, gemm_parallel};
+    use gradc::jit::gemm::{MatrixView, PARALLEL_PRODUCT, gemm, gemm_parallel};
     // More rows than columns (split by rows), fewer (split by columns, odd
     // so the halves differ).
     for (m, k, n) in [(513, 256, 256), (256, 256, 513)] {
@@ -1056,7 +1056,7 @@ fn a_product_on_two_threads_matches_one_call_bit_for_bit() {
 }
 
 /// Kernels of `f32` ops that are single IEEE operations run four `f32`s at
-/// a time (`f32x4`, `codegen::f32_exact`), which gives the interpreter's
+/// a time (`f32x4`, `elementwise::f32_exact`), which gives the interpreter's
 /// bits (its `f64` result of `f32` operands, rounded to `f32`): on a model
 /// made of such ops, at sizes where the `f32x4` loops, the pair loops and
 /// the scalar tails all run, every value of the step graph is the same

@@ -21,11 +21,11 @@
 //! within 1 ulp of the interpreter's for `x >= 0` and within `|x| eps`
 //! where `1 + erf` cancels (`x < 0`), with identical `f32` results.
 
+use crate::jit::clif::constant;
+use crate::jit::clif::pick;
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value, types};
 use cranelift_frontend::FunctionBuilder;
-
-use super::codegen::{constant, pick};
 
 /// `1.5 * 2^52`: adding and subtracting it rounds to an integer.
 const SHIFTER: f64 = 6_755_399_441_055_744.0;

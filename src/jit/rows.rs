@@ -26,9 +26,10 @@
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{BlockArg, InstBuilder, MemFlagsData, Value, types};
 use cranelift_frontend::FunctionBuilder;
+use cranelift_module::FuncId;
 
 use super::approx;
-use super::codegen::{self, Calls, CodegenError, Elem, call};
+use super::clif::{self, Calls, CodegenError, Elem, call, counted_loop};
 use crate::ir::{DType, Graph, KernelOp, NodeId, Op, ReduceFn};
 
 /// What a row kernel computes. Rows are the leading axes flattened, `cols`
@@ -210,46 +211,6 @@ impl RowOp {
     }
 }
 
-/// Emits `for j in 0..count { carried = body(j, carried) }` and returns the
-/// carried values after the loop; the builder continues after it.
-pub(super) fn counted_loop(
-    b: &mut FunctionBuilder<'_>,
-    count: Value,
-    initial: &[Value],
-    mut body: impl FnMut(&mut FunctionBuilder<'_>, Value, &[Value]) -> Result<Vec<Value>, CodegenError>,
-) -> Result<Vec<Value>, CodegenError> {
-    let header = b.create_block();
-    let inside = b.create_block();
-    let exit = b.create_block();
-    b.append_block_param(header, types::I64);
-    for &value in initial {
-        let ty = b.func.dfg.value_type(value);
-        b.append_block_param(header, ty);
-        b.append_block_param(exit, ty);
-    }
-    let zero = b.ins().iconst(types::I64, 0);
-    let arguments: Vec<BlockArg> = std::iter::once(zero)
-        .chain(initial.iter().copied())
-        .map(Into::into)
-        .collect();
-    b.ins().jump(header, &arguments);
-
-    b.switch_to_block(header);
-    let params = b.block_params(header).to_vec();
-    let (j, carried) = (params[0], &params[1..]);
-    let done: Vec<BlockArg> = carried.iter().copied().map(Into::into).collect();
-    codegen::loop_branch(b, (IntCC::SignedLessThan, j, count), inside, (exit, &done));
-
-    b.switch_to_block(inside);
-    let next = body(b, j, carried)?;
-    let j = b.ins().iadd_imm_u(j, 1);
-    let arguments: Vec<BlockArg> = std::iter::once(j).chain(next).map(Into::into).collect();
-    b.ins().jump(header, &arguments);
-
-    b.switch_to_block(exit);
-    Ok(b.block_params(exit).to_vec())
-}
-
 /// A row (or a whole buffer, or a column) in memory: where it starts, how
 /// it stores its elements, and the distance between its elements (a
 /// column's is the row length; a row's 1).
@@ -267,14 +228,14 @@ impl Row {
             Some(stride) => b.ins().imul(j, stride),
             None => j,
         };
-        codegen::element_at(b, self.elem, self.base, index)
+        clif::element_at(b, self.elem, self.base, index)
     }
 }
 
 /// Element `j` of a row, as an `f64`.
 fn load(b: &mut FunctionBuilder<'_>, row: Row, j: Value) -> Value {
     let at = row.at(b, j);
-    codegen::load(b, row.elem, false, at)
+    clif::load(b, row.elem, false, at)
 }
 
 /// Element `j` of a row, or (`pair`) elements `j` and `j + 1` as an
@@ -289,13 +250,13 @@ fn load_lanes(
         return Err(CodegenError("a pair of a strided line".into()));
     }
     let at = row.at(b, j);
-    Ok(codegen::load(b, row.elem, pair, at))
+    Ok(clif::load(b, row.elem, pair, at))
 }
 
 /// Stores `value` as element `j` of a row.
 fn store(b: &mut FunctionBuilder<'_>, value: Value, row: Row, j: Value) {
     let at = row.at(b, j);
-    codegen::store(b, row.elem, value, at);
+    clif::store(b, row.elem, value, at);
 }
 
 /// Writes every column `j` of an output row: `value(j)`, rounded to `f32`
@@ -373,8 +334,8 @@ fn max_step(b: &mut FunctionBuilder<'_>, m: Value, v: Value) -> Value {
     let larger = b.ins().fcmp(FloatCC::LessThan, m, v);
     let replace = b.ins().bor(v_nan, larger);
     let m_nan = b.ins().fcmp(FloatCC::Unordered, m, m);
-    let candidate = codegen::pick(b, m_nan, m, v);
-    codegen::pick(b, replace, candidate, m)
+    let candidate = clif::pick(b, m_nan, m, v);
+    clif::pick(b, replace, candidate, m)
 }
 
 /// `row_max` of contiguous rows two columns at a time: the even and the
@@ -478,8 +439,8 @@ fn rows_exps(
             let m = if pair { pair_maxima[i] } else { maxima[i] };
             let e = row_exp(b, row, m, j, pair)?;
             if let Some(kept) = kept {
-                let at = codegen::element_at(b, Elem::F64, kept, j);
-                codegen::store(b, Elem::F64, e, at);
+                let at = clif::element_at(b, Elem::F64, kept, j);
+                clif::store(b, Elem::F64, e, at);
             }
             // (A single one as [e, 0.0].)
             let e = if pair {
@@ -575,7 +536,7 @@ fn write_softmaxes(
             let v = then(b, p, j, pair);
             let v = rounded(b, f32, v);
             let at = r.out_row.at(b, j);
-            codegen::store(b, r.out_row.elem, v, at);
+            clif::store(b, r.out_row.elem, v, at);
         }
         Ok(vec![])
     })?;
@@ -594,8 +555,8 @@ fn softmax_at(
 ) -> Result<Value, CodegenError> {
     let e = match kept {
         Some(kept) => {
-            let at = codegen::element_at(b, Elem::F64, kept, j);
-            codegen::load(b, Elem::F64, pair, at)
+            let at = clif::element_at(b, Elem::F64, kept, j);
+            clif::load(b, Elem::F64, pair, at)
         }
         None => row_exp(b, row, m, j, pair)?,
     };
@@ -639,7 +600,7 @@ fn label_gradient(
     let value = b.ins().fmul(difference, scale);
     let value = rounded(b, f32, value);
     let at = out_row.at(b, label);
-    codegen::store(b, out_row.elem, value, at);
+    clif::store(b, out_row.elem, value, at);
     Ok(())
 }
 
@@ -656,7 +617,7 @@ fn store_mean(b: &mut FunctionBuilder<'_>, total: Value, rows: Value, f32: bool,
     let count = row_count(b, rows);
     let mean = b.ins().fdiv(total, count);
     let mean = rounded(b, f32, mean);
-    codegen::store(b, out.elem, mean, out.base);
+    clif::store(b, out.elem, mean, out.base);
 }
 
 /// `max(rows, 1)` as an `f64`, the divisor of a mean over rows.
@@ -792,14 +753,14 @@ pub(super) fn emit(
     let row_of = |b: &mut FunctionBuilder<'_>, buffer: Row, r: Value| {
         let start = b.ins().imul(r, cols);
         Row {
-            base: codegen::element_at(b, buffer.elem, buffer.base, start),
+            base: clif::element_at(b, buffer.elem, buffer.base, start),
             elem: buffer.elem,
             stride: None,
         }
     };
     // Column c of a rows x cols buffer.
     let column_of = |b: &mut FunctionBuilder<'_>, buffer: Row, c: Value| Row {
-        base: codegen::element_at(b, buffer.elem, buffer.base, c),
+        base: clif::element_at(b, buffer.elem, buffer.base, c),
         elem: buffer.elem,
         stride: Some(cols),
     };
@@ -857,7 +818,7 @@ pub(super) fn emit(
             store_mean(b, total, rows, f32, out);
         }
         RowOp::CrossEntropyVjp => {
-            let g = codegen::load(b, bases[0].elem, false, bases[0].base);
+            let g = clif::load(b, bases[0].elem, false, bases[0].base);
             let count = row_count(b, rows);
             let scale = b.ins().fdiv(g, count);
             counted_loop(b, rows, &[], |b, r, _| {
@@ -1025,4 +986,23 @@ pub(super) fn emit(
         }
     }
     Ok(())
+}
+
+/// A compiled row kernel (`jit::rows`): a loop over the rows of a
+/// `rows x cols` operand.
+pub struct RowKernel {
+    pub(super) func: FuncId,
+    /// What it computes.
+    pub op: RowOp,
+    /// Values read, in argument order (`RowOp::reads`).
+    pub inputs: Vec<NodeId>,
+    /// The nodes it computes (one, but for `RowOp::CrossEntropyWithVjp`).
+    pub outputs: Vec<NodeId>,
+    /// How each buffer stores its elements (inputs, then the outputs).
+    pub elems: Vec<Elem>,
+    /// Compiled for this row length only (a static last axis): the
+    /// kernel takes it as a constant, leaves out the odd last column when
+    /// it is even, and keeps a softmax row's exponentials on the stack;
+    /// `push_rows` refuses any other.
+    pub fixed_cols: Option<usize>,
 }

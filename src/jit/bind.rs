@@ -1,0 +1,581 @@
+//! Binding a program to one set of sizes: a frame with a buffer per
+//! value, each kernel's call with its broadcast factors, row counts and
+//! copy blocks (checked against the buffers when pushed), the host work
+//! for matrix products and interpreted kernels, and the compiled step
+//! entry that makes the calls in order.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::interp::{self, InterpError, Tensor};
+use crate::ir::{DType, Graph, IdMap, NodeId, Op, Shape};
+use crate::jit::FRAMES;
+use crate::jit::clif::CodegenError;
+use crate::jit::clif::Elem;
+use crate::jit::elementwise::CompiledKernel;
+use crate::jit::host::plan_product;
+use crate::jit::movers::Mover;
+use crate::jit::native::frame::CopyBlock;
+use crate::jit::native::frame::Frame;
+use crate::jit::program::Compiled;
+use crate::jit::program::Program;
+use crate::jit::program::elem;
+use crate::jit::program::moves;
+use crate::jit::rows::RowKernel;
+
+/// A frame bound to one set of sizes, with what its host work does.
+pub(super) struct Bound {
+    pub(super) frame: Frame,
+    /// The buffer of every value the step materializes.
+    pub(super) slots: IdMap<usize>,
+    /// Each buffer's node and concrete shape.
+    pub(super) values: Vec<(NodeId, Vec<usize>)>,
+    /// Host work, by the index the entry passes.
+    pub(super) work: Vec<Work>,
+    pub(super) dims: BTreeMap<String, usize>,
+    pub(super) entry_clif: String,
+    /// The values the last step asked for (`Backend::run_wanted`): a step
+    /// asks for the same ones every time.
+    pub(super) wanted: Option<Wanted>,
+}
+
+/// The values a step asks for (`Bound::want`), and each one's buffer and
+/// type.
+pub(super) struct Wanted {
+    ids: Vec<NodeId>,
+    pub(super) outputs: Vec<(NodeId, usize, DType)>,
+}
+
+/// Host work of a step entry.
+pub(super) enum Work {
+    /// Nodes evaluated in order: a matrix product on the GEMM, another on
+    /// the interpreter.
+    Interpret(Vec<HostNode>),
+    /// The labels (or indices, `what`) in a buffer must lie in `0..cols`
+    /// (the interpreter's check and error), before a kernel reads them.
+    Labels {
+        slot: usize,
+        cols: usize,
+        what: &'static str,
+    },
+}
+
+/// A node of host work, as the frame's sizes make it.
+pub(super) enum HostNode {
+    /// A matrix product, planned when the frame is bound.
+    Product(Product),
+    /// Another node, on the interpreter.
+    Node(NodeId),
+}
+
+/// A matrix product on the GEMM, straight from the frame's buffers
+/// (`plan_product`): `out = a @ b`, each operand a buffer read as a
+/// `rows x cols` matrix, transposed or not.
+pub(super) struct Product {
+    pub(super) id: NodeId,
+    pub(super) dtype: DType,
+    /// The buffers of `a`, `b` and the result.
+    pub(super) slots: [usize; 3],
+    pub(super) a: Matrix,
+    pub(super) b: Matrix,
+}
+
+/// A buffer as a matrix: its rows and columns as stored (`matrix_dims`),
+/// and whether it is read transposed.
+#[derive(Clone, Copy)]
+pub(super) struct Matrix {
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) transposed: bool,
+}
+
+impl Matrix {
+    /// The rows as read.
+    pub(super) fn read_rows(self) -> usize {
+        if self.transposed {
+            self.cols
+        } else {
+            self.rows
+        }
+    }
+
+    /// The columns as read.
+    pub(super) fn read_cols(self) -> usize {
+        if self.transposed {
+            self.rows
+        } else {
+            self.cols
+        }
+    }
+}
+
+impl Program {
+    /// The frame for these sizes, bound (and its entry compiled) on first
+    /// use.
+    pub(super) fn bound(
+        &mut self,
+        graph: &Graph,
+        dims: &BTreeMap<String, usize>,
+    ) -> Result<&mut Bound, InterpError> {
+        if !self.frames.contains_key(dims) {
+            if self.frames.len() >= FRAMES {
+                self.frames.clear();
+            }
+            let bound = bind(self, graph, dims)?;
+            self.frames.insert(dims.clone(), bound);
+        }
+        self.frames
+            .get_mut(dims)
+            .ok_or_else(|| InterpError::Internal("the frame vanished".into()))
+    }
+}
+
+/// Where a program computes the caller's value `id` (`Program::ids`;
+/// the same id in a program of the graph as given).
+pub(super) fn own_id(ids: &IdMap<NodeId>, id: NodeId) -> Result<NodeId, InterpError> {
+    let own = if ids.is_empty() {
+        Some(id)
+    } else {
+        ids.get(&id).copied()
+    };
+    own.ok_or_else(|| InterpError::Internal(format!("{id} is not computed by the program")))
+}
+
+/// The buffer of a value, among a frame's `slots`.
+pub(super) fn slot_in(slots: &IdMap<usize>, id: NodeId) -> Result<usize, InterpError> {
+    slots
+        .get(&id)
+        .copied()
+        .ok_or_else(|| InterpError::Internal(format!("{id} has no buffer")))
+}
+
+pub(super) fn internal(error: CodegenError) -> InterpError {
+    InterpError::Internal(error.to_string())
+}
+
+/// Binds a program to sizes: gives every value the step materializes a
+/// buffer, evaluates the constants, pushes each kernel's calls (checking
+/// every buffer a compiled kernel reaches) and compiles the entry.
+pub(super) fn bind(
+    program: &mut Program,
+    graph: &Graph,
+    dims: &BTreeMap<String, usize>,
+) -> Result<Bound, InterpError> {
+    // The values the step materializes, in a first pass over the plan;
+    // every other value lives only inside a compiled kernel.
+    let mut materialized: BTreeSet<NodeId> = program
+        .order
+        .iter()
+        .copied()
+        .filter(|&id| graph.node(id).op.is_leaf())
+        .collect();
+    let mut work = Vec::new();
+    let mut calls: Vec<Call> = Vec::new();
+    let mut done: BTreeSet<NodeId> = materialized.clone();
+    let to = |shape: &Shape| interp::concrete(shape, dims);
+    for (k, kernel) in program.plan.kernels.iter().enumerate() {
+        // What a kernel on the interpreter evaluates: its recomputed
+        // values (unless materialized already) and its nodes.
+        let interpreted = |done: &BTreeSet<NodeId>| -> Vec<NodeId> {
+            let mut nodes: Vec<NodeId> = kernel
+                .recompute
+                .iter()
+                .copied()
+                .filter(|id| !done.contains(id))
+                .collect();
+            nodes.sort_by_key(|id| program.position.get(id).copied());
+            nodes.extend(kernel.nodes.iter().copied());
+            nodes
+        };
+        // A compiled kernel's prologue, without what is materialized already.
+        let unfinished = |prologue: &[NodeId], done: &BTreeSet<NodeId>| -> Vec<NodeId> {
+            prologue
+                .iter()
+                .copied()
+                .filter(|id| !done.contains(id))
+                .collect()
+        };
+        let call = match &program.kernels[k] {
+            Some(Compiled::Elementwise { prologue, kernel }) => {
+                let to_shape = to(&program.loops[k])?;
+                let n: usize = to_shape.iter().product();
+                match kernel_factors(graph, kernel, &to_shape, dims)? {
+                    Some((ks, ms)) => Call::Kernel {
+                        prologue: unfinished(prologue, &done),
+                        kernel,
+                        ks,
+                        ms,
+                        n,
+                    },
+                    None => Call::Interpret(interpreted(&done)),
+                }
+            }
+            Some(Compiled::Rows { prologue, kernel }) => {
+                let shaped = kernel.inputs[kernel.op.shaped_by()];
+                let shape = to(graph.node(shaped).shape())?;
+                let cols = shape.last().copied().unwrap_or(0);
+                match shape.iter().product::<usize>().checked_div(cols) {
+                    Some(rows) if rows >= kernel.op.min_rows() => Call::Rows {
+                        prologue: unfinished(prologue, &done),
+                        kernel,
+                        rows,
+                        cols,
+                    },
+                    // (Too few rows: the interpreter's error.)
+                    _ => Call::Interpret(interpreted(&done)),
+                }
+            }
+            Some(Compiled::Mover {
+                prologue,
+                node,
+                func,
+            }) => match moves(graph, *node, func.1, dims)? {
+                Some(moves) => Call::Mover {
+                    prologue: unfinished(prologue, &done),
+                    node: *node,
+                    func: *func,
+                    moves,
+                },
+                None => Call::Interpret(interpreted(&done)),
+            },
+            // (Nothing to do, unless that kernel fell back to the
+            // interpreter.)
+            Some(Compiled::Within) if kernel.nodes.iter().all(|id| done.contains(id)) => {
+                Call::Interpret(Vec::new())
+            }
+            Some(Compiled::Within) => Call::Interpret(interpreted(&done)),
+            None => Call::Interpret(interpreted(&done)),
+        };
+        let produced: Vec<NodeId> = match &call {
+            Call::Kernel {
+                prologue, kernel, ..
+            } => prologue.iter().chain(&kernel.outputs).copied().collect(),
+            Call::Rows {
+                prologue, kernel, ..
+            } => prologue.iter().chain(&kernel.outputs).copied().collect(),
+            Call::Mover { prologue, node, .. } => prologue.iter().copied().chain([*node]).collect(),
+            Call::Interpret(nodes) => nodes.clone(),
+        };
+        done.extend(produced.iter().copied());
+        materialized.extend(produced);
+        calls.push(call);
+    }
+    // A buffer per materialized value (a dead fraction keeps a slot per
+    // unit while it counts).
+    let mut slots = IdMap::default();
+    let mut values = Vec::new();
+    let mut lengths = Vec::new();
+    for &id in &program.order {
+        if !materialized.contains(&id) {
+            continue;
+        }
+        let shape = to(graph.node(id).shape())?;
+        let mut length: usize = shape.iter().product();
+        if matches!(graph.node(id).op, Op::DeadFraction) {
+            let operand = to(graph.node(graph.operands(id)[0]).shape())?;
+            length = length.max(operand.iter().skip(1).product());
+        }
+        slots.insert(id, values.len());
+        values.push((id, shape));
+        lengths.push((length, elem(graph, &program.storage, id)));
+    }
+    let mut frame = Frame::new(&lengths).map_err(InterpError::Runtime)?;
+    // Constants once.
+    for &id in &program.order {
+        if let Op::Constant(c) = graph.node(id).op {
+            let value = Tensor::new(graph.node(id).dtype(), Vec::new(), vec![c]);
+            let slot = slots[&id];
+            frame
+                .buffers()
+                .write(slot, &vec![value.data[0]; lengths[slot].0])
+                .map_err(internal)?;
+        }
+    }
+    let slot_of = |id: &NodeId| slot_in(&slots, *id);
+    // Host nodes: products planned here, once.
+    let interpret = |nodes: Vec<NodeId>| {
+        Work::Interpret(
+            nodes
+                .into_iter()
+                .map(|id| match plan_product(graph, &slots, &values, id) {
+                    Some(product) => HostNode::Product(product),
+                    None => HostNode::Node(id),
+                })
+                .collect(),
+        )
+    };
+    // Host work `w`, called from the entry at this point.
+    let host = |frame: &mut Frame, work: &mut Vec<Work>, w: Work| {
+        frame.push_host(work.len());
+        work.push(w);
+    };
+    for call in calls {
+        match call {
+            Call::Kernel {
+                prologue,
+                kernel,
+                ks,
+                ms,
+                n,
+            } => {
+                if !prologue.is_empty() {
+                    host(&mut frame, &mut work, interpret(prologue));
+                }
+                let buffers = kernel
+                    .inputs
+                    .iter()
+                    .chain(&kernel.outputs)
+                    .map(slot_of)
+                    .collect::<Result<Vec<usize>, _>>()?;
+                frame
+                    .push_kernel(kernel, buffers, ks, ms, n)
+                    .map_err(internal)?;
+            }
+            Call::Rows {
+                prologue,
+                kernel,
+                rows,
+                cols,
+            } => {
+                if !prologue.is_empty() {
+                    host(&mut frame, &mut work, interpret(prologue));
+                }
+                let buffers = kernel
+                    .inputs
+                    .iter()
+                    .chain(&kernel.outputs)
+                    .map(slot_of)
+                    .collect::<Result<Vec<usize>, _>>()?;
+                if let Some(labels) = kernel.op.labels() {
+                    let labels = Work::Labels {
+                        slot: buffers[labels],
+                        cols,
+                        what: "label",
+                    };
+                    host(&mut frame, &mut work, labels);
+                }
+                frame
+                    .push_rows(kernel, buffers, rows, cols)
+                    .map_err(internal)?;
+            }
+            Call::Mover {
+                prologue,
+                node,
+                func: (func, mover, elem),
+                moves,
+            } => {
+                if !prologue.is_empty() {
+                    host(&mut frame, &mut work, interpret(prologue));
+                }
+                match moves {
+                    Moves::Blocks(blocks) => {
+                        let to = slot_of(&node)?;
+                        for (from, block) in blocks {
+                            frame
+                                .push_copy((func, elem), [slot_of(&from)?, to], block)
+                                .map_err(internal)?;
+                        }
+                    }
+                    Moves::Rows { ids, rows, sizes } => {
+                        let slots = [slot_of(&ids)?, slot_of(&rows)?, slot_of(&node)?];
+                        let indices = Work::Labels {
+                            slot: slots[0],
+                            cols: sizes[2],
+                            what: "embedding index",
+                        };
+                        host(&mut frame, &mut work, indices);
+                        let f32 = graph.node(node).dtype() == DType::F32;
+                        frame
+                            .push_indexed((func, mover, elem), slots, sizes, f32)
+                            .map_err(internal)?;
+                    }
+                }
+            }
+            Call::Interpret(nodes) if nodes.is_empty() => {}
+            Call::Interpret(nodes) => host(&mut frame, &mut work, interpret(nodes)),
+        }
+    }
+    let entry_clif = program.code.compile_entry(&mut frame).map_err(internal)?;
+    Ok(Bound {
+        frame,
+        slots,
+        values,
+        work,
+        dims: dims.clone(),
+        entry_clif,
+        wanted: None,
+    })
+}
+
+/// One kernel's part of the entry, before buffers are assigned.
+pub(super) enum Call<'p> {
+    Kernel {
+        prologue: Vec<NodeId>,
+        kernel: &'p CompiledKernel,
+        ks: Vec<i64>,
+        ms: Vec<i64>,
+        n: usize,
+    },
+    Rows {
+        prologue: Vec<NodeId>,
+        kernel: &'p RowKernel,
+        rows: usize,
+        cols: usize,
+    },
+    Mover {
+        prologue: Vec<NodeId>,
+        node: NodeId,
+        func: (cranelift_module::FuncId, Mover, Elem),
+        moves: Moves,
+    },
+    Interpret(Vec<NodeId>),
+}
+
+/// What a mover's call moves at a frame's sizes.
+pub(super) enum Moves {
+    /// A copy's blocks, each with the operand it copies from
+    /// (`copy_blocks`).
+    Blocks(Vec<(NodeId, CopyBlock)>),
+    /// A gather's or a scatter's rows: the indices, the rows read (the
+    /// table, or the gradient), and `[n, d, v]` (the number of indices,
+    /// the row length, the table's rows).
+    Rows {
+        ids: NodeId,
+        rows: NodeId,
+        sizes: [usize; 3],
+    },
+}
+
+/// The `ks` and `ms` of a compiled kernel's buffers.
+pub(super) type Factors = (Vec<i64>, Vec<i64>);
+
+/// The broadcast factors of every buffer of a compiled kernel looping over
+/// `to`: inputs by their shapes, a sum by its kept axes, a zero fraction
+/// one slot, a dead fraction a slot per unit (every axis but the first);
+/// `None` when some broadcasting is not one block (the kernel then runs on
+/// the interpreter at these sizes).
+pub(super) fn kernel_factors(
+    graph: &Graph,
+    compiled: &CompiledKernel,
+    to: &[usize],
+    dims: &BTreeMap<String, usize>,
+) -> Result<Option<Factors>, InterpError> {
+    let n: usize = to.iter().product();
+    let mut ks = Vec::new();
+    let mut ms = Vec::new();
+    for shape in &compiled.read_shapes {
+        let shape = interp::concrete(shape, dims)?;
+        let Some((k, m)) = factors(&shape, to) else {
+            return Ok(None);
+        };
+        ks.push(k);
+        ms.push(m);
+    }
+    for &output in &compiled.outputs {
+        let node = graph.node(output);
+        let kept: Option<Vec<usize>> = match &node.op {
+            Op::Reduce { axes, .. } => Some(
+                to.iter()
+                    .enumerate()
+                    .map(|(d, &size)| if axes.contains(&d) { 1 } else { size })
+                    .collect(),
+            ),
+            Op::SumTo => Some(interp::concrete(node.shape(), dims)?),
+            Op::ZeroFraction | Op::Mse | Op::BceWithLogits => Some(Vec::new()),
+            Op::DeadFraction => {
+                let mut kept = to.to_vec();
+                if let Some(rows) = kept.first_mut() {
+                    *rows = 1;
+                }
+                Some(kept)
+            }
+            _ => None,
+        };
+        let (k, m) = match kept {
+            Some(kept) => match factors(&kept, to) {
+                Some(f) => f,
+                None => return Ok(None),
+            },
+            None => (1, i64::try_from(n).unwrap_or(i64::MAX)),
+        };
+        ks.push(k);
+        ms.push(m);
+    }
+    Ok(Some((ks, ms)))
+}
+
+/// The broadcast factors `(k, m)` that read `operand` of shape `from` at
+/// `(i / k) % m` for element `i` of `to`; `None` when broadcasting is not
+/// one contiguous block of axes.
+pub(super) fn factors(from: &[usize], to: &[usize]) -> Option<(i64, i64)> {
+    let offset = to.len().checked_sub(from.len())?;
+    let kept: Vec<usize> = (0..to.len())
+        .filter(|&d| d >= offset && from[d - offset] == to[d] && to[d] != 1)
+        .collect();
+    let broadcast = |d: usize| d < offset || from[d - offset] == 1;
+    if !(0..to.len()).all(|d| kept.contains(&d) || broadcast(d) || to[d] == 1) {
+        return None;
+    }
+    let (Some(&first), Some(&last)) = (kept.first(), kept.last()) else {
+        return Some((1, 1));
+    };
+    if (first..=last).any(|d| !kept.contains(&d) && to[d] != 1) {
+        return None;
+    }
+    let m: usize = to[first..=last].iter().product();
+    let k: usize = to[last + 1..].iter().product();
+    Some((i64::try_from(k.max(1)).ok()?, i64::try_from(m.max(1)).ok()?))
+}
+
+impl Bound {
+    /// A value copied out of its buffer, as the interpreter's tensor.
+    pub(super) fn value(&self, graph: &Graph, id: NodeId) -> Result<Tensor, InterpError> {
+        let mut tensor = Tensor {
+            dtype: graph.node(id).dtype(),
+            shape: Vec::new(),
+            data: Vec::new(),
+        };
+        self.refill(graph, id, &mut tensor)?;
+        Ok(tensor)
+    }
+
+    /// `value` into a tensor of an earlier step (reusing its memory).
+    fn refill(&self, graph: &Graph, id: NodeId, tensor: &mut Tensor) -> Result<(), InterpError> {
+        let slot = slot_in(&self.slots, id)?;
+        self.refill_slot(slot, graph.node(id).dtype(), tensor);
+        Ok(())
+    }
+
+    /// `refill` from buffer `slot`, of a value of type `dtype`.
+    pub(super) fn refill_slot(&self, slot: usize, dtype: DType, tensor: &mut Tensor) {
+        let shape = &self.values[slot].1;
+        tensor.dtype = dtype;
+        tensor.shape.clone_from(shape);
+        self.frame
+            .read_into(slot, shape.iter().product(), &mut tensor.data);
+    }
+
+    /// Sets `Bound::wanted` to the caller's `wanted` values, each with the
+    /// buffer of the program's value (`ids`, `own_id`) and its type: worked
+    /// out again only when `wanted` is not the last step's list.
+    pub(super) fn want(
+        &mut self,
+        graph: &Graph,
+        ids: &IdMap<NodeId>,
+        wanted: &[NodeId],
+    ) -> Result<(), InterpError> {
+        if self.wanted.as_ref().is_none_or(|w| w.ids != wanted) {
+            let outputs = wanted
+                .iter()
+                .map(|&id| {
+                    let own = own_id(ids, id)?;
+                    Ok((id, slot_in(&self.slots, own)?, graph.node(own).dtype()))
+                })
+                .collect::<Result<Vec<_>, InterpError>>()?;
+            self.wanted = Some(Wanted {
+                ids: wanted.to_vec(),
+                outputs,
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,639 @@
+//! The JIT module and the compilation of every kind of kernel into it:
+//! elementwise kernels (`elementwise`), row kernels (`rows`) and movers
+//! (`movers`), each declared, built and defined here, with the CLIF text
+//! `--stage clif` prints. The module's memory and the step entry live in
+//! `native::code`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::mem::ManuallyDrop;
+use std::rc::Rc;
+
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{
+    AbiParam, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, UserFuncName,
+    Value, types,
+};
+use cranelift_codegen::isa::CallConv;
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_codegen::{Context, ir::Function};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
+
+use crate::ir::{DType, Dim, Graph, NodeId, Op, ReduceFn, Shape};
+use crate::jit::clif::Calls;
+use crate::jit::clif::CodegenError;
+use crate::jit::clif::Elem;
+use crate::jit::clif::counted_loop;
+use crate::jit::clif::element_at;
+use crate::jit::clif::{load, store};
+use crate::jit::elementwise::Access;
+use crate::jit::elementwise::Body;
+use crate::jit::elementwise::CompiledKernel;
+use crate::jit::elementwise::ROW_SCRATCH_BYTES;
+use crate::jit::elementwise::Single;
+use crate::jit::elementwise::builder_free_dropout;
+use crate::jit::elementwise::f32_exact;
+use crate::jit::elementwise::gradc_dropout_scale;
+use crate::jit::elementwise::is_row;
+use crate::jit::elementwise::is_sum;
+use crate::jit::elementwise::output_shape;
+use crate::jit::elementwise::round;
+use crate::jit::elementwise::runtime_functions;
+use crate::jit::movers::Mover;
+use crate::jit::movers::emit_copy;
+use crate::jit::movers::emit_gather;
+use crate::jit::movers::emit_scatter;
+use crate::jit::native::code::CodeCache;
+use crate::jit::native::frame::gradc_host;
+use crate::jit::rows;
+use crate::jit::rows::RowKernel;
+use crate::jit::rows::RowOp;
+
+/// Which CLIF text a `CodeCache` keeps of each function it compiles.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClifText {
+    /// None (the runtime's programs).
+    #[default]
+    None,
+    /// As gradc built it (`--stage clif`, the snapshots).
+    AsBuilt,
+    /// As Cranelift's optimizer left it, before instruction selection:
+    /// where each value ended up (`tests/jit.rs` checks the hoisting out
+    /// of loops on it).
+    Optimized,
+}
+
+impl CodeCache {
+    /// A module for the host ISA (with its native features: FMA, AVX).
+    pub fn new(keep_clif: ClifText) -> Result<CodeCache, CodegenError> {
+        let mut flags = settings::builder();
+        let set = |flags: &mut settings::Builder, k: &str, v: &str| {
+            flags.set(k, v).map_err(|e| CodegenError(e.to_string()))
+        };
+        set(&mut flags, "use_colocated_libcalls", "false")?;
+        set(&mut flags, "is_pic", "false")?;
+        set(&mut flags, "opt_level", "speed")?;
+        // Cranelift's IR verifier runs in debug builds (and so in the
+        // tests); release builds skip it, which halves compile time.
+        let verify = if cfg!(debug_assertions) {
+            "true"
+        } else {
+            "false"
+        };
+        set(&mut flags, "enable_verifier", verify)?;
+        let isa = cranelift_native::builder()
+            .map_err(|e| CodegenError(e.to_string()))?
+            .finish(settings::Flags::new(flags))
+            .map_err(|e| CodegenError(e.to_string()))?;
+        let mut builder = JITBuilder::with_isa(isa, default_libcall_names());
+        for (name, address, _) in runtime_functions() {
+            builder.symbol(name, address);
+        }
+        builder.symbol("gradc_dropout_scale", gradc_dropout_scale as *const u8);
+        builder.symbol("gradc_host", gradc_host as *const u8);
+        let mut module = JITModule::new(builder);
+        let mut imports = BTreeMap::new();
+        for (name, _, arity) in runtime_functions() {
+            let mut signature = Signature::new(CallConv::SystemV);
+            for _ in 0..arity {
+                signature.params.push(AbiParam::new(types::F64));
+            }
+            signature.returns.push(AbiParam::new(types::F64));
+            let id = module
+                .declare_function(name, Linkage::Import, &signature)
+                .map_err(|e| CodegenError(e.to_string()))?;
+            imports.insert(name, id);
+        }
+        builder_free_dropout(&mut module, &mut imports)?;
+        let mut signature = Signature::new(CallConv::SystemV);
+        signature.params.push(AbiParam::new(types::I64));
+        signature.params.push(AbiParam::new(types::I64));
+        signature.returns.push(AbiParam::new(types::I64));
+        let host = module
+            .declare_function("gradc_host", Linkage::Import, &signature)
+            .map_err(|e| CodegenError(e.to_string()))?;
+        imports.insert("gradc_host", host);
+        Ok(CodeCache {
+            module: ManuallyDrop::new(module),
+            lease: Rc::default(),
+            imports,
+            next: 0,
+            movers: Vec::new(),
+            keep_clif,
+        })
+    }
+
+    /// Compiles the nodes of one elementwise kernel (all `supported`, in
+    /// order, all of the kernel's loop shape) reading `inputs` and writing
+    /// `outputs`; also returns the CLIF text for `--stage clif`.
+    pub fn compile(
+        &mut self,
+        graph: &Graph,
+        nodes: &[NodeId],
+        inputs: &[NodeId],
+        input_elems: &[Elem],
+        outputs: &[NodeId],
+    ) -> Result<(CompiledKernel, String), CodegenError> {
+        // The loop's shape: that of any elementwise node, else of the
+        // operand of the closing sum. Inputs of that shape are full.
+        let loop_shape = nodes
+            .iter()
+            .find(|&&id| !is_sum(graph, id))
+            .map(|&id| graph.node(id).shape())
+            .or_else(|| {
+                let sum = nodes.first()?;
+                Some(graph.node(*graph.operands(*sum).first()?).shape())
+            });
+        let single = |id: NodeId| graph.node(id).shape().0.iter().all(|d| d.is_one());
+        let read_shapes: Vec<Shape> = inputs
+            .iter()
+            .map(|&i| graph.node(i).shape().clone())
+            .collect();
+        let mut access: Vec<Access> = Vec::new();
+        for shape in &read_shapes {
+            access.push(if Some(shape) == loop_shape {
+                Access::Full
+            } else if shape.0.iter().all(|d| d.is_one()) {
+                Access::Single
+            } else {
+                Access::Strided
+            });
+        }
+        for &output in outputs {
+            let per_unit = matches!(graph.node(output).op, Op::DeadFraction);
+            access.push(match (is_sum(graph, output), single(output) && !per_unit) {
+                (false, _) => Access::Full,
+                (true, true) => Access::Single,
+                (true, false) => Access::Strided,
+            });
+        }
+        // When every broadcast buffer is a row of the loop's (static) last
+        // axis, the kernel loops over rows and columns instead.
+        let cols = loop_shape.and_then(|shape| match shape.0.last() {
+            Some(Dim::Fixed(c)) if shape.rank() >= 2 => usize::try_from(*c).ok(),
+            _ => None,
+        });
+        let buffers: Vec<NodeId> = inputs.iter().chain(outputs).copied().collect();
+        let row_like = |j: usize| {
+            let (Some(shape), Some(cols)) = (loop_shape, cols) else {
+                return false;
+            };
+            let broadcast = match read_shapes.get(j) {
+                Some(read) => Some(read.0.clone()),
+                None => output_shape(graph, buffers[j], shape),
+            };
+            broadcast.is_some_and(|b| is_row(&b, cols))
+        };
+        let rows_and_cols = cols.is_some()
+            && access
+                .iter()
+                .enumerate()
+                .all(|(j, &a)| a != Access::Strided || row_like(j))
+            && access.contains(&Access::Strided);
+        if rows_and_cols {
+            for a in &mut access {
+                if *a == Access::Strided {
+                    *a = Access::Row;
+                }
+            }
+        }
+        let cols = if rows_and_cols { cols } else { None };
+        // Inputs as the caller stores them; an output by its type, but a
+        // sum accumulated in place in `f64`.
+        if input_elems.len() != inputs.len() {
+            return Err(CodegenError("an element type per input expected".into()));
+        }
+        let mut elems = input_elems.to_vec();
+        for (o, &output) in outputs.iter().enumerate() {
+            elems.push(match access[inputs.len() + o] {
+                Access::Full | Access::Single => Elem::of(graph.node(output).dtype()),
+                Access::Strided | Access::Row => Elem::F64,
+            });
+        }
+        let pointer = types::I64;
+        let (id, mut context) = self.declare("kernel", 5, false)?;
+        // (Set by `Body::flat` when the kernel relies on it.)
+        let mut multiple_of = None;
+        let mut builder_context = FunctionBuilderContext::new();
+        {
+            let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            let params = b.block_params(entry).to_vec();
+            let (ptrs, ks, ms, n, context) =
+                (params[0], params[1], params[2], params[3], params[4]);
+            let flags = MemFlagsData::trusted();
+            // Loop-invariant loads, hoisted by hand: Cranelift does not.
+            let mut bases = Vec::new();
+            for j in 0..access.len() {
+                bases.push(b.ins().load(pointer, flags, ptrs, (8 * j) as i32));
+            }
+            // A strided buffer is read at (i / k) % m without dividing: two
+            // counters, `within` (i % k) and `index` ((i / k) % m), are
+            // carried around the loop and wrap at k and m.
+            let mut factors = Vec::new();
+            for (j, &a) in access.iter().enumerate() {
+                if a == Access::Strided {
+                    let k = b.ins().load(pointer, flags, ks, (8 * j) as i32);
+                    let m = b.ins().load(pointer, flags, ms, (8 * j) as i32);
+                    factors.push((j, k, m));
+                }
+            }
+            // The run's seed and step, for dropout masks.
+            let seed = b.ins().load(pointer, flags, context, 0);
+            let step = b.ins().load(pointer, flags, context, 8);
+            let zero = b.ins().iconst(pointer, 0);
+            let zero_f64 = b.ins().f64const(0.0);
+            // The slots of a strided or row sum: m, or the static row size.
+            let slots = |b: &mut FunctionBuilder<'_>, j: usize| match (access[j], cols) {
+                (Access::Row, Some(cols)) => b.ins().iconst(pointer, cols as i64),
+                _ => factors.iter().find(|f| f.0 == j).map_or(zero, |f| f.2),
+            };
+            // A strided or row sum accumulates into its slots: zero them
+            // first.
+            for j in inputs.len()..access.len() {
+                if matches!(access[j], Access::Strided | Access::Row) {
+                    let m = slots(&mut b, j);
+                    counted_loop(&mut b, m, &[], |b, slot, _| {
+                        let at = element_at(b, Elem::F64, bases[j], slot);
+                        b.ins().store(flags, zero_f64, at, 0);
+                        Ok(vec![])
+                    })?;
+                }
+            }
+            // The running total of each sum to a single element is kept in
+            // a register through the loops and stored after them, in the
+            // same order.
+            let single_sums: Vec<usize> = (inputs.len()..access.len())
+                .filter(|&j| access[j] == Access::Single)
+                .collect();
+            let mut calls = Calls {
+                module: &mut self.module,
+                imports: &self.imports,
+                declared: HashMap::new(),
+            };
+            // Whether the vector loops take four `f32`s at a time.
+            let quad = f32_exact(graph, nodes, &elems[..inputs.len()], outputs);
+            // A single-element input is loaded once, before the loops (no
+            // kernel writes its inputs), as a scalar, a pair, and (for
+            // `f32x4` loops) four `f32`s.
+            let singles: Vec<Option<Single>> = (0..inputs.len())
+                .map(|j| {
+                    (access[j] == Access::Single).then(|| {
+                        let scalar = load(&mut b, elems[j], false, bases[j]);
+                        let pair = b.ins().splat(types::F64X2, scalar);
+                        let quad = (quad && elems[j] == Elem::F32).then(|| {
+                            let narrow = b.ins().fdemote(types::F32, scalar);
+                            b.ins().splat(types::F32X4, narrow)
+                        });
+                        (scalar, pair, quad)
+                    })
+                })
+                .collect();
+            let body = Body {
+                graph,
+                nodes,
+                inputs,
+                outputs,
+                access: &access,
+                elems: &elems,
+                bases: &bases,
+                singles: &singles,
+                quad,
+                single_sums: &single_sums,
+                seed,
+                step,
+                zero: zero_f64,
+            };
+            // Each running total is two `f64x2`s: a pair step adds its two
+            // elements lane by lane into the first, a scalar step adds into
+            // lane 0 of the first, an `f32x4` step adds its first pair into
+            // the first and its second into the second (two chains of
+            // additions, not one twice as long); the two are added, then
+            // their lanes, after the loops.
+            let start: Vec<Value> = single_sums
+                .iter()
+                .flat_map(|_| [(); 2])
+                .map(|_| b.ins().splat(types::F64X2, zero_f64))
+                .collect();
+            let lanes = match cols {
+                Some(cols) => body.rows_and_columns(&mut b, &mut calls, n, cols, &start)?,
+                None => {
+                    let static_count = loop_shape.and_then(|shape| {
+                        shape.0.iter().try_fold(1u64, |count, d| match d {
+                            Dim::Fixed(size) => count.checked_mul(*size),
+                            Dim::Sym(_) => None,
+                        })
+                    });
+                    // The product of the static axes: every count is a
+                    // multiple of it.
+                    let factor = loop_shape.map_or(1, |shape| {
+                        shape.0.iter().fold(1u64, |product, d| match d {
+                            Dim::Fixed(size) => product.saturating_mul(*size).max(1),
+                            Dim::Sym(_) => product,
+                        })
+                    });
+                    let (lanes, width) = body.flat(
+                        &mut b,
+                        &mut calls,
+                        n,
+                        &factors,
+                        &start,
+                        (static_count, factor),
+                    )?;
+                    multiple_of = width;
+                    lanes
+                }
+            };
+            let totals: Vec<Value> = lanes
+                .chunks(2)
+                .map(|halves| {
+                    let total = match halves {
+                        [first, second] => b.ins().fadd(*first, *second),
+                        _ => halves[0],
+                    };
+                    let even = b.ins().extractlane(total, 0);
+                    let odd = b.ins().extractlane(total, 1);
+                    b.ins().fadd(even, odd)
+                })
+                .collect();
+            // Finish every sum as the interpreter does: a mean divides by
+            // its count, a zero fraction by n, a dead fraction counts the
+            // units no row reached; an f32 result is rounded once.
+            let sums = access[inputs.len()..].iter().any(|&a| a != Access::Full);
+            let one = if sums {
+                b.ins().iconst(pointer, 1)
+            } else {
+                zero
+            };
+            let count_per = |b: &mut FunctionBuilder<'_>, groups: Value| {
+                let groups = b.ins().umax(groups, one);
+                let count = b.ins().udiv(n, groups);
+                let count = b.ins().umax(count, one);
+                b.ins().fcvt_from_uint(types::F64, count)
+            };
+            for (o, &output) in outputs.iter().enumerate() {
+                let j = inputs.len() + o;
+                let op = &graph.node(output).op;
+                let mean = matches!(
+                    op,
+                    Op::Reduce {
+                        func: ReduceFn::Mean,
+                        ..
+                    } | Op::ZeroFraction
+                        | Op::Mse
+                        | Op::BceWithLogits
+                );
+                match access[j] {
+                    Access::Full => {}
+                    Access::Single => {
+                        let slot = single_sums.iter().position(|&s| s == j).unwrap_or(0);
+                        let mut value = totals[slot];
+                        if mean {
+                            let count = count_per(&mut b, one);
+                            value = b.ins().fdiv(value, count);
+                        }
+                        let value = round(&mut b, graph, output, value);
+                        store(&mut b, elems[j], value, bases[j]);
+                    }
+                    Access::Strided | Access::Row => {
+                        let m = slots(&mut b, j);
+                        if matches!(op, Op::DeadFraction) {
+                            let units = b.ins().fcvt_from_uint(types::F64, m);
+                            let one_f64 = b.ins().f64const(1.0);
+                            let dead = counted_loop(&mut b, m, &[zero_f64], |b, slot, carried| {
+                                let at = element_at(b, Elem::F64, bases[j], slot);
+                                let reached = b.ins().load(types::F64, flags, at, 0);
+                                let none = b.ins().fcmp(FloatCC::Equal, reached, zero_f64);
+                                let add = b.ins().select(none, one_f64, zero_f64);
+                                Ok(vec![b.ins().fadd(carried[0], add)])
+                            })?[0];
+                            let fraction = b.ins().fdiv(dead, units);
+                            let empty = b.ins().icmp(IntCC::Equal, n, zero);
+                            let fraction = b.ins().select(empty, zero_f64, fraction);
+                            let fraction = round(&mut b, graph, output, fraction);
+                            b.ins().store(flags, fraction, bases[j], 0);
+                        } else if mean || graph.node(output).dtype() == DType::F32 {
+                            let count = count_per(&mut b, m);
+                            counted_loop(&mut b, m, &[], |b, slot, _| {
+                                let at = element_at(b, Elem::F64, bases[j], slot);
+                                let mut value = b.ins().load(types::F64, flags, at, 0);
+                                if mean {
+                                    value = b.ins().fdiv(value, count);
+                                }
+                                let value = round(b, graph, output, value);
+                                b.ins().store(flags, value, at, 0);
+                                Ok(vec![])
+                            })?;
+                        }
+                    }
+                }
+            }
+            b.ins().return_(&[]);
+            b.seal_all_blocks();
+            b.finalize(self.module.target_config());
+        }
+        let clif = self.finish(id, context)?;
+        Ok((
+            CompiledKernel {
+                func: id,
+                inputs: inputs.to_vec(),
+                outputs: outputs.to_vec(),
+                access,
+                cols,
+                read_shapes,
+                elems,
+                multiple_of,
+            },
+            clif,
+        ))
+    }
+
+    /// Declares a new local function `{prefix}{n}` taking `params`
+    /// pointer-sized arguments (and returning one if `returns`), and a
+    /// context to build its body in.
+    pub(super) fn declare(
+        &mut self,
+        prefix: &str,
+        params: usize,
+        returns: bool,
+    ) -> Result<(FuncId, Context), CodegenError> {
+        let pointer = types::I64;
+        let mut signature = Signature::new(CallConv::SystemV);
+        for _ in 0..params {
+            signature.params.push(AbiParam::new(pointer));
+        }
+        if returns {
+            signature.returns.push(AbiParam::new(pointer));
+        }
+        let name = format!("{prefix}{}", self.next);
+        self.next += 1;
+        let id = self
+            .module
+            .declare_function(&name, Linkage::Local, &signature)
+            .map_err(|e| CodegenError(e.to_string()))?;
+        let mut context = Context::new();
+        context.func = Function::with_name_signature(UserFuncName::user(0, id.as_u32()), signature);
+        Ok((id, context))
+    }
+
+    /// Defines a built function and returns its CLIF text, if kept (the
+    /// module is finalized when a step entry is compiled).
+    pub(super) fn finish(
+        &mut self,
+        id: FuncId,
+        mut context: Context,
+    ) -> Result<String, CodegenError> {
+        let as_built =
+            (self.keep_clif == ClifText::AsBuilt).then(|| context.func.display().to_string());
+        self.module
+            .define_function(id, &mut context)
+            .map_err(|e| CodegenError(format!("{e:?}")))?;
+        Ok(match self.keep_clif {
+            ClifText::None => String::new(),
+            ClifText::AsBuilt => as_built.unwrap_or_default(),
+            ClifText::Optimized => context.func.display().to_string(),
+        })
+    }
+
+    /// The kernel that moves elements as `mover` says, for buffers storing
+    /// `elem` (compiled on first use): `fn(ptrs, params)`, with the
+    /// buffers' addresses in `ptrs` and its sizes in `params`
+    /// (`Mover::buffers`, `Mover::params`). Also returns the CLIF text
+    /// (empty if compiled before).
+    pub fn compile_mover(
+        &mut self,
+        mover: Mover,
+        elem: Elem,
+    ) -> Result<(FuncId, String), CodegenError> {
+        if let Some(&(_, id)) = self.movers.iter().find(|(m, _)| *m == (mover, elem)) {
+            return Ok((id, String::new()));
+        }
+        let (id, mut context) = self.declare(mover.name(), 2, false)?;
+        let mut builder_context = FunctionBuilderContext::new();
+        {
+            let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            let params = b.block_params(entry).to_vec();
+            let words = |b: &mut FunctionBuilder<'_>, base: Value, count: usize| -> Vec<Value> {
+                (0..count)
+                    .map(|k| {
+                        b.ins()
+                            .load(types::I64, MemFlagsData::trusted(), base, 8 * k as i32)
+                    })
+                    .collect()
+            };
+            let buffers = words(&mut b, params[0], mover.buffers());
+            let sizes = words(&mut b, params[1], mover.params());
+            match mover {
+                Mover::Copy => emit_copy(&mut b, elem, &buffers, &sizes)?,
+                Mover::Gather => emit_gather(&mut b, elem, &buffers, &sizes)?,
+                Mover::Scatter => emit_scatter(&mut b, elem, &buffers, &sizes)?,
+            }
+            b.ins().return_(&[]);
+            b.seal_all_blocks();
+            b.finalize(self.module.target_config());
+        }
+        let clif = self.finish(id, context)?;
+        self.movers.push(((mover, elem), id));
+        Ok((id, clif))
+    }
+    /// Compiles a row kernel (`jit::rows`) computing `outputs` (a node
+    /// `RowOp::of` accepts, or the pair of `RowOp::CrossEntropyWithVjp`)
+    /// from the first one's operands, whose inputs (`RowOp::reads`) are
+    /// stored as `input_elems` say; also returns the CLIF text.
+    pub fn compile_rows(
+        &mut self,
+        graph: &Graph,
+        outputs: &[NodeId],
+        op: RowOp,
+        input_elems: &[Elem],
+    ) -> Result<(RowKernel, String), CodegenError> {
+        let node = *outputs
+            .first()
+            .ok_or_else(|| CodegenError("row kernel: no output".into()))?;
+        let mut elems = input_elems.to_vec();
+        elems.extend(
+            outputs
+                .iter()
+                .map(|&output| Elem::of(graph.node(output).dtype())),
+        );
+        // Rows of a static length: the kernel is compiled for that length
+        // (`RowKernel::fixed_cols`), and binding refuses any other.
+        let inputs = op.reads(&graph.operands(node));
+        let (lengths, _) = op.lengths(3, 5);
+        let fixed_cols = inputs
+            .iter()
+            .zip(&lengths)
+            .find(|&(_, &length)| length == 15)
+            .and_then(|(&input, _)| graph.node(input).shape().0.last().cloned())
+            .and_then(|last| match last {
+                Dim::Fixed(c) if c > 0 && c <= i64::MAX as u64 => usize::try_from(c).ok(),
+                _ => None,
+            });
+        let (id, mut context) = self.declare("kernel", 3, false)?;
+        let mut builder_context = FunctionBuilderContext::new();
+        {
+            let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            let params = b.block_params(entry).to_vec();
+            let mut calls = Calls {
+                module: &mut self.module,
+                imports: &self.imports,
+                declared: HashMap::new(),
+            };
+            let f32 = graph.node(node).dtype() == DType::F32;
+            let cols = match fixed_cols {
+                Some(c) => b.ins().iconst(types::I64, c as i64),
+                None => params[2],
+            };
+            // A row's exponentials, kept for the second pass of a softmax
+            // (`f64`s, so the values are the ones computed again before).
+            // (Two such rows for a kernel that takes rows in pairs.)
+            let kept_rows = if op.takes_row_pairs() { 2 } else { 1 };
+            let (exps, second_exps) = match fixed_cols {
+                Some(c) if op.takes_softmax() && kept_rows * c * 8 <= ROW_SCRATCH_BYTES => {
+                    let slot = b.create_sized_stack_slot(StackSlotData::new(
+                        StackSlotKind::ExplicitSlot,
+                        (kept_rows * c * 8) as u32,
+                        4,
+                    ));
+                    let first = b.ins().stack_addr(types::I64, slot, 0);
+                    let second = (kept_rows == 2)
+                        .then(|| b.ins().stack_addr(types::I64, slot, (c * 8) as i32));
+                    (Some(first), second)
+                }
+                _ => (None, None),
+            };
+            let shape = rows::RowShape {
+                rows: params[1],
+                cols,
+                even_cols: fixed_cols.is_some_and(|c| c.is_multiple_of(2)),
+                exps,
+                second_exps,
+            };
+            rows::emit(&mut b, &mut calls, op, f32, &elems, params[0], shape)?;
+            b.ins().return_(&[]);
+            b.seal_all_blocks();
+            b.finalize(self.module.target_config());
+        }
+        let clif = self.finish(id, context)?;
+        Ok((
+            RowKernel {
+                func: id,
+                op,
+                inputs,
+                outputs: outputs.to_vec(),
+                elems,
+                fixed_cols,
+            },
+            clif,
+        ))
+    }
+}

@@ -1,0 +1,264 @@
+//! Host work: what the step entry hands back to Rust between compiled
+//! kernels. Matrix products (planned once per frame, run on the GEMM of
+//! `native::gemm` in the buffers' own element type), kernels the JIT does
+//! not compile (on the interpreter's kernels), and the checks of labels.
+
+use std::collections::BTreeMap;
+
+use crate::interp::{self, Context, Evaluation, InterpError, Tensor};
+use crate::ir::{DType, Graph, IdMap, NodeId, Op};
+use crate::jit::bind::HostNode;
+use crate::jit::bind::Matrix;
+use crate::jit::bind::Product;
+use crate::jit::bind::Work;
+use crate::jit::bind::internal;
+use crate::jit::bind::slot_in;
+use crate::jit::clif::CodegenError;
+use crate::jit::clif::Elem;
+use crate::jit::native::frame::Buffers;
+use crate::jit::native::frame::Host;
+use crate::jit::native::frame::Stored;
+use crate::jit::native::gemm::GemmElement;
+use crate::jit::native::gemm::MatrixView;
+use crate::jit::native::gemm::gemm_parallel;
+use crate::passes::fusion::{self};
+
+/// The host work of one step: interpreted nodes and products read and
+/// write the frame's buffers.
+pub(super) struct StepHost<'a> {
+    pub(super) graph: &'a Graph,
+    pub(super) slots: &'a IdMap<usize>,
+    pub(super) values: &'a [(NodeId, Vec<usize>)],
+    pub(super) work: &'a [Work],
+    pub(super) context: Context,
+    /// The frame's sizes.
+    pub(super) dims: &'a BTreeMap<String, usize>,
+    /// The interpreter's working values for one node (made by the first
+    /// node interpreted).
+    pub(super) scratch: Option<Evaluation>,
+    pub(super) buffer_updates: BTreeMap<String, Tensor>,
+    /// `f32` copies of a product's operands and its result, for an `f32`
+    /// operand kept in an `f64` buffer.
+    pub(super) narrow: (Vec<f32>, Vec<f32>, Vec<f32>),
+}
+
+impl Host for StepHost<'_> {
+    fn call(&mut self, index: usize, buffers: &mut Buffers<'_>) -> Result<(), InterpError> {
+        match self.work.get(index) {
+            Some(Work::Interpret(nodes)) => {
+                for node in nodes {
+                    let id = match node {
+                        HostNode::Product(product) => {
+                            if self.matrix_product(product, buffers)? {
+                                continue;
+                            }
+                            product.id
+                        }
+                        HostNode::Node(id) => *id,
+                    };
+                    self.interpret(id, buffers)?;
+                }
+                Ok(())
+            }
+            Some(Work::Labels { slot, cols, what }) => {
+                interp::kernels::check_indices(&buffers.read(*slot, usize::MAX), *cols, what)
+            }
+            None => Err(InterpError::Internal(format!("no host work {index}"))),
+        }
+    }
+}
+
+impl StepHost<'_> {
+    /// Evaluates a node on the interpreter from copies of its operands
+    /// (an operand its rule does not read, which no kernel materialized,
+    /// is zeros), writing its buffer.
+    fn interpret(&mut self, id: NodeId, buffers: &mut Buffers<'_>) -> Result<(), InterpError> {
+        let graph = self.graph;
+        let dims = self.dims;
+        let scratch = self.scratch.get_or_insert_with(|| Evaluation {
+            dims: dims.clone(),
+            ..Evaluation::default()
+        });
+        scratch.values.clear();
+        let needed = fusion::reads(graph, id);
+        for operand in graph.operands(id) {
+            let node = graph.node(operand);
+            let value = match self.slots.get(&operand) {
+                Some(&slot) => {
+                    let shape = self.values[slot].1.clone();
+                    let count = shape.iter().product::<usize>();
+                    Tensor {
+                        dtype: node.dtype(),
+                        shape,
+                        data: buffers.read(slot, count).into_owned(),
+                    }
+                }
+                None if !needed.contains(&operand) => {
+                    Tensor::zeros(node.dtype(), &interp::concrete(node.shape(), dims)?)
+                }
+                None => return Err(InterpError::Internal(format!("{operand} has no buffer"))),
+            };
+            scratch.values.insert(operand, value);
+        }
+        interp::evaluate_node(graph, id, scratch, self.context)?;
+        let value = scratch
+            .values
+            .remove(&id)
+            .ok_or_else(|| InterpError::Internal(format!("{id} was not evaluated")))?;
+        self.buffer_updates.append(&mut scratch.buffer_updates);
+        buffers
+            .write(slot_in(self.slots, id)?, &value.data)
+            .map_err(|e| InterpError::Internal(format!("{id}: {e}")))
+    }
+
+    /// Runs a planned matrix product (`plan_product`) on the tuned GEMM
+    /// (`gemm`) straight from the buffers: an `f32` product on
+    /// `sgemm` on the `f32` buffers (on `f32` copies if an operand is kept
+    /// in `f64`), an `f64` one on `dgemm`. False, doing nothing, for
+    /// buffers of other element types (the interpreter then runs it).
+    fn matrix_product(
+        &mut self,
+        product: &Product,
+        buffers: &mut Buffers<'_>,
+    ) -> Result<bool, InterpError> {
+        let [left, right, out] = product.slots;
+        let (a, b) = (product.a, product.b);
+        let elems = product.slots.map(|slot| buffers.elem(slot));
+        match (product.dtype, elems) {
+            // Straight from the buffers.
+            (DType::F32, [Elem::F32, Elem::F32, Elem::F32]) => {
+                product_in_place::<f32>(buffers, product.slots, a, b)
+            }
+            (DType::F64, [Elem::F64, Elem::F64, Elem::F64]) => {
+                product_in_place::<f64>(buffers, product.slots, a, b)
+            }
+            // An `f32` operand kept in `f64` (a sum): through `f32` copies.
+            (DType::F32, _) => {
+                let (a32, b32, c32) = &mut self.narrow;
+                let narrow = |to: &mut Vec<f32>, slot: usize, count: usize| {
+                    to.clear();
+                    to.extend(buffers.read(slot, count).iter().map(|&v| v as f32));
+                };
+                let count = a.read_rows() * b.read_cols();
+                narrow(a32, left, a.rows * a.cols);
+                narrow(b32, right, b.rows * b.cols);
+                c32.clear();
+                c32.resize(count, 0.0);
+                let (Some(a), Some(b)) = (matrix_view(a32, a), matrix_view(b32, b)) else {
+                    return Ok(false);
+                };
+                gemm_parallel(a, b, c32).map_err(internal)?;
+                let wide: Vec<f64> = c32.iter().map(|&v| f64::from(v)).collect();
+                buffers.write(out, &wide)
+            }
+            _ => return Ok(false),
+        }
+        .map_err(internal)?;
+        Ok(true)
+    }
+}
+
+/// Plans a matrix product on the GEMM for a frame (its buffers `slots`
+/// and their shapes `values`): a `matmul` (plain, or with a transposed
+/// right operand) and both of its VJPs. `None` for any other node or a
+/// shape it does not handle (the interpreter then runs it).
+///
+/// A batched operand `[.., M, K]` is one `(B*M) x K` matrix, so each case
+/// is a single GEMM: `A @ B`; `dA = g @ B^T`; and `dB = A^T @ g`, whose
+/// inner size `B*M` also performs the sum over the batch. A transpose is a
+/// view with swapped strides, never a copy.
+pub(super) fn plan_product(
+    graph: &Graph,
+    slots: &IdMap<usize>,
+    values: &[(NodeId, Vec<usize>)],
+    id: NodeId,
+) -> Option<Product> {
+    let node = graph.node(id);
+    let operands = graph.operands(id);
+    // (left operand, transposed?), (right operand, transposed?).
+    let ((left, transpose_left), (right, transpose_right)) = match &node.op {
+        Op::MatMul => ((operands[0], false), (operands[1], false)),
+        Op::MatMulT {
+            transpose_a: false,
+            transpose_b,
+        } => ((operands[0], false), (operands[1], *transpose_b)),
+        // `a^T @ c`, with a batch of both summed: as matrices (leading
+        // axes flattened into rows) that is one product.
+        Op::MatMulT {
+            transpose_a: true,
+            transpose_b: false,
+        } if graph.node(operands[0]).shape().rank() == graph.node(operands[1]).shape().rank() => {
+            ((operands[0], true), (operands[1], false))
+        }
+        _ => return None,
+    };
+    let (&left, &right, &out) = (slots.get(&left)?, slots.get(&right)?, slots.get(&id)?);
+    let matrix = |slot: usize, transposed: bool| {
+        let (rows, cols) = matrix_dims(&values[slot].1)?;
+        Some(Matrix {
+            rows,
+            cols,
+            transposed,
+        })
+    };
+    let (a, b) = (
+        matrix(left, transpose_left)?,
+        matrix(right, transpose_right)?,
+    );
+    let count: usize = values[out].1.iter().product();
+    let fits = a.read_cols() == b.read_rows()
+        && count == a.read_rows() * b.read_cols()
+        && left != out
+        && right != out;
+    fits.then_some(Product {
+        id,
+        dtype: node.dtype(),
+        slots: [left, right, out],
+        a,
+        b,
+    })
+}
+
+/// `out = a @ b` on the GEMM, straight from buffers holding `T`s.
+pub(super) fn product_in_place<T: GemmElement + Stored + Send + Sync>(
+    buffers: &mut Buffers<'_>,
+    [left, right, out]: [usize; 3],
+    a: Matrix,
+    b: Matrix,
+) -> Result<(), CodegenError> {
+    buffers
+        .compute::<T, _, 2>([left, right], out, |reads, c| {
+            match (matrix_view(reads[0], a), matrix_view(reads[1], b)) {
+                (Some(a), Some(b)) => {
+                    let count = a.rows * b.cols;
+                    match c.get_mut(..count) {
+                        Some(c) => gemm_parallel(a, b, c),
+                        None => Err(CodegenError("the product does not fit".into())),
+                    }
+                }
+                _ => Err(CodegenError("an operand does not fit".into())),
+            }
+        })
+        .and_then(|r| r)
+}
+
+/// A shape as a matrix: (leading axes flattened) x (last axis); `None`
+/// below rank 2 or for an empty last axis.
+pub(super) fn matrix_dims(shape: &[usize]) -> Option<(usize, usize)> {
+    let cols = *shape.last()?;
+    if shape.len() < 2 || cols == 0 {
+        return None;
+    }
+    Some((shape.iter().product::<usize>() / cols, cols))
+}
+
+/// A buffer as the matrix `m`, read transposed or not; `None` if `data` is
+/// too short.
+pub(super) fn matrix_view<T>(data: &[T], m: Matrix) -> Option<MatrixView<'_, T>> {
+    let view = MatrixView::row_major(data.get(..m.rows * m.cols)?, m.rows, m.cols);
+    Some(if m.transposed {
+        view.transposed()
+    } else {
+        view
+    })
+}

@@ -1,0 +1,553 @@
+//! A graph's program: the optimized graph (`passes::optimize`, then the
+//! derivative patterns of `patterns`), its kernel plan
+//! (`passes::fusion`), and for each kernel its compiled form (`Compiled`),
+//! or none where the interpreter's kernel runs it. Sizes are not known
+//! yet: `bind` fixes them per frame.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use crate::interp::{self, InterpError};
+use crate::ir::{DType, Graph, IdBuildHasher, IdMap, NodeId, Op, Role, Shape};
+use crate::jit::bind::Bound;
+use crate::jit::bind::Moves;
+use crate::jit::cache::ClifText;
+use crate::jit::clif::CodegenError;
+use crate::jit::clif::Elem;
+use crate::jit::elementwise::CompiledKernel;
+use crate::jit::elementwise::is_sum;
+use crate::jit::elementwise::supported;
+use crate::jit::movers::Mover;
+use crate::jit::native::code::CodeCache;
+use crate::jit::native::frame::CopyBlock;
+use crate::jit::patterns;
+use crate::jit::rows::RowKernel;
+use crate::jit::rows::RowOp;
+use crate::passes::{
+    self,
+    fusion::{self, Plan},
+};
+
+/// A kernel's compiled form.
+pub(super) enum Compiled {
+    /// What the interpreter (or, for a product, the GEMM) computes first
+    /// (the matrix product of a matmul kernel, values it recomputes), then
+    /// the compiled elementwise code.
+    Elementwise {
+        prologue: Vec<NodeId>,
+        kernel: CompiledKernel,
+    },
+    /// A row kernel (a reduction or normalization along the last axis),
+    /// after the cheap values it recomputes (on the interpreter).
+    Rows {
+        prologue: Vec<NodeId>,
+        kernel: RowKernel,
+    },
+    /// Computed by the row kernel of an earlier kernel, fused with it
+    /// (`fused_cross_entropy`).
+    Within,
+    /// A node that only moves elements (`mover_for`), by the kernel
+    /// compiled for that (`Mover`) and the element type, after the
+    /// cheap values it recomputes (on the interpreter).
+    Mover {
+        prologue: Vec<NodeId>,
+        node: NodeId,
+        func: (cranelift_module::FuncId, Mover, Elem),
+    },
+}
+
+/// A graph prepared for running: the graph its kernels compute (the
+/// caller's, or the caller's optimized), its kernel plan, compiled kernels,
+/// and a bound frame per set of sizes.
+pub(super) struct Program {
+    pub(super) graph: Arc<Graph>,
+    /// Where each value the caller may ask for lives in `graph`: every node
+    /// with a role (which the passes may move to another node) and the
+    /// values kept for the caller. Empty for an unoptimized program, whose
+    /// ids are the caller's.
+    pub(super) ids: IdMap<NodeId>,
+    pub(super) plan: Plan,
+    pub(super) kernels: Vec<Option<Compiled>>,
+    /// The shape each kernel loops over.
+    pub(super) loops: Vec<Shape>,
+    pub(super) clif: Vec<String>,
+    /// The graph's topological order, and each node's place in it.
+    pub(super) order: Vec<NodeId>,
+    /// The leaves, in that order (what a step's checks go through).
+    pub(super) leaves: Vec<NodeId>,
+    pub(super) position: HashMap<NodeId, usize>,
+    /// How each value's buffer stores its elements, where that is not
+    /// `Elem::of` its type (sums a compiled kernel accumulates in `f64`).
+    pub(super) storage: HashMap<NodeId, Elem>,
+    pub(super) frames: HashMap<BTreeMap<String, usize>, Bound, IdBuildHasher>,
+    /// Holds the compiled code: it outlives `kernels` and `frames`.
+    pub(super) code: CodeCache,
+}
+
+/// A program's graph version and what it keeps: `None` for the graph as
+/// given (every value can be read back), or the intermediate values a
+/// caller reads besides the graph's results (the graph is optimized).
+pub(super) type ProgramKey = (u64, Option<Arc<[NodeId]>>);
+
+/// The key of the program for a graph and the values a caller reads back.
+pub(super) fn program_key(graph: &Graph, wanted: Option<&[NodeId]>) -> ProgramKey {
+    // Values with a role survive the passes anyway; the others are kept by
+    // `retain`.
+    let kept = wanted.map(|wanted| {
+        let mut kept: Vec<NodeId> = wanted
+            .iter()
+            .copied()
+            .filter(|&id| graph.contains(id) && graph.node(id).role == Role::Intermediate)
+            .collect();
+        kept.sort_unstable();
+        kept.dedup();
+        Arc::from(kept)
+    });
+    (graph.version(), kept)
+}
+
+/// The graph optimized by the passes, with the `kept` values retained
+/// (so no pass removes them; their ids stay), and where every node with a
+/// role and every kept value lives in it.
+pub(super) fn optimized(graph: &Graph, kept: &[NodeId]) -> (Graph, IdMap<NodeId>) {
+    let mut run = graph.clone();
+    for &id in kept {
+        run.node_mut(id).retain = true;
+    }
+    passes::optimize(&mut run, |_, _| {});
+    patterns::recognise(&mut run);
+    // Roles held by one node each (a buffer two batch norms update is
+    // held twice: those results are not found by role).
+    let mut by_role: HashMap<&Role, Option<NodeId>> = HashMap::new();
+    for id in run.ids() {
+        let role = &run.node(id).role;
+        if *role != Role::Intermediate {
+            by_role
+                .entry(role)
+                .and_modify(|held| *held = None)
+                .or_insert(Some(id));
+        }
+    }
+    let mut ids = IdMap::default();
+    for id in graph.ids() {
+        let node = graph.node(id);
+        let own = if node.op.is_leaf() || kept.contains(&id) {
+            Some(id).filter(|&id| run.contains(id))
+        } else if node.role != Role::Intermediate {
+            by_role.get(&node.role).copied().flatten()
+        } else {
+            None
+        };
+        if let Some(own) = own {
+            ids.insert(id, own);
+        }
+    }
+    (run, ids)
+}
+
+/// Plans a graph and compiles every kernel the code generator supports
+/// (keeping their CLIF text if asked).
+pub(super) fn compile(
+    run: Graph,
+    ids: IdMap<NodeId>,
+    keep_clif: ClifText,
+) -> Result<Program, CodegenError> {
+    let graph = &run;
+    let plan = fusion::plan(graph);
+    let mut code = CodeCache::new(keep_clif)?;
+    let mut kernels = Vec::new();
+    let mut loops = Vec::new();
+    let mut clif = Vec::new();
+    let order = graph
+        .topo_order()
+        .ok_or_else(|| CodegenError("the graph has a cycle".into()))?;
+    let position: HashMap<NodeId, usize> =
+        order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let mut storage: HashMap<NodeId, Elem> = HashMap::new();
+    // Kernels computed within an earlier one: (the earlier, the later).
+    let mut fused: Vec<(usize, usize)> = Vec::new();
+    for (k, kernel) in plan.kernels.iter().enumerate() {
+        let elems = |ids: &[NodeId], storage: &HashMap<NodeId, Elem>| -> Vec<Elem> {
+            ids.iter().map(|id| elem(graph, storage, *id)).collect()
+        };
+        // A kernel that is only a sum loops over its operand.
+        let loop_shape = match kernel.kind {
+            fusion::Kind::Reduction => graph
+                .node(graph.operands(kernel.nodes[0])[0])
+                .shape()
+                .clone(),
+            _ => kernel.loop_shape.clone(),
+        };
+        // Elementwise over the loop shape (compiled in the kernel's loop,
+        // perhaps closed by a sum).
+        let over_loop = |id: NodeId| supported(graph, id) && graph.node(id).shape() == &loop_shape;
+        // What the interpreter computes first (a matrix product and the
+        // cheap values it reads), and what is compiled after it (the
+        // epilogue, with the cheap values only it reads).
+        let (prologue, body): (Vec<NodeId>, Vec<NodeId>) = match kernel.kind {
+            fusion::Kind::MatMul => {
+                let product = graph.operands(kernel.nodes[0]);
+                let (mut first, later): (Vec<NodeId>, Vec<NodeId>) = kernel
+                    .recompute
+                    .iter()
+                    .copied()
+                    .partition(|&id| product.contains(&id) || !over_loop(id));
+                first.push(kernel.nodes[0]);
+                (
+                    first,
+                    later
+                        .into_iter()
+                        .chain(kernel.nodes[1..].iter().copied())
+                        .collect(),
+                )
+            }
+            _ => (
+                Vec::new(),
+                kernel
+                    .recompute
+                    .iter()
+                    .copied()
+                    .chain(kernel.nodes.iter().copied())
+                    .collect(),
+            ),
+        };
+        let closing_sum = |id: NodeId| {
+            is_sum(graph, id)
+                && graph
+                    .operands(id)
+                    .iter()
+                    .all(|&o| graph.node(o).shape() == &loop_shape)
+        };
+        // Computed already, by a kernel fused with it.
+        if let Some(&(first, _)) = fused.iter().find(|&&(_, later)| later == k) {
+            clif.push(format!("; kernel k{k}: within k{first}\n"));
+            kernels.push(Some(Compiled::Within));
+            loops.push(loop_shape);
+            continue;
+        }
+        // A single node that only moves elements.
+        if let [node] = kernel.nodes.as_slice()
+            && let Some((mover, elem)) = mover_for(graph, &storage, *node)
+        {
+            let (func, text) = code.compile_mover(mover, elem)?;
+            let name = mover.name();
+            let text = if text.is_empty() {
+                format!("(the {name} kernel above)\n")
+            } else {
+                text
+            };
+            clif.push(format!("; kernel k{k}: {name}\n{text}"));
+            if mover == Mover::Scatter {
+                // (Summed in `f64`, rounded once: stored as `f64`.)
+                record(&mut storage, graph, *node, Elem::F64);
+            }
+            let mut prologue: Vec<NodeId> = kernel.recompute.iter().copied().collect();
+            prologue.sort_by_key(|id| position[id]);
+            kernels.push(Some(Compiled::Mover {
+                prologue,
+                node: *node,
+                func: (func, mover, elem),
+            }));
+            loops.push(loop_shape);
+            continue;
+        }
+        // A single reduction or normalization along the last axis (with,
+        // for a cross-entropy, its VJP if that can run with it).
+        if let [node] = kernel.nodes.as_slice()
+            && let Some(op) = RowOp::of(graph, *node)
+        {
+            let with_vjp = match op {
+                RowOp::CrossEntropy => fused_cross_entropy(graph, &plan, k, *node),
+                _ => None,
+            };
+            let (op, outputs) = match with_vjp {
+                Some((later, vjp, g)) => {
+                    fused.push((k, later));
+                    (RowOp::CrossEntropyWithVjp { g }, vec![*node, vjp])
+                }
+                None => (op, vec![*node]),
+            };
+            let reads = op.reads(&graph.operands(*node));
+            let (compiled, text) =
+                code.compile_rows(graph, &outputs, op, &elems(&reads, &storage))?;
+            for (&output, &e) in outputs.iter().zip(&compiled.elems[reads.len()..]) {
+                record(&mut storage, graph, output, e);
+            }
+            clif.push(format!("; kernel k{k}\n{text}"));
+            let mut prologue: Vec<NodeId> = kernel.recompute.iter().copied().collect();
+            prologue.sort_by_key(|id| position[id]);
+            kernels.push(Some(Compiled::Rows {
+                prologue,
+                kernel: compiled,
+            }));
+            loops.push(loop_shape);
+            continue;
+        }
+        let compilable = kernel.kind != fusion::Kind::Other
+            && !body.is_empty()
+            && body.iter().all(|&id| over_loop(id) || closing_sum(id));
+        if !compilable {
+            let ops: Vec<String> = kernel
+                .nodes
+                .iter()
+                .map(|&id| graph.node(id).op.name())
+                .collect();
+            // A product with no epilogue is one GEMM call (host work).
+            let place = if kernel.kind == fusion::Kind::MatMul && body.is_empty() {
+                "on the GEMM"
+            } else {
+                "on the interpreter"
+            };
+            clif.push(format!("; kernel k{k}: {place} ({})\n", ops.join(", ")));
+            kernels.push(None);
+            loops.push(loop_shape);
+            continue;
+        }
+        let mut ordered = body;
+        ordered.sort_by_key(|id| position[id]);
+        // The compiled part reads what its nodes read from outside it.
+        let inside: std::collections::BTreeSet<NodeId> = ordered.iter().copied().collect();
+        let mut inputs: Vec<NodeId> = ordered
+            .iter()
+            .flat_map(|&id| fusion::reads(graph, id))
+            .filter(|o| !inside.contains(o) && !matches!(graph.node(*o).op, Op::Constant(_)))
+            .collect();
+        inputs.sort_unstable();
+        inputs.dedup();
+        let outputs: Vec<NodeId> = plan
+            .outputs(graph, k)
+            .into_iter()
+            .filter(|o| inside.contains(o))
+            .collect();
+        let input_elems = elems(&inputs, &storage);
+        let (compiled, text) = code.compile(graph, &ordered, &inputs, &input_elems, &outputs)?;
+        for (&output, &e) in outputs.iter().zip(&compiled.elems[inputs.len()..]) {
+            record(&mut storage, graph, output, e);
+        }
+        clif.push(format!("; kernel k{k}\n{text}"));
+        kernels.push(Some(Compiled::Elementwise {
+            prologue,
+            kernel: compiled,
+        }));
+        loops.push(loop_shape);
+    }
+    let leaves = order
+        .iter()
+        .copied()
+        .filter(|&id| graph.node(id).op.is_leaf())
+        .collect();
+    Ok(Program {
+        graph: Arc::new(run),
+        ids,
+        plan,
+        kernels,
+        loops,
+        clif,
+        leaves,
+        order,
+        position,
+        storage,
+        frames: HashMap::default(),
+        code,
+    })
+}
+
+/// The cross-entropy VJP that plan kernel `k`, the cross-entropy `node`,
+/// can compute with it in one row kernel: a later kernel that is only the
+/// VJP for the same logits and labels, with a constant `g`. Returns that
+/// kernel's index, the VJP and `g` (as its buffer would hold it).
+pub(super) fn fused_cross_entropy(
+    graph: &Graph,
+    plan: &Plan,
+    k: usize,
+    node: NodeId,
+) -> Option<(usize, NodeId, f64)> {
+    let operands = graph.operands(node);
+    plan.kernels
+        .iter()
+        .enumerate()
+        .skip(k + 1)
+        .find_map(|(later, kernel)| {
+            let [vjp] = kernel.nodes.as_slice() else {
+                return None;
+            };
+            if RowOp::of(graph, *vjp) != Some(RowOp::CrossEntropyVjp) {
+                return None;
+            }
+            let vjp_operands = graph.operands(*vjp);
+            let Op::Constant(g) = graph.node(vjp_operands[0]).op else {
+                return None;
+            };
+            let g = match graph.node(vjp_operands[0]).dtype() {
+                DType::F32 => f64::from(g as f32),
+                _ => g,
+            };
+            (vjp_operands[1..3] == operands[..2]).then_some((later, *vjp, g))
+        })
+}
+
+/// The kernel that moves a node's elements, and the element type it
+/// moves, if the node only moves them (`moved_operands`, an `embedding`,
+/// its VJP for the table) between buffers that store them alike (indices
+/// as `f64`; a scatter's output is stored as `f64`).
+pub(super) fn mover_for(
+    graph: &Graph,
+    storage: &HashMap<NodeId, Elem>,
+    id: NodeId,
+) -> Option<(Mover, Elem)> {
+    let operands = graph.operands(id);
+    let stored = |o: NodeId| elem(graph, storage, o);
+    let own = Elem::of(graph.node(id).dtype());
+    match &graph.node(id).op {
+        Op::Embedding => (stored(operands[0]) == Elem::F64 && stored(operands[1]) == own)
+            .then_some((Mover::Gather, own)),
+        Op::ScatterAdd => {
+            (stored(operands[0]) == Elem::F64).then(|| (Mover::Scatter, stored(operands[1])))
+        }
+        _ => moved_operands(graph, id)?
+            .iter()
+            .all(|&o| stored(o) == own)
+            .then_some((Mover::Copy, own)),
+    }
+}
+
+/// What a mover's call moves for node `id` at these sizes, or `None` when
+/// it cannot (the interpreter then runs the node).
+pub(super) fn moves(
+    graph: &Graph,
+    id: NodeId,
+    mover: Mover,
+    dims: &BTreeMap<String, usize>,
+) -> Result<Option<Moves>, InterpError> {
+    let operands = graph.operands(id);
+    // An embedding's operands: the ids, the table; a scatter-add's: the
+    // ids and the rows, into a table of its own shape.
+    let (ids, rows, table) = match mover {
+        Mover::Copy => return Ok(copy_blocks(graph, id, dims)?.map(Moves::Blocks)),
+        Mover::Gather => (operands[0], operands[1], operands[1]),
+        Mover::Scatter => (operands[0], operands[1], id),
+    };
+    let n: usize = interp::concrete(graph.node(ids).shape(), dims)?
+        .iter()
+        .product();
+    Ok(
+        match interp::concrete(graph.node(table).shape(), dims)?.as_slice() {
+            &[v, d] => Some(Moves::Rows {
+                ids,
+                rows,
+                sizes: [n, d, v],
+            }),
+            _ => None,
+        },
+    )
+}
+
+/// The operands whose elements a node only moves (a `reshape`, a
+/// `transpose` of the last two axes, a `concat`, a `slice`), or `None`
+/// for any other node.
+pub(super) fn moved_operands(graph: &Graph, id: NodeId) -> Option<Vec<NodeId>> {
+    let operands = graph.operands(id);
+    let rank = |n: NodeId| graph.node(n).shape().rank();
+    match &graph.node(id).op {
+        Op::Reshape => Some(vec![operands[0]]),
+        Op::Transpose if rank(operands[0]) >= 2 => Some(vec![operands[0]]),
+        Op::Concat { .. } => Some(operands),
+        Op::Slice { .. } => Some(vec![operands[0]]),
+        _ => None,
+    }
+}
+
+/// How a node `moved_operands` accepts is its operands' elements moved, at
+/// these sizes: the blocks to copy, each with the operand it copies from
+/// (as the interpreter's `reshape`, `kernels::transpose`,
+/// `kernels::concat` and `kernels::slice` order the elements).
+pub(super) fn copy_blocks(
+    graph: &Graph,
+    id: NodeId,
+    dims: &BTreeMap<String, usize>,
+) -> Result<Option<Vec<(NodeId, CopyBlock)>>, InterpError> {
+    let operands = graph.operands(id);
+    let shape_of = |n: NodeId| interp::concrete(graph.node(n).shape(), dims);
+    let whole = |n: usize| CopyBlock {
+        counts: [1, 1, n],
+        from: (0, [0, 0, 1]),
+        to: (0, [0, 0, 1]),
+    };
+    // `[.., r, c]` to `[.., c, r]`.
+    let transposed = |shape: &[usize]| -> Option<CopyBlock> {
+        let rank = shape.len();
+        let (r, c) = (*shape.get(rank.checked_sub(2)?)?, shape[rank - 1]);
+        let batch: usize = shape[..rank - 2].iter().product();
+        Some(CopyBlock {
+            counts: [batch, r, c],
+            from: (0, [r * c, c, 1]),
+            to: (0, [r * c, 1, r]),
+        })
+    };
+    // Operand `j` of a concat of `parts` along `axis` into `shape`, as
+    // (its block within each outer row, the whole row's length).
+    let concat_part = |shape: &[usize], axis: usize, parts: &[Vec<usize>], j: usize| {
+        let inner: usize = shape[axis + 1..].iter().product();
+        let before: usize = parts[..j].iter().map(|p| p[axis]).sum();
+        let outer: usize = shape[..axis].iter().product();
+        (
+            outer,
+            before * inner,
+            parts[j][axis] * inner,
+            shape[axis] * inner,
+        )
+    };
+    let node = graph.node(id);
+    Ok(match &node.op {
+        Op::Reshape => Some(vec![(operands[0], whole(shape_of(id)?.iter().product()))]),
+        Op::Transpose => transposed(&shape_of(operands[0])?).map(|b| vec![(operands[0], b)]),
+        Op::Concat { axis } => {
+            let shape = shape_of(id)?;
+            let parts = operands
+                .iter()
+                .map(|&o| shape_of(o))
+                .collect::<Result<Vec<_>, _>>()?;
+            let blocks = (0..operands.len())
+                .map(|j| {
+                    let (outer, start, width, row) = concat_part(&shape, *axis, &parts, j);
+                    let block = CopyBlock {
+                        counts: [outer, 1, width],
+                        from: (0, [width, 0, 1]),
+                        to: (start, [row, 0, 1]),
+                    };
+                    (operands[j], block)
+                })
+                .collect();
+            Some(blocks)
+        }
+        Op::Slice { axis, start } => {
+            let shape = shape_of(operands[0])?;
+            let inner: usize = shape[axis + 1..].iter().product();
+            let outer: usize = shape[..*axis].iter().product();
+            let width = shape_of(id)?[*axis] * inner;
+            let block = CopyBlock {
+                counts: [outer, 1, width],
+                from: (*start as usize * inner, [shape[*axis] * inner, 0, 1]),
+                to: (0, [width, 0, 1]),
+            };
+            Some(vec![(operands[0], block)])
+        }
+        _ => None,
+    })
+}
+
+/// Notes how a compiled kernel stores value `id`, where that is not
+/// `Elem::of` its type.
+pub(super) fn record(storage: &mut HashMap<NodeId, Elem>, graph: &Graph, id: NodeId, elem: Elem) {
+    if elem != Elem::of(graph.node(id).dtype()) {
+        storage.insert(id, elem);
+    }
+}
+
+/// How the buffer of value `id` stores its elements.
+pub(super) fn elem(graph: &Graph, storage: &HashMap<NodeId, Elem>, id: NodeId) -> Elem {
+    storage
+        .get(&id)
+        .copied()
+        .unwrap_or_else(|| Elem::of(graph.node(id).dtype()))
+}
