@@ -8,18 +8,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::interp::{self, InterpError, Tensor};
 use crate::ir::{DType, Graph, IdMap, NodeId, Op, Shape};
-use crate::jit::FRAMES;
 use crate::jit::clif::CodegenError;
 use crate::jit::clif::Elem;
 use crate::jit::elementwise::CompiledKernel;
-use crate::jit::host::plan_product;
 use crate::jit::movers::Mover;
 use crate::jit::native::frame::CopyBlock;
 use crate::jit::native::frame::Frame;
 use crate::jit::program::Compiled;
 use crate::jit::program::Program;
 use crate::jit::program::elem;
-use crate::jit::program::moves;
 use crate::jit::rows::RowKernel;
 
 /// A frame bound to one set of sizes, with what its host work does.
@@ -108,25 +105,32 @@ impl Matrix {
     }
 }
 
-impl Program {
-    /// The frame for these sizes, bound (and its entry compiled) on first
-    /// use.
-    pub(super) fn bound(
-        &mut self,
-        graph: &Graph,
-        dims: &BTreeMap<String, usize>,
-    ) -> Result<&mut Bound, InterpError> {
-        if !self.frames.contains_key(dims) {
-            if self.frames.len() >= FRAMES {
-                self.frames.clear();
-            }
-            let bound = bind(self, graph, dims)?;
-            self.frames.insert(dims.clone(), bound);
+/// How many frames (sets of sizes) a program keeps: a training run needs
+/// its batch size, the last partial batch and the eval batch size.
+const FRAMES: usize = 8;
+
+/// A program's frames, by the sizes they are bound to.
+pub(super) type Frames =
+    std::collections::HashMap<BTreeMap<String, usize>, Bound, crate::ir::IdBuildHasher>;
+
+/// The frame of `program` for these sizes, bound (and its entry compiled)
+/// on first use; binding one more than `FRAMES` drops the others.
+pub(super) fn bound<'f>(
+    program: &mut Program,
+    frames: &'f mut Frames,
+    graph: &Graph,
+    dims: &BTreeMap<String, usize>,
+) -> Result<&'f mut Bound, InterpError> {
+    if !frames.contains_key(dims) {
+        if frames.len() >= FRAMES {
+            frames.clear();
         }
-        self.frames
-            .get_mut(dims)
-            .ok_or_else(|| InterpError::Internal("the frame vanished".into()))
+        let bound = bind(program, graph, dims)?;
+        frames.insert(dims.clone(), bound);
     }
+    frames
+        .get_mut(dims)
+        .ok_or_else(|| InterpError::Internal("the frame vanished".into()))
 }
 
 /// Where a program computes the caller's value `id` (`Program::ids`;
@@ -578,4 +582,185 @@ impl Bound {
         }
         Ok(())
     }
+}
+
+/// Plans a matrix product on the GEMM for a frame (its buffers `slots`
+/// and their shapes `values`): a `matmul` (plain, or with a transposed
+/// right operand) and both of its VJPs. `None` for any other node or a
+/// shape it does not handle (the interpreter then runs it).
+///
+/// A batched operand `[.., M, K]` is one `(B*M) x K` matrix, so each case
+/// is a single GEMM: `A @ B`; `dA = g @ B^T`; and `dB = A^T @ g`, whose
+/// inner size `B*M` also performs the sum over the batch. A transpose is a
+/// view with swapped strides, never a copy.
+pub(super) fn plan_product(
+    graph: &Graph,
+    slots: &IdMap<usize>,
+    values: &[(NodeId, Vec<usize>)],
+    id: NodeId,
+) -> Option<Product> {
+    let node = graph.node(id);
+    let operands = graph.operands(id);
+    // (left operand, transposed?), (right operand, transposed?).
+    let ((left, transpose_left), (right, transpose_right)) = match &node.op {
+        Op::MatMul => ((operands[0], false), (operands[1], false)),
+        Op::MatMulT {
+            transpose_a: false,
+            transpose_b,
+        } => ((operands[0], false), (operands[1], *transpose_b)),
+        // `a^T @ c`, with a batch of both summed: as matrices (leading
+        // axes flattened into rows) that is one product.
+        Op::MatMulT {
+            transpose_a: true,
+            transpose_b: false,
+        } if graph.node(operands[0]).shape().rank() == graph.node(operands[1]).shape().rank() => {
+            ((operands[0], true), (operands[1], false))
+        }
+        _ => return None,
+    };
+    let (&left, &right, &out) = (slots.get(&left)?, slots.get(&right)?, slots.get(&id)?);
+    let matrix = |slot: usize, transposed: bool| {
+        let (rows, cols) = matrix_dims(&values[slot].1)?;
+        Some(Matrix {
+            rows,
+            cols,
+            transposed,
+        })
+    };
+    let (a, b) = (
+        matrix(left, transpose_left)?,
+        matrix(right, transpose_right)?,
+    );
+    let count: usize = values[out].1.iter().product();
+    let fits = a.read_cols() == b.read_rows()
+        && count == a.read_rows() * b.read_cols()
+        && left != out
+        && right != out;
+    fits.then_some(Product {
+        id,
+        dtype: node.dtype(),
+        slots: [left, right, out],
+        a,
+        b,
+    })
+}
+
+/// A shape as a matrix: (leading axes flattened) x (last axis); `None`
+/// below rank 2 or for an empty last axis.
+pub(super) fn matrix_dims(shape: &[usize]) -> Option<(usize, usize)> {
+    let cols = *shape.last()?;
+    if shape.len() < 2 || cols == 0 {
+        return None;
+    }
+    Some((shape.iter().product::<usize>() / cols, cols))
+}
+
+/// What a mover's call moves for node `id` at these sizes, or `None` when
+/// it cannot (the interpreter then runs the node).
+pub(super) fn moves(
+    graph: &Graph,
+    id: NodeId,
+    mover: Mover,
+    dims: &BTreeMap<String, usize>,
+) -> Result<Option<Moves>, InterpError> {
+    let operands = graph.operands(id);
+    // An embedding's operands: the ids, the table; a scatter-add's: the
+    // ids and the rows, into a table of its own shape.
+    let (ids, rows, table) = match mover {
+        Mover::Copy => return Ok(copy_blocks(graph, id, dims)?.map(Moves::Blocks)),
+        Mover::Gather => (operands[0], operands[1], operands[1]),
+        Mover::Scatter => (operands[0], operands[1], id),
+    };
+    let n: usize = interp::concrete(graph.node(ids).shape(), dims)?
+        .iter()
+        .product();
+    Ok(
+        match interp::concrete(graph.node(table).shape(), dims)?.as_slice() {
+            &[v, d] => Some(Moves::Rows {
+                ids,
+                rows,
+                sizes: [n, d, v],
+            }),
+            _ => None,
+        },
+    )
+}
+
+/// How a node `moved_operands` accepts is its operands' elements moved, at
+/// these sizes: the blocks to copy, each with the operand it copies from
+/// (as the interpreter's `reshape`, `kernels::transpose`,
+/// `kernels::concat` and `kernels::slice` order the elements).
+pub(super) fn copy_blocks(
+    graph: &Graph,
+    id: NodeId,
+    dims: &BTreeMap<String, usize>,
+) -> Result<Option<Vec<(NodeId, CopyBlock)>>, InterpError> {
+    let operands = graph.operands(id);
+    let shape_of = |n: NodeId| interp::concrete(graph.node(n).shape(), dims);
+    let whole = |n: usize| CopyBlock {
+        counts: [1, 1, n],
+        from: (0, [0, 0, 1]),
+        to: (0, [0, 0, 1]),
+    };
+    // `[.., r, c]` to `[.., c, r]`.
+    let transposed = |shape: &[usize]| -> Option<CopyBlock> {
+        let rank = shape.len();
+        let (r, c) = (*shape.get(rank.checked_sub(2)?)?, shape[rank - 1]);
+        let batch: usize = shape[..rank - 2].iter().product();
+        Some(CopyBlock {
+            counts: [batch, r, c],
+            from: (0, [r * c, c, 1]),
+            to: (0, [r * c, 1, r]),
+        })
+    };
+    // Operand `j` of a concat of `parts` along `axis` into `shape`, as
+    // (its block within each outer row, the whole row's length).
+    let concat_part = |shape: &[usize], axis: usize, parts: &[Vec<usize>], j: usize| {
+        let inner: usize = shape[axis + 1..].iter().product();
+        let before: usize = parts[..j].iter().map(|p| p[axis]).sum();
+        let outer: usize = shape[..axis].iter().product();
+        (
+            outer,
+            before * inner,
+            parts[j][axis] * inner,
+            shape[axis] * inner,
+        )
+    };
+    let node = graph.node(id);
+    Ok(match &node.op {
+        Op::Reshape => Some(vec![(operands[0], whole(shape_of(id)?.iter().product()))]),
+        Op::Transpose => transposed(&shape_of(operands[0])?).map(|b| vec![(operands[0], b)]),
+        Op::Concat { axis } => {
+            let shape = shape_of(id)?;
+            let parts = operands
+                .iter()
+                .map(|&o| shape_of(o))
+                .collect::<Result<Vec<_>, _>>()?;
+            let blocks = (0..operands.len())
+                .map(|j| {
+                    let (outer, start, width, row) = concat_part(&shape, *axis, &parts, j);
+                    let block = CopyBlock {
+                        counts: [outer, 1, width],
+                        from: (0, [width, 0, 1]),
+                        to: (start, [row, 0, 1]),
+                    };
+                    (operands[j], block)
+                })
+                .collect();
+            Some(blocks)
+        }
+        Op::Slice { axis, start } => {
+            let shape = shape_of(operands[0])?;
+            let inner: usize = shape[axis + 1..].iter().product();
+            let outer: usize = shape[..*axis].iter().product();
+            let width = shape_of(id)?[*axis] * inner;
+            let block = CopyBlock {
+                counts: [outer, 1, width],
+                from: (*start as usize * inner, [shape[*axis] * inner, 0, 1]),
+                to: (0, [width, 0, 1]),
+            };
+            Some(vec![(operands[0], block)])
+        }
+        _ => None,
+    })
 }

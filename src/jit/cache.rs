@@ -5,13 +5,11 @@
 //! `native::code`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::mem::ManuallyDrop;
-use std::rc::Rc;
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
-    AbiParam, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, UserFuncName,
-    Value, types,
+    AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind,
+    UserFuncName, Value, types,
 };
 use cranelift_codegen::isa::CallConv;
 use cranelift_codegen::settings::{self, Configurable};
@@ -44,8 +42,9 @@ use crate::jit::movers::Mover;
 use crate::jit::movers::emit_copy;
 use crate::jit::movers::emit_gather;
 use crate::jit::movers::emit_scatter;
-use crate::jit::native::code::CodeCache;
+use crate::jit::native::code::CodeMemory;
 use crate::jit::native::frame::gradc_host;
+use crate::jit::native::frame::{BoundCall, Frame};
 use crate::jit::rows;
 use crate::jit::rows::RowKernel;
 use crate::jit::rows::RowOp;
@@ -62,6 +61,22 @@ pub enum ClifText {
     /// where each value ended up (`tests/jit.rs` checks the hoisting out
     /// of loops on it).
     Optimized,
+}
+
+/// A JIT module holding compiled kernels; dropping it frees their code.
+pub struct CodeCache {
+    /// The module and its code memory.
+    memory: CodeMemory,
+    /// The runtime functions, by name: a `BTreeMap`, so every kernel
+    /// declares them in the same order and `--stage clif` is deterministic.
+    imports: BTreeMap<&'static str, FuncId>,
+    next: u32,
+    /// The kernels that move elements, once compiled, by what they do
+    /// and the element type.
+    movers: Vec<((Mover, Elem), FuncId)>,
+    /// Which CLIF text of each function to keep (`--stage clif`):
+    /// printing it is a tenth of the compile time.
+    keep_clif: ClifText,
 }
 
 impl CodeCache {
@@ -115,8 +130,7 @@ impl CodeCache {
             .map_err(|e| CodegenError(e.to_string()))?;
         imports.insert("gradc_host", host);
         Ok(CodeCache {
-            module: ManuallyDrop::new(module),
-            lease: Rc::default(),
+            memory: CodeMemory::new(module),
             imports,
             next: 0,
             movers: Vec::new(),
@@ -270,7 +284,7 @@ impl CodeCache {
                 .filter(|&j| access[j] == Access::Single)
                 .collect();
             let mut calls = Calls {
-                module: &mut self.module,
+                module: self.memory.module(),
                 imports: &self.imports,
                 declared: HashMap::new(),
             };
@@ -433,7 +447,7 @@ impl CodeCache {
             }
             b.ins().return_(&[]);
             b.seal_all_blocks();
-            b.finalize(self.module.target_config());
+            b.finalize(self.memory.module().target_config());
         }
         let clif = self.finish(id, context)?;
         Ok((
@@ -471,7 +485,8 @@ impl CodeCache {
         let name = format!("{prefix}{}", self.next);
         self.next += 1;
         let id = self
-            .module
+            .memory
+            .module()
             .declare_function(&name, Linkage::Local, &signature)
             .map_err(|e| CodegenError(e.to_string()))?;
         let mut context = Context::new();
@@ -488,7 +503,8 @@ impl CodeCache {
     ) -> Result<String, CodegenError> {
         let as_built =
             (self.keep_clif == ClifText::AsBuilt).then(|| context.func.display().to_string());
-        self.module
+        self.memory
+            .module()
             .define_function(id, &mut context)
             .map_err(|e| CodegenError(format!("{e:?}")))?;
         Ok(match self.keep_clif {
@@ -496,6 +512,93 @@ impl CodeCache {
             ClifText::AsBuilt => as_built.unwrap_or_default(),
             ClifText::Optimized => context.func.display().to_string(),
         })
+    }
+
+    /// Compiles the step entry of a frame: one function that makes the
+    /// frame's calls in order (compiled kernels directly, host work through
+    /// `gradc_host`) and returns 0, or the status of the first host call
+    /// that failed. Finalizes the module, so every kernel is callable, and
+    /// returns the entry's CLIF text too.
+    pub fn compile_entry(&mut self, frame: &mut Frame) -> Result<String, CodegenError> {
+        let pointer = types::I64;
+        let (id, mut context) = self.declare("entry", 3, true)?;
+        let mut builder_context = FunctionBuilderContext::new();
+        {
+            let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
+            let entry = b.create_block();
+            let failed = b.create_block();
+            b.append_block_param(failed, pointer);
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            let params = b.block_params(entry).to_vec();
+            let (words, state, run_context) = (params[0], params[1], params[2]);
+            let flags = MemFlagsData::trusted();
+            let host = self
+                .imports
+                .get("gradc_host")
+                .copied()
+                .ok_or_else(|| CodegenError("no runtime function `gradc_host`".into()))?;
+            let host = self.memory.module().declare_func_in_func(host, b.func);
+            let mut declared: HashMap<FuncId, FuncRef> = HashMap::new();
+            let mut word = 0;
+            for call in &frame.calls {
+                let mut load_word = |b: &mut FunctionBuilder<'_>| {
+                    let value = b.ins().load(pointer, flags, words, 8 * word);
+                    word += 1;
+                    value
+                };
+                match call {
+                    BoundCall::Kernel { func, .. } | BoundCall::Rows { func, .. } => {
+                        let arguments: Vec<Value> = match call {
+                            BoundCall::Kernel { .. } => {
+                                let mut arguments: Vec<Value> =
+                                    (0..4).map(|_| load_word(&mut b)).collect();
+                                arguments.push(run_context);
+                                arguments
+                            }
+                            _ => (0..3).map(|_| load_word(&mut b)).collect(),
+                        };
+                        let callee = *declared.entry(*func).or_insert_with(|| {
+                            let callee = self.memory.module().declare_func_in_func(*func, b.func);
+                            // Kernels may lie anywhere in the address space
+                            // (each finalization maps new memory): call
+                            // them by absolute address, not by a 32-bit
+                            // displacement that may not reach.
+                            b.func.dfg.ext_funcs[callee].colocated = false;
+                            callee
+                        });
+                        b.ins().call(callee, &arguments);
+                    }
+                    BoundCall::Copy { func, .. } => {
+                        let arguments: Vec<Value> = (0..2).map(|_| load_word(&mut b)).collect();
+                        let callee = *declared.entry(*func).or_insert_with(|| {
+                            let callee = self.memory.module().declare_func_in_func(*func, b.func);
+                            b.func.dfg.ext_funcs[callee].colocated = false;
+                            callee
+                        });
+                        b.ins().call(callee, &arguments);
+                    }
+                    BoundCall::Host(index) => {
+                        let index = b.ins().iconst(pointer, *index as i64);
+                        let call = b.ins().call(host, &[state, index]);
+                        let status = b.inst_results(call)[0];
+                        let next = b.create_block();
+                        b.ins().brif(status, failed, &[status.into()], next, &[]);
+                        b.switch_to_block(next);
+                    }
+                }
+            }
+            let ok = b.ins().iconst(pointer, 0);
+            b.ins().return_(&[ok]);
+            b.switch_to_block(failed);
+            let status = b.block_params(failed)[0];
+            b.ins().return_(&[status]);
+            b.seal_all_blocks();
+            b.finalize(self.memory.module().target_config());
+        }
+        let clif = self.finish(id, context)?;
+        self.memory.install_entry(id, frame)?;
+        Ok(clif)
     }
 
     /// The kernel that moves elements as `mover` says, for buffers storing
@@ -536,7 +639,7 @@ impl CodeCache {
             }
             b.ins().return_(&[]);
             b.seal_all_blocks();
-            b.finalize(self.module.target_config());
+            b.finalize(self.memory.module().target_config());
         }
         let clif = self.finish(id, context)?;
         self.movers.push(((mover, elem), id));
@@ -584,7 +687,7 @@ impl CodeCache {
             b.switch_to_block(entry);
             let params = b.block_params(entry).to_vec();
             let mut calls = Calls {
-                module: &mut self.module,
+                module: self.memory.module(),
                 imports: &self.imports,
                 declared: HashMap::new(),
             };
@@ -621,7 +724,7 @@ impl CodeCache {
             rows::emit(&mut b, &mut calls, op, f32, &elems, params[0], shape)?;
             b.ins().return_(&[]);
             b.seal_all_blocks();
-            b.finalize(self.module.target_config());
+            b.finalize(self.memory.module().target_config());
         }
         let clif = self.finish(id, context)?;
         Ok((

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::interp::{self, Context, Evaluation, InterpError, Tensor};
-use crate::ir::{DType, Graph, IdMap, NodeId, Op};
+use crate::ir::{DType, Graph, IdMap, NodeId};
 use crate::jit::bind::HostNode;
 use crate::jit::bind::Matrix;
 use crate::jit::bind::Product;
@@ -158,67 +158,6 @@ impl StepHost<'_> {
     }
 }
 
-/// Plans a matrix product on the GEMM for a frame (its buffers `slots`
-/// and their shapes `values`): a `matmul` (plain, or with a transposed
-/// right operand) and both of its VJPs. `None` for any other node or a
-/// shape it does not handle (the interpreter then runs it).
-///
-/// A batched operand `[.., M, K]` is one `(B*M) x K` matrix, so each case
-/// is a single GEMM: `A @ B`; `dA = g @ B^T`; and `dB = A^T @ g`, whose
-/// inner size `B*M` also performs the sum over the batch. A transpose is a
-/// view with swapped strides, never a copy.
-pub(super) fn plan_product(
-    graph: &Graph,
-    slots: &IdMap<usize>,
-    values: &[(NodeId, Vec<usize>)],
-    id: NodeId,
-) -> Option<Product> {
-    let node = graph.node(id);
-    let operands = graph.operands(id);
-    // (left operand, transposed?), (right operand, transposed?).
-    let ((left, transpose_left), (right, transpose_right)) = match &node.op {
-        Op::MatMul => ((operands[0], false), (operands[1], false)),
-        Op::MatMulT {
-            transpose_a: false,
-            transpose_b,
-        } => ((operands[0], false), (operands[1], *transpose_b)),
-        // `a^T @ c`, with a batch of both summed: as matrices (leading
-        // axes flattened into rows) that is one product.
-        Op::MatMulT {
-            transpose_a: true,
-            transpose_b: false,
-        } if graph.node(operands[0]).shape().rank() == graph.node(operands[1]).shape().rank() => {
-            ((operands[0], true), (operands[1], false))
-        }
-        _ => return None,
-    };
-    let (&left, &right, &out) = (slots.get(&left)?, slots.get(&right)?, slots.get(&id)?);
-    let matrix = |slot: usize, transposed: bool| {
-        let (rows, cols) = matrix_dims(&values[slot].1)?;
-        Some(Matrix {
-            rows,
-            cols,
-            transposed,
-        })
-    };
-    let (a, b) = (
-        matrix(left, transpose_left)?,
-        matrix(right, transpose_right)?,
-    );
-    let count: usize = values[out].1.iter().product();
-    let fits = a.read_cols() == b.read_rows()
-        && count == a.read_rows() * b.read_cols()
-        && left != out
-        && right != out;
-    fits.then_some(Product {
-        id,
-        dtype: node.dtype(),
-        slots: [left, right, out],
-        a,
-        b,
-    })
-}
-
 /// `out = a @ b` on the GEMM, straight from buffers holding `T`s.
 pub(super) fn product_in_place<T: GemmElement + Stored + Send + Sync>(
     buffers: &mut Buffers<'_>,
@@ -240,16 +179,6 @@ pub(super) fn product_in_place<T: GemmElement + Stored + Send + Sync>(
             }
         })
         .and_then(|r| r)
-}
-
-/// A shape as a matrix: (leading axes flattened) x (last axis); `None`
-/// below rank 2 or for an empty last axis.
-pub(super) fn matrix_dims(shape: &[usize]) -> Option<(usize, usize)> {
-    let cols = *shape.last()?;
-    if shape.len() < 2 || cols == 0 {
-        return None;
-    }
-    Some((shape.iter().product::<usize>() / cols, cols))
 }
 
 /// A buffer as the matrix `m`, read transposed or not; `None` if `data` is

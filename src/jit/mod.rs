@@ -57,6 +57,7 @@ use std::sync::Arc;
 use crate::interp::{self, Context, Evaluation, InterpError, Tensor};
 use crate::ir::{Graph, IdBuildHasher, IdMap, NodeId};
 use crate::jit::bind::Bound;
+use crate::jit::bind::Frames;
 use crate::jit::cache::ClifText;
 use crate::jit::program::Program;
 use crate::jit::program::ProgramKey;
@@ -66,10 +67,6 @@ use crate::jit::program::program_key;
 use crate::jit::resident::Evicted;
 use crate::jit::resident::Resident;
 use crate::train::{Backend, BackendError, Carried, Kept};
-
-/// How many frames (sets of sizes) a program keeps: a training run needs
-/// its batch size, the last partial batch and the eval batch size.
-const FRAMES: usize = 8;
 
 /// How many kept states moved out of their frames a JIT holds (one per
 /// session that steps on it, at most); beyond, the oldest is dropped, and
@@ -82,6 +79,8 @@ const EVICTED: usize = 4;
 #[derive(Default)]
 pub struct Jit {
     programs: HashMap<ProgramKey, Program, IdBuildHasher>,
+    /// The frames bound for each program, by sizes (`bind::FRAMES` at most).
+    frames: HashMap<ProgramKey, Frames, IdBuildHasher>,
     /// Which CLIF text programs keep (set by the first call of `clif`,
     /// `entry_clif` or `optimized_clif`).
     keep_clif: ClifText,
@@ -223,11 +222,15 @@ impl Jit {
         let mut dims = BTreeMap::new();
         interp::checked_leaves(&run, &program.leaves, leaves, &mut dims)?;
         // (A new frame may drop the others.)
-        let new = !program.frames.contains_key(&dims);
+        let new = !self.frames.get(&key).is_some_and(|f| f.contains_key(&dims));
         if new && self.resident.as_ref().is_some_and(|r| r.key == key) {
             self.evict();
         }
-        self.program_at(&key)?.bound(&run, &dims)
+        let program = self
+            .programs
+            .get_mut(&key)
+            .ok_or_else(|| InterpError::Internal("the program vanished".into()))?;
+        bind::bound(program, self.frames.entry(key).or_default(), &run, &dims)
     }
 
     /// Moves the state kept in a frame out of it (into `evicted`), so that
@@ -239,7 +242,7 @@ impl Jit {
         let frame = self
             .programs
             .get(&resident.key)
-            .and_then(|p| Some((p, p.frames.get(&resident.dims)?)));
+            .and_then(|p| Some((p, self.frames.get(&resident.key)?.get(&resident.dims)?)));
         let Some((program, bound)) = frame else {
             return;
         };
@@ -273,6 +276,7 @@ impl Jit {
             self.keep_clif = text;
             self.evict();
             self.programs.clear();
+            self.frames.clear();
         }
     }
 }
@@ -337,9 +341,9 @@ mod tests {
     use crate::ir::Op;
     use bind::factors;
     use cache::ClifText;
+    use cache::CodeCache;
     use clif::Elem;
     use movers::Mover;
-    use native::code::CodeCache;
     use native::frame::{CopyBlock, Frame};
     use rows::RowOp;
 

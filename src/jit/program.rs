@@ -4,22 +4,18 @@
 //! or none where the interpreter's kernel runs it. Sizes are not known
 //! yet: `bind` fixes them per frame.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::interp::{self, InterpError};
-use crate::ir::{DType, Graph, IdBuildHasher, IdMap, NodeId, Op, Role, Shape};
-use crate::jit::bind::Bound;
-use crate::jit::bind::Moves;
+use crate::ir::{DType, Graph, IdMap, NodeId, Op, Role, Shape};
 use crate::jit::cache::ClifText;
+use crate::jit::cache::CodeCache;
 use crate::jit::clif::CodegenError;
 use crate::jit::clif::Elem;
 use crate::jit::elementwise::CompiledKernel;
 use crate::jit::elementwise::is_sum;
 use crate::jit::elementwise::supported;
 use crate::jit::movers::Mover;
-use crate::jit::native::code::CodeCache;
-use crate::jit::native::frame::CopyBlock;
 use crate::jit::patterns;
 use crate::jit::rows::RowKernel;
 use crate::jit::rows::RowOp;
@@ -58,7 +54,7 @@ pub(super) enum Compiled {
 
 /// A graph prepared for running: the graph its kernels compute (the
 /// caller's, or the caller's optimized), its kernel plan, compiled kernels,
-/// and a bound frame per set of sizes.
+/// (its frames are bound per set of sizes by `bind`).
 pub(super) struct Program {
     pub(super) graph: Arc<Graph>,
     /// Where each value the caller may ask for lives in `graph`: every node
@@ -79,7 +75,6 @@ pub(super) struct Program {
     /// How each value's buffer stores its elements, where that is not
     /// `Elem::of` its type (sums a compiled kernel accumulates in `f64`).
     pub(super) storage: HashMap<NodeId, Elem>,
-    pub(super) frames: HashMap<BTreeMap<String, usize>, Bound, IdBuildHasher>,
     /// Holds the compiled code: it outlives `kernels` and `frames`.
     pub(super) code: CodeCache,
 }
@@ -347,7 +342,6 @@ pub(super) fn compile(
         order,
         position,
         storage,
-        frames: HashMap::default(),
         code,
     })
 }
@@ -411,37 +405,6 @@ pub(super) fn mover_for(
     }
 }
 
-/// What a mover's call moves for node `id` at these sizes, or `None` when
-/// it cannot (the interpreter then runs the node).
-pub(super) fn moves(
-    graph: &Graph,
-    id: NodeId,
-    mover: Mover,
-    dims: &BTreeMap<String, usize>,
-) -> Result<Option<Moves>, InterpError> {
-    let operands = graph.operands(id);
-    // An embedding's operands: the ids, the table; a scatter-add's: the
-    // ids and the rows, into a table of its own shape.
-    let (ids, rows, table) = match mover {
-        Mover::Copy => return Ok(copy_blocks(graph, id, dims)?.map(Moves::Blocks)),
-        Mover::Gather => (operands[0], operands[1], operands[1]),
-        Mover::Scatter => (operands[0], operands[1], id),
-    };
-    let n: usize = interp::concrete(graph.node(ids).shape(), dims)?
-        .iter()
-        .product();
-    Ok(
-        match interp::concrete(graph.node(table).shape(), dims)?.as_slice() {
-            &[v, d] => Some(Moves::Rows {
-                ids,
-                rows,
-                sizes: [n, d, v],
-            }),
-            _ => None,
-        },
-    )
-}
-
 /// The operands whose elements a node only moves (a `reshape`, a
 /// `transpose` of the last two axes, a `concat`, a `slice`), or `None`
 /// for any other node.
@@ -455,85 +418,6 @@ pub(super) fn moved_operands(graph: &Graph, id: NodeId) -> Option<Vec<NodeId>> {
         Op::Slice { .. } => Some(vec![operands[0]]),
         _ => None,
     }
-}
-
-/// How a node `moved_operands` accepts is its operands' elements moved, at
-/// these sizes: the blocks to copy, each with the operand it copies from
-/// (as the interpreter's `reshape`, `kernels::transpose`,
-/// `kernels::concat` and `kernels::slice` order the elements).
-pub(super) fn copy_blocks(
-    graph: &Graph,
-    id: NodeId,
-    dims: &BTreeMap<String, usize>,
-) -> Result<Option<Vec<(NodeId, CopyBlock)>>, InterpError> {
-    let operands = graph.operands(id);
-    let shape_of = |n: NodeId| interp::concrete(graph.node(n).shape(), dims);
-    let whole = |n: usize| CopyBlock {
-        counts: [1, 1, n],
-        from: (0, [0, 0, 1]),
-        to: (0, [0, 0, 1]),
-    };
-    // `[.., r, c]` to `[.., c, r]`.
-    let transposed = |shape: &[usize]| -> Option<CopyBlock> {
-        let rank = shape.len();
-        let (r, c) = (*shape.get(rank.checked_sub(2)?)?, shape[rank - 1]);
-        let batch: usize = shape[..rank - 2].iter().product();
-        Some(CopyBlock {
-            counts: [batch, r, c],
-            from: (0, [r * c, c, 1]),
-            to: (0, [r * c, 1, r]),
-        })
-    };
-    // Operand `j` of a concat of `parts` along `axis` into `shape`, as
-    // (its block within each outer row, the whole row's length).
-    let concat_part = |shape: &[usize], axis: usize, parts: &[Vec<usize>], j: usize| {
-        let inner: usize = shape[axis + 1..].iter().product();
-        let before: usize = parts[..j].iter().map(|p| p[axis]).sum();
-        let outer: usize = shape[..axis].iter().product();
-        (
-            outer,
-            before * inner,
-            parts[j][axis] * inner,
-            shape[axis] * inner,
-        )
-    };
-    let node = graph.node(id);
-    Ok(match &node.op {
-        Op::Reshape => Some(vec![(operands[0], whole(shape_of(id)?.iter().product()))]),
-        Op::Transpose => transposed(&shape_of(operands[0])?).map(|b| vec![(operands[0], b)]),
-        Op::Concat { axis } => {
-            let shape = shape_of(id)?;
-            let parts = operands
-                .iter()
-                .map(|&o| shape_of(o))
-                .collect::<Result<Vec<_>, _>>()?;
-            let blocks = (0..operands.len())
-                .map(|j| {
-                    let (outer, start, width, row) = concat_part(&shape, *axis, &parts, j);
-                    let block = CopyBlock {
-                        counts: [outer, 1, width],
-                        from: (0, [width, 0, 1]),
-                        to: (start, [row, 0, 1]),
-                    };
-                    (operands[j], block)
-                })
-                .collect();
-            Some(blocks)
-        }
-        Op::Slice { axis, start } => {
-            let shape = shape_of(operands[0])?;
-            let inner: usize = shape[axis + 1..].iter().product();
-            let outer: usize = shape[..*axis].iter().product();
-            let width = shape_of(id)?[*axis] * inner;
-            let block = CopyBlock {
-                counts: [outer, 1, width],
-                from: (*start as usize * inner, [shape[*axis] * inner, 0, 1]),
-                to: (0, [width, 0, 1]),
-            };
-            Some(vec![(operands[0], block)])
-        }
-        _ => None,
-    })
 }
 
 /// Notes how a compiled kernel stores value `id`, where that is not

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use crate::interp::{self, Context, Evaluation, InterpError, Tensor};
 use crate::ir::{Graph, NodeId};
 use crate::jit::Jit;
+use crate::jit::bind;
 use crate::jit::bind::internal;
 use crate::jit::bind::own_id;
 use crate::jit::bind::slot_in;
 use crate::jit::host::StepHost;
-use crate::jit::program::Program;
 use crate::jit::program::ProgramKey;
 use crate::train::{Carried, Kept};
 
@@ -120,10 +120,7 @@ impl Jit {
         // frame first if this step will keep its own (one frame keeps
         // state at a time), uses its frame, or binds a new frame (which may
         // drop the others).
-        let new_frame = !self
-            .programs
-            .get(&key)
-            .is_some_and(|p| p.frames.contains_key(&dims));
+        let new_frame = !self.frames.get(&key).is_some_and(|f| f.contains_key(&dims));
         // (The copies this step resumes from are set aside meanwhile, so
         // that evicting cannot drop them as the oldest.)
         let held = resumed.and_then(|t| Some((t, self.evicted.remove(&t)?)));
@@ -156,11 +153,13 @@ impl Jit {
             .programs
             .get_mut(&key)
             .ok_or_else(|| InterpError::Internal("the program vanished".into()))?;
-        program.bound(graph, &dims)?;
-        let Program { ids, frames, .. } = program;
-        let bound = frames
-            .get_mut(&dims)
-            .ok_or_else(|| InterpError::Internal("the frame vanished".into()))?;
+        let bound = bind::bound(
+            program,
+            self.frames.entry(key.clone()).or_default(),
+            graph,
+            &dims,
+        )?;
+        let ids = &program.ids;
         let slot = |id: NodeId| slot_in(&bound.slots, id);
         let mut buffers = bound.frame.buffers();
         // The kept state becomes what this step starts from: each update's
@@ -306,7 +305,11 @@ impl Jit {
                     return Err(missing());
                 }
                 let program = self.programs.get(&resident.key).ok_or_else(missing)?;
-                let bound = program.frames.get(&resident.dims).ok_or_else(missing)?;
+                let bound = self
+                    .frames
+                    .get(&resident.key)
+                    .and_then(|f| f.get(&resident.dims))
+                    .ok_or_else(missing)?;
                 resident
                     .carried
                     .iter()

@@ -5,7 +5,10 @@
 //! `push_indexed`); `run` calls the compiled step entry, which hands host
 //! work to Rust through the trampoline `gradc_host`.
 
+use std::cell::Cell;
 use std::rc::Rc;
+
+use cranelift_jit::JITModule;
 
 use cranelift_module::FuncId;
 
@@ -15,7 +18,6 @@ use crate::jit::clif::Elem;
 use crate::jit::elementwise::Access;
 use crate::jit::elementwise::CompiledKernel;
 use crate::jit::movers::Mover;
-use crate::jit::native::code::CodeLease;
 use crate::jit::native::convert::narrow_elements;
 use crate::jit::native::convert::widen_elements;
 use crate::jit::rows::RowKernel;
@@ -702,6 +704,32 @@ impl Frame {
             (status, None) => Err(InterpError::Internal(format!(
                 "the step entry failed with status {status}"
             ))),
+        }
+    }
+}
+
+/// The code memory of a `CodeMemory`'s module: the cache and every frame
+/// whose entry it compiled hold the lease, and the last one to go frees
+/// the memory (before, compiled code was never freed).
+#[derive(Default)]
+pub(in crate::jit) struct CodeLease(Cell<Option<JITModule>>);
+
+impl CodeLease {
+    /// Takes the module whose code memory this lease keeps, to free it
+    /// when the lease goes.
+    pub(in crate::jit) fn set(&self, module: JITModule) {
+        self.0.set(Some(module));
+    }
+}
+
+impl Drop for CodeLease {
+    fn drop(&mut self) {
+        if let Some(module) = self.0.take() {
+            // SAFETY: the only pointers into this memory that are ever
+            // called are frames' entries (which call the kernels); each
+            // frame holding one also holds this lease, so none is left,
+            // and none is running (a running entry's frame is borrowed).
+            unsafe { module.free_memory() }
         }
     }
 }
