@@ -164,91 +164,39 @@ pub(super) fn bind(
     graph: &Graph,
     dims: &BTreeMap<String, usize>,
 ) -> Result<Bound, InterpError> {
-    // The values the step materializes, in a first pass over the plan;
-    // every other value lives only inside a compiled kernel.
+    let (calls, materialized) = plan_calls(program, graph, dims)?;
+    let (mut frame, slots, values) = allocate(program, graph, dims, &materialized)?;
+    let work = push_calls(&mut frame, graph, (&slots, &values), calls)?;
+    let entry_clif = program.code.compile_entry(&mut frame).map_err(internal)?;
+    Ok(Bound {
+        frame,
+        slots,
+        values,
+        work,
+        dims: dims.clone(),
+        entry_clif,
+        wanted: None,
+    })
+}
+
+/// Each kernel's call for these sizes (a compiled kernel the sizes do not
+/// suit goes to the interpreter), and the values the step materializes:
+/// every other value lives only inside a compiled kernel.
+fn plan_calls<'p>(
+    program: &'p Program,
+    graph: &Graph,
+    dims: &BTreeMap<String, usize>,
+) -> Result<(Vec<Call<'p>>, BTreeSet<NodeId>), InterpError> {
     let mut materialized: BTreeSet<NodeId> = program
         .order
         .iter()
         .copied()
         .filter(|&id| graph.node(id).op.is_leaf())
         .collect();
-    let mut work = Vec::new();
     let mut calls: Vec<Call> = Vec::new();
     let mut done: BTreeSet<NodeId> = materialized.clone();
-    let to = |shape: &Shape| interp::concrete(shape, dims);
-    for (k, kernel) in program.plan.kernels.iter().enumerate() {
-        // What a kernel on the interpreter evaluates: its recomputed
-        // values (unless materialized already) and its nodes.
-        let interpreted = |done: &BTreeSet<NodeId>| -> Vec<NodeId> {
-            let mut nodes: Vec<NodeId> = kernel
-                .recompute
-                .iter()
-                .copied()
-                .filter(|id| !done.contains(id))
-                .collect();
-            nodes.sort_by_key(|id| program.position.get(id).copied());
-            nodes.extend(kernel.nodes.iter().copied());
-            nodes
-        };
-        // A compiled kernel's prologue, without what is materialized already.
-        let unfinished = |prologue: &[NodeId], done: &BTreeSet<NodeId>| -> Vec<NodeId> {
-            prologue
-                .iter()
-                .copied()
-                .filter(|id| !done.contains(id))
-                .collect()
-        };
-        let call = match &program.kernels[k] {
-            Some(Compiled::Elementwise { prologue, kernel }) => {
-                let to_shape = to(&program.loops[k])?;
-                let n: usize = to_shape.iter().product();
-                match kernel_factors(graph, kernel, &to_shape, dims)? {
-                    Some((ks, ms)) => Call::Kernel {
-                        prologue: unfinished(prologue, &done),
-                        kernel,
-                        ks,
-                        ms,
-                        n,
-                    },
-                    None => Call::Interpret(interpreted(&done)),
-                }
-            }
-            Some(Compiled::Rows { prologue, kernel }) => {
-                let shaped = kernel.inputs[kernel.op.shaped_by()];
-                let shape = to(graph.node(shaped).shape())?;
-                let cols = shape.last().copied().unwrap_or(0);
-                match shape.iter().product::<usize>().checked_div(cols) {
-                    Some(rows) if rows >= kernel.op.min_rows() => Call::Rows {
-                        prologue: unfinished(prologue, &done),
-                        kernel,
-                        rows,
-                        cols,
-                    },
-                    // (Too few rows: the interpreter's error.)
-                    _ => Call::Interpret(interpreted(&done)),
-                }
-            }
-            Some(Compiled::Mover {
-                prologue,
-                node,
-                func,
-            }) => match moves(graph, *node, func.1, dims)? {
-                Some(moves) => Call::Mover {
-                    prologue: unfinished(prologue, &done),
-                    node: *node,
-                    func: *func,
-                    moves,
-                },
-                None => Call::Interpret(interpreted(&done)),
-            },
-            // (Nothing to do, unless that kernel fell back to the
-            // interpreter.)
-            Some(Compiled::Within) if kernel.nodes.iter().all(|id| done.contains(id)) => {
-                Call::Interpret(Vec::new())
-            }
-            Some(Compiled::Within) => Call::Interpret(interpreted(&done)),
-            None => Call::Interpret(interpreted(&done)),
-        };
+    for k in 0..program.plan.kernels.len() {
+        let call = call_for(program, graph, dims, k, &done)?;
         let produced: Vec<NodeId> = match &call {
             Call::Kernel {
                 prologue, kernel, ..
@@ -263,8 +211,106 @@ pub(super) fn bind(
         materialized.extend(produced);
         calls.push(call);
     }
-    // A buffer per materialized value (a dead fraction keeps a slot per
-    // unit while it counts).
+    Ok((calls, materialized))
+}
+
+/// The call of kernel `k` for these sizes, `done` the values computed by
+/// the calls before it.
+fn call_for<'p>(
+    program: &'p Program,
+    graph: &Graph,
+    dims: &BTreeMap<String, usize>,
+    k: usize,
+    done: &BTreeSet<NodeId>,
+) -> Result<Call<'p>, InterpError> {
+    let kernel = &program.plan.kernels[k];
+    // What a kernel on the interpreter evaluates: its recomputed values
+    // (unless materialized already) and its nodes.
+    let interpreted = || -> Call<'p> {
+        let mut nodes: Vec<NodeId> = kernel
+            .recompute
+            .iter()
+            .copied()
+            .filter(|id| !done.contains(id))
+            .collect();
+        nodes.sort_by_key(|id| program.position.get(id).copied());
+        nodes.extend(kernel.nodes.iter().copied());
+        Call::Interpret(nodes)
+    };
+    // A compiled kernel's prologue, without what is materialized already.
+    let unfinished = |prologue: &[NodeId]| -> Vec<NodeId> {
+        prologue
+            .iter()
+            .copied()
+            .filter(|id| !done.contains(id))
+            .collect()
+    };
+    let to = |shape: &Shape| interp::concrete(shape, dims);
+    Ok(match &program.kernels[k] {
+        Some(Compiled::Elementwise { prologue, kernel }) => {
+            let to_shape = to(&program.loops[k])?;
+            let n: usize = to_shape.iter().product();
+            match kernel_factors(graph, kernel, &to_shape, dims)? {
+                Some((ks, ms)) => Call::Kernel {
+                    prologue: unfinished(prologue),
+                    kernel,
+                    ks,
+                    ms,
+                    n,
+                },
+                None => interpreted(),
+            }
+        }
+        Some(Compiled::Rows { prologue, kernel }) => {
+            let shaped = kernel.inputs[kernel.op.shaped_by()];
+            let shape = to(graph.node(shaped).shape())?;
+            let cols = shape.last().copied().unwrap_or(0);
+            match shape.iter().product::<usize>().checked_div(cols) {
+                Some(rows) if rows >= kernel.op.min_rows() => Call::Rows {
+                    prologue: unfinished(prologue),
+                    kernel,
+                    rows,
+                    cols,
+                },
+                // (Too few rows: the interpreter's error.)
+                _ => interpreted(),
+            }
+        }
+        Some(Compiled::Mover {
+            prologue,
+            node,
+            func,
+        }) => match moves(graph, *node, func.1, dims)? {
+            Some(moves) => Call::Mover {
+                prologue: unfinished(prologue),
+                node: *node,
+                func: *func,
+                moves,
+            },
+            None => interpreted(),
+        },
+        // (Nothing to do, unless that kernel fell back to the interpreter.)
+        Some(Compiled::Within) if kernel.nodes.iter().all(|id| done.contains(id)) => {
+            Call::Interpret(Vec::new())
+        }
+        Some(Compiled::Within) | None => interpreted(),
+    })
+}
+
+/// A frame with a buffer per materialized value (a dead fraction keeps a
+/// slot per unit while it counts), the constants written once; each
+/// value's buffer and its concrete shape.
+#[allow(
+    clippy::type_complexity,
+    reason = "the three parts of a frame's layout"
+)]
+fn allocate(
+    program: &Program,
+    graph: &Graph,
+    dims: &BTreeMap<String, usize>,
+    materialized: &BTreeSet<NodeId>,
+) -> Result<(Frame, IdMap<usize>, Vec<(NodeId, Vec<usize>)>), InterpError> {
+    let to = |shape: &Shape| interp::concrete(shape, dims);
     let mut slots = IdMap::default();
     let mut values = Vec::new();
     let mut lengths = Vec::new();
@@ -283,7 +329,6 @@ pub(super) fn bind(
         lengths.push((length, elem(graph, &program.storage, id)));
     }
     let mut frame = Frame::new(&lengths).map_err(InterpError::Runtime)?;
-    // Constants once.
     for &id in &program.order {
         if let Op::Constant(c) = graph.node(id).op {
             let value = Tensor::new(graph.node(id).dtype(), Vec::new(), vec![c]);
@@ -294,13 +339,27 @@ pub(super) fn bind(
                 .map_err(internal)?;
         }
     }
-    let slot_of = |id: &NodeId| slot_in(&slots, *id);
+    Ok((frame, slots, values))
+}
+
+/// Pushes the calls onto the frame with their buffers (`slots`; `values`
+/// the concrete shapes), host work between them where the interpreter or
+/// the GEMM runs a kernel or its prologue, or labels are checked; returns
+/// the host work, in the order the entry calls it.
+fn push_calls(
+    frame: &mut Frame,
+    graph: &Graph,
+    (slots, values): (&IdMap<usize>, &[(NodeId, Vec<usize>)]),
+    calls: Vec<Call<'_>>,
+) -> Result<Vec<Work>, InterpError> {
+    let mut work = Vec::new();
+    let slot_of = |id: &NodeId| slot_in(slots, *id);
     // Host nodes: products planned here, once.
     let interpret = |nodes: Vec<NodeId>| {
         Work::Interpret(
             nodes
                 .into_iter()
-                .map(|id| match plan_product(graph, &slots, &values, id) {
+                .map(|id| match plan_product(graph, slots, values, id) {
                     Some(product) => HostNode::Product(product),
                     None => HostNode::Node(id),
                 })
@@ -312,102 +371,84 @@ pub(super) fn bind(
         frame.push_host(work.len());
         work.push(w);
     };
+    let buffers_of = |inputs: &[NodeId], outputs: &[NodeId]| {
+        inputs
+            .iter()
+            .chain(outputs)
+            .map(slot_of)
+            .collect::<Result<Vec<usize>, _>>()
+    };
     for call in calls {
+        let prologue = match &call {
+            Call::Kernel { prologue, .. }
+            | Call::Rows { prologue, .. }
+            | Call::Mover { prologue, .. } => prologue.clone(),
+            Call::Interpret(_) => Vec::new(),
+        };
+        if !prologue.is_empty() {
+            host(frame, &mut work, interpret(prologue));
+        }
         match call {
             Call::Kernel {
-                prologue,
-                kernel,
-                ks,
-                ms,
-                n,
+                kernel, ks, ms, n, ..
             } => {
-                if !prologue.is_empty() {
-                    host(&mut frame, &mut work, interpret(prologue));
-                }
-                let buffers = kernel
-                    .inputs
-                    .iter()
-                    .chain(&kernel.outputs)
-                    .map(slot_of)
-                    .collect::<Result<Vec<usize>, _>>()?;
+                let buffers = buffers_of(&kernel.inputs, &kernel.outputs)?;
                 frame
                     .push_kernel(kernel, buffers, ks, ms, n)
                     .map_err(internal)?;
             }
             Call::Rows {
-                prologue,
-                kernel,
-                rows,
-                cols,
+                kernel, rows, cols, ..
             } => {
-                if !prologue.is_empty() {
-                    host(&mut frame, &mut work, interpret(prologue));
-                }
-                let buffers = kernel
-                    .inputs
-                    .iter()
-                    .chain(&kernel.outputs)
-                    .map(slot_of)
-                    .collect::<Result<Vec<usize>, _>>()?;
+                let buffers = buffers_of(&kernel.inputs, &kernel.outputs)?;
                 if let Some(labels) = kernel.op.labels() {
                     let labels = Work::Labels {
                         slot: buffers[labels],
                         cols,
                         what: "label",
                     };
-                    host(&mut frame, &mut work, labels);
+                    host(frame, &mut work, labels);
                 }
                 frame
                     .push_rows(kernel, buffers, rows, cols)
                     .map_err(internal)?;
             }
             Call::Mover {
-                prologue,
                 node,
-                func: (func, mover, elem),
-                moves,
+                func: (func, _, elem),
+                moves: Moves::Blocks(blocks),
+                ..
             } => {
-                if !prologue.is_empty() {
-                    host(&mut frame, &mut work, interpret(prologue));
-                }
-                match moves {
-                    Moves::Blocks(blocks) => {
-                        let to = slot_of(&node)?;
-                        for (from, block) in blocks {
-                            frame
-                                .push_copy((func, elem), [slot_of(&from)?, to], block)
-                                .map_err(internal)?;
-                        }
-                    }
-                    Moves::Rows { ids, rows, sizes } => {
-                        let slots = [slot_of(&ids)?, slot_of(&rows)?, slot_of(&node)?];
-                        let indices = Work::Labels {
-                            slot: slots[0],
-                            cols: sizes[2],
-                            what: "embedding index",
-                        };
-                        host(&mut frame, &mut work, indices);
-                        let f32 = graph.node(node).dtype() == DType::F32;
-                        frame
-                            .push_indexed((func, mover, elem), slots, sizes, f32)
-                            .map_err(internal)?;
-                    }
+                let to = slot_of(&node)?;
+                for (from, block) in blocks {
+                    frame
+                        .push_copy((func, elem), [slot_of(&from)?, to], block)
+                        .map_err(internal)?;
                 }
             }
+            Call::Mover {
+                node,
+                func: (func, mover, elem),
+                moves: Moves::Rows { ids, rows, sizes },
+                ..
+            } => {
+                let slots = [slot_of(&ids)?, slot_of(&rows)?, slot_of(&node)?];
+                let indices = Work::Labels {
+                    slot: slots[0],
+                    cols: sizes[2],
+                    what: "embedding index",
+                };
+                host(frame, &mut work, indices);
+                let f32 = graph.node(node).dtype() == DType::F32;
+                frame
+                    .push_indexed((func, mover, elem), slots, sizes, f32)
+                    .map_err(internal)?;
+            }
             Call::Interpret(nodes) if nodes.is_empty() => {}
-            Call::Interpret(nodes) => host(&mut frame, &mut work, interpret(nodes)),
+            Call::Interpret(nodes) => host(frame, &mut work, interpret(nodes)),
         }
     }
-    let entry_clif = program.code.compile_entry(&mut frame).map_err(internal)?;
-    Ok(Bound {
-        frame,
-        slots,
-        values,
-        work,
-        dims: dims.clone(),
-        entry_clif,
-        wanted: None,
-    })
+    Ok(work)
 }
 
 /// One kernel's part of the entry, before buffers are assigned.

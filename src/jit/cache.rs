@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
     AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind,
     UserFuncName, Value, types,
@@ -18,26 +17,20 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
 
-use crate::ir::{DType, Dim, Graph, NodeId, Op, ReduceFn, Shape};
+use crate::ir::{DType, Dim, Graph, NodeId};
 use crate::jit::clif::Calls;
 use crate::jit::clif::CodegenError;
 use crate::jit::clif::Elem;
-use crate::jit::clif::counted_loop;
-use crate::jit::clif::element_at;
-use crate::jit::clif::{load, store};
+use crate::jit::clif::load;
 use crate::jit::elementwise::Access;
-use crate::jit::elementwise::Body;
 use crate::jit::elementwise::CompiledKernel;
 use crate::jit::elementwise::ROW_SCRATCH_BYTES;
 use crate::jit::elementwise::Single;
 use crate::jit::elementwise::builder_free_dropout;
 use crate::jit::elementwise::f32_exact;
 use crate::jit::elementwise::gradc_dropout_scale;
-use crate::jit::elementwise::is_row;
-use crate::jit::elementwise::is_sum;
-use crate::jit::elementwise::output_shape;
-use crate::jit::elementwise::round;
 use crate::jit::elementwise::runtime_functions;
+use crate::jit::elementwise::{Body, Layout, Prelude, layout, static_counts};
 use crate::jit::movers::Mover;
 use crate::jit::movers::emit_copy;
 use crate::jit::movers::emit_gather;
@@ -149,83 +142,14 @@ impl CodeCache {
         input_elems: &[Elem],
         outputs: &[NodeId],
     ) -> Result<(CompiledKernel, String), CodegenError> {
-        // The loop's shape: that of any elementwise node, else of the
-        // operand of the closing sum. Inputs of that shape are full.
-        let loop_shape = nodes
-            .iter()
-            .find(|&&id| !is_sum(graph, id))
-            .map(|&id| graph.node(id).shape())
-            .or_else(|| {
-                let sum = nodes.first()?;
-                Some(graph.node(*graph.operands(*sum).first()?).shape())
-            });
-        let single = |id: NodeId| graph.node(id).shape().0.iter().all(|d| d.is_one());
-        let read_shapes: Vec<Shape> = inputs
-            .iter()
-            .map(|&i| graph.node(i).shape().clone())
-            .collect();
-        let mut access: Vec<Access> = Vec::new();
-        for shape in &read_shapes {
-            access.push(if Some(shape) == loop_shape {
-                Access::Full
-            } else if shape.0.iter().all(|d| d.is_one()) {
-                Access::Single
-            } else {
-                Access::Strided
-            });
-        }
-        for &output in outputs {
-            let per_unit = matches!(graph.node(output).op, Op::DeadFraction);
-            access.push(match (is_sum(graph, output), single(output) && !per_unit) {
-                (false, _) => Access::Full,
-                (true, true) => Access::Single,
-                (true, false) => Access::Strided,
-            });
-        }
-        // When every broadcast buffer is a row of the loop's (static) last
-        // axis, the kernel loops over rows and columns instead.
-        let cols = loop_shape.and_then(|shape| match shape.0.last() {
-            Some(Dim::Fixed(c)) if shape.rank() >= 2 => usize::try_from(*c).ok(),
-            _ => None,
-        });
-        let buffers: Vec<NodeId> = inputs.iter().chain(outputs).copied().collect();
-        let row_like = |j: usize| {
-            let (Some(shape), Some(cols)) = (loop_shape, cols) else {
-                return false;
-            };
-            let broadcast = match read_shapes.get(j) {
-                Some(read) => Some(read.0.clone()),
-                None => output_shape(graph, buffers[j], shape),
-            };
-            broadcast.is_some_and(|b| is_row(&b, cols))
-        };
-        let rows_and_cols = cols.is_some()
-            && access
-                .iter()
-                .enumerate()
-                .all(|(j, &a)| a != Access::Strided || row_like(j))
-            && access.contains(&Access::Strided);
-        if rows_and_cols {
-            for a in &mut access {
-                if *a == Access::Strided {
-                    *a = Access::Row;
-                }
-            }
-        }
-        let cols = if rows_and_cols { cols } else { None };
-        // Inputs as the caller stores them; an output by its type, but a
-        // sum accumulated in place in `f64`.
-        if input_elems.len() != inputs.len() {
-            return Err(CodegenError("an element type per input expected".into()));
-        }
-        let mut elems = input_elems.to_vec();
-        for (o, &output) in outputs.iter().enumerate() {
-            elems.push(match access[inputs.len() + o] {
-                Access::Full | Access::Single => Elem::of(graph.node(output).dtype()),
-                Access::Strided | Access::Row => Elem::F64,
-            });
-        }
-        let pointer = types::I64;
+        let Layout {
+            loop_shape,
+            access,
+            cols,
+            read_shapes,
+            elems,
+        } = layout(graph, nodes, inputs, input_elems, outputs)?;
+        let loop_shape = loop_shape.as_ref();
         let (id, mut context) = self.declare("kernel", 5, false)?;
         // (Set by `Body::flat` when the kernel relies on it.)
         let mut multiple_of = None;
@@ -238,45 +162,8 @@ impl CodeCache {
             let params = b.block_params(entry).to_vec();
             let (ptrs, ks, ms, n, context) =
                 (params[0], params[1], params[2], params[3], params[4]);
-            let flags = MemFlagsData::trusted();
-            // Loop-invariant loads, hoisted by hand: Cranelift does not.
-            let mut bases = Vec::new();
-            for j in 0..access.len() {
-                bases.push(b.ins().load(pointer, flags, ptrs, (8 * j) as i32));
-            }
-            // A strided buffer is read at (i / k) % m without dividing: two
-            // counters, `within` (i % k) and `index` ((i / k) % m), are
-            // carried around the loop and wrap at k and m.
-            let mut factors = Vec::new();
-            for (j, &a) in access.iter().enumerate() {
-                if a == Access::Strided {
-                    let k = b.ins().load(pointer, flags, ks, (8 * j) as i32);
-                    let m = b.ins().load(pointer, flags, ms, (8 * j) as i32);
-                    factors.push((j, k, m));
-                }
-            }
-            // The run's seed and step, for dropout masks.
-            let seed = b.ins().load(pointer, flags, context, 0);
-            let step = b.ins().load(pointer, flags, context, 8);
-            let zero = b.ins().iconst(pointer, 0);
-            let zero_f64 = b.ins().f64const(0.0);
-            // The slots of a strided or row sum: m, or the static row size.
-            let slots = |b: &mut FunctionBuilder<'_>, j: usize| match (access[j], cols) {
-                (Access::Row, Some(cols)) => b.ins().iconst(pointer, cols as i64),
-                _ => factors.iter().find(|f| f.0 == j).map_or(zero, |f| f.2),
-            };
-            // A strided or row sum accumulates into its slots: zero them
-            // first.
-            for j in inputs.len()..access.len() {
-                if matches!(access[j], Access::Strided | Access::Row) {
-                    let m = slots(&mut b, j);
-                    counted_loop(&mut b, m, &[], |b, slot, _| {
-                        let at = element_at(b, Elem::F64, bases[j], slot);
-                        b.ins().store(flags, zero_f64, at, 0);
-                        Ok(vec![])
-                    })?;
-                }
-            }
+            let prelude = Prelude::load(&mut b, &access, (ptrs, ks, ms, context));
+            prelude.zero_sums(&mut b, &access, inputs.len(), cols)?;
             // The running total of each sum to a single element is kept in
             // a register through the loops and stored after them, in the
             // same order.
@@ -296,7 +183,7 @@ impl CodeCache {
             let singles: Vec<Option<Single>> = (0..inputs.len())
                 .map(|j| {
                     (access[j] == Access::Single).then(|| {
-                        let scalar = load(&mut b, elems[j], false, bases[j]);
+                        let scalar = load(&mut b, elems[j], false, prelude.bases[j]);
                         let pair = b.ins().splat(types::F64X2, scalar);
                         let quad = (quad && elems[j] == Elem::F32).then(|| {
                             let narrow = b.ins().fdemote(types::F32, scalar);
@@ -313,13 +200,13 @@ impl CodeCache {
                 outputs,
                 access: &access,
                 elems: &elems,
-                bases: &bases,
+                bases: &prelude.bases,
                 singles: &singles,
                 quad,
                 single_sums: &single_sums,
-                seed,
-                step,
-                zero: zero_f64,
+                seed: prelude.seed,
+                step: prelude.step,
+                zero: prelude.zero_f64,
             };
             // Each running total is two `f64x2`s: a pair step adds its two
             // elements lane by lane into the first, a scalar step adds into
@@ -330,32 +217,18 @@ impl CodeCache {
             let start: Vec<Value> = single_sums
                 .iter()
                 .flat_map(|_| [(); 2])
-                .map(|_| b.ins().splat(types::F64X2, zero_f64))
+                .map(|_| b.ins().splat(types::F64X2, prelude.zero_f64))
                 .collect();
             let lanes = match cols {
                 Some(cols) => body.rows_and_columns(&mut b, &mut calls, n, cols, &start)?,
                 None => {
-                    let static_count = loop_shape.and_then(|shape| {
-                        shape.0.iter().try_fold(1u64, |count, d| match d {
-                            Dim::Fixed(size) => count.checked_mul(*size),
-                            Dim::Sym(_) => None,
-                        })
-                    });
-                    // The product of the static axes: every count is a
-                    // multiple of it.
-                    let factor = loop_shape.map_or(1, |shape| {
-                        shape.0.iter().fold(1u64, |product, d| match d {
-                            Dim::Fixed(size) => product.saturating_mul(*size).max(1),
-                            Dim::Sym(_) => product,
-                        })
-                    });
                     let (lanes, width) = body.flat(
                         &mut b,
                         &mut calls,
                         n,
-                        &factors,
+                        &prelude.factors,
                         &start,
-                        (static_count, factor),
+                        static_counts(loop_shape),
                     )?;
                     multiple_of = width;
                     lanes
@@ -373,78 +246,7 @@ impl CodeCache {
                     b.ins().fadd(even, odd)
                 })
                 .collect();
-            // Finish every sum as the interpreter does: a mean divides by
-            // its count, a zero fraction by n, a dead fraction counts the
-            // units no row reached; an f32 result is rounded once.
-            let sums = access[inputs.len()..].iter().any(|&a| a != Access::Full);
-            let one = if sums {
-                b.ins().iconst(pointer, 1)
-            } else {
-                zero
-            };
-            let count_per = |b: &mut FunctionBuilder<'_>, groups: Value| {
-                let groups = b.ins().umax(groups, one);
-                let count = b.ins().udiv(n, groups);
-                let count = b.ins().umax(count, one);
-                b.ins().fcvt_from_uint(types::F64, count)
-            };
-            for (o, &output) in outputs.iter().enumerate() {
-                let j = inputs.len() + o;
-                let op = &graph.node(output).op;
-                let mean = matches!(
-                    op,
-                    Op::Reduce {
-                        func: ReduceFn::Mean,
-                        ..
-                    } | Op::ZeroFraction
-                        | Op::Mse
-                        | Op::BceWithLogits
-                );
-                match access[j] {
-                    Access::Full => {}
-                    Access::Single => {
-                        let slot = single_sums.iter().position(|&s| s == j).unwrap_or(0);
-                        let mut value = totals[slot];
-                        if mean {
-                            let count = count_per(&mut b, one);
-                            value = b.ins().fdiv(value, count);
-                        }
-                        let value = round(&mut b, graph, output, value);
-                        store(&mut b, elems[j], value, bases[j]);
-                    }
-                    Access::Strided | Access::Row => {
-                        let m = slots(&mut b, j);
-                        if matches!(op, Op::DeadFraction) {
-                            let units = b.ins().fcvt_from_uint(types::F64, m);
-                            let one_f64 = b.ins().f64const(1.0);
-                            let dead = counted_loop(&mut b, m, &[zero_f64], |b, slot, carried| {
-                                let at = element_at(b, Elem::F64, bases[j], slot);
-                                let reached = b.ins().load(types::F64, flags, at, 0);
-                                let none = b.ins().fcmp(FloatCC::Equal, reached, zero_f64);
-                                let add = b.ins().select(none, one_f64, zero_f64);
-                                Ok(vec![b.ins().fadd(carried[0], add)])
-                            })?[0];
-                            let fraction = b.ins().fdiv(dead, units);
-                            let empty = b.ins().icmp(IntCC::Equal, n, zero);
-                            let fraction = b.ins().select(empty, zero_f64, fraction);
-                            let fraction = round(&mut b, graph, output, fraction);
-                            b.ins().store(flags, fraction, bases[j], 0);
-                        } else if mean || graph.node(output).dtype() == DType::F32 {
-                            let count = count_per(&mut b, m);
-                            counted_loop(&mut b, m, &[], |b, slot, _| {
-                                let at = element_at(b, Elem::F64, bases[j], slot);
-                                let mut value = b.ins().load(types::F64, flags, at, 0);
-                                if mean {
-                                    value = b.ins().fdiv(value, count);
-                                }
-                                let value = round(b, graph, output, value);
-                                b.ins().store(flags, value, at, 0);
-                                Ok(vec![])
-                            })?;
-                        }
-                    }
-                }
-            }
+            body.finish_sums(&mut b, &prelude, (n, cols), &totals)?;
             b.ins().return_(&[]);
             b.seal_all_blocks();
             b.finalize(self.memory.module().target_config());

@@ -1204,3 +1204,316 @@ pub(super) fn clamp(b: &mut FunctionBuilder<'_>, x: Value, lo: f64, hi: f64) -> 
     let above = b.ins().fcmp(FloatCC::GreaterThan, raised, hi);
     pick(b, above, hi, raised)
 }
+
+/// How an elementwise kernel reaches its buffers, decided from the static
+/// shapes (`layout`).
+pub(super) struct Layout {
+    /// The loop's shape: that of any elementwise node, else of the operand
+    /// of the closing sum.
+    pub(super) loop_shape: Option<Shape>,
+    /// How the loop reaches each buffer (inputs, then outputs).
+    pub(super) access: Vec<Access>,
+    /// The static last axis, when the kernel loops over rows and columns.
+    pub(super) cols: Option<usize>,
+    /// The shape each input is read as.
+    pub(super) read_shapes: Vec<Shape>,
+    /// How each buffer stores its elements (inputs, then outputs).
+    pub(super) elems: Vec<Elem>,
+}
+
+/// The layout of an elementwise kernel computing `nodes`, reading
+/// `inputs` (stored as `input_elems`) and writing `outputs`: inputs of the
+/// loop's shape are full, one-element ones single, others strided; a sum
+/// output single or strided, the others full. When every broadcast buffer
+/// is a row of the loop's static last axis, the kernel loops over rows
+/// and columns instead (`Access::Row`). Outputs are stored by their type,
+/// but a sum accumulated in place in `f64`.
+pub(super) fn layout(
+    graph: &Graph,
+    nodes: &[NodeId],
+    inputs: &[NodeId],
+    input_elems: &[Elem],
+    outputs: &[NodeId],
+) -> Result<Layout, CodegenError> {
+    let loop_shape = nodes
+        .iter()
+        .find(|&&id| !is_sum(graph, id))
+        .map(|&id| graph.node(id).shape())
+        .or_else(|| {
+            let sum = nodes.first()?;
+            Some(graph.node(*graph.operands(*sum).first()?).shape())
+        });
+    let single = |id: NodeId| graph.node(id).shape().0.iter().all(|d| d.is_one());
+    let read_shapes: Vec<Shape> = inputs
+        .iter()
+        .map(|&i| graph.node(i).shape().clone())
+        .collect();
+    let mut access: Vec<Access> = Vec::new();
+    for shape in &read_shapes {
+        access.push(if Some(shape) == loop_shape {
+            Access::Full
+        } else if shape.0.iter().all(|d| d.is_one()) {
+            Access::Single
+        } else {
+            Access::Strided
+        });
+    }
+    for &output in outputs {
+        let per_unit = matches!(graph.node(output).op, Op::DeadFraction);
+        access.push(match (is_sum(graph, output), single(output) && !per_unit) {
+            (false, _) => Access::Full,
+            (true, true) => Access::Single,
+            (true, false) => Access::Strided,
+        });
+    }
+    let cols = loop_shape.and_then(|shape| match shape.0.last() {
+        Some(Dim::Fixed(c)) if shape.rank() >= 2 => usize::try_from(*c).ok(),
+        _ => None,
+    });
+    let buffers: Vec<NodeId> = inputs.iter().chain(outputs).copied().collect();
+    let row_like = |j: usize| {
+        let (Some(shape), Some(cols)) = (loop_shape, cols) else {
+            return false;
+        };
+        let broadcast = match read_shapes.get(j) {
+            Some(read) => Some(read.0.clone()),
+            None => output_shape(graph, buffers[j], shape),
+        };
+        broadcast.is_some_and(|b| is_row(&b, cols))
+    };
+    let rows_and_cols = cols.is_some()
+        && access
+            .iter()
+            .enumerate()
+            .all(|(j, &a)| a != Access::Strided || row_like(j))
+        && access.contains(&Access::Strided);
+    if rows_and_cols {
+        for a in &mut access {
+            if *a == Access::Strided {
+                *a = Access::Row;
+            }
+        }
+    }
+    let cols = if rows_and_cols { cols } else { None };
+    if input_elems.len() != inputs.len() {
+        return Err(CodegenError("an element type per input expected".into()));
+    }
+    let mut elems = input_elems.to_vec();
+    for (o, &output) in outputs.iter().enumerate() {
+        elems.push(match access[inputs.len() + o] {
+            Access::Full | Access::Single => Elem::of(graph.node(output).dtype()),
+            Access::Strided | Access::Row => Elem::F64,
+        });
+    }
+    Ok(Layout {
+        loop_shape: loop_shape.cloned(),
+        access,
+        cols,
+        read_shapes,
+        elems,
+    })
+}
+
+/// The element count of a loop shape if all its axes are static, and the
+/// product of its static axes (every count is a multiple of it).
+pub(super) fn static_counts(loop_shape: Option<&Shape>) -> (Option<u64>, u64) {
+    let static_count = loop_shape.and_then(|shape| {
+        shape.0.iter().try_fold(1u64, |count, d| match d {
+            Dim::Fixed(size) => count.checked_mul(*size),
+            Dim::Sym(_) => None,
+        })
+    });
+    let factor = loop_shape.map_or(1, |shape| {
+        shape.0.iter().fold(1u64, |product, d| match d {
+            Dim::Fixed(size) => product.saturating_mul(*size).max(1),
+            Dim::Sym(_) => product,
+        })
+    });
+    (static_count, factor)
+}
+
+/// What an elementwise kernel loads before its loops: each buffer's
+/// address, the broadcast factors of its strided buffers, the run's seed
+/// and step, and the zeros.
+pub(super) struct Prelude {
+    pub(super) bases: Vec<Value>,
+    /// Each strided buffer's index and its `k` and `m`.
+    pub(super) factors: Vec<(usize, Value, Value)>,
+    pub(super) seed: Value,
+    pub(super) step: Value,
+    /// The integer and `f64` zeros.
+    pub(super) zero: Value,
+    pub(super) zero_f64: Value,
+}
+
+impl Prelude {
+    /// Emits the loads (loop-invariant, hoisted by hand: Cranelift does
+    /// not) from the kernel's parameters `ptrs`, `ks`, `ms` and `context`.
+    pub(super) fn load(
+        b: &mut FunctionBuilder<'_>,
+        access: &[Access],
+        (ptrs, ks, ms, context): (Value, Value, Value, Value),
+    ) -> Prelude {
+        let pointer = types::I64;
+        let flags = MemFlagsData::trusted();
+        let mut bases = Vec::new();
+        for j in 0..access.len() {
+            bases.push(b.ins().load(pointer, flags, ptrs, (8 * j) as i32));
+        }
+        // A strided buffer is read at (i / k) % m without dividing: two
+        // counters, `within` (i % k) and `index` ((i / k) % m), are
+        // carried around the loop and wrap at k and m.
+        let mut factors = Vec::new();
+        for (j, &a) in access.iter().enumerate() {
+            if a == Access::Strided {
+                let k = b.ins().load(pointer, flags, ks, (8 * j) as i32);
+                let m = b.ins().load(pointer, flags, ms, (8 * j) as i32);
+                factors.push((j, k, m));
+            }
+        }
+        // The run's seed and step, for dropout masks.
+        let seed = b.ins().load(pointer, flags, context, 0);
+        let step = b.ins().load(pointer, flags, context, 8);
+        let zero = b.ins().iconst(pointer, 0);
+        let zero_f64 = b.ins().f64const(0.0);
+        Prelude {
+            bases,
+            factors,
+            seed,
+            step,
+            zero,
+            zero_f64,
+        }
+    }
+
+    /// The slots of buffer `j`, a strided or row sum: `m`, or the static
+    /// row size `cols`.
+    fn sum_slots(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        access: &[Access],
+        cols: Option<usize>,
+        j: usize,
+    ) -> Value {
+        match (access[j], cols) {
+            (Access::Row, Some(cols)) => b.ins().iconst(types::I64, cols as i64),
+            _ => self
+                .factors
+                .iter()
+                .find(|f| f.0 == j)
+                .map_or(self.zero, |f| f.2),
+        }
+    }
+
+    /// Zeroes the slots of every strided or row sum (among the outputs,
+    /// from buffer `first_output` on), which the loops accumulate into.
+    pub(super) fn zero_sums(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        access: &[Access],
+        first_output: usize,
+        cols: Option<usize>,
+    ) -> Result<(), CodegenError> {
+        let flags = MemFlagsData::trusted();
+        for j in first_output..access.len() {
+            if matches!(access[j], Access::Strided | Access::Row) {
+                let m = self.sum_slots(b, access, cols, j);
+                counted_loop(b, m, &[], |b, slot, _| {
+                    let at = element_at(b, Elem::F64, self.bases[j], slot);
+                    b.ins().store(flags, self.zero_f64, at, 0);
+                    Ok(vec![])
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Body<'_> {
+    /// Finishes every sum after the loops as the interpreter does (`n` the
+    /// element count, `totals` the single sums' running totals): a mean
+    /// divides by its count, a zero fraction by `n`, a dead fraction
+    /// counts the units no row reached; an `f32` result is rounded once.
+    pub(super) fn finish_sums(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        prelude: &Prelude,
+        (n, cols): (Value, Option<usize>),
+        totals: &[Value],
+    ) -> Result<(), CodegenError> {
+        let (graph, access, inputs) = (self.graph, self.access, self.inputs);
+        let (zero, zero_f64) = (prelude.zero, prelude.zero_f64);
+        let flags = MemFlagsData::trusted();
+        let sums = access[inputs.len()..].iter().any(|&a| a != Access::Full);
+        let one = if sums {
+            b.ins().iconst(types::I64, 1)
+        } else {
+            zero
+        };
+        let count_per = |b: &mut FunctionBuilder<'_>, groups: Value| {
+            let groups = b.ins().umax(groups, one);
+            let count = b.ins().udiv(n, groups);
+            let count = b.ins().umax(count, one);
+            b.ins().fcvt_from_uint(types::F64, count)
+        };
+        for (o, &output) in self.outputs.iter().enumerate() {
+            let j = inputs.len() + o;
+            let op = &graph.node(output).op;
+            let mean = matches!(
+                op,
+                Op::Reduce {
+                    func: ReduceFn::Mean,
+                    ..
+                } | Op::ZeroFraction
+                    | Op::Mse
+                    | Op::BceWithLogits
+            );
+            let base = self.bases[j];
+            match access[j] {
+                Access::Full => {}
+                Access::Single => {
+                    let slot = self.single_sums.iter().position(|&s| s == j).unwrap_or(0);
+                    let mut value = totals[slot];
+                    if mean {
+                        let count = count_per(b, one);
+                        value = b.ins().fdiv(value, count);
+                    }
+                    let value = round(b, graph, output, value);
+                    store(b, self.elems[j], value, base);
+                }
+                Access::Strided | Access::Row => {
+                    let m = prelude.sum_slots(b, access, cols, j);
+                    if matches!(op, Op::DeadFraction) {
+                        let units = b.ins().fcvt_from_uint(types::F64, m);
+                        let one_f64 = b.ins().f64const(1.0);
+                        let dead = counted_loop(b, m, &[zero_f64], |b, slot, carried| {
+                            let at = element_at(b, Elem::F64, base, slot);
+                            let reached = b.ins().load(types::F64, flags, at, 0);
+                            let none = b.ins().fcmp(FloatCC::Equal, reached, zero_f64);
+                            let add = b.ins().select(none, one_f64, zero_f64);
+                            Ok(vec![b.ins().fadd(carried[0], add)])
+                        })?[0];
+                        let fraction = b.ins().fdiv(dead, units);
+                        let empty = b.ins().icmp(IntCC::Equal, n, zero);
+                        let fraction = b.ins().select(empty, zero_f64, fraction);
+                        let fraction = round(b, graph, output, fraction);
+                        b.ins().store(flags, fraction, base, 0);
+                    } else if mean || graph.node(output).dtype() == DType::F32 {
+                        let count = count_per(b, m);
+                        counted_loop(b, m, &[], |b, slot, _| {
+                            let at = element_at(b, Elem::F64, base, slot);
+                            let mut value = b.ins().load(types::F64, flags, at, 0);
+                            if mean {
+                                value = b.ins().fdiv(value, count);
+                            }
+                            let value = round(b, graph, output, value);
+                            b.ins().store(flags, value, at, 0);
+                            Ok(vec![])
+                        })?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

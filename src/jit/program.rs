@@ -147,137 +147,204 @@ pub(super) fn compile(
     ids: IdMap<NodeId>,
     keep_clif: ClifText,
 ) -> Result<Program, CodegenError> {
-    let graph = &run;
-    let plan = fusion::plan(graph);
-    let mut code = CodeCache::new(keep_clif)?;
-    let mut kernels = Vec::new();
-    let mut loops = Vec::new();
-    let mut clif = Vec::new();
-    let order = graph
+    let plan = fusion::plan(&run);
+    let order = run
         .topo_order()
         .ok_or_else(|| CodegenError("the graph has a cycle".into()))?;
-    let position: HashMap<NodeId, usize> =
-        order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
-    let mut storage: HashMap<NodeId, Elem> = HashMap::new();
-    // Kernels computed within an earlier one: (the earlier, the later).
-    let mut fused: Vec<(usize, usize)> = Vec::new();
-    for (k, kernel) in plan.kernels.iter().enumerate() {
-        let elems = |ids: &[NodeId], storage: &HashMap<NodeId, Elem>| -> Vec<Elem> {
-            ids.iter().map(|id| elem(graph, storage, *id)).collect()
-        };
-        // A kernel that is only a sum loops over its operand.
-        let loop_shape = match kernel.kind {
+    let mut compiling = Compiling {
+        graph: &run,
+        plan: &plan,
+        code: CodeCache::new(keep_clif)?,
+        position: order.iter().enumerate().map(|(i, &id)| (id, i)).collect(),
+        storage: HashMap::new(),
+        fused: Vec::new(),
+    };
+    let (mut kernels, mut loops, mut clif) = (Vec::new(), Vec::new(), Vec::new());
+    for k in 0..plan.kernels.len() {
+        let loop_shape = compiling.loop_shape(k);
+        let (compiled, text) = compiling.kernel(k, &loop_shape)?;
+        kernels.push(compiled);
+        loops.push(loop_shape);
+        clif.push(text);
+    }
+    let Compiling {
+        code,
+        position,
+        storage,
+        ..
+    } = compiling;
+    let leaves = order
+        .iter()
+        .copied()
+        .filter(|&id| run.node(id).op.is_leaf())
+        .collect();
+    Ok(Program {
+        graph: Arc::new(run),
+        ids,
+        plan,
+        kernels,
+        loops,
+        clif,
+        leaves,
+        order,
+        position,
+        storage,
+        code,
+    })
+}
+
+/// The compilation of a program's kernels, in plan order.
+struct Compiling<'g> {
+    graph: &'g Graph,
+    plan: &'g Plan,
+    code: CodeCache,
+    /// Each node's place in the graph's topological order.
+    position: HashMap<NodeId, usize>,
+    /// How each value compiled so far is stored, where that is not
+    /// `Elem::of` its type.
+    storage: HashMap<NodeId, Elem>,
+    /// Kernels computed within an earlier one: (the earlier, the later).
+    fused: Vec<(usize, usize)>,
+}
+
+impl Compiling<'_> {
+    /// The shape kernel `k` loops over: a kernel that is only a sum loops
+    /// over its operand.
+    fn loop_shape(&self, k: usize) -> Shape {
+        let (graph, kernel) = (self.graph, &self.plan.kernels[k]);
+        match kernel.kind {
             fusion::Kind::Reduction => graph
                 .node(graph.operands(kernel.nodes[0])[0])
                 .shape()
                 .clone(),
             _ => kernel.loop_shape.clone(),
+        }
+    }
+
+    /// Kernel `k`'s compiled form (none: the interpreter or the GEMM runs
+    /// it) and its CLIF text.
+    fn kernel(
+        &mut self,
+        k: usize,
+        loop_shape: &Shape,
+    ) -> Result<(Option<Compiled>, String), CodegenError> {
+        // Computed already, by a kernel fused with it.
+        if let Some(&(first, _)) = self.fused.iter().find(|&&(_, later)| later == k) {
+            return Ok((
+                Some(Compiled::Within),
+                format!("; kernel k{k}: within k{first}\n"),
+            ));
+        }
+        let plan = self.plan;
+        if let [node] = plan.kernels[k].nodes.as_slice() {
+            // A single node that only moves elements.
+            if let Some((mover, elem)) = mover_for(self.graph, &self.storage, *node) {
+                return self.mover(k, *node, mover, elem);
+            }
+            // A single reduction or normalization along the last axis.
+            if let Some(op) = RowOp::of(self.graph, *node) {
+                return self.rows(k, *node, op);
+            }
+        }
+        self.elementwise(k, loop_shape)
+    }
+
+    /// The cheap values kernel `k` recomputes, in graph order.
+    fn recomputed(&self, k: usize) -> Vec<NodeId> {
+        let mut prologue: Vec<NodeId> = self.plan.kernels[k].recompute.iter().copied().collect();
+        prologue.sort_by_key(|id| self.position[id]);
+        prologue
+    }
+
+    /// How the values `ids` are stored.
+    fn elems(&self, ids: &[NodeId]) -> Vec<Elem> {
+        ids.iter()
+            .map(|id| elem(self.graph, &self.storage, *id))
+            .collect()
+    }
+
+    /// Kernel `k`, the single `node` that moves elements as `mover` says.
+    fn mover(
+        &mut self,
+        k: usize,
+        node: NodeId,
+        mover: Mover,
+        elem: Elem,
+    ) -> Result<(Option<Compiled>, String), CodegenError> {
+        let (func, text) = self.code.compile_mover(mover, elem)?;
+        let name = mover.name();
+        let text = if text.is_empty() {
+            format!("(the {name} kernel above)\n")
+        } else {
+            text
         };
+        if mover == Mover::Scatter {
+            // (Summed in `f64`, rounded once: stored as `f64`.)
+            record(&mut self.storage, self.graph, node, Elem::F64);
+        }
+        let compiled = Compiled::Mover {
+            prologue: self.recomputed(k),
+            node,
+            func: (func, mover, elem),
+        };
+        Ok((Some(compiled), format!("; kernel k{k}: {name}\n{text}")))
+    }
+
+    /// Kernel `k`, the single reduction or normalization `node` along the
+    /// last axis (with, for a cross-entropy, its VJP if that can run with
+    /// it).
+    fn rows(
+        &mut self,
+        k: usize,
+        node: NodeId,
+        op: RowOp,
+    ) -> Result<(Option<Compiled>, String), CodegenError> {
+        let graph = self.graph;
+        let with_vjp = match op {
+            RowOp::CrossEntropy => fused_cross_entropy(graph, self.plan, k, node),
+            _ => None,
+        };
+        let (op, outputs) = match with_vjp {
+            Some((later, vjp, g)) => {
+                self.fused.push((k, later));
+                (RowOp::CrossEntropyWithVjp { g }, vec![node, vjp])
+            }
+            None => (op, vec![node]),
+        };
+        let reads = op.reads(&graph.operands(node));
+        let (compiled, text) = self
+            .code
+            .compile_rows(graph, &outputs, op, &self.elems(&reads))?;
+        for (&output, &e) in outputs.iter().zip(&compiled.elems[reads.len()..]) {
+            record(&mut self.storage, graph, output, e);
+        }
+        let compiled = Compiled::Rows {
+            prologue: self.recomputed(k),
+            kernel: compiled,
+        };
+        Ok((Some(compiled), format!("; kernel k{k}\n{text}")))
+    }
+
+    /// Kernel `k` as an elementwise kernel over `loop_shape` (after the
+    /// matrix product of a `MatMul` kernel), or none if it has other ops.
+    fn elementwise(
+        &mut self,
+        k: usize,
+        loop_shape: &Shape,
+    ) -> Result<(Option<Compiled>, String), CodegenError> {
+        let (graph, plan) = (self.graph, self.plan);
+        let kernel = &plan.kernels[k];
         // Elementwise over the loop shape (compiled in the kernel's loop,
         // perhaps closed by a sum).
-        let over_loop = |id: NodeId| supported(graph, id) && graph.node(id).shape() == &loop_shape;
-        // What the interpreter computes first (a matrix product and the
-        // cheap values it reads), and what is compiled after it (the
-        // epilogue, with the cheap values only it reads).
-        let (prologue, body): (Vec<NodeId>, Vec<NodeId>) = match kernel.kind {
-            fusion::Kind::MatMul => {
-                let product = graph.operands(kernel.nodes[0]);
-                let (mut first, later): (Vec<NodeId>, Vec<NodeId>) = kernel
-                    .recompute
-                    .iter()
-                    .copied()
-                    .partition(|&id| product.contains(&id) || !over_loop(id));
-                first.push(kernel.nodes[0]);
-                (
-                    first,
-                    later
-                        .into_iter()
-                        .chain(kernel.nodes[1..].iter().copied())
-                        .collect(),
-                )
-            }
-            _ => (
-                Vec::new(),
-                kernel
-                    .recompute
-                    .iter()
-                    .copied()
-                    .chain(kernel.nodes.iter().copied())
-                    .collect(),
-            ),
-        };
+        let over_loop = |id: NodeId| supported(graph, id) && graph.node(id).shape() == loop_shape;
         let closing_sum = |id: NodeId| {
             is_sum(graph, id)
                 && graph
                     .operands(id)
                     .iter()
-                    .all(|&o| graph.node(o).shape() == &loop_shape)
+                    .all(|&o| graph.node(o).shape() == loop_shape)
         };
-        // Computed already, by a kernel fused with it.
-        if let Some(&(first, _)) = fused.iter().find(|&&(_, later)| later == k) {
-            clif.push(format!("; kernel k{k}: within k{first}\n"));
-            kernels.push(Some(Compiled::Within));
-            loops.push(loop_shape);
-            continue;
-        }
-        // A single node that only moves elements.
-        if let [node] = kernel.nodes.as_slice()
-            && let Some((mover, elem)) = mover_for(graph, &storage, *node)
-        {
-            let (func, text) = code.compile_mover(mover, elem)?;
-            let name = mover.name();
-            let text = if text.is_empty() {
-                format!("(the {name} kernel above)\n")
-            } else {
-                text
-            };
-            clif.push(format!("; kernel k{k}: {name}\n{text}"));
-            if mover == Mover::Scatter {
-                // (Summed in `f64`, rounded once: stored as `f64`.)
-                record(&mut storage, graph, *node, Elem::F64);
-            }
-            let mut prologue: Vec<NodeId> = kernel.recompute.iter().copied().collect();
-            prologue.sort_by_key(|id| position[id]);
-            kernels.push(Some(Compiled::Mover {
-                prologue,
-                node: *node,
-                func: (func, mover, elem),
-            }));
-            loops.push(loop_shape);
-            continue;
-        }
-        // A single reduction or normalization along the last axis (with,
-        // for a cross-entropy, its VJP if that can run with it).
-        if let [node] = kernel.nodes.as_slice()
-            && let Some(op) = RowOp::of(graph, *node)
-        {
-            let with_vjp = match op {
-                RowOp::CrossEntropy => fused_cross_entropy(graph, &plan, k, *node),
-                _ => None,
-            };
-            let (op, outputs) = match with_vjp {
-                Some((later, vjp, g)) => {
-                    fused.push((k, later));
-                    (RowOp::CrossEntropyWithVjp { g }, vec![*node, vjp])
-                }
-                None => (op, vec![*node]),
-            };
-            let reads = op.reads(&graph.operands(*node));
-            let (compiled, text) =
-                code.compile_rows(graph, &outputs, op, &elems(&reads, &storage))?;
-            for (&output, &e) in outputs.iter().zip(&compiled.elems[reads.len()..]) {
-                record(&mut storage, graph, output, e);
-            }
-            clif.push(format!("; kernel k{k}\n{text}"));
-            let mut prologue: Vec<NodeId> = kernel.recompute.iter().copied().collect();
-            prologue.sort_by_key(|id| position[id]);
-            kernels.push(Some(Compiled::Rows {
-                prologue,
-                kernel: compiled,
-            }));
-            loops.push(loop_shape);
-            continue;
-        }
+        let (prologue, mut body) = split_prologue(graph, kernel, over_loop);
         let compilable = kernel.kind != fusion::Kind::Other
             && !body.is_empty()
             && body.iter().all(|&id| over_loop(id) || closing_sum(id));
@@ -293,16 +360,15 @@ pub(super) fn compile(
             } else {
                 "on the interpreter"
             };
-            clif.push(format!("; kernel k{k}: {place} ({})\n", ops.join(", ")));
-            kernels.push(None);
-            loops.push(loop_shape);
-            continue;
+            return Ok((
+                None,
+                format!("; kernel k{k}: {place} ({})\n", ops.join(", ")),
+            ));
         }
-        let mut ordered = body;
-        ordered.sort_by_key(|id| position[id]);
+        body.sort_by_key(|id| self.position[id]);
         // The compiled part reads what its nodes read from outside it.
-        let inside: std::collections::BTreeSet<NodeId> = ordered.iter().copied().collect();
-        let mut inputs: Vec<NodeId> = ordered
+        let inside: std::collections::BTreeSet<NodeId> = body.iter().copied().collect();
+        let mut inputs: Vec<NodeId> = body
             .iter()
             .flat_map(|&id| fusion::reads(graph, id))
             .filter(|o| !inside.contains(o) && !matches!(graph.node(*o).op, Op::Constant(_)))
@@ -314,36 +380,51 @@ pub(super) fn compile(
             .into_iter()
             .filter(|o| inside.contains(o))
             .collect();
-        let input_elems = elems(&inputs, &storage);
-        let (compiled, text) = code.compile(graph, &ordered, &inputs, &input_elems, &outputs)?;
+        let input_elems = self.elems(&inputs);
+        let (compiled, text) = self
+            .code
+            .compile(graph, &body, &inputs, &input_elems, &outputs)?;
         for (&output, &e) in outputs.iter().zip(&compiled.elems[inputs.len()..]) {
-            record(&mut storage, graph, output, e);
+            record(&mut self.storage, graph, output, e);
         }
-        clif.push(format!("; kernel k{k}\n{text}"));
-        kernels.push(Some(Compiled::Elementwise {
+        let compiled = Compiled::Elementwise {
             prologue,
             kernel: compiled,
-        }));
-        loops.push(loop_shape);
+        };
+        Ok((Some(compiled), format!("; kernel k{k}\n{text}")))
     }
-    let leaves = order
+}
+
+/// What the interpreter computes first in a kernel (a matrix product and
+/// the cheap values it reads), and what is compiled after it (the
+/// epilogue, with the cheap values only it reads; the whole kernel if it
+/// has no product).
+fn split_prologue(
+    graph: &Graph,
+    kernel: &fusion::Kernel,
+    over_loop: impl Fn(NodeId) -> bool,
+) -> (Vec<NodeId>, Vec<NodeId>) {
+    if kernel.kind != fusion::Kind::MatMul {
+        let body = kernel
+            .recompute
+            .iter()
+            .copied()
+            .chain(kernel.nodes.iter().copied())
+            .collect();
+        return (Vec::new(), body);
+    }
+    let product = graph.operands(kernel.nodes[0]);
+    let (mut first, later): (Vec<NodeId>, Vec<NodeId>) = kernel
+        .recompute
         .iter()
         .copied()
-        .filter(|&id| graph.node(id).op.is_leaf())
+        .partition(|&id| product.contains(&id) || !over_loop(id));
+    first.push(kernel.nodes[0]);
+    let body = later
+        .into_iter()
+        .chain(kernel.nodes[1..].iter().copied())
         .collect();
-    Ok(Program {
-        graph: Arc::new(run),
-        ids,
-        plan,
-        kernels,
-        loops,
-        clif,
-        leaves,
-        order,
-        position,
-        storage,
-        code,
-    })
+    (first, body)
 }
 
 /// The cross-entropy VJP that plan kernel `k`, the cross-entropy `node`,
