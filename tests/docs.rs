@@ -123,6 +123,56 @@ fn only_the_native_folder_allows_unsafe_code() {
     }
 }
 
+/// No function of the JIT is longer than 150 lines (from its `fn` line
+/// to the closing brace at its indentation): each does one step of one
+/// job (`docs/architecture.md`).
+#[test]
+fn jit_functions_stay_short() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut stack = vec![root.join("src/jit")];
+    let mut long = Vec::new();
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("readable dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("readable file");
+            let lines: Vec<&str> = text.lines().collect();
+            for (i, line) in lines.iter().enumerate() {
+                let code = line.trim_start();
+                let indent = &line[..line.len() - code.len()];
+                let is_fn = [
+                    "fn ",
+                    "pub fn ",
+                    "pub(super) fn ",
+                    "pub(crate) fn ",
+                    "unsafe fn ",
+                ]
+                .iter()
+                .any(|start| code.starts_with(start))
+                    || code.starts_with("pub(in crate::jit) fn ");
+                if !is_fn || code.ends_with(';') {
+                    continue;
+                }
+                let end = format!("{indent}}}");
+                if let Some(length) = lines[i..].iter().position(|l| *l == end) {
+                    if length + 1 > 150 {
+                        long.push(format!(
+                            "{}:{} ({} lines)",
+                            path.display(),
+                            i + 1,
+                            length + 1
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(long.is_empty(), "functions over 150 lines: {long:?}");
+}
+
 /// The `grad_fn` names of the rule table, `"...Backward"` literals in
 /// `src/autodiff/rules.rs`.
 fn rule_table_names() -> std::collections::BTreeSet<String> {

@@ -731,7 +731,7 @@ pub(super) fn emit(
         cols,
         even_cols,
         exps,
-        second_exps,
+        ..
     } = shape;
     let flags = MemFlagsData::trusted();
     let (reads, outputs) = op.lengths(1, 1);
@@ -749,21 +749,14 @@ pub(super) fn emit(
         })
         .collect();
     let out = bases[reads.len()];
-    // Row r of a rows x cols buffer.
-    let row_of = |b: &mut FunctionBuilder<'_>, buffer: Row, r: Value| {
-        let start = b.ins().imul(r, cols);
-        Row {
-            base: clif::element_at(b, buffer.elem, buffer.base, start),
-            elem: buffer.elem,
-            stride: None,
-        }
+    let kernel = RowBuffers {
+        bases,
+        out,
+        shape,
+        f32,
     };
-    // Column c of a rows x cols buffer.
-    let column_of = |b: &mut FunctionBuilder<'_>, buffer: Row, c: Value| Row {
-        base: clif::element_at(b, buffer.elem, buffer.base, c),
-        elem: buffer.elem,
-        stride: Some(cols),
-    };
+    let bases = kernel.bases.as_slice();
+    let row_of = |b: &mut FunctionBuilder<'_>, buffer: Row, r: Value| kernel.row_of(b, buffer, r);
     match op {
         RowOp::Max | RowOp::LogSumExp => {
             counted_loop(b, rows, &[], |b, r, _| {
@@ -838,153 +831,261 @@ pub(super) fn emit(
                 Ok(vec![])
             })?;
         }
-        RowOp::CrossEntropyWithVjp { g } => {
-            // The two kernels above in one loop over rows: the same values.
-            // Two rows at a time where there are scratch rows for both (or
-            // none is kept), each by its own chains, so that the chains of
-            // the one overlap the other's (the exponentials, the `log` call
-            // and the row's softmax make a long chain); the losses are
-            // added in row order.
-            let g = b.ins().f64const(g);
-            let count = row_count(b, rows);
-            let scale = b.ins().fdiv(g, count);
-            let gradient = bases[3];
-            let start = b.ins().f64const(-0.0);
-            // Rows `r..r + kept.len()` into the running total.
-            let mut body = |b: &mut FunctionBuilder<'_>,
-                            first: Value,
-                            kept: &[Option<Value>],
-                            total: Value|
-             -> Result<Value, CodegenError> {
-                let indices: Vec<Value> = (0..kept.len())
-                    .map(|i| b.ins().iadd_imm_u(first, i as i64))
-                    .collect();
-                let inputs: Vec<(Row, Option<Value>)> = indices
-                    .iter()
-                    .zip(kept)
-                    .map(|(&r, &kept)| (row_of(b, bases[0], r), kept))
-                    .collect();
-                let exponentials = rows_exps(b, &inputs, (cols, even_cols))?;
-                let mut softmaxes = Vec::new();
-                let mut labelled = Vec::new();
-                for ((&r, &(row, kept)), &exps) in indices.iter().zip(&inputs).zip(&exponentials) {
-                    let lse = logsumexp_of(b, calls, exps.0, exps.1)?;
-                    let label = label_index(b, bases[1], r, cols);
-                    labelled.push((label, cross_entropy_term(b, row, label, lse)));
-                    let out_row = row_of(b, gradient, r);
-                    softmaxes.push(Softmax {
-                        row,
-                        kept,
-                        exps,
-                        out_row,
-                    });
-                }
-                write_softmaxes(b, &softmaxes, (cols, even_cols), f32, |b, p, _, pair| {
-                    cross_entropy_gradient(b, p, pair, scale)
-                })?;
-                let mut total = total;
-                for (softmax, (label, loss)) in softmaxes.iter().zip(labelled) {
-                    label_gradient(
-                        b,
-                        (softmax.row, softmax.kept),
-                        softmax.exps,
-                        (softmax.out_row, label),
-                        scale,
-                        f32,
-                    )?;
-                    total = b.ins().fadd(total, loss);
-                }
-                Ok(total)
-            };
-            let total = if exps.is_none() || second_exps.is_some() {
-                paired_loop(b, (rows, false), &[start], |b, r, pair, carried| {
-                    let kept = if pair {
-                        vec![exps, second_exps]
-                    } else {
-                        vec![exps]
-                    };
-                    Ok(vec![body(b, r, &kept, carried[0])?])
-                })?[0]
-            } else {
-                counted_loop(b, rows, &[start], |b, r, carried| {
-                    Ok(vec![body(b, r, &[exps], carried[0])?])
-                })?[0]
-            };
-            store_mean(b, total, rows, f32, out);
-        }
-        RowOp::LayerNorm { eps } => {
-            counted_loop(b, rows, &[], |b, r, _| {
-                let (row, out_row) = (row_of(b, bases[0], r), row_of(b, out, r));
-                let (mean, var) = row_moments(b, row, cols)?;
-                let eps = b.ins().f64const(eps);
-                let shifted = b.ins().fadd(var, eps);
-                let deviation = b.ins().sqrt(shifted);
-                write_row(b, cols, f32, out_row, |b, j| {
-                    let v = load(b, row, j);
-                    let gamma = load(b, bases[1], j);
-                    let beta = load(b, bases[2], j);
-                    let centered = b.ins().fsub(v, mean);
-                    let normalized = b.ins().fdiv(centered, deviation);
-                    let scaled = b.ins().fmul(normalized, gamma);
-                    let value = b.ins().fadd(scaled, beta);
-                    Ok(value)
-                })?;
-                Ok(vec![])
-            })?;
-        }
-        RowOp::BatchNorm { eps, training } => {
-            counted_loop(b, cols, &[], |b, c, _| {
-                let (x_col, out_col) = (column_of(b, bases[0], c), column_of(b, out, c));
-                let (mean, var) = if training {
-                    row_moments(b, x_col, rows)?
-                } else {
-                    (load(b, bases[3], c), load(b, bases[4], c))
-                };
-                let eps = b.ins().f64const(eps);
-                let shifted = b.ins().fadd(var, eps);
-                let deviation = b.ins().sqrt(shifted);
-                let gamma = load(b, bases[1], c);
-                let beta = load(b, bases[2], c);
-                write_row(b, rows, f32, out_col, |b, r| {
-                    let v = load(b, x_col, r);
-                    let centered = b.ins().fsub(v, mean);
-                    let normalized = b.ins().fdiv(centered, deviation);
-                    let scaled = b.ins().fmul(normalized, gamma);
-                    Ok(b.ins().fadd(scaled, beta))
-                })?;
-                Ok(vec![])
-            })?;
-        }
+        RowOp::CrossEntropyWithVjp { g } => emit_cross_entropy_with_vjp(b, &kernel, calls, g)?,
+        RowOp::LayerNorm { eps } => emit_layer_norm(b, &kernel, eps)?,
+        RowOp::BatchNorm { eps, training } => emit_batch_norm(b, &kernel, eps, training)?,
         RowOp::RunningStat { momentum, variance } => {
-            // With the unbiased variance, NaN for a single row.
-            let count = b.ins().fcvt_from_uint(types::F64, rows);
-            let one = b.ins().f64const(1.0);
-            let fewer = b.ins().fsub(count, one);
-            let unbiased = b.ins().fdiv(count, fewer);
-            let nan = b.ins().f64const(f64::NAN);
-            let two = b.ins().iconst(types::I64, 2);
-            let several = b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, rows, two);
-            let unbiased = b.ins().select(several, unbiased, nan);
-            let keep = b.ins().f64const(1.0 - momentum);
-            let momentum = b.ins().f64const(momentum);
-            counted_loop(b, cols, &[], |b, c, _| {
-                let x_col = column_of(b, bases[0], c);
-                let (mean, var) = row_moments(b, x_col, rows)?;
-                let batch = if variance {
-                    b.ins().fmul(var, unbiased)
-                } else {
-                    mean
-                };
-                let running = load(b, bases[1], c);
-                let kept = b.ins().fmul(keep, running);
-                let added = b.ins().fmul(momentum, batch);
-                let value = b.ins().fadd(kept, added);
-                let value = rounded(b, f32, value);
-                store(b, value, out, c);
-                Ok(vec![])
-            })?;
+            emit_running_stat(b, &kernel, momentum, variance)?
         }
     }
+    Ok(())
+}
+
+/// A row kernel's buffers and sizes, as the code of its op sees them.
+struct RowBuffers {
+    /// The buffers `RowOp::reads` lists, then the outputs.
+    bases: Vec<Row>,
+    /// The first output.
+    out: Row,
+    shape: RowShape,
+    /// Whether results are rounded to `f32`.
+    f32: bool,
+}
+
+impl RowBuffers {
+    /// Row `r` of a `rows x cols` buffer.
+    fn row_of(&self, b: &mut FunctionBuilder<'_>, buffer: Row, r: Value) -> Row {
+        let start = b.ins().imul(r, self.shape.cols);
+        Row {
+            base: clif::element_at(b, buffer.elem, buffer.base, start),
+            elem: buffer.elem,
+            stride: None,
+        }
+    }
+
+    /// Column `c` of a `rows x cols` buffer.
+    fn column_of(&self, b: &mut FunctionBuilder<'_>, buffer: Row, c: Value) -> Row {
+        Row {
+            base: clif::element_at(b, buffer.elem, buffer.base, c),
+            elem: buffer.elem,
+            stride: Some(self.shape.cols),
+        }
+    }
+}
+
+/// `RowOp::CrossEntropyWithVjp`: the cross-entropy and its gradient
+/// kernels in one loop over rows, with the same values. Two rows at a
+/// time where there are scratch rows for both (or none is kept), each by
+/// its own chains, so that the chains of the one overlap the other's (the
+/// exponentials, the `log` call and the row's softmax make a long chain);
+/// the losses are added in row order.
+fn emit_cross_entropy_with_vjp(
+    b: &mut FunctionBuilder<'_>,
+    kernel: &RowBuffers,
+    calls: &mut Calls<'_>,
+    g: f64,
+) -> Result<(), CodegenError> {
+    let RowBuffers {
+        bases, out, f32, ..
+    } = kernel;
+    let (bases, out, f32) = (bases.as_slice(), *out, *f32);
+    let RowShape {
+        rows,
+        cols,
+        even_cols,
+        exps,
+        second_exps,
+        ..
+    } = kernel.shape;
+    let row_of = |b: &mut FunctionBuilder<'_>, buffer: Row, r: Value| kernel.row_of(b, buffer, r);
+    // The two kernels above in one loop over rows: the same values.
+    // Two rows at a time where there are scratch rows for both (or
+    // none is kept), each by its own chains, so that the chains of
+    // the one overlap the other's (the exponentials, the `log` call
+    // and the row's softmax make a long chain); the losses are
+    // added in row order.
+    let g = b.ins().f64const(g);
+    let count = row_count(b, rows);
+    let scale = b.ins().fdiv(g, count);
+    let gradient = bases[3];
+    let start = b.ins().f64const(-0.0);
+    // Rows `r..r + kept.len()` into the running total.
+    let mut body = |b: &mut FunctionBuilder<'_>,
+                    first: Value,
+                    kept: &[Option<Value>],
+                    total: Value|
+     -> Result<Value, CodegenError> {
+        let indices: Vec<Value> = (0..kept.len())
+            .map(|i| b.ins().iadd_imm_u(first, i as i64))
+            .collect();
+        let inputs: Vec<(Row, Option<Value>)> = indices
+            .iter()
+            .zip(kept)
+            .map(|(&r, &kept)| (row_of(b, bases[0], r), kept))
+            .collect();
+        let exponentials = rows_exps(b, &inputs, (cols, even_cols))?;
+        let mut softmaxes = Vec::new();
+        let mut labelled = Vec::new();
+        for ((&r, &(row, kept)), &exps) in indices.iter().zip(&inputs).zip(&exponentials) {
+            let lse = logsumexp_of(b, calls, exps.0, exps.1)?;
+            let label = label_index(b, bases[1], r, cols);
+            labelled.push((label, cross_entropy_term(b, row, label, lse)));
+            let out_row = row_of(b, gradient, r);
+            softmaxes.push(Softmax {
+                row,
+                kept,
+                exps,
+                out_row,
+            });
+        }
+        write_softmaxes(b, &softmaxes, (cols, even_cols), f32, |b, p, _, pair| {
+            cross_entropy_gradient(b, p, pair, scale)
+        })?;
+        let mut total = total;
+        for (softmax, (label, loss)) in softmaxes.iter().zip(labelled) {
+            label_gradient(
+                b,
+                (softmax.row, softmax.kept),
+                softmax.exps,
+                (softmax.out_row, label),
+                scale,
+                f32,
+            )?;
+            total = b.ins().fadd(total, loss);
+        }
+        Ok(total)
+    };
+    let total = if exps.is_none() || second_exps.is_some() {
+        paired_loop(b, (rows, false), &[start], |b, r, pair, carried| {
+            let kept = if pair {
+                vec![exps, second_exps]
+            } else {
+                vec![exps]
+            };
+            Ok(vec![body(b, r, &kept, carried[0])?])
+        })?[0]
+    } else {
+        counted_loop(b, rows, &[start], |b, r, carried| {
+            Ok(vec![body(b, r, &[exps], carried[0])?])
+        })?[0]
+    };
+    store_mean(b, total, rows, f32, out);
+    Ok(())
+}
+
+/// `RowOp::LayerNorm`: each row normalized by its own moments.
+fn emit_layer_norm(
+    b: &mut FunctionBuilder<'_>,
+    kernel: &RowBuffers,
+    eps: f64,
+) -> Result<(), CodegenError> {
+    let RowBuffers {
+        bases, out, f32, ..
+    } = kernel;
+    let (bases, out, f32) = (bases.as_slice(), *out, *f32);
+    let RowShape { rows, cols, .. } = kernel.shape;
+    let row_of = |b: &mut FunctionBuilder<'_>, buffer: Row, r: Value| kernel.row_of(b, buffer, r);
+    counted_loop(b, rows, &[], |b, r, _| {
+        let (row, out_row) = (row_of(b, bases[0], r), row_of(b, out, r));
+        let (mean, var) = row_moments(b, row, cols)?;
+        let eps = b.ins().f64const(eps);
+        let shifted = b.ins().fadd(var, eps);
+        let deviation = b.ins().sqrt(shifted);
+        write_row(b, cols, f32, out_row, |b, j| {
+            let v = load(b, row, j);
+            let gamma = load(b, bases[1], j);
+            let beta = load(b, bases[2], j);
+            let centered = b.ins().fsub(v, mean);
+            let normalized = b.ins().fdiv(centered, deviation);
+            let scaled = b.ins().fmul(normalized, gamma);
+            let value = b.ins().fadd(scaled, beta);
+            Ok(value)
+        })?;
+        Ok(vec![])
+    })?;
+    Ok(())
+}
+
+/// `RowOp::BatchNorm`: each column normalized by its batch moments (in
+/// train mode) or the running ones.
+fn emit_batch_norm(
+    b: &mut FunctionBuilder<'_>,
+    kernel: &RowBuffers,
+    eps: f64,
+    training: bool,
+) -> Result<(), CodegenError> {
+    let RowBuffers {
+        bases, out, f32, ..
+    } = kernel;
+    let (bases, out, f32) = (bases.as_slice(), *out, *f32);
+    let RowShape { rows, cols, .. } = kernel.shape;
+    let column_of =
+        |b: &mut FunctionBuilder<'_>, buffer: Row, c: Value| kernel.column_of(b, buffer, c);
+    counted_loop(b, cols, &[], |b, c, _| {
+        let (x_col, out_col) = (column_of(b, bases[0], c), column_of(b, out, c));
+        let (mean, var) = if training {
+            row_moments(b, x_col, rows)?
+        } else {
+            (load(b, bases[3], c), load(b, bases[4], c))
+        };
+        let eps = b.ins().f64const(eps);
+        let shifted = b.ins().fadd(var, eps);
+        let deviation = b.ins().sqrt(shifted);
+        let gamma = load(b, bases[1], c);
+        let beta = load(b, bases[2], c);
+        write_row(b, rows, f32, out_col, |b, r| {
+            let v = load(b, x_col, r);
+            let centered = b.ins().fsub(v, mean);
+            let normalized = b.ins().fdiv(centered, deviation);
+            let scaled = b.ins().fmul(normalized, gamma);
+            Ok(b.ins().fadd(scaled, beta))
+        })?;
+        Ok(vec![])
+    })?;
+    Ok(())
+}
+
+/// `RowOp::RunningStat`: each column's new running mean or variance.
+fn emit_running_stat(
+    b: &mut FunctionBuilder<'_>,
+    kernel: &RowBuffers,
+    momentum: f64,
+    variance: bool,
+) -> Result<(), CodegenError> {
+    let RowBuffers {
+        bases, out, f32, ..
+    } = kernel;
+    let (bases, out, f32) = (bases.as_slice(), *out, *f32);
+    let RowShape { rows, cols, .. } = kernel.shape;
+    let column_of =
+        |b: &mut FunctionBuilder<'_>, buffer: Row, c: Value| kernel.column_of(b, buffer, c);
+    // With the unbiased variance, NaN for a single row.
+    let count = b.ins().fcvt_from_uint(types::F64, rows);
+    let one = b.ins().f64const(1.0);
+    let fewer = b.ins().fsub(count, one);
+    let unbiased = b.ins().fdiv(count, fewer);
+    let nan = b.ins().f64const(f64::NAN);
+    let two = b.ins().iconst(types::I64, 2);
+    let several = b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, rows, two);
+    let unbiased = b.ins().select(several, unbiased, nan);
+    let keep = b.ins().f64const(1.0 - momentum);
+    let momentum = b.ins().f64const(momentum);
+    counted_loop(b, cols, &[], |b, c, _| {
+        let x_col = column_of(b, bases[0], c);
+        let (mean, var) = row_moments(b, x_col, rows)?;
+        let batch = if variance {
+            b.ins().fmul(var, unbiased)
+        } else {
+            mean
+        };
+        let running = load(b, bases[1], c);
+        let kept = b.ins().fmul(keep, running);
+        let added = b.ins().fmul(momentum, batch);
+        let value = b.ins().fadd(kept, added);
+        let value = rounded(b, f32, value);
+        store(b, value, out, c);
+        Ok(vec![])
+    })?;
     Ok(())
 }
 
