@@ -157,15 +157,15 @@ fn jit_functions_stay_short() {
                     continue;
                 }
                 let end = format!("{indent}}}");
-                if let Some(length) = lines[i..].iter().position(|l| *l == end) {
-                    if length + 1 > 150 {
-                        long.push(format!(
-                            "{}:{} ({} lines)",
-                            path.display(),
-                            i + 1,
-                            length + 1
-                        ));
-                    }
+                if let Some(length) = lines[i..].iter().position(|l| *l == end)
+                    && length + 1 > 150
+                {
+                    long.push(format!(
+                        "{}:{} ({} lines)",
+                        path.display(),
+                        i + 1,
+                        length + 1
+                    ));
                 }
             }
         }

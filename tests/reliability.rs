@@ -617,7 +617,8 @@ fn every_train_entry_can_be_overridden_on_the_command_line() {
 
 #[test]
 fn the_library_trains_on_the_jit_by_default() {
-    assert!(gradc::train::run::RunOptions::default().jit);
+    let options = gradc::train::run::RunOptions::default();
+    assert_eq!((options.backend)().name(), "the JIT");
 }
 
 // ---------------------------------------------------------------------

@@ -358,7 +358,7 @@ pub fn train(args: &super::TrainArgs) -> ExitStatus {
         watch: args.watch,
         max_memory: args.max_memory,
         verbose: true,
-        jit: args.backend == super::BackendArg::Jit,
+        backend: args.backend.maker(),
     };
     match run::train(lowered, config, &options) {
         Ok((_, summary)) if summary.interrupted => ExitStatus::Failure,
@@ -395,7 +395,7 @@ pub fn eval(
         base_dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
         data,
         labels,
-        jit: backend == super::BackendArg::Jit,
+        backend: backend.maker(),
         ..RunOptions::default()
     };
     let config = lowered.train_config.clone().unwrap_or_default();

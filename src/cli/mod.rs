@@ -315,6 +315,16 @@ pub enum BackendArg {
     Jit,
 }
 
+impl BackendArg {
+    /// What makes the backend (`RunOptions::backend`).
+    pub fn maker(self) -> fn() -> Box<dyn crate::train::Backend> {
+        match self {
+            BackendArg::Interp => || Box::new(crate::train::Interpreter),
+            BackendArg::Jit => || Box::new(crate::jit::Jit::new()),
+        }
+    }
+}
+
 /// `--mode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ModeArg {

@@ -66,6 +66,7 @@ use crate::jit::program::optimized;
 use crate::jit::program::program_key;
 use crate::jit::resident::Evicted;
 use crate::jit::resident::Resident;
+use crate::train::run::RunOptions;
 use crate::train::{Backend, BackendError, Carried, Kept};
 
 /// How many kept states moved out of their frames a JIT holds (one per
@@ -288,6 +289,10 @@ fn reported(error: InterpError) -> BackendError {
 }
 
 impl Backend for Jit {
+    fn name(&self) -> &'static str {
+        "the JIT"
+    }
+
     fn run(
         &mut self,
         graph: &Graph,
@@ -332,6 +337,31 @@ impl Backend for Jit {
 
     fn recycle(&mut self, evaluation: Evaluation) {
         self.spare = Some(evaluation);
+    }
+}
+
+/// Training runs on the JIT unless its caller chooses otherwise.
+impl Default for RunOptions {
+    /// No files, quiet, on the JIT (as `gradc train` runs by default).
+    fn default() -> RunOptions {
+        RunOptions {
+            model_file: None,
+            base_dir: std::path::PathBuf::new(),
+            data: None,
+            labels: None,
+            label: None,
+            test: None,
+            freeze: Vec::new(),
+            init: None,
+            resume: None,
+            save: None,
+            metrics: None,
+            plot: None,
+            watch: false,
+            verbose: false,
+            max_memory: None,
+            backend: || Box::new(Jit::new()),
+        }
     }
 }
 

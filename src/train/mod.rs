@@ -85,6 +85,9 @@ impl std::error::Error for BackendError {}
 
 /// Runs graphs: the reference interpreter and the JIT.
 pub trait Backend {
+    /// The backend as messages name it: `the interpreter`, `the JIT`.
+    fn name(&self) -> &'static str;
+
     /// Evaluates `graph` with its leaves bound by name.
     fn run(
         &mut self,
@@ -132,7 +135,7 @@ pub trait Backend {
     ) -> Result<Evaluation, BackendError> {
         if kept.is_some() {
             return Err(BackendError::internal(
-                "the interpreter",
+                self.name(),
                 "this backend keeps no state between steps",
             ));
         }
@@ -157,7 +160,7 @@ pub trait Backend {
     ) -> Result<BTreeMap<String, Tensor>, BackendError> {
         let _ = (kept, computed);
         Err(BackendError::internal(
-            "the interpreter",
+            self.name(),
             "this backend keeps no state between steps",
         ))
     }
@@ -218,6 +221,10 @@ pub struct Kept {
 pub struct Interpreter;
 
 impl Backend for Interpreter {
+    fn name(&self) -> &'static str {
+        "the interpreter"
+    }
+
     fn run(
         &mut self,
         graph: &Graph,

@@ -9,7 +9,7 @@ use std::time::Instant;
 use super::data::{self, Dataset, Source};
 use super::monitor::{self, Monitor};
 use super::plot::{self, EpochRow};
-use super::{Backend, Interpreter, Metrics, Session, TrainError, checkpoint};
+use super::{Backend, Metrics, Session, TrainError, checkpoint};
 use crate::lower::LoweredModel;
 use crate::lower::train::{LabelColumn, TrainConfig};
 
@@ -48,44 +48,17 @@ pub struct RunOptions {
     /// `--max-memory`: the most bytes a run may need; by default the
     /// memory available ([`super::available_memory`]).
     pub max_memory: Option<u64>,
-    /// Run the step and eval graphs on the JIT backend (compiled
-    /// elementwise kernels, GEMM products) instead of the reference
-    /// interpreter.
-    pub jit: bool,
-}
-
-impl Default for RunOptions {
-    /// No files, quiet, on the JIT (as `gradc train` runs by default).
-    fn default() -> RunOptions {
-        RunOptions {
-            model_file: None,
-            base_dir: PathBuf::new(),
-            data: None,
-            labels: None,
-            label: None,
-            test: None,
-            freeze: Vec::new(),
-            init: None,
-            resume: None,
-            save: None,
-            metrics: None,
-            plot: None,
-            watch: false,
-            verbose: false,
-            max_memory: None,
-            jit: true,
-        }
-    }
+    /// Makes the backend the step and eval graphs run on (`--backend`):
+    /// the runtime only knows the `Backend` trait, its caller chooses.
+    /// `RunOptions::default()` chooses the JIT (that `impl` lives in
+    /// `jit`, which depends on the runtime, not the reverse).
+    pub backend: fn() -> Box<dyn Backend>,
 }
 
 impl RunOptions {
     /// The backend these options ask for.
     fn backend(&self) -> Box<dyn Backend> {
-        if self.jit {
-            Box::new(crate::jit::Jit::new())
-        } else {
-            Box::new(Interpreter)
-        }
+        (self.backend)()
     }
 }
 
