@@ -1,7 +1,7 @@
 //! The driver: runs the front end's stages in order on one source file and
 //! keeps what each produced.
 //!
-//! Stages, in order: decode (UTF-8), [`syntax::parse`], [`lower::lower`].
+//! Stages, in order: decode (UTF-8), `syntax::parse`, [`lower::lower`].
 //! A stage's diagnostics never stop the next one unless it has nothing to
 //! give it, so one run reports as much as it can. This is the library's
 //! entry point; the CLI and the tests go through it.

@@ -2,7 +2,7 @@
 //!
 //! The pipeline, one module per stage:
 //!
-//! 1. [`syntax`] lexes and parses a `.grad` file into an AST, with error
+//! 1. `syntax` lexes and parses a `.grad` file into an AST, with error
 //!    recovery;
 //! 2. [`lower`] resolves names, inlines functions, checks dtypes and shapes
 //!    and builds one [`ir::Graph`] per model and mode (train or eval);
@@ -29,13 +29,22 @@
 //! let bad = compile_source("bad.grad", "model m { input x: f32[2] output y = x @ x }", LowerOptions::default());
 //! assert!(bad.render_diagnostics().contains("bad.grad:1:38"));
 //! ```
+//!
+//! Public are the modules a library user (`examples/train_api.rs`), the
+//! CLI (`src/main.rs`), the benchmarks and the integration tests reach:
+//! the graph and its stages, the interpreter, the JIT (`jit::Jit`, and its
+//! GEMM for the benchmarks), training. The front end's internals
+//! (`syntax`), the file writing (`files`), the number formatting
+//! (`format`) and the snapshot renderer (`snapshot`) are the crate's own;
+//! inside the JIT, only `Jit`, `gemm`, `is_sum` and `CodegenError` leave
+//! it.
 
 pub mod autodiff;
 pub mod cli;
 pub mod diagnostic;
 pub mod driver;
-pub mod files;
-pub mod format;
+pub(crate) mod files;
+pub(crate) mod format;
 pub mod gradcheck;
 pub mod interp;
 pub mod ir;
@@ -44,8 +53,8 @@ pub mod ledger;
 pub mod lower;
 pub mod passes;
 pub mod random;
-pub mod snapshot;
+pub(crate) mod snapshot;
 pub mod step;
-pub mod syntax;
+pub(crate) mod syntax;
 pub mod tensor_file;
 pub mod train;

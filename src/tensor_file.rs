@@ -3,7 +3,7 @@
 //!
 //! Reading accepts `F32`, `F64`, `I32` and `I64` tensors and rejects
 //! anything else with an error naming the tensor. Writing goes through
-//! [`crate::files::write`]: atomic, through symlinks, keeping the mode.
+//! `files::write`: atomic, through symlinks, keeping the mode.
 
 use std::collections::BTreeMap;
 use std::path::Path;
