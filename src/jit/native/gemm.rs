@@ -200,6 +200,12 @@ pub fn small_products() -> bool {
 /// and it stays in the L1 cache (measured: `docs/performance.md`).
 pub const SMALL_PACKED_RIGHT: usize = 1 << 12;
 
+/// On AVX2, a product whose last register of columns is partial (masked
+/// loads, `vmaskmovps`, on every step) goes to the `gemm` crate from this
+/// many multiply-adds on: `128 x 256 x 10` ran at 61 GFLOP/s against the
+/// crate's 71, `32 x 32 x 10` at 55 against 36 (`docs/performance.md`).
+pub const AVX2_PARTIAL_PRODUCT: usize = 1 << 16;
+
 thread_local! {
     /// The rows `small_sgemm` copies a right operand into (`SMALL_PACKED_RIGHT`
     /// elements at most), kept between calls so that no call allocates.
@@ -238,6 +244,9 @@ pub(in crate::jit) unsafe fn small_sgemm(
         || (m.saturating_mul(k).saturating_mul(n) > SMALL_PRODUCT && n > SMALL_PRODUCT_COLUMNS)
         || (b.col_stride != 1 && k.saturating_mul(n) > SMALL_PACKED_RIGHT)
         || !small_products()
+        || (vectors() == Vectors::Avx2
+            && n % 8 != 0
+            && m.saturating_mul(k).saturating_mul(n) > AVX2_PARTIAL_PRODUCT)
     {
         return false;
     }
@@ -462,6 +471,17 @@ unsafe trait Lanes {
     /// # Safety
     /// The masked lanes' elements must be writable.
     unsafe fn store(mask: Self::Mask, at: *mut f32, value: Self::Register);
+    /// All `WIDTH` lanes from `at` (a masked load can cost more: AVX2's
+    /// `vmaskmovps`).
+    ///
+    /// # Safety
+    /// The `WIDTH` elements must be readable.
+    unsafe fn load_all(at: *const f32) -> Self::Register;
+    /// All `WIDTH` lanes to `at`.
+    ///
+    /// # Safety
+    /// The `WIDTH` elements must be writable.
+    unsafe fn store_all(at: *mut f32, value: Self::Register);
 }
 
 /// AVX-512F.
@@ -512,6 +532,18 @@ unsafe impl Lanes for Avx512 {
         // SAFETY: the masked lanes are writable (the caller's guarantee).
         unsafe { std::arch::x86_64::_mm512_mask_storeu_ps(at, mask, value) }
     }
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load_all(at: *const f32) -> Self::Register {
+        // SAFETY: the lanes are readable (the caller's guarantee).
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(at) }
+    }
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn store_all(at: *mut f32, value: Self::Register) {
+        // SAFETY: the lanes are writable (the caller's guarantee).
+        unsafe { std::arch::x86_64::_mm512_storeu_ps(at, value) }
+    }
 }
 
 /// AVX2 with FMA.
@@ -525,7 +557,7 @@ unsafe impl Lanes for Avx2 {
     type Register = std::arch::x86_64::__m256;
     type Mask = std::arch::x86_64::__m256i;
     const WIDTH: usize = 8;
-    const ROWS: usize = 4;
+    const ROWS: usize = 6;
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn mask(columns: usize) -> Self::Mask {
@@ -565,6 +597,18 @@ unsafe impl Lanes for Avx2 {
         // SAFETY: the masked lanes are writable (the caller's guarantee).
         unsafe { std::arch::x86_64::_mm256_maskstore_ps(at, mask, value) }
     }
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn load_all(at: *const f32) -> Self::Register {
+        // SAFETY: the lanes are readable (the caller's guarantee).
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(at) }
+    }
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn store_all(at: *mut f32, value: Self::Register) {
+        // SAFETY: the lanes are writable (the caller's guarantee).
+        unsafe { std::arch::x86_64::_mm256_storeu_ps(at, value) }
+    }
 }
 
 /// The loop of `small_sgemm`: blocks of up to `L::ROWS` rows of `c` (8,
@@ -590,6 +634,7 @@ unsafe fn sgemm_blocks<L: Lanes>(
     while row < m {
         let rows = match m - row {
             8.. if L::ROWS >= 8 => 8,
+            6.. if L::ROWS >= 6 => 6,
             4.. => 4,
             2..=3 => 2,
             _ => 1,
@@ -608,19 +653,46 @@ unsafe fn sgemm_blocks<L: Lanes>(
                 let b_block = (b.0.add(column), b.1);
                 let c_block = (c.add(row * n + column), n);
                 match (rows, columns > L::WIDTH) {
-                    (8, true) => sgemm_block::<L, 8, 2>(k, a_block, b_block, c_block, masks),
-                    (8, false) => sgemm_block::<L, 8, 1>(k, a_block, b_block, c_block, masks),
-                    (4, true) => sgemm_block::<L, 4, 2>(k, a_block, b_block, c_block, masks),
-                    (4, false) => sgemm_block::<L, 4, 1>(k, a_block, b_block, c_block, masks),
-                    (2, true) => sgemm_block::<L, 2, 2>(k, a_block, b_block, c_block, masks),
-                    (2, false) => sgemm_block::<L, 2, 1>(k, a_block, b_block, c_block, masks),
-                    (_, true) => sgemm_block::<L, 1, 2>(k, a_block, b_block, c_block, masks),
-                    (_, false) => sgemm_block::<L, 1, 1>(k, a_block, b_block, c_block, masks),
+                    (8, true) => block::<L, 8, 2>(k, a_block, b_block, c_block, (masks, columns)),
+                    (8, false) => block::<L, 8, 1>(k, a_block, b_block, c_block, (masks, columns)),
+                    (6, true) => block::<L, 6, 2>(k, a_block, b_block, c_block, (masks, columns)),
+                    (6, false) => block::<L, 6, 1>(k, a_block, b_block, c_block, (masks, columns)),
+                    (4, true) => block::<L, 4, 2>(k, a_block, b_block, c_block, (masks, columns)),
+                    (4, false) => block::<L, 4, 1>(k, a_block, b_block, c_block, (masks, columns)),
+                    (2, true) => block::<L, 2, 2>(k, a_block, b_block, c_block, (masks, columns)),
+                    (2, false) => block::<L, 2, 1>(k, a_block, b_block, c_block, (masks, columns)),
+                    (_, true) => block::<L, 1, 2>(k, a_block, b_block, c_block, (masks, columns)),
+                    (_, false) => block::<L, 1, 1>(k, a_block, b_block, c_block, (masks, columns)),
                 }
             }
             column += 2 * L::WIDTH;
         }
         row += rows;
+    }
+}
+
+/// `sgemm_block` for a block of `columns` columns: with whole registers
+/// only where they are all full (no masked loads and stores).
+///
+/// # Safety
+/// As `sgemm_block`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn block<L: Lanes, const R: usize, const V: usize>(
+    k: usize,
+    a: (*const f32, usize, usize),
+    b: (*const f32, usize),
+    c: (*mut f32, usize),
+    (masks, columns): ([L::Mask; 2], usize),
+) {
+    // SAFETY: the caller's guarantee; with `columns == V * WIDTH` every
+    // lane of the block's registers is one of its columns.
+    unsafe {
+        if columns == V * L::WIDTH {
+            sgemm_block::<L, R, V, true>(k, a, b, c, masks);
+        } else {
+            sgemm_block::<L, R, V, false>(k, a, b, c, masks);
+        }
     }
 }
 
@@ -632,7 +704,7 @@ unsafe fn sgemm_blocks<L: Lanes>(
 /// As `sgemm_blocks`, for the block's `R` rows and its masked columns.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn sgemm_block<L: Lanes, const R: usize, const V: usize>(
+unsafe fn sgemm_block<L: Lanes, const R: usize, const V: usize, const FULL: bool>(
     k: usize,
     a: (*const f32, usize, usize),
     b: (*const f32, usize),
@@ -646,7 +718,14 @@ unsafe fn sgemm_block<L: Lanes, const R: usize, const V: usize>(
         let mut sums = [[L::zero(); V]; R];
         for p in 0..k {
             let b_row = b.0.add(p * b.1);
-            let right: [_; V] = std::array::from_fn(|v| L::load(masks[v], b_row.add(L::WIDTH * v)));
+            let right: [_; V] = std::array::from_fn(|v| {
+                let at = b_row.add(L::WIDTH * v);
+                if FULL {
+                    L::load_all(at)
+                } else {
+                    L::load(masks[v], at)
+                }
+            });
             for (r, sum) in sums.iter_mut().enumerate() {
                 let left = L::splat(*a.0.add(r * a.1 + p * a.2));
                 for (v, lane) in sum.iter_mut().enumerate() {
@@ -656,7 +735,12 @@ unsafe fn sgemm_block<L: Lanes, const R: usize, const V: usize>(
         }
         for (r, sum) in sums.iter().enumerate() {
             for (v, lane) in sum.iter().enumerate() {
-                L::store(masks[v], c.0.add(r * c.1 + L::WIDTH * v), *lane);
+                let at = c.0.add(r * c.1 + L::WIDTH * v);
+                if FULL {
+                    L::store_all(at, *lane);
+                } else {
+                    L::store(masks[v], at, *lane);
+                }
             }
         }
     }
