@@ -1521,3 +1521,71 @@ train m { optimizer sgd(lr = 0.1) }
         assert!(got.to_string().contains("embedding index 4"), "{got}");
     }
 }
+
+/// Elementwise work that reads its own reductions along the last axis (a
+/// centring, a variance, a max-shift, their gradients, layer norm's and
+/// softmax's gradients) runs as one kernel in passes over each row
+/// (`jit::row_passes`): the plans have such kernels, and the results are
+/// the interpreter's bit for bit (no polynomial function or product in
+/// the model), but after the sums the other kernels add in lanes,
+/// dropout masks included, at several batch sizes.
+#[test]
+fn kernels_in_passes_over_rows_match_the_interpreter_bit_for_bit() {
+    let source = "model m {
+    input x: f32[N, 7]
+    input c: f32[N, 1]
+    param w: f32[7] = uniform(-1, 1)
+    param g: f32[7] = ones
+    let h = x * w
+    let centred = h - mean(h, axis = 1, keepdims = true)
+    let spread = mean(centred * centred, axis = 1, keepdims = true)
+    let scaled = centred / sqrt(spread + 0.001) * g
+    let shifted = scaled - max(scaled, axis = -1, keepdims = true) + c
+    let total = sum(dropout(shifted, 0.25) * shifted, axis = 1, keepdims = true)
+    let z = layer_norm(shifted / (abs(total) + 1), g, g)
+    output z
+    loss mean(z * z * w)
+}
+train m { optimizer sgd(lr = 0.1) batch 4 }
+";
+    let mut passes = 0;
+    for dtype in [DType::F64, DType::F32] {
+        let graph = step_graph(source, dtype);
+        let mut optimized = graph.clone();
+        gradc::passes::optimize(&mut optimized, |_, _| {});
+        let plan = gradc::passes::fusion::plan(&optimized);
+        passes += plan.kernels.iter().filter(|k| k.passes).count();
+        let mut jit = Jit::new();
+        for rows in [1, 4, 9] {
+            let mut leaves = common::leaves_for(&graph, dtype);
+            let mut stream = gradc::random::Stream::new(rows as u64);
+            let mut values =
+                |n: usize| -> Vec<f64> { (0..n).map(|_| stream.uniform() * 4.0 - 2.0).collect() };
+            let x = Tensor::new(dtype, vec![rows, 7], values(rows * 7));
+            let c = Tensor::new(dtype, vec![rows, 1], values(rows));
+            leaves.insert("x".into(), x);
+            leaves.insert("c".into(), c);
+            let context = Context { seed: 7, step: 2 };
+            let expected = interp::evaluate(&graph, &leaves, context).expect("interpreter");
+            let wanted = results(&graph);
+            let got = jit
+                .run_wanted(&graph, &leaves, context, &wanted)
+                .expect("jit");
+            // (Sums to one element, and in `f32` sums over rows, add in
+            // lanes: the stated exceptions, `after_reordered_sums`.)
+            let reordered = after_reordered_sums(&graph);
+            for id in wanted {
+                let node = graph.node(id);
+                let (a, b) = (&expected.values[&id], &got.values[&id]);
+                assert!(
+                    agree(&reordered, id, a, b),
+                    "{dtype:?}, {rows} rows: {:?} differs: {:?} vs {:?}",
+                    node.role,
+                    a.data,
+                    b.data
+                );
+            }
+        }
+    }
+    assert!(passes >= 4, "only {passes} kernels in passes");
+}

@@ -17,6 +17,7 @@ use crate::jit::native::frame::Frame;
 use crate::jit::program::Compiled;
 use crate::jit::program::Program;
 use crate::jit::program::elem;
+use crate::jit::row_passes::PassKernel;
 use crate::jit::rows::RowKernel;
 
 /// A frame bound to one set of sizes, with what its host work does.
@@ -205,6 +206,9 @@ fn plan_calls<'p>(
                 prologue, kernel, ..
             } => prologue.iter().chain(&kernel.outputs).copied().collect(),
             Call::Mover { prologue, node, .. } => prologue.iter().copied().chain([*node]).collect(),
+            Call::Passes {
+                prologue, kernel, ..
+            } => prologue.iter().chain(&kernel.outputs).copied().collect(),
             Call::Interpret(nodes) => nodes.clone(),
         };
         done.extend(produced.iter().copied());
@@ -289,6 +293,17 @@ fn call_for<'p>(
             },
             None => interpreted(),
         },
+        Some(Compiled::Passes { prologue, kernel }) => {
+            let shape = to(&program.loops[k])?;
+            let cols = shape.last().copied().unwrap_or(1);
+            let rows = shape[..shape.len().saturating_sub(1)].iter().product();
+            Call::Passes {
+                prologue: unfinished(prologue),
+                kernel,
+                rows,
+                cols,
+            }
+        }
         // (Nothing to do, unless that kernel fell back to the interpreter.)
         Some(Compiled::Within) if kernel.nodes.iter().all(|id| done.contains(id)) => {
             Call::Interpret(Vec::new())
@@ -382,7 +397,8 @@ fn push_calls(
         let prologue = match &call {
             Call::Kernel { prologue, .. }
             | Call::Rows { prologue, .. }
-            | Call::Mover { prologue, .. } => prologue.clone(),
+            | Call::Mover { prologue, .. }
+            | Call::Passes { prologue, .. } => prologue.clone(),
             Call::Interpret(_) => Vec::new(),
         };
         if !prologue.is_empty() {
@@ -444,6 +460,14 @@ fn push_calls(
                     .push_indexed((func, mover, elem), slots, sizes, f32)
                     .map_err(internal)?;
             }
+            Call::Passes {
+                kernel, rows, cols, ..
+            } => {
+                let buffers = buffers_of(&kernel.inputs, &kernel.outputs)?;
+                frame
+                    .push_passes(kernel, buffers, rows, cols)
+                    .map_err(internal)?;
+            }
             Call::Interpret(nodes) if nodes.is_empty() => {}
             Call::Interpret(nodes) => host(frame, &mut work, interpret(nodes)),
         }
@@ -471,6 +495,12 @@ pub(super) enum Call<'p> {
         node: NodeId,
         func: (cranelift_module::FuncId, Mover, Elem),
         moves: Moves,
+    },
+    Passes {
+        prologue: Vec<NodeId>,
+        kernel: &'p PassKernel,
+        rows: usize,
+        cols: usize,
     },
     Interpret(Vec<NodeId>),
 }

@@ -38,6 +38,7 @@ use crate::jit::movers::emit_scatter;
 use crate::jit::native::code::CodeMemory;
 use crate::jit::native::frame::gradc_host;
 use crate::jit::native::frame::{BoundCall, Frame};
+use crate::jit::row_passes::{PassKernel, emit_passes};
 use crate::jit::rows;
 use crate::jit::rows::RowKernel;
 use crate::jit::rows::RowOp;
@@ -267,6 +268,67 @@ impl CodeCache {
         ))
     }
 
+    /// Compiles a kernel in passes over the rows of `loop_shape`
+    /// (`row_passes`): `nodes` in order, reading `inputs` (stored as
+    /// `input_elems`) and writing `outputs` (by their types); also returns
+    /// the CLIF text.
+    pub fn compile_passes(
+        &mut self,
+        graph: &Graph,
+        nodes: &[NodeId],
+        (inputs, input_elems): (&[NodeId], &[Elem]),
+        outputs: &[NodeId],
+        loop_shape: &crate::ir::Shape,
+    ) -> Result<(PassKernel, String), CodegenError> {
+        // (A column sum accumulates in place in `f64`.)
+        let mut elems = input_elems.to_vec();
+        elems.extend(outputs.iter().map(|&o| {
+            if crate::passes::fusion::is_column_sum(graph, o, loop_shape) {
+                Elem::F64
+            } else {
+                Elem::of(graph.node(o).dtype())
+            }
+        }));
+        let (id, mut context) = self.declare("kernel", 4, false)?;
+        let mut builder_context = FunctionBuilderContext::new();
+        let forms = {
+            let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            let params = b.block_params(entry).to_vec();
+            let mut calls = Calls {
+                module: self.memory.module(),
+                imports: &self.imports,
+                declared: HashMap::new(),
+            };
+            let forms = emit_passes(
+                &mut b,
+                &mut calls,
+                graph,
+                (nodes, inputs, outputs),
+                loop_shape,
+                elems.clone(),
+                &params,
+            )?;
+            b.ins().return_(&[]);
+            b.seal_all_blocks();
+            b.finalize(self.memory.module().target_config());
+            forms
+        };
+        let clif = self.finish(id, context)?;
+        Ok((
+            PassKernel {
+                func: id,
+                inputs: inputs.to_vec(),
+                outputs: outputs.to_vec(),
+                forms,
+                elems,
+            },
+            clif,
+        ))
+    }
+
     /// Declares a new local function `{prefix}{n}` taking `params`
     /// pointer-sized arguments (and returning one if `returns`), and a
     /// context to build its body in.
@@ -350,16 +412,21 @@ impl CodeCache {
                     value
                 };
                 match call {
-                    BoundCall::Kernel { func, .. } | BoundCall::Rows { func, .. } => {
-                        let arguments: Vec<Value> = match call {
-                            BoundCall::Kernel { .. } => {
-                                let mut arguments: Vec<Value> =
-                                    (0..4).map(|_| load_word(&mut b)).collect();
-                                arguments.push(run_context);
-                                arguments
-                            }
-                            _ => (0..3).map(|_| load_word(&mut b)).collect(),
+                    BoundCall::Kernel { func, .. }
+                    | BoundCall::Rows { func, .. }
+                    | BoundCall::Passes { func, .. } => {
+                        // A kernel's words, and the run's context where it
+                        // takes one (its dropout masks).
+                        let (words, context) = match call {
+                            BoundCall::Kernel { .. } => (4, true),
+                            BoundCall::Passes { .. } => (3, true),
+                            _ => (3, false),
                         };
+                        let mut arguments: Vec<Value> =
+                            (0..words).map(|_| load_word(&mut b)).collect();
+                        if context {
+                            arguments.push(run_context);
+                        }
                         let callee = *declared.entry(*func).or_insert_with(|| {
                             let callee = self.memory.module().declare_func_in_func(*func, b.func);
                             // Kernels may lie anywhere in the address space

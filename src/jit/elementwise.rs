@@ -211,11 +211,11 @@ pub(super) fn builder_free_dropout(
 /// Where in the loop and run an element is: what a dropout mask depends on.
 #[derive(Clone, Copy)]
 pub(super) struct Place {
-    index: Value,
-    seed: Value,
-    step: Value,
+    pub(super) index: Value,
+    pub(super) seed: Value,
+    pub(super) step: Value,
     /// The constant `0.0`, made once per kernel.
-    zero: Value,
+    pub(super) zero: Value,
 }
 
 /// Dropout's scale of the current element (of each lane's element, for a

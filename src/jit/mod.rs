@@ -39,6 +39,7 @@ mod elementwise;
 mod movers;
 mod patterns;
 mod program;
+mod row_passes;
 mod rows;
 // Binding a program to sizes, the resident training state, host work.
 mod bind;

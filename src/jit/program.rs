@@ -17,6 +17,7 @@ use crate::jit::elementwise::is_sum;
 use crate::jit::elementwise::supported;
 use crate::jit::movers::Mover;
 use crate::jit::patterns;
+use crate::jit::row_passes::PassKernel;
 use crate::jit::rows::RowKernel;
 use crate::jit::rows::RowOp;
 use crate::passes::{
@@ -38,6 +39,12 @@ pub(super) enum Compiled {
     Rows {
         prologue: Vec<NodeId>,
         kernel: RowKernel,
+    },
+    /// A kernel in passes over rows (`row_passes`), after what the
+    /// interpreter (or the GEMM) computes first.
+    Passes {
+        prologue: Vec<NodeId>,
+        kernel: PassKernel,
     },
     /// Computed by the row kernel of an earlier kernel, fused with it
     /// (`fused_cross_entropy`).
@@ -345,6 +352,9 @@ impl Compiling<'_> {
                     .all(|&o| graph.node(o).shape() == loop_shape)
         };
         let (prologue, mut body) = split_prologue(graph, kernel, over_loop);
+        if kernel.passes {
+            return self.passes(k, prologue, body);
+        }
         let compilable = kernel.kind != fusion::Kind::Other
             && !body.is_empty()
             && body.iter().all(|&id| over_loop(id) || closing_sum(id));
@@ -392,6 +402,60 @@ impl Compiling<'_> {
             kernel: compiled,
         };
         Ok((Some(compiled), format!("; kernel k{k}\n{text}")))
+    }
+}
+
+impl Compiling<'_> {
+    /// Kernel `k` in passes over the rows of its loop shape: `body` after
+    /// `prologue` (the values the planner recomputes that do not fit
+    /// passes join the prologue, on the interpreter).
+    fn passes(
+        &mut self,
+        k: usize,
+        mut prologue: Vec<NodeId>,
+        body: Vec<NodeId>,
+    ) -> Result<(Option<Compiled>, String), CodegenError> {
+        let (graph, plan) = (self.graph, self.plan);
+        let loop_shape = &plan.kernels[k].loop_shape;
+        let (mut body, first): (Vec<NodeId>, Vec<NodeId>) = body.into_iter().partition(|&id| {
+            !plan.kernels[k].recompute.contains(&id)
+                || fusion::row_form(graph.node(id).shape(), loop_shape)
+                    == Some(fusion::RowForm::Full)
+        });
+        prologue.extend(first);
+        body.sort_by_key(|id| self.position[id]);
+        let inside: std::collections::BTreeSet<NodeId> = body.iter().copied().collect();
+        let mut inputs: Vec<NodeId> = body
+            .iter()
+            .flat_map(|&id| fusion::reads(graph, id))
+            .filter(|o| !inside.contains(o) && !matches!(graph.node(*o).op, Op::Constant(_)))
+            .collect();
+        inputs.sort_unstable();
+        inputs.dedup();
+        let outputs: Vec<NodeId> = plan
+            .outputs(graph, k)
+            .into_iter()
+            .filter(|o| inside.contains(o))
+            .collect();
+        let input_elems = self.elems(&inputs);
+        let (compiled, text) = self.code.compile_passes(
+            graph,
+            &body,
+            (&inputs, &input_elems),
+            &outputs,
+            loop_shape,
+        )?;
+        for (&output, &e) in outputs.iter().zip(&compiled.elems[inputs.len()..]) {
+            record(&mut self.storage, graph, output, e);
+        }
+        let compiled = Compiled::Passes {
+            prologue,
+            kernel: compiled,
+        };
+        Ok((
+            Some(compiled),
+            format!("; kernel k{k}: in passes per row\n{text}"),
+        ))
     }
 }
 

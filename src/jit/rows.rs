@@ -329,7 +329,7 @@ fn row_max(b: &mut FunctionBuilder<'_>, row: Row, cols: Value) -> Result<Value, 
 
 /// One step of `row_max` (lane by lane for pairs): `v` replaces `m` when
 /// it is NaN or larger, unless `m` is already NaN.
-fn max_step(b: &mut FunctionBuilder<'_>, m: Value, v: Value) -> Value {
+pub(super) fn max_step(b: &mut FunctionBuilder<'_>, m: Value, v: Value) -> Value {
     let v_nan = b.ins().fcmp(FloatCC::Unordered, v, v);
     let larger = b.ins().fcmp(FloatCC::LessThan, m, v);
     let replace = b.ins().bor(v_nan, larger);

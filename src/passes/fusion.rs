@@ -26,7 +26,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write;
 
-use crate::ir::{BinaryFn, Graph, KernelOp, NodeId, Op, Role, Shape, UnaryFn};
+use crate::ir::{BinaryFn, DType, Graph, KernelOp, NodeId, Op, ReduceFn, Role, Shape, UnaryFn};
 
 /// What a kernel does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +59,113 @@ pub struct Kernel {
     /// Cheap values of other kernels this kernel recomputes from their
     /// operands instead of reading them from memory.
     pub recompute: BTreeSet<NodeId>,
+    /// Whether the kernel reads its own row reductions (reductions along
+    /// its loop shape's last axis): it then runs as passes over each row,
+    /// the reductions of one pass read by the next (`jit::row_passes`).
+    pub passes: bool,
+}
+
+/// How a loop over the rows of a shape (its last axis the columns) reads
+/// a value of another shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowForm {
+    /// The loop's own shape: one element per row and column.
+    Full,
+    /// The loop's shape with a last axis of 1: one element per row.
+    PerRow,
+    /// Only the last axis (the others 1 or absent): one element per column.
+    Column,
+    /// One element.
+    Single,
+}
+
+/// How a loop over the rows of `loop_shape` reads a value of `shape`, if
+/// it is one of the `RowForm`s (not, say, a broadcast over a middle axis).
+pub fn row_form(shape: &Shape, loop_shape: &Shape) -> Option<RowForm> {
+    let (dims, loop_dims) = (&shape.0, &loop_shape.0);
+    let (Some((columns, rows)), Some(last)) = (loop_dims.split_last(), dims.last()) else {
+        return dims.iter().all(|d| d.is_one()).then_some(RowForm::Single);
+    };
+    if shape == loop_shape {
+        Some(RowForm::Full)
+    } else if dims.iter().all(|d| d.is_one()) {
+        Some(RowForm::Single)
+    } else if dims.len() == loop_dims.len() && last.is_one() && &dims[..dims.len() - 1] == rows {
+        Some(RowForm::PerRow)
+    } else if last == columns
+        && dims.len() <= loop_dims.len()
+        && dims[..dims.len() - 1].iter().all(|d| d.is_one())
+    {
+        Some(RowForm::Column)
+    } else {
+        None
+    }
+}
+
+/// Whether a node is a reduction along its operand's last axis that keeps
+/// it: `sum`, `mean` or `max` with `keepdims`, or the `sum_to` of a
+/// broadcast `[.., 1]` (its gradient). One value per row.
+pub fn is_row_reduction(graph: &Graph, id: NodeId) -> bool {
+    let node = graph.node(id);
+    let operand = graph.node(graph.operands(id)[0]);
+    let rank = operand.shape().rank();
+    let along_last = match &node.op {
+        Op::Reduce {
+            func: ReduceFn::Sum | ReduceFn::Mean | ReduceFn::Max,
+            axes,
+            keepdims: true,
+        } => rank >= 1 && axes.as_slice() == [rank - 1],
+        Op::SumTo => row_form(node.shape(), operand.shape()) == Some(RowForm::PerRow),
+        _ => false,
+    };
+    along_last && node.dtype() != DType::I32 && operand.dtype() != DType::I32
+}
+
+/// Whether a node sums a value of `loop_shape` over its rows to one value
+/// per column (`sum` over the leading axes, or the `sum_to` of a
+/// broadcast bias: its gradient): complete only after the last row.
+pub fn is_column_sum(graph: &Graph, id: NodeId, loop_shape: &Shape) -> bool {
+    let node = graph.node(id);
+    let operand = graph.node(graph.operands(id)[0]);
+    let sums = match &node.op {
+        Op::SumTo => true,
+        Op::Reduce {
+            func: ReduceFn::Sum,
+            axes,
+            ..
+        } => !axes.contains(&(operand.shape().rank().saturating_sub(1))),
+        _ => false,
+    };
+    sums && operand.shape() == loop_shape
+        && loop_shape.rank() >= 2
+        && row_form(node.shape(), loop_shape) == Some(RowForm::Column)
+        && node.dtype() != DType::I32
+        && operand.dtype() != DType::I32
+}
+
+/// Whether `id` can be computed in a loop of passes over the rows of
+/// `loop_shape`: an elementwise op with the loop's shape or one value per
+/// row, or a row reduction of a value of the loop's shape, whose operands
+/// are all read in one of the `RowForm`s.
+fn fits_row_passes(graph: &Graph, id: NodeId, loop_shape: &Shape) -> bool {
+    let node = graph.node(id);
+    if node.dtype() == DType::I32 {
+        return false;
+    }
+    let own = if is_row_reduction(graph, id) {
+        row_form(graph.node(graph.operands(id)[0]).shape(), loop_shape) == Some(RowForm::Full)
+    } else if is_column_sum(graph, id, loop_shape) {
+        true
+    } else {
+        is_elementwise(&node.op)
+            && matches!(
+                row_form(node.shape(), loop_shape),
+                Some(RowForm::Full | RowForm::PerRow)
+            )
+    };
+    own && reads(graph, id)
+        .iter()
+        .all(|&o| row_form(graph.node(o).shape(), loop_shape).is_some())
 }
 
 /// The kernels of a graph, in execution order.
@@ -195,12 +302,36 @@ pub fn plan(graph: &Graph) -> Plan {
                     && matches!(kernel.kind, Kind::Elementwise | Kind::MatMul)
                     && &kernel.loop_shape == shape
                     && !reads_a_sum_of(k)
+                    && (!kernel.passes || fits_row_passes(graph, id, &kernel.loop_shape))
             };
             std::iter::once(latest)
                 .chain((latest + 1..plan.kernels.len()).rev())
                 .find(|&k| fits(k))
         };
-        let chosen = if is_elementwise(&node.op) {
+        // A node that reads a row reduction of the latest operand's kernel
+        // (or one value per row of a kernel in passes already) joins it as
+        // a later pass over each row, if everything in it fits passes.
+        let as_pass = latest.filter(|&k| {
+            let kernel = &plan.kernels[k];
+            let reads_own_rows = reads(graph, id)
+                .iter()
+                .any(|o| plan.kernel_of.get(o) == Some(&k) && is_row_reduction(graph, *o));
+            let reads_other_sums = reads(graph, id).iter().any(|o| {
+                plan.kernel_of.get(o) == Some(&k)
+                    && is_reduction(&graph.node(*o).op)
+                    && !is_row_reduction(graph, *o)
+            });
+            kernel.open
+                && matches!(kernel.kind, Kind::Elementwise | Kind::MatMul)
+                && (kernel.passes || reads_own_rows)
+                && !reads_other_sums
+                && fits_row_passes(graph, id, &kernel.loop_shape)
+                && kernel_fits_row_passes(graph, kernel)
+        });
+        let chosen = if let Some(k) = as_pass {
+            plan.kernels[k].passes = true;
+            Some(k)
+        } else if is_elementwise(&node.op) {
             joinable(&plan, node.shape())
         } else if is_reduction(&node.op) {
             let input_shape = graph.node(graph.operands(id)[0]).shape().clone();
@@ -230,6 +361,7 @@ pub fn plan(graph: &Graph) -> Plan {
                     open,
                     once: true,
                     recompute: BTreeSet::new(),
+                    passes: false,
                 });
                 plan.kernels.len() - 1
             }
@@ -241,6 +373,15 @@ pub fn plan(graph: &Graph) -> Plan {
     }
     recompute_cheap_values(graph, &mut plan);
     plan
+}
+
+/// Whether every node of a kernel (after a matrix product's) fits passes
+/// over the rows of its loop shape.
+fn kernel_fits_row_passes(graph: &Graph, kernel: &Kernel) -> bool {
+    let first = usize::from(kernel.kind == Kind::MatMul);
+    kernel.nodes[first..]
+        .iter()
+        .all(|&id| fits_row_passes(graph, id, &kernel.loop_shape))
 }
 
 /// Cheap enough to recompute where it is read instead of storing it: one
@@ -375,8 +516,13 @@ pub fn render(graph: &Graph, plan: &Plan) -> String {
         };
         let _ = writeln!(
             out,
-            "  k{k}: {:?} over {}, {} op{} ({part}){}",
+            "  k{k}: {:?}{} over {}, {} op{} ({part}){}",
             kernel.kind,
+            if kernel.passes {
+                " in passes per row"
+            } else {
+                ""
+            },
             kernel.loop_shape,
             kernel.nodes.len(),
             if kernel.nodes.len() == 1 { "" } else { "s" },

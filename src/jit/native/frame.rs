@@ -20,7 +20,9 @@ use crate::jit::elementwise::CompiledKernel;
 use crate::jit::movers::Mover;
 use crate::jit::native::convert::narrow_elements;
 use crate::jit::native::convert::widen_elements;
+use crate::jit::row_passes::PassKernel;
 use crate::jit::rows::RowKernel;
+use crate::passes::fusion::RowForm;
 
 /// A step entry: `fn(words, state, context) -> status` (see `Frame::run`).
 pub(in crate::jit) type EntryFn =
@@ -289,6 +291,14 @@ pub(in crate::jit) enum BoundCall {
         rows: i64,
         cols: i64,
     },
+    /// A kernel in passes over `rows x cols`; `slots` are its inputs then
+    /// outputs.
+    Passes {
+        func: FuncId,
+        slots: Vec<usize>,
+        rows: i64,
+        cols: i64,
+    },
     /// A kernel that moves elements (`Mover`): a copy (`slots` the source
     /// and the destination, `params` the counts, offsets and strides of
     /// `Frame::push_copy`), a gather or a scatter (`slots` the indices, the
@@ -509,6 +519,56 @@ impl Frame {
         Ok(())
     }
 
+    /// Appends a call of a kernel in passes over `rows x cols` (`row_passes`)
+    /// reading and writing `slots` (inputs, then outputs), checking that
+    /// every buffer stores what the kernel reads and holds what its form
+    /// reaches (a full one `rows * cols` elements, one per row `rows`, one
+    /// per column `cols`, a single one 1), and that each output is its own
+    /// buffer.
+    pub fn push_passes(
+        &mut self,
+        kernel: &PassKernel,
+        slots: Vec<usize>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), CodegenError> {
+        let all = rows.checked_mul(cols).filter(|&n| i64::try_from(n).is_ok());
+        let (Some(all), true) = (all, slots.len() == kernel.forms.len()) else {
+            return Err(CodegenError(format!(
+                "kernel in passes: bad sizes {rows} x {cols}"
+            )));
+        };
+        for (j, form) in kernel.forms.iter().enumerate() {
+            let (has, elem) = self.buffer(slots[j])?;
+            let length = match form {
+                RowForm::Full => all,
+                RowForm::PerRow => rows,
+                RowForm::Column => cols,
+                RowForm::Single => 1,
+            };
+            if elem != kernel.elems[j] || has < length {
+                return Err(CodegenError(format!(
+                    "kernel in passes: buffer {j} holds {has} {elem:?}, the kernel reaches {length} {:?}",
+                    kernel.elems[j]
+                )));
+            }
+        }
+        for (j, output) in slots.iter().enumerate().skip(kernel.inputs.len()) {
+            if slots[..j].contains(output) {
+                return Err(CodegenError(
+                    "kernel in passes: an output aliases another buffer".into(),
+                ));
+            }
+        }
+        self.calls.push(BoundCall::Passes {
+            func: kernel.func,
+            slots,
+            rows: rows as i64,
+            cols: cols as i64,
+        });
+        Ok(())
+    }
+
     /// Appends a call of a copy kernel (`Mover::Copy`, for
     /// buffers storing `elem`) copying `block` from buffer `slots[0]` to
     /// buffer `slots[1]`, after checking that both store `elem`, are
@@ -665,6 +725,9 @@ impl Frame {
                     ]);
                 }
                 BoundCall::Rows {
+                    slots, rows, cols, ..
+                }
+                | BoundCall::Passes {
                     slots, rows, cols, ..
                 } => {
                     pointers.extend(slots.iter().map(|&s| self.buffers[s].as_ptr()));
