@@ -27,9 +27,9 @@ use cranelift_module::FuncId;
 
 use crate::ir::{Graph, NodeId, Op, ReduceFn, Shape};
 use crate::jit::clif::{Calls, CodegenError, Elem, counted_loop, element_at, load, store};
-use crate::jit::elementwise::{Place, emit, round};
+use crate::jit::elementwise::{Place, emit, round, summand};
 use crate::jit::rows::max_step;
-use crate::passes::fusion::{RowForm, is_column_sum, is_row_reduction, row_form};
+use crate::passes::fusion::{RowForm, is_column_sum, is_row_reduction, is_single_sum, row_form};
 
 /// A compiled kernel in passes over rows.
 pub struct PassKernel {
@@ -96,6 +96,19 @@ impl Layout<'_> {
         is_column_sum(self.graph, id, self.loop_shape)
     }
 
+    /// Whether `id` sums the loop's values, or one value per row, to one
+    /// element (`fusion::is_single_sum`): a running total through every
+    /// row.
+    fn single_sum(&self, id: NodeId) -> bool {
+        is_single_sum(self.graph, id, self.loop_shape)
+    }
+
+    /// Whether a sum to one element adds one value per row (its operand's
+    /// form), not one per element.
+    fn per_row_sum(&self, id: NodeId) -> bool {
+        self.form(self.graph.operands(id)[0]).ok() == Some(RowForm::PerRow)
+    }
+
     /// Whether `id` is a value of the loop's shape this kernel stores in
     /// a pass before `p`: a later pass loads it back instead of computing
     /// it again.
@@ -116,7 +129,8 @@ impl Layout<'_> {
             let here = self.pass[&id] == p;
             let full = !is_row_reduction(self.graph, id) && self.form(id)? == RowForm::Full;
             let computed = full && !self.stored_before(id, p);
-            let sums = is_row_reduction(self.graph, id) || self.column_sum(id);
+            let sums =
+                is_row_reduction(self.graph, id) || self.column_sum(id) || self.single_sum(id);
             if (here && (full || sums)) || (computed && wanted.contains(&id)) {
                 wanted.insert(id);
                 for o in crate::passes::fusion::reads(self.graph, id) {
@@ -146,6 +160,9 @@ struct Row {
     start: Value,
     /// Values of one element per row (and single ones), by node.
     values: HashMap<NodeId, Value>,
+    /// The running totals of the sums to one element
+    /// (`Loaded::single_sums`), through the rows so far.
+    sums: Vec<Value>,
 }
 
 /// What the kernel's code has loaded before its loops.
@@ -158,10 +175,12 @@ struct Loaded {
     seed: Value,
     step: Value,
     zero: Value,
-    /// The row length, as `f64` (a mean divides by it).
+    /// The row length (at least 1), as `f64` (a mean divides by it).
     count: Value,
     /// The column sums among the outputs: buffer and node.
     column_sums: Vec<(usize, NodeId)>,
+    /// The sums to one element among the outputs: buffer and node.
+    single_sums: Vec<(usize, NodeId)>,
 }
 
 impl Loaded {
@@ -213,11 +232,20 @@ pub(super) fn emit_passes(
     let seed = b.ins().load(types::I64, flags, context, 0);
     let step = b.ins().load(types::I64, flags, context, 8);
     let zero = b.ins().f64const(0.0);
-    let count = b.ins().fcvt_from_uint(types::F64, cols);
+    // (A mean of an empty row divides by 1, as the interpreter's.)
+    let one = b.ins().iconst(types::I64, 1);
+    let length = b.ins().umax(cols, one);
+    let count = b.ins().fcvt_from_uint(types::F64, length);
     let column_sums: Vec<(usize, NodeId)> = outputs
         .iter()
         .enumerate()
         .filter(|&(_, &o)| layout.column_sum(o))
+        .map(|(o, &id)| (inputs.len() + o, id))
+        .collect();
+    let single_sums: Vec<(usize, NodeId)> = outputs
+        .iter()
+        .enumerate()
+        .filter(|&(_, &o)| layout.single_sum(o))
         .map(|(o, &id)| (inputs.len() + o, id))
         .collect();
     let loaded = Loaded {
@@ -228,6 +256,7 @@ pub(super) fn emit_passes(
         zero,
         count,
         column_sums,
+        single_sums,
     };
     // Single inputs once.
     let mut singles = HashMap::new();
@@ -244,12 +273,15 @@ pub(super) fn emit_passes(
             Ok(vec![])
         })?;
     }
-    counted_loop(b, rows, &[], |b, r, _| {
+    // Sums to one element run through every row, in registers.
+    let initial: Vec<Value> = loaded.single_sums.iter().map(|_| zero).collect();
+    let totals = counted_loop(b, rows, &initial, |b, r, carried| {
         let start = b.ins().imul(r, cols);
         let mut row = Row {
             r,
             start,
             values: singles.clone(),
+            sums: carried.to_vec(),
         };
         for (j, &input) in inputs.iter().enumerate() {
             if loaded.forms[j] == RowForm::PerRow {
@@ -262,8 +294,9 @@ pub(super) fn emit_passes(
             per_row_nodes(b, calls, &layout, &loaded, &mut row, p)?;
             column_pass(b, calls, &layout, &loaded, &mut row, (p, cols))?;
         }
-        Ok(vec![])
+        Ok(row.sums)
     })?;
+    finish_single_sums(b, &layout, &loaded, (rows, cols), &totals);
     // An `f32` column sum is rounded once, at the end, as the
     // interpreter's (stored as `f64`).
     for &(j, id) in &loaded.column_sums {
@@ -307,7 +340,15 @@ fn column_pass(
             && !is_row_reduction(graph, o)
             && matches!(layout.form(o), Ok(RowForm::Full | RowForm::Column))
     });
-    if reductions.is_empty() && !stores_here {
+    // The sums to one element of elements this pass adds to (their places
+    // in `row.sums`).
+    let single: Vec<usize> = (0..loaded.single_sums.len())
+        .filter(|&s| {
+            let id = loaded.single_sums[s].1;
+            layout.pass[&id] == p && !layout.per_row_sum(id)
+        })
+        .collect();
+    if reductions.is_empty() && single.is_empty() && !stores_here {
         return Ok(());
     }
     let max = |graph: &Graph, id: NodeId| {
@@ -319,7 +360,7 @@ fn column_pass(
             }
         )
     };
-    let initial: Vec<Value> = reductions
+    let mut initial: Vec<Value> = reductions
         .iter()
         .map(|&id| {
             if max(graph, id) {
@@ -329,6 +370,7 @@ fn column_pass(
             }
         })
         .collect();
+    initial.extend(single.iter().map(|&s| row.sums[s]));
     let row_values = &row.values;
     let start = row.start;
     let totals = counted_loop(b, cols, &initial, |b, c, carried| {
@@ -388,8 +430,16 @@ fn column_pass(
                 b.ins().fadd(total, value)
             });
         }
+        for (&s, &total) in single.iter().zip(&carried[reductions.len()..]) {
+            let id = loaded.single_sums[s].1;
+            let value = summand(b, graph, id, &values, loaded.zero)?;
+            next.push(b.ins().fadd(total, value));
+        }
         Ok(next)
     })?;
+    for (&s, &total) in single.iter().zip(&totals[reductions.len()..]) {
+        row.sums[s] = total;
+    }
     for (&id, &total) in reductions.iter().zip(&totals) {
         let mean = matches!(
             graph.node(id).op,
@@ -438,6 +488,14 @@ fn per_row_nodes(
         row.values.insert(id, value);
         store_per_row(b, layout, loaded, row, id, value);
     }
+    // The sums to one element of values per row, once their operands are
+    // known.
+    for (s, &(_, id)) in loaded.single_sums.iter().enumerate() {
+        if layout.pass[&id] == p && layout.per_row_sum(id) {
+            let value = summand(b, layout.graph, id, &row.values, loaded.zero)?;
+            row.sums[s] = b.ins().fadd(row.sums[s], value);
+        }
+    }
     Ok(())
 }
 
@@ -454,5 +512,46 @@ fn store_per_row(
         let j = layout.inputs.len() + o;
         let address = loaded.at(b, layout, j, row.r);
         store(b, layout.elems[j], value, address);
+    }
+}
+
+/// Finishes the sums to one element after the last row (`totals`, in
+/// `Loaded::single_sums` order) as the interpreter does: a mean, a zero
+/// fraction, `mse` and `bce_with_logits` divide by the count of what they
+/// add (`rows * cols` elements, or `rows` values per row; at least 1); an
+/// `f32` result is rounded once.
+fn finish_single_sums(
+    b: &mut FunctionBuilder<'_>,
+    layout: &Layout<'_>,
+    loaded: &Loaded,
+    (rows, cols): (Value, Value),
+    totals: &[Value],
+) {
+    let graph = layout.graph;
+    for (&(j, id), &total) in loaded.single_sums.iter().zip(totals) {
+        let mean = matches!(
+            graph.node(id).op,
+            Op::Reduce {
+                func: ReduceFn::Mean,
+                ..
+            } | Op::ZeroFraction
+                | Op::Mse
+                | Op::BceWithLogits
+        );
+        let value = if mean {
+            let n = if layout.per_row_sum(id) {
+                rows
+            } else {
+                b.ins().imul(rows, cols)
+            };
+            let one = b.ins().iconst(types::I64, 1);
+            let n = b.ins().umax(n, one);
+            let n = b.ins().fcvt_from_uint(types::F64, n);
+            b.ins().fdiv(total, n)
+        } else {
+            total
+        };
+        let value = round(b, graph, id, value);
+        store(b, layout.elems[j], value, loaded.bases[j]);
     }
 }

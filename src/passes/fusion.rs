@@ -143,10 +143,47 @@ pub fn is_column_sum(graph: &Graph, id: NodeId, loop_shape: &Shape) -> bool {
         && operand.dtype() != DType::I32
 }
 
+/// Whether a node sums (or counts) a value of `loop_shape`, or one value
+/// per row, to one element: a `sum` or `mean` over every axis, a `sum_to`
+/// of a scalar, a monitor's `zero_fraction`, `mse` or `bce_with_logits`
+/// (the gradient norms and counts that close a gradient's kernel).
+pub fn is_single_sum(graph: &Graph, id: NodeId, loop_shape: &Shape) -> bool {
+    let node = graph.node(id);
+    let sums = matches!(
+        node.op,
+        Op::SumTo
+            | Op::ZeroFraction
+            | Op::Mse
+            | Op::BceWithLogits
+            | Op::Reduce {
+                func: ReduceFn::Sum | ReduceFn::Mean,
+                ..
+            }
+    );
+    let forms: Vec<Option<RowForm>> = graph
+        .operands(id)
+        .iter()
+        .map(|&o| row_form(graph.node(o).shape(), loop_shape))
+        .collect();
+    let one_form = matches!(
+        forms.first(),
+        Some(Some(form @ (RowForm::Full | RowForm::PerRow)))
+            if forms.iter().all(|f| f == &Some(*form))
+    );
+    sums && one_form
+        && node.shape().0.iter().all(|d| d.is_one())
+        && graph
+            .operands(id)
+            .iter()
+            .all(|&o| graph.node(o).dtype() != DType::I32)
+        && node.dtype() != DType::I32
+}
+
 /// Whether `id` can be computed in a loop of passes over the rows of
 /// `loop_shape`: an elementwise op with the loop's shape or one value per
-/// row, or a row reduction of a value of the loop's shape, whose operands
-/// are all read in one of the `RowForm`s.
+/// row, a row reduction or a column sum of a value of the loop's shape, or
+/// a sum to one element of either, whose operands are all read in one of
+/// the `RowForm`s.
 fn fits_row_passes(graph: &Graph, id: NodeId, loop_shape: &Shape) -> bool {
     let node = graph.node(id);
     if node.dtype() == DType::I32 {
@@ -154,7 +191,7 @@ fn fits_row_passes(graph: &Graph, id: NodeId, loop_shape: &Shape) -> bool {
     }
     let own = if is_row_reduction(graph, id) {
         row_form(graph.node(graph.operands(id)[0]).shape(), loop_shape) == Some(RowForm::Full)
-    } else if is_column_sum(graph, id, loop_shape) {
+    } else if is_column_sum(graph, id, loop_shape) || is_single_sum(graph, id, loop_shape) {
         true
     } else {
         is_elementwise(&node.op)
