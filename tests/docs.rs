@@ -13,6 +13,25 @@ fn read(relative: &str) -> String {
         .expect("doc exists")
 }
 
+/// Every `.rs` file below the crate's folders `dirs`, with its text.
+fn rust_files(dirs: &[&str]) -> Vec<(std::path::PathBuf, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut stack: Vec<_> = dirs.iter().map(|d| root.join(d)).collect();
+    let mut files = Vec::new();
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("readable dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).expect("readable file");
+                files.push((path, text));
+            }
+        }
+    }
+    files
+}
+
 /// The unlabelled fenced code blocks of a Markdown text.
 fn code_blocks(markdown: &str) -> Vec<String> {
     let mut blocks = Vec::new();
@@ -68,22 +87,12 @@ fn diagnostics_reference_lists_every_code() {
 
 #[test]
 fn every_source_file_starts_with_a_module_doc() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut stack = vec![root.join("src"), root.join("tests"), root.join("benches")];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("readable dir") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                let text = std::fs::read_to_string(&path).expect("readable file");
-                assert!(
-                    text.starts_with("//!"),
-                    "{} does not start with `//!`",
-                    path.display()
-                );
-            }
-        }
+    for (path, text) in rust_files(&["src", "tests", "benches"]) {
+        assert!(
+            text.starts_with("//!"),
+            "{} does not start with `//!`",
+            path.display()
+        );
     }
 }
 
@@ -91,25 +100,14 @@ fn every_source_file_starts_with_a_module_doc() {
 /// denies it, `Cargo.toml`), and no other source file does.
 #[test]
 fn only_the_native_folder_allows_unsafe_code() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let manifest = read("Cargo.toml");
     assert!(manifest.contains("unsafe_code = \"deny\""));
-    let native = root.join("src/jit/native");
-    let mut allowing = Vec::new();
-    let mut stack = vec![root.join("src")];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("readable dir") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                let text = std::fs::read_to_string(&path).expect("readable file");
-                if text.contains("unsafe_code") {
-                    allowing.push(path);
-                }
-            }
-        }
-    }
+    let native = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/jit/native");
+    let allowing: Vec<_> = rust_files(&["src"])
+        .into_iter()
+        .filter(|(_, text)| text.contains("unsafe_code"))
+        .map(|(path, _)| path)
+        .collect();
     assert!(
         !allowing.is_empty(),
         "the native folder allows `unsafe_code`"
@@ -128,45 +126,35 @@ fn only_the_native_folder_allows_unsafe_code() {
 /// job (`docs/architecture.md`).
 #[test]
 fn jit_functions_stay_short() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut stack = vec![root.join("src/jit")];
     let mut long = Vec::new();
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("readable dir") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                stack.push(path);
+    for (path, text) in rust_files(&["src/jit"]) {
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let code = line.trim_start();
+            let indent = &line[..line.len() - code.len()];
+            let is_fn = [
+                "fn ",
+                "pub fn ",
+                "pub(super) fn ",
+                "pub(crate) fn ",
+                "unsafe fn ",
+                "pub(in crate::jit) fn ",
+            ]
+            .iter()
+            .any(|start| code.starts_with(start));
+            if !is_fn || code.ends_with(';') {
                 continue;
             }
-            let text = std::fs::read_to_string(&path).expect("readable file");
-            let lines: Vec<&str> = text.lines().collect();
-            for (i, line) in lines.iter().enumerate() {
-                let code = line.trim_start();
-                let indent = &line[..line.len() - code.len()];
-                let is_fn = [
-                    "fn ",
-                    "pub fn ",
-                    "pub(super) fn ",
-                    "pub(crate) fn ",
-                    "unsafe fn ",
-                ]
-                .iter()
-                .any(|start| code.starts_with(start))
-                    || code.starts_with("pub(in crate::jit) fn ");
-                if !is_fn || code.ends_with(';') {
-                    continue;
-                }
-                let end = format!("{indent}}}");
-                if let Some(length) = lines[i..].iter().position(|l| *l == end)
-                    && length + 1 > 150
-                {
-                    long.push(format!(
-                        "{}:{} ({} lines)",
-                        path.display(),
-                        i + 1,
-                        length + 1
-                    ));
-                }
+            let end = format!("{indent}}}");
+            if let Some(length) = lines[i..].iter().position(|l| *l == end)
+                && length + 1 > 150
+            {
+                long.push(format!(
+                    "{}:{} ({} lines)",
+                    path.display(),
+                    i + 1,
+                    length + 1
+                ));
             }
         }
     }

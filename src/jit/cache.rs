@@ -151,31 +151,19 @@ impl CodeCache {
             elems,
         } = layout(graph, nodes, inputs, input_elems, outputs)?;
         let loop_shape = loop_shape.as_ref();
-        let (id, mut context) = self.declare("kernel", 5, false)?;
         // (Set by `Body::flat` when the kernel relies on it.)
-        let mut multiple_of = None;
-        let mut builder_context = FunctionBuilderContext::new();
-        {
-            let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
-            let entry = b.create_block();
-            b.append_block_params_for_function_params(entry);
-            b.switch_to_block(entry);
-            let params = b.block_params(entry).to_vec();
+        let (id, multiple_of, clif) = self.build(5, |b, calls, params| {
+            let mut multiple_of = None;
             let (ptrs, ks, ms, n, context) =
                 (params[0], params[1], params[2], params[3], params[4]);
-            let prelude = Prelude::load(&mut b, &access, (ptrs, ks, ms, context));
-            prelude.zero_sums(&mut b, &access, inputs.len(), cols)?;
+            let prelude = Prelude::load(b, &access, (ptrs, ks, ms, context));
+            prelude.zero_sums(b, &access, inputs.len(), cols)?;
             // The running total of each sum to a single element is kept in
             // a register through the loops and stored after them, in the
             // same order.
             let single_sums: Vec<usize> = (inputs.len()..access.len())
                 .filter(|&j| access[j] == Access::Single)
                 .collect();
-            let mut calls = Calls {
-                module: self.memory.module(),
-                imports: &self.imports,
-                declared: HashMap::new(),
-            };
             // Whether the vector loops take four `f32`s at a time.
             let quad = f32_exact(graph, nodes, &elems[..inputs.len()], outputs);
             // A single-element input is loaded once, before the loops (no
@@ -184,7 +172,7 @@ impl CodeCache {
             let singles: Vec<Option<Single>> = (0..inputs.len())
                 .map(|j| {
                     (access[j] == Access::Single).then(|| {
-                        let scalar = load(&mut b, elems[j], false, prelude.bases[j]);
+                        let scalar = load(b, elems[j], false, prelude.bases[j]);
                         let pair = b.ins().splat(types::F64X2, scalar);
                         let quad = (quad && elems[j] == Elem::F32).then(|| {
                             let narrow = b.ins().fdemote(types::F32, scalar);
@@ -221,11 +209,11 @@ impl CodeCache {
                 .map(|_| b.ins().splat(types::F64X2, prelude.zero_f64))
                 .collect();
             let lanes = match cols {
-                Some(cols) => body.rows_and_columns(&mut b, &mut calls, n, cols, &start)?,
+                Some(cols) => body.rows_and_columns(b, calls, n, cols, &start)?,
                 None => {
                     let (lanes, width) = body.flat(
-                        &mut b,
-                        &mut calls,
+                        b,
+                        calls,
                         n,
                         &prelude.factors,
                         &start,
@@ -247,12 +235,9 @@ impl CodeCache {
                     b.ins().fadd(even, odd)
                 })
                 .collect();
-            body.finish_sums(&mut b, &prelude, (n, cols), &totals)?;
-            b.ins().return_(&[]);
-            b.seal_all_blocks();
-            b.finalize(self.memory.module().target_config());
-        }
-        let clif = self.finish(id, context)?;
+            body.finish_sums(b, &prelude, (n, cols), &totals)?;
+            Ok(multiple_of)
+        })?;
         Ok((
             CompiledKernel {
                 func: id,
@@ -289,34 +274,17 @@ impl CodeCache {
                 Elem::of(graph.node(o).dtype())
             }
         }));
-        let (id, mut context) = self.declare("kernel", 4, false)?;
-        let mut builder_context = FunctionBuilderContext::new();
-        let forms = {
-            let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
-            let entry = b.create_block();
-            b.append_block_params_for_function_params(entry);
-            b.switch_to_block(entry);
-            let params = b.block_params(entry).to_vec();
-            let mut calls = Calls {
-                module: self.memory.module(),
-                imports: &self.imports,
-                declared: HashMap::new(),
-            };
-            let forms = emit_passes(
-                &mut b,
-                &mut calls,
+        let (id, forms, clif) = self.build(4, |b, calls, params| {
+            emit_passes(
+                b,
+                calls,
                 graph,
                 (nodes, inputs, outputs),
                 loop_shape,
                 elems.clone(),
-                &params,
-            )?;
-            b.ins().return_(&[]);
-            b.seal_all_blocks();
-            b.finalize(self.memory.module().target_config());
-            forms
-        };
-        let clif = self.finish(id, context)?;
+                params,
+            )
+        })?;
         Ok((
             PassKernel {
                 func: id,
@@ -327,6 +295,38 @@ impl CodeCache {
             },
             clif,
         ))
+    }
+
+    /// Declares a kernel taking `params` pointer-sized arguments and builds
+    /// its body by `body` (given the builder at the entry block, the
+    /// runtime calls and the parameters; the return is added after it).
+    /// Returns the function, what `body` returned, and its CLIF text.
+    fn build<R>(
+        &mut self,
+        params: usize,
+        body: impl FnOnce(&mut FunctionBuilder<'_>, &mut Calls<'_>, &[Value]) -> Result<R, CodegenError>,
+    ) -> Result<(FuncId, R, String), CodegenError> {
+        let (id, mut context) = self.declare("kernel", params, false)?;
+        let mut builder_context = FunctionBuilderContext::new();
+        let result = {
+            let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            let params = b.block_params(entry).to_vec();
+            let mut calls = Calls {
+                module: self.memory.module(),
+                imports: &self.imports,
+                declared: HashMap::new(),
+            };
+            let result = body(&mut b, &mut calls, &params)?;
+            b.ins().return_(&[]);
+            b.seal_all_blocks();
+            b.finalize(self.memory.module().target_config());
+            result
+        };
+        let clif = self.finish(id, context)?;
+        Ok((id, result, clif))
     }
 
     /// Declares a new local function `{prefix}{n}` taking `params`
@@ -547,19 +547,7 @@ impl CodeCache {
                 Dim::Fixed(c) if c > 0 && c <= i64::MAX as u64 => usize::try_from(c).ok(),
                 _ => None,
             });
-        let (id, mut context) = self.declare("kernel", 3, false)?;
-        let mut builder_context = FunctionBuilderContext::new();
-        {
-            let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
-            let entry = b.create_block();
-            b.append_block_params_for_function_params(entry);
-            b.switch_to_block(entry);
-            let params = b.block_params(entry).to_vec();
-            let mut calls = Calls {
-                module: self.memory.module(),
-                imports: &self.imports,
-                declared: HashMap::new(),
-            };
+        let (id, (), clif) = self.build(3, |b, calls, params| {
             let f32 = graph.node(node).dtype() == DType::F32;
             let cols = match fixed_cols {
                 Some(c) => b.ins().iconst(types::I64, c as i64),
@@ -590,12 +578,8 @@ impl CodeCache {
                 exps,
                 second_exps,
             };
-            rows::emit(&mut b, &mut calls, op, f32, &elems, params[0], shape)?;
-            b.ins().return_(&[]);
-            b.seal_all_blocks();
-            b.finalize(self.memory.module().target_config());
-        }
-        let clif = self.finish(id, context)?;
+            rows::emit(b, calls, op, f32, &elems, params[0], shape)
+        })?;
         Ok((
             RowKernel {
                 func: id,

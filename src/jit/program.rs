@@ -376,20 +376,7 @@ impl Compiling<'_> {
             ));
         }
         body.sort_by_key(|id| self.position[id]);
-        // The compiled part reads what its nodes read from outside it.
-        let inside: std::collections::BTreeSet<NodeId> = body.iter().copied().collect();
-        let mut inputs: Vec<NodeId> = body
-            .iter()
-            .flat_map(|&id| fusion::reads(graph, id))
-            .filter(|o| !inside.contains(o) && !matches!(graph.node(*o).op, Op::Constant(_)))
-            .collect();
-        inputs.sort_unstable();
-        inputs.dedup();
-        let outputs: Vec<NodeId> = plan
-            .outputs(graph, k)
-            .into_iter()
-            .filter(|o| inside.contains(o))
-            .collect();
+        let (inputs, outputs) = self.boundary(k, &body);
         let input_elems = self.elems(&inputs);
         let (compiled, text) = self
             .code
@@ -406,6 +393,28 @@ impl Compiling<'_> {
 }
 
 impl Compiling<'_> {
+    /// What the compiled part `body` of kernel `k` reads from outside it
+    /// (constants are immediates), and what of it other kernels read or
+    /// the caller wants.
+    fn boundary(&self, k: usize, body: &[NodeId]) -> (Vec<NodeId>, Vec<NodeId>) {
+        let graph = self.graph;
+        let inside: std::collections::BTreeSet<NodeId> = body.iter().copied().collect();
+        let mut inputs: Vec<NodeId> = body
+            .iter()
+            .flat_map(|&id| fusion::reads(graph, id))
+            .filter(|o| !inside.contains(o) && !matches!(graph.node(*o).op, Op::Constant(_)))
+            .collect();
+        inputs.sort_unstable();
+        inputs.dedup();
+        let outputs = self
+            .plan
+            .outputs(graph, k)
+            .into_iter()
+            .filter(|o| inside.contains(o))
+            .collect();
+        (inputs, outputs)
+    }
+
     /// Kernel `k` in passes over the rows of its loop shape: `body` after
     /// `prologue` (the values the planner recomputes that do not fit
     /// passes join the prologue, on the interpreter).
@@ -424,19 +433,7 @@ impl Compiling<'_> {
         });
         prologue.extend(first);
         body.sort_by_key(|id| self.position[id]);
-        let inside: std::collections::BTreeSet<NodeId> = body.iter().copied().collect();
-        let mut inputs: Vec<NodeId> = body
-            .iter()
-            .flat_map(|&id| fusion::reads(graph, id))
-            .filter(|o| !inside.contains(o) && !matches!(graph.node(*o).op, Op::Constant(_)))
-            .collect();
-        inputs.sort_unstable();
-        inputs.dedup();
-        let outputs: Vec<NodeId> = plan
-            .outputs(graph, k)
-            .into_iter()
-            .filter(|o| inside.contains(o))
-            .collect();
+        let (inputs, outputs) = self.boundary(k, &body);
         let input_elems = self.elems(&inputs);
         let (compiled, text) = self.code.compile_passes(
             graph,

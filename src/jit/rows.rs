@@ -756,11 +756,10 @@ pub(super) fn emit(
         f32,
     };
     let bases = kernel.bases.as_slice();
-    let row_of = |b: &mut FunctionBuilder<'_>, buffer: Row, r: Value| kernel.row_of(b, buffer, r);
     match op {
         RowOp::Max | RowOp::LogSumExp => {
             counted_loop(b, rows, &[], |b, r, _| {
-                let row = row_of(b, bases[0], r);
+                let row = kernel.row_of(b, bases[0], r);
                 let value = if op == RowOp::Max {
                     row_max(b, row, cols)?
                 } else {
@@ -773,7 +772,7 @@ pub(super) fn emit(
         }
         RowOp::Softmax => {
             counted_loop(b, rows, &[], |b, r, _| {
-                let (row, out_row) = (row_of(b, bases[0], r), row_of(b, out, r));
+                let (row, out_row) = (kernel.row_of(b, bases[0], r), kernel.row_of(b, out, r));
                 write_softmax(
                     b,
                     (row, exps),
@@ -787,7 +786,7 @@ pub(super) fn emit(
         }
         RowOp::LogSoftmax => {
             counted_loop(b, rows, &[], |b, r, _| {
-                let (row, out_row) = (row_of(b, bases[0], r), row_of(b, out, r));
+                let (row, out_row) = (kernel.row_of(b, bases[0], r), kernel.row_of(b, out, r));
                 let lse = row_logsumexp(b, calls, row, (cols, even_cols))?;
                 write_row(b, cols, f32, out_row, |b, j| {
                     let v = load(b, row, j);
@@ -802,7 +801,7 @@ pub(super) fn emit(
             // does, over the row count.
             let start = b.ins().f64const(-0.0);
             let total = counted_loop(b, rows, &[start], |b, r, carried| {
-                let row = row_of(b, bases[0], r);
+                let row = kernel.row_of(b, bases[0], r);
                 let lse = row_logsumexp(b, calls, row, (cols, even_cols))?;
                 let label = label_index(b, bases[1], r, cols);
                 let loss = cross_entropy_term(b, row, label, lse);
@@ -815,7 +814,7 @@ pub(super) fn emit(
             let count = row_count(b, rows);
             let scale = b.ins().fdiv(g, count);
             counted_loop(b, rows, &[], |b, r, _| {
-                let (row, out_row) = (row_of(b, bases[1], r), row_of(b, out, r));
+                let (row, out_row) = (kernel.row_of(b, bases[1], r), kernel.row_of(b, out, r));
                 let label = label_index(b, bases[2], r, cols);
                 let (m, sum) = row_exps(b, row, (cols, even_cols), exps)?;
                 write_softmax_of(
@@ -885,10 +884,7 @@ fn emit_cross_entropy_with_vjp(
     calls: &mut Calls<'_>,
     g: f64,
 ) -> Result<(), CodegenError> {
-    let RowBuffers {
-        bases, out, f32, ..
-    } = kernel;
-    let (bases, out, f32) = (bases.as_slice(), *out, *f32);
+    let (bases, out, f32) = (kernel.bases.as_slice(), kernel.out, kernel.f32);
     let RowShape {
         rows,
         cols,
@@ -897,7 +893,6 @@ fn emit_cross_entropy_with_vjp(
         second_exps,
         ..
     } = kernel.shape;
-    let row_of = |b: &mut FunctionBuilder<'_>, buffer: Row, r: Value| kernel.row_of(b, buffer, r);
     // The two kernels above in one loop over rows: the same values.
     // Two rows at a time where there are scratch rows for both (or
     // none is kept), each by its own chains, so that the chains of
@@ -921,7 +916,7 @@ fn emit_cross_entropy_with_vjp(
         let inputs: Vec<(Row, Option<Value>)> = indices
             .iter()
             .zip(kept)
-            .map(|(&r, &kept)| (row_of(b, bases[0], r), kept))
+            .map(|(&r, &kept)| (kernel.row_of(b, bases[0], r), kept))
             .collect();
         let exponentials = rows_exps(b, &inputs, (cols, even_cols))?;
         let mut softmaxes = Vec::new();
@@ -930,7 +925,7 @@ fn emit_cross_entropy_with_vjp(
             let lse = logsumexp_of(b, calls, exps.0, exps.1)?;
             let label = label_index(b, bases[1], r, cols);
             labelled.push((label, cross_entropy_term(b, row, label, lse)));
-            let out_row = row_of(b, gradient, r);
+            let out_row = kernel.row_of(b, gradient, r);
             softmaxes.push(Softmax {
                 row,
                 kept,
@@ -979,14 +974,10 @@ fn emit_layer_norm(
     kernel: &RowBuffers,
     eps: f64,
 ) -> Result<(), CodegenError> {
-    let RowBuffers {
-        bases, out, f32, ..
-    } = kernel;
-    let (bases, out, f32) = (bases.as_slice(), *out, *f32);
+    let (bases, out, f32) = (kernel.bases.as_slice(), kernel.out, kernel.f32);
     let RowShape { rows, cols, .. } = kernel.shape;
-    let row_of = |b: &mut FunctionBuilder<'_>, buffer: Row, r: Value| kernel.row_of(b, buffer, r);
     counted_loop(b, rows, &[], |b, r, _| {
-        let (row, out_row) = (row_of(b, bases[0], r), row_of(b, out, r));
+        let (row, out_row) = (kernel.row_of(b, bases[0], r), kernel.row_of(b, out, r));
         let (mean, var) = row_moments(b, row, cols)?;
         let eps = b.ins().f64const(eps);
         let shifted = b.ins().fadd(var, eps);
@@ -1014,15 +1005,13 @@ fn emit_batch_norm(
     eps: f64,
     training: bool,
 ) -> Result<(), CodegenError> {
-    let RowBuffers {
-        bases, out, f32, ..
-    } = kernel;
-    let (bases, out, f32) = (bases.as_slice(), *out, *f32);
+    let (bases, out, f32) = (kernel.bases.as_slice(), kernel.out, kernel.f32);
     let RowShape { rows, cols, .. } = kernel.shape;
-    let column_of =
-        |b: &mut FunctionBuilder<'_>, buffer: Row, c: Value| kernel.column_of(b, buffer, c);
     counted_loop(b, cols, &[], |b, c, _| {
-        let (x_col, out_col) = (column_of(b, bases[0], c), column_of(b, out, c));
+        let (x_col, out_col) = (
+            kernel.column_of(b, bases[0], c),
+            kernel.column_of(b, out, c),
+        );
         let (mean, var) = if training {
             row_moments(b, x_col, rows)?
         } else {
@@ -1052,13 +1041,8 @@ fn emit_running_stat(
     momentum: f64,
     variance: bool,
 ) -> Result<(), CodegenError> {
-    let RowBuffers {
-        bases, out, f32, ..
-    } = kernel;
-    let (bases, out, f32) = (bases.as_slice(), *out, *f32);
+    let (bases, out, f32) = (kernel.bases.as_slice(), kernel.out, kernel.f32);
     let RowShape { rows, cols, .. } = kernel.shape;
-    let column_of =
-        |b: &mut FunctionBuilder<'_>, buffer: Row, c: Value| kernel.column_of(b, buffer, c);
     // With the unbiased variance, NaN for a single row.
     let count = b.ins().fcvt_from_uint(types::F64, rows);
     let one = b.ins().f64const(1.0);
@@ -1071,7 +1055,7 @@ fn emit_running_stat(
     let keep = b.ins().f64const(1.0 - momentum);
     let momentum = b.ins().f64const(momentum);
     counted_loop(b, cols, &[], |b, c, _| {
-        let x_col = column_of(b, bases[0], c);
+        let x_col = kernel.column_of(b, bases[0], c);
         let (mean, var) = row_moments(b, x_col, rows)?;
         let batch = if variance {
             b.ins().fmul(var, unbiased)

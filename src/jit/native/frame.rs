@@ -489,33 +489,58 @@ impl Frame {
                 "row kernel: bad sizes {rows} x {cols}"
             )));
         }
-        for (j, &length) in lengths.iter().chain(&outs).enumerate() {
-            let (has, elem) = self.buffer(slots[j])?;
-            if elem != kernel.elems[j] {
-                return Err(CodegenError(format!(
-                    "row kernel: buffer {j} holds {elem:?}, the kernel reads {:?}",
-                    kernel.elems[j]
-                )));
-            }
-            if has < length {
-                return Err(CodegenError(format!(
-                    "row kernel: buffer {j} has {has} elements, expected {length}"
-                )));
-            }
-        }
-        for (j, output) in slots.iter().enumerate().skip(lengths.len()) {
-            if slots[..j].contains(output) {
-                return Err(CodegenError(
-                    "row kernel: an output aliases another buffer".into(),
-                ));
-            }
-        }
+        let reached: Vec<usize> = lengths.iter().chain(&outs).copied().collect();
+        self.check_buffers(
+            "row kernel",
+            &slots,
+            (&reached, &kernel.elems),
+            lengths.len(),
+        )?;
         self.calls.push(BoundCall::Rows {
             func: kernel.func,
             slots,
             rows: rows as i64,
             cols: cols as i64,
         });
+        Ok(())
+    }
+
+    /// Checks the buffers `slots` of a `what` call: each stores its element
+    /// as the kernel reads it and holds at least the elements the kernel
+    /// reaches (`reached`, `elems`), and each output (from `first_output`
+    /// on) is its own buffer.
+    fn check_buffers(
+        &self,
+        what: &str,
+        slots: &[usize],
+        (reached, elems): (&[usize], &[Elem]),
+        first_output: usize,
+    ) -> Result<(), CodegenError> {
+        if slots.len() != reached.len() || slots.len() != elems.len() {
+            return Err(CodegenError(format!(
+                "{what}: a buffer per argument expected"
+            )));
+        }
+        for (j, (&length, &expected)) in reached.iter().zip(elems).enumerate() {
+            let (has, elem) = self.buffer(slots[j])?;
+            if elem != expected {
+                return Err(CodegenError(format!(
+                    "{what}: buffer {j} holds {elem:?}, the kernel reads {expected:?}"
+                )));
+            }
+            if has < length {
+                return Err(CodegenError(format!(
+                    "{what}: buffer {j} has {has} elements, expected {length}"
+                )));
+            }
+        }
+        for (j, output) in slots.iter().enumerate().skip(first_output) {
+            if slots[..j].contains(output) {
+                return Err(CodegenError(format!(
+                    "{what}: an output aliases another buffer"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -538,28 +563,22 @@ impl Frame {
                 "kernel in passes: bad sizes {rows} x {cols}"
             )));
         };
-        for (j, form) in kernel.forms.iter().enumerate() {
-            let (has, elem) = self.buffer(slots[j])?;
-            let length = match form {
+        let reached: Vec<usize> = kernel
+            .forms
+            .iter()
+            .map(|form| match form {
                 RowForm::Full => all,
                 RowForm::PerRow => rows,
                 RowForm::Column => cols,
                 RowForm::Single => 1,
-            };
-            if elem != kernel.elems[j] || has < length {
-                return Err(CodegenError(format!(
-                    "kernel in passes: buffer {j} holds {has} {elem:?}, the kernel reaches {length} {:?}",
-                    kernel.elems[j]
-                )));
-            }
-        }
-        for (j, output) in slots.iter().enumerate().skip(kernel.inputs.len()) {
-            if slots[..j].contains(output) {
-                return Err(CodegenError(
-                    "kernel in passes: an output aliases another buffer".into(),
-                ));
-            }
-        }
+            })
+            .collect();
+        self.check_buffers(
+            "kernel in passes",
+            &slots,
+            (&reached, &kernel.elems),
+            kernel.inputs.len(),
+        )?;
         self.calls.push(BoundCall::Passes {
             func: kernel.func,
             slots,
