@@ -387,9 +387,10 @@ unsafe fn small_sgemm_rows(
         // `n`; `c` holds exactly `m * n` elements and is an exclusive
         // borrow.
         unsafe {
+            let product = Product { m, k, n, a, b, c };
             match vectors {
-                Vectors::Avx512 => small_sgemm_avx512(m, k, n, a, b, c),
-                Vectors::Avx2 => small_sgemm_avx2(m, k, n, a, b, c),
+                Vectors::Avx512 => small_sgemm_avx512(product),
+                Vectors::Avx2 => small_sgemm_avx2(product),
                 Vectors::Baseline => {}
             }
         }
@@ -398,42 +399,42 @@ unsafe fn small_sgemm_rows(
     let _ = (vectors, m, k, n, a, b, c);
 }
 
+/// A small product as its kernels take it: `c = a @ b`, `a` (`m x k`) at
+/// its address with its row and column strides, `b` (`k x n`) with its
+/// row stride (its rows contiguous), `c` (`m x n`) contiguous.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Product {
+    m: usize,
+    k: usize,
+    n: usize,
+    a: (*const f32, usize, usize),
+    b: (*const f32, usize),
+    c: *mut f32,
+}
+
 /// `sgemm_blocks` on AVX-512 (registers of 16 `f32`s, up to 8 rows).
 ///
 /// # Safety
 /// As `sgemm_blocks`, and AVX-512F must be available.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn small_sgemm_avx512(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: (*const f32, usize, usize),
-    b: (*const f32, usize),
-    c: *mut f32,
-) {
+unsafe fn small_sgemm_avx512(product: Product) {
     // SAFETY: the caller's guarantee.
-    unsafe { sgemm_blocks::<Avx512>(m, k, n, a, b, c) }
+    unsafe { sgemm_blocks::<Avx512>(product) }
 }
 
-/// `sgemm_blocks` on AVX2 with FMA (registers of 8 `f32`s, up to 4 rows:
-/// the accumulators, two registers of the right operand and the broadcast
-/// left element fit the 16 registers).
+/// `sgemm_blocks` on AVX2 with FMA (registers of 8 `f32`s, up to 6 rows:
+/// the 12 accumulators, two registers of the right operand and the
+/// broadcast left element fit the 16 registers).
 ///
 /// # Safety
 /// As `sgemm_blocks`, and AVX2 and FMA must be available.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn small_sgemm_avx2(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: (*const f32, usize, usize),
-    b: (*const f32, usize),
-    c: *mut f32,
-) {
+unsafe fn small_sgemm_avx2(product: Product) {
     // SAFETY: the caller's guarantee.
-    unsafe { sgemm_blocks::<Avx2>(m, k, n, a, b, c) }
+    unsafe { sgemm_blocks::<Avx2>(product) }
 }
 
 /// Registers of `f32` lanes on one kind of vectors, as the block kernels
@@ -484,6 +485,41 @@ unsafe trait Lanes {
     unsafe fn store_all(at: *mut f32, value: Self::Register);
 }
 
+/// The `Lanes` methods that are one intrinsic each, for the vectors of
+/// `$feature`: `zero`, `splat`, `fma`, `load_all` and `store_all`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! lanes_common {
+    ($feature:literal, $zero:ident, $splat:ident, $fma:ident, $load:ident, $store:ident) => {
+        #[target_feature(enable = $feature)]
+        #[inline]
+        unsafe fn zero() -> Self::Register {
+            std::arch::x86_64::$zero()
+        }
+        #[target_feature(enable = $feature)]
+        #[inline]
+        unsafe fn splat(x: f32) -> Self::Register {
+            std::arch::x86_64::$splat(x)
+        }
+        #[target_feature(enable = $feature)]
+        #[inline]
+        unsafe fn fma(a: Self::Register, b: Self::Register, c: Self::Register) -> Self::Register {
+            std::arch::x86_64::$fma(a, b, c)
+        }
+        #[target_feature(enable = $feature)]
+        #[inline]
+        unsafe fn load_all(at: *const f32) -> Self::Register {
+            // SAFETY: the lanes are readable (the caller's guarantee).
+            unsafe { std::arch::x86_64::$load(at) }
+        }
+        #[target_feature(enable = $feature)]
+        #[inline]
+        unsafe fn store_all(at: *mut f32, value: Self::Register) {
+            // SAFETY: the lanes are writable (the caller's guarantee).
+            unsafe { std::arch::x86_64::$store(at, value) }
+        }
+    };
+}
+
 /// AVX-512F.
 #[cfg(target_arch = "x86_64")]
 struct Avx512;
@@ -507,21 +543,6 @@ unsafe impl Lanes for Avx512 {
     }
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn zero() -> Self::Register {
-        std::arch::x86_64::_mm512_setzero_ps()
-    }
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn splat(x: f32) -> Self::Register {
-        std::arch::x86_64::_mm512_set1_ps(x)
-    }
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn fma(a: Self::Register, b: Self::Register, c: Self::Register) -> Self::Register {
-        std::arch::x86_64::_mm512_fmadd_ps(a, b, c)
-    }
-    #[target_feature(enable = "avx512f")]
-    #[inline]
     unsafe fn load(mask: Self::Mask, at: *const f32) -> Self::Register {
         // SAFETY: the masked lanes are readable (the caller's guarantee).
         unsafe { std::arch::x86_64::_mm512_maskz_loadu_ps(mask, at) }
@@ -532,18 +553,14 @@ unsafe impl Lanes for Avx512 {
         // SAFETY: the masked lanes are writable (the caller's guarantee).
         unsafe { std::arch::x86_64::_mm512_mask_storeu_ps(at, mask, value) }
     }
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn load_all(at: *const f32) -> Self::Register {
-        // SAFETY: the lanes are readable (the caller's guarantee).
-        unsafe { std::arch::x86_64::_mm512_loadu_ps(at) }
-    }
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn store_all(at: *mut f32, value: Self::Register) {
-        // SAFETY: the lanes are writable (the caller's guarantee).
-        unsafe { std::arch::x86_64::_mm512_storeu_ps(at, value) }
-    }
+    lanes_common!(
+        "avx512f",
+        _mm512_setzero_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps
+    );
 }
 
 /// AVX2 with FMA.
@@ -571,21 +588,6 @@ unsafe impl Lanes for Avx2 {
     }
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn zero() -> Self::Register {
-        std::arch::x86_64::_mm256_setzero_ps()
-    }
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn splat(x: f32) -> Self::Register {
-        std::arch::x86_64::_mm256_set1_ps(x)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn fma(a: Self::Register, b: Self::Register, c: Self::Register) -> Self::Register {
-        std::arch::x86_64::_mm256_fmadd_ps(a, b, c)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
     unsafe fn load(mask: Self::Mask, at: *const f32) -> Self::Register {
         // SAFETY: the masked lanes are readable (the caller's guarantee);
         // a masked load does not touch the others, nor fault on them.
@@ -597,18 +599,14 @@ unsafe impl Lanes for Avx2 {
         // SAFETY: the masked lanes are writable (the caller's guarantee).
         unsafe { std::arch::x86_64::_mm256_maskstore_ps(at, mask, value) }
     }
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn load_all(at: *const f32) -> Self::Register {
-        // SAFETY: the lanes are readable (the caller's guarantee).
-        unsafe { std::arch::x86_64::_mm256_loadu_ps(at) }
-    }
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn store_all(at: *mut f32, value: Self::Register) {
-        // SAFETY: the lanes are writable (the caller's guarantee).
-        unsafe { std::arch::x86_64::_mm256_storeu_ps(at, value) }
-    }
+    lanes_common!(
+        "avx2,fma",
+        _mm256_setzero_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps
+    );
 }
 
 /// The loop of `small_sgemm`: blocks of up to `L::ROWS` rows of `c` (8,
@@ -622,14 +620,8 @@ unsafe impl Lanes for Avx2 {
 /// writable elements that nothing else reads or writes meanwhile.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn sgemm_blocks<L: Lanes>(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: (*const f32, usize, usize),
-    b: (*const f32, usize),
-    c: *mut f32,
-) {
+unsafe fn sgemm_blocks<L: Lanes>(product: Product) {
+    let Product { m, k, n, a, b, c } = product;
     let mut row = 0;
     while row < m {
         let rows = match m - row {
