@@ -187,13 +187,13 @@ impl Diagnostic {
     }
 
     /// Sets the primary label's text.
-    pub fn with_label(mut self, message: impl Into<String>) -> Diagnostic {
+    pub(crate) fn with_label(mut self, message: impl Into<String>) -> Diagnostic {
         self.primary.message = message.into();
         self
     }
 
     /// Adds a secondary labelled span.
-    pub fn with_secondary(mut self, span: Span, message: impl Into<String>) -> Diagnostic {
+    pub(crate) fn with_secondary(mut self, span: Span, message: impl Into<String>) -> Diagnostic {
         self.secondary.push(Label {
             span,
             message: message.into(),
@@ -202,19 +202,19 @@ impl Diagnostic {
     }
 
     /// Adds a note.
-    pub fn with_note(mut self, note: impl Into<String>) -> Diagnostic {
+    pub(crate) fn with_note(mut self, note: impl Into<String>) -> Diagnostic {
         self.notes.push(note.into());
         self
     }
 
     /// Sets the help line.
-    pub fn with_help(mut self, help: impl Into<String>) -> Diagnostic {
+    pub(crate) fn with_help(mut self, help: impl Into<String>) -> Diagnostic {
         self.help = Some(help.into());
         self
     }
 
     /// Whether this diagnostic rejects the file.
-    pub fn is_error(&self) -> bool {
+    pub(crate) fn is_error(&self) -> bool {
         self.severity == Severity::Error
     }
 }
@@ -339,7 +339,7 @@ fn clamp(span: Span, source: &str) -> std::ops::Range<usize> {
 }
 
 /// 1-based line and column (in characters) of a byte offset.
-pub fn line_col(source: &str, offset: u32) -> (usize, usize) {
+pub(crate) fn line_col(source: &str, offset: u32) -> (usize, usize) {
     let offset = (offset as usize).min(source.len());
     let before = &source[..floor_boundary(source, offset)];
     let line = before.matches('\n').count() + 1;
@@ -359,11 +359,11 @@ fn floor_boundary(source: &str, mut offset: usize) -> usize {
 const MAX_SUGGESTED_LENGTH: usize = 256;
 
 /// The most characters of a quoted name or literal a message shows.
-pub const MAX_QUOTED: usize = 100;
+pub(crate) const MAX_QUOTED: usize = 100;
 
 /// `text`, or its first characters and how many were left out when it is
 /// longer than `limit` characters: what a message echoes of user input.
-pub fn shorten(text: &str, limit: usize) -> String {
+pub(crate) fn shorten(text: &str, limit: usize) -> String {
     let count = text.chars().count();
     if count <= limit {
         return text.to_string();
@@ -375,7 +375,7 @@ pub fn shorten(text: &str, limit: usize) -> String {
 /// A message with every backticked part longer than [`MAX_QUOTED`]
 /// characters shortened, so that a 200 KB identifier or literal does not
 /// fill the terminal.
-pub fn shorten_quotes(message: &str) -> String {
+pub(crate) fn shorten_quotes(message: &str) -> String {
     let parts: Vec<&str> = message.split('`').collect();
     if parts.len() < 3 {
         return message.to_string();
@@ -398,7 +398,10 @@ pub fn shorten_quotes(message: &str) -> String {
 
 /// "Did you mean" support: the candidate closest to `name` by edit
 /// distance, if it is close enough to be a plausible typo.
-pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn closest<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     // One-letter names are all one edit apart; only a case slip counts.
     let length = name.chars().count();
     // The distance costs the product of the lengths: names longer than any
@@ -482,7 +485,7 @@ mod tests {
 
 /// Maps byte offsets to 1-based lines and columns quickly.
 #[derive(Clone, Debug)]
-pub struct LineIndex {
+pub(crate) struct LineIndex {
     starts: Vec<usize>,
 }
 
@@ -495,7 +498,7 @@ impl LineIndex {
     }
 
     /// 1-based line and column (in characters) of `offset` in `source`.
-    pub fn line_col(&self, source: &str, offset: u32) -> (u32, u32) {
+    pub(crate) fn line_col(&self, source: &str, offset: u32) -> (u32, u32) {
         let offset = floor_boundary(source, (offset as usize).min(source.len()));
         let line = self.starts.partition_point(|&s| s <= offset).max(1);
         let start = self.starts[line - 1].min(offset);

@@ -34,7 +34,7 @@ impl Compilation {
     }
 
     /// Renders every diagnostic as plain text.
-    /// At most [`MAX_RENDERED`] of them, then how many more there are.
+    /// At most `MAX_RENDERED` of them, then how many more there are.
     pub fn render_diagnostics(&self) -> String {
         let shown = self.diagnostics.len().min(MAX_RENDERED);
         let mut out = render(&self.file_name, &self.source, &self.diagnostics[..shown]);
@@ -132,7 +132,7 @@ pub fn compile_source(file_name: &str, source: &str, options: LowerOptions) -> C
 
 /// The largest source file gradc reads, in bytes (64 MiB; a model file is
 /// kilobytes, and spans are `u32` offsets).
-pub const MAX_SOURCE_BYTES: u64 = 64 << 20;
+pub(crate) const MAX_SOURCE_BYTES: u64 = 64 << 20;
 
 /// W0002 for every trainable param of a model with a loss that no gradient
 /// can reach, pointing at the declaration and at what blocks the gradient.
@@ -188,7 +188,7 @@ fn gradient_warnings(graph: &Graph, earlier: &[Diagnostic]) -> Vec<Diagnostic> {
 
 /// Reads and compiles a file. Only I/O errors (and files too large to be a
 /// model) are `Err`.
-pub fn compile_file(path: &Path, options: LowerOptions) -> std::io::Result<Compilation> {
+pub(crate) fn compile_file(path: &Path, options: LowerOptions) -> std::io::Result<Compilation> {
     // The size is checked on what is read, not on what the file system
     // says: `/dev/zero` or a FIFO has no size and never ends.
     let too_large = || {
@@ -214,11 +214,11 @@ pub fn compile_file(path: &Path, options: LowerOptions) -> std::io::Result<Compi
 /// The most diagnostics printed for one file: past that, a file is
 /// rarely a model (random text gave 57,535), and the first ones say what
 /// is wrong.
-pub const MAX_RENDERED: usize = 100;
+pub(crate) const MAX_RENDERED: usize = 100;
 
 /// Parameter counts of a graph: (params, trainable elements, frozen
 /// elements).
-pub fn parameter_counts(graph: &Graph) -> (usize, u64, u64) {
+pub(crate) fn parameter_counts(graph: &Graph) -> (usize, u64, u64) {
     let mut params = 0;
     let mut trainable = 0;
     let mut frozen = 0;

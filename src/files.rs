@@ -23,7 +23,7 @@ const MAX_LINKS: usize = 40;
 
 /// Follows symlinks from `path` to the path that is finally written: the
 /// target of the last link (which may not exist yet), or `path` itself.
-pub fn resolve_links(path: &Path) -> std::io::Result<PathBuf> {
+pub(crate) fn resolve_links(path: &Path) -> std::io::Result<PathBuf> {
     let mut current = path.to_path_buf();
     for _ in 0..MAX_LINKS {
         match std::fs::symlink_metadata(&current) {
@@ -199,7 +199,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// outputs (compared as files, not as spellings): writing it would
 /// destroy the input, or one output would overwrite the other.
 /// Non-regular files (`/dev/null`) may appear several times.
-pub fn refuse_overlaps(inputs: &[Role<'_>], outputs: &[Role<'_>]) -> Result<(), String> {
+pub(crate) fn refuse_overlaps(inputs: &[Role<'_>], outputs: &[Role<'_>]) -> Result<(), String> {
     for (index, (output_role, output)) in outputs.iter().enumerate() {
         if std::fs::metadata(output).is_ok_and(|m| !m.is_file()) {
             continue;

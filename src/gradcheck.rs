@@ -185,7 +185,7 @@ pub fn gradcheck(forward: &Graph, options: Options) -> Result<Vec<Report>, Error
 /// type, `f32` say) against finite differences of `forward`, the same model
 /// compiled in `f64`: finite differences in `f32` would drown in rounding.
 /// Both graphs see the same leaves, rounded to `analytic`'s types.
-pub fn gradcheck_against(
+pub(crate) fn gradcheck_against(
     analytic: &Graph,
     forward: &Graph,
     options: Options,

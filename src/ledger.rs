@@ -39,7 +39,7 @@ pub enum Blocker {
 
 impl Blocker {
     /// The blocker in words.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Blocker::NotUsed => "the loss does not use it at all".into(),
             Blocker::StopGradient(at) => {
@@ -59,7 +59,7 @@ impl Blocker {
     }
 
     /// Where the blocker is, if anywhere.
-    pub fn loc(&self) -> Option<Loc> {
+    pub(crate) fn loc(&self) -> Option<Loc> {
         match self {
             Blocker::NotUsed => None,
             Blocker::StopGradient(at) | Blocker::NoGrad(at) | Blocker::NotDifferentiable(_, at) => {
@@ -226,7 +226,7 @@ pub fn ledger(graph: &Graph, batch: u64) -> Result<Ledger, AutodiffError> {
 /// plus a forward search from each param no gradient reaches, to say why.
 /// With `chains`, each reached param also gets its `grad_fn` chain, whose
 /// length is the model's depth.
-pub fn param_cases(graph: &Graph, chains: bool) -> Result<Vec<ParamEntry>, AutodiffError> {
+pub(crate) fn param_cases(graph: &Graph, chains: bool) -> Result<Vec<ParamEntry>, AutodiffError> {
     let toward_loss = gradient_tree(graph);
     let mut feeds_loss: Option<BTreeSet<NodeId>> = None;
     let mut params = Vec::new();

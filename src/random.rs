@@ -1,13 +1,13 @@
 //! Deterministic random numbers.
 //!
 //! Two kinds: [`Stream`], a seeded sequence (initializers, shuffles, test
-//! data), and [`uniform_at`], a counter-based generator: a pure function of
+//! data), and `uniform_at`, a counter-based generator: a pure function of
 //! its key `(seed, step, key, index)`, so that any backend, in any order,
 //! draws the same dropout mask for the same element. Both are SplitMix64
 //! (Steele, Lea and Flood, 2014), whose finalizer is a good 64-bit mixer.
 
 /// SplitMix64's finalizer: a bijective mix of 64 bits.
-pub fn mix(mut z: u64) -> u64 {
+pub(crate) fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -16,7 +16,7 @@ pub fn mix(mut z: u64) -> u64 {
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// A uniform number in `[0, 1)` that depends only on its key.
-pub fn uniform_at(seed: u64, step: u64, key: u32, index: u64) -> f64 {
+pub(crate) fn uniform_at(seed: u64, step: u64, key: u32, index: u64) -> f64 {
     let mut h = mix(seed.wrapping_add(GOLDEN));
     h = mix(h ^ step.wrapping_mul(GOLDEN));
     h = mix(h ^ u64::from(key)
@@ -48,7 +48,7 @@ impl Stream {
     }
 
     /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(GOLDEN);
         mix(self.state)
     }
@@ -59,12 +59,12 @@ impl Stream {
     }
 
     /// Uniform in `[lo, hi)`.
-    pub fn uniform_in(&mut self, lo: f64, hi: f64) -> f64 {
+    pub(crate) fn uniform_in(&mut self, lo: f64, hi: f64) -> f64 {
         lo + (hi - lo) * self.uniform()
     }
 
     /// A standard normal number (Box-Muller).
-    pub fn normal(&mut self) -> f64 {
+    pub(crate) fn normal(&mut self) -> f64 {
         if let Some(spare) = self.spare.take() {
             return spare;
         }

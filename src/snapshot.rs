@@ -21,7 +21,11 @@ use crate::step;
 
 /// The graph a stage prints: the forward graph, the joint graph, the step
 /// graph, or the optimized step (train) or eval graph.
-pub fn stage_graph(model: &LoweredModel, stage: &str, mode: Mode) -> Result<Graph, AutodiffError> {
+pub(crate) fn stage_graph(
+    model: &LoweredModel,
+    stage: &str,
+    mode: Mode,
+) -> Result<Graph, AutodiffError> {
     let forward = model.graph(mode);
     Ok(match stage {
         "forward" => forward.clone(),
@@ -55,7 +59,7 @@ pub fn kernels(model: &LoweredModel, mode: Mode) -> Result<String, AutodiffError
 
 /// `text` without source positions: every ` @LINE:COL` and ` (inlined at
 /// LINE:COL)`.
-pub fn strip_positions(text: &str) -> String {
+pub(crate) fn strip_positions(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
         let mut kept = String::with_capacity(line.len());
@@ -97,7 +101,7 @@ fn position_len(text: &str) -> Option<usize> {
 
 /// Every stage of a model: (file name, text), with source positions or
 /// without ([`strip_positions`]).
-pub fn stages(
+pub(crate) fn stages(
     model: &LoweredModel,
     positions: bool,
 ) -> Result<Vec<(String, String)>, AutodiffError> {
@@ -148,7 +152,7 @@ fn stages_with_positions(model: &LoweredModel) -> Result<Vec<(String, String)>, 
 
 /// One file's comparison.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Check {
+pub(crate) enum Check {
     /// Unchanged.
     Same,
     /// No file yet.
@@ -173,7 +177,7 @@ pub fn check(dir: &Path, name: &str, text: &str) -> Check {
 /// A unified diff of two texts (whole-file context of 3 lines), computed
 /// with a longest-common-subsequence table; inputs are graph dumps of at
 /// most a few thousand lines.
-pub fn unified_diff(old: &str, new: &str, name: &str) -> String {
+pub(crate) fn unified_diff(old: &str, new: &str, name: &str) -> String {
     unified_diff_labelled(
         old,
         new,
@@ -183,7 +187,12 @@ pub fn unified_diff(old: &str, new: &str, name: &str) -> String {
 }
 
 /// [`unified_diff`] with the two sides named.
-pub fn unified_diff_labelled(old: &str, new: &str, old_label: &str, new_label: &str) -> String {
+pub(crate) fn unified_diff_labelled(
+    old: &str,
+    new: &str,
+    old_label: &str,
+    new_label: &str,
+) -> String {
     let a: Vec<&str> = old.lines().collect();
     let b: Vec<&str> = new.lines().collect();
     let (n, m) = (a.len(), b.len());
@@ -249,7 +258,7 @@ pub fn unified_diff_labelled(old: &str, new: &str, old_label: &str, new_label: &
 
 /// What differs between a model's train and eval graphs, in words, then as
 /// a unified diff of their canonical texts.
-pub fn diff_modes(model: &LoweredModel) -> String {
+pub(crate) fn diff_modes(model: &LoweredModel) -> String {
     use crate::ir::Op;
     let count = |g: &Graph, f: &dyn Fn(&Op) -> bool| {
         g.ids().into_iter().filter(|&id| f(&g.node(id).op)).count()

@@ -67,14 +67,14 @@ pub struct Reach {
 
 impl Reach {
     /// Whether a gradient from the loss reaches `id`.
-    pub fn gets_gradient(&self, id: NodeId) -> bool {
+    pub(crate) fn gets_gradient(&self, id: NodeId) -> bool {
         self.depends.contains(&id) && self.feeds_loss.contains(&id)
     }
 }
 
 /// Whether gradient can flow from `user` back into its operand at
 /// `position`.
-pub fn flows(graph: &Graph, user: NodeId, position: usize) -> bool {
+pub(crate) fn flows(graph: &Graph, user: NodeId, position: usize) -> bool {
     let node = graph.node(user);
     // An op without a rule (`Missing`) still passes dependence on: the
     // sweep must stop with an error there, never treat it as a constant.

@@ -9,9 +9,6 @@ use super::tensor::{Tensor, broadcast_map, reduce_map};
 use crate::ir::{BinaryFn, ReduceFn, UnaryFn};
 use crate::random::uniform_at;
 
-/// `1 / sqrt(2 pi)`.
-pub const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
-
 /// A unary function's value.
 pub fn unary(f: UnaryFn, x: f64) -> f64 {
     match f {
@@ -90,7 +87,7 @@ fn mask(holds: bool) -> f64 {
 }
 
 /// `select(mask, a, b)` with the three broadcast to `shape`.
-pub fn select(mask: &Tensor, a: &Tensor, b: &Tensor, shape: &[usize]) -> Vec<f64> {
+pub(crate) fn select(mask: &Tensor, a: &Tensor, b: &Tensor, shape: &[usize]) -> Vec<f64> {
     let (mm, ma, mb) = (
         broadcast_map(&mask.shape, shape),
         broadcast_map(&a.shape, shape),
@@ -108,7 +105,7 @@ pub fn select(mask: &Tensor, a: &Tensor, b: &Tensor, shape: &[usize]) -> Vec<f64
 }
 
 /// Applies an elementwise binary function with broadcasting.
-pub fn broadcast_binary(
+pub(crate) fn broadcast_binary(
     a: &Tensor,
     b: &Tensor,
     out_shape: &[usize],
@@ -145,7 +142,7 @@ pub fn matmul(a: &[f64], a_shape: &[usize], b: &[f64], b_shape: &[usize]) -> Vec
 
 /// `sum_b a[b]^T @ c[b]` for `a: [..., M, K]` and `c: [..., M, N]`: the
 /// leading axes and rows flattened, `[K, N]`, summed in row order.
-pub fn batch_summed_product(a: &Tensor, c: &Tensor) -> Vec<f64> {
+pub(crate) fn batch_summed_product(a: &Tensor, c: &Tensor) -> Vec<f64> {
     let k = a.shape[a.shape.len() - 1];
     let n = c.shape[c.shape.len() - 1];
     let rows = a.len() / k.max(1);
@@ -161,7 +158,7 @@ pub fn batch_summed_product(a: &Tensor, c: &Tensor) -> Vec<f64> {
 
 /// Rows of `0` with a `1` at each label: `shape` is the labels' with the
 /// class axis last.
-pub fn one_hot(labels: &Tensor, shape: &[usize]) -> Result<Vec<f64>, InterpError> {
+pub(crate) fn one_hot(labels: &Tensor, shape: &[usize]) -> Result<Vec<f64>, InterpError> {
     let classes = shape.last().copied().unwrap_or(0);
     let mut out = vec![0.0; labels.len() * classes];
     for (row, &label) in labels.data.iter().enumerate() {
@@ -194,7 +191,7 @@ pub fn transpose(x: &[f64], shape: &[usize]) -> Vec<f64> {
 
 /// A reduction; the result has the reduced axes as size 1 (the caller
 /// reshapes for `keepdims = false`).
-pub fn reduce(func: ReduceFn, x: &Tensor, axes: &[usize]) -> (Vec<f64>, Vec<usize>) {
+pub(crate) fn reduce(func: ReduceFn, x: &Tensor, axes: &[usize]) -> (Vec<f64>, Vec<usize>) {
     let (map, kept) = reduce_map(&x.shape, axes);
     let groups: usize = kept.iter().product();
     let count = (x.len() / groups.max(1)).max(1) as f64;
@@ -229,7 +226,7 @@ pub fn reduce(func: ReduceFn, x: &Tensor, axes: &[usize]) -> (Vec<f64>, Vec<usiz
 }
 
 /// The maximum of each group (NaN wins, as in PyTorch).
-pub fn group_max(data: &[f64], map: &[usize], groups: usize) -> Vec<f64> {
+pub(crate) fn group_max(data: &[f64], map: &[usize], groups: usize) -> Vec<f64> {
     let mut out = vec![f64::NEG_INFINITY; groups];
     for (i, &v) in data.iter().enumerate() {
         let m = &mut out[map[i]];
@@ -287,7 +284,7 @@ pub fn concat(inputs: &[&Tensor], axis: usize, out_shape: &[usize]) -> Vec<f64> 
 }
 
 /// The elements `start..start + out_shape[axis]` of `x` along `axis`.
-pub fn slice(x: &Tensor, axis: usize, start: usize, out_shape: &[usize]) -> Vec<f64> {
+pub(crate) fn slice(x: &Tensor, axis: usize, start: usize, out_shape: &[usize]) -> Vec<f64> {
     let outer: usize = out_shape[..axis].iter().product();
     let inner: usize = out_shape[axis + 1..].iter().product();
     let (total, width) = (x.shape[axis] * inner, out_shape[axis] * inner);
@@ -302,7 +299,7 @@ pub fn slice(x: &Tensor, axis: usize, start: usize, out_shape: &[usize]) -> Vec<
 /// The dropout keep-mask scale of each element: `1 / (1 - p)` where kept,
 /// 0 where dropped. Element `i` is dropped when
 /// `uniform_at(seed, step, key, i) < p`.
-pub fn dropout_scale(p: f64, key: u32, len: usize, seed: u64, step: u64) -> Vec<f64> {
+pub(crate) fn dropout_scale(p: f64, key: u32, len: usize, seed: u64, step: u64) -> Vec<f64> {
     let scale = 1.0 / (1.0 - p);
     (0..len)
         .map(|i| {
@@ -318,7 +315,7 @@ pub fn dropout_scale(p: f64, key: u32, len: usize, seed: u64, step: u64) -> Vec<
 /// Per-channel statistics over every axis but 1 (`x: [N, C, ...]`):
 /// the channel of each element, the channel count and the elements per
 /// channel.
-pub fn channels(shape: &[usize]) -> (Vec<usize>, usize, usize) {
+pub(crate) fn channels(shape: &[usize]) -> (Vec<usize>, usize, usize) {
     let c = shape[1];
     let inner: usize = shape[2..].iter().product();
     let len: usize = shape.iter().product();
@@ -327,7 +324,7 @@ pub fn channels(shape: &[usize]) -> (Vec<usize>, usize, usize) {
 }
 
 /// Mean and biased variance of each group.
-pub fn group_moments(data: &[f64], group: &[usize], groups: usize) -> (Vec<f64>, Vec<f64>) {
+pub(crate) fn group_moments(data: &[f64], group: &[usize], groups: usize) -> (Vec<f64>, Vec<f64>) {
     let mut count = vec![0usize; groups];
     let mut mean = vec![0.0; groups];
     for (i, &v) in data.iter().enumerate() {
@@ -350,11 +347,11 @@ pub fn group_moments(data: &[f64], group: &[usize], groups: usize) -> (Vec<f64>,
 
 /// The output of train-mode batch-norm and its new running mean and
 /// variance.
-pub type BatchNormTrain = (Vec<f64>, Vec<f64>, Vec<f64>);
+pub(crate) type BatchNormTrain = (Vec<f64>, Vec<f64>, Vec<f64>);
 
 /// Batch-norm in train mode: the output and the updated running mean and
 /// variance (momentum-weighted, with the unbiased batch variance).
-pub fn batch_norm_train(
+pub(crate) fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
@@ -390,7 +387,7 @@ pub fn batch_norm_train(
 }
 
 /// Batch-norm in eval mode, on the running statistics.
-pub fn batch_norm_eval(
+pub(crate) fn batch_norm_eval(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
@@ -430,7 +427,7 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Vec<f6
 }
 
 /// Checks that every index is in `0..limit`.
-pub fn check_indices(values: &[f64], limit: usize, what: &str) -> Result<(), InterpError> {
+pub(crate) fn check_indices(values: &[f64], limit: usize, what: &str) -> Result<(), InterpError> {
     match values.iter().position(|&v| v < 0.0 || v >= limit as f64) {
         Some(i) => Err(InterpError::Runtime(format!(
             "{what} {} at position {i} is out of range 0..{limit}",
@@ -454,7 +451,7 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Vec<f64>, InterpError> 
 
 /// A `[V, D]` table of zeros with each row of `rows` (`[..., D]`) added at
 /// its id, in order.
-pub fn scatter_add(
+pub(crate) fn scatter_add(
     ids: &Tensor,
     rows: &Tensor,
     table_shape: &[usize],

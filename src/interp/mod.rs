@@ -16,7 +16,7 @@ pub mod tensor;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use crate::ir::{DType, Dim, Graph, IdMap, KernelOp, NodeId, Op, Role, Shape};
+use crate::ir::{DType, Dim, Graph, IdMap, KernelOp, NodeId, Op, Shape};
 pub use tensor::Tensor;
 
 /// What the random parts of a step depend on.
@@ -88,16 +88,6 @@ pub struct Evaluation {
     pub dims: BTreeMap<String, usize>,
 }
 
-impl Evaluation {
-    /// The value of the node with a role.
-    pub fn by_role(&self, graph: &Graph, role: &Role) -> Option<&Tensor> {
-        graph
-            .with_role(role)
-            .first()
-            .and_then(|id| self.values.get(id))
-    }
-}
-
 /// Evaluates every node of `graph`, with the leaves bound by name.
 pub fn evaluate(
     graph: &Graph,
@@ -109,7 +99,7 @@ pub fn evaluate(
 
 /// Like [`evaluate`], with some nodes' values given instead of computed
 /// (finite differences with respect to an intermediate value use this).
-pub fn evaluate_with(
+pub(crate) fn evaluate_with(
     graph: &Graph,
     leaves: &BTreeMap<String, Tensor>,
     context: Context,
@@ -135,7 +125,7 @@ pub fn evaluate_with(
 /// Binds every input, param, buffer and state leaf of a graph to its
 /// tensor, in `order`, so a dimension is bound by the first leaf that
 /// declares it.
-pub fn bind_leaves(
+pub(crate) fn bind_leaves(
     graph: &Graph,
     order: &[NodeId],
     leaves: &BTreeMap<String, Tensor>,
@@ -151,7 +141,7 @@ pub fn bind_leaves(
 /// Checks every leaf of a graph (in `order`) against its declaration as
 /// [`bind_leaves`] does, binding the symbolic dimensions into `dims`, and
 /// returns each leaf node with its tensor, without copying any.
-pub fn checked_leaves<'a>(
+pub(crate) fn checked_leaves<'a>(
     graph: &Graph,
     order: &[NodeId],
     leaves: &'a BTreeMap<String, Tensor>,
@@ -271,7 +261,10 @@ fn check_leaf(
 }
 
 /// A declared shape with its symbols replaced by their bound sizes.
-pub fn concrete(shape: &Shape, dims: &BTreeMap<String, usize>) -> Result<Vec<usize>, InterpError> {
+pub(crate) fn concrete(
+    shape: &Shape,
+    dims: &BTreeMap<String, usize>,
+) -> Result<Vec<usize>, InterpError> {
     let sizes: Vec<usize> = shape
         .0
         .iter()
@@ -289,10 +282,10 @@ pub fn concrete(shape: &Shape, dims: &BTreeMap<String, usize>) -> Result<Vec<usi
 
 /// The most elements one tensor may have when a graph runs (2 GiB of
 /// `f64`): a larger model is an error, not an out-of-memory abort.
-pub const MAX_RUN_ELEMENTS: usize = 1 << 28;
+pub(crate) const MAX_RUN_ELEMENTS: usize = 1 << 28;
 
 /// Refuses a tensor larger than [`MAX_RUN_ELEMENTS`].
-pub fn check_size(shape: &[usize]) -> Result<(), InterpError> {
+pub(crate) fn check_size(shape: &[usize]) -> Result<(), InterpError> {
     let count = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
     match count {
         Some(n) if n <= MAX_RUN_ELEMENTS => Ok(()),

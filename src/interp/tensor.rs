@@ -69,15 +69,6 @@ impl Tensor {
         )
     }
 
-    /// The same elements with a new shape of equal count.
-    pub fn reshaped(&self, shape: &[usize]) -> Tensor {
-        Tensor {
-            dtype: self.dtype,
-            shape: shape.to_vec(),
-            data: self.data.clone(),
-        }
-    }
-
     /// Converts to another element type (rounding to `f32` if asked).
     pub fn cast(&self, dtype: DType) -> Tensor {
         Tensor::new(dtype, self.shape.clone(), self.data.clone())
@@ -93,34 +84,9 @@ pub fn strides(shape: &[usize]) -> Vec<usize> {
     strides
 }
 
-/// NumPy broadcasting of concrete shapes.
-pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
-    let rank = a.len().max(b.len());
-    let mut out = Vec::with_capacity(rank);
-    for i in 0..rank {
-        let da = if i + a.len() >= rank {
-            a[i + a.len() - rank]
-        } else {
-            1
-        };
-        let db = if i + b.len() >= rank {
-            b[i + b.len() - rank]
-        } else {
-            1
-        };
-        out.push(match (da, db) {
-            (x, y) if x == y => x,
-            (1, y) => y,
-            (x, 1) => x,
-            _ => return None,
-        });
-    }
-    Some(out)
-}
-
 /// For each element of `out_shape`, the index of the element of `in_shape`
 /// that broadcasting maps onto it.
-pub fn broadcast_map(in_shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
+pub(crate) fn broadcast_map(in_shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
     let count: usize = out_shape.iter().product();
     if in_shape == out_shape {
         return (0..count).collect();
@@ -159,7 +125,7 @@ pub fn broadcast_map(in_shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
 /// For each element of a tensor of `shape`, the index of the element of
 /// its reduction over `axes` (kept as size 1) that it falls into; and that
 /// reduced shape.
-pub fn reduce_map(shape: &[usize], axes: &[usize]) -> (Vec<usize>, Vec<usize>) {
+pub(crate) fn reduce_map(shape: &[usize], axes: &[usize]) -> (Vec<usize>, Vec<usize>) {
     let kept: Vec<usize> = shape
         .iter()
         .enumerate()
@@ -169,7 +135,7 @@ pub fn reduce_map(shape: &[usize], axes: &[usize]) -> (Vec<usize>, Vec<usize>) {
 }
 
 /// Sums `data` of `shape` down to `target` (which broadcasts to `shape`).
-pub fn sum_to(data: &[f64], shape: &[usize], target: &[usize]) -> Vec<f64> {
+pub(crate) fn sum_to(data: &[f64], shape: &[usize], target: &[usize]) -> Vec<f64> {
     let map = broadcast_map(target, shape);
     let mut out = vec![0.0; target.iter().product()];
     for (i, &v) in data.iter().enumerate() {

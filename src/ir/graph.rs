@@ -188,7 +188,7 @@ impl Node {
     /// A node the compiler adds (a backward or optimizer node): an
     /// intermediate value at the source position of an existing node,
     /// outside any `no_grad` block.
-    pub fn derived(op: Op, ty: Type, origin: Origin, backward: Option<Backward>) -> Node {
+    pub(crate) fn derived(op: Op, ty: Type, origin: Origin, backward: Option<Backward>) -> Node {
         Node {
             op,
             ty,
@@ -301,7 +301,7 @@ impl Graph {
     }
 
     /// Mutable access to a node.
-    pub fn node_mut(&mut self, id: NodeId) -> &mut Node {
+    pub(crate) fn node_mut(&mut self, id: NodeId) -> &mut Node {
         self.version = fresh_version();
         &mut self.inner[id.index()]
     }
@@ -338,7 +338,7 @@ impl Graph {
     }
 
     /// The operand positions recorded on a node's incoming edges, sorted.
-    pub fn operand_positions(&self, id: NodeId) -> Vec<u32> {
+    pub(crate) fn operand_positions(&self, id: NodeId) -> Vec<u32> {
         let mut positions: Vec<u32> = self
             .inner
             .edges_directed(id.index(), Direction::Incoming)
@@ -349,7 +349,7 @@ impl Graph {
     }
 
     /// The nodes that use a node, sorted by id, once each.
-    pub fn users(&self, id: NodeId) -> Vec<NodeId> {
+    pub(crate) fn users(&self, id: NodeId) -> Vec<NodeId> {
         let mut users: Vec<NodeId> = self
             .inner
             .neighbors_directed(id.index(), Direction::Outgoing)
@@ -363,7 +363,7 @@ impl Graph {
     /// Makes every user of `old` read `new` instead, at the same operand
     /// positions. `old` keeps its own operands (dead-code elimination
     /// removes it if nothing else needs it).
-    pub fn redirect_uses(&mut self, old: NodeId, new: NodeId) {
+    pub(crate) fn redirect_uses(&mut self, old: NodeId, new: NodeId) {
         self.version = fresh_version();
         let edges: Vec<(NodeIndex, u32, petgraph::stable_graph::EdgeIndex)> = self
             .inner
@@ -377,7 +377,7 @@ impl Graph {
     }
 
     /// Replaces an operand edge of `user` at `position` with one from `new`.
-    pub fn set_operand(&mut self, user: NodeId, position: usize, new: NodeId) {
+    pub(crate) fn set_operand(&mut self, user: NodeId, position: usize, new: NodeId) {
         self.version = fresh_version();
         let edge = self
             .inner
@@ -450,7 +450,7 @@ impl Graph {
     }
 
     /// Nodes with a given role, in creation order.
-    pub fn with_role(&self, role: &Role) -> Vec<NodeId> {
+    pub(crate) fn with_role(&self, role: &Role) -> Vec<NodeId> {
         self.ids()
             .into_iter()
             .filter(|&id| &self.node(id).role == role)

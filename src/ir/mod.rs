@@ -13,7 +13,7 @@
 //! `Loss`, a float scalar. A model is lowered once per [`Mode`]: in eval
 //! graphs there is no dropout and batch-norm reads its running statistics.
 //!
-//! The per-op typing rules are [`Op::infer`]; the invariants the verifier
+//! The per-op typing rules are `Op::infer`; the invariants the verifier
 //! checks are listed in [`verify`]. `docs/language.md` says what each
 //! built-in computes; the IR op of the same name computes the same.
 

@@ -2,7 +2,7 @@
 //!
 //! Every pass, printer and (later) derivative rule is an exhaustive `match`
 //! over [`Op`], so adding an op makes the compiler list every place to
-//! update. [`Op::infer`] is the one typing and shape rule per op: lowering
+//! update. `Op::infer` is the one typing and shape rule per op: lowering
 //! uses it to type new nodes and the verifier uses it to re-check them.
 
 use std::fmt;
@@ -128,7 +128,7 @@ impl BinaryFn {
     }
 
     /// Whether the function is a comparison (a mask of 1 and 0).
-    pub fn is_comparison(self) -> bool {
+    pub(crate) fn is_comparison(self) -> bool {
         matches!(
             self,
             BinaryFn::Greater
@@ -514,7 +514,7 @@ impl Op {
     }
 
     /// Attributes printed after the name, such as `axis=1`.
-    pub fn attributes(&self) -> String {
+    pub(crate) fn attributes(&self) -> String {
         match self {
             Op::Param(init) | Op::Buffer(init) => format!("init={init}"),
             Op::Constant(c) => format!("{c:?}"),
@@ -580,7 +580,7 @@ impl Op {
     /// The result type of the op applied to operands of these types.
     /// Leaves, `Reshape` and `SumTo` take their type from the node
     /// (`declared`); for the others `declared` is ignored.
-    pub fn infer(&self, operands: &[&Type], declared: &Type) -> Result<Type, TypeError> {
+    pub(crate) fn infer(&self, operands: &[&Type], declared: &Type) -> Result<Type, TypeError> {
         match self {
             Op::Input | Op::Param(_) | Op::Buffer(_) | Op::Constant(_) | Op::State => {
                 arity(operands, 0)?;

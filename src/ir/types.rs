@@ -19,7 +19,7 @@ pub enum DType {
 
 impl DType {
     /// Parses `f32`, `f64` or `i32`.
-    pub fn from_name(name: &str) -> Option<DType> {
+    pub(crate) fn from_name(name: &str) -> Option<DType> {
         match name {
             "f32" => Some(DType::F32),
             "f64" => Some(DType::F64),
@@ -29,12 +29,12 @@ impl DType {
     }
 
     /// Whether arithmetic and layers accept it.
-    pub fn is_float(self) -> bool {
+    pub(crate) fn is_float(self) -> bool {
         matches!(self, DType::F32 | DType::F64)
     }
 
     /// Bytes per element.
-    pub fn size_bytes(self) -> u64 {
+    pub(crate) fn size_bytes(self) -> u64 {
         match self {
             DType::F32 | DType::I32 => 4,
             DType::F64 => 8,
@@ -68,7 +68,7 @@ impl Dim {
     }
 
     /// The size if it is fixed, else 0 (callers know it is fixed).
-    pub fn fixed_size(&self) -> u64 {
+    pub(crate) fn fixed_size(&self) -> u64 {
         match self {
             Dim::Fixed(n) => *n,
             Dim::Sym(_) => 0,
@@ -105,7 +105,7 @@ impl Shape {
     }
 
     /// Whether it is a scalar.
-    pub fn is_scalar(&self) -> bool {
+    pub(crate) fn is_scalar(&self) -> bool {
         self.0.is_empty()
     }
 
@@ -130,7 +130,7 @@ impl Shape {
     /// The element count as a fixed factor and the sorted list of symbols
     /// it is multiplied by; `None` when the fixed factor overflows
     /// [`MAX_ELEMENTS`].
-    pub fn element_count(&self) -> Option<(u64, Vec<String>)> {
+    pub(crate) fn element_count(&self) -> Option<(u64, Vec<String>)> {
         let mut fixed: u64 = 1;
         let mut symbols = Vec::new();
         for dim in &self.0 {
@@ -144,7 +144,7 @@ impl Shape {
     }
 
     /// The element count when every dimension is fixed.
-    pub fn fixed_count(&self) -> Option<u64> {
+    pub(crate) fn fixed_count(&self) -> Option<u64> {
         match self.element_count() {
             Some((n, symbols)) if symbols.is_empty() => Some(n),
             _ => None,
@@ -153,7 +153,7 @@ impl Shape {
 
     /// The element count with every symbolic dimension set to `size`
     /// (saturating), for estimates.
-    pub fn count_with(&self, size: u64) -> u64 {
+    pub(crate) fn count_with(&self, size: u64) -> u64 {
         self.0
             .iter()
             .map(|d| match d {
@@ -164,7 +164,7 @@ impl Shape {
     }
 
     /// NumPy broadcasting of two shapes; `None` when they do not broadcast.
-    pub fn broadcast(&self, other: &Shape) -> Option<Shape> {
+    pub(crate) fn broadcast(&self, other: &Shape) -> Option<Shape> {
         let rank = self.rank().max(other.rank());
         let mut dims = Vec::with_capacity(rank);
         for i in 0..rank {

@@ -2,7 +2,7 @@
 //!
 //! 1. the graph is acyclic;
 //! 2. every node's operand positions are exactly `0..n`, one edge each;
-//! 3. every node's type is what [`Op::infer`] computes from its operands
+//! 3. every node's type is what `Op::infer` computes from its operands
 //!    (arity, dtypes and shapes included);
 //! 4. leaf ops and leaf roles go together: `input` nodes have role `Input`,
 //!    `param` nodes `Param` or `FrozenParam`, `buffer` nodes `Buffer`,

@@ -45,7 +45,7 @@ use crate::jit::rows::RowOp;
 
 /// Which CLIF text a `CodeCache` keeps of each function it compiles.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ClifText {
+pub(crate) enum ClifText {
     /// None (the runtime's programs).
     #[default]
     None,
@@ -58,7 +58,7 @@ pub enum ClifText {
 }
 
 /// A JIT module holding compiled kernels; dropping it frees their code.
-pub struct CodeCache {
+pub(crate) struct CodeCache {
     /// The module and its code memory.
     memory: CodeMemory,
     /// The runtime functions, by name: a `BTreeMap`, so every kernel
@@ -257,7 +257,7 @@ impl CodeCache {
     /// (`row_passes`): `nodes` in order, reading `inputs` (stored as
     /// `input_elems`) and writing `outputs` (by their types); also returns
     /// the CLIF text.
-    pub fn compile_passes(
+    pub(crate) fn compile_passes(
         &mut self,
         graph: &Graph,
         nodes: &[NodeId],
@@ -383,7 +383,7 @@ impl CodeCache {
     /// `gradc_host`) and returns 0, or the status of the first host call
     /// that failed. Finalizes the module, so every kernel is callable, and
     /// returns the entry's CLIF text too.
-    pub fn compile_entry(&mut self, frame: &mut Frame) -> Result<String, CodegenError> {
+    pub(crate) fn compile_entry(&mut self, frame: &mut Frame) -> Result<String, CodegenError> {
         let pointer = types::I64;
         let (id, mut context) = self.declare("entry", 3, true)?;
         let mut builder_context = FunctionBuilderContext::new();
@@ -475,7 +475,7 @@ impl CodeCache {
     /// buffers' addresses in `ptrs` and its sizes in `params`
     /// (`Mover::buffers`, `Mover::params`). Also returns the CLIF text
     /// (empty if compiled before).
-    pub fn compile_mover(
+    pub(crate) fn compile_mover(
         &mut self,
         mover: Mover,
         elem: Elem,
@@ -518,7 +518,7 @@ impl CodeCache {
     /// `RowOp::of` accepts, or the pair of `RowOp::CrossEntropyWithVjp`)
     /// from the first one's operands, whose inputs (`RowOp::reads`) are
     /// stored as `input_elems` say; also returns the CLIF text.
-    pub fn compile_rows(
+    pub(crate) fn compile_rows(
         &mut self,
         graph: &Graph,
         outputs: &[NodeId],

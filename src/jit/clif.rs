@@ -166,7 +166,7 @@ pub(super) fn call(
 /// sum a kernel accumulates in place is `f64` whatever its type, so that it
 /// sums in `f64` as the interpreter does and is rounded once at the end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Elem {
+pub(crate) enum Elem {
     /// Four bytes per element.
     F32,
     /// Eight bytes per element.

@@ -130,7 +130,7 @@ pub(super) fn summand(
 }
 
 /// Whether the code generator can compile a node as an elementwise op.
-pub fn supported(graph: &Graph, id: NodeId) -> bool {
+pub(crate) fn supported(graph: &Graph, id: NodeId) -> bool {
     let node = graph.node(id);
     if node.dtype() == DType::I32 {
         return false;
@@ -243,7 +243,7 @@ pub(super) fn dropout_scale(
 }
 
 /// A compiled kernel: its entry point and what to pass it.
-pub struct CompiledKernel {
+pub(crate) struct CompiledKernel {
     pub(super) func: FuncId,
     /// Values read, in argument order (before the outputs).
     pub inputs: Vec<NodeId>,
@@ -269,7 +269,7 @@ pub struct CompiledKernel {
 /// How a kernel's loop reaches one of its buffers, decided from the static
 /// shapes when it is compiled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Access {
+pub(crate) enum Access {
     /// The loop's own shape: element `i` (an input, or a non-sum output).
     Full,
     /// One element (every axis of size 1): element 0, read once per

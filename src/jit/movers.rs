@@ -17,7 +17,7 @@ use crate::jit::clif::load;
 /// bound by `Frame::push_copy` and `push_indexed`, which check every
 /// element it reaches).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mover {
+pub(crate) enum Mover {
     /// A three-level strided block (`CopyBlock`: counts, then the source's
     /// offset and strides, then the destination's: eleven `params`) from
     /// `buffers[0]` to `buffers[1]`, bit for bit: `reshape`, `transpose`,

@@ -18,7 +18,7 @@ use crate::passes::{dce, replace};
 
 /// Replaces every recognised primitive graph by its kernel node; true if
 /// anything changed.
-pub fn recognise(graph: &mut Graph) -> bool {
+pub(crate) fn recognise(graph: &mut Graph) -> bool {
     let mut changed = false;
     for id in graph.topo_order().unwrap_or_default() {
         if let Some((operands, op)) = cross_entropy_gradient(graph, id) {

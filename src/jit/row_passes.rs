@@ -32,7 +32,7 @@ use crate::jit::rows::max_step;
 use crate::passes::fusion::{RowForm, is_column_sum, is_row_reduction, is_single_sum, row_form};
 
 /// A compiled kernel in passes over rows.
-pub struct PassKernel {
+pub(crate) struct PassKernel {
     pub(super) func: FuncId,
     /// Values read, in argument order (before the outputs).
     pub inputs: Vec<NodeId>,

@@ -150,7 +150,7 @@ impl RowOp {
     }
 
     /// Which of the values read has the `rows x cols` shape.
-    pub fn shaped_by(self) -> usize {
+    pub(crate) fn shaped_by(self) -> usize {
         match self {
             RowOp::CrossEntropyVjp => 1,
             _ => 0,
@@ -168,7 +168,7 @@ impl RowOp {
 
     /// How many elements each value read must hold, then each output's
     /// count (one output but for `CrossEntropyWithVjp`), for `rows x cols`.
-    pub fn lengths(self, rows: usize, cols: usize) -> (Vec<usize>, Vec<usize>) {
+    pub(crate) fn lengths(self, rows: usize, cols: usize) -> (Vec<usize>, Vec<usize>) {
         let all = rows * cols;
         let (reads, output) = match self {
             RowOp::CrossEntropyWithVjp { .. } => return (vec![all, rows], vec![1, all]),
@@ -189,7 +189,7 @@ impl RowOp {
     /// The fewest rows the kernel computes what the interpreter does for:
     /// train-mode batch normalization refuses a single row (the
     /// interpreter's error, so fewer rows run there).
-    pub fn min_rows(self) -> usize {
+    pub(crate) fn min_rows(self) -> usize {
         match self {
             RowOp::BatchNorm { training: true, .. } => 2,
             _ => 0,
@@ -198,7 +198,7 @@ impl RowOp {
 
     /// Whether the kernel writes a row's softmax (`write_softmax`), which
     /// reads each exponential twice.
-    pub fn takes_softmax(self) -> bool {
+    pub(crate) fn takes_softmax(self) -> bool {
         matches!(
             self,
             RowOp::Softmax | RowOp::CrossEntropyVjp | RowOp::CrossEntropyWithVjp { .. }
@@ -206,7 +206,7 @@ impl RowOp {
     }
 
     /// Whether the kernel takes two rows at a time (`RowShape::second_exps`).
-    pub fn takes_row_pairs(self) -> bool {
+    pub(crate) fn takes_row_pairs(self) -> bool {
         matches!(self, RowOp::CrossEntropyWithVjp { .. })
     }
 }
@@ -1075,7 +1075,7 @@ fn emit_running_stat(
 
 /// A compiled row kernel (`jit::rows`): a loop over the rows of a
 /// `rows x cols` operand.
-pub struct RowKernel {
+pub(crate) struct RowKernel {
     pub(super) func: FuncId,
     /// What it computes.
     pub op: RowOp,

@@ -11,7 +11,7 @@ use crate::syntax::ast::{Arg, Ast, ExprId};
 
 /// A built-in function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Builtin {
+pub(crate) enum Builtin {
     /// `exp(x)` and the other one-argument elementwise functions.
     Unary(UnaryFn),
     /// `leaky_relu(x, slope = 0.01)`
@@ -101,7 +101,7 @@ const fn opt(name: &'static str, kind: Kind) -> Param<'static> {
 }
 
 /// Every built-in name, for "did you mean".
-pub const NAMES: &[&str] = &[
+pub(crate) const NAMES: &[&str] = &[
     "exp",
     "log",
     "sqrt",
@@ -141,7 +141,7 @@ pub const NAMES: &[&str] = &[
 
 impl Builtin {
     /// The built-in called `name`.
-    pub fn from_name(name: &str) -> Option<Builtin> {
+    pub(crate) fn from_name(name: &str) -> Option<Builtin> {
         let unary = UnaryFn::ALL
             .iter()
             .find(|f| f.name() == name && **f != UnaryFn::Neg);
@@ -227,7 +227,7 @@ impl Builtin {
 }
 
 /// Renders a signature such as `dropout(x, p)` for help lines.
-pub fn signature(name: &str, params: &[Param<'_>]) -> String {
+pub(crate) fn signature(name: &str, params: &[Param<'_>]) -> String {
     let list: Vec<String> = params
         .iter()
         .map(|p| {

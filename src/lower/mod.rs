@@ -2,14 +2,14 @@
 //!
 //! This is the checker. It resolves names (no shadowing, no use before
 //! definition), inlines user functions at each call, binds call arguments,
-//! types every value with [`Op::infer`] and turns each rule it breaks into a
+//! types every value with `Op::infer` and turns each rule it breaks into a
 //! [`Diagnostic`] pointing at the source (and, inside an inlined function,
 //! at the call too). A value whose computation failed becomes
-//! [`Value::Poison`], which silences follow-on errors. Lowering never stops
+//! `Value::Poison`, which silences follow-on errors. Lowering never stops
 //! at the first error and never panics on user input.
 //!
-//! Recursive walks are bounded: expressions deeper than [`MAX_EXPR_DEPTH`]
-//! and function calls nested deeper than [`MAX_CALL_DEPTH`] are reported
+//! Recursive walks are bounded: expressions deeper than `MAX_EXPR_DEPTH`
+//! and function calls nested deeper than `MAX_CALL_DEPTH` are reported
 //! instead of followed. The `train` block is checked by [`train`].
 
 mod builtins;
@@ -26,16 +26,16 @@ use crate::syntax::ast::{Ast, DimExpr, ExprId, ExprKind, Function, Item, Model, 
 use train::TrainConfig;
 
 /// Deepest expression tree that lowering follows.
-pub const MAX_EXPR_DEPTH: u32 = 256;
+pub(crate) const MAX_EXPR_DEPTH: u32 = 256;
 /// Deepest chain of inlined function calls.
-pub const MAX_CALL_DEPTH: usize = 32;
+pub(crate) const MAX_CALL_DEPTH: usize = 32;
 /// Most nodes one model's graph may have. Functions that call each other
 /// twice per level would otherwise expand exponentially.
 pub const MAX_NODES: usize = 1 << 18;
 /// Most expressions lowering may visit while inlining one model. Calls whose
 /// arguments are numbers or poisoned values build no nodes, so the node
 /// limit alone would not stop exponential inlining.
-pub const MAX_WORK: usize = 1 << 20;
+pub(crate) const MAX_WORK: usize = 1 << 20;
 
 /// Options that change how a file lowers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -272,7 +272,7 @@ fn find_recursion(
 
 /// What a name is bound to.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Value {
+pub(crate) enum Value {
     /// A graph node.
     Node(NodeId),
     /// A number not yet given a dtype (weakly typed, as in JAX): it takes

@@ -2,7 +2,7 @@
 //!
 //! The grammar reads a train block as a flat list of words, values and
 //! `key = value` pairs, since newlines do not end entries. An entry starts
-//! at a word that names one ([`ENTRIES`]); the values and pairs after it
+//! at a word that names one (`ENTRIES`); the values and pairs after it
 //! belong to it. The checked result is a [`TrainConfig`], which training
 //! uses later; every entry can be overridden from the command line.
 
@@ -12,7 +12,7 @@ use crate::diagnostic::{Code, Diagnostic, Span, closest};
 use crate::syntax::ast::{Arg, Ast, ExprId, ExprKind, Ident, Item, Train, TrainItem, UnaryOp};
 
 /// The entries a train block may hold.
-pub const ENTRIES: &[&str] = &[
+pub(crate) const ENTRIES: &[&str] = &[
     "data",
     "optimizer",
     "schedule",
@@ -101,7 +101,7 @@ pub enum Schedule {
 impl Schedule {
     /// Whether the rate at a step depends on the run's total length (so
     /// that resuming with other `epochs` changes it).
-    pub fn depends_on_length(&self) -> bool {
+    pub(crate) fn depends_on_length(&self) -> bool {
         matches!(self, Schedule::Cosine { .. })
     }
 
@@ -208,7 +208,7 @@ struct Entry {
 }
 
 /// Checks every train block; returns the configurations by model name.
-pub fn check_train_blocks(
+pub(crate) fn check_train_blocks(
     ast: &Ast,
     models: &HashMap<&str, Span>,
     has_loss: &HashMap<String, bool>,
@@ -285,7 +285,7 @@ pub fn check_train_blocks(
 /// `schedule cosine(warmup = 50)`, `clip_grad_norm 1.0`), checked by the
 /// same rules as the block. An error is the rendered diagnostics, naming
 /// the flag as the file.
-pub fn apply_overrides(
+pub(crate) fn apply_overrides(
     config: &mut TrainConfig,
     overrides: &[(String, String)],
 ) -> Result<(), String> {

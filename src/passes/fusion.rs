@@ -68,7 +68,7 @@ pub struct Kernel {
 /// How a loop over the rows of a shape (its last axis the columns) reads
 /// a value of another shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RowForm {
+pub(crate) enum RowForm {
     /// The loop's own shape: one element per row and column.
     Full,
     /// The loop's shape with a last axis of 1: one element per row.
@@ -81,7 +81,7 @@ pub enum RowForm {
 
 /// How a loop over the rows of `loop_shape` reads a value of `shape`, if
 /// it is one of the `RowForm`s (not, say, a broadcast over a middle axis).
-pub fn row_form(shape: &Shape, loop_shape: &Shape) -> Option<RowForm> {
+pub(crate) fn row_form(shape: &Shape, loop_shape: &Shape) -> Option<RowForm> {
     let (dims, loop_dims) = (&shape.0, &loop_shape.0);
     let (Some((columns, rows)), Some(last)) = (loop_dims.split_last(), dims.last()) else {
         return dims.iter().all(|d| d.is_one()).then_some(RowForm::Single);
@@ -105,7 +105,7 @@ pub fn row_form(shape: &Shape, loop_shape: &Shape) -> Option<RowForm> {
 /// Whether a node is a reduction along its operand's last axis that keeps
 /// it: `sum`, `mean` or `max` with `keepdims`, or the `sum_to` of a
 /// broadcast `[.., 1]` (its gradient). One value per row.
-pub fn is_row_reduction(graph: &Graph, id: NodeId) -> bool {
+pub(crate) fn is_row_reduction(graph: &Graph, id: NodeId) -> bool {
     let node = graph.node(id);
     let operand = graph.node(graph.operands(id)[0]);
     let rank = operand.shape().rank();
@@ -124,7 +124,7 @@ pub fn is_row_reduction(graph: &Graph, id: NodeId) -> bool {
 /// Whether a node sums a value of `loop_shape` over its rows to one value
 /// per column (`sum` over the leading axes, or the `sum_to` of a
 /// broadcast bias: its gradient): complete only after the last row.
-pub fn is_column_sum(graph: &Graph, id: NodeId, loop_shape: &Shape) -> bool {
+pub(crate) fn is_column_sum(graph: &Graph, id: NodeId, loop_shape: &Shape) -> bool {
     let node = graph.node(id);
     let operand = graph.node(graph.operands(id)[0]);
     let sums = match &node.op {
@@ -147,7 +147,7 @@ pub fn is_column_sum(graph: &Graph, id: NodeId, loop_shape: &Shape) -> bool {
 /// per row, to one element: a `sum` or `mean` over every axis, a `sum_to`
 /// of a scalar, a monitor's `zero_fraction`, `mse` or `bce_with_logits`
 /// (the gradient norms and counts that close a gradient's kernel).
-pub fn is_single_sum(graph: &Graph, id: NodeId, loop_shape: &Shape) -> bool {
+pub(crate) fn is_single_sum(graph: &Graph, id: NodeId, loop_shape: &Shape) -> bool {
     let node = graph.node(id);
     let sums = matches!(
         node.op,
@@ -244,7 +244,7 @@ impl Plan {
 
     /// The kernels (other than its own) that read a value from memory:
     /// those that need it and do not recompute it.
-    pub fn reader_kernels(&self, graph: &Graph, id: NodeId) -> Vec<usize> {
+    pub(crate) fn reader_kernels(&self, graph: &Graph, id: NodeId) -> Vec<usize> {
         let home = self.kernel_of.get(&id).copied();
         let mut readers: Vec<usize> = graph
             .users(id)
@@ -512,7 +512,7 @@ pub fn step_invariant(graph: &Graph) -> BTreeSet<NodeId> {
 }
 
 /// Describes a node for the plan: op, `grad_fn` for backward nodes, line.
-pub fn describe(graph: &Graph, id: NodeId, number: &HashMap<NodeId, usize>) -> String {
+pub(crate) fn describe(graph: &Graph, id: NodeId, number: &HashMap<NodeId, usize>) -> String {
     let node = graph.node(id);
     let mut text = format!("%{} {}", number[&id], node.op.name());
     if let Some(backward) = &node.backward {

@@ -4,7 +4,7 @@
 //! The passes are plain functions `fn(&mut Graph) -> bool` (true when they
 //! changed something), listed in order in [`PASSES`]. [`optimize`] runs the
 //! list in that order, repeatedly until nothing changes (at most
-//! [`MAX_ROUNDS`] rounds), with the verifier after every pass in tests and
+//! `MAX_ROUNDS` rounds), with the verifier after every pass in tests and
 //! debug builds. Then [`fusion::plan`] partitions the optimized graph into
 //! kernels and [`memory::plan`] assigns their buffers.
 //!
@@ -24,7 +24,7 @@ pub mod transpose;
 use crate::ir::{Graph, Node, NodeId, Op, Role, verify};
 
 /// A pass: changes the graph in place, says whether it changed anything.
-pub type Pass = fn(&mut Graph) -> bool;
+pub(crate) type Pass = fn(&mut Graph) -> bool;
 
 /// The passes, in the order they run.
 pub const PASSES: &[(&str, Pass)] = &[
@@ -36,7 +36,7 @@ pub const PASSES: &[(&str, Pass)] = &[
 ];
 
 /// Rounds of the whole list before giving up on a fixed point.
-pub const MAX_ROUNDS: usize = 8;
+pub(crate) const MAX_ROUNDS: usize = 8;
 
 /// The names of the passes, for `--dump-after`.
 pub fn names() -> Vec<&'static str> {
@@ -106,7 +106,7 @@ pub fn replace(graph: &mut Graph, old: NodeId, new: NodeId) {
 
 /// Whether a node's value is a result of the graph (it has a role other
 /// than intermediate) or a leaf, which no pass may remove.
-pub fn is_root(graph: &Graph, id: NodeId) -> bool {
+pub(crate) fn is_root(graph: &Graph, id: NodeId) -> bool {
     let node = graph.node(id);
     node.role != Role::Intermediate || (node.op.is_leaf() && !matches!(node.op, Op::Constant(_)))
 }

@@ -15,7 +15,7 @@ use crate::diagnostic::{Code, Diagnostic, Span};
 #[derive(Logos, Clone, Copy, Debug, PartialEq, Eq)]
 #[logos(skip r"[ \t\r\n\f]+")]
 #[logos(skip(r"#[^\n]*", allow_greedy = true))]
-pub enum Tok<'input> {
+pub(crate) enum Tok<'input> {
     /// `model`
     #[token("model")]
     Model,
@@ -168,12 +168,12 @@ impl fmt::Display for Tok<'_> {
 }
 
 /// A token with its byte range, as the parser takes it.
-pub type Spanned<'input> = (usize, Tok<'input>, usize);
+pub(crate) type Spanned<'input> = (usize, Tok<'input>, usize);
 
 /// The deepest nesting of brackets the parser accepts. Deeper input is
 /// rejected before parsing so that no later recursive walk can overflow the
 /// stack.
-pub const MAX_NESTING: usize = 256;
+pub(crate) const MAX_NESTING: usize = 256;
 
 /// Lexes the whole source. Bad characters and unterminated strings are
 /// reported and left out of the token list.
@@ -223,7 +223,7 @@ pub fn lex<'input>(source: &'input str, diagnostics: &mut Vec<Diagnostic>) -> Ve
 }
 
 /// Finds the first bracket that nests deeper than [`MAX_NESTING`].
-pub fn check_nesting(tokens: &[Spanned<'_>]) -> Option<Diagnostic> {
+pub(crate) fn check_nesting(tokens: &[Spanned<'_>]) -> Option<Diagnostic> {
     let mut depth = 0usize;
     for &(start, token, end) in tokens {
         match token {

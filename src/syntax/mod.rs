@@ -23,12 +23,12 @@ lalrpop_mod!(
 /// The parser's user-error type: the lexer reports its own errors as
 /// diagnostics, so the parser never sees one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Never {}
+pub(crate) enum Never {}
 
 /// State shared by the grammar's actions: the expression arena and the
 /// syntax errors recovered so far.
 #[derive(Default)]
-pub struct Builder {
+pub(crate) struct Builder {
     ast: Ast,
     diagnostics: Vec<Diagnostic>,
 }
@@ -65,7 +65,7 @@ impl Builder {
     }
 
     /// Records a recovered syntax error.
-    pub fn recover(&mut self, recovery: ErrorRecovery<usize, Tok<'_>, Never>) {
+    pub(crate) fn recover(&mut self, recovery: ErrorRecovery<usize, Tok<'_>, Never>) {
         self.syntax_error(recovery.error);
     }
 

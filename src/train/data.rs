@@ -13,7 +13,7 @@
 //! error naming the file and, where there is one, the line and column:
 //! ragged rows, non-numbers, NaN or infinite values, labels that are not
 //! classes of the logits, a width that does not fit the model's input, a
-//! file without rows. Messages quote at most [`QUOTE_LIMIT`] characters of
+//! file without rows. Messages quote at most `QUOTE_LIMIT` characters of
 //! a cell.
 
 use std::path::{Path, PathBuf};
@@ -25,7 +25,7 @@ use crate::random::{Stream, mix};
 
 /// The digits data set, built into the binary: the default when a train
 /// block names no data.
-pub const EMBEDDED_DIGITS: &str = include_str!("../../examples/data/digits.csv");
+pub(crate) const EMBEDDED_DIGITS: &str = include_str!("../../examples/data/digits.csv");
 
 /// Why data could not be loaded.
 #[derive(Clone, Debug, PartialEq)]
@@ -154,14 +154,14 @@ impl Source {
 
 /// The most bytes a data file may have (larger files are refused before
 /// they are read).
-pub const MAX_DATA_BYTES: u64 = 4 << 30;
+pub(crate) const MAX_DATA_BYTES: u64 = 4 << 30;
 
 /// The most characters of a cell or name that a message quotes.
-pub const QUOTE_LIMIT: usize = 40;
+pub(crate) const QUOTE_LIMIT: usize = 40;
 
 /// `text` for a message: at most [`QUOTE_LIMIT`] characters, with how
 /// many were left out.
-pub fn quote(text: &str) -> String {
+pub(crate) fn quote(text: &str) -> String {
     crate::diagnostic::shorten(text, QUOTE_LIMIT)
 }
 
@@ -267,7 +267,7 @@ pub fn load(source: &Source, graph: &Graph) -> Result<Dataset, DataError> {
 }
 
 /// An array of a file with its name: (name, shape, values).
-pub type NamedArray = (String, Vec<usize>, Vec<f64>);
+pub(crate) type NamedArray = (String, Vec<usize>, Vec<f64>);
 
 /// The arrays of a file whose names are inputs: the model's inputs fed by
 /// name (every one must be there; others are ignored).
@@ -676,7 +676,7 @@ fn class_target(graph: &Graph) -> Option<String> {
 }
 
 /// The class count of the first `cross_entropy` of the graph.
-pub fn class_count(graph: &Graph) -> Option<usize> {
+pub(crate) fn class_count(graph: &Graph) -> Option<usize> {
     graph.ids().into_iter().find_map(|id| {
         if graph.node(id).op != Op::CrossEntropy {
             return None;
@@ -689,7 +689,7 @@ pub fn class_count(graph: &Graph) -> Option<usize> {
 }
 
 /// Reads a `.npy` file of `f4`, `f8`, `i4`, `i8` or `u1` values (C order).
-pub fn read_npy(path: &Path) -> Result<(Vec<usize>, Vec<f64>), DataError> {
+pub(crate) fn read_npy(path: &Path) -> Result<(Vec<usize>, Vec<f64>), DataError> {
     let name = path.display().to_string();
     parse_npy(&name, &read_bytes(path)?)
 }
@@ -827,7 +827,7 @@ pub fn split(rows: usize, test: f64, seed: u64) -> Split {
 }
 
 /// Fisher-Yates with a seeded stream.
-pub fn shuffle(items: &mut [usize], seed: u64) {
+pub(crate) fn shuffle(items: &mut [usize], seed: u64) {
     let mut stream = Stream::new(seed);
     for i in (1..items.len()).rev() {
         let j = stream.below(i as u64 + 1) as usize;

@@ -20,7 +20,7 @@ fn name_hash(name: &str) -> u64 {
 }
 
 /// The fans of a shape in the `x @ w` layout.
-pub fn fans(shape: &[usize]) -> (f64, f64) {
+pub(crate) fn fans(shape: &[usize]) -> (f64, f64) {
     match shape.split_last() {
         Some((&out, rest)) if !rest.is_empty() => {
             (rest.iter().product::<usize>() as f64, out as f64)
@@ -31,7 +31,13 @@ pub fn fans(shape: &[usize]) -> (f64, f64) {
 }
 
 /// The initial value of the param or buffer `name`.
-pub fn initialize(init: Init, name: &str, dtype: DType, shape: &[usize], seed: u64) -> Tensor {
+pub(crate) fn initialize(
+    init: Init,
+    name: &str,
+    dtype: DType,
+    shape: &[usize],
+    seed: u64,
+) -> Tensor {
     let len: usize = shape.iter().product();
     let mut stream = Stream::new(mix(seed ^ name_hash(name)));
     let (fan_in, fan_out) = fans(shape);

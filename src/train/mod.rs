@@ -48,7 +48,7 @@ pub enum BackendError {
 impl BackendError {
     /// An interpreter error raised inside `backend`: `Internal` ones are
     /// that backend's failures, the others are about the values.
-    pub fn from_interp(backend: &'static str, error: InterpError) -> BackendError {
+    pub(crate) fn from_interp(backend: &'static str, error: InterpError) -> BackendError {
         match error {
             InterpError::Internal(message) => BackendError::internal(backend, message),
             other => BackendError::Run(other),
@@ -390,7 +390,7 @@ impl StepReads {
 impl Session {
     /// Builds the graphs and initializes the state from the initializers,
     /// refusing state larger than the memory available
-    /// ([`available_memory`]).
+    /// (`available_memory`).
     pub fn new(
         model: &LoweredModel,
         config: TrainConfig,
@@ -401,7 +401,7 @@ impl Session {
 
     /// [`Session::new`] with a memory limit in bytes (`--max-memory`), or
     /// none.
-    pub fn with_memory_limit(
+    pub(crate) fn with_memory_limit(
         model: &LoweredModel,
         config: TrainConfig,
         freeze: &[String],
@@ -500,7 +500,7 @@ impl Session {
 
     /// Sets every param and buffer from its initializer and the optimizer
     /// state to zero.
-    pub fn initialize(&mut self) {
+    pub(crate) fn initialize(&mut self) {
         self.kept = None;
         self.synced = true;
         let seed = self.config.seed;
@@ -877,7 +877,7 @@ fn restore(
 /// A declared shape with every dimension fixed (params, buffers, state).
 /// The bytes the state of a step graph takes (params, buffers and
 /// optimizer state, stored as `f64`).
-pub fn state_bytes(graph: &Graph) -> u64 {
+pub(crate) fn state_bytes(graph: &Graph) -> u64 {
     graph
         .ids()
         .into_iter()
@@ -890,7 +890,7 @@ pub fn state_bytes(graph: &Graph) -> u64 {
 /// its symbolic dimensions (stored as `f64`): an upper bound of what a
 /// step holds (the reference interpreter keeps every value; the JIT
 /// reuses buffers and stores `f32` in four bytes).
-pub fn step_bytes(graph: &Graph, batch: u64) -> u64 {
+pub(crate) fn step_bytes(graph: &Graph, batch: u64) -> u64 {
     graph
         .ids()
         .into_iter()
@@ -904,7 +904,7 @@ fn node_bytes(graph: &Graph, id: NodeId, batch: u64) -> u64 {
 
 /// The memory available to this process: Linux's `MemAvailable` (what
 /// can be allocated without swapping), or none where it is not known.
-pub fn available_memory() -> Option<u64> {
+pub(crate) fn available_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -912,7 +912,7 @@ pub fn available_memory() -> Option<u64> {
 }
 
 /// A byte count for messages (`1.9 GiB`).
-pub fn bytes_text(bytes: u64) -> String {
+pub(crate) fn bytes_text(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
     let mut unit = 0;
@@ -969,7 +969,7 @@ fn fixed_shape(shape: &crate::ir::Shape) -> Vec<usize> {
 }
 
 /// The first `cross_entropy` node, if the loss uses one.
-pub fn cross_entropy_node(graph: &Graph) -> Option<NodeId> {
+pub(crate) fn cross_entropy_node(graph: &Graph) -> Option<NodeId> {
     graph
         .ids()
         .into_iter()

@@ -12,7 +12,7 @@ use crate::ir::{Graph, NodeId, Role};
 
 /// Per-epoch accumulation of the step statistics.
 #[derive(Clone, Debug, Default)]
-pub struct Monitor {
+pub(crate) struct Monitor {
     sums: BTreeMap<String, f64>,
     mins: BTreeMap<String, f64>,
     maxs: BTreeMap<String, f64>,
@@ -29,7 +29,7 @@ pub struct Monitor {
 }
 
 /// The rank of every param: weight matrices have rank 2 or more.
-pub fn ranks(graph: &Graph) -> BTreeMap<String, usize> {
+pub(crate) fn ranks(graph: &Graph) -> BTreeMap<String, usize> {
     graph
         .with_role(&Role::Param)
         .into_iter()
@@ -122,7 +122,7 @@ impl Monitor {
     }
 
     /// Warnings for the epoch just ended; then starts the next epoch.
-    pub fn end_epoch(
+    pub(crate) fn end_epoch(
         &mut self,
         epoch: usize,
         lines: &BTreeMap<String, u32>,
@@ -376,7 +376,7 @@ pub fn number(value: f64) -> String {
 /// loss is finite) and which op first produced a non-finite value, at its
 /// source line (the evaluation should be the interpreter's, which runs
 /// the ops as written).
-pub fn first_non_finite(
+pub(crate) fn first_non_finite(
     graph: &Graph,
     evaluation: &Evaluation,
     step: u64,

@@ -46,7 +46,7 @@ pub struct RunOptions {
     /// Print progress and per-epoch lines (the library can run quietly).
     pub verbose: bool,
     /// `--max-memory`: the most bytes a run may need; by default the
-    /// memory available ([`super::available_memory`]).
+    /// memory available (`super::available_memory`).
     pub max_memory: Option<u64>,
     /// Makes the backend the step and eval graphs run on (`--backend`):
     /// the runtime only knows the `Backend` trait, its caller chooses.
@@ -140,7 +140,7 @@ fn interrupted_flag() -> Arc<AtomicBool> {
 }
 
 /// The most steps a run may take: the step counter is saved as an `I32`.
-pub const MAX_STEPS: u64 = i32::MAX as u64;
+pub(crate) const MAX_STEPS: u64 = i32::MAX as u64;
 
 /// Trains a model. Prints per-epoch lines when `options.verbose`.
 pub fn train(

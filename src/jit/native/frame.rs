@@ -29,7 +29,7 @@ pub(in crate::jit) type EntryFn =
     extern "C" fn(*const i64, *mut HostState<'static>, *const i64) -> i64;
 
 /// One buffer of a frame.
-pub enum Storage {
+pub(crate) enum Storage {
     /// `f32` elements.
     F32(Vec<f32>),
     /// `f64` elements.
@@ -163,7 +163,7 @@ impl Stored for f64 {
 /// matrix products (on the GEMM), the kernels that are not compiled (on the
 /// interpreter), the checks of labels. `index` is what `Frame::push_host`
 /// was given.
-pub trait Host {
+pub(crate) trait Host {
     /// Does host work `index` on the frame's buffers.
     fn call(&mut self, index: usize, buffers: &mut Buffers<'_>) -> Result<(), InterpError>;
 }
@@ -171,11 +171,11 @@ pub trait Host {
 /// The frame's buffers as host work sees them: their elements can be read
 /// and written, but no buffer can be resized or replaced, since compiled
 /// code holds their addresses.
-pub struct Buffers<'a>(&'a mut [Storage]);
+pub(crate) struct Buffers<'a>(&'a mut [Storage]);
 
 impl Buffers<'_> {
     /// How buffer `slot` stores its elements.
-    pub fn elem(&self, slot: usize) -> Elem {
+    pub(crate) fn elem(&self, slot: usize) -> Elem {
         self.0[slot].elem()
     }
 
@@ -194,7 +194,7 @@ impl Buffers<'_> {
     /// becomes its leaf without a copy). Compiled code stays in bounds:
     /// every call was checked against the lengths, which do not change,
     /// and the entry takes the buffers' addresses afresh on every run.
-    pub fn swap(&mut self, a: usize, b: usize) -> Result<(), CodegenError> {
+    pub(crate) fn swap(&mut self, a: usize, b: usize) -> Result<(), CodegenError> {
         let fits = match (self.0.get(a), self.0.get(b)) {
             (Some(x), Some(y)) => x.len() == y.len() && x.elem() == y.elem(),
             _ => false,
@@ -318,7 +318,7 @@ pub(in crate::jit) enum BoundCall {
 /// x counts[2]` block goes from `from.0 + a from.1[0] + b from.1[1] + c
 /// from.1[2]` in the source to the same place by `to` in the destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CopyBlock {
+pub(crate) struct CopyBlock {
     /// The block's extent.
     pub counts: [usize; 3],
     /// The source's offset and strides.
@@ -331,7 +331,7 @@ pub struct CopyBlock {
 /// and never resized, the entry's calls with their buffers (every length
 /// checked when the call is pushed), and the compiled entry.
 #[derive(Default)]
-pub struct Frame {
+pub(crate) struct Frame {
     buffers: Vec<Storage>,
     pub(in crate::jit) calls: Vec<BoundCall>,
     pub(in crate::jit) entry: Option<EntryFn>,
@@ -372,7 +372,7 @@ impl Frame {
     }
 
     /// The first `count` elements of buffer `slot` as `f64`s, into `out` (replacing what it held, reusing its memory).
-    pub fn read_into(&self, slot: usize, count: usize, out: &mut Vec<f64>) {
+    pub(crate) fn read_into(&self, slot: usize, count: usize, out: &mut Vec<f64>) {
         self.buffers[slot].read_into(count, out);
     }
 
@@ -390,7 +390,7 @@ impl Frame {
     /// counts, `k, m >= 1`, a full input holding `n` elements, a single one
     /// `m = 1`, a strided one `m` elements; a non-sum output holding `n`,
     /// a sum `m`; no output aliasing another buffer.
-    pub fn push_kernel(
+    pub(crate) fn push_kernel(
         &mut self,
         kernel: &CompiledKernel,
         slots: Vec<usize>,
@@ -471,7 +471,7 @@ impl Frame {
     /// buffer holds what `RowOp::lengths` says (and no more is reached) and
     /// that each output is its own buffer. Labels must be checked by host
     /// work pushed before it (the kernel caps them at `cols - 1` anyway).
-    pub fn push_rows(
+    pub(crate) fn push_rows(
         &mut self,
         kernel: &RowKernel,
         slots: Vec<usize>,
@@ -550,7 +550,7 @@ impl Frame {
     /// reaches (a full one `rows * cols` elements, one per row `rows`, one
     /// per column `cols`, a single one 1), and that each output is its own
     /// buffer.
-    pub fn push_passes(
+    pub(crate) fn push_passes(
         &mut self,
         kernel: &PassKernel,
         slots: Vec<usize>,
@@ -593,7 +593,7 @@ impl Frame {
     /// buffer `slots[1]`, after checking that both store `elem`, are
     /// distinct, and hold every element the block reaches (an empty block
     /// is no call).
-    pub fn push_copy(
+    pub(crate) fn push_copy(
         &mut self,
         (func, elem): (FuncId, Elem),
         slots: [usize; 2],
@@ -654,7 +654,7 @@ impl Frame {
     /// `f32`. Checks the buffers' types and lengths and that the output is
     /// its own. The indices must be checked by host work pushed before it
     /// (the kernel caps them at `v - 1` anyway).
-    pub fn push_indexed(
+    pub(crate) fn push_indexed(
         &mut self,
         (func, mover, elem): (FuncId, Mover, Elem),
         slots: [usize; 3],
@@ -709,7 +709,7 @@ impl Frame {
     }
 
     /// Appends host work `index` (`Host::call`).
-    pub fn push_host(&mut self, index: usize) {
+    pub(crate) fn push_host(&mut self, index: usize) {
         self.calls.push(BoundCall::Host(index));
     }
 

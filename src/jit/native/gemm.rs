@@ -172,11 +172,11 @@ impl<'a, T> MatrixView<'a, T> {
 /// is most of a small product's time, and its micro-kernel wastes most of
 /// its width on 10 columns; it is faster from about `128 x 256 x 256` on
 /// (measured: `docs/performance.md`).
-pub const SMALL_PRODUCT: usize = 1 << 21;
+pub(crate) const SMALL_PRODUCT: usize = 1 << 21;
 
 /// Products this narrow take `small_sgemm` whatever their size (one block
 /// of columns: each row of the right operand is loaded once per 8 rows).
-pub const SMALL_PRODUCT_COLUMNS: usize = 32;
+pub(crate) const SMALL_PRODUCT_COLUMNS: usize = 32;
 
 /// The largest inner size `small_sgemm` takes (the `gemm` crate sums an
 /// inner size of at most 512 in one block, as `small_sgemm` always does).
@@ -185,7 +185,7 @@ pub const SMALL_PRODUCT_DEPTH: usize = 512;
 /// Whether `small_sgemm` runs on this host: it has AVX-512F, or AVX2 with
 /// FMA (`native::vectors`), and `GRADC_SMALL_GEMM` is not `0` (which keeps
 /// every product on the `gemm` crate, for comparisons).
-pub fn small_products() -> bool {
+pub(crate) fn small_products() -> bool {
     static SMALL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SMALL.get_or_init(|| {
         vectors() != Vectors::Baseline
@@ -198,13 +198,13 @@ pub fn small_products() -> bool {
 /// `dX = g W^T`): the copy costs about one store per element, the product
 /// `m` multiply-adds per element, so the copy pays where `m` is not tiny,
 /// and it stays in the L1 cache (measured: `docs/performance.md`).
-pub const SMALL_PACKED_RIGHT: usize = 1 << 12;
+pub(crate) const SMALL_PACKED_RIGHT: usize = 1 << 12;
 
 /// On AVX2, a product whose last register of columns is partial (masked
 /// loads, `vmaskmovps`, on every step) goes to the `gemm` crate from this
 /// many multiply-adds on: `128 x 256 x 10` ran at 61 GFLOP/s against the
 /// crate's 71, `32 x 32 x 10` at 55 against 36 (`docs/performance.md`).
-pub const AVX2_PARTIAL_PRODUCT: usize = 1 << 16;
+pub(crate) const AVX2_PARTIAL_PRODUCT: usize = 1 << 16;
 
 thread_local! {
     /// The rows `small_sgemm` copies a right operand into (`SMALL_PACKED_RIGHT`
@@ -745,7 +745,7 @@ pub const PARALLEL_PRODUCT: usize = 1 << 24;
 
 /// How many threads products may use: `GRADC_THREADS` if set (at least 1),
 /// else the machine's available parallelism, at most 2.
-pub fn product_threads() -> usize {
+pub(crate) fn product_threads() -> usize {
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *THREADS.get_or_init(|| {
         let available = std::thread::available_parallelism().map_or(1, usize::from);

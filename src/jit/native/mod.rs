@@ -16,7 +16,7 @@ pub mod gemm;
 
 /// The widest vectors the native kernels use on this host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Vectors {
+pub(crate) enum Vectors {
     /// AVX-512F: sixteen `f32`s a register.
     Avx512,
     /// AVX2 with FMA: eight `f32`s a register.
@@ -28,7 +28,7 @@ pub enum Vectors {
 /// The widest `Vectors` the host has, or fewer if `GRADC_VECTORS` says so
 /// (`avx2` or `baseline`: to compare the paths on one machine; a wider
 /// value than the host has is ignored).
-pub fn vectors() -> Vectors {
+pub(crate) fn vectors() -> Vectors {
     static VECTORS: std::sync::OnceLock<Vectors> = std::sync::OnceLock::new();
     *VECTORS.get_or_init(|| {
         let host = host_vectors();
