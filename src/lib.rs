@@ -30,14 +30,15 @@
 //! assert!(bad.render_diagnostics().contains("bad.grad:1:38"));
 //! ```
 //!
-//! Public are the modules a library user (`examples/train_api.rs`), the
-//! CLI (`src/main.rs`), the benchmarks and the integration tests reach:
-//! the graph and its stages, the interpreter, the JIT (`jit::Jit`, and its
-//! GEMM for the benchmarks), training. The front end's internals
-//! (`syntax`), the file writing (`files`), the number formatting
-//! (`format`) and the snapshot renderer (`snapshot`) are the crate's own;
-//! inside the JIT, only `Jit`, `gemm`, `is_sum` and `CodegenError` leave
-//! it.
+//! Public is what a library user (`examples/train_api.rs`), the CLI
+//! (`src/main.rs`), the benchmarks, the fuzz targets and the integration
+//! tests reach, and the types those signatures show: the graph and its
+//! stages, the interpreter, the JIT (`jit::Jit`, and its GEMM for the
+//! benchmarks), training. Everything else is `pub(crate)`: the front
+//! end's internals (`syntax`), the file writing (`files`), the number
+//! formatting (`format`), the snapshot renderer (`snapshot`), and the
+//! helpers inside every module; inside the JIT only `Jit`, `gemm`,
+//! `is_sum` and `CodegenError` leave it.
 
 pub mod autodiff;
 pub mod cli;
