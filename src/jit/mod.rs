@@ -1,13 +1,16 @@
 //! The JIT backend: runs a graph's kernel plan (`passes::fusion`) as one
 //! compiled call per step; training and evaluation (`run_wanted`) run the
 //! graph optimized by `passes::optimize`. Elementwise kernels (with their
-//! closing sums and counts), row kernels (softmax, log-softmax,
-//! cross-entropy, max and logsumexp over the last axis, layer
-//! normalization) and column kernels (batch normalization) are compiled by
-//! Cranelift (`codegen`, `rows`, with the polynomial functions of
-//! `approx`); matrix products and their VJPs run on a tuned GEMM
-//! (`gemm`, large ones on two threads); the few remaining kernels
-//! run on the reference interpreter's kernels.
+//! closing sums and counts, `elementwise`), kernels in passes over rows
+//! for elementwise work that reads its own row reductions (`row_passes`),
+//! row kernels (softmax, log-softmax, cross-entropy, max and logsumexp
+//! over the last axis, layer normalization) and column kernels (batch
+//! normalization, `rows`) and the kernels that move elements (`movers`)
+//! are compiled by Cranelift (`cache`, with the helpers of `clif` and the
+//! polynomial functions of `approx`); matrix products run on a tuned GEMM
+//! (`gemm`, large ones on two threads); the few remaining kernels run on
+//! the reference interpreter's kernels. The module list below gives each
+//! file's job; `native` is the only one allowed `unsafe`.
 //!
 //! For each set of sizes (the batch size, mostly) the JIT binds a *frame*:
 //! a buffer per value (`f32` values as `f32`), allocated once, and a

@@ -19,9 +19,9 @@
 //! finite for huge logits because every exponent is taken of `x - max`.
 //! (A call to the interpreter's `exp` per element had been kept for
 //! bit-identity, and because the polynomial in a scalar loop is a latency
-//! chain; in pairs it cut the tiny step's instructions by 10%.) `codegen`
+//! chain; in pairs it cut the tiny step's instructions by 10%.) `cache`
 //! turns the CLIF built here into a callable `RowKernel` (the unsafe part
-//! lives there).
+//! lives in `native`).
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{BlockArg, InstBuilder, MemFlagsData, Value, types};
