@@ -326,8 +326,7 @@ fn column_pass(
     row: &mut Row,
     (p, cols): (usize, Value),
 ) -> Result<(), CodegenError> {
-    let (graph, inputs, outputs) = (layout.graph, layout.inputs, layout.outputs);
-    let flags = MemFlagsData::trusted();
+    let (graph, outputs) = (layout.graph, layout.outputs);
     let reductions: Vec<NodeId> = layout
         .nodes
         .iter()
@@ -351,19 +350,10 @@ fn column_pass(
     if reductions.is_empty() && single.is_empty() && !stores_here {
         return Ok(());
     }
-    let max = |graph: &Graph, id: NodeId| {
-        matches!(
-            graph.node(id).op,
-            Op::Reduce {
-                func: ReduceFn::Max,
-                ..
-            }
-        )
-    };
     let mut initial: Vec<Value> = reductions
         .iter()
         .map(|&id| {
-            if max(graph, id) {
+            if is_max(graph, id) {
                 b.ins().f64const(f64::NEG_INFINITY)
             } else {
                 loaded.zero
@@ -371,71 +361,32 @@ fn column_pass(
         })
         .collect();
     initial.extend(single.iter().map(|&s| row.sums[s]));
-    let row_values = &row.values;
-    let start = row.start;
-    let totals = counted_loop(b, cols, &initial, |b, c, carried| {
-        let index = b.ins().iadd(start, c);
-        let mut values = row_values.clone();
-        for (j, &input) in inputs.iter().enumerate() {
-            let element = match loaded.forms[j] {
-                RowForm::Full => index,
-                RowForm::Column => c,
-                _ => continue,
-            };
-            let address = loaded.at(b, layout, j, element);
-            values.insert(input, load(b, layout.elems[j], false, address));
-        }
-        let place = Place {
-            index,
-            seed: loaded.seed,
-            step: loaded.step,
-            zero: loaded.zero,
-        };
-        for &id in &column_nodes {
-            let output = outputs.iter().position(|&out| out == id);
-            if layout.stored_before(id, p) {
-                let j = inputs.len() + output.unwrap_or(0);
-                let address = loaded.at(b, layout, j, index);
-                values.insert(id, load(b, layout.elems[j], false, address));
-                continue;
-            }
-            let value = emit(b, graph, id, &values, calls, place)?;
-            values.insert(id, value);
-            if let (true, Some(o)) = (layout.pass[&id] == p, output) {
-                let j = inputs.len() + o;
-                let address = loaded.at(b, layout, j, index);
-                store(b, layout.elems[j], value, address);
-            }
-        }
-        let operand = |id: NodeId| {
-            values.get(&graph.operands(id)[0]).copied().ok_or_else(|| {
-                CodegenError(format!("the operand of {id} is not computed in its pass"))
-            })
-        };
-        for &(j, id) in &loaded.column_sums {
-            if layout.pass[&id] == p {
-                let value = operand(id)?;
-                let address = element_at(b, Elem::F64, loaded.bases[j], c);
-                let total = b.ins().load(types::F64, flags, address, 0);
-                let total = b.ins().fadd(total, value);
-                b.ins().store(flags, total, address, 0);
-            }
-        }
-        let mut next = Vec::new();
-        for (&id, &total) in reductions.iter().zip(carried) {
-            let value = operand(id)?;
-            next.push(if max(graph, id) {
-                max_step(b, total, value)
-            } else {
-                b.ins().fadd(total, value)
-            });
-        }
-        for (&s, &total) in single.iter().zip(&carried[reductions.len()..]) {
-            let id = loaded.single_sums[s].1;
-            let value = summand(b, graph, id, &values, loaded.zero)?;
-            next.push(b.ins().fadd(total, value));
-        }
-        Ok(next)
+    // The row's values as pairs too, for the loop over pairs of columns.
+    let pairs: HashMap<NodeId, Value> = row
+        .values
+        .iter()
+        .map(|(&id, &v)| (id, b.ins().splat(types::F64X2, v)))
+        .collect();
+    let zero_pair = b.ins().splat(types::F64X2, loaded.zero);
+    let step = Step {
+        layout,
+        loaded,
+        p,
+        reductions: &reductions,
+        single: &single,
+        column_nodes: &column_nodes,
+        start: row.start,
+    };
+    // Two columns at a time, then the odd last one alone.
+    let half = b.ins().ushr_imm_u(cols, 1);
+    let totals = counted_loop(b, half, &initial, |b, i, carried| {
+        let c = b.ins().ishl_imm_u(i, 1);
+        step.at(b, calls, (c, &pairs, zero_pair), carried)
+    })?;
+    let odd = b.ins().band_imm_u(cols, 1);
+    let totals = counted_loop(b, odd, &totals, |b, _, carried| {
+        let last = b.ins().iadd_imm_s(cols, -1);
+        step.at(b, calls, (last, &row.values, loaded.zero), carried)
     })?;
     for (&s, &total) in single.iter().zip(&totals[reductions.len()..]) {
         row.sums[s] = total;
@@ -458,6 +409,133 @@ fn column_pass(
         store_per_row(b, layout, loaded, row, id, value);
     }
     Ok(())
+}
+
+/// Whether a row reduction is a maximum (else a sum or mean).
+fn is_max(graph: &Graph, id: NodeId) -> bool {
+    matches!(
+        graph.node(id).op,
+        Op::Reduce {
+            func: ReduceFn::Max,
+            ..
+        }
+    )
+}
+
+/// One step of a pass's loop over a row's columns: what it computes.
+struct Step<'s> {
+    layout: &'s Layout<'s>,
+    loaded: &'s Loaded,
+    p: usize,
+    /// The row reductions of the pass (their running values come first in
+    /// the loop's carried values).
+    reductions: &'s [NodeId],
+    /// The sums to one element of elements the pass adds to (their places
+    /// in `Row::sums`; their running totals come next).
+    single: &'s [usize],
+    /// The values of the loop's shape the pass computes or loads back.
+    column_nodes: &'s [NodeId],
+    /// Where the row starts.
+    start: Value,
+}
+
+impl Step<'_> {
+    /// The step at column `c`, over one column or a pair (the width of
+    /// `zero`: `f64` or `f64x2`), given the row's values in that width;
+    /// returns the next running values. Reductions and sums to one element
+    /// take a pair's lanes one after the other, in column order, so every
+    /// sum adds in the interpreter's order.
+    fn at(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        calls: &mut Calls<'_>,
+        (c, row_values, zero): (Value, &HashMap<NodeId, Value>, Value),
+        carried: &[Value],
+    ) -> Result<Vec<Value>, CodegenError> {
+        let (layout, loaded, p) = (self.layout, self.loaded, self.p);
+        let (graph, inputs, outputs) = (layout.graph, layout.inputs, layout.outputs);
+        let pair = b.func.dfg.value_type(zero) == types::F64X2;
+        let index = b.ins().iadd(self.start, c);
+        let mut values = row_values.clone();
+        for (j, &input) in inputs.iter().enumerate() {
+            let element = match loaded.forms[j] {
+                RowForm::Full => index,
+                RowForm::Column => c,
+                _ => continue,
+            };
+            let address = loaded.at(b, layout, j, element);
+            values.insert(input, load(b, layout.elems[j], pair, address));
+        }
+        let place = Place {
+            index,
+            seed: loaded.seed,
+            step: loaded.step,
+            zero,
+        };
+        for &id in self.column_nodes {
+            let output = outputs.iter().position(|&out| out == id);
+            if layout.stored_before(id, p) {
+                let j = inputs.len() + output.unwrap_or(0);
+                let address = loaded.at(b, layout, j, index);
+                values.insert(id, load(b, layout.elems[j], pair, address));
+                continue;
+            }
+            let value = emit(b, graph, id, &values, calls, place)?;
+            values.insert(id, value);
+            if let (true, Some(o)) = (layout.pass[&id] == p, output) {
+                let j = inputs.len() + o;
+                let address = loaded.at(b, layout, j, index);
+                store(b, layout.elems[j], value, address);
+            }
+        }
+        let operand = |id: NodeId| {
+            values.get(&graph.operands(id)[0]).copied().ok_or_else(|| {
+                CodegenError(format!("the operand of {id} is not computed in its pass"))
+            })
+        };
+        for &(j, id) in &loaded.column_sums {
+            if layout.pass[&id] == p {
+                let value = operand(id)?;
+                let address = element_at(b, Elem::F64, loaded.bases[j], c);
+                let total = load(b, Elem::F64, pair, address);
+                let total = b.ins().fadd(total, value);
+                store(b, Elem::F64, total, address);
+            }
+        }
+        // A pair's lanes, one after the other.
+        let lanes = |b: &mut FunctionBuilder<'_>, value: Value| -> Vec<Value> {
+            if pair {
+                (0..2)
+                    .map(|lane| b.ins().extractlane(value, lane))
+                    .collect()
+            } else {
+                vec![value]
+            }
+        };
+        let mut next = Vec::new();
+        for (&id, &total) in self.reductions.iter().zip(carried) {
+            let value = operand(id)?;
+            let mut total = total;
+            for lane in lanes(b, value) {
+                total = if is_max(graph, id) {
+                    max_step(b, total, lane)
+                } else {
+                    b.ins().fadd(total, lane)
+                };
+            }
+            next.push(total);
+        }
+        for (&s, &total) in self.single.iter().zip(&carried[self.reductions.len()..]) {
+            let id = loaded.single_sums[s].1;
+            let value = summand(b, graph, id, &values, zero)?;
+            let mut total = total;
+            for lane in lanes(b, value) {
+                total = b.ins().fadd(total, lane);
+            }
+            next.push(total);
+        }
+        Ok(next)
+    }
 }
 
 /// The nodes of one element per row (not reductions) of pass `p`,
