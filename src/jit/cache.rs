@@ -26,9 +26,7 @@ use crate::jit::elementwise::Access;
 use crate::jit::elementwise::CompiledKernel;
 use crate::jit::elementwise::ROW_SCRATCH_BYTES;
 use crate::jit::elementwise::Single;
-use crate::jit::elementwise::builder_free_dropout;
 use crate::jit::elementwise::f32_exact;
-use crate::jit::elementwise::gradc_dropout_scale;
 use crate::jit::elementwise::runtime_functions;
 use crate::jit::elementwise::{Body, Layout, Prelude, layout, static_counts};
 use crate::jit::movers::Mover;
@@ -38,7 +36,7 @@ use crate::jit::movers::emit_scatter;
 use crate::jit::native::code::CodeMemory;
 use crate::jit::native::frame::gradc_host;
 use crate::jit::native::frame::{BoundCall, Frame};
-use crate::jit::row_passes::{PassKernel, emit_passes};
+use crate::jit::row_passes::{PassKernel, emit_passes, output_elem};
 use crate::jit::rows;
 use crate::jit::rows::RowKernel;
 use crate::jit::rows::RowOp;
@@ -95,34 +93,36 @@ impl CodeCache {
             .map_err(|e| CodegenError(e.to_string()))?
             .finish(settings::Flags::new(flags))
             .map_err(|e| CodegenError(e.to_string()))?;
+        // The runtime functions: elementwise code's, and the step entry's
+        // trampoline for host work.
+        let mut functions: Vec<(&'static str, *const u8, Vec<types::Type>, types::Type)> =
+            runtime_functions()
+                .into_iter()
+                .map(|(name, address, params)| (name, address, params, types::F64))
+                .collect();
+        functions.push((
+            "gradc_host",
+            gradc_host as *const u8,
+            vec![types::I64, types::I64],
+            types::I64,
+        ));
         let mut builder = JITBuilder::with_isa(isa, default_libcall_names());
-        for (name, address, _) in runtime_functions() {
+        for &(name, address, ..) in &functions {
             builder.symbol(name, address);
         }
-        builder.symbol("gradc_dropout_scale", gradc_dropout_scale as *const u8);
-        builder.symbol("gradc_host", gradc_host as *const u8);
         let mut module = JITModule::new(builder);
         let mut imports = BTreeMap::new();
-        for (name, _, arity) in runtime_functions() {
+        for (name, _, params, result) in functions {
             let mut signature = Signature::new(CallConv::SystemV);
-            for _ in 0..arity {
-                signature.params.push(AbiParam::new(types::F64));
-            }
-            signature.returns.push(AbiParam::new(types::F64));
+            signature
+                .params
+                .extend(params.into_iter().map(AbiParam::new));
+            signature.returns.push(AbiParam::new(result));
             let id = module
                 .declare_function(name, Linkage::Import, &signature)
                 .map_err(|e| CodegenError(e.to_string()))?;
             imports.insert(name, id);
         }
-        builder_free_dropout(&mut module, &mut imports)?;
-        let mut signature = Signature::new(CallConv::SystemV);
-        signature.params.push(AbiParam::new(types::I64));
-        signature.params.push(AbiParam::new(types::I64));
-        signature.returns.push(AbiParam::new(types::I64));
-        let host = module
-            .declare_function("gradc_host", Linkage::Import, &signature)
-            .map_err(|e| CodegenError(e.to_string()))?;
-        imports.insert("gradc_host", host);
         Ok(CodeCache {
             memory: CodeMemory::new(module),
             imports,
@@ -265,15 +265,8 @@ impl CodeCache {
         outputs: &[NodeId],
         loop_shape: &crate::ir::Shape,
     ) -> Result<(PassKernel, String), CodegenError> {
-        // (A column sum accumulates in place in `f64`.)
         let mut elems = input_elems.to_vec();
-        elems.extend(outputs.iter().map(|&o| {
-            if crate::passes::fusion::is_column_sum(graph, o, loop_shape) {
-                Elem::F64
-            } else {
-                Elem::of(graph.node(o).dtype())
-            }
-        }));
+        elems.extend(outputs.iter().map(|&o| output_elem(graph, o, loop_shape)));
         let (id, forms, clif) = self.build(4, |b, calls, params| {
             emit_passes(
                 b,

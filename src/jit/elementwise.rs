@@ -16,17 +16,14 @@
 //! `sigmoid` and the other polynomials from `approx`, within a few ulps,
 //! and sums added in another order: lanes, `f32` blocks).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
-    AbiParam, BlockArg, Endianness, InstBuilder, MemFlagsData, Signature, StackSlotData,
-    StackSlotKind, Value, types,
+    BlockArg, Endianness, InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Value, types,
 };
-use cranelift_codegen::isa::CallConv;
 use cranelift_frontend::FunctionBuilder;
-use cranelift_jit::JITModule;
-use cranelift_module::{FuncId, Linkage, Module};
+use cranelift_module::FuncId;
 
 use super::approx;
 use crate::interp::kernels;
@@ -54,18 +51,23 @@ use crate::jit::clif::{load, store};
 /// the fraction of units with none after the call); or `mse`, a mean of
 /// squared differences.
 pub fn is_sum(graph: &Graph, id: NodeId) -> bool {
+    crate::passes::fusion::adds_elements(&graph.node(id).op)
+        && graph.node(id).dtype() != DType::I32
+        && graph.node(graph.operands(id)[0]).dtype() != DType::I32
+}
+
+/// Whether a closing sum is finished by dividing by the count of what it
+/// added: a mean, a zero fraction, `mse` and `bce_with_logits`.
+pub(super) fn divides_by_count(op: &Op) -> bool {
     matches!(
-        graph.node(id).op,
+        op,
         Op::Reduce {
-            func: ReduceFn::Sum | ReduceFn::Mean,
+            func: ReduceFn::Mean,
             ..
-        } | Op::SumTo
-            | Op::ZeroFraction
-            | Op::DeadFraction
+        } | Op::ZeroFraction
             | Op::Mse
             | Op::BceWithLogits
-    ) && graph.node(id).dtype() != DType::I32
-        && graph.node(graph.operands(id)[0]).dtype() != DType::I32
+    )
 }
 
 /// What a closing sum adds for one element, from its operands' `values`.
@@ -168,44 +170,27 @@ pub(super) extern "C" fn gradc_pow(a: f64, b: f64) -> f64 {
 
 /// Dropout's scale of element `index`: 0 where it is dropped, else
 /// `1 / (1 - p)`; the same counter-based draw as the interpreter's.
-pub(super) extern "C" fn gradc_dropout_scale(
-    p: f64,
-    key: i64,
-    seed: i64,
-    step: i64,
-    index: i64,
-) -> f64 {
+extern "C" fn gradc_dropout_scale(p: f64, key: i64, seed: i64, step: i64, index: i64) -> f64 {
     // The integers arrive as the bits of the interpreter's unsigned values.
     let draw = crate::random::uniform_at(seed as u64, step as u64, key as u32, index as u64);
     if draw < p { 0.0 } else { 1.0 / (1.0 - p) }
 }
 
-/// The functions compiled code may call: name, address, arity.
-pub(super) fn runtime_functions() -> Vec<(&'static str, *const u8, usize)> {
+/// The functions elementwise code may call: name, address, and parameter
+/// types (each returns an `f64`).
+pub(super) fn runtime_functions() -> Vec<(&'static str, *const u8, Vec<types::Type>)> {
+    let (f64, i64) = (types::F64, types::I64);
     vec![
-        ("gradc_log", gradc_log as *const u8, 1),
-        ("gradc_sin", gradc_sin as *const u8, 1),
-        ("gradc_cos", gradc_cos as *const u8, 1),
-        ("gradc_pow", gradc_pow as *const u8, 2),
+        ("gradc_log", gradc_log as *const u8, vec![f64]),
+        ("gradc_sin", gradc_sin as *const u8, vec![f64]),
+        ("gradc_cos", gradc_cos as *const u8, vec![f64]),
+        ("gradc_pow", gradc_pow as *const u8, vec![f64, f64]),
+        (
+            "gradc_dropout_scale",
+            gradc_dropout_scale as *const u8,
+            vec![f64, i64, i64, i64, i64],
+        ),
     ]
-}
-
-/// Declares `gradc_dropout_scale(f64, i64, i64, i64, i64) -> f64`.
-pub(super) fn builder_free_dropout(
-    module: &mut JITModule,
-    imports: &mut BTreeMap<&'static str, FuncId>,
-) -> Result<(), CodegenError> {
-    let mut signature = Signature::new(CallConv::SystemV);
-    signature.params.push(AbiParam::new(types::F64));
-    for _ in 0..4 {
-        signature.params.push(AbiParam::new(types::I64));
-    }
-    signature.returns.push(AbiParam::new(types::F64));
-    let id = module
-        .declare_function("gradc_dropout_scale", Linkage::Import, &signature)
-        .map_err(|e| CodegenError(e.to_string()))?;
-    imports.insert("gradc_dropout_scale", id);
-    Ok(())
 }
 
 /// Where in the loop and run an element is: what a dropout mask depends on.
@@ -1459,15 +1444,7 @@ impl Body<'_> {
         for (o, &output) in self.outputs.iter().enumerate() {
             let j = inputs.len() + o;
             let op = &graph.node(output).op;
-            let mean = matches!(
-                op,
-                Op::Reduce {
-                    func: ReduceFn::Mean,
-                    ..
-                } | Op::ZeroFraction
-                    | Op::Mse
-                    | Op::BceWithLogits
-            );
+            let mean = divides_by_count(op);
             let base = self.bases[j];
             match access[j] {
                 Access::Full => {}

@@ -17,7 +17,8 @@
 //! length), a maximum takes them in order from `-inf` with NaN winning,
 //! and an `f32` result is rounded once. So these kernels agree with the
 //! interpreter bit for bit (but for the polynomial functions of
-//! `approx`, as every kernel). Their loops are scalar.
+//! `approx`, as every kernel). Their column loops take pairs of columns
+//! (`f64x2`); reductions add a pair's lanes one after the other.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -27,7 +28,7 @@ use cranelift_module::FuncId;
 
 use crate::ir::{Graph, NodeId, Op, ReduceFn, Shape};
 use crate::jit::clif::{Calls, CodegenError, Elem, counted_loop, element_at, load, store};
-use crate::jit::elementwise::{Place, emit, round, summand};
+use crate::jit::elementwise::{Place, divides_by_count, emit, round, summand};
 use crate::jit::rows::max_step;
 use crate::passes::fusion::{RowForm, is_column_sum, is_row_reduction, is_single_sum, row_form};
 
@@ -43,6 +44,17 @@ pub(crate) struct PassKernel {
     pub forms: Vec<RowForm>,
     /// How each buffer stores its elements (inputs, then outputs).
     pub elems: Vec<Elem>,
+}
+
+/// How a kernel in passes over the rows of `loop_shape` stores output
+/// `id`: by its type, but a column sum, which accumulates in place, in
+/// `f64`.
+pub(super) fn output_elem(graph: &Graph, id: NodeId, loop_shape: &Shape) -> Elem {
+    if is_column_sum(graph, id, loop_shape) {
+        Elem::F64
+    } else {
+        Elem::of(graph.node(id).dtype())
+    }
 }
 
 /// The pass of each node: the first in which all it reads is available.
@@ -236,18 +248,16 @@ pub(super) fn emit_passes(
     let one = b.ins().iconst(types::I64, 1);
     let length = b.ins().umax(cols, one);
     let count = b.ins().fcvt_from_uint(types::F64, length);
-    let column_sums: Vec<(usize, NodeId)> = outputs
-        .iter()
-        .enumerate()
-        .filter(|&(_, &o)| layout.column_sum(o))
-        .map(|(o, &id)| (inputs.len() + o, id))
-        .collect();
-    let single_sums: Vec<(usize, NodeId)> = outputs
-        .iter()
-        .enumerate()
-        .filter(|&(_, &o)| layout.single_sum(o))
-        .map(|(o, &id)| (inputs.len() + o, id))
-        .collect();
+    // The outputs that are such sums, with their buffers.
+    let outputs_where = |holds: &dyn Fn(NodeId) -> bool| -> Vec<(usize, NodeId)> {
+        let first = inputs.len();
+        (0..outputs.len())
+            .filter(|&o| holds(outputs[o]))
+            .map(|o| (first + o, outputs[o]))
+            .collect()
+    };
+    let column_sums = outputs_where(&|o| layout.column_sum(o));
+    let single_sums = outputs_where(&|o| layout.single_sum(o));
     let loaded = Loaded {
         bases,
         forms,
@@ -607,16 +617,7 @@ fn finish_single_sums(
 ) {
     let graph = layout.graph;
     for (&(j, id), &total) in loaded.single_sums.iter().zip(totals) {
-        let mean = matches!(
-            graph.node(id).op,
-            Op::Reduce {
-                func: ReduceFn::Mean,
-                ..
-            } | Op::ZeroFraction
-                | Op::Mse
-                | Op::BceWithLogits
-        );
-        let value = if mean {
+        let value = if divides_by_count(&graph.node(id).op) {
             let n = if layout.per_row_sum(id) {
                 rows
             } else {

@@ -143,23 +143,31 @@ pub(crate) fn is_column_sum(graph: &Graph, id: NodeId, loop_shape: &Shape) -> bo
         && operand.dtype() != DType::I32
 }
 
+/// Whether an op adds up (or counts) its operand's elements into fewer: a
+/// `sum` or `mean`, the `sum_to` of a broadcast, a monitor's
+/// `zero_fraction` or `dead_fraction`, `mse` or `bce_with_logits`: the
+/// sums that close a compiled kernel.
+pub fn adds_elements(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Reduce {
+            func: ReduceFn::Sum | ReduceFn::Mean,
+            ..
+        } | Op::SumTo
+            | Op::ZeroFraction
+            | Op::DeadFraction
+            | Op::Mse
+            | Op::BceWithLogits
+    )
+}
+
 /// Whether a node sums (or counts) a value of `loop_shape`, or one value
 /// per row, to one element: a `sum` or `mean` over every axis, a `sum_to`
 /// of a scalar, a monitor's `zero_fraction`, `mse` or `bce_with_logits`
 /// (the gradient norms and counts that close a gradient's kernel).
 pub(crate) fn is_single_sum(graph: &Graph, id: NodeId, loop_shape: &Shape) -> bool {
     let node = graph.node(id);
-    let sums = matches!(
-        node.op,
-        Op::SumTo
-            | Op::ZeroFraction
-            | Op::Mse
-            | Op::BceWithLogits
-            | Op::Reduce {
-                func: ReduceFn::Sum | ReduceFn::Mean,
-                ..
-            }
-    );
+    let sums = adds_elements(&node.op) && node.op != Op::DeadFraction;
     let forms: Vec<Option<RowForm>> = graph
         .operands(id)
         .iter()

@@ -129,35 +129,28 @@ pub trait Stored: Sized {
     fn elements_mut(storage: &mut Storage) -> Option<&mut [Self]>;
 }
 
-impl Stored for f32 {
-    fn elements(storage: &Storage) -> Option<&[f32]> {
-        match storage {
-            Storage::F32(data) => Some(data),
-            Storage::F64(_) => None,
+/// `Stored` for an element type and the `Storage` variant holding it.
+macro_rules! stored {
+    ($t:ty, $variant:ident) => {
+        impl Stored for $t {
+            fn elements(storage: &Storage) -> Option<&[$t]> {
+                match storage {
+                    Storage::$variant(data) => Some(data),
+                    _ => None,
+                }
+            }
+            fn elements_mut(storage: &mut Storage) -> Option<&mut [$t]> {
+                match storage {
+                    Storage::$variant(data) => Some(data),
+                    _ => None,
+                }
+            }
         }
-    }
-    fn elements_mut(storage: &mut Storage) -> Option<&mut [f32]> {
-        match storage {
-            Storage::F32(data) => Some(data),
-            Storage::F64(_) => None,
-        }
-    }
+    };
 }
 
-impl Stored for f64 {
-    fn elements(storage: &Storage) -> Option<&[f64]> {
-        match storage {
-            Storage::F64(data) => Some(data),
-            Storage::F32(_) => None,
-        }
-    }
-    fn elements_mut(storage: &mut Storage) -> Option<&mut [f64]> {
-        match storage {
-            Storage::F64(data) => Some(data),
-            Storage::F32(_) => None,
-        }
-    }
-}
+stored!(f32, F32);
+stored!(f64, F64);
 
 /// Work the step entry hands back to Rust between compiled kernels: the
 /// matrix products (on the GEMM), the kernels that are not compiled (on the
@@ -557,8 +550,7 @@ impl Frame {
         rows: usize,
         cols: usize,
     ) -> Result<(), CodegenError> {
-        let all = rows.checked_mul(cols).filter(|&n| i64::try_from(n).is_ok());
-        let (Some(all), true) = (all, slots.len() == kernel.forms.len()) else {
+        let Some(all) = rows.checked_mul(cols).filter(|&n| i64::try_from(n).is_ok()) else {
             return Err(CodegenError(format!(
                 "kernel in passes: bad sizes {rows} x {cols}"
             )));
