@@ -160,13 +160,9 @@ pub(crate) fn batch_summed_product(a: &Tensor, c: &Tensor) -> Vec<f64> {
 /// class axis last.
 pub(crate) fn one_hot(labels: &Tensor, shape: &[usize]) -> Result<Vec<f64>, InterpError> {
     let classes = shape.last().copied().unwrap_or(0);
+    check_indices(&labels.data, classes, "label")?;
     let mut out = vec![0.0; labels.len() * classes];
     for (row, &label) in labels.data.iter().enumerate() {
-        if !(label >= 0.0 && (label as usize) < classes) {
-            return Err(InterpError::Runtime(format!(
-                "label {label} at row {row} is outside 0..{classes}"
-            )));
-        }
         out[row * classes + label as usize] = 1.0;
     }
     Ok(out)
@@ -191,7 +187,11 @@ pub fn transpose(x: &[f64], shape: &[usize]) -> Vec<f64> {
 
 /// A reduction; the result has the reduced axes as size 1 (the caller
 /// reshapes for `keepdims = false`).
-pub(crate) fn reduce(func: ReduceFn, x: &Tensor, axes: &[usize]) -> (Vec<f64>, Vec<usize>) {
+pub(crate) fn reduce(
+    func: ReduceFn,
+    x: &Tensor,
+    axes: &[usize],
+) -> Result<(Vec<f64>, Vec<usize>), InterpError> {
     let (map, kept) = reduce_map(&x.shape, axes);
     let groups: usize = kept.iter().product();
     let count = (x.len() / groups.max(1)).max(1) as f64;
@@ -210,19 +210,12 @@ pub(crate) fn reduce(func: ReduceFn, x: &Tensor, axes: &[usize]) -> (Vec<f64>, V
         }
         ReduceFn::Max => group_max(&x.data, &map, groups),
         ReduceFn::LogSumExp => {
-            let max = group_max(&x.data, &map, groups);
-            let mut sum = vec![0.0; groups];
-            for (i, &v) in x.data.iter().enumerate() {
-                let m = max[map[i]];
-                sum[map[i]] += if m.is_finite() { (v - m).exp() } else { 1.0 };
-            }
-            max.iter()
-                .zip(&sum)
-                .map(|(&m, &s)| if m.is_finite() { m + s.ln() } else { m })
-                .collect()
+            return Err(InterpError::Internal(
+                "`logsumexp` is a composite: it runs as its expansion".into(),
+            ));
         }
     };
-    (out, kept)
+    Ok((out, kept))
 }
 
 /// The maximum of each group (NaN wins, as in PyTorch).
@@ -235,38 +228,6 @@ pub(crate) fn group_max(data: &[f64], map: &[usize], groups: usize) -> Vec<f64> 
         }
     }
     out
-}
-
-/// Softmax along one axis, stable for huge inputs.
-pub fn softmax(x: &Tensor, axis: usize) -> Vec<f64> {
-    let (map, kept) = reduce_map(&x.shape, &[axis]);
-    let groups = kept.iter().product();
-    let max = group_max(&x.data, &map, groups);
-    let exps: Vec<f64> = x
-        .data
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| (v - max[map[i]]).exp())
-        .collect();
-    let mut sum = vec![0.0; groups];
-    for (i, &e) in exps.iter().enumerate() {
-        sum[map[i]] += e;
-    }
-    exps.iter()
-        .enumerate()
-        .map(|(i, &e)| e / sum[map[i]])
-        .collect()
-}
-
-/// Log-softmax along one axis: `x - logsumexp(x)`.
-pub fn log_softmax(x: &Tensor, axis: usize) -> Vec<f64> {
-    let (lse, _) = reduce(ReduceFn::LogSumExp, x, &[axis]);
-    let (map, _) = reduce_map(&x.shape, &[axis]);
-    x.data
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| v - lse[map[i]])
-        .collect()
 }
 
 /// Joins tensors along an axis.
@@ -308,120 +269,6 @@ pub(crate) fn dropout_scale(p: f64, key: u32, len: usize, seed: u64, step: u64) 
             } else {
                 scale
             }
-        })
-        .collect()
-}
-
-/// Per-channel statistics over every axis but 1 (`x: [N, C, ...]`):
-/// the channel of each element, the channel count and the elements per
-/// channel.
-pub(crate) fn channels(shape: &[usize]) -> (Vec<usize>, usize, usize) {
-    let c = shape[1];
-    let inner: usize = shape[2..].iter().product();
-    let len: usize = shape.iter().product();
-    let channel = (0..len).map(|i| (i / inner) % c).collect();
-    (channel, c, len / c.max(1))
-}
-
-/// Mean and biased variance of each group.
-pub(crate) fn group_moments(data: &[f64], group: &[usize], groups: usize) -> (Vec<f64>, Vec<f64>) {
-    let mut count = vec![0usize; groups];
-    let mut mean = vec![0.0; groups];
-    for (i, &v) in data.iter().enumerate() {
-        mean[group[i]] += v;
-        count[group[i]] += 1;
-    }
-    for (m, &n) in mean.iter_mut().zip(&count) {
-        *m /= n.max(1) as f64;
-    }
-    let mut var = vec![0.0; groups];
-    for (i, &v) in data.iter().enumerate() {
-        let d = v - mean[group[i]];
-        var[group[i]] += d * d;
-    }
-    for (s, &n) in var.iter_mut().zip(&count) {
-        *s /= n.max(1) as f64;
-    }
-    (mean, var)
-}
-
-/// The output of train-mode batch-norm and its new running mean and
-/// variance.
-pub(crate) type BatchNormTrain = (Vec<f64>, Vec<f64>, Vec<f64>);
-
-/// Batch-norm in train mode: the output and the updated running mean and
-/// variance (momentum-weighted, with the unbiased batch variance).
-pub(crate) fn batch_norm_train(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    running: (&Tensor, &Tensor),
-    eps: f64,
-    momentum: f64,
-) -> Result<BatchNormTrain, InterpError> {
-    let (channel, c, per) = channels(&x.shape);
-    if per < 2 {
-        return Err(InterpError::Runtime(format!(
-            "batch_norm in train mode needs more than 1 value per channel, got input shape {:?}",
-            x.shape
-        )));
-    }
-    let (mean, var) = group_moments(&x.data, &channel, c);
-    let out = x
-        .data
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            let k = channel[i];
-            (v - mean[k]) / (var[k] + eps).sqrt() * gamma.data[k] + beta.data[k]
-        })
-        .collect();
-    let unbiased = per as f64 / (per as f64 - 1.0);
-    let new_mean = (0..c)
-        .map(|k| (1.0 - momentum) * running.0.data[k] + momentum * mean[k])
-        .collect();
-    let new_var = (0..c)
-        .map(|k| (1.0 - momentum) * running.1.data[k] + momentum * var[k] * unbiased)
-        .collect();
-    Ok((out, new_mean, new_var))
-}
-
-/// Batch-norm in eval mode, on the running statistics.
-pub(crate) fn batch_norm_eval(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    mean: &Tensor,
-    var: &Tensor,
-    eps: f64,
-) -> Vec<f64> {
-    let (channel, _, _) = channels(&x.shape);
-    x.data
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            let k = channel[i];
-            (v - mean.data[k]) / (var.data[k] + eps).sqrt() * gamma.data[k] + beta.data[k]
-        })
-        .collect()
-}
-
-/// The row (last-axis group) of each element, and the row length.
-pub fn rows(shape: &[usize]) -> (Vec<usize>, usize, usize) {
-    let d = shape.last().copied().unwrap_or(1).max(1);
-    let len: usize = shape.iter().product();
-    ((0..len).map(|i| i / d).collect(), len / d, d)
-}
-
-/// Layer-norm over the last axis.
-pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Vec<f64> {
-    let (row, n, d) = rows(&x.shape);
-    let (mean, var) = group_moments(&x.data, &row, n);
-    x.data
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            (v - mean[row[i]]) / (var[row[i]] + eps).sqrt() * gamma.data[i % d] + beta.data[i % d]
         })
         .collect()
 }
@@ -468,36 +315,6 @@ pub(crate) fn scatter_add(
     Ok(out)
 }
 
-/// Mean cross-entropy of `logits: [N, C]` and `labels: [N]`.
-pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<f64, InterpError> {
-    let (n, c) = (logits.shape[0], logits.shape[1]);
-    check_indices(&labels.data, c, "label")?;
-    let log_p = log_softmax(logits, 1);
-    let total: f64 = (0..n)
-        .map(|i| -log_p[i * c + labels.data[i] as usize])
-        .sum();
-    Ok(total / n.max(1) as f64)
-}
-
-/// Cross-entropy's gradient for the logits, `(softmax(logits) -
-/// one_hot(labels)) * (g / N)`, in the order of the primitives the
-/// derivative rule builds (what `KernelOp::CrossEntropyGradient` replaces).
-pub fn cross_entropy_gradient(
-    g: &Tensor,
-    logits: &Tensor,
-    labels: &Tensor,
-) -> Result<Vec<f64>, InterpError> {
-    let (n, c) = (logits.shape[0], logits.shape[1]);
-    check_indices(&labels.data, c, "label")?;
-    let hot = one_hot(labels, &logits.shape)?;
-    let scale = g.data[0] / n as f64;
-    Ok(softmax(logits, 1)
-        .iter()
-        .zip(hot)
-        .map(|(p, hot)| (p - hot) * scale)
-        .collect())
-}
-
 /// Mean squared error.
 pub fn mse(pred: &Tensor, target: &Tensor) -> f64 {
     let n = pred.len().max(1) as f64;
@@ -519,28 +336,4 @@ pub fn bce_with_logits(logits: &Tensor, target: &Tensor) -> f64 {
         .map(|(&x, &t)| x.max(0.0) - x * t + (-x.abs()).exp().ln_1p())
         .sum::<f64>()
         / n
-}
-
-#[cfg(test)]
-mod cross_entropy_gradient_tests {
-    use super::{cross_entropy_gradient, softmax};
-    use crate::interp::tensor::Tensor;
-    use crate::ir::DType;
-
-    /// The kernel is `(softmax - one_hot) * g / N`, and refuses a label
-    /// out of range as the loss does.
-    #[test]
-    fn is_softmax_minus_one_hot_over_n() {
-        let logits = Tensor::new(DType::F64, vec![2, 3], vec![1.0, 2.0, 3.0, 0.5, -1.0, 0.0]);
-        let labels = Tensor::new(DType::I32, vec![2], vec![2.0, 0.0]);
-        let g = Tensor::new(DType::F64, vec![], vec![3.0]);
-        let got = cross_entropy_gradient(&g, &logits, &labels).expect("labels fit");
-        let p = softmax(&logits, 1);
-        let hot = [0.0, 0.0, 1.0, 1.0, 0.0, 0.0];
-        for i in 0..6 {
-            assert_eq!(got[i], (p[i] - hot[i]) * (3.0 / 2.0));
-        }
-        let bad = Tensor::new(DType::I32, vec![2], vec![3.0, 0.0]);
-        assert!(cross_entropy_gradient(&g, &logits, &bad).is_err());
-    }
 }

@@ -8,7 +8,9 @@
 //! runs every node in topological order with the kernels of [`kernels`].
 //! Dropout masks come from a counter-based generator keyed by
 //! `(seed, step, dropout key, element index)`, so any backend reproduces
-//! them. Train-mode batch-norm also yields the updated running statistics.
+//! them. A composite op (`softmax`, `layer_norm`, `cross_entropy`, ...)
+//! has no kernel here: it runs as its expansion into primitives
+//! (`ir::expand`), the one definition every backend follows.
 
 pub mod kernels;
 pub mod tensor;
@@ -16,7 +18,8 @@ pub mod tensor;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use crate::ir::{DType, Dim, Graph, IdMap, KernelOp, NodeId, Op, Shape};
+use crate::ir::expand::{self, is_composite};
+use crate::ir::{DType, Dim, Graph, IdMap, NodeId, Op, Shape};
 pub use tensor::Tensor;
 
 /// What the random parts of a step depend on.
@@ -82,8 +85,6 @@ impl std::error::Error for InterpError {}
 pub struct Evaluation {
     /// Every node's value.
     pub values: IdMap<Tensor>,
-    /// New values of buffers that train-mode batch-norm updated, by name.
-    pub buffer_updates: BTreeMap<String, Tensor>,
     /// The symbolic dimensions as bound by the leaves.
     pub dims: BTreeMap<String, usize>,
 }
@@ -188,17 +189,10 @@ pub fn evaluate_node(
         })
         .collect::<Result<_, _>>()?;
     let shape = concrete(node.shape(), &evaluation.dims)?;
-    let (data, updates) = run(&node.op, &inputs, &shape, context)?;
-    if let Some((mean, var)) = updates {
-        for (position, data) in [(3, mean), (4, var)] {
-            let buffer = graph.node(operands[position]);
-            let name = buffer.name.clone().unwrap_or_default();
-            let shape = inputs[position].shape.clone();
-            evaluation
-                .buffer_updates
-                .insert(name, Tensor::new(buffer.dtype(), shape, data));
-        }
-    }
+    let data = match is_composite(&node.op) {
+        true => run_expansion(graph, id, evaluation, context)?,
+        false => run(&node.op, &inputs, &shape, context)?,
+    };
     if data.len() != shape.iter().product::<usize>() {
         return Err(InterpError::Internal(format!(
             "`{}` produced {} elements for shape {shape:?}",
@@ -210,6 +204,40 @@ pub fn evaluate_node(
         .values
         .insert(id, Tensor::new(node.dtype(), shape, data));
     Ok(())
+}
+
+/// A composite node's value: its expansion (`expand::standalone`) run on
+/// its operands' values.
+fn run_expansion(
+    graph: &Graph,
+    id: NodeId,
+    evaluation: &Evaluation,
+    context: Context,
+) -> Result<Vec<f64>, InterpError> {
+    let (alone, placeholders, result) =
+        expand::standalone(graph, id).map_err(InterpError::Internal)?;
+    let mut inner = Evaluation {
+        values: IdMap::default(),
+        dims: evaluation.dims.clone(),
+    };
+    for (placeholder, operand) in placeholders.iter().zip(graph.operands(id)) {
+        inner
+            .values
+            .insert(*placeholder, evaluation.values[&operand].clone());
+    }
+    let order = alone
+        .topo_order()
+        .ok_or_else(|| InterpError::Internal("an expansion has a cycle".into()))?;
+    for node in order {
+        if !inner.values.contains_key(&node) {
+            evaluate_node(&alone, node, &mut inner, context)?;
+        }
+    }
+    inner
+        .values
+        .remove(&result)
+        .map(|t| t.data)
+        .ok_or_else(|| InterpError::Internal("an expansion without its result".into()))
 }
 
 /// Checks a leaf tensor against its declaration (element type, shape, and
@@ -295,15 +323,13 @@ pub(crate) fn check_size(shape: &[usize]) -> Result<(), InterpError> {
     }
 }
 
-type Updates = Option<(Vec<f64>, Vec<f64>)>;
-
 /// Runs one non-leaf op.
 fn run(
     op: &Op,
     inputs: &[&Tensor],
     shape: &[usize],
     context: Context,
-) -> Result<(Vec<f64>, Updates), InterpError> {
+) -> Result<Vec<f64>, InterpError> {
     let x = || inputs[0];
     let data = match op {
         Op::Input | Op::Param(_) | Op::Buffer(_) => {
@@ -338,7 +364,7 @@ fn run(
                 (kernels::transpose(&t.data, &t.shape), shape)
             };
             if *transpose_a && !*transpose_b && inputs[1].shape.len() >= 3 {
-                return Ok((kernels::batch_summed_product(inputs[0], inputs[1]), None));
+                return Ok(kernels::batch_summed_product(inputs[0], inputs[1]));
             }
             let (a, a_shape) = read(inputs[0], *transpose_a);
             let (b, b_shape) = read(inputs[1], *transpose_b);
@@ -351,9 +377,7 @@ fn run(
             &inputs[1].shape,
         ),
         Op::Transpose => kernels::transpose(&x().data, &x().shape),
-        Op::Reduce { func, axes, .. } => kernels::reduce(*func, x(), axes).0,
-        Op::Softmax { axis } => kernels::softmax(x(), *axis),
-        Op::LogSoftmax { axis } => kernels::log_softmax(x(), *axis),
+        Op::Reduce { func, axes, .. } => kernels::reduce(*func, x(), axes)?.0,
         Op::Reshape | Op::StopGradient | Op::Identity => x().data.clone(),
         Op::Concat { axis } => kernels::concat(inputs, *axis, shape),
         Op::Slice { axis, start } => kernels::slice(x(), *axis, *start as usize, shape),
@@ -362,28 +386,9 @@ fn run(
             let scale = kernels::dropout_scale(*p, *key, x().len(), context.seed, context.step);
             x().data.iter().zip(scale).map(|(v, s)| v * s).collect()
         }
-        Op::BatchNorm {
-            eps,
-            momentum,
-            training,
-        } => {
-            let [x, gamma, beta, mean, var] =
-                [inputs[0], inputs[1], inputs[2], inputs[3], inputs[4]];
-            if *training {
-                let (out, new_mean, new_var) =
-                    kernels::batch_norm_train(x, gamma, beta, (mean, var), *eps, *momentum)?;
-                return Ok((out, Some((new_mean, new_var))));
-            }
-            kernels::batch_norm_eval(x, gamma, beta, mean, var, *eps)
-        }
-        Op::LayerNorm { eps } => kernels::layer_norm(inputs[0], inputs[1], inputs[2], *eps),
         Op::Embedding => kernels::embedding(inputs[0], inputs[1])?,
-        Op::CrossEntropy => vec![kernels::cross_entropy(inputs[0], inputs[1])?],
         Op::Mse => vec![kernels::mse(inputs[0], inputs[1])],
         Op::BceWithLogits => vec![kernels::bce_with_logits(inputs[0], inputs[1])],
-        Op::Kernel(KernelOp::CrossEntropyGradient) => {
-            kernels::cross_entropy_gradient(inputs[0], inputs[1], inputs[2])?
-        }
         Op::SumTo => tensor::sum_to(&x().data, &x().shape, shape),
         Op::Select => kernels::select(inputs[0], inputs[1], inputs[2], shape),
         Op::Expand => tensor::broadcast_map(&x().shape, shape)
@@ -402,25 +407,17 @@ fn run(
             vec![counted as f64]
         }
         Op::State => return Err(InterpError::Internal("leaves are bound, not run".into())),
-        Op::RunningStat { momentum, variance } => {
-            let (x, running) = (inputs[0], inputs[1]);
-            let (channel, c, per) = kernels::channels(&x.shape);
-            let (mean, var) = kernels::group_moments(&x.data, &channel, c);
-            let unbiased = if per > 1 {
-                per as f64 / (per as f64 - 1.0)
-            } else {
-                f64::NAN
-            };
-            (0..c)
-                .map(|k| {
-                    let batch = if *variance {
-                        var[k] * unbiased
-                    } else {
-                        mean[k]
-                    };
-                    (1.0 - momentum) * running.data[k] + momentum * batch
-                })
-                .collect()
+        Op::Softmax { .. }
+        | Op::LogSoftmax { .. }
+        | Op::LayerNorm { .. }
+        | Op::BatchNorm { .. }
+        | Op::RunningStat { .. }
+        | Op::CrossEntropy
+        | Op::Kernel(_) => {
+            return Err(InterpError::Internal(format!(
+                "`{}` is a composite: it runs as its expansion",
+                op.name()
+            )));
         }
         Op::ZeroFraction => {
             let zeros = x().data.iter().filter(|&&v| v == 0.0).count();
@@ -435,5 +432,5 @@ fn run(
             vec![dead as f64 / units.max(1) as f64]
         }
     };
-    Ok((data, None))
+    Ok(data)
 }

@@ -391,6 +391,25 @@ impl Graph {
         self.inner.add_edge(new.index(), user.index(), position);
     }
 
+    /// Makes node `id` compute `op` of `operands` (its type, role and
+    /// uses unchanged): how an expansion ends in the composite's place.
+    pub(crate) fn rewire(&mut self, id: NodeId, op: Op, operands: &[NodeId]) {
+        self.version = fresh_version();
+        let edges: Vec<petgraph::stable_graph::EdgeIndex> = self
+            .inner
+            .edges_directed(id.index(), Direction::Incoming)
+            .map(|e| e.id())
+            .collect();
+        for edge in edges {
+            self.inner.remove_edge(edge);
+        }
+        for (i, operand) in operands.iter().enumerate() {
+            let position = u32::try_from(i).unwrap_or(u32::MAX);
+            self.inner.add_edge(operand.index(), id.index(), position);
+        }
+        self.inner[id.index()].op = op;
+    }
+
     /// Removes a node and its edges.
     pub fn remove(&mut self, id: NodeId) -> Option<Node> {
         self.version = fresh_version();

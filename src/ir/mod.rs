@@ -18,6 +18,7 @@
 //! built-in computes; the IR op of the same name computes the same.
 
 pub mod dot;
+pub mod expand;
 pub mod graph;
 pub mod op;
 pub mod text;

@@ -270,14 +270,14 @@ fn call_for<'p>(
             let shape = to(graph.node(shaped).shape())?;
             let cols = shape.last().copied().unwrap_or(0);
             match shape.iter().product::<usize>().checked_div(cols) {
-                Some(rows) if rows >= kernel.op.min_rows() => Call::Rows {
+                Some(rows) => Call::Rows {
                     prologue: unfinished(prologue),
                     kernel,
                     rows,
                     cols,
                 },
-                // (Too few rows: the interpreter's error.)
-                _ => interpreted(),
+                // (Rows of no columns: the interpreter runs them.)
+                None => interpreted(),
             }
         }
         Some(Compiled::Mover {

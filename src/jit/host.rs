@@ -36,7 +36,6 @@ pub(super) struct StepHost<'a> {
     /// The interpreter's working values for one node (made by the first
     /// node interpreted).
     pub(super) scratch: Option<Evaluation>,
-    pub(super) buffer_updates: BTreeMap<String, Tensor>,
     /// `f32` copies of a product's operands and its result, for an `f32`
     /// operand kept in an `f64` buffer.
     pub(super) narrow: (Vec<f32>, Vec<f32>, Vec<f32>),
@@ -105,7 +104,6 @@ impl StepHost<'_> {
             .values
             .remove(&id)
             .ok_or_else(|| InterpError::Internal(format!("{id} was not evaluated")))?;
-        self.buffer_updates.append(&mut scratch.buffer_updates);
         buffers
             .write(slot_in(self.slots, id)?, &value.data)
             .map_err(|e| InterpError::Internal(format!("{id}: {e}")))

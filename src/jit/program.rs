@@ -16,7 +16,6 @@ use crate::jit::elementwise::CompiledKernel;
 use crate::jit::elementwise::is_sum;
 use crate::jit::elementwise::supported;
 use crate::jit::movers::Mover;
-use crate::jit::patterns;
 use crate::jit::row_passes::PassKernel;
 use crate::jit::rows::RowKernel;
 use crate::jit::rows::RowOp;
@@ -117,7 +116,6 @@ pub(super) fn optimized(graph: &Graph, kept: &[NodeId]) -> (Graph, IdMap<NodeId>
         run.node_mut(id).retain = true;
     }
     passes::optimize(&mut run, |_, _| {});
-    patterns::recognise(&mut run);
     // Roles held by one node each (a buffer two batch norms update is
     // held twice: those results are not found by role).
     let mut by_role: HashMap<&Role, Option<NodeId>> = HashMap::new();

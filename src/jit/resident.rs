@@ -140,17 +140,14 @@ impl Jit {
             context,
             dims: &bound.dims,
             scratch: None,
-            buffer_updates: BTreeMap::new(),
             narrow: (Vec::new(), Vec::new(), Vec::new()),
         };
         bound.frame.run(&mut host, context)?;
-        let buffer_updates = host.buffer_updates;
         // Every materialized value out (or the wanted ones), as the
         // interpreter's tensors.
         // (Into the tensors of an evaluation handed back, `recycle`.)
         let mut evaluation = self.spare.take().unwrap_or_default();
         evaluation.dims = dims;
-        evaluation.buffer_updates = buffer_updates;
         copy_out(bound, graph, ids, wanted, &mut evaluation)?;
         if let Some(kept) = ticket {
             if let Some(resident) = &mut self.resident {

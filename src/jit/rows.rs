@@ -23,7 +23,7 @@
 //! turns the CLIF built here into a callable `RowKernel` (the unsafe part
 //! lives in `native`).
 
-use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{BlockArg, InstBuilder, MemFlagsData, Value, types};
 use cranelift_frontend::FunctionBuilder;
 use cranelift_module::FuncId;
@@ -38,12 +38,6 @@ use crate::ir::{DType, Graph, KernelOp, NodeId, Op, ReduceFn};
 pub enum RowOp {
     /// `max` over the last axis (NaN wins). Reads `x`; writes one per row.
     Max,
-    /// `logsumexp` over the last axis. Reads `x`; writes one per row.
-    LogSumExp,
-    /// `softmax` along the last axis. Reads `x`; writes `rows x cols`.
-    Softmax,
-    /// `log_softmax` along the last axis. Reads `x`; writes `rows x cols`.
-    LogSoftmax,
     /// Mean cross-entropy of logits `[N, C]` and labels `[N]`. Reads
     /// logits, labels; writes one value.
     CrossEntropy,
@@ -59,33 +53,6 @@ pub enum RowOp {
         /// The VJP's `g`.
         g: f64,
     },
-    /// Layer normalization over the last axis: `(x - mean) / sqrt(var +
-    /// eps) * gamma + beta` with the row's mean and biased variance. Reads
-    /// `x`, `gamma`, `beta` (`cols` each); writes `rows x cols`.
-    LayerNorm {
-        /// Added to the variance.
-        eps: f64,
-    },
-    /// Batch normalization of `x: [N, C]` (the channels are the columns),
-    /// a loop over columns: in train mode with each column's mean and
-    /// biased variance (`kernels::batch_norm_train`, which needs `N >=
-    /// 2`), in eval mode with the running ones. Reads `x`, `gamma`, `beta`
-    /// (and in eval mode the running mean and variance); writes `N x C`.
-    BatchNorm {
-        /// Added to the variance.
-        eps: f64,
-        /// Batch statistics (else the running ones).
-        training: bool,
-    },
-    /// The new running mean (or variance, with the unbiased batch variance)
-    /// of a column: `(1 - momentum) running + momentum batch`. Reads `x`
-    /// `[N, C]`, the running statistic; writes `C`.
-    RunningStat {
-        /// Weight of the batch statistic.
-        momentum: f64,
-        /// The variance (else the mean).
-        variance: bool,
-    },
 }
 
 impl RowOp {
@@ -99,27 +66,12 @@ impl RowOp {
             return None;
         }
         match &node.op {
-            Op::Reduce { func, axes, .. } if axes.len() == 1 && last(axes[0], 0) => match func {
-                ReduceFn::Max => Some(RowOp::Max),
-                ReduceFn::LogSumExp => Some(RowOp::LogSumExp),
-                _ => None,
-            },
-            Op::Softmax { axis } if last(*axis, 0) => Some(RowOp::Softmax),
-            Op::LogSoftmax { axis } if last(*axis, 0) => Some(RowOp::LogSoftmax),
-            Op::CrossEntropy if rank(0) == Some(2) => Some(RowOp::CrossEntropy),
-            Op::LayerNorm { eps } if rank(0).is_some_and(|r| r >= 1) => {
-                Some(RowOp::LayerNorm { eps: *eps })
-            }
-            Op::BatchNorm { eps, training, .. } if rank(0) == Some(2) => Some(RowOp::BatchNorm {
-                eps: *eps,
-                training: *training,
-            }),
-            Op::RunningStat { momentum, variance } if rank(0) == Some(2) => {
-                Some(RowOp::RunningStat {
-                    momentum: *momentum,
-                    variance: *variance,
-                })
-            }
+            Op::Reduce {
+                func: ReduceFn::Max,
+                axes,
+                ..
+            } if axes.len() == 1 && last(axes[0], 0) => Some(RowOp::Max),
+            Op::Kernel(KernelOp::CrossEntropy) if rank(0) == Some(2) => Some(RowOp::CrossEntropy),
             Op::Kernel(KernelOp::CrossEntropyGradient) if rank(1) == Some(2) => {
                 Some(RowOp::CrossEntropyVjp)
             }
@@ -131,20 +83,10 @@ impl RowOp {
     /// node's operands (a VJP's are `[g, forward operands..., y]`).
     pub fn reads(self, operands: &[NodeId]) -> Vec<NodeId> {
         match self {
-            RowOp::Max | RowOp::LogSumExp | RowOp::Softmax | RowOp::LogSoftmax => {
-                vec![operands[0]]
-            }
+            RowOp::Max => vec![operands[0]],
             RowOp::CrossEntropy | RowOp::CrossEntropyWithVjp { .. } => {
                 vec![operands[0], operands[1]]
             }
-            RowOp::LayerNorm { .. } => vec![operands[0], operands[1], operands[2]],
-            RowOp::BatchNorm { training: true, .. } => {
-                vec![operands[0], operands[1], operands[2]]
-            }
-            RowOp::BatchNorm {
-                training: false, ..
-            } => operands[..5].to_vec(),
-            RowOp::RunningStat { .. } => vec![operands[0], operands[1]],
             RowOp::CrossEntropyVjp => vec![operands[0], operands[1], operands[2]],
         }
     }
@@ -172,28 +114,11 @@ impl RowOp {
         let all = rows * cols;
         let (reads, output) = match self {
             RowOp::CrossEntropyWithVjp { .. } => return (vec![all, rows], vec![1, all]),
-            RowOp::Max | RowOp::LogSumExp => (vec![all], rows),
-            RowOp::Softmax | RowOp::LogSoftmax => (vec![all], all),
+            RowOp::Max => (vec![all], rows),
             RowOp::CrossEntropy => (vec![all, rows], 1),
             RowOp::CrossEntropyVjp => (vec![1, all, rows], all),
-            RowOp::LayerNorm { .. } => (vec![all, cols, cols], all),
-            RowOp::BatchNorm { training: true, .. } => (vec![all, cols, cols], all),
-            RowOp::BatchNorm {
-                training: false, ..
-            } => (vec![all, cols, cols, cols, cols], all),
-            RowOp::RunningStat { .. } => (vec![all, cols], cols),
         };
         (reads, vec![output])
-    }
-
-    /// The fewest rows the kernel computes what the interpreter does for:
-    /// train-mode batch normalization refuses a single row (the
-    /// interpreter's error, so fewer rows run there).
-    pub(crate) fn min_rows(self) -> usize {
-        match self {
-            RowOp::BatchNorm { training: true, .. } => 2,
-            _ => 0,
-        }
     }
 
     /// Whether the kernel writes a row's softmax (`write_softmax`), which
@@ -201,7 +126,7 @@ impl RowOp {
     pub(crate) fn takes_softmax(self) -> bool {
         matches!(
             self,
-            RowOp::Softmax | RowOp::CrossEntropyVjp | RowOp::CrossEntropyWithVjp { .. }
+            RowOp::CrossEntropyVjp | RowOp::CrossEntropyWithVjp { .. }
         )
     }
 
@@ -211,24 +136,18 @@ impl RowOp {
     }
 }
 
-/// A row (or a whole buffer, or a column) in memory: where it starts, how
-/// it stores its elements, and the distance between its elements (a
-/// column's is the row length; a row's 1).
+/// A row (or a whole buffer) in memory: where it starts and how it
+/// stores its elements.
 #[derive(Clone, Copy)]
 struct Row {
     base: Value,
     elem: Elem,
-    stride: Option<Value>,
 }
 
 impl Row {
     /// The address of element `j`.
     fn at(self, b: &mut FunctionBuilder<'_>, j: Value) -> Value {
-        let index = match self.stride {
-            Some(stride) => b.ins().imul(j, stride),
-            None => j,
-        };
-        clif::element_at(b, self.elem, self.base, index)
+        clif::element_at(b, self.elem, self.base, j)
     }
 }
 
@@ -239,42 +158,16 @@ fn load(b: &mut FunctionBuilder<'_>, row: Row, j: Value) -> Value {
 }
 
 /// Element `j` of a row, or (`pair`) elements `j` and `j + 1` as an
-/// `f64x2`; pairs only of contiguous rows (`stride` none).
-fn load_lanes(
-    b: &mut FunctionBuilder<'_>,
-    row: Row,
-    j: Value,
-    pair: bool,
-) -> Result<Value, CodegenError> {
-    if pair && row.stride.is_some() {
-        return Err(CodegenError("a pair of a strided line".into()));
-    }
+/// `f64x2`.
+fn load_lanes(b: &mut FunctionBuilder<'_>, row: Row, j: Value, pair: bool) -> Value {
     let at = row.at(b, j);
-    Ok(clif::load(b, row.elem, pair, at))
+    clif::load(b, row.elem, pair, at)
 }
 
 /// Stores `value` as element `j` of a row.
 fn store(b: &mut FunctionBuilder<'_>, value: Value, row: Row, j: Value) {
     let at = row.at(b, j);
     clif::store(b, row.elem, value, at);
-}
-
-/// Writes every column `j` of an output row: `value(j)`, rounded to `f32`
-/// when the result is `f32`.
-fn write_row(
-    b: &mut FunctionBuilder<'_>,
-    cols: Value,
-    f32: bool,
-    out_row: Row,
-    mut value: impl FnMut(&mut FunctionBuilder<'_>, Value) -> Result<Value, CodegenError>,
-) -> Result<(), CodegenError> {
-    counted_loop(b, cols, &[], |b, j, _| {
-        let v = value(b, j)?;
-        let v = rounded(b, f32, v);
-        store(b, v, out_row, j);
-        Ok(vec![])
-    })?;
-    Ok(())
 }
 
 /// Rounds to `f32` and back when the result is `f32`.
@@ -288,31 +181,6 @@ fn rounded(b: &mut FunctionBuilder<'_>, f32: bool, value: Value) -> Value {
         let narrow = b.ins().fdemote(types::F32, value);
         b.ins().fpromote(types::F64, narrow)
     }
-}
-
-/// The mean and biased variance of a row as `kernels::group_moments`
-/// computes them: sums from 0 in order, over the count (at least 1).
-fn row_moments(
-    b: &mut FunctionBuilder<'_>,
-    row: Row,
-    cols: Value,
-) -> Result<(Value, Value), CodegenError> {
-    let count = b.ins().fcvt_from_uint(types::F64, cols);
-    let one = b.ins().f64const(1.0);
-    let count = b.ins().fmax(count, one);
-    let zero = b.ins().f64const(0.0);
-    let sum = counted_loop(b, cols, &[zero], |b, j, carried| {
-        let v = load(b, row, j);
-        Ok(vec![b.ins().fadd(carried[0], v)])
-    })?[0];
-    let mean = b.ins().fdiv(sum, count);
-    let squares = counted_loop(b, cols, &[zero], |b, j, carried| {
-        let v = load(b, row, j);
-        let d = b.ins().fsub(v, mean);
-        let square = b.ins().fmul(d, d);
-        Ok(vec![b.ins().fadd(carried[0], square)])
-    })?[0];
-    Ok((mean, b.ins().fdiv(squares, count)))
 }
 
 /// The row's maximum as `kernels::group_max` takes it: from -inf, a value
@@ -356,7 +224,7 @@ fn rows_max_paired(
         rows.iter()
             .zip(carried)
             .map(|(&row, &m)| {
-                let v = load_lanes(b, row, j, pair)?;
+                let v = load_lanes(b, row, j, pair);
                 let v = if pair {
                     v
                 } else {
@@ -376,45 +244,20 @@ fn rows_max_paired(
         .collect())
 }
 
-/// `logsumexp` of a row as `kernels::reduce` computes it: the maximum `m`,
-/// then, if `m` is finite, `m + ln(sum(exp(x - m)))`, else `m` (the sum is
-/// then not read).
-fn row_logsumexp(
-    b: &mut FunctionBuilder<'_>,
-    calls: &mut Calls<'_>,
-    row: Row,
-    cols: (Value, bool),
-) -> Result<Value, CodegenError> {
-    let (m, sum) = row_exps(b, row, cols, None)?;
-    logsumexp_of(b, calls, m, sum)
-}
-
-/// `row_logsumexp` from the row's maximum `m` and its sum of `exp(x - m)`.
-fn logsumexp_of(
-    b: &mut FunctionBuilder<'_>,
-    calls: &mut Calls<'_>,
-    m: Value,
-    sum: Value,
-) -> Result<Value, CodegenError> {
-    let magnitude = b.ins().fabs(m);
-    let infinity = b.ins().f64const(f64::INFINITY);
-    let finite = b.ins().fcmp(FloatCC::LessThan, magnitude, infinity);
-    let log = call(b, calls, "gradc_log", &[sum])?;
-    let total = b.ins().fadd(m, log);
-    Ok(b.ins().select(finite, total, m))
-}
-
-/// The maximum `m` of a row and the sum of `exp(x - m)`: two columns at a
-/// time in `f64x2` by the polynomial `exp` (`approx::exp`, within 1 ulp),
-/// the odd last one alone; the pair's lanes are added, then the last one.
-/// Each `exp(x[j] - m)` is also stored at `kept[j]` (`f64`s) if given.
+/// The maximum `m` of a row and the sum of `exp(x - m)`, each op rounded
+/// to `f32` if `f32` as the expansion of a softmax rounds it: two columns
+/// at a time in `f64x2` by the polynomial `exp` (`approx::exp`, within 1
+/// ulp), the odd last one alone; the pair's lanes are added, then the
+/// last one. Each `exp(x[j] - m)` is also stored at `kept[j]` (`f64`s) if
+/// given.
 fn row_exps(
     b: &mut FunctionBuilder<'_>,
     row: Row,
     cols: (Value, bool),
+    f32: bool,
     kept: Option<Value>,
 ) -> Result<(Value, Value), CodegenError> {
-    Ok(rows_exps(b, &[(row, kept)], cols)?[0])
+    Ok(rows_exps(b, &[(row, kept)], cols, f32)?[0])
 }
 
 /// `row_exps` of several rows in the same loops, each row by its own
@@ -424,6 +267,7 @@ fn rows_exps(
     b: &mut FunctionBuilder<'_>,
     rows: &[(Row, Option<Value>)],
     cols: (Value, bool),
+    f32: bool,
 ) -> Result<Vec<(Value, Value)>, CodegenError> {
     let lines: Vec<Row> = rows.iter().map(|r| r.0).collect();
     let maxima = rows_max_paired(b, &lines, cols)?;
@@ -437,7 +281,7 @@ fn rows_exps(
         let mut next = Vec::with_capacity(rows.len());
         for (i, &(row, kept)) in rows.iter().enumerate() {
             let m = if pair { pair_maxima[i] } else { maxima[i] };
-            let e = row_exp(b, row, m, j, pair)?;
+            let e = row_exp(b, row, m, (j, pair), f32)?;
             if let Some(kept) = kept {
                 let at = clif::element_at(b, Elem::F64, kept, j);
                 clif::store(b, Elem::F64, e, at);
@@ -458,30 +302,18 @@ fn rows_exps(
         .map(|(m, total)| {
             let first = b.ins().extractlane(total, 0);
             let second = b.ins().extractlane(total, 1);
-            (m, b.ins().fadd(first, second))
+            let sum = b.ins().fadd(first, second);
+            (m, rounded(b, f32, sum))
         })
         .collect())
 }
 
 /// Writes `then(p, j, pair)` of a row's softmax `p = exp(x - m) / sum`
-/// (`kernels::softmax`) to `out_row`, two columns at a time (`pair`: `p` is
-/// an `f64x2`). The exponentials are read back from `kept` (a row of
-/// `f64`s on the stack) if given, else taken again: the same values
-/// either way.
-fn write_softmax(
-    b: &mut FunctionBuilder<'_>,
-    (row, kept): (Row, Option<Value>),
-    out_row: Row,
-    cols: (Value, bool),
-    f32: bool,
-    then: impl FnMut(&mut FunctionBuilder<'_>, Value, Value, bool) -> Value,
-) -> Result<(), CodegenError> {
-    let exps = row_exps(b, row, cols, kept)?;
-    write_softmax_of(b, (row, kept), exps, out_row, cols, f32, then)
-}
-
-/// `write_softmax` given the row's maximum `m` and its sum of `exp(x - m)`
-/// (`row_exps`, which has filled `kept` if given).
+/// to `out_row`, two columns at a time (`pair`: `p` is an `f64x2`), given
+/// the row's maximum `m` and its sum of `exp(x - m)` (`row_exps`, which
+/// has filled `kept` if given). The exponentials are read back from
+/// `kept` (a row of `f64`s on the stack) if given, else taken again: the
+/// same values either way.
 fn write_softmax_of(
     b: &mut FunctionBuilder<'_>,
     (row, kept): (Row, Option<Value>),
@@ -532,7 +364,7 @@ fn write_softmaxes(
     paired_loop(b, cols, &[], |b, j, pair, _| {
         for (r, &row_pairs) in rows.iter().zip(&pairs) {
             let (m, sum) = if pair { row_pairs } else { r.exps };
-            let p = softmax_at(b, (r.row, r.kept), (m, sum), j, pair)?;
+            let p = softmax_at(b, (r.row, r.kept), (m, sum), (j, pair), f32)?;
             let v = then(b, p, j, pair);
             let v = rounded(b, f32, v);
             let at = r.out_row.at(b, j);
@@ -544,23 +376,51 @@ fn write_softmaxes(
 }
 
 /// The softmax `exp(x - m) / sum` of a row at column `j` (or, `pair`,
-/// `j` and `j + 1`; `m` and `sum` then pairs too), the exponential read
-/// back from `kept` if given, else taken again.
+/// `j` and `j + 1`; `m` and `sum` then pairs too), rounded to `f32` if
+/// `f32`, the exponential read back from `kept` if given, else taken
+/// again.
 fn softmax_at(
     b: &mut FunctionBuilder<'_>,
     (row, kept): (Row, Option<Value>),
     (m, sum): (Value, Value),
-    j: Value,
-    pair: bool,
+    (j, pair): (Value, bool),
+    f32: bool,
 ) -> Result<Value, CodegenError> {
     let e = match kept {
         Some(kept) => {
             let at = clif::element_at(b, Elem::F64, kept, j);
             clif::load(b, Elem::F64, pair, at)
         }
-        None => row_exp(b, row, m, j, pair)?,
+        None => row_exp(b, row, m, (j, pair), f32)?,
     };
-    Ok(b.ins().fdiv(e, sum))
+    let p = b.ins().fdiv(e, sum);
+    Ok(rounded(b, f32, p))
+}
+
+/// A row's `log_softmax` at its label, `(x - m) - log(sum)`, each op
+/// rounded to `f32` if `f32`.
+fn log_softmax_at(
+    b: &mut FunctionBuilder<'_>,
+    calls: &mut Calls<'_>,
+    (row, label): (Row, Value),
+    (m, sum): (Value, Value),
+    f32: bool,
+) -> Result<Value, CodegenError> {
+    let v = load(b, row, label);
+    let shifted = b.ins().fsub(v, m);
+    let shifted = rounded(b, f32, shifted);
+    let log = call(b, calls, "gradc_log", &[sum])?;
+    let log = rounded(b, f32, log);
+    let log_p = b.ins().fsub(shifted, log);
+    Ok(rounded(b, f32, log_p))
+}
+
+/// A cross-entropy gradient's `g / N` (`N` the row count, at least 1),
+/// rounded to `f32` if `f32`.
+fn gradient_scale(b: &mut FunctionBuilder<'_>, g: Value, rows: Value, f32: bool) -> Value {
+    let count = row_count(b, rows);
+    let scale = b.ins().fdiv(g, count);
+    rounded(b, f32, scale)
 }
 
 /// One column (or, `pair`, two) of the cross-entropy VJP's row from the
@@ -594,9 +454,10 @@ fn label_gradient(
     scale: Value,
     f32: bool,
 ) -> Result<(), CodegenError> {
-    let p = softmax_at(b, (row, kept), (m, sum), label, false)?;
+    let p = softmax_at(b, (row, kept), (m, sum), (label, false), f32)?;
     let one = b.ins().f64const(1.0);
     let difference = b.ins().fsub(p, one);
+    let difference = rounded(b, f32, difference);
     let value = b.ins().fmul(difference, scale);
     let value = rounded(b, f32, value);
     let at = out_row.at(b, label);
@@ -604,18 +465,14 @@ fn label_gradient(
     Ok(())
 }
 
-/// A row's cross-entropy term, `-(x[label] - lse)`.
-fn cross_entropy_term(b: &mut FunctionBuilder<'_>, row: Row, label: Value, lse: Value) -> Value {
-    let v = load(b, row, label);
-    let log_p = b.ins().fsub(v, lse);
-    b.ins().fneg(log_p)
-}
-
-/// The mean of a sum over `rows` rows (as the interpreter divides: by at
-/// least one), rounded to `f32` if `f32`, stored as `out`'s first element.
+/// The cross-entropy from the sum of the rows' `log_softmax` at their
+/// labels: `-total / N` (`N` the row count, at least 1), `total` and the
+/// quotient rounded to `f32` if `f32`, stored as `out`'s first element.
 fn store_mean(b: &mut FunctionBuilder<'_>, total: Value, rows: Value, f32: bool, out: Row) {
     let count = row_count(b, rows);
-    let mean = b.ins().fdiv(total, count);
+    let total = rounded(b, f32, total);
+    let negated = b.ins().fneg(total);
+    let mean = b.ins().fdiv(negated, count);
     let mean = rounded(b, f32, mean);
     clif::store(b, out.elem, mean, out.base);
 }
@@ -628,20 +485,22 @@ fn row_count(b: &mut FunctionBuilder<'_>, rows: Value) -> Value {
 }
 
 /// `exp(x[j] - m)` of a row, or of columns `j` and `j + 1` as a pair (`m`
-/// then a pair too), by the polynomial `exp`.
+/// then a pair too), by the polynomial `exp`; the difference and the
+/// exponential rounded to `f32` if `f32`.
 fn row_exp(
     b: &mut FunctionBuilder<'_>,
     row: Row,
     m: Value,
-    j: Value,
-    pair: bool,
+    (j, pair): (Value, bool),
+    f32: bool,
 ) -> Result<Value, CodegenError> {
-    let v = load_lanes(b, row, j, pair)?;
+    let v = load_lanes(b, row, j, pair);
     let shifted = b.ins().fsub(v, m);
-    // (`x - m` is at most 0, or NaN: `m` is the row's maximum. An `f32`
-    // row is an `f32` op's operand, whose results are rounded to `f32`.)
-    Ok(if row.elem == Elem::F32 {
-        approx::exp_of_nonpositive_for_f32(b, shifted)
+    let shifted = rounded(b, f32, shifted);
+    // (`x - m` is at most 0, or NaN: `m` is the row's maximum.)
+    Ok(if f32 {
+        let e = approx::exp_of_nonpositive_for_f32(b, shifted);
+        rounded(b, true, e)
     } else {
         approx::exp_of_nonpositive(b, shifted)
     })
@@ -745,7 +604,6 @@ pub(super) fn emit(
         .map(|j| Row {
             base: b.ins().load(types::I64, flags, ptrs, (8 * j) as i32),
             elem: elems[j],
-            stride: None,
         })
         .collect();
     let out = bases[reads.len()];
@@ -757,66 +615,35 @@ pub(super) fn emit(
     };
     let bases = kernel.bases.as_slice();
     match op {
-        RowOp::Max | RowOp::LogSumExp => {
+        RowOp::Max => {
             counted_loop(b, rows, &[], |b, r, _| {
                 let row = kernel.row_of(b, bases[0], r);
-                let value = if op == RowOp::Max {
-                    row_max(b, row, cols)?
-                } else {
-                    row_logsumexp(b, calls, row, (cols, even_cols))?
-                };
+                let value = row_max(b, row, cols)?;
                 let value = rounded(b, f32, value);
                 store(b, value, out, r);
                 Ok(vec![])
             })?;
         }
-        RowOp::Softmax => {
-            counted_loop(b, rows, &[], |b, r, _| {
-                let (row, out_row) = (kernel.row_of(b, bases[0], r), kernel.row_of(b, out, r));
-                write_softmax(
-                    b,
-                    (row, exps),
-                    out_row,
-                    (cols, even_cols),
-                    f32,
-                    |_, p, _, _| p,
-                )?;
-                Ok(vec![])
-            })?;
-        }
-        RowOp::LogSoftmax => {
-            counted_loop(b, rows, &[], |b, r, _| {
-                let (row, out_row) = (kernel.row_of(b, bases[0], r), kernel.row_of(b, out, r));
-                let lse = row_logsumexp(b, calls, row, (cols, even_cols))?;
-                write_row(b, cols, f32, out_row, |b, j| {
-                    let v = load(b, row, j);
-                    let value = b.ins().fsub(v, lse);
-                    Ok(value)
-                })?;
-                Ok(vec![])
-            })?;
-        }
         RowOp::CrossEntropy => {
-            // -log_softmax at the label, summed from -0.0 as `Iterator::sum`
-            // does, over the row count.
-            let start = b.ins().f64const(-0.0);
+            // log_softmax at the label, summed from 0 in row order; the
+            // mean of its negation.
+            let start = b.ins().f64const(0.0);
             let total = counted_loop(b, rows, &[start], |b, r, carried| {
                 let row = kernel.row_of(b, bases[0], r);
-                let lse = row_logsumexp(b, calls, row, (cols, even_cols))?;
+                let (m, sum) = row_exps(b, row, (cols, even_cols), f32, None)?;
                 let label = label_index(b, bases[1], r, cols);
-                let loss = cross_entropy_term(b, row, label, lse);
-                Ok(vec![b.ins().fadd(carried[0], loss)])
+                let log_p = log_softmax_at(b, calls, (row, label), (m, sum), f32)?;
+                Ok(vec![b.ins().fadd(carried[0], log_p)])
             })?[0];
             store_mean(b, total, rows, f32, out);
         }
         RowOp::CrossEntropyVjp => {
             let g = clif::load(b, bases[0].elem, false, bases[0].base);
-            let count = row_count(b, rows);
-            let scale = b.ins().fdiv(g, count);
+            let scale = gradient_scale(b, g, rows, f32);
             counted_loop(b, rows, &[], |b, r, _| {
                 let (row, out_row) = (kernel.row_of(b, bases[1], r), kernel.row_of(b, out, r));
                 let label = label_index(b, bases[2], r, cols);
-                let (m, sum) = row_exps(b, row, (cols, even_cols), exps)?;
+                let (m, sum) = row_exps(b, row, (cols, even_cols), f32, exps)?;
                 write_softmax_of(
                     b,
                     (row, exps),
@@ -831,11 +658,6 @@ pub(super) fn emit(
             })?;
         }
         RowOp::CrossEntropyWithVjp { g } => emit_cross_entropy_with_vjp(b, &kernel, calls, g)?,
-        RowOp::LayerNorm { eps } => emit_layer_norm(b, &kernel, eps)?,
-        RowOp::BatchNorm { eps, training } => emit_batch_norm(b, &kernel, eps, training)?,
-        RowOp::RunningStat { momentum, variance } => {
-            emit_running_stat(b, &kernel, momentum, variance)?
-        }
     }
     Ok(())
 }
@@ -858,16 +680,6 @@ impl RowBuffers {
         Row {
             base: clif::element_at(b, buffer.elem, buffer.base, start),
             elem: buffer.elem,
-            stride: None,
-        }
-    }
-
-    /// Column `c` of a `rows x cols` buffer.
-    fn column_of(&self, b: &mut FunctionBuilder<'_>, buffer: Row, c: Value) -> Row {
-        Row {
-            base: clif::element_at(b, buffer.elem, buffer.base, c),
-            elem: buffer.elem,
-            stride: Some(self.shape.cols),
         }
     }
 }
@@ -900,10 +712,9 @@ fn emit_cross_entropy_with_vjp(
     // and the row's softmax make a long chain); the losses are
     // added in row order.
     let g = b.ins().f64const(g);
-    let count = row_count(b, rows);
-    let scale = b.ins().fdiv(g, count);
+    let scale = gradient_scale(b, g, rows, f32);
     let gradient = bases[3];
-    let start = b.ins().f64const(-0.0);
+    let start = b.ins().f64const(0.0);
     // Rows `r..r + kept.len()` into the running total.
     let mut body = |b: &mut FunctionBuilder<'_>,
                     first: Value,
@@ -918,13 +729,13 @@ fn emit_cross_entropy_with_vjp(
             .zip(kept)
             .map(|(&r, &kept)| (kernel.row_of(b, bases[0], r), kept))
             .collect();
-        let exponentials = rows_exps(b, &inputs, (cols, even_cols))?;
+        let exponentials = rows_exps(b, &inputs, (cols, even_cols), f32)?;
         let mut softmaxes = Vec::new();
         let mut labelled = Vec::new();
         for ((&r, &(row, kept)), &exps) in indices.iter().zip(&inputs).zip(&exponentials) {
-            let lse = logsumexp_of(b, calls, exps.0, exps.1)?;
             let label = label_index(b, bases[1], r, cols);
-            labelled.push((label, cross_entropy_term(b, row, label, lse)));
+            let log_p = log_softmax_at(b, calls, (row, label), exps, f32)?;
+            labelled.push((label, log_p));
             let out_row = kernel.row_of(b, gradient, r);
             softmaxes.push(Softmax {
                 row,
@@ -937,7 +748,7 @@ fn emit_cross_entropy_with_vjp(
             cross_entropy_gradient(b, p, pair, scale)
         })?;
         let mut total = total;
-        for (softmax, (label, loss)) in softmaxes.iter().zip(labelled) {
+        for (softmax, (label, log_p)) in softmaxes.iter().zip(labelled) {
             label_gradient(
                 b,
                 (softmax.row, softmax.kept),
@@ -946,7 +757,7 @@ fn emit_cross_entropy_with_vjp(
                 scale,
                 f32,
             )?;
-            total = b.ins().fadd(total, loss);
+            total = b.ins().fadd(total, log_p);
         }
         Ok(total)
     };
@@ -965,111 +776,6 @@ fn emit_cross_entropy_with_vjp(
         })?[0]
     };
     store_mean(b, total, rows, f32, out);
-    Ok(())
-}
-
-/// `RowOp::LayerNorm`: each row normalized by its own moments.
-fn emit_layer_norm(
-    b: &mut FunctionBuilder<'_>,
-    kernel: &RowBuffers,
-    eps: f64,
-) -> Result<(), CodegenError> {
-    let (bases, out, f32) = (kernel.bases.as_slice(), kernel.out, kernel.f32);
-    let RowShape { rows, cols, .. } = kernel.shape;
-    counted_loop(b, rows, &[], |b, r, _| {
-        let (row, out_row) = (kernel.row_of(b, bases[0], r), kernel.row_of(b, out, r));
-        let (mean, var) = row_moments(b, row, cols)?;
-        let eps = b.ins().f64const(eps);
-        let shifted = b.ins().fadd(var, eps);
-        let deviation = b.ins().sqrt(shifted);
-        write_row(b, cols, f32, out_row, |b, j| {
-            let v = load(b, row, j);
-            let gamma = load(b, bases[1], j);
-            let beta = load(b, bases[2], j);
-            let centered = b.ins().fsub(v, mean);
-            let normalized = b.ins().fdiv(centered, deviation);
-            let scaled = b.ins().fmul(normalized, gamma);
-            let value = b.ins().fadd(scaled, beta);
-            Ok(value)
-        })?;
-        Ok(vec![])
-    })?;
-    Ok(())
-}
-
-/// `RowOp::BatchNorm`: each column normalized by its batch moments (in
-/// train mode) or the running ones.
-fn emit_batch_norm(
-    b: &mut FunctionBuilder<'_>,
-    kernel: &RowBuffers,
-    eps: f64,
-    training: bool,
-) -> Result<(), CodegenError> {
-    let (bases, out, f32) = (kernel.bases.as_slice(), kernel.out, kernel.f32);
-    let RowShape { rows, cols, .. } = kernel.shape;
-    counted_loop(b, cols, &[], |b, c, _| {
-        let (x_col, out_col) = (
-            kernel.column_of(b, bases[0], c),
-            kernel.column_of(b, out, c),
-        );
-        let (mean, var) = if training {
-            row_moments(b, x_col, rows)?
-        } else {
-            (load(b, bases[3], c), load(b, bases[4], c))
-        };
-        let eps = b.ins().f64const(eps);
-        let shifted = b.ins().fadd(var, eps);
-        let deviation = b.ins().sqrt(shifted);
-        let gamma = load(b, bases[1], c);
-        let beta = load(b, bases[2], c);
-        write_row(b, rows, f32, out_col, |b, r| {
-            let v = load(b, x_col, r);
-            let centered = b.ins().fsub(v, mean);
-            let normalized = b.ins().fdiv(centered, deviation);
-            let scaled = b.ins().fmul(normalized, gamma);
-            Ok(b.ins().fadd(scaled, beta))
-        })?;
-        Ok(vec![])
-    })?;
-    Ok(())
-}
-
-/// `RowOp::RunningStat`: each column's new running mean or variance.
-fn emit_running_stat(
-    b: &mut FunctionBuilder<'_>,
-    kernel: &RowBuffers,
-    momentum: f64,
-    variance: bool,
-) -> Result<(), CodegenError> {
-    let (bases, out, f32) = (kernel.bases.as_slice(), kernel.out, kernel.f32);
-    let RowShape { rows, cols, .. } = kernel.shape;
-    // With the unbiased variance, NaN for a single row.
-    let count = b.ins().fcvt_from_uint(types::F64, rows);
-    let one = b.ins().f64const(1.0);
-    let fewer = b.ins().fsub(count, one);
-    let unbiased = b.ins().fdiv(count, fewer);
-    let nan = b.ins().f64const(f64::NAN);
-    let two = b.ins().iconst(types::I64, 2);
-    let several = b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, rows, two);
-    let unbiased = b.ins().select(several, unbiased, nan);
-    let keep = b.ins().f64const(1.0 - momentum);
-    let momentum = b.ins().f64const(momentum);
-    counted_loop(b, cols, &[], |b, c, _| {
-        let x_col = kernel.column_of(b, bases[0], c);
-        let (mean, var) = row_moments(b, x_col, rows)?;
-        let batch = if variance {
-            b.ins().fmul(var, unbiased)
-        } else {
-            mean
-        };
-        let running = load(b, bases[1], c);
-        let kept = b.ins().fmul(keep, running);
-        let added = b.ins().fmul(momentum, batch);
-        let value = b.ins().fadd(kept, added);
-        let value = rounded(b, f32, value);
-        store(b, value, out, c);
-        Ok(vec![])
-    })?;
     Ok(())
 }
 

@@ -18,6 +18,7 @@ pub mod dce;
 pub mod fold;
 pub mod fusion;
 pub mod memory;
+pub mod patterns;
 pub mod simplify;
 pub mod transpose;
 
@@ -28,6 +29,8 @@ pub(crate) type Pass = fn(&mut Graph) -> bool;
 
 /// The passes, in the order they run.
 pub const PASSES: &[(&str, Pass)] = &[
+    ("patterns", patterns::run),
+    ("expand", crate::ir::expand::run),
     ("fold", fold::run),
     ("simplify", simplify::run),
     ("cse", cse::run),

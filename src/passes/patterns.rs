@@ -1,31 +1,41 @@
-//! Derivative kernels the JIT recognises from primitives.
+//! The kernels the JIT keeps hand-written, recognised in the graph (the
+//! optimization pass `patterns`, which runs before `expand`).
 //!
-//! Derivative rules build gradients from forward ops
-//! (`autodiff::rules::gradient`), which every backend runs. Where a
-//! hand-written kernel computes one of those primitive graphs much faster,
-//! the JIT finds the graph after the passes and replaces it by one
-//! kernel node ([`Op::Kernel`]) before planning kernels; the interpreter
-//! runs it only where the JIT hands a node back to it.
+//! Composites are defined once, by their expansion into primitives
+//! (`ir::expand`), and derivative rules build gradients from ops
+//! (`autodiff::rules::gradient`). Where a hand-written kernel computes one
+//! of those graphs much faster, this pass replaces it by one kernel node
+//! ([`Op::Kernel`]), which the JIT compiles as its row kernel and the
+//! interpreter runs by running the same expansion.
 //!
-//! Today one pattern: cross-entropy's gradient `(softmax(logits) -
-//! one_hot(labels)) * (g / count(labels))` becomes the one-pass row kernel
-//! (`rows::RowOp::CrossEntropyVjp`), which the plan then fuses with the
-//! loss's own row kernel. It computes the same values in the same order:
-//! `(p - hot) * (g / n)`.
+//! Two patterns, both for classifiers:
+//! - `cross_entropy(logits, labels)` with `[N, C]` logits becomes
+//!   `KernelOp::CrossEntropy` (one pass per row);
+//! - its gradient `(softmax(logits) - one_hot(labels)) * (g /
+//!   count(labels))` becomes `KernelOp::CrossEntropyGradient`, which the
+//!   kernel plan then fuses with the loss's kernel (each row's maximum and
+//!   exponentials taken once for both).
 
+use super::{dce, replace};
 use crate::ir::{BinaryFn, Graph, KernelOp, NodeId, Op};
-use crate::passes::{dce, replace};
 
-/// Replaces every recognised primitive graph by its kernel node; true if
-/// anything changed.
-pub(crate) fn recognise(graph: &mut Graph) -> bool {
+/// Replaces every recognised graph by its kernel node; true if anything
+/// changed.
+pub fn run(graph: &mut Graph) -> bool {
     let mut changed = false;
-    for id in graph.topo_order().unwrap_or_default() {
+    let order = graph.topo_order().unwrap_or_default();
+    for &id in &order {
         if let Some((operands, op)) = cross_entropy_gradient(graph, id) {
             let mut node = graph.node(id).clone();
             node.op = op;
             let fused = graph.add(node, &operands);
             replace(graph, id, fused);
+            changed = true;
+        }
+    }
+    for &id in &order {
+        if graph.contains(id) && graph.node(id).op == Op::CrossEntropy {
+            graph.node_mut(id).op = Op::Kernel(KernelOp::CrossEntropy);
             changed = true;
         }
     }
@@ -60,7 +70,9 @@ fn cross_entropy_gradient(graph: &Graph, id: NodeId) -> Option<(Vec<NodeId>, Op)
         return None;
     }
     let loss = graph.users(logits).into_iter().find(|&user| {
-        graph.node(user).op == Op::CrossEntropy && graph.operands(user) == [logits, labels]
+        let op = &graph.node(user).op;
+        matches!(op, Op::CrossEntropy | Op::Kernel(KernelOp::CrossEntropy))
+            && graph.operands(user) == [logits, labels]
     })?;
     let op = Op::Kernel(KernelOp::CrossEntropyGradient);
     Some((vec![g, logits, labels, loss], op))
