@@ -368,7 +368,7 @@ pub fn plan(graph: &Graph) -> Plan {
             });
             kernel.open
                 && matches!(kernel.kind, Kind::Elementwise | Kind::MatMul)
-                && (kernel.passes || reads_own_rows)
+                && (kernel.passes || (reads_own_rows && !holds_costly_work(graph, kernel)))
                 && !reads_other_sums
                 && fits_row_passes(graph, id, &kernel.loop_shape)
                 && kernel_fits_row_passes(graph, kernel)
@@ -379,8 +379,12 @@ pub fn plan(graph: &Graph) -> Plan {
         } else if is_elementwise(&node.op) {
             joinable(&plan, node.shape())
         } else if is_reduction(&node.op) {
+            // (A row reduction sums in the interpreter's order, one row at
+            // a time: costly work stays in its own kernel's vector loops.)
             let input_shape = graph.node(graph.operands(id)[0]).shape().clone();
-            joinable(&plan, &input_shape)
+            joinable(&plan, &input_shape).filter(|&k| {
+                !is_row_reduction(graph, id) || !holds_costly_work(graph, &plan.kernels[k])
+            })
         } else {
             None
         };
@@ -418,6 +422,23 @@ pub fn plan(graph: &Graph) -> Plan {
     }
     recompute_cheap_values(graph, &mut plan);
     plan
+}
+
+/// Whether a kernel computes transcendental functions (or powers). Such
+/// work (a residual block's GELU and its derivative, before a layer norm)
+/// stays in its own kernel's vector loops: a row reduction (summed one
+/// row at a time, in order) does not join it, nor does a kernel in passes
+/// take it over (which would compute it again in each pass that reads
+/// it, no buffer holding it).
+fn holds_costly_work(graph: &Graph, kernel: &Kernel) -> bool {
+    kernel.nodes.iter().any(|&id| match graph.node(id).op {
+        Op::Unary(f) => !matches!(
+            f,
+            UnaryFn::Neg | UnaryFn::Abs | UnaryFn::Relu | UnaryFn::Sqrt
+        ),
+        Op::Binary(f) => f == BinaryFn::Pow,
+        _ => false,
+    })
 }
 
 /// Whether every node of a kernel (after a matrix product's) fits passes
