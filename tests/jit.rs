@@ -1599,3 +1599,53 @@ train m { optimizer sgd(lr = 0.1) batch 4 }
     }
     assert!(passes >= 4, "only {passes} kernels in passes");
 }
+
+/// A train-mode batch norm of one value per channel is refused with
+/// PyTorch's error on both backends (its expansion alone would give a zero
+/// variance and a NaN running one); two rows run.
+#[test]
+fn batch_norm_of_one_row_is_refused_on_both_backends() {
+    let source = "model m {
+    input x: f32[B, 3]
+    input y: i32[B]
+    param g: f32[3] = ones
+    param b: f32[3] = zeros
+    buffer rm: f32[3] = zeros
+    buffer rv: f32[3] = ones
+    loss cross_entropy(batch_norm(x, g, b, rm, rv), y)
+}
+train m { optimizer sgd(lr = 0.1) }
+";
+    let graph = step_graph(source, DType::F32);
+    for rows in [1, 2] {
+        let mut leaves = common::leaves_for(&graph, DType::F32);
+        leaves.insert(
+            "x".into(),
+            Tensor::new(DType::F32, vec![rows, 3], vec![0.5; rows * 3]),
+        );
+        leaves.insert(
+            "y".into(),
+            Tensor::new(DType::I32, vec![rows], vec![1.0; rows]),
+        );
+        let context = Context { seed: 0, step: 1 };
+        let interpreted = interp::evaluate(&graph, &leaves, context);
+        let wanted = results(&graph);
+        let compiled = Jit::new().run_wanted(&graph, &leaves, context, &wanted);
+        if rows == 2 {
+            interpreted.expect("two rows run on the interpreter");
+            compiled.expect("two rows run on the JIT");
+            continue;
+        }
+        for error in [
+            interpreted
+                .expect_err("the interpreter refuses")
+                .to_string(),
+            compiled.expect_err("the JIT refuses").to_string(),
+        ] {
+            assert!(
+                error.contains("batch_norm in train mode needs more than 1 value per channel"),
+                "{error}"
+            );
+        }
+    }
+}

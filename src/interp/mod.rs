@@ -214,6 +214,10 @@ fn run_expansion(
     evaluation: &Evaluation,
     context: Context,
 ) -> Result<Vec<f64>, InterpError> {
+    if let Op::BatchNorm { training: true, .. } = graph.node(id).op {
+        let x = &evaluation.values[&graph.operands(id)[0]];
+        expand::check_statistics(&x.shape).map_err(InterpError::Runtime)?;
+    }
     let (alone, placeholders, result) =
         expand::standalone(graph, id).map_err(InterpError::Internal)?;
     let mut inner = Evaluation {

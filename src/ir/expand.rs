@@ -59,6 +59,40 @@ pub fn run(graph: &mut Graph) -> bool {
     changed
 }
 
+/// The shapes whose sizes a composite needs checked when they are bound:
+/// a train-mode batch norm's input, whose statistics must average more
+/// than one value per channel (PyTorch's error; the expansion would give
+/// a zero variance and a NaN running one).
+pub fn checked_shapes(graph: &Graph) -> Vec<Shape> {
+    graph
+        .ids()
+        .into_iter()
+        .filter(|&id| matches!(graph.node(id).op, Op::BatchNorm { training: true, .. }))
+        .filter_map(|id| {
+            graph
+                .operands(id)
+                .first()
+                .map(|&x| graph.node(x).shape().clone())
+        })
+        .collect()
+}
+
+/// Checks a train-mode batch norm's input size (`checked_shapes`).
+pub fn check_statistics(input: &[usize]) -> Result<(), String> {
+    let per_channel: usize = input
+        .iter()
+        .enumerate()
+        .filter(|&(axis, _)| axis != 1)
+        .map(|(_, &n)| n)
+        .product();
+    match per_channel {
+        0 | 1 => Err(format!(
+            "batch_norm in train mode needs more than 1 value per channel, got input shape {input:?}"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A composite node alone: a graph of `state` placeholders typed as its
 /// operands, and its expansion. Returns the graph, the placeholders in
 /// operand order and the node computing the composite's value.

@@ -337,9 +337,10 @@ pub enum Op {
     StopGradient,
     /// The operand unchanged; carries a second role for one value.
     Identity,
-    /// A hand-written kernel the JIT puts in place of the primitive graph
-    /// it computes (`jit::patterns`), after differentiation: never built
-    /// by the compiler's front end, never differentiated.
+    /// A hand-written kernel the JIT puts in place of the graph it
+    /// computes (the pass `passes::patterns`), after differentiation:
+    /// never built by the compiler's front end, never differentiated; the
+    /// interpreter runs its expansion (`ir::expand`).
     Kernel(KernelOp),
     /// Operands `mask, a, b` (broadcast together): `a` where the mask is
     /// not 0, else `b` (`torch.where`). Derivative rules select with it, so

@@ -162,7 +162,8 @@ impl Jit {
                 }
                 _ => (graph.clone(), IdMap::default()),
             };
-            let program = compile(run, ids, self.keep_clif)
+            let checked = crate::ir::expand::checked_shapes(graph);
+            let program = compile(run, ids, self.keep_clif, checked)
                 .map_err(|e| InterpError::Internal(e.to_string()))?;
             self.programs.insert(key.clone(), program);
         }

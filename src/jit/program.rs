@@ -83,6 +83,10 @@ pub(super) struct Program {
     pub(super) storage: HashMap<NodeId, Elem>,
     /// Holds the compiled code: it outlives `kernels` and `frames`.
     pub(super) code: CodeCache,
+    /// The shapes whose bound sizes the given graph's composites need
+    /// checked (`expand::checked_shapes`: train-mode batch norms), which
+    /// the expanded graph no longer shows.
+    pub(super) checked_shapes: Vec<Shape>,
 }
 
 /// A program's graph version and what it keeps: `None` for the graph as
@@ -151,6 +155,7 @@ pub(super) fn compile(
     run: Graph,
     ids: IdMap<NodeId>,
     keep_clif: ClifText,
+    checked_shapes: Vec<Shape>,
 ) -> Result<Program, CodegenError> {
     let plan = fusion::plan(&run);
     let order = run
@@ -195,6 +200,7 @@ pub(super) fn compile(
         position,
         storage,
         code,
+        checked_shapes,
     })
 }
 

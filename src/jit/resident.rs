@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::interp::{self, Context, Evaluation, InterpError, Tensor};
-use crate::ir::{Graph, IdMap, NodeId};
+use crate::ir::{Graph, IdMap, NodeId, expand};
 use crate::jit::Jit;
 use crate::jit::bind::internal;
 use crate::jit::bind::own_id;
@@ -80,6 +80,10 @@ impl Jit {
         // The interpreter's checks of every leaf, binding the sizes.
         let mut dims = BTreeMap::new();
         let bound_leaves = interp::checked_leaves(&run, &program.leaves, leaves, &mut dims)?;
+        for shape in &program.checked_shapes {
+            let sizes = interp::concrete(shape, &dims)?;
+            expand::check_statistics(&sizes).map_err(InterpError::Runtime)?;
+        }
         let graph = &*run;
         // Where the state this step resumes is: in this frame, moved out
         // of its frame, or (a fresh start) in `leaves`.
