@@ -1014,3 +1014,7 @@ mod tests {
         assert!(compared >= kinds.len() * 9 * 12 * 4 * 3, "{compared}");
     }
 }
+
+#[cfg(test)]
+#[path = "gemm_tests.rs"]
+mod product_tests;
