@@ -12,7 +12,7 @@
 //! has no kernel here: it runs as its expansion into primitives
 //! (`ir::expand`), the one definition every backend follows.
 
-pub mod kernels;
+pub(crate) mod kernels;
 pub mod tensor;
 
 use std::collections::{BTreeMap, HashMap};
