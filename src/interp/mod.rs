@@ -5,7 +5,7 @@
 //!
 //! [`evaluate`] binds the graph's leaves (inputs, params, buffers) to
 //! tensors by name, binds the symbolic dimensions from their shapes, and
-//! runs every node in topological order with the kernels of [`kernels`].
+//! runs every node in topological order with the kernels of `kernels`.
 //! Dropout masks come from a counter-based generator keyed by
 //! `(seed, step, dropout key, element index)`, so any backend reproduces
 //! them. A composite op (`softmax`, `layer_norm`, `cross_entropy`, ...)
