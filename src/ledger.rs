@@ -441,6 +441,14 @@ pub fn flops(graph: &Graph, id: NodeId, batch: u64) -> u64 {
             };
             count(graph, id, batch).saturating_mul(k).saturating_mul(2)
         }
+        // `2 k` per output element, `k` the left operand's last axis.
+        Op::BatchMatMul => {
+            let k = match graph.node(operands[0]).shape().0.last() {
+                Some(Dim::Fixed(k)) => *k,
+                _ => batch,
+            };
+            count(graph, id, batch).saturating_mul(k).saturating_mul(2)
+        }
         Op::Input
         | Op::Param(_)
         | Op::Buffer(_)

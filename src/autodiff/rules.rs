@@ -43,8 +43,10 @@ pub fn rule(op: &Op, operand: usize) -> Rule {
         | Op::Select
         | Op::Reduce { .. }
         | Op::Transpose
+        | Op::Permute { .. }
         | Op::Reshape
         | Op::MatMul
+        | Op::BatchMatMul
         | Op::SumTo
         | Op::Expand
         | Op::Softmax { .. }
@@ -322,8 +324,32 @@ pub fn gradient(
                 _ => return None,
             }
         }
-        // transpose(g), reshape(g) back to the operand's shape
+        // transpose(g), the inverse permutation of g, reshape(g) back to
+        // the operand's shape
         Op::Transpose => emit.op(Op::Transpose, &[g], None),
+        Op::Permute { axes } => {
+            let mut inverse = vec![0; axes.len()];
+            for (i, &a) in axes.iter().enumerate() {
+                inverse[a] = i;
+            }
+            emit.op(Op::Permute { axes: inverse }, &[g], None)
+        }
+        // y = a @ b, both batched: g @ b^T and a^T @ g, each summed back
+        // over the leading axes broadcasting stretched (the caller's
+        // `sum_to`).
+        Op::BatchMatMul => {
+            let b = *inputs.get(1)?;
+            match position {
+                0 => {
+                    let bt = emit.op(Op::Transpose, &[b], None);
+                    emit.op(Op::BatchMatMul, &[g, bt], None)
+                }
+                _ => {
+                    let at = emit.op(Op::Transpose, &[x], None);
+                    emit.op(Op::BatchMatMul, &[at, g], None)
+                }
+            }
+        }
         Op::Reshape => {
             let ty = emit.type_of(x);
             emit.op(Op::Reshape, &[g], Some(ty))
@@ -683,6 +709,8 @@ pub fn grad_fn(op: &Op) -> &'static str {
         Op::Select => "WhereBackward",
         Op::MatMul => "MatMulBackward",
         Op::Transpose => "TransposeBackward",
+        Op::Permute { .. } => "PermuteBackward",
+        Op::BatchMatMul => "BmmBackward",
         Op::Reduce { func, .. } => match func {
             ReduceFn::Sum => "SumBackward",
             ReduceFn::Mean => "MeanBackward",

@@ -140,6 +140,50 @@ pub fn matmul(a: &[f64], a_shape: &[usize], b: &[f64], b_shape: &[usize]) -> Vec
     out
 }
 
+/// `a @ b` of `[..., M, K]` and `[..., K, N]` with the leading axes
+/// broadcast to `out_shape`'s: each product summed in order from 0, as
+/// `matmul` sums.
+pub(crate) fn batch_matmul(a: &Tensor, b: &Tensor, out_shape: &[usize]) -> Vec<f64> {
+    let rank = out_shape.len();
+    let (m, n) = (out_shape[rank - 2], out_shape[rank - 1]);
+    let k = a.shape[a.shape.len() - 1];
+    let leading = |s: &[usize]| s[..s.len() - 2].to_vec();
+    let batch = leading(out_shape);
+    let a_of = broadcast_map(&leading(&a.shape), &batch);
+    let b_of = broadcast_map(&leading(&b.shape), &batch);
+    let mut out = Vec::with_capacity(out_shape.iter().product());
+    for (&ta, &tb) in a_of.iter().zip(&b_of) {
+        let (a, b) = (
+            &a.data[ta * m * k..(ta + 1) * m * k],
+            &b.data[tb * k * n..(tb + 1) * k * n],
+        );
+        out.extend(matmul(a, &[m, k], b, &[k, n]));
+    }
+    out
+}
+
+/// The operand's axes in the order `axes` lists (axis `i` of the result is
+/// axis `axes[i]` of `x`).
+pub(crate) fn permute(x: &Tensor, axes: &[usize]) -> Vec<f64> {
+    let strides = super::tensor::strides(&x.shape);
+    let shape: Vec<usize> = axes.iter().map(|&a| x.shape[a]).collect();
+    let count: usize = shape.iter().product();
+    let mut index = vec![0usize; shape.len()];
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let at: usize = index.iter().zip(axes).map(|(&i, &a)| i * strides[a]).sum();
+        out.push(x.data[at]);
+        for d in (0..shape.len()).rev() {
+            index[d] += 1;
+            if index[d] < shape[d] {
+                break;
+            }
+            index[d] = 0;
+        }
+    }
+    out
+}
+
 /// `sum_b a[b]^T @ c[b]` for `a: [..., M, K]` and `c: [..., M, N]`: the
 /// leading axes and rows flattened, `[K, N]`, summed in row order.
 pub(crate) fn batch_summed_product(a: &Tensor, c: &Tensor) -> Vec<f64> {

@@ -381,6 +381,8 @@ fn run(
             &inputs[1].shape,
         ),
         Op::Transpose => kernels::transpose(&x().data, &x().shape),
+        Op::BatchMatMul => kernels::batch_matmul(inputs[0], inputs[1], shape),
+        Op::Permute { axes } => kernels::permute(x(), axes),
         Op::Reduce { func, axes, .. } => kernels::reduce(*func, x(), axes)?.0,
         Op::Reshape | Op::StopGradient | Op::Identity => x().data.clone(),
         Op::Concat { axis } => kernels::concat(inputs, *axis, shape),

@@ -260,6 +260,16 @@ pub enum Op {
     },
     /// Swaps the last two axes.
     Transpose,
+    /// `a @ b` of two batched operands, `[..., M, K] @ [..., K, N]`, the
+    /// leading axes broadcast as NumPy's `matmul` broadcasts them (either
+    /// operand may have none): attention's `Q @ K^T`.
+    BatchMatMul,
+    /// The operand's axes in a new order: axis `i` of the result is axis
+    /// `axes[i]` of the operand.
+    Permute {
+        /// A permutation of `0..rank`.
+        axes: Vec<usize>,
+    },
     /// A reduction over sorted, distinct axes.
     Reduce {
         /// Which reduction.
@@ -483,6 +493,8 @@ impl Op {
             Op::Binary(f) => f.name().into(),
             Op::MatMul | Op::MatMulT { .. } => "matmul".into(),
             Op::Transpose => "transpose".into(),
+            Op::BatchMatMul => "batch_matmul".into(),
+            Op::Permute { .. } => "permute".into(),
             Op::Reduce { func, .. } => func.name().into(),
             Op::Softmax { .. } => "softmax".into(),
             Op::LogSoftmax { .. } => "log_softmax".into(),
@@ -530,7 +542,7 @@ impl Op {
                 let axes: Vec<String> = axes.iter().map(ToString::to_string).collect();
                 format!("axes=[{}] keepdims={keepdims}", axes.join(", "))
             }
-            Op::Count { axes } => {
+            Op::Count { axes } | Op::Permute { axes } => {
                 let axes: Vec<String> = axes.iter().map(ToString::to_string).collect();
                 format!("axes=[{}]", axes.join(", "))
             }
@@ -545,6 +557,7 @@ impl Op {
             | Op::Unary(_)
             | Op::Binary(_)
             | Op::MatMul
+            | Op::BatchMatMul
             | Op::Transpose
             | Op::Reshape
             | Op::Embedding
@@ -682,6 +695,47 @@ impl Op {
                     swap(operands[1], *transpose_b)?,
                 );
                 Op::MatMul.infer(&[&a, &b], declared)
+            }
+            Op::BatchMatMul => {
+                arity(operands, 2)?;
+                let dtype = same_float(operands)?;
+                let (a, b) = (&operands[0].shape, &operands[1].shape);
+                rank_in(a, 0, 2, usize::MAX, "at least 2")?;
+                rank_in(b, 1, 2, usize::MAX, "at least 2")?;
+                let (k_left, k_right) = (&a.0[a.rank() - 1], &b.0[b.rank() - 2]);
+                if k_left != k_right {
+                    return Err(TypeError::Inner {
+                        left: k_left.clone(),
+                        right: k_right.clone(),
+                    });
+                }
+                let leading = |s: &Shape| Shape(s.0[..s.rank() - 2].to_vec());
+                let Some(batch) = leading(a).broadcast(&leading(b)) else {
+                    return Err(TypeError::Shapes {
+                        what: "leading (batch) axes that broadcast together".into(),
+                        operands: (0, 1),
+                    });
+                };
+                let mut dims = batch.0;
+                dims.push(a.0[a.rank() - 2].clone());
+                dims.push(b.0[b.rank() - 1].clone());
+                let shape = Shape(dims);
+                shape.element_count().ok_or(TypeError::Overflow)?;
+                Ok(Type::new(dtype, shape))
+            }
+            Op::Permute { axes } => {
+                arity(operands, 1)?;
+                let shape = &operands[0].shape;
+                let mut seen = axes.clone();
+                seen.sort_unstable();
+                if seen != (0..shape.rank()).collect::<Vec<_>>() {
+                    return Err(TypeError::Shapes {
+                        what: format!("a permutation of its {} axes", shape.rank()),
+                        operands: (0, 0),
+                    });
+                }
+                let dims = axes.iter().map(|&a| shape.0[a].clone()).collect();
+                Ok(Type::new(operands[0].dtype, Shape(dims)))
             }
             Op::Transpose => {
                 arity(operands, 1)?;

@@ -28,8 +28,10 @@ pub(crate) enum Builtin {
     Softmax,
     /// `log_softmax(x, axis = -1)`
     LogSoftmax,
-    /// `transpose(x)`
+    /// `transpose(x)`, `transpose(x, a, b)`
     Transpose,
+    /// `permute(x, [axes])`
+    Permute,
     /// `reshape(x, [dims])`
     Reshape,
     /// `concat([a, b], axis = 0)`
@@ -125,6 +127,7 @@ pub(crate) const NAMES: &[&str] = &[
     "softmax",
     "log_softmax",
     "transpose",
+    "permute",
     "reshape",
     "concat",
     "dropout",
@@ -160,6 +163,7 @@ impl Builtin {
             "softmax" => Builtin::Softmax,
             "log_softmax" => Builtin::LogSoftmax,
             "transpose" => Builtin::Transpose,
+            "permute" => Builtin::Permute,
             "reshape" => Builtin::Reshape,
             "concat" => Builtin::Concat,
             "dropout" => Builtin::Dropout,
@@ -179,9 +183,9 @@ impl Builtin {
     pub fn params(self) -> &'static [Param<'static>] {
         use Kind::*;
         match self {
-            Builtin::Unary(_) | Builtin::Transpose | Builtin::StopGradient => {
-                &const { [req("x", Tensor)] }
-            }
+            Builtin::Unary(_) | Builtin::StopGradient => &const { [req("x", Tensor)] },
+            Builtin::Transpose => &const { [req("x", Tensor), opt("a", Axis), opt("b", Axis)] },
+            Builtin::Permute => &const { [req("x", Tensor), req("axes", Axes)] },
             Builtin::LeakyRelu => &const { [req("x", Tensor), opt("slope", Number)] },
             Builtin::Maximum | Builtin::Minimum => &const { [req("a", Tensor), req("b", Tensor)] },
             Builtin::Clamp => &const { [req("x", Tensor), req("lo", Number), req("hi", Number)] },

@@ -87,7 +87,15 @@ impl Lowering<'_, '_> {
             BinaryOp::Mul => Op::Binary(BinaryFn::Mul),
             BinaryOp::Div => Op::Binary(BinaryFn::Div),
             BinaryOp::Pow => Op::Binary(BinaryFn::Pow),
-            BinaryOp::MatMul => Op::MatMul,
+            // `[.., M, K] @ [K, N]` shares one right operand; two batched
+            // operands (or more than one leading axis) broadcast theirs.
+            BinaryOp::MatMul => {
+                let rank = |value| self.shape_of(value).map(|s| s.rank());
+                match (rank(left), rank(right)) {
+                    (Some(a), Some(b)) if b >= 3 || (a > 3 && b >= 2) => Op::BatchMatMul,
+                    _ => Op::MatMul,
+                }
+            }
         };
         let operands = vec![
             Operand {
@@ -234,11 +242,14 @@ impl Lowering<'_, '_> {
                     span,
                     format!("matrix product of `{}` and `{}`: inner dimensions {left} and {right} differ", types[0].shape, types[1].shape),
                 )
-                .with_label("the left operand's last dimension must equal the right operand's first")
+                .with_label(match op {
+                    Op::BatchMatMul => "the left operand's last dimension must equal the right operand's second to last",
+                    _ => "the left operand's last dimension must equal the right operand's first",
+                })
                 .with_secondary(operands[0].span, label(0))
                 .with_secondary(operands[1].span, label(1));
                 let b = &types[1].shape;
-                if b.rank() == 2 && b.0[1] == left {
+                if b.rank() >= 2 && b.0[b.rank() - 1] == left {
                     diagnostic = diagnostic.with_help("`transpose(...)` the right operand to make it fit");
                 }
                 diagnostic
@@ -416,7 +427,42 @@ impl Lowering<'_, '_> {
             }
             Builtin::Transpose => {
                 let x = tensor(self, 0);
-                self.apply(Op::Transpose, name, vec![x], span)
+                if slots[1].is_none() && slots[2].is_none() {
+                    return self.apply(Op::Transpose, name, vec![x], span);
+                }
+                let Some(shape) = self.shape_of(x.value) else {
+                    return Value::Poison;
+                };
+                let (Some(a), Some(b)) = (slots[1], slots[2]) else {
+                    self.report(
+                        Diagnostic::error(
+                            Code::MissingArgument,
+                            span,
+                            "`transpose` swaps two axes: give both or neither",
+                        )
+                        .with_label("one axis given")
+                        .with_help("`transpose(x)` swaps the last two axes, `transpose(x, 1, 2)` axes 1 and 2"),
+                    );
+                    return Value::Poison;
+                };
+                let (Some(a), Some(b)) = (self.axis(a, &shape), self.axis(b, &shape)) else {
+                    return Value::Poison;
+                };
+                let mut axes: Vec<usize> = (0..shape.rank()).collect();
+                axes.swap(a, b);
+                self.apply(Op::Permute { axes }, name, vec![x], span)
+            }
+            Builtin::Permute => {
+                let x = tensor(self, 0);
+                let Some(shape) = self.shape_of(x.value) else {
+                    return Value::Poison;
+                };
+                let Some(axes) =
+                    self.permutation(slots[1].expect("bind fills required slots"), &shape, span)
+                else {
+                    return Value::Poison;
+                };
+                self.apply(Op::Permute { axes }, name, vec![x], span)
             }
             Builtin::LeakyRelu => {
                 let x = tensor(self, 0);
@@ -936,6 +982,60 @@ impl Lowering<'_, '_> {
         }
     }
 
+    /// A `permute`'s axes: every axis of `shape` once, in the new order.
+    fn permutation(&mut self, expr: ExprId, shape: &Shape, call: Span) -> Option<Vec<usize>> {
+        let e = self.ast().expr(expr);
+        let span = e.span;
+        let ExprKind::List(items) = &e.kind else {
+            self.report(
+                Diagnostic::error(
+                    Code::WrongArgumentKind,
+                    span,
+                    "the axes of `permute` must be a list",
+                )
+                .with_label("not a list")
+                .with_help("write the new order of every axis, as `permute(x, [0, 2, 1, 3])`"),
+            );
+            return None;
+        };
+        let items = items.clone();
+        let mut axes = Vec::new();
+        for item in items {
+            let axis = self.axis(item, shape)?;
+            if axes.contains(&axis) {
+                let span = self.ast().expr(item).span;
+                self.report(
+                    Diagnostic::error(Code::BadAxis, span, format!("axis {axis} is listed twice"))
+                        .with_label("repeated axis")
+                        .with_help("`permute` lists every axis once, in its new place"),
+                );
+                return None;
+            }
+            axes.push(axis);
+        }
+        if axes.len() != shape.rank() {
+            let missing: Vec<String> = (0..shape.rank())
+                .filter(|a| !axes.contains(a))
+                .map(|a| a.to_string())
+                .collect();
+            self.report(
+                Diagnostic::error(
+                    Code::BadAxis,
+                    call,
+                    format!(
+                        "`permute` of `{shape}` lists {} of its {} axes",
+                        axes.len(),
+                        shape.rank()
+                    ),
+                )
+                .with_secondary(span, format!("axis {} missing", missing.join(", ")))
+                .with_help("`permute` lists every axis once, in its new place"),
+            );
+            return None;
+        }
+        Some(axes)
+    }
+
     fn axes(&mut self, expr: ExprId, shape: &Shape) -> Option<Vec<usize>> {
         let e = self.ast().expr(expr);
         let items = match &e.kind {
@@ -1266,6 +1366,7 @@ fn shape_help(op: &Op, a: &Shape, b: &Shape) -> String {
         Op::Binary(_) => {
             "dimensions must be equal or 1, compared from the right (NumPy broadcasting)".into()
         }
+        Op::BatchMatMul => "the axes before the last two are batch axes: each pair must be equal or one of them 1, compared from the right (NumPy's `matmul`)".into(),
         _ => "make the shapes agree".into(),
     }
 }

@@ -157,6 +157,62 @@ case(
     {"a": (2, 3, 4), "b": (5, 4)},
     lambda P, I: jnp.sum((P["a"] @ P["b"].T) * I["c"]),
 )
+case(
+    "batch_matmul_broadcast",
+    "model m { input c: f64[2, 3, 4, 5] param a: f64[2, 1, 4, 6] = zeros param b: f64[3, 6, 5] = zeros "
+    "loss sum(sin(a @ b) * c) }",
+    {"c": ((2, 3, 4, 5), "f")},
+    {"a": (2, 1, 4, 6), "b": (3, 6, 5)},
+    lambda P, I: jnp.sum(jnp.sin(P["a"] @ P["b"]) * I["c"]),
+)
+case(
+    "permute_and_transpose_axes",
+    "model m { input c: f64[4, 2, 5, 3] param x: f64[2, 3, 4, 5] = zeros "
+    "loss sum(sin(permute(x, [2, 0, 3, 1])) * c) + sum(transpose(x, 0, -1) * transpose(x, 0, -1)) }",
+    {"c": ((4, 2, 5, 3), "f")},
+    {"x": (2, 3, 4, 5)},
+    lambda P, I: jnp.sum(jnp.sin(jnp.transpose(P["x"], (2, 0, 3, 1))) * I["c"])
+    + jnp.sum(jnp.swapaxes(P["x"], 0, 3) ** 2),
+)
+
+
+def attention(x, wq, wk, wv, heads):
+    """Multi-head self-attention of `x: [B, T, D]`, heads split from `D`."""
+    b, t, d = x.shape
+    split = lambda h: jnp.transpose(h.reshape(b, t, heads, d // heads), (0, 2, 1, 3))
+    q, k, v = split(x @ wq), split(x @ wk), split(x @ wv)
+    s = q @ jnp.swapaxes(k, -1, -2) / jnp.sqrt(d // heads)
+    a = jax.nn.softmax(s, axis=-1) @ v
+    return jnp.transpose(a, (0, 2, 1, 3)).reshape(b, t, d)
+
+
+ATTENTION = (
+    "let q = permute(reshape(x @ wq, [3, 5, 2, 4]), [0, 2, 1, 3]) "
+    "let k = transpose(reshape(x @ wk, [3, 5, 2, 4]), 1, 2) "
+    "let v = permute(reshape(x @ wv, [3, 5, 2, 4]), [0, 2, 1, 3]) "
+    "let a = softmax(q @ transpose(k) / 2) @ v "
+    "let o = reshape(permute(a, [0, 2, 1, 3]), [3, 5, 8]) "
+)
+case(
+    "multi_head_attention",
+    "model m { input x: f64[3, 5, 8] input c: f64[3, 5, 8] param wq: f64[8, 8] = zeros "
+    "param wk: f64[8, 8] = zeros param wv: f64[8, 8] = zeros " + ATTENTION + "loss sum(o * c) }",
+    {"x": ((3, 5, 8), "f"), "c": ((3, 5, 8), "f")},
+    {"wq": (8, 8), "wk": (8, 8), "wv": (8, 8)},
+    lambda P, I: jnp.sum(attention(I["x"], P["wq"], P["wk"], P["wv"], 2) * I["c"]),
+)
+case(
+    "second_order_attention",
+    "model m { input x: f64[3, 5, 8] input c: f64[3, 5, 8] input d: f64[8, 8] param wq: f64[8, 8] = zeros "
+    "param wk: f64[8, 8] = zeros param wv: f64[8, 8] = zeros " + ATTENTION + "let e = sum(o * c) "
+    "loss sum(grad(e, wq) * d) + sum(grad(e, wv) * grad(e, wk)) }",
+    {"x": ((3, 5, 8), "f"), "c": ((3, 5, 8), "f"), "d": ((8, 8), "f")},
+    {"wq": (8, 8), "wk": (8, 8), "wv": (8, 8)},
+    lambda P, I: (
+        lambda e: jnp.sum(jax.grad(e, 0)(P["wq"], P["wk"], P["wv"]) * I["d"])
+        + jnp.sum(jax.grad(e, 2)(P["wq"], P["wk"], P["wv"]) * jax.grad(e, 1)(P["wq"], P["wk"], P["wv"]))
+    )(lambda wq, wk, wv: jnp.sum(attention(I["x"], wq, wk, wv, 2) * I["c"])),
+)
 for func, jf in [("sum", jnp.sum), ("mean", jnp.mean), ("max", jnp.max), ("logsumexp", logsumexp)]:
     case(
         func + "_axes",
