@@ -34,6 +34,7 @@ fix = {
 "E0405": ("element_overflow", "Use a shape whose element count fits (at most 2^60 elements)."),
 "E0406": ("wrong_rank", "Pass an operand of the rank the message names (`transpose` needs 2 or more; `cross_entropy` takes `[N, C]` logits and `[N]` labels)."),
 "E0407": ("symbolic_param", "Give params and buffers integer sizes; only inputs have symbolic dimensions. Every size is at least 1."),
+"E0408": ("grad_target", "Differentiate a scalar (reduce it with `sum` or `mean`, as a loss is) with respect to a name: an input, a param or a `let` value with float elements. To differentiate with respect to an intermediate expression, bind it with `let` first."),
 "E0501": ("loss_not_scalar", "Reduce the loss to a scalar: `loss mean(...)`, or use a loss function (they average over the batch)."),
 "E0502": ("second_loss", "Add the terms into one loss: `loss a + 0.1 * b`."),
 "E0503": ("dropout_probability", "Use a drop probability in `[0, 1)`."),
@@ -50,6 +51,7 @@ fix = {
 "E0607": ("train_without_loss", "Add a `loss` to the model, or drop the train block."),
 "W0001": ("unused_value", "Use the value, remove it, or start its name with `_` to say it is unused on purpose."),
 "W0002": ("param_without_gradient", "Put the param on a differentiable path to the loss (outside `stop_gradient` and `no_grad`), or declare it `frozen param` if it is meant to stay fixed. `gradc explain` shows every param's case."),
+"W0003": ("zero_gradient", "Check that `e` is the value you meant and that no `stop_gradient`, `no_grad` or integer value cuts the path from `x`. The gradient is zeros (as `jax.grad` returns), not an error, so a model can still be compiled while it is being written."),
 }
 codes = subprocess.run(["grep","-oE",'= "[EW][0-9]{4}", ".*";',"src/diagnostic.rs"],capture_output=True,text=True).stdout.splitlines()
 out = ["# Diagnostics", "",
