@@ -35,6 +35,7 @@ fix = {
 "E0406": ("wrong_rank", "Pass an operand of the rank the message names (`transpose` needs 2 or more; `cross_entropy` takes `[N, C]` logits and `[N]` labels)."),
 "E0407": ("symbolic_param", "Give params and buffers integer sizes; only inputs have symbolic dimensions. Every size is at least 1."),
 "E0408": ("grad_target", "Differentiate a scalar (reduce it with `sum` or `mean`, as a loss is) with respect to a name: an input, a param or a `let` value with float elements. To differentiate with respect to an intermediate expression, bind it with `let` first."),
+"E0409": ("index_out_of_range", "Index within the axis: positions run from 0 to size - 1, or from -size to -1 from the end; a slice `a:b` needs `a < b`; give at most one item per axis; keep a symbolic axis whole with `:`."),
 "E0501": ("loss_not_scalar", "Reduce the loss to a scalar: `loss mean(...)`, or use a loss function (they average over the batch)."),
 "E0502": ("second_loss", "Add the terms into one loss: `loss a + 0.1 * b`."),
 "E0503": ("dropout_probability", "Use a drop probability in `[0, 1)`."),

@@ -114,6 +114,7 @@ codes! {
     WrongRank = "E0406", "an operand with the wrong number of dimensions";
     SymbolicParam = "E0407", "a param or buffer whose shape is not fixed, or a dimension below 1";
     GradTarget = "E0408", "a `grad(e, x)` whose `x` is not a named float value, or whose `e` is not a float scalar";
+    IndexRange = "E0409", "an index or slice outside its axis, more indices than axes, or a symbolic axis indexed by position";
     StatementNotAllowed = "E0507", "a statement where it cannot stand (an `input` inside a function)";
     LossNotScalar = "E0501", "a `loss` whose value is not a scalar";
     SecondLoss = "E0502", "a model with more than one `loss`";

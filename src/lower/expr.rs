@@ -5,7 +5,7 @@ use super::builtins::{self, Builtin, Kind};
 use super::{Binding, BindingKind, Frame, Lowering, MAX_CALL_DEPTH, MAX_NODES, MAX_WORK, Value};
 use crate::diagnostic::{Code, Diagnostic, Span, closest};
 use crate::ir::{BinaryFn, Dim, Init, Mode, NodeId, Op, Role, Shape, Type, TypeError, UnaryFn};
-use crate::syntax::ast::{Arg, BinaryOp, ExprId, ExprKind, Function, Ident, UnaryOp};
+use crate::syntax::ast::{Arg, BinaryOp, ExprId, ExprKind, Function, Ident, IndexItem, UnaryOp};
 
 /// An operand ready for an op: its node, its source span and what the
 /// user calls it in messages.
@@ -48,6 +48,10 @@ impl Lowering<'_, '_> {
                 self.binary(op, lhs, rhs, span)
             }
             ExprKind::Call { callee, args } => self.call(callee, args, span),
+            ExprKind::Index { base, items } => {
+                let (base, items) = (*base, items.clone());
+                self.index(base, &items, span)
+            }
             ExprKind::Bool(_) | ExprKind::Str(_) | ExprKind::List(_) => {
                 let what = match &expr.kind {
                     ExprKind::Bool(_) => "a boolean",
@@ -62,6 +66,203 @@ impl Lowering<'_, '_> {
                 Value::Poison
             }
             ExprKind::Error => Value::Poison,
+        }
+    }
+
+    /// `x[...]`, Python's indexing: an integer takes one position and
+    /// drops its axis, `a:b` keeps the positions `a..b` (negative ones
+    /// count from the end), `...` stands for every axis the other items
+    /// leave, and trailing axes not indexed stay whole. Lowered to a
+    /// `slice` per narrowed axis and a `reshape` that drops the indexed
+    /// ones; every position is checked against the axis here.
+    fn index(&mut self, base: ExprId, items: &[IndexItem], span: Span) -> Value {
+        let value = self.expr(base);
+        let Some(shape) = self.shape_of(value) else {
+            return Value::Poison;
+        };
+        let base_span = self.ast().expr(base).span;
+        let ellipses: Vec<Span> = items
+            .iter()
+            .filter_map(|item| match item {
+                IndexItem::Ellipsis(at) => Some(*at),
+                _ => None,
+            })
+            .collect();
+        if let Some(&second) = ellipses.get(1) {
+            self.report(
+                Diagnostic::error(Code::IndexRange, second, "an index holds one `...` at most")
+                    .with_label("a second `...`"),
+            );
+            return Value::Poison;
+        }
+        let rank = shape.rank();
+        let named = items.len() - ellipses.len();
+        if named > rank || items.is_empty() {
+            self.report(
+                Diagnostic::error(
+                    Code::IndexRange,
+                    span,
+                    format!("{named} indices for `{shape}`, which has {rank} axes"),
+                )
+                .with_secondary(base_span, format!("rank {rank}"))
+                .with_help("give one item per axis at most (`:` keeps an axis whole; `...` stands for the rest)"),
+            );
+            return Value::Poison;
+        }
+        let mut per_axis: Vec<Option<IndexItem>> = Vec::with_capacity(rank);
+        for item in items {
+            match item {
+                IndexItem::Ellipsis(_) => per_axis.extend((0..rank - named).map(|_| None)),
+                other => per_axis.push(Some(other.clone())),
+            }
+        }
+        per_axis.resize(rank, None);
+        let mut current = value;
+        let mut current_shape = shape.clone();
+        let mut kept = Vec::new();
+        for (axis, item) in per_axis.iter().enumerate() {
+            // (`:` keeps the axis whole, even a symbolic one.)
+            let whole = IndexItem::Range {
+                start: None,
+                end: None,
+            };
+            let Some(item) = item.as_ref().filter(|&item| *item != whole) else {
+                kept.push(shape.0[axis].clone());
+                continue;
+            };
+            let Some((start, len, drop)) = self.index_item(item, &shape, axis) else {
+                return Value::Poison;
+            };
+            if !drop {
+                kept.push(Dim::Fixed(len));
+            }
+            if matches!(shape.0[axis], Dim::Fixed(n) if n == len) {
+                continue;
+            }
+            current_shape.0[axis] = Dim::Fixed(len);
+            let Value::Node(id) = current else {
+                return Value::Poison;
+            };
+            let dtype = self.graph.node(id).dtype();
+            let operand = Operand {
+                value: current,
+                span: base_span,
+                name: "indexed value",
+            };
+            let ty = Type::new(dtype, current_shape.clone());
+            current = self.apply_typed(
+                Op::Slice { axis, start },
+                "[]",
+                vec![operand],
+                span,
+                Some(ty),
+            );
+        }
+        if kept.len() == rank {
+            return current;
+        }
+        let Value::Node(id) = current else {
+            return Value::Poison;
+        };
+        let ty = Type::new(self.graph.node(id).dtype(), Shape(kept));
+        let operand = Operand {
+            value: current,
+            span: base_span,
+            name: "indexed value",
+        };
+        self.apply_typed(Op::Reshape, "[]", vec![operand], span, Some(ty))
+    }
+
+    /// One index item on `axis` of `shape`: the first position, the count
+    /// of positions and whether the axis goes; `None` after reporting.
+    fn index_item(
+        &mut self,
+        item: &IndexItem,
+        shape: &Shape,
+        axis: usize,
+    ) -> Option<(u64, u64, bool)> {
+        let (item_span, exprs) = match item {
+            IndexItem::At(e) => (self.ast().expr(*e).span, vec![Some(*e)]),
+            IndexItem::Range { start, end } => {
+                let spans: Vec<Span> = start
+                    .iter()
+                    .chain(end)
+                    .map(|&e| self.ast().expr(e).span)
+                    .collect();
+                let (Some(first), Some(last)) = (spans.first(), spans.last()) else {
+                    return None;
+                };
+                let span = Span {
+                    start: first.start,
+                    end: last.end,
+                };
+                (span, vec![*start, *end])
+            }
+            IndexItem::Ellipsis(_) => return None,
+        };
+        let Dim::Fixed(size) = shape.0[axis].clone() else {
+            self.report(
+                Diagnostic::error(
+                    Code::IndexRange,
+                    item_span,
+                    format!("axis {axis} of `{shape}` has the symbolic size {}: positions along it are not known", shape.0[axis]),
+                )
+                .with_label("indexed by position")
+                .with_help("keep a symbolic axis whole with `:`, or give the axis a fixed size"),
+            );
+            return None;
+        };
+        let mut positions = Vec::new();
+        for e in &exprs {
+            let Some(e) = e else {
+                positions.push(None);
+                continue;
+            };
+            let i = self.integer(*e, "an index")?;
+            let normalized = if i < 0 { i + size as i64 } else { i };
+            let last = if matches!(item, IndexItem::At(_)) {
+                size as i64 - 1
+            } else {
+                size as i64
+            };
+            if !(0..=last).contains(&normalized) {
+                let span = self.ast().expr(*e).span;
+                self.report(
+                    Diagnostic::error(
+                        Code::IndexRange,
+                        span,
+                        format!("index {i} is out of range for axis {axis} of `{shape}`"),
+                    )
+                    .with_label(format!("the axis has {size} positions"))
+                    .with_help(format!(
+                        "positions run from 0 to {} (or from -{size} to -1 from the end)",
+                        size - 1
+                    )),
+                );
+                return None;
+            }
+            positions.push(Some(normalized as u64));
+        }
+        match item {
+            IndexItem::At(_) => Some((positions[0].unwrap_or(0), 1, true)),
+            _ => {
+                let (start, end) = (positions[0].unwrap_or(0), positions[1].unwrap_or(size));
+                if start >= end {
+                    self.report(
+                        Diagnostic::error(
+                            Code::IndexRange,
+                            item_span,
+                            format!("the slice {start}:{end} of axis {axis} of `{shape}` is empty"),
+                        )
+                        .with_label("no position in this range")
+                        .with_help(
+                            "a slice `a:b` takes the positions from `a` up to, not including, `b`",
+                        ),
+                    );
+                    return None;
+                }
+                Some((start, end - start, false))
+            }
         }
     }
 

@@ -40,6 +40,17 @@ impl Ast {
                 .max()
                 .unwrap_or(0),
             ExprKind::List(items) => items.iter().map(child_depth).max().unwrap_or(0),
+            ExprKind::Index { base, items } => items
+                .iter()
+                .flat_map(|item| match item {
+                    IndexItem::At(e) => vec![*e],
+                    IndexItem::Range { start, end } => start.iter().chain(end).copied().collect(),
+                    IndexItem::Ellipsis(_) => vec![],
+                })
+                .map(|e| child_depth(&e))
+                .max()
+                .unwrap_or(0)
+                .max(child_depth(base)),
             ExprKind::Number { .. }
             | ExprKind::Bool(_)
             | ExprKind::Str(_)
@@ -260,8 +271,31 @@ pub enum ExprKind {
     },
     /// `[a, b]` or a tuple `(a, b)`
     List(Vec<ExprId>),
+    /// `x[i, a:b, ...]`: indexing and slicing.
+    Index {
+        /// The indexed value.
+        base: ExprId,
+        /// One item per axis (but for `...`, which stands for the rest).
+        items: Vec<IndexItem>,
+    },
     /// An expression the parser could not read; already reported.
     Error,
+}
+
+/// One item of an index.
+#[derive(Clone, Debug, PartialEq)]
+pub enum IndexItem {
+    /// `i`: one position; the axis goes.
+    At(ExprId),
+    /// `a:b`, `a:`, `:b` or `:`: a range of positions; the axis stays.
+    Range {
+        /// The first position, from 0 if absent.
+        start: Option<ExprId>,
+        /// One past the last, to the end if absent.
+        end: Option<ExprId>,
+    },
+    /// `...`: every axis the other items do not index.
+    Ellipsis(Span),
 }
 
 /// Unary operators.

@@ -123,6 +123,9 @@ pub(crate) enum Tok<'input> {
     /// `@`
     #[token("@")]
     At,
+    /// `...` (every axis not indexed otherwise)
+    #[token("...")]
+    Ellipsis,
 }
 
 impl fmt::Display for Tok<'_> {
@@ -162,6 +165,7 @@ impl fmt::Display for Tok<'_> {
             Tok::StarStar => "`**`",
             Tok::Slash => "`/`",
             Tok::At => "`@`",
+            Tok::Ellipsis => "`...`",
         };
         f.write_str(text)
     }

@@ -39,6 +39,11 @@ impl Builder {
         self.ast.alloc(kind, Span::new(l, r))
     }
 
+    /// The span `l..r`.
+    pub fn span(&self, l: usize, r: usize) -> Span {
+        Span::new(l, r)
+    }
+
     /// Allocates a binary expression.
     pub fn binary(&mut self, op: BinaryOp, lhs: ExprId, rhs: ExprId, l: usize, r: usize) -> ExprId {
         self.expr(ExprKind::Binary { op, lhs, rhs }, l, r)

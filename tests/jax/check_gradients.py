@@ -176,6 +176,19 @@ case(
 )
 
 
+case(
+    "indexing_and_slicing",
+    "model m { input c: f64[2, 3] param x: f64[2, 4, 5] = zeros "
+    "loss sum(sin(x[:, -1, 1:4]) * c) + sum(x[..., 0] * x[:, :, 2]) + sum(x[:, 1:3, ...][:, 0] ** 3) + sum(x[1, :2] ** 2) }",
+    {"c": ((2, 3), "f")},
+    {"x": (2, 4, 5)},
+    lambda P, I: jnp.sum(jnp.sin(P["x"][:, -1, 1:4]) * I["c"])
+    + jnp.sum(P["x"][..., 0] * P["x"][:, :, 2])
+    + jnp.sum(P["x"][:, 1:3, ...][:, 0] ** 3)
+    + jnp.sum(P["x"][1, :2] ** 2),
+)
+
+
 def attention(x, wq, wk, wv, heads):
     """Multi-head self-attention of `x: [B, T, D]`, heads split from `D`."""
     b, t, d = x.shape
