@@ -36,6 +36,8 @@ pub(crate) enum Builtin {
     Reshape,
     /// `concat([a, b], axis = 0)`
     Concat,
+    /// `stack([a, b], axis = 0)`
+    Stack,
     /// `dropout(x, p)`
     Dropout,
     /// `batch_norm(x, gamma, beta, running_mean, running_var, eps, momentum)`
@@ -130,6 +132,7 @@ pub(crate) const NAMES: &[&str] = &[
     "permute",
     "reshape",
     "concat",
+    "stack",
     "dropout",
     "batch_norm",
     "layer_norm",
@@ -166,6 +169,7 @@ impl Builtin {
             "permute" => Builtin::Permute,
             "reshape" => Builtin::Reshape,
             "concat" => Builtin::Concat,
+            "stack" => Builtin::Stack,
             "dropout" => Builtin::Dropout,
             "batch_norm" => Builtin::BatchNorm,
             "layer_norm" => Builtin::LayerNorm,
@@ -196,7 +200,9 @@ impl Builtin {
                 &const { [req("x", Tensor), opt("axis", Axis)] }
             }
             Builtin::Reshape => &const { [req("x", Tensor), req("shape", Dims)] },
-            Builtin::Concat => &const { [req("tensors", TensorList), opt("axis", Axis)] },
+            Builtin::Concat | Builtin::Stack => {
+                &const { [req("tensors", TensorList), opt("axis", Axis)] }
+            }
             Builtin::Dropout => &const { [req("x", Tensor), req("p", Number)] },
             Builtin::BatchNorm => {
                 &const {

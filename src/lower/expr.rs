@@ -9,6 +9,7 @@ use crate::syntax::ast::{Arg, BinaryOp, ExprId, ExprKind, Function, Ident, Index
 
 /// An operand ready for an op: its node, its source span and what the
 /// user calls it in messages.
+#[derive(Clone)]
 struct Operand {
     value: Value,
     span: Span,
@@ -780,7 +781,7 @@ impl Lowering<'_, '_> {
                     Some(Type::new(dtype, target)),
                 )
             }
-            Builtin::Concat => {
+            Builtin::Concat | Builtin::Stack => {
                 let list = slots[0].expect("bind fills required slots");
                 let list_expr = self.ast().expr(list);
                 let ExprKind::List(items) = &list_expr.kind else {
@@ -788,10 +789,10 @@ impl Lowering<'_, '_> {
                         Diagnostic::error(
                             Code::WrongArgumentKind,
                             list_expr.span,
-                            "`concat` takes a list of tensors",
+                            format!("`{name}` takes a list of tensors"),
                         )
                         .with_label("not a list")
-                        .with_help("write `concat([a, b], axis = 1)`"),
+                        .with_help(format!("write `{name}([a, b], axis = 1)`")),
                     );
                     return Value::Poison;
                 };
@@ -800,7 +801,7 @@ impl Lowering<'_, '_> {
                         Diagnostic::error(
                             Code::WrongArgumentKind,
                             list_expr.span,
-                            "`concat` of an empty list",
+                            format!("`{name}` of an empty list"),
                         )
                         .with_label("needs at least one tensor"),
                     );
@@ -815,9 +816,15 @@ impl Lowering<'_, '_> {
                         name: "operand",
                     })
                     .collect();
-                let Some(shape) = self.shape_of(operands[0].value) else {
+                let Some(mut shape) = self.shape_of(operands[0].value) else {
                     return Value::Poison;
                 };
+                // `stack` joins along a new axis: its axis counts in the
+                // result's rank.
+                let stacking = builtin == Builtin::Stack;
+                if stacking {
+                    shape.0.push(Dim::Fixed(1));
+                }
                 let axis = match slots[1] {
                     None if shape.rank() > 0 => Some(0),
                     None => None,
@@ -835,6 +842,27 @@ impl Lowering<'_, '_> {
                         );
                     }
                     return Value::Poison;
+                };
+                let operands = match stacking {
+                    false => operands,
+                    true => operands
+                        .into_iter()
+                        .map(|o| {
+                            let Value::Node(id) = o.value else {
+                                return o;
+                            };
+                            let mut ty = self.graph.node(id).ty.clone();
+                            ty.shape.0.insert(axis, Dim::Fixed(1));
+                            let value = self.apply_typed(
+                                Op::Reshape,
+                                name,
+                                vec![o.clone()],
+                                o.span,
+                                Some(ty),
+                            );
+                            Operand { value, ..o }
+                        })
+                        .collect(),
                 };
                 self.apply(Op::Concat { axis }, name, operands, span)
             }

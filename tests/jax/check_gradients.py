@@ -189,6 +189,17 @@ case(
 )
 
 
+case(
+    "stack",
+    "model m { input c: f64[3, 2, 4] param a: f64[2, 4] = zeros param b: f64[2, 4] = zeros "
+    "loss sum(stack([a, b * 2, sin(a)]) * c) + sum(stack([a, b], axis = -1) ** 3) }",
+    {"c": ((3, 2, 4), "f")},
+    {"a": (2, 4), "b": (2, 4)},
+    lambda P, I: jnp.sum(jnp.stack([P["a"], P["b"] * 2, jnp.sin(P["a"])]) * I["c"])
+    + jnp.sum(jnp.stack([P["a"], P["b"]], axis=-1) ** 3),
+)
+
+
 def attention(x, wq, wk, wv, heads):
     """Multi-head self-attention of `x: [B, T, D]`, heads split from `D`."""
     b, t, d = x.shape
