@@ -23,6 +23,7 @@ fix = {
 "E0203": ("missing_argument", "Pass the missing argument: `dropout(x, 0.1)`."),
 "E0204": ("duplicate_argument", "Give each argument once."),
 "E0205": ("wrong_argument_kind", "Pass what the parameter takes: a number literal for `p`, `true`/`false` for `keepdims`, a list for `reshape`'s shape."),
+"E0206": ("result_count_mismatch", "Bind one name per returned value (`let h, c = cell(...)` for `return h, c`), and call a function with several results only in such a `let`."),
 "E0301": ("dtype_mismatch", "Declare both operands with one element type, or compile the whole model in one type with `--dtype f64`."),
 "E0302": ("labels_not_integer", "Declare labels and indices as `i32`: `input y: i32[B]`."),
 "E0303": ("arithmetic_on_labels", "Keep arithmetic on float values; `i32` values are labels and indices. Params and buffers are float."),

@@ -101,6 +101,7 @@ codes! {
     UnknownArgument = "E0202", "a named argument the callee does not take";
     MissingArgument = "E0203", "a call that leaves a required argument out";
     DuplicateArgument = "E0204", "an argument given twice";
+    ResultCount = "E0206", "a function's results bound to a different number of names, or several results where one value is wanted";
     WrongArgumentKind = "E0205", "an argument of the wrong kind (a tensor where a number is wanted, or the reverse)";
     DtypeMismatch = "E0301", "operands of different float types";
     NotInteger = "E0302", "labels and indices must be `i32`";

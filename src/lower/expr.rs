@@ -520,10 +520,40 @@ impl Lowering<'_, '_> {
         self.builtin(builtin, name, &slots, span)
     }
 
+    /// A call of a user function where one value is wanted.
     fn inline(&mut self, function: &Function, args: &[Arg], span: Span) -> Value {
+        if function.results.len() > 1 {
+            let count = function.results.len();
+            let names: Vec<String> = (0..count).map(|i| format!("r{i}")).collect();
+            self.report(
+                Diagnostic::error(
+                    Code::ResultCount,
+                    span,
+                    format!(
+                        "`{}` returns {count} values where one is wanted",
+                        function.name.name
+                    ),
+                )
+                .with_label("several results")
+                .with_help(format!(
+                    "bind them to names first: `let {} = {}(...)`",
+                    names.join(", "),
+                    function.name.name
+                )),
+            );
+            return Value::Poison;
+        }
+        self.inline_all(function, args, span)
+            .pop()
+            .unwrap_or(Value::Poison)
+    }
+
+    /// Inlines a call of a user function: its results' values.
+    fn inline_all(&mut self, function: &Function, args: &[Arg], span: Span) -> Vec<Value> {
+        let poison = || vec![Value::Poison; function.results.len()];
         let name = function.name.name.clone();
         if self.cx.recursive.contains(&name) || self.too_many_nodes {
-            return Value::Poison;
+            return poison();
         }
         if self.graph.len() > MAX_NODES || self.work > MAX_WORK {
             self.too_many_nodes = true;
@@ -536,7 +566,7 @@ impl Lowering<'_, '_> {
                 .with_label("inlining stopped at this call")
                 .with_help("functions are inlined at every call; a function that calls another twice doubles the graph at each level"),
             );
-            return Value::Poison;
+            return poison();
         }
         if self.calls.len() >= MAX_CALL_DEPTH {
             self.report(
@@ -547,7 +577,7 @@ impl Lowering<'_, '_> {
                 )
                 .with_label("this call is too deep"),
             );
-            return Value::Poison;
+            return poison();
         }
         let params: Vec<builtins::Param> = function
             .params
@@ -564,7 +594,7 @@ impl Lowering<'_, '_> {
             self.report(diagnostic);
         }
         let Some(slots) = slots else {
-            return Value::Poison;
+            return poison();
         };
         let values: Vec<Value> = slots
             .iter()
@@ -586,10 +616,73 @@ impl Lowering<'_, '_> {
         self.frames.push(frame);
         self.calls.push((span, name));
         self.stmts(&function.body, true);
-        let result = self.expr_checked(function.result);
+        let results = function
+            .results
+            .iter()
+            .map(|&result| self.expr_checked(result))
+            .collect();
         self.calls.pop();
         self.frames.pop();
-        result
+        results
+    }
+
+    /// The values of `let a, b = f(...)`: a call of a function with as many
+    /// results as names (else an error, and poison for every name).
+    pub(super) fn results_of(&mut self, value: ExprId, names: &[Ident]) -> Vec<Value> {
+        let expr = self.ast().expr(value);
+        let span = expr.span;
+        let poison = vec![Value::Poison; names.len()];
+        let function = match &expr.kind {
+            ExprKind::Call { callee, args } => self
+                .cx
+                .functions
+                .get(callee.name.as_str())
+                .map(|&f| (f, args.clone())),
+            _ => None,
+        };
+        let Some((function, args)) = function else {
+            // (Lowered anyway, so its own errors are reported.)
+            self.expr(value);
+            self.report(
+                Diagnostic::error(
+                    Code::ResultCount,
+                    span,
+                    format!("{} names are bound to one value", names.len()),
+                )
+                .with_label("this gives one value")
+                .with_help("several names take the results of a function that returns several values, as `let h, c = cell(x, h, c)` of `fn cell(...) { ... return h, c }`"),
+            );
+            return poison;
+        };
+        let count = function.results.len();
+        if count != names.len() {
+            let spans: Vec<Span> = function
+                .results
+                .iter()
+                .map(|&r| self.ast().expr(r).span)
+                .collect();
+            let returned = spans.first().zip(spans.last()).map(|(a, b)| a.to(*b));
+            let mut diagnostic = Diagnostic::error(
+                Code::ResultCount,
+                span,
+                format!(
+                    "`{}` returns {count} value{} but {} names are bound",
+                    function.name.name,
+                    if count == 1 { "" } else { "s" },
+                    names.len()
+                ),
+            )
+            .with_label(format!(
+                "{count} result{}",
+                if count == 1 { "" } else { "s" }
+            ));
+            if let Some(returned) = returned {
+                diagnostic = diagnostic.with_secondary(returned, "returned here");
+            }
+            self.report(diagnostic.with_help("bind one name per returned value"));
+            return poison;
+        }
+        self.inline_all(function, &args, span)
     }
 
     fn builtin(

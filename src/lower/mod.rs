@@ -429,6 +429,11 @@ fn collect_defined(body: &[Stmt], defined: &mut HashMap<String, Span>) {
             } => {
                 defined.entry(name.name.clone()).or_insert(name.span);
             }
+            Stmt::LetMany { names, .. } => {
+                for name in names {
+                    defined.entry(name.name.clone()).or_insert(name.span);
+                }
+            }
             Stmt::NoGrad { body, .. } => collect_defined(body, defined),
             Stmt::Output { value: None, .. }
             | Stmt::Retain(_)
@@ -507,7 +512,12 @@ impl<'a> Lowering<'a, '_> {
     }
 
     fn stmt(&mut self, stmt: &Stmt, in_function: bool) {
-        if in_function && !matches!(stmt, Stmt::Let { .. } | Stmt::NoGrad { .. } | Stmt::Error) {
+        if in_function
+            && !matches!(
+                stmt,
+                Stmt::Let { .. } | Stmt::LetMany { .. } | Stmt::NoGrad { .. } | Stmt::Error
+            )
+        {
             let span = stmt_span(self.ast(), stmt);
             self.report(
                 Diagnostic::error(Code::StatementNotAllowed, span, "this statement cannot stand inside a function")
@@ -598,6 +608,18 @@ impl<'a> Lowering<'a, '_> {
                     }
                 }
                 self.bind(name.name.clone(), name.span, value, BindingKind::Let);
+            }
+            Stmt::LetMany { names, value } => {
+                let values = self.results_of(*value, names);
+                for (name, value) in names.iter().zip(values) {
+                    if let Value::Node(id) = value {
+                        let node = self.graph.node_mut(id);
+                        if node.name.is_none() && !node.op.is_leaf() {
+                            node.name = Some(name.name.clone());
+                        }
+                    }
+                    self.bind(name.name.clone(), name.span, value, BindingKind::Let);
+                }
             }
             Stmt::Retain(names) => {
                 for name in names {
@@ -1014,6 +1036,9 @@ fn stmt_span(ast: &Ast, stmt: &Stmt) -> Span {
         Stmt::Input { name, ty } => name.span.to(ty.span),
         Stmt::Param { name, ty, .. } | Stmt::Buffer { name, ty, .. } => name.span.to(ty.span),
         Stmt::Let { name, value } => name.span.to(ast.expr(*value).span),
+        Stmt::LetMany { names, value } => names
+            .first()
+            .map_or(Span::default(), |n| n.span.to(ast.expr(*value).span)),
         Stmt::Retain(names) => names.first().map_or(Span::default(), |n| n.span),
         Stmt::NoGrad { keyword, .. } => *keyword,
         Stmt::Output { name, .. } => name.span,

@@ -104,8 +104,8 @@ pub struct Function {
     pub params: Vec<Ident>,
     /// `let` statements before the result.
     pub body: Vec<Stmt>,
-    /// The returned expression.
-    pub result: ExprId,
+    /// The returned expressions (`return h, c` gives two), at least one.
+    pub results: Vec<ExprId>,
     /// The whole definition.
     pub span: Span,
 }
@@ -190,6 +190,13 @@ pub enum Stmt {
         /// Name.
         name: Ident,
         /// Value.
+        value: ExprId,
+    },
+    /// `let h, c = cell(...)`: a function's results, one name each.
+    LetMany {
+        /// The names, at least two.
+        names: Vec<Ident>,
+        /// The call.
         value: ExprId,
     },
     /// `retain h, g`

@@ -200,6 +200,38 @@ case(
 )
 
 
+LSTM_CELL = (
+    "fn cell(x_t, h, c, wx, wh, b) { let z = x_t @ wx + h @ wh + b "
+    "let c_next = sigmoid(z[:, 4:8]) * c + sigmoid(z[:, 0:4]) * tanh(z[:, 8:12]) "
+    "return sigmoid(z[:, 12:16]) * tanh(c_next), c_next } "
+)
+
+
+def lstm_cell(x_t, h, c, wx, wh, b):
+    z = x_t @ wx + h @ wh + b
+    c_next = jax.nn.sigmoid(z[:, 4:8]) * c + jax.nn.sigmoid(z[:, 0:4]) * jnp.tanh(z[:, 8:12])
+    return jax.nn.sigmoid(z[:, 12:16]) * jnp.tanh(c_next), c_next
+
+
+def lstm_loss(P, I):
+    h = c = I["h0"]
+    for t in range(3):
+        h, c = lstm_cell(I["x"][:, t], h, c, P["wx"], P["wh"], P["b"])
+    return jnp.sum(h * I["d"]) + jnp.sum(c * I["d"])
+
+
+case(
+    "lstm_cell_several_results",
+    LSTM_CELL + "model m { input x: f64[2, 3, 5] input h0: f64[2, 4] input d: f64[2, 4] "
+    "param wx: f64[5, 16] = zeros param wh: f64[4, 16] = zeros param b: f64[16] = zeros "
+    "let h1, c1 = cell(x[:, 0], h0, h0, wx, wh, b) let h2, c2 = cell(x[:, 1], h1, c1, wx, wh, b) "
+    "let h3, c3 = cell(x[:, 2], h2, c2, wx, wh, b) loss sum(h3 * d) + sum(c3 * d) }",
+    {"x": ((2, 3, 5), "f"), "h0": ((2, 4), "f"), "d": ((2, 4), "f")},
+    {"wx": (5, 16), "wh": (4, 16), "b": (16,)},
+    lstm_loss,
+)
+
+
 def attention(x, wq, wk, wv, heads):
     """Multi-head self-attention of `x: [B, T, D]`, heads split from `D`."""
     b, t, d = x.shape
