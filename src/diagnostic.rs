@@ -105,7 +105,7 @@ codes! {
     WrongArgumentKind = "E0205", "an argument of the wrong kind (a tensor where a number is wanted, or the reverse)";
     DtypeMismatch = "E0301", "operands of different float types";
     NotInteger = "E0302", "labels and indices must be `i32`";
-    NotFloat = "E0303", "arithmetic and layers need `f32` or `f64`, not `i32`";
+    NotFloat = "E0303", "arithmetic and layers need `f32` or `f64`, not `i32` or `bool`";
     UnknownDtype = "E0304", "an element type other than `f32`, `f64` and `i32`";
     ShapeMismatch = "E0401", "shapes that cannot be broadcast or must be equal";
     MatmulMismatch = "E0402", "matrix product operands whose inner dimensions differ";

@@ -44,6 +44,7 @@ pub fn rule(op: &Op, operand: usize) -> Rule {
         | Op::Reduce { .. }
         | Op::Transpose
         | Op::Permute { .. }
+        | Op::Triangle { .. }
         | Op::Reshape
         | Op::MatMul
         | Op::BatchMatMul
@@ -327,6 +328,8 @@ pub fn gradient(
         // transpose(g), the inverse permutation of g, reshape(g) back to
         // the operand's shape
         Op::Transpose => emit.op(Op::Transpose, &[g], None),
+        // the same triangle of g
+        Op::Triangle { .. } => emit.op(op.clone(), &[g], None),
         Op::Permute { axes } => {
             let mut inverse = vec![0; axes.len()];
             for (i, &a) in axes.iter().enumerate() {
@@ -700,7 +703,8 @@ pub fn grad_fn(op: &Op) -> &'static str {
             BinaryFn::Pow => "PowBackward",
             BinaryFn::Maximum => "MaximumBackward",
             BinaryFn::Minimum => "MinimumBackward",
-            BinaryFn::Greater
+            BinaryFn::NotEqual
+            | BinaryFn::Greater
             | BinaryFn::GreaterEqual
             | BinaryFn::Less
             | BinaryFn::LessEqual
@@ -710,6 +714,8 @@ pub fn grad_fn(op: &Op) -> &'static str {
         Op::MatMul => "MatMulBackward",
         Op::Transpose => "TransposeBackward",
         Op::Permute { .. } => "PermuteBackward",
+        Op::Triangle { upper: false, .. } => "TrilBackward",
+        Op::Triangle { upper: true, .. } => "TriuBackward",
         Op::BatchMatMul => "BmmBackward",
         Op::Reduce { func, .. } => match func {
             ReduceFn::Sum => "SumBackward",

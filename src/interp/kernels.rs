@@ -78,6 +78,7 @@ pub fn binary(f: BinaryFn, a: f64, b: f64) -> f64 {
         BinaryFn::Less => mask(a < b),
         BinaryFn::LessEqual => mask(a <= b),
         BinaryFn::Equal => mask(a == b),
+        BinaryFn::NotEqual => mask(a != b),
     }
 }
 
@@ -160,6 +161,23 @@ pub(crate) fn batch_matmul(a: &Tensor, b: &Tensor, out_shape: &[usize]) -> Vec<f
         out.extend(matmul(a, &[m, k], b, &[k, n]));
     }
     out
+}
+
+/// `tril` (or, `upper`, `triu`) of the last two axes: element `(i, j)`
+/// kept where `j - i <= k` (`j - i >= k`), else 0.
+pub(crate) fn triangle(x: &Tensor, k: i64, upper: bool) -> Vec<f64> {
+    let rank = x.shape.len();
+    let (rows, cols) = (x.shape[rank - 2], x.shape[rank - 1]);
+    x.data
+        .iter()
+        .enumerate()
+        .map(|(at, &v)| {
+            let (i, j) = ((at / cols) % rows.max(1), at % cols.max(1));
+            let offset = j as i64 - i as i64;
+            let kept = if upper { offset >= k } else { offset <= k };
+            if kept { v } else { 0.0 }
+        })
+        .collect()
 }
 
 /// The operand's axes in the order `axes` lists (axis `i` of the result is

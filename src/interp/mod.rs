@@ -383,6 +383,7 @@ fn run(
         Op::Transpose => kernels::transpose(&x().data, &x().shape),
         Op::BatchMatMul => kernels::batch_matmul(inputs[0], inputs[1], shape),
         Op::Permute { axes } => kernels::permute(x(), axes),
+        Op::Triangle { k, upper } => kernels::triangle(x(), *k, *upper),
         Op::Reduce { func, axes, .. } => kernels::reduce(*func, x(), axes)?.0,
         Op::Reshape | Op::StopGradient | Op::Identity => x().data.clone(),
         Op::Concat { axis } => kernels::concat(inputs, *axis, shape),

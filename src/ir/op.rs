@@ -106,6 +106,8 @@ pub enum BinaryFn {
     LessEqual,
     /// `a == b` as 1 or 0.
     Equal,
+    /// `a != b` as 1 or 0 (1 where either is NaN).
+    NotEqual,
 }
 
 impl BinaryFn {
@@ -124,6 +126,7 @@ impl BinaryFn {
             BinaryFn::Less => "lt",
             BinaryFn::LessEqual => "le",
             BinaryFn::Equal => "eq",
+            BinaryFn::NotEqual => "ne",
         }
     }
 
@@ -136,6 +139,7 @@ impl BinaryFn {
                 | BinaryFn::Less
                 | BinaryFn::LessEqual
                 | BinaryFn::Equal
+                | BinaryFn::NotEqual
         )
     }
 }
@@ -264,6 +268,15 @@ pub enum Op {
     /// leading axes broadcast as NumPy's `matmul` broadcasts them (either
     /// operand may have none): attention's `Q @ K^T`.
     BatchMatMul,
+    /// The lower (or upper) triangle of the last two axes: element `(i, j)`
+    /// kept where `j - i <= k` (`upper`: `j - i >= k`), else 0 (`tril`,
+    /// `triu`).
+    Triangle {
+        /// The diagonal: 0 the main one, above it positive.
+        k: i64,
+        /// `triu` (else `tril`).
+        upper: bool,
+    },
     /// The operand's axes in a new order: axis `i` of the result is axis
     /// `axes[i]` of the operand.
     Permute {
@@ -495,6 +508,8 @@ impl Op {
             Op::Transpose => "transpose".into(),
             Op::BatchMatMul => "batch_matmul".into(),
             Op::Permute { .. } => "permute".into(),
+            Op::Triangle { upper: false, .. } => "tril".into(),
+            Op::Triangle { upper: true, .. } => "triu".into(),
             Op::Reduce { func, .. } => func.name().into(),
             Op::Softmax { .. } => "softmax".into(),
             Op::LogSoftmax { .. } => "log_softmax".into(),
@@ -551,6 +566,7 @@ impl Op {
             }
             Op::Dropout { p, key } => format!("p={p:?} key={key}"),
             Op::Slice { axis, start } => format!("axis={axis} start={start}"),
+            Op::Triangle { k, .. } => format!("k={k}"),
             Op::BatchNorm { eps, momentum, .. } => format!("eps={eps:?} momentum={momentum:?}"),
             Op::LayerNorm { eps } => format!("eps={eps:?}"),
             Op::Input
@@ -722,6 +738,12 @@ impl Op {
                 let shape = Shape(dims);
                 shape.element_count().ok_or(TypeError::Overflow)?;
                 Ok(Type::new(dtype, shape))
+            }
+            Op::Triangle { .. } => {
+                arity(operands, 1)?;
+                float(operands, 0)?;
+                rank_in(&operands[0].shape, 0, 2, usize::MAX, "at least 2")?;
+                Ok(operands[0].clone())
             }
             Op::Permute { axes } => {
                 arity(operands, 1)?;

@@ -1139,6 +1139,7 @@ pub(super) fn binary(
         BinaryFn::Less => compare(b, FloatCC::LessThan, x, y),
         BinaryFn::LessEqual => compare(b, FloatCC::LessThanOrEqual, x, y),
         BinaryFn::Equal => compare(b, FloatCC::Equal, x, y),
+        BinaryFn::NotEqual => compare(b, FloatCC::NotEqual, x, y),
     })
 }
 

@@ -32,6 +32,12 @@ pub(crate) enum Builtin {
     Transpose,
     /// `permute(x, [axes])`
     Permute,
+    /// `where(c, a, b)`
+    Where,
+    /// `tril(x, k = 0)`, `triu(x, k = 0)`
+    Triangle(bool),
+    /// `zeros([dims])`, `ones([dims])`, `full([dims], v)`
+    Full(Fill),
     /// `reshape(x, [dims])`
     Reshape,
     /// `concat([a, b], axis = 0)`
@@ -56,6 +62,17 @@ pub(crate) enum Builtin {
     StopGradient,
     /// `grad(e, x)`: the gradient of the scalar `e` with respect to `x`
     Grad,
+}
+
+/// The value a constructor fills its tensor with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fill {
+    /// `zeros`
+    Zeros,
+    /// `ones`
+    Ones,
+    /// `full`: its `value` argument
+    Given,
 }
 
 /// What a parameter accepts.
@@ -130,6 +147,12 @@ pub(crate) const NAMES: &[&str] = &[
     "log_softmax",
     "transpose",
     "permute",
+    "where",
+    "tril",
+    "triu",
+    "zeros",
+    "ones",
+    "full",
     "reshape",
     "concat",
     "stack",
@@ -167,6 +190,12 @@ impl Builtin {
             "log_softmax" => Builtin::LogSoftmax,
             "transpose" => Builtin::Transpose,
             "permute" => Builtin::Permute,
+            "where" => Builtin::Where,
+            "tril" => Builtin::Triangle(false),
+            "triu" => Builtin::Triangle(true),
+            "zeros" => Builtin::Full(Fill::Zeros),
+            "ones" => Builtin::Full(Fill::Ones),
+            "full" => Builtin::Full(Fill::Given),
             "reshape" => Builtin::Reshape,
             "concat" => Builtin::Concat,
             "stack" => Builtin::Stack,
@@ -190,6 +219,10 @@ impl Builtin {
             Builtin::Unary(_) | Builtin::StopGradient => &const { [req("x", Tensor)] },
             Builtin::Transpose => &const { [req("x", Tensor), opt("a", Axis), opt("b", Axis)] },
             Builtin::Permute => &const { [req("x", Tensor), req("axes", Axes)] },
+            Builtin::Where => &const { [req("c", Tensor), req("a", Tensor), req("b", Tensor)] },
+            Builtin::Triangle(_) => &const { [req("x", Tensor), opt("k", Number)] },
+            Builtin::Full(Fill::Given) => &const { [req("shape", Dims), req("value", Number)] },
+            Builtin::Full(_) => &const { [req("shape", Dims)] },
             Builtin::LeakyRelu => &const { [req("x", Tensor), opt("slope", Number)] },
             Builtin::Maximum | Builtin::Minimum => &const { [req("a", Tensor), req("b", Tensor)] },
             Builtin::Clamp => &const { [req("x", Tensor), req("lo", Number), req("hi", Number)] },

@@ -1,7 +1,7 @@
 //! Lowering of expressions: operators, built-in calls, inlined user
 //! functions and initializers, with the diagnostics each can raise.
 
-use super::builtins::{self, Builtin, Kind};
+use super::builtins::{self, Builtin, Fill, Kind};
 use super::{Binding, BindingKind, Frame, Lowering, MAX_CALL_DEPTH, MAX_NODES, MAX_WORK, Value};
 use crate::diagnostic::{Code, Diagnostic, Span, closest};
 use crate::ir::{BinaryFn, Dim, Init, Mode, NodeId, Op, Role, Shape, Type, TypeError, UnaryFn};
@@ -277,7 +277,13 @@ impl Lowering<'_, '_> {
                 BinaryOp::Mul => Some(a * b),
                 BinaryOp::Div => Some(a / b),
                 BinaryOp::Pow => Some(a.powf(b)),
-                BinaryOp::MatMul => None,
+                BinaryOp::MatMul
+                | BinaryOp::Lt
+                | BinaryOp::Le
+                | BinaryOp::Gt
+                | BinaryOp::Ge
+                | BinaryOp::Eq
+                | BinaryOp::Ne => None,
             };
             if let Some(v) = folded {
                 return Value::Scalar(v);
@@ -289,6 +295,12 @@ impl Lowering<'_, '_> {
             BinaryOp::Mul => Op::Binary(BinaryFn::Mul),
             BinaryOp::Div => Op::Binary(BinaryFn::Div),
             BinaryOp::Pow => Op::Binary(BinaryFn::Pow),
+            BinaryOp::Lt => Op::Binary(BinaryFn::Less),
+            BinaryOp::Le => Op::Binary(BinaryFn::LessEqual),
+            BinaryOp::Gt => Op::Binary(BinaryFn::Greater),
+            BinaryOp::Ge => Op::Binary(BinaryFn::GreaterEqual),
+            BinaryOp::Eq => Op::Binary(BinaryFn::Equal),
+            BinaryOp::Ne => Op::Binary(BinaryFn::NotEqual),
             // `[.., M, K] @ [K, N]` shares one right operand; two batched
             // operands (or more than one leading axis) broadcast theirs.
             BinaryOp::MatMul => {
@@ -311,7 +323,29 @@ impl Lowering<'_, '_> {
                 name: "right operand",
             },
         ];
-        self.apply(ir_op, op.symbol(), operands, span)
+        let comparison = matches!(&ir_op, Op::Binary(f) if f.is_comparison());
+        let value = self.apply(ir_op, op.symbol(), operands, span);
+        if comparison && let Value::Node(id) = value {
+            self.bools.insert(id);
+        }
+        value
+    }
+
+    /// Whether an op takes `bool` operands: `where`'s condition, and the
+    /// ops that only move or zero elements (whose result is then `bool`
+    /// too).
+    fn moves_elements(op: &Op) -> bool {
+        matches!(
+            op,
+            Op::Reshape
+                | Op::Slice { .. }
+                | Op::Permute { .. }
+                | Op::Transpose
+                | Op::Concat { .. }
+                | Op::Identity
+                | Op::StopGradient
+                | Op::Triangle { .. }
+        )
     }
 
     /// Applies an op: gives weak scalars the dtype of the tensors they
@@ -346,6 +380,48 @@ impl Lowering<'_, '_> {
     }
 
     fn apply_typed(
+        &mut self,
+        op: Op,
+        what: &str,
+        operands: Vec<Operand>,
+        span: Span,
+        declared: Option<Type>,
+    ) -> Value {
+        let is_bool = |this: &Self, o: &Operand| matches!(o.value, Value::Node(id) if this.bools.contains(&id));
+        let bools: Vec<usize> = (0..operands.len())
+            .filter(|&i| is_bool(self, &operands[i]))
+            .collect();
+        let structural = Self::moves_elements(&op);
+        let mask = op == Op::Select && bools == [0];
+        if let Some(&i) = bools.first()
+            && !structural
+            && !mask
+        {
+            let o = &operands[i];
+            let shape = self.shape_of(o.value).unwrap_or_default();
+            self.report(
+                Diagnostic::error(
+                    Code::NotFloat,
+                    o.span,
+                    format!(
+                        "`{what}` needs numbers, not the `bool` {} `bool{shape}`",
+                        shown(o.name)
+                    ),
+                )
+                .with_label("a comparison gives `bool`, which takes part in no arithmetic")
+                .with_help("pick numbers with `where`, as `where(x > 0, 1.0, 0.0)`"),
+            );
+            return Value::Poison;
+        }
+        let all_bool = structural && !operands.is_empty() && bools.len() == operands.len();
+        let value = self.apply_checked(op, what, operands, span, declared);
+        if all_bool && let Value::Node(id) = value {
+            self.bools.insert(id);
+        }
+        value
+    }
+
+    fn apply_checked(
         &mut self,
         op: Op,
         what: &str,
@@ -746,6 +822,75 @@ impl Lowering<'_, '_> {
                 let mut axes: Vec<usize> = (0..shape.rank()).collect();
                 axes.swap(a, b);
                 self.apply(Op::Permute { axes }, name, vec![x], span)
+            }
+            Builtin::Where => {
+                let c = tensor(self, 0);
+                let is_bool = matches!(c.value, Value::Node(id) if self.bools.contains(&id));
+                if !is_bool && c.value != Value::Poison {
+                    let shown_type = match c.value {
+                        Value::Node(id) => self.graph.node(id).ty.to_string(),
+                        _ => "a number".into(),
+                    };
+                    self.report(
+                        Diagnostic::error(
+                            Code::WrongArgumentKind,
+                            c.span,
+                            format!("the condition of `where` must be a `bool`, not `{shown_type}`"),
+                        )
+                        .with_label("not a comparison")
+                        .with_help("compare to make a `bool`, as `where(x > 0, x, 0.0)` or `where(mask == 1, s, -1e9)`"),
+                    );
+                    return Value::Poison;
+                }
+                let (a, b) = (tensor(self, 1), tensor(self, 2));
+                self.apply(Op::Select, name, vec![c, a, b], span)
+            }
+            Builtin::Triangle(upper) => {
+                let x = tensor(self, 0);
+                let k = match slots[1] {
+                    None => Some(0.0),
+                    Some(_) => self.number(slots[1], name, "k"),
+                };
+                let Some(k) = k else {
+                    return Value::Poison;
+                };
+                if k.fract() != 0.0 || k.abs() > 1e15 {
+                    let at = self.ast().expr(slots[1].expect("given")).span;
+                    self.report(
+                        Diagnostic::error(
+                            Code::WrongArgumentKind,
+                            at,
+                            format!("`k` of `{name}` must be an integer"),
+                        )
+                        .with_label("not an integer"),
+                    );
+                    return Value::Poison;
+                }
+                self.apply(Op::Triangle { k: k as i64, upper }, name, vec![x], span)
+            }
+            Builtin::Full(fill) => {
+                let value = match fill {
+                    Fill::Zeros => Some(0.0),
+                    Fill::Ones => Some(1.0),
+                    Fill::Given => self.number(slots[1], name, "value"),
+                };
+                let Some(value) = value else {
+                    return Value::Poison;
+                };
+                let Some(shape) = self.dims(
+                    slots[0].expect("bind fills required slots"),
+                    &Shape::scalar(),
+                    span,
+                ) else {
+                    return Value::Poison;
+                };
+                let constant = Operand {
+                    value: Value::Scalar(value),
+                    span,
+                    name: "value",
+                };
+                let ty = Type::new(self.default_float, shape);
+                self.apply_typed(Op::Expand, name, vec![constant], span, Some(ty))
             }
             Builtin::Permute => {
                 let x = tensor(self, 0);

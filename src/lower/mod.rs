@@ -344,6 +344,10 @@ struct Lowering<'a, 'd> {
     /// Nodes a stable rewrite replaced (the `exp` of `log(exp(x))`),
     /// removed at the end if nothing else uses them.
     superseded: Vec<NodeId>,
+    /// Values of element type `bool` (comparisons, and what indexing or
+    /// reshaping makes of them): 0/1 masks in the IR, which only `where`
+    /// and the ops that move elements accept.
+    bools: std::collections::HashSet<NodeId>,
     diagnostics: &'d mut Vec<Diagnostic>,
 }
 
@@ -372,6 +376,7 @@ fn lower_model(
         loss: None,
         outputs: HashMap::new(),
         superseded: Vec::new(),
+        bools: std::collections::HashSet::new(),
         diagnostics,
     };
     let before = lowering.diagnostics.len();

@@ -327,6 +327,18 @@ pub enum BinaryOp {
     Pow,
     /// `@`
     MatMul,
+    /// `<`
+    Lt,
+    /// `<=`
+    Le,
+    /// `>`
+    Gt,
+    /// `>=`
+    Ge,
+    /// `==`
+    Eq,
+    /// `!=`
+    Ne,
 }
 
 impl BinaryOp {
@@ -339,6 +351,12 @@ impl BinaryOp {
             BinaryOp::Div => "/",
             BinaryOp::Pow => "**",
             BinaryOp::MatMul => "@",
+            BinaryOp::Lt => "<",
+            BinaryOp::Le => "<=",
+            BinaryOp::Gt => ">",
+            BinaryOp::Ge => ">=",
+            BinaryOp::Eq => "==",
+            BinaryOp::Ne => "!=",
         }
     }
 }

@@ -123,6 +123,24 @@ pub(crate) enum Tok<'input> {
     /// `@`
     #[token("@")]
     At,
+    /// `<`
+    #[token("<")]
+    Less,
+    /// `<=`
+    #[token("<=")]
+    LessEqual,
+    /// `>`
+    #[token(">")]
+    Greater,
+    /// `>=`
+    #[token(">=")]
+    GreaterEqual,
+    /// `==`
+    #[token("==")]
+    EqualEqual,
+    /// `!=`
+    #[token("!=")]
+    NotEqual,
     /// `...` (every axis not indexed otherwise)
     #[token("...")]
     Ellipsis,
@@ -166,6 +184,12 @@ impl fmt::Display for Tok<'_> {
             Tok::Slash => "`/`",
             Tok::At => "`@`",
             Tok::Ellipsis => "`...`",
+            Tok::Less => "`<`",
+            Tok::LessEqual => "`<=`",
+            Tok::Greater => "`>`",
+            Tok::GreaterEqual => "`>=`",
+            Tok::EqualEqual => "`==`",
+            Tok::NotEqual => "`!=`",
         };
         f.write_str(text)
     }

@@ -232,6 +232,31 @@ case(
 )
 
 
+case(
+    "causal_mask_where_tril_triu",
+    "model m { input x: f64[2, 4, 6] input c: f64[2, 4, 6] param wq: f64[6, 6] = zeros param wk: f64[6, 6] = zeros "
+    "let s = (x @ wq) @ transpose(x @ wk) / 2 "
+    "let a = softmax(where(tril(ones([4, 4])) == 1, s, -1e9)) @ x "
+    "loss sum(where(a > 0.1, a, a * 0.5) * c) + sum(triu(s, 1) * triu(s, 1)) + sum(tril(s, -1) * full([4, 4], 0.5)) "
+    "+ sum(where(s != 0, s, zeros([4, 4])) * 0.1) }",
+    {"x": ((2, 4, 6), "f"), "c": ((2, 4, 6), "f")},
+    {"wq": (6, 6), "wk": (6, 6)},
+    lambda P, I: (
+        lambda s: jnp.sum(
+            jnp.where(
+                (a := jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((4, 4))) == 1, s, -1e9), axis=-1) @ I["x"]) > 0.1,
+                a,
+                a * 0.5,
+            )
+            * I["c"]
+        )
+        + jnp.sum(jnp.triu(s, 1) ** 2)
+        + jnp.sum(jnp.tril(s, -1) * 0.5)
+        + jnp.sum(jnp.where(s != 0, s, 0.0) * 0.1)
+    )((I["x"] @ P["wq"]) @ jnp.swapaxes(I["x"] @ P["wk"], -1, -2) / 2),
+)
+
+
 def attention(x, wq, wk, wv, heads):
     """Multi-head self-attention of `x: [B, T, D]`, heads split from `D`."""
     b, t, d = x.shape
