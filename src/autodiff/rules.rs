@@ -32,7 +32,7 @@ pub enum Rule {
 /// The rule for operand `operand` of `op`.
 pub fn rule(op: &Op, operand: usize) -> Rule {
     match op {
-        Op::Input | Op::Param(_) | Op::Buffer(_) | Op::Constant(_) => Rule::Missing,
+        Op::Input | Op::Param(_) | Op::Buffer(_) | Op::Constant(_) | Op::Iota => Rule::Missing,
         // Masks: flat almost everywhere, no derivative.
         Op::Binary(f) if f.is_comparison() => Rule::NotDifferentiable,
         Op::Select if operand == 0 => Rule::NotDifferentiable,
@@ -714,6 +714,7 @@ pub fn grad_fn(op: &Op) -> &'static str {
         Op::MatMul => "MatMulBackward",
         Op::Transpose => "TransposeBackward",
         Op::Permute { .. } => "PermuteBackward",
+        Op::Iota => "ArangeBackward",
         Op::Triangle { upper: false, .. } => "TrilBackward",
         Op::Triangle { upper: true, .. } => "TriuBackward",
         Op::BatchMatMul => "BmmBackward",

@@ -384,6 +384,7 @@ fn run(
         Op::BatchMatMul => kernels::batch_matmul(inputs[0], inputs[1], shape),
         Op::Permute { axes } => kernels::permute(x(), axes),
         Op::Triangle { k, upper } => kernels::triangle(x(), *k, *upper),
+        Op::Iota => (0..shape[0]).map(|i| i as f64).collect(),
         Op::Reduce { func, axes, .. } => kernels::reduce(*func, x(), axes)?.0,
         Op::Reshape | Op::StopGradient | Op::Identity => x().data.clone(),
         Op::Concat { axis } => kernels::concat(inputs, *axis, shape),

@@ -268,6 +268,9 @@ pub enum Op {
     /// leading axes broadcast as NumPy's `matmul` broadcasts them (either
     /// operand may have none): attention's `Q @ K^T`.
     BatchMatMul,
+    /// `0, 1, ..., n - 1` in the node's float type, `n` its one
+    /// dimension (`arange(n)`). No operands.
+    Iota,
     /// The lower (or upper) triangle of the last two axes: element `(i, j)`
     /// kept where `j - i <= k` (`upper`: `j - i >= k`), else 0 (`tril`,
     /// `triu`).
@@ -508,6 +511,7 @@ impl Op {
             Op::Transpose => "transpose".into(),
             Op::BatchMatMul => "batch_matmul".into(),
             Op::Permute { .. } => "permute".into(),
+            Op::Iota => "arange".into(),
             Op::Triangle { upper: false, .. } => "tril".into(),
             Op::Triangle { upper: true, .. } => "triu".into(),
             Op::Reduce { func, .. } => func.name().into(),
@@ -574,6 +578,7 @@ impl Op {
             | Op::Binary(_)
             | Op::MatMul
             | Op::BatchMatMul
+            | Op::Iota
             | Op::Transpose
             | Op::Reshape
             | Op::Embedding
@@ -738,6 +743,16 @@ impl Op {
                 let shape = Shape(dims);
                 shape.element_count().ok_or(TypeError::Overflow)?;
                 Ok(Type::new(dtype, shape))
+            }
+            Op::Iota => {
+                arity(operands, 0)?;
+                if declared.shape.rank() != 1 || !declared.dtype.is_float() {
+                    return Err(TypeError::Shapes {
+                        what: "one float axis".into(),
+                        operands: (0, 0),
+                    });
+                }
+                Ok(declared.clone())
             }
             Op::Triangle { .. } => {
                 arity(operands, 1)?;

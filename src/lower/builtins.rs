@@ -34,6 +34,8 @@ pub(crate) enum Builtin {
     Permute,
     /// `where(c, a, b)`
     Where,
+    /// `arange(n)`
+    Arange,
     /// `tril(x, k = 0)`, `triu(x, k = 0)`
     Triangle(bool),
     /// `zeros([dims])`, `ones([dims])`, `full([dims], v)`
@@ -148,6 +150,7 @@ pub(crate) const NAMES: &[&str] = &[
     "transpose",
     "permute",
     "where",
+    "arange",
     "tril",
     "triu",
     "zeros",
@@ -191,6 +194,7 @@ impl Builtin {
             "transpose" => Builtin::Transpose,
             "permute" => Builtin::Permute,
             "where" => Builtin::Where,
+            "arange" => Builtin::Arange,
             "tril" => Builtin::Triangle(false),
             "triu" => Builtin::Triangle(true),
             "zeros" => Builtin::Full(Fill::Zeros),
@@ -219,6 +223,7 @@ impl Builtin {
             Builtin::Unary(_) | Builtin::StopGradient => &const { [req("x", Tensor)] },
             Builtin::Transpose => &const { [req("x", Tensor), opt("a", Axis), opt("b", Axis)] },
             Builtin::Permute => &const { [req("x", Tensor), req("axes", Axes)] },
+            Builtin::Arange => &const { [req("n", Number)] },
             Builtin::Where => &const { [req("c", Tensor), req("a", Tensor), req("b", Tensor)] },
             Builtin::Triangle(_) => &const { [req("x", Tensor), opt("k", Number)] },
             Builtin::Full(Fill::Given) => &const { [req("shape", Dims), req("value", Number)] },

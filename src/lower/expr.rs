@@ -823,6 +823,30 @@ impl Lowering<'_, '_> {
                 axes.swap(a, b);
                 self.apply(Op::Permute { axes }, name, vec![x], span)
             }
+            Builtin::Arange => {
+                let at = self
+                    .ast()
+                    .expr(slots[0].expect("bind fills required slots"))
+                    .span;
+                let n = self.number(slots[0], name, "n");
+                let Some(n) = n else {
+                    return Value::Poison;
+                };
+                if n.fract() != 0.0 || !(1.0..=1e9).contains(&n) {
+                    self.report(
+                        Diagnostic::error(
+                            Code::WrongArgumentKind,
+                            at,
+                            format!("`arange` needs a whole count of at least 1, not {n}"),
+                        )
+                        .with_label("not a count")
+                        .with_help("`arange(n)` is `0, 1, ..., n - 1`"),
+                    );
+                    return Value::Poison;
+                }
+                let ty = Type::new(self.default_float, Shape(vec![Dim::Fixed(n as u64)]));
+                self.apply_typed(Op::Iota, name, Vec::new(), span, Some(ty))
+            }
             Builtin::Where => {
                 let c = tensor(self, 0);
                 let is_bool = matches!(c.value, Value::Node(id) if self.bools.contains(&id));

@@ -107,7 +107,11 @@ pub(crate) fn row_form(shape: &Shape, loop_shape: &Shape) -> Option<RowForm> {
 /// broadcast `[.., 1]` (its gradient). One value per row.
 pub(crate) fn is_row_reduction(graph: &Graph, id: NodeId) -> bool {
     let node = graph.node(id);
-    let operand = graph.node(graph.operands(id)[0]);
+    // (Ops without operands, `arange`, reduce nothing.)
+    let Some(&first) = graph.operands(id).first() else {
+        return false;
+    };
+    let operand = graph.node(first);
     let rank = operand.shape().rank();
     let along_last = match &node.op {
         Op::Reduce {
@@ -126,7 +130,10 @@ pub(crate) fn is_row_reduction(graph: &Graph, id: NodeId) -> bool {
 /// broadcast bias: its gradient): complete only after the last row.
 pub(crate) fn is_column_sum(graph: &Graph, id: NodeId, loop_shape: &Shape) -> bool {
     let node = graph.node(id);
-    let operand = graph.node(graph.operands(id)[0]);
+    let Some(&first) = graph.operands(id).first() else {
+        return false;
+    };
+    let operand = graph.node(first);
     let sums = match &node.op {
         Op::SumTo => true,
         Op::Reduce {

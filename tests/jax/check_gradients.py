@@ -257,6 +257,19 @@ case(
 )
 
 
+case(
+    "arange_mask",
+    "model m { input x: f64[3, 4, 4] param w: f64[4] = zeros "
+    "loss sum(softmax(where(reshape(arange(4), [1, 4]) <= reshape(arange(4), [4, 1]), x * w, -1e9)) * x) }",
+    {"x": ((3, 4, 4), "f")},
+    {"w": (4,)},
+    lambda P, I: jnp.sum(
+        jax.nn.softmax(jnp.where(jnp.arange(4)[None, :] <= jnp.arange(4)[:, None], I["x"] * P["w"], -1e9), axis=-1)
+        * I["x"]
+    ),
+)
+
+
 def attention(x, wq, wk, wv, heads):
     """Multi-head self-attention of `x: [B, T, D]`, heads split from `D`."""
     b, t, d = x.shape
