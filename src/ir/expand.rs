@@ -189,19 +189,29 @@ fn exponentials(
     axes: &[usize],
 ) -> Result<(NodeId, NodeId), String> {
     let m = b.reduce(ReduceFn::Max, x, axes, true)?;
-    let d = b.binary(BinaryFn::Sub, x, m)?;
+    let (_, e, s) = shifted_exponentials(b, x, m, axes)?;
+    Ok((e, s))
+}
+
+/// `d = x - shift`, `e = exp(d)` and `sum(e)` along `axes` (kept as size
+/// 1): what softmax, log-softmax and logsumexp share.
+fn shifted_exponentials(
+    b: &mut Builder<'_>,
+    x: NodeId,
+    shift: NodeId,
+    axes: &[usize],
+) -> Result<(NodeId, NodeId, NodeId), String> {
+    let d = b.binary(BinaryFn::Sub, x, shift)?;
     let e = b.unary(UnaryFn::Exp, d)?;
     let s = b.reduce(ReduceFn::Sum, e, axes, true)?;
-    Ok((e, s))
+    Ok((d, e, s))
 }
 
 /// `(x - max) - log(sum(exp(x - max)))` along `axis`, as PyTorch computes
 /// it: the last op and its operands.
 fn log_softmax(b: &mut Builder<'_>, x: NodeId, axis: usize) -> Result<(Op, Vec<NodeId>), String> {
     let m = b.reduce(ReduceFn::Max, x, &[axis], true)?;
-    let d = b.binary(BinaryFn::Sub, x, m)?;
-    let e = b.unary(UnaryFn::Exp, d)?;
-    let s = b.reduce(ReduceFn::Sum, e, &[axis], true)?;
+    let (d, _, s) = shifted_exponentials(b, x, m, &[axis])?;
     let l = b.unary(UnaryFn::Log, s)?;
     Ok((Op::Binary(BinaryFn::Sub), vec![d, l]))
 }
@@ -221,9 +231,7 @@ fn logsumexp(
     let finite = b.binary(BinaryFn::Less, magnitude, infinity)?;
     let zero = b.constant(0.0)?;
     let shift = b.op(Op::Select, &[finite, m, zero], None)?;
-    let d = b.binary(BinaryFn::Sub, x, shift)?;
-    let e = b.unary(UnaryFn::Exp, d)?;
-    let s = b.reduce(ReduceFn::Sum, e, axes, true)?;
+    let (_, _, s) = shifted_exponentials(b, x, shift, axes)?;
     let l = b.unary(UnaryFn::Log, s)?;
     if keepdims {
         return Ok((Op::Binary(BinaryFn::Add), vec![shift, l]));
