@@ -34,6 +34,8 @@ pub(crate) enum Builtin {
     Permute,
     /// `where(c, a, b)`
     Where,
+    /// `masked_fill(x, mask, value)`: `where(mask, value, x)`
+    MaskedFill,
     /// `arange(n)`
     Arange,
     /// `tril(x, k = 0)`, `triu(x, k = 0)`
@@ -150,6 +152,7 @@ pub(crate) const NAMES: &[&str] = &[
     "transpose",
     "permute",
     "where",
+    "masked_fill",
     "arange",
     "tril",
     "triu",
@@ -194,6 +197,7 @@ impl Builtin {
             "transpose" => Builtin::Transpose,
             "permute" => Builtin::Permute,
             "where" => Builtin::Where,
+            "masked_fill" => Builtin::MaskedFill,
             "arange" => Builtin::Arange,
             "tril" => Builtin::Triangle(false),
             "triu" => Builtin::Triangle(true),
@@ -224,6 +228,9 @@ impl Builtin {
             Builtin::Transpose => &const { [req("x", Tensor), opt("a", Axis), opt("b", Axis)] },
             Builtin::Permute => &const { [req("x", Tensor), req("axes", Axes)] },
             Builtin::Arange => &const { [req("n", Number)] },
+            Builtin::MaskedFill => {
+                &const { [req("x", Tensor), req("mask", Tensor), req("value", Number)] }
+            }
             Builtin::Where => &const { [req("c", Tensor), req("a", Tensor), req("b", Tensor)] },
             Builtin::Triangle(_) => &const { [req("x", Tensor), opt("k", Number)] },
             Builtin::Full(Fill::Given) => &const { [req("shape", Dims), req("value", Number)] },

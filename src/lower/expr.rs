@@ -847,8 +847,10 @@ impl Lowering<'_, '_> {
                 let ty = Type::new(self.default_float, Shape(vec![Dim::Fixed(n as u64)]));
                 self.apply_typed(Op::Iota, name, Vec::new(), span, Some(ty))
             }
-            Builtin::Where => {
-                let c = tensor(self, 0);
+            Builtin::Where | Builtin::MaskedFill => {
+                // `masked_fill(x, mask, v)` is `where(mask, v, x)`.
+                let fill = builtin == Builtin::MaskedFill;
+                let c = tensor(self, usize::from(fill));
                 let is_bool = matches!(c.value, Value::Node(id) if self.bools.contains(&id));
                 if !is_bool && c.value != Value::Poison {
                     let shown_type = match c.value {
@@ -859,14 +861,29 @@ impl Lowering<'_, '_> {
                         Diagnostic::error(
                             Code::WrongArgumentKind,
                             c.span,
-                            format!("the condition of `where` must be a `bool`, not `{shown_type}`"),
+                            format!("the {} of `{name}` must be a `bool`, not `{shown_type}`", if fill { "mask" } else { "condition" }),
                         )
                         .with_label("not a comparison")
                         .with_help("compare to make a `bool`, as `where(x > 0, x, 0.0)` or `where(mask == 1, s, -1e9)`"),
                     );
                     return Value::Poison;
                 }
-                let (a, b) = (tensor(self, 1), tensor(self, 2));
+                let (a, b) = if fill {
+                    let Some(value) = self.number(slots[2], name, "value") else {
+                        return Value::Poison;
+                    };
+                    let value = Operand {
+                        value: Value::Scalar(value),
+                        span: self
+                            .ast()
+                            .expr(slots[2].expect("bind fills required slots"))
+                            .span,
+                        name: "value",
+                    };
+                    (value, tensor(self, 0))
+                } else {
+                    (tensor(self, 1), tensor(self, 2))
+                };
                 self.apply(Op::Select, name, vec![c, a, b], span)
             }
             Builtin::Triangle(upper) => {
