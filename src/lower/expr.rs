@@ -824,10 +824,16 @@ impl Lowering<'_, '_> {
                 self.apply(Op::Permute { axes }, name, vec![x], span)
             }
             Builtin::Arange => {
-                let at = self
-                    .ast()
-                    .expr(slots[0].expect("bind fills required slots"))
-                    .span;
+                let slot = slots[0].expect("bind fills required slots");
+                let at = self.ast().expr(slot).span;
+                // A symbolic dimension (`arange(T)`): its size at run time.
+                if let ExprKind::Name(dim) = &self.ast().expr(slot).kind
+                    && self.symbols.contains(dim)
+                {
+                    let shape = Shape(vec![Dim::Sym(dim.clone())]);
+                    let ty = Type::new(self.default_float, shape);
+                    return self.apply_typed(Op::Iota, name, Vec::new(), span, Some(ty));
+                }
                 let n = self.number(slots[0], name, "n");
                 let Some(n) = n else {
                     return Value::Poison;
@@ -840,7 +846,7 @@ impl Lowering<'_, '_> {
                             format!("`arange` needs a whole count of at least 1, not {n}"),
                         )
                         .with_label("not a count")
-                        .with_help("`arange(n)` is `0, 1, ..., n - 1`"),
+                        .with_help("`arange(n)` is `0, 1, ..., n - 1`; `n` may be a symbolic dimension such as `T`"),
                     );
                     return Value::Poison;
                 }
