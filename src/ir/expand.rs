@@ -256,9 +256,7 @@ fn normalize(
     let kept = Type::new(x_type.dtype, x_type.shape.kept(axes));
     let (centred, var) = match running {
         None => {
-            let mean = b.reduce(ReduceFn::Mean, x, axes, true)?;
-            let centred = b.binary(BinaryFn::Sub, x, mean)?;
-            let square = b.binary(BinaryFn::Mul, centred, centred)?;
+            let (centred, square) = squared_deviations(b, x, axes)?;
             (centred, b.reduce(ReduceFn::Mean, square, axes, true)?)
         }
         Some((mean, var)) => {
@@ -289,6 +287,19 @@ fn normalize(
     Ok((Op::Binary(BinaryFn::Add), vec![scaled, beta]))
 }
 
+/// `x - mean(x)` over `axes` (kept as size 1) and its square: the
+/// deviations whose mean is the biased variance the norms use.
+fn squared_deviations(
+    b: &mut Builder<'_>,
+    x: NodeId,
+    axes: &[usize],
+) -> Result<(NodeId, NodeId), String> {
+    let mean = b.reduce(ReduceFn::Mean, x, axes, true)?;
+    let centred = b.binary(BinaryFn::Sub, x, mean)?;
+    let square = b.binary(BinaryFn::Mul, centred, centred)?;
+    Ok((centred, square))
+}
+
 /// A batch norm's new running mean (or, `variance`, variance, of the
 /// batch's unbiased variance): `(1 - momentum) * running + momentum *
 /// batch`, the statistics over every axis of `x` but 1.
@@ -301,9 +312,7 @@ fn running_stat(
 ) -> Result<(Op, Vec<NodeId>), String> {
     let axes = all_but_channels(&b.ty(x).shape);
     let batch = if variance {
-        let mean = b.reduce(ReduceFn::Mean, x, &axes, true)?;
-        let centred = b.binary(BinaryFn::Sub, x, mean)?;
-        let square = b.binary(BinaryFn::Mul, centred, centred)?;
+        let (_, square) = squared_deviations(b, x, &axes)?;
         let biased = b.reduce(ReduceFn::Mean, square, &axes, false)?;
         let n = b.count(x, axes)?;
         let one = b.constant(1.0)?;

@@ -7,6 +7,9 @@ use crate::diagnostic::{Code, Diagnostic, Span, closest};
 use crate::ir::{BinaryFn, Dim, Init, Mode, NodeId, Op, Role, Shape, Type, TypeError, UnaryFn};
 use crate::syntax::ast::{Arg, BinaryOp, ExprId, ExprKind, Function, Ident, IndexItem, UnaryOp};
 
+/// The help of `permute`'s axis errors.
+const PERMUTE_HELP: &str = "`permute` lists every axis once, in its new place";
+
 /// An operand ready for an op: its node, its source span and what the
 /// user calls it in messages.
 #[derive(Clone)]
@@ -199,6 +202,7 @@ impl Lowering<'_, '_> {
                 };
                 (span, vec![*start, *end])
             }
+            // (`index` expands `...` into whole axes before this.)
             IndexItem::Ellipsis(_) => return None,
         };
         let Dim::Fixed(size) = shape.0[axis].clone() else {
@@ -1513,20 +1517,7 @@ impl Lowering<'_, '_> {
             return None;
         };
         let items = items.clone();
-        let mut axes = Vec::new();
-        for item in items {
-            let axis = self.axis(item, shape)?;
-            if axes.contains(&axis) {
-                let span = self.ast().expr(item).span;
-                self.report(
-                    Diagnostic::error(Code::BadAxis, span, format!("axis {axis} is listed twice"))
-                        .with_label("repeated axis")
-                        .with_help("`permute` lists every axis once, in its new place"),
-                );
-                return None;
-            }
-            axes.push(axis);
-        }
+        let axes = self.distinct_axes(&items, shape, Some(PERMUTE_HELP))?;
         if axes.len() != shape.rank() {
             let missing: Vec<String> = (0..shape.rank())
                 .filter(|a| !axes.contains(a))
@@ -1543,7 +1534,7 @@ impl Lowering<'_, '_> {
                     ),
                 )
                 .with_secondary(span, format!("axis {} missing", missing.join(", ")))
-                .with_help("`permute` lists every axis once, in its new place"),
+                .with_help(PERMUTE_HELP),
             );
             return None;
         }
@@ -1556,20 +1547,35 @@ impl Lowering<'_, '_> {
             ExprKind::List(items) => items.clone(),
             _ => vec![expr],
         };
+        let mut axes = self.distinct_axes(&items, shape, None)?;
+        axes.sort_unstable();
+        Some(axes)
+    }
+
+    /// The axes `items` name, in order, each normalized against `shape`;
+    /// one listed twice is an error (with `help`, if given).
+    fn distinct_axes(
+        &mut self,
+        items: &[ExprId],
+        shape: &Shape,
+        help: Option<&str>,
+    ) -> Option<Vec<usize>> {
         let mut axes = Vec::new();
-        for item in items {
+        for &item in items {
             let axis = self.axis(item, shape)?;
             if axes.contains(&axis) {
                 let span = self.ast().expr(item).span;
-                self.report(
+                let mut diagnostic =
                     Diagnostic::error(Code::BadAxis, span, format!("axis {axis} is listed twice"))
-                        .with_label("repeated axis"),
-                );
+                        .with_label("repeated axis");
+                if let Some(help) = help {
+                    diagnostic = diagnostic.with_help(help);
+                }
+                self.report(diagnostic);
                 return None;
             }
             axes.push(axis);
         }
-        axes.sort_unstable();
         Some(axes)
     }
 
