@@ -116,6 +116,7 @@ codes! {
     SymbolicParam = "E0407", "a param or buffer whose shape is not fixed, or a dimension below 1";
     GradTarget = "E0408", "a `grad(e, x)` whose `x` is not a named float value, or whose `e` is not a float scalar";
     IndexRange = "E0409", "an index or slice outside its axis, more indices than axes, or a symbolic axis indexed by position";
+    ScanCarry = "E0410", "a `scan` whose step returns a carry of another type or shape than it takes, or fewer values than carries";
     StatementNotAllowed = "E0507", "a statement where it cannot stand (an `input` inside a function)";
     LossNotScalar = "E0501", "a `loss` whose value is not a scalar";
     SecondLoss = "E0502", "a model with more than one `loss`";
@@ -123,6 +124,7 @@ codes! {
     UnknownInitializer = "E0504", "an initializer that does not exist, or with wrong arguments";
     NotABuffer = "E0505", "batch-norm statistics that are not `buffer`s";
     RetainUnknown = "E0506", "`retain` of a name that is not a value of the model";
+    ScanBody = "E0508", "a `scan` step that uses dropout, batch norm or `grad`, which a loop step cannot hold";
     UnknownModel = "E0601", "a `train` block naming no model or an unknown one";
     UnknownOptimizer = "E0602", "an optimizer that does not exist";
     UnknownTrainEntry = "E0603", "an entry the `train` block does not have";

@@ -15,6 +15,7 @@
 //! Every backward node records its forward node and `grad_fn` name.
 
 pub mod rules;
+mod scan;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -186,15 +187,49 @@ pub fn gradients(
         );
         grads.insert(root, graph.add(seed, &[]));
     }
+    // Cotangents of the results of scans other than result 0, by (scan,
+    // result): a scan is differentiated whole, from all of them at once.
+    let mut scan_cotangents: HashMap<(NodeId, usize), NodeId> = HashMap::new();
     for &id in order.iter().rev() {
-        let Some(&upstream) = grads.get(&id) else {
-            continue;
-        };
         let node = graph.node(id).clone();
         if node.origin.no_grad.is_some() {
             continue;
         }
+        if let Op::Scan(scan) = &node.op {
+            let mut cotangents = vec![grads.get(&id).copied()];
+            for index in 1..scan.results.len() {
+                cotangents.push(scan_cotangents.remove(&(id, index)));
+            }
+            if cotangents.iter().all(Option::is_none) {
+                continue;
+            }
+            let operands = graph.operands(id);
+            let wanted: Vec<bool> = operands
+                .iter()
+                .enumerate()
+                .map(|(i, &o)| reach.gets_gradient(o) && rules::rule(&node.op, i) == Rule::Graph)
+                .collect();
+            if !wanted.contains(&true) {
+                continue;
+            }
+            for (position, contribution) in scan::vjp(graph, id, &cotangents, &wanted)? {
+                accumulate(graph, &mut grads, operands[position], contribution);
+            }
+            continue;
+        }
+        let Some(&upstream) = grads.get(&id) else {
+            continue;
+        };
         let operands = graph.operands(id);
+        if let Op::ScanResult { index } = node.op {
+            let key = (operands[0], index);
+            let total = match scan_cotangents.get(&key) {
+                None => upstream,
+                Some(&previous) => add_gradients(graph, operands[0], previous, upstream),
+            };
+            scan_cotangents.insert(key, total);
+            continue;
+        }
         for (position, &operand) in operands.iter().enumerate() {
             if !reach.gets_gradient(operand) {
                 continue;
@@ -210,25 +245,32 @@ pub fn gradients(
                     });
                 }
             };
-            let total = match grads.get(&operand) {
-                None => contribution,
-                Some(&previous) => {
-                    let ty = graph.node(previous).ty.clone();
-                    let sum = backward_node(
-                        graph,
-                        operand,
-                        Op::Binary(BinaryFn::Add),
-                        ty,
-                        "AccumulateGrad",
-                    );
-                    graph.add(sum, &[previous, contribution])
-                }
-            };
-            grads.insert(operand, total);
+            accumulate(graph, &mut grads, operand, contribution);
         }
     }
     grads.retain(|id, _| wanted.contains(id));
     Ok(grads)
+}
+
+/// Adds `contribution` to the gradient of `operand` collected so far.
+fn accumulate(
+    graph: &mut Graph,
+    grads: &mut HashMap<NodeId, NodeId>,
+    operand: NodeId,
+    contribution: NodeId,
+) {
+    let total = match grads.get(&operand) {
+        None => contribution,
+        Some(&previous) => add_gradients(graph, operand, previous, contribution),
+    };
+    grads.insert(operand, total);
+}
+
+/// `a + b`, two gradients of the value `of`.
+fn add_gradients(graph: &mut Graph, of: NodeId, a: NodeId, b: NodeId) -> NodeId {
+    let ty = graph.node(a).ty.clone();
+    let sum = backward_node(graph, of, Op::Binary(BinaryFn::Add), ty, "AccumulateGrad");
+    graph.add(sum, &[a, b])
 }
 
 /// Emits a graph rule's nodes into the joint graph, each marked as part of

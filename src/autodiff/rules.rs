@@ -33,6 +33,13 @@ pub enum Rule {
 pub fn rule(op: &Op, operand: usize) -> Rule {
     match op {
         Op::Input | Op::Param(_) | Op::Buffer(_) | Op::Constant(_) | Op::Iota => Rule::Missing,
+        // The sweep differentiates a scan whole (`autodiff::scan`): every
+        // float operand, through the cotangents its results collect.
+        Op::Scan(scan) => match scan.inputs.get(operand) {
+            Some(&input) if scan.body.node(input).dtype().is_float() => Rule::Graph,
+            _ => Rule::NotDifferentiable,
+        },
+        Op::ScanResult { .. } => Rule::Graph,
         // Masks: flat almost everywhere, no derivative.
         Op::Binary(f) if f.is_comparison() => Rule::NotDifferentiable,
         Op::Select if operand == 0 => Rule::NotDifferentiable,
@@ -469,10 +476,42 @@ pub fn gradient(
                 .map(|&i| emit.type_of(i).shape.0[*axis].fixed_size())
                 .sum();
             let ty = emit.type_of(inputs[position]);
-            emit.op(Op::Slice { axis: *axis, start }, &[g], Some(ty))
+            let slice = Op::Slice {
+                axis: *axis,
+                start,
+                from_end: false,
+            };
+            emit.op(slice, &[g], Some(ty))
         }
         // g between zeros where the rest of the operand was
-        Op::Slice { axis, start } => {
+        // One position of a symbolic axis: g where the position is, else 0.
+        Op::Slice {
+            axis,
+            start,
+            from_end,
+        } if matches!(emit.type_of(x).shape.0[*axis], Dim::Sym(_)) => {
+            let whole = emit.type_of(x).shape;
+            let dtype = emit.type_of(g).dtype;
+            let axis_type = Type::new(dtype, Shape(vec![whole.0[*axis].clone()]));
+            let positions = emit.op(Op::Iota, &[], Some(axis_type));
+            let target = match from_end {
+                false => emit.constant(*start as f64),
+                true => {
+                    let axes = vec![*axis];
+                    let scalar = Type::new(dtype, Shape::scalar());
+                    let size = emit.op(Op::Count { axes }, &[x], Some(scalar));
+                    let back = emit.constant(*start as f64 + 1.0);
+                    sub(emit, size, back)
+                }
+            };
+            let at = compare(emit, Equal, positions, target);
+            let mut dims = vec![Dim::Fixed(1); whole.rank()];
+            dims[*axis] = whole.0[*axis].clone();
+            let at = emit.op(Op::Reshape, &[at], Some(Type::new(dtype, Shape(dims))));
+            let zero = emit.constant(0.0);
+            select(emit, at, g, zero)
+        }
+        Op::Slice { axis, start, .. } => {
             let whole = emit.type_of(x).shape;
             let taken = emit.type_of(g).shape.0[*axis].fixed_size();
             let total = whole.0[*axis].fixed_size();
@@ -711,6 +750,7 @@ pub fn grad_fn(op: &Op) -> &'static str {
             | BinaryFn::Equal => "NoBackward",
         },
         Op::Select => "WhereBackward",
+        Op::Scan(_) | Op::ScanResult { .. } => "ScanBackward",
         Op::MatMul => "MatMulBackward",
         Op::Transpose => "TransposeBackward",
         Op::Permute { .. } => "PermuteBackward",

@@ -307,6 +307,36 @@ pub fn concat(inputs: &[&Tensor], axis: usize, out_shape: &[usize]) -> Vec<f64> 
 }
 
 /// The elements `start..start + out_shape[axis]` of `x` along `axis`.
+/// Where a slice of `taken` elements starts along an axis of `size`
+/// (`from_end`: `start` elements before the end), or why it does not fit.
+pub(crate) fn slice_start(
+    size: usize,
+    taken: usize,
+    start: u64,
+    from_end: bool,
+) -> Result<usize, String> {
+    let start = usize::try_from(start).unwrap_or(usize::MAX);
+    let first = match from_end {
+        false => Some(start),
+        true => size
+            .checked_sub(start)
+            .and_then(|end| end.checked_sub(taken)),
+    };
+    match first {
+        Some(first) if first.checked_add(taken).is_some_and(|end| end <= size) => Ok(first),
+        _ => {
+            let shown = if from_end {
+                format!("-{}", start.saturating_add(1))
+            } else {
+                start.to_string()
+            };
+            Err(format!(
+                "index {shown} is out of range for an axis of {size} positions"
+            ))
+        }
+    }
+}
+
 pub(crate) fn slice(x: &Tensor, axis: usize, start: usize, out_shape: &[usize]) -> Vec<f64> {
     let outer: usize = out_shape[..axis].iter().product();
     let inner: usize = out_shape[axis + 1..].iter().product();

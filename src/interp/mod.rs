@@ -13,6 +13,7 @@
 //! (`ir::expand`), the one definition every backend follows.
 
 pub(crate) mod kernels;
+mod scan;
 pub mod tensor;
 
 use std::collections::{BTreeMap, HashMap};
@@ -87,6 +88,9 @@ pub struct Evaluation {
     pub values: IdMap<Tensor>,
     /// The symbolic dimensions as bound by the leaves.
     pub dims: BTreeMap<String, usize>,
+    /// Every result of each node with several (a `scan`), by node: what
+    /// its `scan_result` nodes read.
+    pub results: IdMap<Vec<Tensor>>,
 }
 
 /// Evaluates every node of `graph`, with the leaves bound by name.
@@ -189,6 +193,29 @@ pub fn evaluate_node(
         })
         .collect::<Result<_, _>>()?;
     let shape = concrete(node.shape(), &evaluation.dims)?;
+    match &node.op {
+        Op::Scan(body) => {
+            let results = scan::run(body, &inputs, evaluation, context)?;
+            let value = results
+                .first()
+                .cloned()
+                .ok_or_else(|| InterpError::Internal("a scan without results".into()))?;
+            evaluation.values.insert(id, value);
+            evaluation.results.insert(id, results);
+            return Ok(());
+        }
+        Op::ScanResult { index } => {
+            let value = evaluation
+                .results
+                .get(&operands[0])
+                .and_then(|results| results.get(*index))
+                .cloned()
+                .ok_or_else(|| InterpError::Internal(format!("{id}: no scan result {index}")))?;
+            evaluation.values.insert(id, value);
+            return Ok(());
+        }
+        _ => {}
+    }
     let data = match is_composite(&node.op) {
         true => run_expansion(graph, id, evaluation, context)?,
         false => run(&node.op, &inputs, &shape, context)?,
@@ -221,8 +248,8 @@ fn run_expansion(
     let (alone, placeholders, result) =
         expand::standalone(graph, id).map_err(InterpError::Internal)?;
     let mut inner = Evaluation {
-        values: IdMap::default(),
         dims: evaluation.dims.clone(),
+        ..Evaluation::default()
     };
     for (placeholder, operand) in placeholders.iter().zip(graph.operands(id)) {
         inner
@@ -388,7 +415,15 @@ fn run(
         Op::Reduce { func, axes, .. } => kernels::reduce(*func, x(), axes)?.0,
         Op::Reshape | Op::StopGradient | Op::Identity => x().data.clone(),
         Op::Concat { axis } => kernels::concat(inputs, *axis, shape),
-        Op::Slice { axis, start } => kernels::slice(x(), *axis, *start as usize, shape),
+        Op::Slice {
+            axis,
+            start,
+            from_end,
+        } => {
+            let first = kernels::slice_start(x().shape[*axis], shape[*axis], *start, *from_end)
+                .map_err(InterpError::Runtime)?;
+            kernels::slice(x(), *axis, first, shape)
+        }
         Op::ScatterAdd => kernels::scatter_add(inputs[0], inputs[1], shape)?,
         Op::Dropout { p, key } => {
             let scale = kernels::dropout_scale(*p, *key, x().len(), context.seed, context.step);
@@ -415,6 +450,11 @@ fn run(
             vec![counted as f64]
         }
         Op::State => return Err(InterpError::Internal("leaves are bound, not run".into())),
+        Op::Scan(_) | Op::ScanResult { .. } => {
+            return Err(InterpError::Internal(
+                "a scan's results are evaluated together".into(),
+            ));
+        }
         Op::Softmax { .. }
         | Op::LogSoftmax { .. }
         | Op::LayerNorm { .. }

@@ -21,6 +21,7 @@ pub mod dot;
 pub mod expand;
 pub mod graph;
 pub mod op;
+pub mod scan;
 pub mod text;
 pub mod types;
 pub mod verify;
@@ -30,4 +31,5 @@ pub use graph::{
     Role,
 };
 pub use op::{BinaryFn, Init, KernelOp, Op, ReduceFn, TypeError, UnaryFn};
+pub use scan::Scan;
 pub use types::{DType, Dim, Shape, Type};

@@ -7,6 +7,7 @@
 
 use std::fmt;
 
+use super::scan::Scan;
 use super::types::{DType, Dim, Shape, Type};
 
 /// An elementwise function of one float tensor.
@@ -230,6 +231,16 @@ pub enum Op {
     Param(Init),
     /// Model state updated in train mode. No operands.
     Buffer(Init),
+    /// A loop over the leading axis of its sequences with carried state,
+    /// its body a graph of its own (`ir::scan`). The node's value is its
+    /// result 0 (the first final carry, else the first stacked output).
+    Scan(Box<Scan>),
+    /// Result `index` of the `scan` node that is its one operand; its type
+    /// is the node's (`Scan::result_type`).
+    ScanResult {
+        /// Which result: the final carries, then the stacked outputs.
+        index: usize,
+    },
     /// A scalar constant of the node's dtype. No operands.
     Constant(f64),
     /// `f(x)` elementwise.
@@ -313,12 +324,18 @@ pub enum Op {
         axis: usize,
     },
     /// The elements `start..start + n` along `axis`, `n` the node's size
-    /// along it (the gradient of a `concat`, for one of its operands).
+    /// along it (the gradient of a `concat`, for one of its operands); with
+    /// `from_end`, the `n` elements that end `start` elements before the
+    /// end (`x[:, -1]` of a symbolic axis). Along a symbolic axis `n` is
+    /// 1 and the position is checked when the graph runs.
     Slice {
         /// The axis.
         axis: usize,
-        /// The first element taken along the axis.
+        /// The first element taken along the axis (`from_end`: the
+        /// elements left after the last one taken).
         start: u64,
+        /// Counts `start` from the end of the axis.
+        from_end: bool,
     },
     /// Zeroes each element with probability `p` and scales the rest by
     /// `1 / (1 - p)`. Only in train-mode graphs.
@@ -502,6 +519,8 @@ impl Op {
             Op::Input => "input".into(),
             Op::Param(_) => "param".into(),
             Op::Buffer(_) => "buffer".into(),
+            Op::Scan(_) => "scan".into(),
+            Op::ScanResult { .. } => "scan_result".into(),
             Op::Constant(_) => "constant".into(),
             Op::Unary(f) => f.name().into(),
             Op::LeakyRelu { .. } => "leaky_relu".into(),
@@ -554,6 +573,8 @@ impl Op {
     pub(crate) fn attributes(&self) -> String {
         match self {
             Op::Param(init) | Op::Buffer(init) => format!("init={init}"),
+            Op::Scan(scan) => scan.attributes(),
+            Op::ScanResult { index } => format!("index={index}"),
             Op::Constant(c) => format!("{c:?}"),
             Op::LeakyRelu { slope } => format!("slope={slope:?}"),
             Op::Clamp { lo, hi } => format!("lo={lo:?} hi={hi:?}"),
@@ -569,7 +590,16 @@ impl Op {
                 format!("axis={axis}")
             }
             Op::Dropout { p, key } => format!("p={p:?} key={key}"),
-            Op::Slice { axis, start } => format!("axis={axis} start={start}"),
+            Op::Slice {
+                axis,
+                start,
+                from_end: false,
+            } => format!("axis={axis} start={start}"),
+            Op::Slice {
+                axis,
+                start,
+                from_end: true,
+            } => format!("axis={axis} start=-{}", start + 1),
             Op::Triangle { k, .. } => format!("k={k}"),
             Op::BatchNorm { eps, momentum, .. } => format!("eps={eps:?} momentum={momentum:?}"),
             Op::LayerNorm { eps } => format!("eps={eps:?}"),
@@ -624,6 +654,11 @@ impl Op {
         match self {
             Op::Input | Op::Param(_) | Op::Buffer(_) | Op::Constant(_) | Op::State => {
                 arity(operands, 0)?;
+                Ok(declared.clone())
+            }
+            Op::Scan(scan) => scan.infer(operands),
+            Op::ScanResult { .. } => {
+                arity(operands, 1)?;
                 Ok(declared.clone())
             }
             Op::RunningStat { .. } => {
@@ -875,7 +910,7 @@ impl Op {
                 shape.element_count().ok_or(TypeError::Overflow)?;
                 Ok(Type::new(first.dtype, shape))
             }
-            Op::Slice { axis, start } => {
+            Op::Slice { axis, start, .. } => {
                 arity(operands, 1)?;
                 let from = &operands[0].shape;
                 check_axis(*axis, from)?;
@@ -885,6 +920,8 @@ impl Op {
                         (Dim::Fixed(total), Dim::Fixed(n)) => {
                             start.checked_add(*n).is_some_and(|end| end <= *total)
                         }
+                        // One position of a symbolic axis, checked at run time.
+                        (Dim::Sym(_), Dim::Fixed(1)) => true,
                         _ => false,
                     };
                 if !fits {

@@ -820,14 +820,21 @@ pub(super) fn copy_blocks(
                 .collect();
             Some(blocks)
         }
-        Op::Slice { axis, start } => {
+        Op::Slice {
+            axis,
+            start,
+            from_end,
+        } => {
             let shape = shape_of(operands[0])?;
             let inner: usize = shape[axis + 1..].iter().product();
             let outer: usize = shape[..*axis].iter().product();
-            let width = shape_of(id)?[*axis] * inner;
+            let taken = shape_of(id)?[*axis];
+            let first = crate::interp::kernels::slice_start(shape[*axis], taken, *start, *from_end)
+                .map_err(InterpError::Runtime)?;
+            let width = taken * inner;
             let block = CopyBlock {
                 counts: [outer, 1, width],
-                from: (*start as usize * inner, [shape[*axis] * inner, 0, 1]),
+                from: (first * inner, [shape[*axis] * inner, 0, 1]),
                 to: (0, [width, 0, 1]),
             };
             Some(vec![(operands[0], block)])

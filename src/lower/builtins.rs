@@ -66,6 +66,9 @@ pub(crate) enum Builtin {
     StopGradient,
     /// `grad(e, x)`: the gradient of the scalar `e` with respect to `x`
     Grad,
+    /// `scan(f, xs, init, axis = 1, with = [...], reverse = false,
+    /// checkpoint = false)`: a loop of the user function `f`
+    Scan,
 }
 
 /// The value a constructor fills its tensor with.
@@ -96,6 +99,10 @@ pub enum Kind {
     Dims,
     /// A list of tensors.
     TensorList,
+    /// A tensor, or a list of tensors.
+    Tensors,
+    /// The name of a function defined with `fn`.
+    Function,
 }
 
 /// One parameter of a signature.
@@ -172,6 +179,7 @@ pub(crate) const NAMES: &[&str] = &[
     "stop_gradient",
     "detach",
     "grad",
+    "scan",
 ];
 
 impl Builtin {
@@ -216,6 +224,7 @@ impl Builtin {
             "bce_with_logits" => Builtin::BceWithLogits,
             "stop_gradient" | "detach" => Builtin::StopGradient,
             "grad" => Builtin::Grad,
+            "scan" => Builtin::Scan,
             _ => return None,
         })
     }
@@ -277,6 +286,19 @@ impl Builtin {
             Builtin::Mse => &const { [req("pred", Tensor), req("target", Tensor)] },
             Builtin::BceWithLogits => &const { [req("logits", Tensor), req("target", Tensor)] },
             Builtin::Grad => &const { [req("e", Tensor), req("x", Tensor)] },
+            Builtin::Scan => {
+                &const {
+                    [
+                        req("f", Function),
+                        req("xs", Tensors),
+                        opt("init", Tensors),
+                        opt("axis", Axis),
+                        opt("with", TensorList),
+                        opt("reverse", Bool),
+                        opt("checkpoint", Bool),
+                    ]
+                }
+            }
         }
     }
 }
@@ -294,6 +316,8 @@ pub(crate) fn signature(name: &str, params: &[Param<'_>]) -> String {
                 Kind::Axes => ": axis or [axes]",
                 Kind::Dims => ": [dims]",
                 Kind::TensorList => ": [tensors]",
+                Kind::Tensors => ": tensor or [tensors]",
+                Kind::Function => ": fn",
             };
             let optional = if p.optional { "?" } else { "" };
             format!("{}{optional}{hint}", p.name)

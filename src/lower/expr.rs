@@ -134,7 +134,7 @@ impl Lowering<'_, '_> {
                 kept.push(shape.0[axis].clone());
                 continue;
             };
-            let Some((start, len, drop)) = self.index_item(item, &shape, axis) else {
+            let Some((start, len, drop, from_end)) = self.index_item(item, &shape, axis) else {
                 return Value::Poison;
             };
             if !drop {
@@ -155,7 +155,11 @@ impl Lowering<'_, '_> {
             };
             let ty = Type::new(dtype, current_shape.clone());
             current = self.apply_typed(
-                Op::Slice { axis, start },
+                Op::Slice {
+                    axis,
+                    start,
+                    from_end,
+                },
                 "[]",
                 vec![operand],
                 span,
@@ -184,7 +188,7 @@ impl Lowering<'_, '_> {
         item: &IndexItem,
         shape: &Shape,
         axis: usize,
-    ) -> Option<(u64, u64, bool)> {
+    ) -> Option<(u64, u64, bool, bool)> {
         let (item_span, exprs) = match item {
             IndexItem::At(e) => (self.ast().expr(*e).span, vec![Some(*e)]),
             IndexItem::Range { start, end } => {
@@ -205,15 +209,23 @@ impl Lowering<'_, '_> {
             // (`index` expands `...` into whole axes before this.)
             IndexItem::Ellipsis(_) => return None,
         };
+        if let (Dim::Sym(_), IndexItem::At(e)) = (&shape.0[axis], item) {
+            // One position of a symbolic axis: checked when the model runs.
+            let i = self.integer(*e, "an index")?;
+            return Some(match i < 0 {
+                true => ((!i) as u64, 1, true, true),
+                false => (i as u64, 1, true, false),
+            });
+        }
         let Dim::Fixed(size) = shape.0[axis].clone() else {
             self.report(
                 Diagnostic::error(
                     Code::IndexRange,
                     item_span,
-                    format!("axis {axis} of `{shape}` has the symbolic size {}: positions along it are not known", shape.0[axis]),
+                    format!("axis {axis} of `{shape}` has the symbolic size {}: a range along it has no size known before the model runs", shape.0[axis]),
                 )
-                .with_label("indexed by position")
-                .with_help("keep a symbolic axis whole with `:`, or give the axis a fixed size"),
+                .with_label("a range of positions")
+                .with_help("a symbolic axis takes one position (`x[:, -1]`) or stays whole (`:`); give the axis a fixed size to slice it"),
             );
             return None;
         };
@@ -249,7 +261,7 @@ impl Lowering<'_, '_> {
             positions.push(Some(normalized as u64));
         }
         match item {
-            IndexItem::At(_) => Some((positions[0].unwrap_or(0), 1, true)),
+            IndexItem::At(_) => Some((positions[0].unwrap_or(0), 1, true, false)),
             _ => {
                 let (start, end) = (positions[0].unwrap_or(0), positions[1].unwrap_or(size));
                 if start >= end {
@@ -266,7 +278,7 @@ impl Lowering<'_, '_> {
                     );
                     return None;
                 }
-                Some((start, end - start, false))
+                Some((start, end - start, false, false))
             }
         }
     }
@@ -680,6 +692,18 @@ impl Lowering<'_, '_> {
             .iter()
             .map(|slot| slot.map_or(Value::Poison, |e| self.expr(e)))
             .collect();
+        self.inline_values(function, values, span)
+    }
+
+    /// Lowers a user function's body with its parameters bound to
+    /// `values` (one per parameter): its results' values.
+    pub(super) fn inline_values(
+        &mut self,
+        function: &Function,
+        values: Vec<Value>,
+        span: Span,
+    ) -> Vec<Value> {
+        let name = function.name.name.clone();
         let mut frame = Frame::default();
         super::collect_defined(&function.body, &mut frame.defined);
         for (param, value) in function.params.iter().zip(values) {
@@ -712,6 +736,38 @@ impl Lowering<'_, '_> {
         let expr = self.ast().expr(value);
         let span = expr.span;
         let poison = vec![Value::Poison; names.len()];
+        if let ExprKind::Call { callee, args } = &expr.kind
+            && callee.name == "scan"
+            && !self.cx.functions.contains_key("scan")
+        {
+            let params = Builtin::Scan.params();
+            let mut found = Vec::new();
+            let slots = builtins::bind(self.ast(), "scan", params, args, span, &mut found);
+            for diagnostic in found {
+                self.report(diagnostic);
+            }
+            let Some(values) = slots.and_then(|slots| self.scan(&slots, span)) else {
+                return poison;
+            };
+            if values.len() != names.len() {
+                self.report(
+                    Diagnostic::error(
+                        Code::ResultCount,
+                        span,
+                        format!(
+                            "this `scan` gives {} value{} but {} names are bound",
+                            values.len(),
+                            if values.len() == 1 { "" } else { "s" },
+                            names.len()
+                        ),
+                    )
+                    .with_label("one stacked value per value the step returns")
+                    .with_help("bind one name per value the step function returns"),
+                );
+                return poison;
+            }
+            return values;
+        }
         let function = match &expr.kind {
             ExprKind::Call { callee, args } => self
                 .cx
@@ -782,6 +838,29 @@ impl Lowering<'_, '_> {
             }
         };
         match builtin {
+            Builtin::Scan => match self.scan(slots, span) {
+                Some(values) if values.len() == 1 => values[0],
+                Some(values) => {
+                    let names: Vec<String> = (0..values.len()).map(|i| format!("r{i}")).collect();
+                    self.report(
+                        Diagnostic::error(
+                            Code::ResultCount,
+                            span,
+                            format!(
+                                "this `scan` gives {} values where one is wanted",
+                                values.len()
+                            ),
+                        )
+                        .with_label("one stacked value per value the step returns")
+                        .with_help(format!(
+                            "bind them to names first: `let {} = scan(...)`",
+                            names.join(", ")
+                        )),
+                    );
+                    Value::Poison
+                }
+                None => Value::Poison,
+            },
             Builtin::Unary(f) => {
                 let x = tensor(self, 0);
                 if f == UnaryFn::Log
@@ -1431,7 +1510,7 @@ impl Lowering<'_, '_> {
         }
     }
 
-    fn boolean(&mut self, expr: ExprId, callee: &str, param: &str) -> Option<bool> {
+    pub(super) fn boolean(&mut self, expr: ExprId, callee: &str, param: &str) -> Option<bool> {
         let e = self.ast().expr(expr);
         match e.kind {
             ExprKind::Bool(b) => Some(b),
@@ -1470,7 +1549,7 @@ impl Lowering<'_, '_> {
         }
     }
 
-    fn axis(&mut self, expr: ExprId, shape: &Shape) -> Option<usize> {
+    pub(super) fn axis(&mut self, expr: ExprId, shape: &Shape) -> Option<usize> {
         let span = self.ast().expr(expr).span;
         let axis = self.integer(expr, "an axis")?;
         match shape.axis(axis) {

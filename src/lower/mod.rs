@@ -14,6 +14,7 @@
 
 mod builtins;
 mod expr;
+mod scan;
 pub mod train;
 
 use std::collections::{BTreeSet, HashMap};

@@ -1,0 +1,316 @@
+//! The derivative of a `scan` (`ir::scan`): a scan running the other way.
+//!
+//! At every step, read in reverse, the backward body takes the step's
+//! saved carries, its sequence elements and the constants, recomputes the
+//! forward step from them, and differentiates it (the sweep of
+//! `autodiff::gradients` run on the body) against the cotangents that
+//! reach the step: the carries' cotangents (the backward scan's own
+//! carries, starting from the final carries' cotangents) and the step's
+//! share of each stacked output's cotangent. Its new carries are the
+//! cotangents of the step's carries and the constants' gradients summed
+//! so far; its per-step outputs the sequences' gradients. The forward scan
+//! saves the carries each step starts from as extra stacked outputs.
+//!
+//! The backward scan is an ordinary scan, so it can be differentiated
+//! again: gradients of gradients through a loop need nothing more.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use super::{AutodiffError, backward_node, gradients};
+use crate::ir::{BinaryFn, Graph, Node, NodeId, Op, Origin, ReduceFn, Role, Scan, Shape, Type};
+
+/// The `grad_fn` of every node a scan's derivative adds.
+const GRAD_FN: &str = "ScanBackward";
+
+/// The gradients of the operands of scan node `id` marked in `wanted`,
+/// from the cotangents of its results (`None`: no gradient reaches that
+/// result). Returns (operand position, gradient node) pairs.
+pub(super) fn vjp(
+    graph: &mut Graph,
+    id: NodeId,
+    cotangents: &[Option<NodeId>],
+    wanted: &[bool],
+) -> Result<Vec<(usize, NodeId)>, AutodiffError> {
+    let Op::Scan(forward) = &graph.node(id).op else {
+        return Err(AutodiffError::InvalidGraph(format!("{id} is not a scan")));
+    };
+    let mut forward = (**forward).clone();
+    let operands = graph.operands(id);
+    let (carries, sequences) = (forward.carries, forward.sequences);
+    let constants = forward.inputs.len() - carries - sequences;
+    let origin = graph.node(id).origin;
+    let invalid = |why: &str| AutodiffError::InvalidGraph(format!("scan {id}: {why}"));
+
+    // The backward step: the forward body, its cotangent leaves, and the
+    // nodes of its derivative.
+    let mut body = (*forward.body).clone();
+    let leaf_type = |body: &Graph, leaf: NodeId| body.node(leaf).ty.clone();
+    let carry_cotangents: Vec<NodeId> = (0..carries)
+        .map(|i| {
+            let ty = leaf_type(&body, forward.inputs[i]);
+            add_leaf(&mut body, format!("scan.cotangent.carry{i}"), ty, origin)
+        })
+        .collect();
+    let wanted_constants: Vec<usize> = (0..constants)
+        .filter(|&c| wanted[carries + sequences + c])
+        .collect();
+    let accumulators: Vec<NodeId> = wanted_constants
+        .iter()
+        .map(|&c| {
+            let ty = leaf_type(&body, forward.inputs[carries + sequences + c]);
+            add_leaf(&mut body, format!("scan.gradient.with{c}"), ty, origin)
+        })
+        .collect();
+    let outputs_reached: Vec<usize> = (0..forward.outputs())
+        .filter(|&j| cotangents.get(carries + j).copied().flatten().is_some())
+        .collect();
+    let output_cotangents: Vec<NodeId> = outputs_reached
+        .iter()
+        .map(|&j| {
+            let ty = leaf_type(&body, forward.results[carries + j]);
+            add_leaf(&mut body, format!("scan.cotangent.output{j}"), ty, origin)
+        })
+        .collect();
+
+    // The scalar whose gradient is the step's vector-Jacobian product:
+    // the sum of every result times its cotangent.
+    let mut terms = Vec::new();
+    for (i, &cotangent) in carry_cotangents.iter().enumerate() {
+        terms.push(dot(&mut body, forward.results[i], cotangent, origin)?);
+    }
+    for (&j, &cotangent) in outputs_reached.iter().zip(&output_cotangents) {
+        terms.push(dot(
+            &mut body,
+            forward.results[carries + j],
+            cotangent,
+            origin,
+        )?);
+    }
+    let mut root = terms
+        .first()
+        .copied()
+        .ok_or_else(|| invalid("no cotangent"))?;
+    for &term in &terms[1..] {
+        root = add_op(
+            &mut body,
+            Op::Binary(BinaryFn::Add),
+            &[root, term],
+            None,
+            origin,
+        )?;
+    }
+    let wanted_sequences: Vec<usize> = (0..sequences).filter(|&j| wanted[carries + j]).collect();
+    let mut differentiated: BTreeSet<NodeId> = forward.inputs[..carries].iter().copied().collect();
+    differentiated.extend(
+        wanted_sequences
+            .iter()
+            .map(|&j| forward.inputs[carries + j]),
+    );
+    differentiated.extend(
+        wanted_constants
+            .iter()
+            .map(|&c| forward.inputs[carries + sequences + c]),
+    );
+    let grads = gradients(&mut body, root, &differentiated)?;
+    let gradient_of = |body: &mut Graph, leaf: NodeId| match grads.get(&leaf) {
+        Some(&g) => Ok::<_, AutodiffError>(g),
+        None => Ok(zeros(body, leaf_type(body, leaf), origin)),
+    };
+
+    let mut results = Vec::new();
+    for i in 0..carries {
+        results.push(gradient_of(&mut body, forward.inputs[i])?);
+    }
+    for (&c, &accumulator) in wanted_constants.iter().zip(&accumulators) {
+        let g = gradient_of(&mut body, forward.inputs[carries + sequences + c])?;
+        let sum = add_op(
+            &mut body,
+            Op::Binary(BinaryFn::Add),
+            &[accumulator, g],
+            None,
+            origin,
+        )?;
+        results.push(sum);
+    }
+    for &j in &wanted_sequences {
+        results.push(gradient_of(&mut body, forward.inputs[carries + j])?);
+    }
+    prune(&mut body, &results);
+
+    // The forward scan saves the carry each step starts from.
+    let mut saved = Vec::new();
+    for i in 0..carries {
+        let leaf = forward.inputs[i];
+        let output = match forward.results[carries..].iter().position(|&r| r == leaf) {
+            Some(output) => output,
+            None => {
+                forward.results.push(leaf);
+                forward.outputs() - 1
+            }
+        };
+        saved.push(carries + output);
+    }
+    graph.node_mut(id).op = Op::Scan(Box::new(forward.clone()));
+
+    // The backward scan's operands.
+    let mut backward_operands = Vec::new();
+    for i in 0..carries {
+        let value = match cotangents.get(i).copied().flatten() {
+            Some(cotangent) => cotangent,
+            None => {
+                let ty = forward
+                    .operand_type(i)
+                    .ok_or_else(|| invalid("carry type"))?;
+                outer_zeros(graph, id, ty)
+            }
+        };
+        backward_operands.push(value);
+    }
+    for &c in &wanted_constants {
+        let ty = graph.node(operands[carries + sequences + c]).ty.clone();
+        backward_operands.push(outer_zeros(graph, id, ty));
+    }
+    for &j in &outputs_reached {
+        backward_operands.push(cotangents[carries + j].ok_or_else(|| invalid("cotangent"))?);
+    }
+    for &index in &saved {
+        backward_operands.push(result_node(graph, (id, id), &forward, index)?);
+    }
+    backward_operands.extend_from_slice(&operands[carries..]);
+
+    let mut inputs = carry_cotangents.clone();
+    inputs.extend(&accumulators);
+    inputs.extend(&output_cotangents);
+    inputs.extend(&forward.inputs);
+    let backward = Scan {
+        body: Arc::new(body),
+        inputs,
+        results,
+        carries: carries + accumulators.len(),
+        sequences: output_cotangents.len() + carries + sequences,
+        length: forward.length.clone(),
+        reverse: !forward.reverse,
+        checkpoint: forward.checkpoint,
+    };
+    let ty = backward
+        .result_type(0)
+        .ok_or_else(|| invalid("no result"))?;
+    let node = backward_node(graph, id, Op::Scan(Box::new(backward.clone())), ty, GRAD_FN);
+    let backward_id = graph.add(node, &backward_operands);
+
+    let mut contributions = Vec::new();
+    for i in (0..carries).filter(|&i| wanted[i]) {
+        contributions.push((i, result_node(graph, (backward_id, id), &backward, i)?));
+    }
+    for (n, &c) in wanted_constants.iter().enumerate() {
+        let g = result_node(graph, (backward_id, id), &backward, carries + n)?;
+        contributions.push((carries + sequences + c, g));
+    }
+    for (n, &j) in wanted_sequences.iter().enumerate() {
+        let index = backward.carries + n;
+        contributions.push((
+            carries + j,
+            result_node(graph, (backward_id, id), &backward, index)?,
+        ));
+    }
+    Ok(contributions)
+}
+
+/// Result `index` of the scan node `id`: the node itself for result 0,
+/// else a `scan_result` of it, part of the backward pass of `of`.
+fn result_node(
+    graph: &mut Graph,
+    (id, of): (NodeId, NodeId),
+    scan: &Scan,
+    index: usize,
+) -> Result<NodeId, AutodiffError> {
+    if index == 0 {
+        return Ok(id);
+    }
+    let ty = scan
+        .result_type(index)
+        .ok_or_else(|| AutodiffError::InvalidGraph(format!("scan {id} has no result {index}")))?;
+    let node = backward_node(graph, of, Op::ScanResult { index }, ty, GRAD_FN);
+    Ok(graph.add(node, &[id]))
+}
+
+/// Zeros of type `ty` in the joint graph, part of the backward pass of `id`.
+fn outer_zeros(graph: &mut Graph, id: NodeId, ty: Type) -> NodeId {
+    let scalar = Type::new(ty.dtype, Shape::scalar());
+    let zero = backward_node(graph, id, Op::Constant(0.0), scalar, GRAD_FN);
+    let zero = graph.add(zero, &[]);
+    let expand = backward_node(graph, id, Op::Expand, ty, GRAD_FN);
+    graph.add(expand, &[zero])
+}
+
+/// Zeros of type `ty` in a body graph.
+fn zeros(body: &mut Graph, ty: Type, origin: Origin) -> NodeId {
+    let scalar = Type::new(ty.dtype, Shape::scalar());
+    let zero = body.add(Node::derived(Op::Constant(0.0), scalar, origin, None), &[]);
+    body.add(Node::derived(Op::Expand, ty, origin, None), &[zero])
+}
+
+/// A body leaf: an input of the scan.
+fn add_leaf(body: &mut Graph, name: String, ty: Type, origin: Origin) -> NodeId {
+    let node = Node {
+        op: Op::Input,
+        ty,
+        role: Role::Input,
+        name: Some(name),
+        retain: false,
+        origin,
+        backward: None,
+    };
+    body.add(node, &[])
+}
+
+/// A node of `op` typed by its rule (`declared` for the ops that take the
+/// node's type).
+fn add_op(
+    body: &mut Graph,
+    op: Op,
+    operands: &[NodeId],
+    declared: Option<Type>,
+    origin: Origin,
+) -> Result<NodeId, AutodiffError> {
+    let types: Vec<Type> = operands.iter().map(|&o| body.node(o).ty.clone()).collect();
+    let refs: Vec<&Type> = types.iter().collect();
+    let declared = declared.unwrap_or_else(|| Type::new(types[0].dtype, Shape::scalar()));
+    let ty = op.infer(&refs, &declared).map_err(|e| {
+        AutodiffError::InvalidGraph(format!("{} in a scan's derivative: {e:?}", op.name()))
+    })?;
+    Ok(body.add(Node::derived(op, ty, origin, None), operands))
+}
+
+/// `sum(a * b)`, a scalar.
+fn dot(body: &mut Graph, a: NodeId, b: NodeId, origin: Origin) -> Result<NodeId, AutodiffError> {
+    let product = add_op(body, Op::Binary(BinaryFn::Mul), &[a, b], None, origin)?;
+    let rank = body.node(product).ty.shape.rank();
+    if rank == 0 {
+        return Ok(product);
+    }
+    let sum = Op::Reduce {
+        func: ReduceFn::Sum,
+        axes: (0..rank).collect(),
+        keepdims: false,
+    };
+    add_op(body, sum, &[product], None, origin)
+}
+
+/// Removes the body nodes no result needs, but for the leaves (every leaf
+/// is an operand of the scan).
+fn prune(body: &mut Graph, results: &[NodeId]) {
+    let mut live = BTreeSet::new();
+    let mut stack = results.to_vec();
+    while let Some(id) = stack.pop() {
+        if live.insert(id) {
+            stack.extend(body.operands(id));
+        }
+    }
+    for id in body.ids() {
+        if !live.contains(&id) && body.node(id).op != Op::Input {
+            body.remove(id);
+        }
+    }
+}
