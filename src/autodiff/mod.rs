@@ -102,13 +102,13 @@ pub fn wanted(graph: &Graph) -> BTreeSet<NodeId> {
 /// Computes [`Reach`] for a forward graph: from its loss to its
 /// [`wanted`] values.
 pub fn reach(graph: &Graph) -> Result<Reach, AutodiffError> {
-    reach_between(graph, graph.loss(), &wanted(graph))
+    reach_between(graph, graph.loss().as_slice(), &wanted(graph))
 }
 
-/// Computes [`Reach`] from `root` (if any) to the `wanted` values.
+/// Computes [`Reach`] from the `roots` to the `wanted` values.
 fn reach_between(
     graph: &Graph,
-    root: Option<NodeId>,
+    roots: &[NodeId],
     wanted: &BTreeSet<NodeId>,
 ) -> Result<Reach, AutodiffError> {
     let order = graph
@@ -125,12 +125,10 @@ fn reach_between(
             reach.depends.insert(id);
         }
     }
-    if let Some(root) = root {
-        let mut stack = vec![root];
-        while let Some(id) = stack.pop() {
-            if reach.feeds_loss.insert(id) {
-                stack.extend(graph.operands(id));
-            }
+    let mut stack = roots.to_vec();
+    while let Some(id) = stack.pop() {
+        if reach.feeds_loss.insert(id) {
+            stack.extend(graph.operands(id));
         }
     }
     Ok(reach)
@@ -172,20 +170,40 @@ pub fn gradients(
     root: NodeId,
     wanted: &BTreeSet<NodeId>,
 ) -> Result<HashMap<NodeId, NodeId>, AutodiffError> {
-    let reach = reach_between(graph, Some(root), wanted)?;
+    let seed = backward_node(
+        graph,
+        root,
+        Op::Constant(1.0),
+        Type::new(graph.node(root).dtype(), Shape::scalar()),
+        "GradSeed",
+    );
+    let seed = graph.add(seed, &[]);
+    let grads = vector_jacobian(graph, &[(root, seed)], wanted)?;
+    if grads.is_empty() && graph.users(seed).is_empty() {
+        graph.remove(seed);
+    }
+    Ok(grads)
+}
+
+/// Adds to `graph` the nodes that compute the vector-Jacobian product of
+/// the `seeds` (value, its cotangent) with respect to each of the
+/// `wanted` values: the gradient of `sum(value * cotangent)` over the
+/// seeds. What [`gradients`] and a scan's derivative build on.
+pub(crate) fn vector_jacobian(
+    graph: &mut Graph,
+    seeds: &[(NodeId, NodeId)],
+    wanted: &BTreeSet<NodeId>,
+) -> Result<HashMap<NodeId, NodeId>, AutodiffError> {
+    let roots: Vec<NodeId> = seeds.iter().map(|&(value, _)| value).collect();
+    let reach = reach_between(graph, &roots, wanted)?;
     let order = graph
         .topo_order()
         .ok_or_else(|| AutodiffError::InvalidGraph("it has a cycle".into()))?;
     let mut grads: HashMap<NodeId, NodeId> = HashMap::new();
-    if reach.gets_gradient(root) {
-        let seed = backward_node(
-            graph,
-            root,
-            Op::Constant(1.0),
-            Type::new(graph.node(root).dtype(), Shape::scalar()),
-            "GradSeed",
-        );
-        grads.insert(root, graph.add(seed, &[]));
+    for &(value, cotangent) in seeds {
+        if reach.gets_gradient(value) {
+            accumulate(graph, &mut grads, value, cotangent);
+        }
     }
     // Cotangents of the results of scans other than result 0, by (scan,
     // result): a scan is differentiated whole, from all of them at once.

@@ -3,7 +3,7 @@
 //! At every step, read in reverse, the backward body takes the step's
 //! saved carries, its sequence elements and the constants, recomputes the
 //! forward step from them, and differentiates it (the sweep of
-//! `autodiff::gradients` run on the body) against the cotangents that
+//! `autodiff::vector_jacobian` run on the body) against the cotangents that
 //! reach the step: the carries' cotangents (the backward scan's own
 //! carries, starting from the final carries' cotangents) and the step's
 //! share of each stacked output's cotangent. Its new carries are the
@@ -17,8 +17,8 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use super::{AutodiffError, backward_node, gradients};
-use crate::ir::{BinaryFn, Graph, Node, NodeId, Op, Origin, ReduceFn, Role, Scan, Shape, Type};
+use super::{AutodiffError, backward_node, vector_jacobian};
+use crate::ir::{BinaryFn, Graph, Node, NodeId, Op, Origin, Role, Scan, Shape, Type};
 
 /// The `grad_fn` of every node a scan's derivative adds.
 const GRAD_FN: &str = "ScanBackward";
@@ -73,32 +73,13 @@ pub(super) fn vjp(
         })
         .collect();
 
-    // The scalar whose gradient is the step's vector-Jacobian product:
-    // the sum of every result times its cotangent.
-    let mut terms = Vec::new();
-    for (i, &cotangent) in carry_cotangents.iter().enumerate() {
-        terms.push(dot(&mut body, forward.results[i], cotangent, origin)?);
-    }
+    // The step's vector-Jacobian product: every result against its
+    // cotangent.
+    let mut seeds: Vec<(NodeId, NodeId)> = (0..carries)
+        .map(|i| (forward.results[i], carry_cotangents[i]))
+        .collect();
     for (&j, &cotangent) in outputs_reached.iter().zip(&output_cotangents) {
-        terms.push(dot(
-            &mut body,
-            forward.results[carries + j],
-            cotangent,
-            origin,
-        )?);
-    }
-    let mut root = terms
-        .first()
-        .copied()
-        .ok_or_else(|| invalid("no cotangent"))?;
-    for &term in &terms[1..] {
-        root = add_op(
-            &mut body,
-            Op::Binary(BinaryFn::Add),
-            &[root, term],
-            None,
-            origin,
-        )?;
+        seeds.push((forward.results[carries + j], cotangent));
     }
     let wanted_sequences: Vec<usize> = (0..sequences).filter(|&j| wanted[carries + j]).collect();
     let mut differentiated: BTreeSet<NodeId> = forward.inputs[..carries].iter().copied().collect();
@@ -112,7 +93,7 @@ pub(super) fn vjp(
             .iter()
             .map(|&c| forward.inputs[carries + sequences + c]),
     );
-    let grads = gradients(&mut body, root, &differentiated)?;
+    let grads = vector_jacobian(&mut body, &seeds, &differentiated)?;
     let gradient_of = |body: &mut Graph, leaf: NodeId| match grads.get(&leaf) {
         Some(&g) => Ok::<_, AutodiffError>(g),
         None => Ok(zeros(body, leaf_type(body, leaf), origin)),
@@ -136,22 +117,91 @@ pub(super) fn vjp(
     for &j in &wanted_sequences {
         results.push(gradient_of(&mut body, forward.inputs[carries + j])?);
     }
+    // Without `checkpoint`, the forward values the derivative reads are
+    // saved at every step instead of recomputed from the saved carries.
+    let mut residuals = Vec::new();
+    if !forward.checkpoint {
+        let is_forward = |id: NodeId| forward.body.contains(id) && body.node(id).op != Op::Input;
+        let mut read = BTreeSet::new();
+        for user in body.ids() {
+            if forward.body.contains(user) {
+                continue;
+            }
+            read.extend(body.operands(user).into_iter().filter(|&o| is_forward(o)));
+        }
+        for (n, value) in read.into_iter().enumerate() {
+            let ty = body.node(value).ty.clone();
+            let leaf = add_leaf(&mut body, format!("scan.saved{n}"), ty, origin);
+            for user in body.users(value) {
+                if forward.body.contains(user) {
+                    continue;
+                }
+                for (position, operand) in body.operands(user).into_iter().enumerate() {
+                    if operand == value {
+                        body.set_operand(user, position, leaf);
+                    }
+                }
+            }
+            for result in &mut results {
+                if *result == value {
+                    *result = leaf;
+                }
+            }
+            residuals.push((value, leaf));
+        }
+    }
     prune(&mut body, &results);
 
-    // The forward scan saves the carry each step starts from.
-    let mut saved = Vec::new();
-    for i in 0..carries {
-        let leaf = forward.inputs[i];
-        let output = match forward.results[carries..].iter().position(|&r| r == leaf) {
-            Some(output) => output,
-            None => {
-                forward.results.push(leaf);
-                forward.outputs() - 1
+    // What each step reads: the cotangents of the stacked outputs, the
+    // carries the forward step started from, the saved residuals and the
+    // sequences' elements; then the constants. A leaf the pruned body
+    // does not read is left out.
+    enum Source {
+        Outer(NodeId),
+        Saved(NodeId),
+    }
+    let mut stepped: Vec<(NodeId, Source)> = Vec::new();
+    for (&j, &leaf) in outputs_reached.iter().zip(&output_cotangents) {
+        let cotangent = cotangents[carries + j].ok_or_else(|| invalid("cotangent"))?;
+        stepped.push((leaf, Source::Outer(cotangent)));
+    }
+    for &leaf in &forward.inputs[..carries] {
+        stepped.push((leaf, Source::Saved(leaf)));
+    }
+    for &(value, leaf) in &residuals {
+        stepped.push((leaf, Source::Saved(value)));
+    }
+    for j in 0..sequences {
+        stepped.push((
+            forward.inputs[carries + j],
+            Source::Outer(operands[carries + j]),
+        ));
+    }
+    let used = |body: &Graph, leaf: NodeId| !body.users(leaf).is_empty() || results.contains(&leaf);
+    stepped.retain(|(leaf, _)| used(&body, *leaf));
+    let read_constants: Vec<usize> = (0..constants)
+        .filter(|&c| used(&body, forward.inputs[carries + sequences + c]))
+        .collect();
+
+    // The forward scan outputs every value saved at each step.
+    let mut stepped_operands = Vec::new();
+    for (_, source) in &stepped {
+        let operand = match *source {
+            Source::Outer(node) => node,
+            Source::Saved(value) => {
+                let output = match forward.results[carries..].iter().position(|&r| r == value) {
+                    Some(output) => output,
+                    None => {
+                        forward.results.push(value);
+                        forward.outputs() - 1
+                    }
+                };
+                graph.node_mut(id).op = Op::Scan(Box::new(forward.clone()));
+                result_node(graph, (id, id), &forward, carries + output)?
             }
         };
-        saved.push(carries + output);
+        stepped_operands.push(operand);
     }
-    graph.node_mut(id).op = Op::Scan(Box::new(forward.clone()));
 
     // The backward scan's operands.
     let mut backward_operands = Vec::new();
@@ -171,24 +221,32 @@ pub(super) fn vjp(
         let ty = graph.node(operands[carries + sequences + c]).ty.clone();
         backward_operands.push(outer_zeros(graph, id, ty));
     }
-    for &j in &outputs_reached {
-        backward_operands.push(cotangents[carries + j].ok_or_else(|| invalid("cotangent"))?);
-    }
-    for &index in &saved {
-        backward_operands.push(result_node(graph, (id, id), &forward, index)?);
-    }
-    backward_operands.extend_from_slice(&operands[carries..]);
+    backward_operands.extend(stepped_operands);
+    backward_operands.extend(
+        read_constants
+            .iter()
+            .map(|&c| operands[carries + sequences + c]),
+    );
 
     let mut inputs = carry_cotangents.clone();
     inputs.extend(&accumulators);
-    inputs.extend(&output_cotangents);
-    inputs.extend(&forward.inputs);
+    inputs.extend(stepped.iter().map(|(leaf, _)| *leaf));
+    inputs.extend(
+        read_constants
+            .iter()
+            .map(|&c| forward.inputs[carries + sequences + c]),
+    );
+    for leaf in body.ids() {
+        if body.node(leaf).op == Op::Input && !inputs.contains(&leaf) {
+            body.remove(leaf);
+        }
+    }
     let backward = Scan {
         body: Arc::new(body),
         inputs,
         results,
         carries: carries + accumulators.len(),
-        sequences: output_cotangents.len() + carries + sequences,
+        sequences: stepped.len(),
         length: forward.length.clone(),
         reverse: !forward.reverse,
         checkpoint: forward.checkpoint,
@@ -281,21 +339,6 @@ fn add_op(
         AutodiffError::InvalidGraph(format!("{} in a scan's derivative: {e:?}", op.name()))
     })?;
     Ok(body.add(Node::derived(op, ty, origin, None), operands))
-}
-
-/// `sum(a * b)`, a scalar.
-fn dot(body: &mut Graph, a: NodeId, b: NodeId, origin: Origin) -> Result<NodeId, AutodiffError> {
-    let product = add_op(body, Op::Binary(BinaryFn::Mul), &[a, b], None, origin)?;
-    let rank = body.node(product).ty.shape.rank();
-    if rank == 0 {
-        return Ok(product);
-    }
-    let sum = Op::Reduce {
-        func: ReduceFn::Sum,
-        axes: (0..rank).collect(),
-        keepdims: false,
-    };
-    add_op(body, sum, &[product], None, origin)
 }
 
 /// Removes the body nodes no result needs, but for the leaves (every leaf

@@ -11,6 +11,9 @@
 //!   %15 = softmax %12 axis=1 : f32[B, 10]  @17:10  CrossEntropyBackward of %13
 //! ```
 //!
+//! A `scan` node's body follows its line, indented, its nodes numbered
+//! from `%0`, with the body nodes its inputs and results are.
+//!
 //! Backward nodes (`gradc graph --stage backward`) carry their forward
 //! node's source position and name the `grad_fn` that produced them.
 
@@ -18,16 +21,24 @@ use std::collections::HashMap;
 use std::fmt::Write;
 
 use super::graph::{Graph, NodeId, Role};
+use super::op::Op;
 
 /// Renders the canonical text form.
 pub fn to_text(graph: &Graph) -> String {
-    let order = graph.topo_order().unwrap_or_else(|| graph.ids());
-    let number: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
     let mut out = String::new();
     let _ = writeln!(out, "graph {} ({})", graph.model, graph.mode);
+    nodes(graph, "  ", &mut out);
+    out
+}
+
+/// One line per node of `graph`, each after `indent`; a scan's body
+/// follows its line, indented further and numbered from `%0` again.
+fn nodes(graph: &Graph, indent: &str, out: &mut String) {
+    let order = graph.topo_order().unwrap_or_else(|| graph.ids());
+    let number: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
     for &id in &order {
         let node = graph.node(id);
-        let mut line = format!("  %{} = ", number[&id]);
+        let mut line = format!("{indent}%{} = ", number[&id]);
         line.push_str(&node.op.name());
         if let (true, Some(name)) = (node.op.is_leaf(), &node.name) {
             let _ = write!(line, " {name}");
@@ -93,6 +104,25 @@ pub fn to_text(graph: &Graph) -> String {
         }
         out.push_str(&line);
         out.push('\n');
+        if let Op::Scan(scan) = &node.op {
+            let body_order = scan.body.topo_order().unwrap_or_else(|| scan.body.ids());
+            let numbered = |ids: &[NodeId]| {
+                let list: Vec<String> = ids
+                    .iter()
+                    .map(|id| match body_order.iter().position(|b| b == id) {
+                        Some(n) => format!("%{n}"),
+                        None => "?".into(),
+                    })
+                    .collect();
+                list.join(", ")
+            };
+            let _ = writeln!(
+                out,
+                "{indent}  body (inputs {}; results {}):",
+                numbered(&scan.inputs),
+                numbered(&scan.results)
+            );
+            nodes(&scan.body, &format!("{indent}    "), out);
+        }
     }
-    out
 }
