@@ -309,8 +309,21 @@ fn zeros(body: &mut Graph, ty: Type, origin: Origin) -> NodeId {
     body.add(Node::derived(Op::Expand, ty, origin, None), &[zero])
 }
 
-/// A body leaf: an input of the scan.
+/// A body leaf: an input of the scan, named `name` (with a number after
+/// it if a leaf has that name already: a derivative's derivative).
 fn add_leaf(body: &mut Graph, name: String, ty: Type, origin: Origin) -> NodeId {
+    let taken: BTreeSet<String> = body
+        .ids()
+        .into_iter()
+        .filter_map(|id| body.node(id).name.clone())
+        .collect();
+    let name = (1..)
+        .map(|n| match n {
+            1 => name.clone(),
+            n => format!("{name}.{n}"),
+        })
+        .find(|candidate| !taken.contains(candidate))
+        .unwrap_or(name);
     let node = Node {
         op: Op::Input,
         ty,

@@ -12,7 +12,10 @@
 //! 7. at most one node is the loss, and it is a float scalar;
 //! 8. the mode agrees with the ops: a train graph's batch-norms use batch
 //!    statistics; an eval graph has no dropout and only running statistics;
-//! 9. the running statistics of a batch-norm (operands 3 and 4) are buffers.
+//! 9. the running statistics of a batch-norm (operands 3 and 4) are buffers;
+//! 10. a scan's body passes all of these checks, its inputs are distinct
+//!     `input` leaves of the body and its results body nodes, and a
+//!     `scan_result` has the type of the result of the scan it reads.
 //!
 //! A violation is a compiler bug, never a user error: lowering reports user
 //! errors as diagnostics before building anything invalid. The verifier runs
@@ -95,6 +98,7 @@ pub fn verify(graph: &Graph) -> Result<(), Vec<String>> {
             }
             _ => {}
         }
+        check_scan(graph, id, &mut errors);
     }
     if losses > 1 {
         errors.push(format!("{losses} nodes are the loss"));
@@ -103,6 +107,48 @@ pub fn verify(graph: &Graph) -> Result<(), Vec<String>> {
         Ok(())
     } else {
         Err(errors)
+    }
+}
+
+/// A scan's body is a valid graph whose inputs are its `input` leaves,
+/// each once, and whose results it holds; a `scan_result` reads a result
+/// its scan has, with that result's type.
+fn check_scan(graph: &Graph, id: NodeId, errors: &mut Vec<String>) {
+    match &graph.node(id).op {
+        Op::Scan(scan) => {
+            let body = &scan.body;
+            if let Err(inner) = verify(body) {
+                errors.extend(inner.into_iter().map(|e| format!("{id}: in the body: {e}")));
+            }
+            let distinct: BTreeSet<NodeId> = scan.inputs.iter().copied().collect();
+            let inputs_fit = distinct.len() == scan.inputs.len()
+                && scan
+                    .inputs
+                    .iter()
+                    .all(|&i| body.contains(i) && body.node(i).op == Op::Input);
+            if !inputs_fit {
+                errors.push(format!(
+                    "{id}: the scan's inputs are not distinct body inputs"
+                ));
+            }
+            if scan.results.len() < scan.carries || !scan.results.iter().all(|&r| body.contains(r))
+            {
+                errors.push(format!("{id}: the scan's results are not body nodes"));
+            }
+        }
+        Op::ScanResult { index } => {
+            let operands = graph.operands(id);
+            let expected = operands.first().and_then(|&s| match &graph.node(s).op {
+                Op::Scan(scan) => scan.result_type(*index),
+                _ => None,
+            });
+            if expected.as_ref() != Some(&graph.node(id).ty) {
+                errors.push(format!(
+                    "{id}: not result {index} of a scan, or not of its type"
+                ));
+            }
+        }
+        _ => {}
     }
 }
 

@@ -34,6 +34,8 @@ pub(super) struct Bound {
     /// The values the last step asked for (`Backend::run_wanted`): a step
     /// asks for the same ones every time.
     pub(super) wanted: Option<Wanted>,
+    /// The compiled bodies of the scans the step runs, by node.
+    pub(super) loops: IdMap<crate::jit::scan::LoopBody>,
 }
 
 /// The values a step asks for (`Bound::want`), and each one's buffer and
@@ -177,6 +179,7 @@ pub(super) fn bind(
         dims: dims.clone(),
         entry_clif,
         wanted: None,
+        loops: IdMap::default(),
     })
 }
 

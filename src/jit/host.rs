@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::interp::{self, Context, Evaluation, InterpError, Tensor};
-use crate::ir::{DType, Graph, IdMap, NodeId};
+use crate::ir::{DType, Graph, IdMap, NodeId, Op};
 use crate::jit::bind::HostNode;
 use crate::jit::bind::Matrix;
 use crate::jit::bind::Product;
@@ -21,6 +21,7 @@ use crate::jit::native::frame::Stored;
 use crate::jit::native::gemm::GemmElement;
 use crate::jit::native::gemm::MatrixView;
 use crate::jit::native::gemm::gemm_parallel;
+use crate::jit::scan::LoopBody;
 use crate::passes::fusion::{self};
 
 /// The host work of one step: interpreted nodes and products read and
@@ -39,6 +40,8 @@ pub(super) struct StepHost<'a> {
     /// `f32` copies of a product's operands and its result, for an `f32`
     /// operand kept in an `f64` buffer.
     pub(super) narrow: (Vec<f32>, Vec<f32>, Vec<f32>),
+    /// The compiled bodies of the step's scans (`jit::scan`), by node.
+    pub(super) loops: &'a mut IdMap<LoopBody>,
 }
 
 impl Host for StepHost<'_> {
@@ -98,6 +101,31 @@ impl StepHost<'_> {
                 None => return Err(InterpError::Internal(format!("{operand} has no buffer"))),
             };
             scratch.values.insert(operand, value);
+        }
+        if let Op::Scan(scan) = &graph.node(id).op {
+            // The loop on its compiled body; the results where the
+            // interpreter keeps them, for the `scan_result` nodes.
+            let loop_body = match self.loops.entry(id) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    entry.insert(LoopBody::new(scan)?)
+                }
+            };
+            let operands: Vec<Tensor> = graph
+                .operands(id)
+                .iter()
+                .map(|o| scratch.values.get(o).cloned())
+                .collect::<Option<_>>()
+                .ok_or_else(|| InterpError::Internal(format!("{id}: an operand is missing")))?;
+            let results = loop_body.run(scan, &operands, dims, self.context)?;
+            let first = results
+                .first()
+                .ok_or_else(|| InterpError::Internal("a scan without results".into()))?;
+            buffers
+                .write(slot_in(self.slots, id)?, &first.data)
+                .map_err(|e| InterpError::Internal(format!("{id}: {e}")))?;
+            scratch.results.insert(id, results);
+            return Ok(());
         }
         interp::evaluate_node(graph, id, scratch, self.context)?;
         let value = scratch

@@ -47,6 +47,7 @@ mod rows;
 mod bind;
 mod host;
 mod resident;
+mod scan;
 // The only module allowed `unsafe`.
 mod native;
 

@@ -145,6 +145,7 @@ impl Jit {
             dims: &bound.dims,
             scratch: None,
             narrow: (Vec::new(), Vec::new(), Vec::new()),
+            loops: &mut bound.loops,
         };
         bound.frame.run(&mut host, context)?;
         // Every materialized value out (or the wanted ones), as the

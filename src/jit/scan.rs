@@ -1,0 +1,164 @@
+//! A `scan` on the JIT: its body compiled once into a program of its own
+//! (optimized by the passes, with the body's results kept), bound to a
+//! frame for the sizes of the run, and called once per step. The carries
+//! stay in the body frame's buffers from step to step: each step writes
+//! only the sequences' elements and the new carries, and copies the
+//! per-step outputs into their places in the stacked results. The
+//! constants are written once per loop.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::interp::{Context, InterpError, Tensor, concrete};
+use crate::ir::{IdMap, NodeId, Scan, Shape, expand};
+use crate::jit::bind::{self, Frames, internal, own_id, slot_in};
+use crate::jit::cache::ClifText;
+use crate::jit::host::StepHost;
+use crate::jit::program::{Program, compile, optimized};
+
+/// A scan's body, compiled, with its frames.
+pub(super) struct LoopBody {
+    program: Program,
+    frames: Frames,
+    /// The loops of the scans inside this body, by node.
+    loops: IdMap<LoopBody>,
+}
+
+impl LoopBody {
+    /// Compiles the body of `scan`.
+    pub(super) fn new(scan: &Scan) -> Result<LoopBody, InterpError> {
+        let body = &*scan.body;
+        let (run, ids) = optimized(body, &scan.results);
+        let checked = expand::checked_shapes(body);
+        let program = compile(run, ids, ClifText::None, checked)
+            .map_err(|e| InterpError::Internal(e.to_string()))?;
+        Ok(LoopBody {
+            program,
+            frames: Frames::default(),
+            loops: IdMap::default(),
+        })
+    }
+
+    /// Every result of the loop (the final carries, then the stacked
+    /// outputs) for these operand values, the outer sizes `dims`.
+    pub(super) fn run(
+        &mut self,
+        scan: &Scan,
+        operands: &[Tensor],
+        dims: &BTreeMap<String, usize>,
+        context: Context,
+    ) -> Result<Vec<Tensor>, InterpError> {
+        let graph = Arc::clone(&self.program.graph);
+        let own = |id: NodeId| own_id(&self.program.ids, id);
+        let inputs: Vec<NodeId> = scan
+            .inputs
+            .iter()
+            .map(|&id| own(id))
+            .collect::<Result<_, _>>()?;
+        let results: Vec<NodeId> = scan
+            .results
+            .iter()
+            .map(|&id| own(id))
+            .collect::<Result<_, _>>()?;
+        let length = concrete(&scan.stacked(&Shape::scalar()), dims)?[0];
+        let bound = bind::bound(&mut self.program, &mut self.frames, &graph, dims)?;
+        for shape in &self.program.checked_shapes {
+            expand::check_statistics(&concrete(shape, dims)?).map_err(InterpError::Runtime)?;
+        }
+        // (A leaf the optimized body does not read has no buffer.)
+        let slot = |id: NodeId| bound.slots.get(&id).copied();
+        let result_slots: Vec<usize> = results
+            .iter()
+            .map(|&id| slot_in(&bound.slots, id))
+            .collect::<Result<_, _>>()?;
+        let sizes: Vec<usize> = results
+            .iter()
+            .map(|&id| Ok(concrete(graph.node(id).shape(), dims)?.iter().product()))
+            .collect::<Result<_, InterpError>>()?;
+        {
+            let mut buffers = bound.frame.buffers();
+            let constants = scan.carries + scan.sequences..scan.inputs.len();
+            for position in (0..scan.carries).chain(constants) {
+                if let Some(slot) = slot(inputs[position]) {
+                    buffers
+                        .write(slot, &operands[position].data)
+                        .map_err(internal)?;
+                }
+            }
+        }
+        let mut stacked: Vec<Vec<f64>> = sizes[scan.carries..]
+            .iter()
+            .map(|&size| vec![0.0; size * length])
+            .collect();
+        let mut carried: Vec<Vec<f64>> = vec![Vec::new(); scan.carries];
+        for step in 0..length {
+            let t = if scan.reverse {
+                length - 1 - step
+            } else {
+                step
+            };
+            {
+                let mut buffers = bound.frame.buffers();
+                for position in scan.sequence_positions() {
+                    let Some(slot) = slot(inputs[position]) else {
+                        continue;
+                    };
+                    let sequence = &operands[position].data;
+                    let width = sequence.len() / length.max(1);
+                    buffers
+                        .write(slot, &sequence[t * width..(t + 1) * width])
+                        .map_err(internal)?;
+                }
+            }
+            let mut host = StepHost {
+                graph: &graph,
+                slots: &bound.slots,
+                values: &bound.values,
+                work: &bound.work,
+                context,
+                dims: &bound.dims,
+                scratch: None,
+                narrow: (Vec::new(), Vec::new(), Vec::new()),
+                loops: &mut self.loops,
+            };
+            bound.frame.run(&mut host, context)?;
+            let mut buffers = bound.frame.buffers();
+            for (output, (&slot, &size)) in stacked.iter_mut().zip(
+                result_slots[scan.carries..]
+                    .iter()
+                    .zip(&sizes[scan.carries..]),
+            ) {
+                output[t * size..(t + 1) * size].copy_from_slice(&buffers.read(slot, size));
+            }
+            // The new carries into the carries' buffers, for the next step.
+            for (carry, value) in carried.iter_mut().enumerate() {
+                value.clear();
+                value.extend_from_slice(&buffers.read(result_slots[carry], sizes[carry]));
+            }
+            for (carry, value) in carried.iter().enumerate() {
+                if let Some(slot) = slot(inputs[carry]) {
+                    buffers.write(slot, value).map_err(internal)?;
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(scan.results.len());
+        for (carry, value) in carried.into_iter().enumerate() {
+            let node = scan.body.node(scan.results[carry]);
+            let value = match length {
+                0 => operands[carry].data.clone(),
+                _ => value,
+            };
+            out.push(Tensor::new(
+                node.dtype(),
+                concrete(node.shape(), dims)?,
+                value,
+            ));
+        }
+        for (j, data) in stacked.into_iter().enumerate() {
+            let node = scan.body.node(scan.results[scan.carries + j]);
+            let shape = concrete(&scan.stacked(node.shape()), dims)?;
+            out.push(Tensor::new(node.dtype(), shape, data));
+        }
+        Ok(out)
+    }
+}
