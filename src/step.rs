@@ -57,6 +57,23 @@ pub fn build(forward: &Graph, config: &TrainConfig) -> Result<Graph, AutodiffErr
         let zeros = b.op(Op::ZeroFraction, &[*grad], *grad);
         b.stat(zeros, &format!("zero_grad.{name}"));
     }
+    // Monitor: the gradient norm of every retained value (`retain`), such
+    // as one step's input to a recurrence.
+    let mut retained: Vec<(String, NodeId)> = Vec::new();
+    for id in b.graph.ids() {
+        if let Role::Gradient(name) = &b.graph.node(id).role
+            && !params.iter().any(|(param, _, _)| param == name)
+        {
+            retained.push((name.clone(), id));
+        }
+    }
+    retained.sort();
+    for (name, grad) in retained {
+        let square = b.op(Op::Binary(BinaryFn::Mul), &[grad, grad], grad);
+        let sum = b.reduce_all(square, grad);
+        let norm = b.op(Op::Unary(UnaryFn::Sqrt), &[sum], grad);
+        b.stat(norm, &format!("value_grad_norm.{name}"));
+    }
     let total = squares
         .iter()
         .copied()

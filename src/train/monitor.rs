@@ -307,6 +307,13 @@ impl Monitor {
                 100.0 * self.mean(&format!("zero_grad.{param}")).unwrap_or(0.0),
             ));
         }
+        for value in self.names("value_grad_norm.") {
+            out.push_str(&format!(
+                "    value {:<10} {:>9.3e}   (retained: the gradient of the value, not a param)\n",
+                value,
+                self.mean(&format!("value_grad_norm.{value}")).unwrap_or(0.0),
+            ));
+        }
         let relus = self.names("dead.");
         for relu in relus {
             out.push_str(&format!(
