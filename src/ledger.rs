@@ -310,7 +310,8 @@ fn chain(
     let mut chain = Vec::new();
     loop {
         let op = &graph.node(at).op;
-        if *op != Op::Identity {
+        // (A `scan_result` is part of its scan: one ScanBackward.)
+        if !matches!(op, Op::Identity | Op::ScanResult { .. }) {
             // A node of a `grad(...)` is itself a gradient: differentiating
             // it is a backward pass of one order more.
             chain.push(match &graph.node(at).backward {

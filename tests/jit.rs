@@ -1444,3 +1444,39 @@ train m { optimizer sgd(lr = 0.1) }
         }
     }
 }
+
+/// The models of `remember_first.grad` (skipped by the harnesses of random
+/// params: `common::CHAOTIC_UNDER_RANDOM_PARAMS`), from their own
+/// initialization on their own data: ten training steps on the JIT and on
+/// the interpreter give the same losses, a 50-step `scan` in each.
+#[test]
+fn fifty_step_recurrences_train_alike_on_both_backends() {
+    use gradc::train::{Interpreter, Session, data};
+    let compilation = common::example("remember_first.grad");
+    for model in &compilation.models {
+        let config = model.train_config.clone().expect("a train block");
+        let csv =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/first_token.csv");
+        let mut interpreted = Session::new(model, config.clone(), &[]).expect("session");
+        let mut compiled = Session::new(model, config, &[]).expect("session");
+        let source = data::Source::from_path(csv, gradc::lower::train::LabelColumn::Last, None);
+        let dataset = data::load(&source, &interpreted.forward).expect("first_token.csv");
+        let mut jit = Jit::new();
+        for step in 0..10 {
+            let rows: Vec<usize> = (step * 32..(step + 1) * 32).collect();
+            let batch = data::batch(&dataset, &rows, &interpreted.forward);
+            let expected = interpreted
+                .step(&mut Interpreter, batch.clone())
+                .expect("interpreter");
+            let got = compiled.step(&mut jit, batch).expect("jit");
+            let gap = (expected.loss - got.loss).abs() / expected.loss.abs().max(1e-3);
+            assert!(
+                gap < 1e-4,
+                "{} step {step}: loss {} on the interpreter, {} on the JIT",
+                model.name,
+                expected.loss,
+                got.loss
+            );
+        }
+    }
+}

@@ -311,7 +311,8 @@ impl Monitor {
             out.push_str(&format!(
                 "    value {:<10} {:>9.3e}   (retained: the gradient of the value, not a param)\n",
                 value,
-                self.mean(&format!("value_grad_norm.{value}")).unwrap_or(0.0),
+                self.mean(&format!("value_grad_norm.{value}"))
+                    .unwrap_or(0.0),
             ));
         }
         let relus = self.names("dead.");

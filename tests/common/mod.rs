@@ -86,6 +86,21 @@ pub fn leaves_for(
     leaves
 }
 
+/// Files whose models the harnesses of random params skip: a 50-step
+/// recurrence whose 32x32 recurrent weight drawn from U(-1, 1) has a
+/// spectral radius near 3, so that its values and gradients grow as 3^50
+/// and neither finite differences nor two orders of `f32` rounding can be
+/// compared. `tests/jit.rs` checks these models from their own
+/// initialization and data instead.
+pub const CHAOTIC_UNDER_RANDOM_PARAMS: &[&str] = &["remember_first.grad"];
+
+/// Whether `path` is one of [`CHAOTIC_UNDER_RANDOM_PARAMS`].
+pub fn chaotic_under_random_params(path: &std::path::Path) -> bool {
+    path.file_name()
+        .and_then(|name| name.to_str())
+        .is_some_and(|name| CHAOTIC_UNDER_RANDOM_PARAMS.contains(&name))
+}
+
 /// Every model of the `.grad` files in these folders (relative to the
 /// repository root, in name order), lowered in `f32` and in `f64`: its eval
 /// graph and, if it has a loss, its step graph, each with a label naming
@@ -101,6 +116,7 @@ pub fn model_graphs(dirs: &[&str]) -> Vec<(String, gradc::ir::DType, gradc::ir::
             .filter(|path| path.extension().is_some_and(|e| e == "grad"))
             .collect();
         paths.sort();
+        paths.retain(|path| !chaotic_under_random_params(path));
         for path in paths {
             let source = std::fs::read_to_string(&path).expect("readable");
             for dtype in [DType::F32, DType::F64] {
