@@ -3,7 +3,8 @@
 
 Each case is a small `.grad` model and the same function written in JAX.
 The script draws random inputs and params, writes them to a safetensors
-file, runs `gradc grad --dtype f64` on the model, and compares the loss and
+file, runs `gradc grad --dtype f64` on the model, on the reference
+interpreter and on the JIT (`--backend`), and compares the loss and
 every `grad.<param>` with `jax.grad` of the JAX function. Semantics follow
 PyTorch's (mean-reduced losses, exact-erf GELU, biased batch variance,
 softplus threshold 20), written out in JAX here so that the check does not
@@ -31,6 +32,8 @@ from jax.scipy.special import erf, logsumexp  # noqa: E402
 
 GRADC = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "../../target/debug/gradc")
 TOLERANCE = 1e-6
+# Every case runs on both of gradc's backends.
+BACKENDS = ("interp", "jit")
 
 
 def write_safetensors(path, tensors):
@@ -268,6 +271,93 @@ case(
         * I["x"]
     ),
 )
+
+
+RNN_CELL = "fn cell(x_t, h, wx, wh, b) { return tanh(x_t @ wx + h @ wh + b) } "
+
+
+def rnn_stacked(x, h0, wx, wh, b, reverse=False):
+    """The stacked states of a tanh RNN over axis 1 of `x`, by `lax.scan`."""
+
+    def step(h, x_t):
+        h = jnp.tanh(x_t @ wx + h @ wh + b)
+        return h, h
+
+    _, hs = jax.lax.scan(step, h0, jnp.swapaxes(x, 0, 1), reverse=reverse)
+    return jnp.swapaxes(hs, 0, 1)
+
+
+case(
+    "scan_rnn_symbolic_length",
+    RNN_CELL + "model m { input x: f64[B, T, 3] input c: f64[B, T, 4] input h0: f64[B, 4] "
+    "param wx: f64[3, 4] = zeros param wh: f64[4, 4] = zeros param b: f64[4] = zeros "
+    "let hs = scan(cell, x, init = h0, with = [wx, wh, b]) loss sum(hs * c) + sum(hs[:, -1] ** 3) }",
+    {"x": ((2, 6, 3), "f"), "c": ((2, 6, 4), "f"), "h0": ((2, 4), "f")},
+    {"wx": (3, 4), "wh": (4, 4), "b": (4,)},
+    lambda P, I: (
+        lambda hs: jnp.sum(hs * I["c"]) + jnp.sum(hs[:, -1] ** 3)
+    )(rnn_stacked(I["x"], I["h0"], P["wx"], P["wh"], P["b"])),
+)
+
+
+def lstm_scan_loss(P, I):
+    def step(carry, x_t):
+        h, c = lstm_cell(x_t, carry[0], carry[1], P["wx"], P["wh"], P["b"])
+        return (h, c), (h, c, h * c)
+
+    h0 = I["h0"] + P["h_init"]
+    _, (hs, cs, ys) = jax.lax.scan(step, (h0, I["h0"]), jnp.swapaxes(I["x"], 0, 1), reverse=True)
+    hs, cs, ys = (jnp.swapaxes(v, 0, 1) for v in (hs, cs, ys))
+    return jnp.sum(hs * I["d"]) + jnp.sum(cs**2) + jnp.sum(jnp.sin(ys)) + jnp.sum(hs[:, 0] * cs[:, 0])
+
+
+case(
+    "scan_lstm_reverse_two_carries",
+    "fn cell(x_t, h, c, wx, wh, b) { let z = x_t @ wx + h @ wh + b "
+    "let c_next = sigmoid(z[:, 4:8]) * c + sigmoid(z[:, 0:4]) * tanh(z[:, 8:12]) "
+    "let h_next = sigmoid(z[:, 12:16]) * tanh(c_next) return h_next, c_next, h_next * c_next } "
+    "model m { input x: f64[2, 5, 3] input h0: f64[2, 4] input d: f64[2, 5, 4] "
+    "param wx: f64[3, 16] = zeros param wh: f64[4, 16] = zeros param b: f64[16] = zeros param h_init: f64[4] = zeros "
+    "let hs, cs, ys = scan(cell, x, init = (h0 + h_init, h0), with = [wx, wh, b], reverse = true) "
+    "loss sum(hs * d) + sum(cs ** 2) + sum(sin(ys)) + sum(hs[:, 0] * cs[:, 0]) }",
+    {"x": ((2, 5, 3), "f"), "h0": ((2, 4), "f"), "d": ((2, 5, 4), "f")},
+    {"wx": (3, 16), "wh": (4, 16), "b": (16,), "h_init": (4,)},
+    lstm_scan_loss,
+)
+case(
+    "scan_map_two_sequences_axis0",
+    "fn f(a_t, b_t, w) { return sin(a_t @ w) * b_t } "
+    "model m { input a: f64[5, 2, 3] input b: f64[5, 2, 4] param w: f64[3, 4] = zeros "
+    "let ys = scan(f, [a * 2, b], axis = 0, with = [w], checkpoint = true) loss sum(ys * ys) }",
+    {"a": ((5, 2, 3), "f"), "b": ((5, 2, 4), "f")},
+    {"w": (3, 4)},
+    lambda P, I: jnp.sum(
+        jax.lax.scan(lambda _, ab: (None, jnp.sin(ab[0] @ P["w"]) * ab[1]), None, (I["a"] * 2, I["b"]))[1] ** 2
+    ),
+)
+
+
+def scan_second_order(P, I, reverse):
+    def inner(wh):
+        hs = rnn_stacked(I["x"], I["h0"], P["wx"], wh, P["b"], reverse)
+        return jnp.sum(hs[:, -1] * hs[:, 2])
+
+    e, gw = jax.value_and_grad(inner)(P["wh"])
+    return e + jnp.sum(gw * gw)
+
+
+for checkpoint in ("false", "true"):
+    for reverse in ("false", "true"):
+        case(
+            f"scan_second_order_ckpt_{checkpoint}_rev_{reverse}",
+            RNN_CELL + "model m { input x: f64[2, 5, 3] input h0: f64[2, 4] "
+            "param wx: f64[3, 4] = zeros param wh: f64[4, 4] = zeros param b: f64[4] = zeros "
+            f"let hs = scan(cell, x, init = h0, with = [wx, wh, b], checkpoint = {checkpoint}, reverse = {reverse}) "
+            "let e = sum(hs[:, -1] * hs[:, 2]) let gw = grad(e, wh) loss e + sum(gw * gw) }",
+            {"x": ((2, 5, 3), "f"), "h0": ((2, 4), "f")},
+            {"wx": (3, 4), "wh": (4, 4), "b": (4,)},
+            lambda P, I, reverse=(reverse == "true"): scan_second_order(P, I, reverse),
+        )
 
 
 def attention(x, wq, wk, wv, heads):
@@ -523,7 +613,9 @@ def main():
     rng = np.random.default_rng(0)
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for name, model, inputs, params, loss, outputs in CASES:
+        for (name, model, inputs, params, loss, outputs), backend in (
+            (case, backend) for case in CASES for backend in BACKENDS
+        ):
             I = {k: draw(rng, s, kind) for k, (s, kind) in inputs.items()}
             P = {k: rng.uniform(-1, 1, s) for k, s in params.items()}
             model_path = os.path.join(tmp, "m.grad")
@@ -531,10 +623,11 @@ def main():
                 f.write(model)
             write_safetensors(os.path.join(tmp, "in.safetensors"), {**I, **P})
             run = subprocess.run(
-                [GRADC, "grad", model_path, "--tensors", os.path.join(tmp, "in.safetensors"), "--out", os.path.join(tmp, "out.safetensors"), "--dtype", "f64"],
+                [GRADC, "grad", model_path, "--tensors", os.path.join(tmp, "in.safetensors"), "--out", os.path.join(tmp, "out.safetensors"), "--dtype", "f64", "--backend", backend],
                 capture_output=True,
                 text=True,
             )
+            name = f"{name} ({backend})"
             if run.returncode != 0:
                 print(f"FAILED {name}: gradc exited {run.returncode}\n{run.stderr}")
                 failures += 1
@@ -552,8 +645,8 @@ def main():
                 worst = max(worst, float(np.max(np.abs(got - want))) / scale)
             status = "ok" if worst < TOLERANCE else "FAILED"
             failures += status != "ok"
-            print(f"{name:<28} worst relative error {worst:.2e}  {status}")
-    print(f"{len(CASES) - failures} passed, {failures} failed")
+            print(f"{name:<44} worst relative error {worst:.2e}  {status}")
+    print(f"{len(CASES) * len(BACKENDS) - failures} passed, {failures} failed")
     return 1 if failures else 0
 
 
