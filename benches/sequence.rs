@@ -108,9 +108,18 @@ fn uniform(stream: &mut Stream, dtype: DType, shape: Vec<usize>) -> Tensor {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let wants = |name: &str| !args.iter().any(|a| a == "lstm" || a == "attention") || args.iter().any(|a| a == name);
-    let backends: &[bool] = if args.iter().any(|a| a == "interp") { &[true, false] } else { &[true] };
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wants = |name: &str| {
+        !args.iter().any(|a| a == "lstm" || a == "attention") || args.iter().any(|a| a == name)
+    };
+    let backends: &[bool] = if args.iter().any(|a| a == "interp") {
+        &[true, false]
+    } else {
+        &[true]
+    };
     let mut stream = Stream::new(7);
     for &jit in backends {
         if wants("lstm") {
@@ -120,13 +129,25 @@ fn main() {
                 ("x".to_string(), x),
                 ("y".to_string(), Tensor::new(DType::I32, vec![64], y)),
             ];
-            bench("lstm (batch 64, 8 steps, hidden 128)", LSTM, batch, if jit { 200 } else { 5 }, jit);
+            bench(
+                "lstm (batch 64, 8 steps, hidden 128)",
+                LSTM,
+                batch,
+                if jit { 200 } else { 5 },
+                jit,
+            );
         }
         if wants("attention") {
             let x = uniform(&mut stream, DType::F32, vec![32, 64, 128]);
             let y = uniform(&mut stream, DType::F32, vec![32, 64, 128]);
             let batch = vec![("x".to_string(), x), ("y".to_string(), y)];
-            bench("attention (batch 32, T 64, D 128, 4 heads)", ATTENTION, batch, if jit { 50 } else { 3 }, jit);
+            bench(
+                "attention (batch 32, T 64, D 128, 4 heads)",
+                ATTENTION,
+                batch,
+                if jit { 50 } else { 3 },
+                jit,
+            );
         }
     }
 }

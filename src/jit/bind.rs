@@ -77,6 +77,11 @@ pub(super) struct Product {
     pub(super) slots: [usize; 3],
     pub(super) a: Matrix,
     pub(super) b: Matrix,
+    /// For a batched product (`batch_matmul`), where each product's `a`
+    /// and `b` start in their buffers, one pair per matrix of the result
+    /// (in order: result `i` starts at `i` times its size); leading axes
+    /// broadcast by repeating offsets. Empty for one product.
+    pub(super) batches: Vec<(usize, usize)>,
 }
 
 /// A buffer as a matrix: its rows and columns as stored (`matrix_dims`),
@@ -690,6 +695,7 @@ pub(super) fn plan_product(
         } if graph.node(operands[0]).shape().rank() == graph.node(operands[1]).shape().rank() => {
             ((operands[0], true), (operands[1], false))
         }
+        Op::BatchMatMul => return plan_batch_product(graph, slots, values, id),
         _ => return None,
     };
     let (&left, &right, &out) = (slots.get(&left)?, slots.get(&right)?, slots.get(&id)?);
@@ -716,6 +722,74 @@ pub(super) fn plan_product(
         slots: [left, right, out],
         a,
         b,
+        batches: Vec::new(),
+    })
+}
+
+/// Plans a batched product `[..., M, K] @ [..., K, N]` as one GEMM per
+/// matrix of the result, each operand's matrix found by NumPy's
+/// broadcasting of the leading axes.
+fn plan_batch_product(
+    graph: &Graph,
+    slots: &IdMap<usize>,
+    values: &[(NodeId, Vec<usize>)],
+    id: NodeId,
+) -> Option<Product> {
+    let operands = graph.operands(id);
+    let (&left, &right, &out) = (
+        slots.get(&operands[0])?,
+        slots.get(&operands[1])?,
+        slots.get(&id)?,
+    );
+    let (a_shape, b_shape, c_shape) = (&values[left].1, &values[right].1, &values[out].1);
+    let (ra, rb, rc) = (a_shape.len(), b_shape.len(), c_shape.len());
+    if ra < 2 || rb < 2 || rc < 2 || left == out || right == out {
+        return None;
+    }
+    let (m, k, n) = (a_shape[ra - 2], a_shape[ra - 1], b_shape[rb - 1]);
+    if b_shape[rb - 2] != k || c_shape[rc - 2] != m || c_shape[rc - 1] != n {
+        return None;
+    }
+    let lead = &c_shape[..rc - 2];
+    let count: usize = lead.iter().product();
+    // Each operand's leading axes, aligned to the result's from the right.
+    let offset = |shape: &[usize], index: &[usize], size: usize| -> Option<usize> {
+        let own = &shape[..shape.len() - 2];
+        let skip = lead.len().checked_sub(own.len())?;
+        let mut flat = 0;
+        for (d, &extent) in own.iter().enumerate() {
+            let at = if extent == 1 { 0 } else { index[skip + d] };
+            flat = flat * extent + at;
+        }
+        Some(flat * size)
+    };
+    let mut batches = Vec::with_capacity(count);
+    let mut index = vec![0; lead.len()];
+    for _ in 0..count {
+        batches.push((
+            offset(a_shape, &index, m * k)?,
+            offset(b_shape, &index, k * n)?,
+        ));
+        for d in (0..lead.len()).rev() {
+            index[d] += 1;
+            if index[d] < lead[d] {
+                break;
+            }
+            index[d] = 0;
+        }
+    }
+    let matrix = |rows, cols| Matrix {
+        rows,
+        cols,
+        transposed: false,
+    };
+    Some(Product {
+        id,
+        dtype: graph.node(id).dtype(),
+        slots: [left, right, out],
+        a: matrix(m, k),
+        b: matrix(k, n),
+        batches,
     })
 }
 
@@ -758,6 +832,62 @@ pub(super) fn moves(
             _ => None,
         },
     )
+}
+
+/// The most copy blocks a permutation is split into; beyond, the
+/// interpreter moves its elements.
+const PERMUTE_BLOCKS: usize = 4096;
+
+/// The copy blocks of a permutation of an operand of `shape` (axis `i` of
+/// the result is axis `axes[i]`): its axes as levels of (size, stride read,
+/// stride written), size-1 axes dropped and neighbours that stay
+/// neighbours merged; the innermost three levels make a block, one block
+/// per index of the levels outside them. Empty when that is more than
+/// [`PERMUTE_BLOCKS`] blocks.
+fn permute_blocks(shape: &[usize], axes: &[usize]) -> Vec<CopyBlock> {
+    let strides = crate::interp::tensor::strides(shape);
+    let sizes: Vec<usize> = axes.iter().map(|&a| shape[a]).collect();
+    let written = crate::interp::tensor::strides(&sizes);
+    let mut levels: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, &a) in axes.iter().enumerate() {
+        if shape[a] == 1 {
+            continue;
+        }
+        let level = (shape[a], strides[a], written[i]);
+        match levels.last_mut() {
+            Some(last) if last.1 == level.1 * level.0 && last.2 == level.2 * level.0 => {
+                *last = (last.0 * level.0, level.1, level.2);
+            }
+            _ => levels.push(level),
+        }
+    }
+    while levels.len() < 3 {
+        levels.insert(0, (1, 0, 0));
+    }
+    let (outer, inner) = levels.split_at(levels.len() - 3);
+    let count: usize = outer.iter().map(|l| l.0).product();
+    if count > PERMUTE_BLOCKS {
+        return Vec::new();
+    }
+    let mut blocks = Vec::with_capacity(count);
+    let mut index = vec![0; outer.len()];
+    for _ in 0..count {
+        let from: usize = index.iter().zip(outer).map(|(i, l)| i * l.1).sum();
+        let to: usize = index.iter().zip(outer).map(|(i, l)| i * l.2).sum();
+        blocks.push(CopyBlock {
+            counts: [inner[0].0, inner[1].0, inner[2].0],
+            from: (from, [inner[0].1, inner[1].1, inner[2].1]),
+            to: (to, [inner[0].2, inner[1].2, inner[2].2]),
+        });
+        for d in (0..outer.len()).rev() {
+            index[d] += 1;
+            if index[d] < outer[d].0 {
+                break;
+            }
+            index[d] = 0;
+        }
+    }
+    blocks
 }
 
 /// How a node `moved_operands` accepts is its operands' elements moved, at
@@ -822,6 +952,16 @@ pub(super) fn copy_blocks(
                 })
                 .collect();
             Some(blocks)
+        }
+        Op::Permute { axes } => {
+            let shape = shape_of(operands[0])?;
+            Some(
+                permute_blocks(&shape, axes)
+                    .into_iter()
+                    .map(|b| (operands[0], b))
+                    .collect(),
+            )
+            .filter(|blocks: &Vec<_>| !blocks.is_empty())
         }
         Op::Slice {
             axis,

@@ -21,6 +21,7 @@ use crate::jit::native::frame::Stored;
 use crate::jit::native::gemm::GemmElement;
 use crate::jit::native::gemm::MatrixView;
 use crate::jit::native::gemm::gemm_parallel;
+use crate::jit::native::gemm::{PARALLEL_PRODUCT, gemm, product_threads};
 use crate::jit::scan::LoopBody;
 use crate::passes::fusion::{self};
 
@@ -150,6 +151,20 @@ impl StepHost<'_> {
         let [left, right, out] = product.slots;
         let (a, b) = (product.a, product.b);
         let elems = product.slots.map(|slot| buffers.elem(slot));
+        if !product.batches.is_empty() {
+            return match (product.dtype, elems) {
+                (DType::F32, [Elem::F32, Elem::F32, Elem::F32]) => {
+                    batch_product_in_place::<f32>(buffers, product)
+                }
+                (DType::F64, [Elem::F64, Elem::F64, Elem::F64]) => {
+                    batch_product_in_place::<f64>(buffers, product)
+                }
+                // (Another storage: the interpreter runs it.)
+                _ => return Ok(false),
+            }
+            .map(|()| true)
+            .map_err(internal);
+        }
         match (product.dtype, elems) {
             // Straight from the buffers.
             (DType::F32, [Elem::F32, Elem::F32, Elem::F32]) => {
@@ -203,6 +218,57 @@ pub(super) fn product_in_place<T: GemmElement + Stored + Send + Sync>(
                 }
                 _ => Err(CodegenError("an operand does not fit".into())),
             }
+        })
+        .and_then(|r| r)
+}
+
+/// A batched product (`product.batches`) straight from buffers holding
+/// `T`s: one GEMM per matrix of the result, the batches split between
+/// two threads when the whole product is large enough to gain from them.
+fn batch_product_in_place<T: GemmElement + Stored + Send + Sync>(
+    buffers: &mut Buffers<'_>,
+    product: &Product,
+) -> Result<(), CodegenError> {
+    let [left, right, out] = product.slots;
+    let (a, b) = (product.a, product.b);
+    let size = a.rows * b.cols;
+    let run = |reads: [&[T]; 2], c: &mut [T], batches: &[(usize, usize)]| {
+        for (&(a_at, b_at), c) in batches.iter().zip(c.chunks_exact_mut(size.max(1))) {
+            let (Some(a_data), Some(b_data)) = (
+                reads[0].get(a_at..a_at + a.rows * a.cols),
+                reads[1].get(b_at..b_at + b.rows * b.cols),
+            ) else {
+                return Err(CodegenError("a batch of the product does not fit".into()));
+            };
+            let (Some(a_view), Some(b_view)) = (matrix_view(a_data, a), matrix_view(b_data, b))
+            else {
+                return Err(CodegenError("an operand does not fit".into()));
+            };
+            gemm(a_view, b_view, c)?;
+        }
+        Ok(())
+    };
+    buffers
+        .compute::<T, _, 2>([left, right], out, |reads, c| {
+            let batches = &product.batches;
+            let Some(c) = c.get_mut(..batches.len() * size) else {
+                return Err(CodegenError("the product does not fit".into()));
+            };
+            let work = batches.len() * a.rows * a.cols * b.cols;
+            if product_threads() < 2 || work < PARALLEL_PRODUCT / 16 || batches.len() < 2 {
+                return run(reads, c, batches);
+            }
+            let half = batches.len() / 2;
+            let (c_first, c_second) = c.split_at_mut(half * size);
+            let (first, second) = batches.split_at(half);
+            std::thread::scope(|scope| {
+                let other = scope.spawn(|| run(reads, c_second, second));
+                let mine = run(reads, c_first, first);
+                other
+                    .join()
+                    .unwrap_or_else(|_| Err(CodegenError("a product thread panicked".into())))
+                    .and(mine)
+            })
         })
         .and_then(|r| r)
 }

@@ -561,7 +561,7 @@ pub(super) fn moved_operands(graph: &Graph, id: NodeId) -> Option<Vec<NodeId>> {
         Op::Reshape => Some(vec![operands[0]]),
         Op::Transpose if rank(operands[0]) >= 2 => Some(vec![operands[0]]),
         Op::Concat { .. } => Some(operands),
-        Op::Slice { .. } => Some(vec![operands[0]]),
+        Op::Slice { .. } | Op::Permute { .. } => Some(vec![operands[0]]),
         _ => None,
     }
 }
