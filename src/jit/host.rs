@@ -83,6 +83,27 @@ impl StepHost<'_> {
             ..Evaluation::default()
         });
         scratch.values.clear();
+        if let Op::ScanResult { index } = graph.node(id).op {
+            // Straight from the scan's results: moved out unless another
+            // node reads the same result.
+            let scan = graph.operands(id)[0];
+            let shared = graph.users(scan).into_iter().any(|user| {
+                user != id
+                    && matches!(graph.node(user).op, Op::ScanResult { index: i } if i == index)
+            });
+            let value = scratch
+                .results
+                .get_mut(&scan)
+                .and_then(|results| results.get_mut(index))
+                .map(|result| match shared {
+                    true => result.data.clone(),
+                    false => std::mem::take(&mut result.data),
+                })
+                .ok_or_else(|| InterpError::Internal(format!("{id}: no scan result {index}")))?;
+            return buffers
+                .write(slot_in(self.slots, id)?, &value)
+                .map_err(|e| InterpError::Internal(format!("{id}: {e}")));
+        }
         let needed = fusion::reads(graph, id);
         for operand in graph.operands(id) {
             let node = graph.node(operand);
@@ -112,10 +133,15 @@ impl StepHost<'_> {
                     entry.insert(LoopBody::new(scan)?)
                 }
             };
-            let operands: Vec<Tensor> = graph
-                .operands(id)
+            // (Moved out, but for an operand given twice.)
+            let ids = graph.operands(id);
+            let operands: Vec<Tensor> = ids
                 .iter()
-                .map(|o| scratch.values.get(o).cloned())
+                .enumerate()
+                .map(|(i, o)| match ids[i + 1..].contains(o) {
+                    true => scratch.values.get(o).cloned(),
+                    false => scratch.values.remove(o),
+                })
                 .collect::<Option<_>>()
                 .ok_or_else(|| InterpError::Internal(format!("{id}: an operand is missing")))?;
             let results = loop_body.run(scan, &operands, dims, self.context)?;

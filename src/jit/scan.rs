@@ -90,6 +90,18 @@ impl LoopBody {
             .iter()
             .map(|&size| vec![0.0; size * length])
             .collect();
+        // The new carries become the next step's by exchanging buffers,
+        // when each carry's result has a buffer of its own; else copied.
+        let carry_slots: Vec<Option<usize>> = (0..scan.carries).map(|c| slot(inputs[c])).collect();
+        let exchange = {
+            let mut seen = std::collections::BTreeSet::new();
+            (0..scan.carries).all(|c| {
+                let result = result_slots[c];
+                carry_slots[c].is_some()
+                    && seen.insert(result)
+                    && !carry_slots.contains(&Some(result))
+            })
+        };
         let mut carried: Vec<Vec<f64>> = vec![Vec::new(); scan.carries];
         for step in 0..length {
             let t = if scan.reverse {
@@ -128,7 +140,17 @@ impl LoopBody {
                     .iter()
                     .zip(&sizes[scan.carries..]),
             ) {
-                output[t * size..(t + 1) * size].copy_from_slice(&buffers.read(slot, size));
+                buffers
+                    .read_to(slot, &mut output[t * size..(t + 1) * size])
+                    .map_err(internal)?;
+            }
+            if exchange {
+                for (c, leaf) in carry_slots.iter().enumerate() {
+                    if let Some(leaf) = *leaf {
+                        buffers.swap(result_slots[c], leaf).map_err(internal)?;
+                    }
+                }
+                continue;
             }
             // The new carries into the carries' buffers, for the next step.
             for (carry, value) in carried.iter_mut().enumerate() {
@@ -136,9 +158,19 @@ impl LoopBody {
                 value.extend_from_slice(&buffers.read(result_slots[carry], sizes[carry]));
             }
             for (carry, value) in carried.iter().enumerate() {
-                if let Some(slot) = slot(inputs[carry]) {
+                if let Some(slot) = carry_slots[carry] {
                     buffers.write(slot, value).map_err(internal)?;
                 }
+            }
+        }
+        if exchange && length > 0 {
+            // (The final carries are in the carries' buffers now.)
+            let buffers = bound.frame.buffers();
+            for (c, value) in carried.iter_mut().enumerate() {
+                let leaf = carry_slots[c]
+                    .ok_or_else(|| InterpError::Internal("a carry without a buffer".into()))?;
+                value.clear();
+                value.extend_from_slice(&buffers.read(leaf, sizes[c]));
             }
         }
         let mut out = Vec::with_capacity(scan.results.len());

@@ -273,9 +273,13 @@ impl Plan {
         readers
     }
 
-    /// Values a kernel writes for later kernels or as results.
+    /// Values a kernel writes for later kernels or as results; and, in a
+    /// kernel in passes, a costly value (`exp` of a softmax) that a row
+    /// reduction and a later pass both read: stored in the pass that sums
+    /// it and loaded back, not computed twice.
     pub fn outputs(&self, graph: &Graph, k: usize) -> Vec<NodeId> {
-        self.kernels[k]
+        let kernel = &self.kernels[k];
+        kernel
             .nodes
             .iter()
             .copied()
@@ -283,6 +287,7 @@ impl Plan {
                 graph.node(id).role != Role::Intermediate
                     || graph.node(id).retain
                     || !self.reader_kernels(graph, id).is_empty()
+                    || (kernel.passes && read_again_after_its_sum(graph, kernel, id))
             })
             .collect()
     }
@@ -438,14 +443,36 @@ pub fn plan(graph: &Graph) -> Plan {
 /// take it over (which would compute it again in each pass that reads
 /// it, no buffer holding it).
 fn holds_costly_work(graph: &Graph, kernel: &Kernel) -> bool {
-    kernel.nodes.iter().any(|&id| match graph.node(id).op {
+    kernel.nodes.iter().any(|&id| is_costly(&graph.node(id).op))
+}
+
+/// Whether an elementwise op is costly to compute again: a transcendental
+/// function or a power.
+fn is_costly(op: &Op) -> bool {
+    match op {
         Op::Unary(f) => !matches!(
             f,
             UnaryFn::Neg | UnaryFn::Abs | UnaryFn::Relu | UnaryFn::Sqrt
         ),
-        Op::Binary(f) => f == BinaryFn::Pow,
+        Op::Binary(f) => *f == BinaryFn::Pow,
         _ => false,
-    })
+    }
+}
+
+/// Whether `id`, a costly value of a kernel in passes with the kernel's
+/// loop shape, is read both by one of the kernel's row reductions and by
+/// another of its nodes (which runs in a later pass).
+fn read_again_after_its_sum(graph: &Graph, kernel: &Kernel, id: NodeId) -> bool {
+    if !is_costly(&graph.node(id).op) || *graph.node(id).shape() != kernel.loop_shape {
+        return false;
+    }
+    let users: Vec<NodeId> = graph
+        .users(id)
+        .into_iter()
+        .filter(|u| kernel.nodes.contains(u))
+        .collect();
+    users.iter().any(|&u| is_row_reduction(graph, u))
+        && users.iter().any(|&u| !is_row_reduction(graph, u))
 }
 
 /// Whether every node of a kernel (after a matrix product's) fits passes

@@ -177,6 +177,17 @@ impl Buffers<'_> {
         self.0[slot].read(count)
     }
 
+    /// The first `out.len()` elements of buffer `slot` as `f64`s, into
+    /// `out`; an error if the buffer is shorter.
+    pub(crate) fn read_to(&self, slot: usize, out: &mut [f64]) -> Result<(), CodegenError> {
+        let short = || CodegenError(format!("buffer {slot} is shorter than {}", out.len()));
+        match &self.0[slot] {
+            Storage::F64(data) => out.copy_from_slice(data.get(..out.len()).ok_or_else(short)?),
+            Storage::F32(data) => widen_elements(data.get(..out.len()).ok_or_else(short)?, out),
+        }
+        Ok(())
+    }
+
     /// Writes `values` into the first elements of buffer `slot`.
     pub fn write(&mut self, slot: usize, values: &[f64]) -> Result<(), CodegenError> {
         self.0[slot].write(values)
