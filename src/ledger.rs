@@ -443,8 +443,13 @@ pub fn flops(graph: &Graph, id: NodeId, batch: u64) -> u64 {
             count(graph, id, batch).saturating_mul(k).saturating_mul(2)
         }
         // `2 k` per output element, `k` the left operand's last axis.
-        Op::BatchMatMul => {
-            let k = match graph.node(operands[0]).shape().0.last() {
+        Op::BatchMatMul { transpose_a, .. } => {
+            let shape = graph.node(operands[0]).shape();
+            let inner = match transpose_a {
+                false => shape.0.last(),
+                true => shape.0.get(shape.rank().saturating_sub(2)),
+            };
+            let k = match inner {
                 Some(Dim::Fixed(k)) => *k,
                 _ => batch,
             };

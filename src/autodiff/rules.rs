@@ -54,7 +54,7 @@ pub fn rule(op: &Op, operand: usize) -> Rule {
         | Op::Triangle { .. }
         | Op::Reshape
         | Op::MatMul
-        | Op::BatchMatMul
+        | Op::BatchMatMul { .. }
         | Op::SumTo
         | Op::Expand
         | Op::Softmax { .. }
@@ -347,16 +347,32 @@ pub fn gradient(
         // y = a @ b, both batched: g @ b^T and a^T @ g, each summed back
         // over the leading axes broadcasting stretched (the caller's
         // `sum_to`).
-        Op::BatchMatMul => {
+        // (An operand read transposed gets the transpose of its gradient
+        // as read; the `transpose` pass folds these transposes.)
+        Op::BatchMatMul {
+            transpose_a,
+            transpose_b,
+        } => {
             let b = *inputs.get(1)?;
+            let plain = Op::BatchMatMul {
+                transpose_a: false,
+                transpose_b: false,
+            };
+            let read = |emit: &mut dyn Emit, v, swapped: bool| match swapped {
+                true => emit.op(Op::Transpose, &[v], None),
+                false => v,
+            };
+            let (a_read, b_read) = (read(emit, x, *transpose_a), read(emit, b, *transpose_b));
             match position {
                 0 => {
-                    let bt = emit.op(Op::Transpose, &[b], None);
-                    emit.op(Op::BatchMatMul, &[g, bt], None)
+                    let bt = emit.op(Op::Transpose, &[b_read], None);
+                    let g_a = emit.op(plain, &[g, bt], None);
+                    read(emit, g_a, *transpose_a)
                 }
                 _ => {
-                    let at = emit.op(Op::Transpose, &[x], None);
-                    emit.op(Op::BatchMatMul, &[at, g], None)
+                    let at = emit.op(Op::Transpose, &[a_read], None);
+                    let g_b = emit.op(plain, &[at, g], None);
+                    read(emit, g_b, *transpose_b)
                 }
             }
         }
@@ -757,7 +773,7 @@ pub fn grad_fn(op: &Op) -> &'static str {
         Op::Iota => "ArangeBackward",
         Op::Triangle { upper: false, .. } => "TrilBackward",
         Op::Triangle { upper: true, .. } => "TriuBackward",
-        Op::BatchMatMul => "BmmBackward",
+        Op::BatchMatMul { .. } => "BmmBackward",
         Op::Reduce { func, .. } => match func {
             ReduceFn::Sum => "SumBackward",
             ReduceFn::Mean => "MeanBackward",

@@ -408,7 +408,22 @@ fn run(
             &inputs[1].shape,
         ),
         Op::Transpose => kernels::transpose(&x().data, &x().shape),
-        Op::BatchMatMul => kernels::batch_matmul(inputs[0], inputs[1], shape),
+        Op::BatchMatMul {
+            transpose_a,
+            transpose_b,
+        } => {
+            let read = |t: &Tensor, swapped: bool| match swapped {
+                false => t.clone(),
+                true => {
+                    let mut shape = t.shape.clone();
+                    let r = shape.len();
+                    shape.swap(r - 1, r - 2);
+                    Tensor::new(t.dtype, shape, kernels::transpose(&t.data, &t.shape))
+                }
+            };
+            let (a, b) = (read(inputs[0], *transpose_a), read(inputs[1], *transpose_b));
+            kernels::batch_matmul(&a, &b, shape)
+        }
         Op::Permute { axes } => kernels::permute(x(), axes),
         Op::Triangle { k, upper } => kernels::triangle(x(), *k, *upper),
         Op::Iota => (0..shape[0]).map(|i| i as f64).collect(),

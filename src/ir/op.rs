@@ -277,8 +277,15 @@ pub enum Op {
     Transpose,
     /// `a @ b` of two batched operands, `[..., M, K] @ [..., K, N]`, the
     /// leading axes broadcast as NumPy's `matmul` broadcasts them (either
-    /// operand may have none): attention's `Q @ K^T`.
-    BatchMatMul,
+    /// operand may have none): attention's `Q @ K^T`. An operand with its
+    /// flag set is read with its last two axes swapped (what the
+    /// `transpose` pass folds `transpose(k)` into).
+    BatchMatMul {
+        /// Read the left operand transposed.
+        transpose_a: bool,
+        /// Read the right operand transposed.
+        transpose_b: bool,
+    },
     /// `0, 1, ..., n - 1` in the node's float type, `n` its one
     /// dimension (`arange(n)`). No operands.
     Iota,
@@ -528,7 +535,7 @@ impl Op {
             Op::Binary(f) => f.name().into(),
             Op::MatMul | Op::MatMulT { .. } => "matmul".into(),
             Op::Transpose => "transpose".into(),
-            Op::BatchMatMul => "batch_matmul".into(),
+            Op::BatchMatMul { .. } => "batch_matmul".into(),
             Op::Permute { .. } => "permute".into(),
             Op::Iota => "arange".into(),
             Op::Triangle { upper: false, .. } => "tril".into(),
@@ -607,7 +614,6 @@ impl Op {
             | Op::Unary(_)
             | Op::Binary(_)
             | Op::MatMul
-            | Op::BatchMatMul
             | Op::Iota
             | Op::Transpose
             | Op::Reshape
@@ -628,6 +634,10 @@ impl Op {
             | Op::DeadFraction => String::new(),
             Op::RunningStat { momentum, .. } => format!("momentum={momentum:?}"),
             Op::MatMulT {
+                transpose_a,
+                transpose_b,
+            }
+            | Op::BatchMatMul {
                 transpose_a,
                 transpose_b,
             } => match (transpose_a, transpose_b) {
@@ -752,12 +762,24 @@ impl Op {
                 );
                 Op::MatMul.infer(&[&a, &b], declared)
             }
-            Op::BatchMatMul => {
+            Op::BatchMatMul {
+                transpose_a,
+                transpose_b,
+            } => {
                 arity(operands, 2)?;
                 let dtype = same_float(operands)?;
-                let (a, b) = (&operands[0].shape, &operands[1].shape);
-                rank_in(a, 0, 2, usize::MAX, "at least 2")?;
-                rank_in(b, 1, 2, usize::MAX, "at least 2")?;
+                rank_in(&operands[0].shape, 0, 2, usize::MAX, "at least 2")?;
+                rank_in(&operands[1].shape, 1, 2, usize::MAX, "at least 2")?;
+                let read = |s: &Shape, swapped: bool| {
+                    let mut s = s.clone();
+                    let r = s.rank();
+                    if swapped {
+                        s.0.swap(r - 1, r - 2);
+                    }
+                    s
+                };
+                let a = &read(&operands[0].shape, *transpose_a);
+                let b = &read(&operands[1].shape, *transpose_b);
                 let (k_left, k_right) = (&a.0[a.rank() - 1], &b.0[b.rank() - 2]);
                 if k_left != k_right {
                     return Err(TypeError::Inner {

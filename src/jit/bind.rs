@@ -695,7 +695,10 @@ pub(super) fn plan_product(
         } if graph.node(operands[0]).shape().rank() == graph.node(operands[1]).shape().rank() => {
             ((operands[0], true), (operands[1], false))
         }
-        Op::BatchMatMul => return plan_batch_product(graph, slots, values, id),
+        Op::BatchMatMul {
+            transpose_a,
+            transpose_b,
+        } => return plan_batch_product(graph, slots, values, id, (*transpose_a, *transpose_b)),
         _ => return None,
     };
     let (&left, &right, &out) = (slots.get(&left)?, slots.get(&right)?, slots.get(&id)?);
@@ -734,6 +737,7 @@ fn plan_batch_product(
     slots: &IdMap<usize>,
     values: &[(NodeId, Vec<usize>)],
     id: NodeId,
+    (transpose_a, transpose_b): (bool, bool),
 ) -> Option<Product> {
     let operands = graph.operands(id);
     let (&left, &right, &out) = (
@@ -746,8 +750,14 @@ fn plan_batch_product(
     if ra < 2 || rb < 2 || rc < 2 || left == out || right == out {
         return None;
     }
-    let (m, k, n) = (a_shape[ra - 2], a_shape[ra - 1], b_shape[rb - 1]);
-    if b_shape[rb - 2] != k || c_shape[rc - 2] != m || c_shape[rc - 1] != n {
+    // Each operand's last two axes as stored, and as read.
+    let stored = |s: &[usize]| (s[s.len() - 2], s[s.len() - 1]);
+    let read = |(r, c): (usize, usize), swapped: bool| if swapped { (c, r) } else { (r, c) };
+    let ((m, k), (k_b, n)) = (
+        read(stored(a_shape), transpose_a),
+        read(stored(b_shape), transpose_b),
+    );
+    if k_b != k || c_shape[rc - 2] != m || c_shape[rc - 1] != n {
         return None;
     }
     let lead = &c_shape[..rc - 2];
@@ -778,17 +788,17 @@ fn plan_batch_product(
             index[d] = 0;
         }
     }
-    let matrix = |rows, cols| Matrix {
+    let matrix = |(rows, cols): (usize, usize), transposed| Matrix {
         rows,
         cols,
-        transposed: false,
+        transposed,
     };
     Some(Product {
         id,
         dtype: graph.node(id).dtype(),
         slots: [left, right, out],
-        a: matrix(m, k),
-        b: matrix(k, n),
+        a: matrix(stored(a_shape), transpose_a),
+        b: matrix(stored(b_shape), transpose_b),
         batches,
     })
 }

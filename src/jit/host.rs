@@ -257,7 +257,7 @@ fn batch_product_in_place<T: GemmElement + Stored + Send + Sync>(
 ) -> Result<(), CodegenError> {
     let [left, right, out] = product.slots;
     let (a, b) = (product.a, product.b);
-    let size = a.rows * b.cols;
+    let size = a.read_rows() * b.read_cols();
     let run = |reads: [&[T]; 2], c: &mut [T], batches: &[(usize, usize)]| {
         for (&(a_at, b_at), c) in batches.iter().zip(c.chunks_exact_mut(size.max(1))) {
             let (Some(a_data), Some(b_data)) = (
@@ -280,7 +280,7 @@ fn batch_product_in_place<T: GemmElement + Stored + Send + Sync>(
             let Some(c) = c.get_mut(..batches.len() * size) else {
                 return Err(CodegenError("the product does not fit".into()));
             };
-            let work = batches.len() * a.rows * a.cols * b.cols;
+            let work = batches.len() * a.rows * a.cols * b.read_cols();
             if product_threads() < 2 || work < PARALLEL_PRODUCT / 16 || batches.len() < 2 {
                 return run(reads, c, batches);
             }

@@ -322,7 +322,10 @@ impl Lowering<'_, '_> {
             BinaryOp::MatMul => {
                 let rank = |value| self.shape_of(value).map(|s| s.rank());
                 match (rank(left), rank(right)) {
-                    (Some(a), Some(b)) if b >= 3 || (a > 3 && b >= 2) => Op::BatchMatMul,
+                    (Some(a), Some(b)) if b >= 3 || (a > 3 && b >= 2) => Op::BatchMatMul {
+                        transpose_a: false,
+                        transpose_b: false,
+                    },
                     _ => Op::MatMul,
                 }
             }
@@ -537,7 +540,7 @@ impl Lowering<'_, '_> {
                     format!("matrix product of `{}` and `{}`: inner dimensions {left} and {right} differ", types[0].shape, types[1].shape),
                 )
                 .with_label(match op {
-                    Op::BatchMatMul => "the left operand's last dimension must equal the right operand's second to last",
+                    Op::BatchMatMul { .. } => "the left operand's last dimension must equal the right operand's second to last",
                     _ => "the left operand's last dimension must equal the right operand's first",
                 })
                 .with_secondary(operands[0].span, label(0))
@@ -1965,7 +1968,7 @@ fn shape_help(op: &Op, a: &Shape, b: &Shape) -> String {
         Op::Binary(_) => {
             "dimensions must be equal or 1, compared from the right (NumPy broadcasting)".into()
         }
-        Op::BatchMatMul => "the axes before the last two are batch axes: each pair must be equal or one of them 1, compared from the right (NumPy's `matmul`)".into(),
+        Op::BatchMatMul { .. } => "the axes before the last two are batch axes: each pair must be equal or one of them 1, compared from the right (NumPy's `matmul`)".into(),
         _ => "make the shapes agree".into(),
     }
 }

@@ -1,9 +1,10 @@
 //! Transposes folded into matrix products: `a @ transpose(b)` becomes one
 //! `matmul` that reads `b` transposed (`transpose_b`), and likewise for a
-//! 2-D left operand, so no transposed copy is ever materialized.
+//! 2-D left operand, so no transposed copy is ever materialized; a batched
+//! product (`batch_matmul`) folds a transposed operand of any rank.
 
 use super::replace;
-use crate::ir::{Graph, Node, Op, Role};
+use crate::ir::{Graph, Node, NodeId, Op, Role};
 
 /// Folds transposes into matmul operand flags; true if any was folded.
 pub fn run(graph: &mut Graph) -> bool {
@@ -13,6 +14,14 @@ pub fn run(graph: &mut Graph) -> bool {
             continue;
         }
         let node = graph.node(id).clone();
+        if let Op::BatchMatMul {
+            transpose_a,
+            transpose_b,
+        } = node.op
+        {
+            changed |= fold_batched(graph, id, node, (transpose_a, transpose_b));
+            continue;
+        }
         let (transpose_a, transpose_b) = match node.op {
             Op::MatMul => (false, false),
             Op::MatMulT {
@@ -58,4 +67,32 @@ pub fn run(graph: &mut Graph) -> bool {
         changed = true;
     }
     changed
+}
+
+/// Folds `transpose` operands (the last two axes swapped) of a batched
+/// product into its flags; true if any was folded.
+fn fold_batched(graph: &mut Graph, id: NodeId, node: Node, flags: (bool, bool)) -> bool {
+    let operands = graph.operands(id);
+    let folds = |o: NodeId| graph.node(o).op == Op::Transpose && graph.node(o).shape().rank() >= 2;
+    let (fold_a, fold_b) = (folds(operands[0]), folds(operands[1]));
+    if !fold_a && !fold_b {
+        return false;
+    }
+    let read = |o: NodeId, fold: bool| if fold { graph.operands(o)[0] } else { o };
+    let (a, b) = (read(operands[0], fold_a), read(operands[1], fold_b));
+    let product = graph.add(
+        Node {
+            op: Op::BatchMatMul {
+                transpose_a: flags.0 ^ fold_a,
+                transpose_b: flags.1 ^ fold_b,
+            },
+            role: Role::Intermediate,
+            name: None,
+            retain: false,
+            ..node
+        },
+        &[a, b],
+    );
+    replace(graph, id, product);
+    true
 }
