@@ -105,9 +105,16 @@ impl StepHost<'_> {
                 .map_err(|e| InterpError::Internal(format!("{id}: {e}")));
         }
         let needed = fusion::reads(graph, id);
+        // (A `count` reads only its operand's shape: no copy of its values.)
+        let shape_only = matches!(graph.node(id).op, Op::Count { .. });
         for operand in graph.operands(id) {
             let node = graph.node(operand);
             let value = match self.slots.get(&operand) {
+                Some(&slot) if shape_only => Tensor {
+                    dtype: node.dtype(),
+                    shape: self.values[slot].1.clone(),
+                    data: Vec::new(),
+                },
                 Some(&slot) => {
                     let shape = self.values[slot].1.clone();
                     let count = shape.iter().product::<usize>();
