@@ -45,6 +45,29 @@ pub(super) struct StepHost<'a> {
     pub(super) loops: &'a mut IdMap<LoopBody>,
 }
 
+impl<'a> StepHost<'a> {
+    /// The host work of one step of `bound` (a frame of a program running
+    /// `graph`), and the frame to run it on.
+    pub(super) fn of(
+        graph: &'a Graph,
+        bound: &'a mut crate::jit::bind::Bound,
+        context: Context,
+    ) -> (StepHost<'a>, &'a mut crate::jit::native::frame::Frame) {
+        let host = StepHost {
+            graph,
+            slots: &bound.slots,
+            values: &bound.values,
+            work: &bound.work,
+            context,
+            dims: &bound.dims,
+            scratch: None,
+            narrow: (Vec::new(), Vec::new(), Vec::new()),
+            loops: &mut bound.loops,
+        };
+        (host, &mut bound.frame)
+    }
+}
+
 impl Host for StepHost<'_> {
     fn call(&mut self, index: usize, buffers: &mut Buffers<'_>) -> Result<(), InterpError> {
         match self.work.get(index) {

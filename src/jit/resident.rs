@@ -136,18 +136,8 @@ impl Jit {
         } else {
             None
         };
-        let mut host = StepHost {
-            graph,
-            slots: &bound.slots,
-            values: &bound.values,
-            work: &bound.work,
-            context,
-            dims: &bound.dims,
-            scratch: None,
-            narrow: (Vec::new(), Vec::new(), Vec::new()),
-            loops: &mut bound.loops,
-        };
-        bound.frame.run(&mut host, context)?;
+        let (mut host, frame) = StepHost::of(graph, bound, context);
+        frame.run(&mut host, context)?;
         // Every materialized value out (or the wanted ones), as the
         // interpreter's tensors.
         // (Into the tensors of an evaluation handed back, `recycle`.)

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::interp::{Context, InterpError, Tensor, concrete};
-use crate::ir::{IdMap, NodeId, Scan, Shape, expand};
+use crate::ir::{NodeId, Scan, Shape, expand};
 use crate::jit::bind::{self, Frames, internal, own_id, slot_in};
 use crate::jit::cache::ClifText;
 use crate::jit::host::StepHost;
@@ -19,9 +19,9 @@ use crate::jit::program::{Program, compile, optimized};
 /// A scan's body, compiled, with its frames.
 pub(super) struct LoopBody {
     program: Program,
+    /// Its frames by sizes; each keeps the loops of the scans inside the
+    /// body (`Bound::loops`).
     frames: Frames,
-    /// The loops of the scans inside this body, by node.
-    loops: IdMap<LoopBody>,
 }
 
 impl LoopBody {
@@ -35,7 +35,6 @@ impl LoopBody {
         Ok(LoopBody {
             program,
             frames: Frames::default(),
-            loops: IdMap::default(),
         })
     }
 
@@ -66,7 +65,10 @@ impl LoopBody {
             expand::check_statistics(&concrete(shape, dims)?).map_err(InterpError::Runtime)?;
         }
         // (A leaf the optimized body does not read has no buffer.)
-        let slot = |id: NodeId| bound.slots.get(&id).copied();
+        let input_slots: Vec<Option<usize>> = inputs
+            .iter()
+            .map(|id| bound.slots.get(id).copied())
+            .collect();
         let result_slots: Vec<usize> = results
             .iter()
             .map(|&id| slot_in(&bound.slots, id))
@@ -79,7 +81,7 @@ impl LoopBody {
             let mut buffers = bound.frame.buffers();
             let constants = scan.carries + scan.sequences..scan.inputs.len();
             for position in (0..scan.carries).chain(constants) {
-                if let Some(slot) = slot(inputs[position]) {
+                if let Some(slot) = input_slots[position] {
                     buffers
                         .write(slot, &operands[position].data)
                         .map_err(internal)?;
@@ -92,7 +94,7 @@ impl LoopBody {
             .collect();
         // The new carries become the next step's by exchanging buffers,
         // when each carry's result has a buffer of its own; else copied.
-        let carry_slots: Vec<Option<usize>> = (0..scan.carries).map(|c| slot(inputs[c])).collect();
+        let carry_slots: Vec<Option<usize>> = input_slots[..scan.carries].to_vec();
         let exchange = {
             let mut seen = std::collections::BTreeSet::new();
             (0..scan.carries).all(|c| {
@@ -112,7 +114,7 @@ impl LoopBody {
             {
                 let mut buffers = bound.frame.buffers();
                 for position in scan.sequence_positions() {
-                    let Some(slot) = slot(inputs[position]) else {
+                    let Some(slot) = input_slots[position] else {
                         continue;
                     };
                     let sequence = &operands[position].data;
@@ -122,18 +124,8 @@ impl LoopBody {
                         .map_err(internal)?;
                 }
             }
-            let mut host = StepHost {
-                graph: &graph,
-                slots: &bound.slots,
-                values: &bound.values,
-                work: &bound.work,
-                context,
-                dims: &bound.dims,
-                scratch: None,
-                narrow: (Vec::new(), Vec::new(), Vec::new()),
-                loops: &mut self.loops,
-            };
-            bound.frame.run(&mut host, context)?;
+            let (mut host, frame) = StepHost::of(&graph, bound, context);
+            frame.run(&mut host, context)?;
             let mut buffers = bound.frame.buffers();
             for (output, (&slot, &size)) in stacked.iter_mut().zip(
                 result_slots[scan.carries..]

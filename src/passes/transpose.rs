@@ -50,20 +50,11 @@ pub fn run(graph: &mut Graph) -> bool {
         } else {
             operands[1]
         };
-        let product = graph.add(
-            Node {
-                op: Op::MatMulT {
-                    transpose_a: transpose_a ^ fold_a,
-                    transpose_b: transpose_b ^ fold_b,
-                },
-                role: Role::Intermediate,
-                name: None,
-                retain: false,
-                ..node
-            },
-            &[a, b],
-        );
-        replace(graph, id, product);
+        let op = Op::MatMulT {
+            transpose_a: transpose_a ^ fold_a,
+            transpose_b: transpose_b ^ fold_b,
+        };
+        replace_product(graph, id, node, op, [a, b]);
         changed = true;
     }
     changed
@@ -80,19 +71,26 @@ fn fold_batched(graph: &mut Graph, id: NodeId, node: Node, flags: (bool, bool)) 
     }
     let read = |o: NodeId, fold: bool| if fold { graph.operands(o)[0] } else { o };
     let (a, b) = (read(operands[0], fold_a), read(operands[1], fold_b));
+    let op = Op::BatchMatMul {
+        transpose_a: flags.0 ^ fold_a,
+        transpose_b: flags.1 ^ fold_b,
+    };
+    replace_product(graph, id, node, op, [a, b]);
+    true
+}
+
+/// Puts a product `op` of `operands` (at `node`'s source position) in
+/// place of the product `id`.
+fn replace_product(graph: &mut Graph, id: NodeId, node: Node, op: Op, operands: [NodeId; 2]) {
     let product = graph.add(
         Node {
-            op: Op::BatchMatMul {
-                transpose_a: flags.0 ^ fold_a,
-                transpose_b: flags.1 ^ fold_b,
-            },
+            op,
             role: Role::Intermediate,
             name: None,
             retain: false,
             ..node
         },
-        &[a, b],
+        &operands,
     );
     replace(graph, id, product);
-    true
 }
