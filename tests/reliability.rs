@@ -311,6 +311,51 @@ fn non_finite_tensors_and_bad_counters_in_a_checkpoint_are_errors() {
 }
 
 #[test]
+fn a_position_beyond_a_symbolic_axis_is_an_error_on_both_backends() {
+    // One position of a symbolic axis compiles (`x[:, 5]`, `x[:, -6]`) and
+    // is checked when the model runs: with T = 3 neither backend reads out
+    // of bounds, both say which index and how many positions there are.
+    for index in ["5", "-6"] {
+        let source = format!(
+            "model m {{
+                input x: f32[B, T, 4]
+                output last = x[:, {index}] * 2
+            }}"
+        );
+        let compilation = gradc::driver::compile_source(
+            "index.grad",
+            &source,
+            gradc::lower::LowerOptions::default(),
+        );
+        assert!(
+            !compilation.has_errors(),
+            "{}",
+            compilation.render_diagnostics()
+        );
+        let graph = &compilation.models[0].eval;
+        let x = Tensor::new(DType::F32, vec![2, 3, 4], vec![1.0; 24]);
+        let leaves: BTreeMap<String, Tensor> = [("x".to_string(), x)].into();
+        let context = Context { seed: 0, step: 0 };
+        let interpreted = interp::evaluate(graph, &leaves, context).map(|_| ());
+        let compiled = gradc::jit::Jit::new()
+            .run(graph, &leaves, context)
+            .map(|_| ());
+        for (backend, result) in [
+            ("interp", interpreted.map_err(|e| e.to_string())),
+            ("jit", compiled.map_err(|e| e.to_string())),
+        ] {
+            let message = result.expect_err(backend);
+            assert!(
+                message.contains(&format!(
+                    "index {index} is out of range for an axis of 3 positions"
+                )),
+                "{backend}: {message}"
+            );
+        }
+    }
+}
+
+#[test]
 fn nan_propagates_through_relu_maximum_clamp_and_max_on_both_backends() {
     let source = "model m {
         input x: f32[B, 4]

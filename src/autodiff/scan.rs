@@ -121,7 +121,16 @@ pub(super) fn vjp(
     // saved at every step instead of recomputed from the saved carries.
     let mut residuals = Vec::new();
     if !forward.checkpoint {
-        let is_forward = |id: NodeId| forward.body.contains(id) && body.node(id).op != Op::Input;
+        // (A loop inside the step is recomputed in the backward step: its
+        // other results, which its own derivative reads, are not values
+        // of the forward body.)
+        let is_forward = |id: NodeId| {
+            forward.body.contains(id)
+                && !matches!(
+                    body.node(id).op,
+                    Op::Input | Op::Scan(_) | Op::ScanResult { .. }
+                )
+        };
         let mut read = BTreeSet::new();
         for user in body.ids() {
             if forward.body.contains(user) {
