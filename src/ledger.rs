@@ -455,12 +455,27 @@ pub fn flops(graph: &Graph, id: NodeId, batch: u64) -> u64 {
             };
             count(graph, id, batch).saturating_mul(k).saturating_mul(2)
         }
+        // A loop: its body's work once per step.
+        Op::Scan(scan) => {
+            let steps = match &scan.length {
+                Dim::Fixed(n) => *n,
+                Dim::Sym(_) => batch,
+            };
+            let body: u64 = scan
+                .body
+                .ids()
+                .into_iter()
+                .map(|n| flops(&scan.body, n, batch))
+                .fold(0, u64::saturating_add);
+            body.saturating_mul(steps)
+        }
         Op::Input
         | Op::Param(_)
         | Op::Buffer(_)
         | Op::Constant(_)
         | Op::Reshape
         | Op::Identity
+        | Op::ScanResult { .. }
         | Op::StopGradient => 0,
         Op::Softmax { .. }
         | Op::LogSoftmax { .. }
