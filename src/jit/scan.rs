@@ -165,23 +165,30 @@ impl LoopBody {
                 value.extend_from_slice(&buffers.read(leaf, sizes[c]));
             }
         }
+        // (Values read from the body's buffers are of their element type
+        // already: no rounding pass.)
         let mut out = Vec::with_capacity(scan.results.len());
         for (carry, value) in carried.into_iter().enumerate() {
             let node = scan.body.node(scan.results[carry]);
-            let value = match length {
+            let data = match length {
                 0 => operands[carry].data.clone(),
                 _ => value,
             };
-            out.push(Tensor::new(
-                node.dtype(),
-                concrete(node.shape(), dims)?,
-                value,
-            ));
+            let shape = concrete(node.shape(), dims)?;
+            out.push(Tensor {
+                dtype: node.dtype(),
+                shape,
+                data,
+            });
         }
         for (j, data) in stacked.into_iter().enumerate() {
             let node = scan.body.node(scan.results[scan.carries + j]);
             let shape = concrete(&scan.stacked(node.shape()), dims)?;
-            out.push(Tensor::new(node.dtype(), shape, data));
+            out.push(Tensor {
+                dtype: node.dtype(),
+                shape,
+                data,
+            });
         }
         Ok(out)
     }
