@@ -165,31 +165,42 @@ impl LoopBody {
                 value.extend_from_slice(&buffers.read(leaf, sizes[c]));
             }
         }
-        // (Values read from the body's buffers are of their element type
-        // already: no rounding pass.)
-        let mut out = Vec::with_capacity(scan.results.len());
-        for (carry, value) in carried.into_iter().enumerate() {
-            let node = scan.body.node(scan.results[carry]);
-            let data = match length {
-                0 => operands[carry].data.clone(),
-                _ => value,
-            };
-            let shape = concrete(node.shape(), dims)?;
-            out.push(Tensor {
-                dtype: node.dtype(),
-                shape,
-                data,
-            });
-        }
-        for (j, data) in stacked.into_iter().enumerate() {
-            let node = scan.body.node(scan.results[scan.carries + j]);
-            let shape = concrete(&scan.stacked(node.shape()), dims)?;
-            out.push(Tensor {
-                dtype: node.dtype(),
-                shape,
-                data,
-            });
-        }
-        Ok(out)
+        loop_results(scan, operands, carried, stacked, dims)
     }
+}
+
+/// The loop's results as tensors: the final carries (the initial ones for
+/// a loop of no steps), then the stacked outputs. (Values read from the
+/// body's buffers are of their element type already: no rounding pass.)
+fn loop_results(
+    scan: &Scan,
+    operands: &[Tensor],
+    carried: Vec<Vec<f64>>,
+    stacked: Vec<Vec<f64>>,
+    dims: &BTreeMap<String, usize>,
+) -> Result<Vec<Tensor>, InterpError> {
+    let mut out = Vec::with_capacity(scan.results.len());
+    for (carry, value) in carried.into_iter().enumerate() {
+        let node = scan.body.node(scan.results[carry]);
+        let data = match value.is_empty() {
+            true => operands[carry].data.clone(),
+            false => value,
+        };
+        let shape = concrete(node.shape(), dims)?;
+        out.push(Tensor {
+            dtype: node.dtype(),
+            shape,
+            data,
+        });
+    }
+    for (j, data) in stacked.into_iter().enumerate() {
+        let node = scan.body.node(scan.results[scan.carries + j]);
+        let shape = concrete(&scan.stacked(node.shape()), dims)?;
+        out.push(Tensor {
+            dtype: node.dtype(),
+            shape,
+            data,
+        });
+    }
+    Ok(out)
 }
