@@ -106,26 +106,11 @@ impl StepHost<'_> {
             ..Evaluation::default()
         });
         scratch.values.clear();
-        if let Op::ScanResult { index } = graph.node(id).op {
-            // Straight from the scan's results: moved out unless another
-            // node reads the same result.
-            let scan = graph.operands(id)[0];
-            let shared = graph.users(scan).into_iter().any(|user| {
-                user != id
-                    && matches!(graph.node(user).op, Op::ScanResult { index: i } if i == index)
-            });
-            let value = scratch
-                .results
-                .get_mut(&scan)
-                .and_then(|results| results.get_mut(index))
-                .map(|result| match shared {
-                    true => result.data.clone(),
-                    false => std::mem::take(&mut result.data),
-                })
-                .ok_or_else(|| InterpError::Internal(format!("{id}: no scan result {index}")))?;
-            return buffers
-                .write(slot_in(self.slots, id)?, &value)
-                .map_err(|e| InterpError::Internal(format!("{id}: {e}")));
+        match &graph.node(id).op {
+            // The loop writes every result where it is kept: nothing to do.
+            Op::ScanResult { .. } => return Ok(()),
+            Op::Scan(scan) => return self.run_loop(id, scan, buffers),
+            _ => {}
         }
         let needed = fusion::reads(graph, id);
         // (A `count` reads only its operand's shape: no copy of its values.)
@@ -154,36 +139,6 @@ impl StepHost<'_> {
             };
             scratch.values.insert(operand, value);
         }
-        if let Op::Scan(scan) = &graph.node(id).op {
-            // The loop on its compiled body; the results where the
-            // interpreter keeps them, for the `scan_result` nodes.
-            let loop_body = match self.loops.entry(id) {
-                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-                std::collections::hash_map::Entry::Vacant(entry) => {
-                    entry.insert(LoopBody::new(scan)?)
-                }
-            };
-            // (Moved out, but for an operand given twice.)
-            let ids = graph.operands(id);
-            let operands: Vec<Tensor> = ids
-                .iter()
-                .enumerate()
-                .map(|(i, o)| match ids[i + 1..].contains(o) {
-                    true => scratch.values.get(o).cloned(),
-                    false => scratch.values.remove(o),
-                })
-                .collect::<Option<_>>()
-                .ok_or_else(|| InterpError::Internal(format!("{id}: an operand is missing")))?;
-            let results = loop_body.run(scan, &operands, dims, self.context)?;
-            let first = results
-                .first()
-                .ok_or_else(|| InterpError::Internal("a scan without results".into()))?;
-            buffers
-                .write(slot_in(self.slots, id)?, &first.data)
-                .map_err(|e| InterpError::Internal(format!("{id}: {e}")))?;
-            scratch.results.insert(id, results);
-            return Ok(());
-        }
         interp::evaluate_node(graph, id, scratch, self.context)?;
         let value = scratch
             .values
@@ -192,6 +147,44 @@ impl StepHost<'_> {
         buffers
             .write(slot_in(self.slots, id)?, &value.data)
             .map_err(|e| InterpError::Internal(format!("{id}: {e}")))
+    }
+
+    /// Runs a `scan` on its compiled body (`jit::scan`), from its
+    /// operands' buffers into the buffers of its results: the scan node's
+    /// (result 0) and those of the `scan_result` nodes reading the others.
+    fn run_loop(
+        &mut self,
+        id: NodeId,
+        scan: &crate::ir::Scan,
+        buffers: &mut Buffers<'_>,
+    ) -> Result<(), InterpError> {
+        let graph = self.graph;
+        let operands: Vec<usize> = graph
+            .operands(id)
+            .iter()
+            .map(|&o| slot_in(self.slots, o))
+            .collect::<Result<_, _>>()?;
+        let mut results: Vec<Vec<usize>> = vec![Vec::new(); scan.results.len()];
+        results[0].push(slot_in(self.slots, id)?);
+        for user in graph.users(id) {
+            if let Op::ScanResult { index } = graph.node(user).op
+                && let (Some(targets), Some(&slot)) =
+                    (results.get_mut(index), self.slots.get(&user))
+            {
+                targets.push(slot);
+            }
+        }
+        let loop_body = match self.loops.entry(id) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => entry.insert(LoopBody::new(scan)?),
+        };
+        loop_body.run(
+            scan,
+            buffers,
+            (&operands, &results),
+            self.dims,
+            self.context,
+        )
     }
 
     /// Runs a planned matrix product (`plan_product`) on the tuned GEMM

@@ -9,11 +9,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::interp::{Context, InterpError, Tensor, concrete};
+use crate::interp::{Context, InterpError, concrete};
 use crate::ir::{NodeId, Scan, Shape, expand};
 use crate::jit::bind::{self, Frames, internal, own_id, slot_in};
 use crate::jit::cache::ClifText;
 use crate::jit::host::StepHost;
+use crate::jit::native::frame::Buffers;
 use crate::jit::program::{Program, compile, optimized};
 
 /// A scan's body, compiled, with its frames.
@@ -38,15 +39,18 @@ impl LoopBody {
         })
     }
 
-    /// Every result of the loop (the final carries, then the stacked
-    /// outputs) for these operand values, the outer sizes `dims`.
+    /// Runs the loop on the outer frame's buffers: the operands are read
+    /// from `operands` (their buffers), and each result (the final
+    /// carries, then the stacked outputs) is written into every buffer
+    /// `results` lists for it; `dims` are the outer sizes.
     pub(super) fn run(
         &mut self,
         scan: &Scan,
-        operands: &[Tensor],
+        outer: &mut Buffers<'_>,
+        (operands, results): (&[usize], &[Vec<usize>]),
         dims: &BTreeMap<String, usize>,
         context: Context,
-    ) -> Result<Vec<Tensor>, InterpError> {
+    ) -> Result<(), InterpError> {
         let graph = Arc::clone(&self.program.graph);
         let own = |id: NodeId| own_id(&self.program.ids, id);
         let inputs: Vec<NodeId> = scan
@@ -54,7 +58,7 @@ impl LoopBody {
             .iter()
             .map(|&id| own(id))
             .collect::<Result<_, _>>()?;
-        let results: Vec<NodeId> = scan
+        let body_results: Vec<NodeId> = scan
             .results
             .iter()
             .map(|&id| own(id))
@@ -69,29 +73,34 @@ impl LoopBody {
             .iter()
             .map(|id| bound.slots.get(id).copied())
             .collect();
-        let result_slots: Vec<usize> = results
+        let result_slots: Vec<usize> = body_results
             .iter()
             .map(|&id| slot_in(&bound.slots, id))
             .collect::<Result<_, _>>()?;
-        let sizes: Vec<usize> = results
+        let size = |id: NodeId| -> Result<usize, InterpError> {
+            Ok(concrete(graph.node(id).shape(), dims)?.iter().product())
+        };
+        let input_sizes: Vec<usize> = inputs
             .iter()
-            .map(|&id| Ok(concrete(graph.node(id).shape(), dims)?.iter().product()))
-            .collect::<Result<_, InterpError>>()?;
+            .map(|&id| size(id))
+            .collect::<Result<_, _>>()?;
+        let sizes: Vec<usize> = body_results
+            .iter()
+            .map(|&id| size(id))
+            .collect::<Result<_, _>>()?;
+        // The carries' first values and the constants, once.
         {
             let mut buffers = bound.frame.buffers();
             let constants = scan.carries + scan.sequences..scan.inputs.len();
             for position in (0..scan.carries).chain(constants) {
                 if let Some(slot) = input_slots[position] {
+                    let whole = 0..input_sizes[position];
                     buffers
-                        .write(slot, &operands[position].data)
+                        .copy_from((slot, 0), outer, (operands[position], whole))
                         .map_err(internal)?;
                 }
             }
         }
-        let mut stacked: Vec<Vec<f64>> = sizes[scan.carries..]
-            .iter()
-            .map(|&size| vec![0.0; size * length])
-            .collect();
         // The new carries become the next step's by exchanging buffers,
         // when each carry's result has a buffer of its own; else copied.
         let carry_slots: Vec<Option<usize>> = input_slots[..scan.carries].to_vec();
@@ -104,7 +113,7 @@ impl LoopBody {
                     && !carry_slots.contains(&Some(result))
             })
         };
-        let mut carried: Vec<Vec<f64>> = vec![Vec::new(); scan.carries];
+        let mut carried = Vec::new();
         for step in 0..length {
             let t = if scan.reverse {
                 length - 1 - step
@@ -117,24 +126,26 @@ impl LoopBody {
                     let Some(slot) = input_slots[position] else {
                         continue;
                     };
-                    let sequence = &operands[position].data;
-                    let width = sequence.len() / length.max(1);
+                    let width = input_sizes[position];
                     buffers
-                        .write(slot, &sequence[t * width..(t + 1) * width])
+                        .copy_from(
+                            (slot, 0),
+                            outer,
+                            (operands[position], t * width..(t + 1) * width),
+                        )
                         .map_err(internal)?;
                 }
             }
             let (mut host, frame) = StepHost::of(&graph, bound, context);
             frame.run(&mut host, context)?;
             let mut buffers = bound.frame.buffers();
-            for (output, (&slot, &size)) in stacked.iter_mut().zip(
-                result_slots[scan.carries..]
-                    .iter()
-                    .zip(&sizes[scan.carries..]),
-            ) {
-                buffers
-                    .read_to(slot, &mut output[t * size..(t + 1) * size])
-                    .map_err(internal)?;
+            for (j, targets) in results[scan.carries..].iter().enumerate() {
+                let (slot, width) = (result_slots[scan.carries + j], sizes[scan.carries + j]);
+                for &target in targets {
+                    outer
+                        .copy_from((target, t * width), &buffers, (slot, 0..width))
+                        .map_err(internal)?;
+                }
             }
             if exchange {
                 for (c, leaf) in carry_slots.iter().enumerate() {
@@ -145,62 +156,34 @@ impl LoopBody {
                 continue;
             }
             // The new carries into the carries' buffers, for the next step.
-            for (carry, value) in carried.iter_mut().enumerate() {
-                value.clear();
-                value.extend_from_slice(&buffers.read(result_slots[carry], sizes[carry]));
-            }
-            for (carry, value) in carried.iter().enumerate() {
-                if let Some(slot) = carry_slots[carry] {
-                    buffers.write(slot, value).map_err(internal)?;
+            for c in 0..scan.carries {
+                if let Some(leaf) = carry_slots[c] {
+                    carried.clear();
+                    carried.extend_from_slice(&buffers.read(result_slots[c], sizes[c]));
+                    buffers.write(leaf, &carried).map_err(internal)?;
                 }
             }
         }
-        if exchange && length > 0 {
-            // (The final carries are in the carries' buffers now.)
-            let buffers = bound.frame.buffers();
-            for (c, value) in carried.iter_mut().enumerate() {
-                let leaf = carry_slots[c]
-                    .ok_or_else(|| InterpError::Internal("a carry without a buffer".into()))?;
-                value.clear();
-                value.extend_from_slice(&buffers.read(leaf, sizes[c]));
+        // The final carries: in the carries' buffers after an exchange,
+        // else still in the results' (the first values for no steps).
+        let buffers = bound.frame.buffers();
+        for (c, targets) in results[..scan.carries].iter().enumerate() {
+            let from = match (length, exchange) {
+                (0, _) => None,
+                (_, true) => carry_slots[c],
+                (_, false) => Some(result_slots[c]),
+            };
+            for &target in targets {
+                match from {
+                    Some(slot) => outer.copy_from((target, 0), &buffers, (slot, 0..sizes[c])),
+                    None => {
+                        let first = outer.read(operands[c], sizes[c]).into_owned();
+                        outer.write(target, &first)
+                    }
+                }
+                .map_err(internal)?;
             }
         }
-        loop_results(scan, operands, carried, stacked, dims)
+        Ok(())
     }
-}
-
-/// The loop's results as tensors: the final carries (the initial ones for
-/// a loop of no steps), then the stacked outputs. (Values read from the
-/// body's buffers are of their element type already: no rounding pass.)
-fn loop_results(
-    scan: &Scan,
-    operands: &[Tensor],
-    carried: Vec<Vec<f64>>,
-    stacked: Vec<Vec<f64>>,
-    dims: &BTreeMap<String, usize>,
-) -> Result<Vec<Tensor>, InterpError> {
-    let mut out = Vec::with_capacity(scan.results.len());
-    for (carry, value) in carried.into_iter().enumerate() {
-        let node = scan.body.node(scan.results[carry]);
-        let data = match value.is_empty() {
-            true => operands[carry].data.clone(),
-            false => value,
-        };
-        let shape = concrete(node.shape(), dims)?;
-        out.push(Tensor {
-            dtype: node.dtype(),
-            shape,
-            data,
-        });
-    }
-    for (j, data) in stacked.into_iter().enumerate() {
-        let node = scan.body.node(scan.results[scan.carries + j]);
-        let shape = concrete(&scan.stacked(node.shape()), dims)?;
-        out.push(Tensor {
-            dtype: node.dtype(),
-            shape,
-            data,
-        });
-    }
-    Ok(out)
 }

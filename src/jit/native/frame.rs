@@ -177,15 +177,45 @@ impl Buffers<'_> {
         self.0[slot].read(count)
     }
 
-    /// The first `out.len()` elements of buffer `slot` as `f64`s, into
-    /// `out`; an error if the buffer is shorter.
-    pub(crate) fn read_to(&self, slot: usize, out: &mut [f64]) -> Result<(), CodegenError> {
-        let short = || CodegenError(format!("buffer {slot} is shorter than {}", out.len()));
-        match &self.0[slot] {
-            Storage::F64(data) => out.copy_from_slice(data.get(..out.len()).ok_or_else(short)?),
-            Storage::F32(data) => widen_elements(data.get(..out.len()).ok_or_else(short)?, out),
+    /// Copies elements `from_range` of buffer `from_slot` of `source` into
+    /// buffer `slot` from element `at`: a `memcpy` between buffers of one
+    /// element type, converted between `f32` and `f64` ones; an error if a
+    /// range does not fit its buffer.
+    pub(crate) fn copy_from(
+        &mut self,
+        (slot, at): (usize, usize),
+        source: &Buffers<'_>,
+        (from_slot, from_range): (usize, std::ops::Range<usize>),
+    ) -> Result<(), CodegenError> {
+        let count = from_range.len();
+        let short = || {
+            CodegenError(format!(
+                "copying {count} elements into buffer {slot} at {at}"
+            ))
+        };
+        let to = at..at.checked_add(count).ok_or_else(short)?;
+        let (Some(target), Some(from)) = (self.0.get_mut(slot), source.0.get(from_slot)) else {
+            return Err(short());
+        };
+        match (target, from) {
+            (Storage::F32(t), Storage::F32(f)) => t
+                .get_mut(to)
+                .zip(f.get(from_range))
+                .map(|(t, f)| t.copy_from_slice(f)),
+            (Storage::F64(t), Storage::F64(f)) => t
+                .get_mut(to)
+                .zip(f.get(from_range))
+                .map(|(t, f)| t.copy_from_slice(f)),
+            (Storage::F32(t), Storage::F64(f)) => t
+                .get_mut(to)
+                .zip(f.get(from_range))
+                .map(|(t, f)| narrow_elements(f, t)),
+            (Storage::F64(t), Storage::F32(f)) => t
+                .get_mut(to)
+                .zip(f.get(from_range))
+                .map(|(t, f)| widen_elements(f, t)),
         }
-        Ok(())
+        .ok_or_else(short)
     }
 
     /// Writes `values` into the first elements of buffer `slot`.
