@@ -369,10 +369,14 @@ impl Compiling<'_> {
                 .map(|&id| graph.node(id).op.name())
                 .collect();
             // A product with no epilogue is one GEMM call (host work).
-            let place = if kernel.kind == fusion::Kind::MatMul && body.is_empty() {
-                "on the GEMM"
-            } else {
-                "on the interpreter"
+            let first = kernel.nodes.first().map(|&id| &graph.node(id).op);
+            let place = match first {
+                _ if kernel.kind == fusion::Kind::MatMul && body.is_empty() => "on the GEMM",
+                // (Host work too, but not the interpreter's.)
+                Some(Op::BatchMatMul { .. }) => "on the GEMM, one call per matrix",
+                Some(Op::Scan(_)) => "a loop of its compiled body",
+                Some(Op::ScanResult { .. }) => "written by its loop",
+                _ => "on the interpreter",
             };
             return Ok((
                 None,
