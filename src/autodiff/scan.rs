@@ -105,14 +105,10 @@ pub(super) fn vjp(
     }
     for (&c, &accumulator) in wanted_constants.iter().zip(&accumulators) {
         let g = gradient_of(&mut body, forward.inputs[carries + sequences + c])?;
-        let sum = add_op(
-            &mut body,
-            Op::Binary(BinaryFn::Add),
-            &[accumulator, g],
-            None,
-            origin,
-        )?;
-        results.push(sum);
+        // (The accumulator and the gradient have the constant's type.)
+        let ty = body.node(accumulator).ty.clone();
+        let sum = Node::derived(Op::Binary(BinaryFn::Add), ty, origin, None);
+        results.push(body.add(sum, &[accumulator, g]));
     }
     for &j in &wanted_sequences {
         results.push(gradient_of(&mut body, forward.inputs[carries + j])?);
@@ -343,24 +339,6 @@ fn add_leaf(body: &mut Graph, name: String, ty: Type, origin: Origin) -> NodeId 
         backward: None,
     };
     body.add(node, &[])
-}
-
-/// A node of `op` typed by its rule (`declared` for the ops that take the
-/// node's type).
-fn add_op(
-    body: &mut Graph,
-    op: Op,
-    operands: &[NodeId],
-    declared: Option<Type>,
-    origin: Origin,
-) -> Result<NodeId, AutodiffError> {
-    let types: Vec<Type> = operands.iter().map(|&o| body.node(o).ty.clone()).collect();
-    let refs: Vec<&Type> = types.iter().collect();
-    let declared = declared.unwrap_or_else(|| Type::new(types[0].dtype, Shape::scalar()));
-    let ty = op.infer(&refs, &declared).map_err(|e| {
-        AutodiffError::InvalidGraph(format!("{} in a scan's derivative: {e:?}", op.name()))
-    })?;
-    Ok(body.add(Node::derived(op, ty, origin, None), operands))
 }
 
 /// Removes the body nodes no result needs, but for the leaves (every leaf

@@ -604,15 +604,28 @@ impl Lowering<'_, '_> {
             return Value::Poison;
         };
         let params = builtin.params();
-        let mut found = Vec::new();
-        let slots = builtins::bind(self.ast(), name, params, args, span, &mut found);
-        for diagnostic in found {
-            self.report(diagnostic);
-        }
+        let slots = self.bind_args(name, params, args, span);
         let Some(slots) = slots else {
             return Value::Poison;
         };
         self.builtin(builtin, name, &slots, span)
+    }
+
+    /// Binds a call's arguments to `params` (`builtins::bind`), reporting
+    /// every problem; `None` if any argument could not be placed.
+    fn bind_args(
+        &mut self,
+        callee: &str,
+        params: &[builtins::Param<'_>],
+        args: &[Arg],
+        span: Span,
+    ) -> Option<Vec<Option<ExprId>>> {
+        let mut found = Vec::new();
+        let slots = builtins::bind(self.ast(), callee, params, args, span, &mut found);
+        for diagnostic in found {
+            self.report(diagnostic);
+        }
+        slots
     }
 
     /// A call of a user function where one value is wanted.
@@ -683,11 +696,7 @@ impl Lowering<'_, '_> {
                 optional: false,
             })
             .collect();
-        let mut found = Vec::new();
-        let slots = builtins::bind(self.ast(), &name, &params, args, span, &mut found);
-        for diagnostic in found {
-            self.report(diagnostic);
-        }
+        let slots = self.bind_args(&name, &params, args, span);
         let Some(slots) = slots else {
             return poison();
         };
@@ -744,11 +753,7 @@ impl Lowering<'_, '_> {
             && !self.cx.functions.contains_key("scan")
         {
             let params = Builtin::Scan.params();
-            let mut found = Vec::new();
-            let slots = builtins::bind(self.ast(), "scan", params, args, span, &mut found);
-            for diagnostic in found {
-                self.report(diagnostic);
-            }
+            let slots = self.bind_args("scan", params, args, span);
             let Some(values) = slots.and_then(|slots| self.scan(&slots, span)) else {
                 return poison;
             };
@@ -1867,11 +1872,7 @@ impl Lowering<'_, '_> {
                 return None;
             }
         };
-        let mut found = Vec::new();
-        let slots = builtins::bind(self.ast(), &name, params, &args, span, &mut found);
-        for diagnostic in found {
-            self.report(diagnostic);
-        }
+        let slots = self.bind_args(&name, params, &args, span);
         let slots = slots?;
         let mut numbers = Vec::new();
         for (slot, param) in slots.iter().zip(params) {

@@ -388,16 +388,7 @@ fn lower_model(
     if mode == Mode::Train && clean {
         lowering.warn_unused();
     }
-    for id in std::mem::take(&mut lowering.superseded) {
-        let node = lowering.graph.node(id);
-        let unused = node.name.is_none()
-            && node.role == Role::Intermediate
-            && !node.retain
-            && lowering.graph.users(id).is_empty();
-        if unused {
-            lowering.graph.remove(id);
-        }
-    }
+    lowering.remove_superseded(&[]);
     lowering.graph
 }
 
@@ -910,14 +901,36 @@ impl<'a> Lowering<'a, '_> {
         )
     }
 
+    /// The node of a value: a number becomes a constant of the default
+    /// float type; `None` for poison.
+    fn node_of(&mut self, value: Value, span: Span) -> Option<NodeId> {
+        match value {
+            Value::Node(id) => Some(id),
+            Value::Scalar(v) => Some(self.constant(v, self.default_float, span)),
+            Value::Poison => None,
+        }
+    }
+
+    /// Removes the nodes a stable rewrite replaced (`superseded`) that
+    /// nothing uses, names or keeps (`keep`).
+    fn remove_superseded(&mut self, keep: &[NodeId]) {
+        for id in std::mem::take(&mut self.superseded) {
+            let node = self.graph.node(id);
+            let unused = node.name.is_none()
+                && node.role == Role::Intermediate
+                && !node.retain
+                && self.graph.users(id).is_empty()
+                && !keep.contains(&id);
+            if unused {
+                self.graph.remove(id);
+            }
+        }
+    }
+
     /// A node to give a new role: the value itself if it has none yet, else
     /// an identity of it.
     fn node_for_role(&mut self, value: Value, span: Span) -> Option<NodeId> {
-        let id = match value {
-            Value::Node(id) => id,
-            Value::Scalar(v) => self.constant(v, self.default_float, span),
-            Value::Poison => return None,
-        };
+        let id = self.node_of(value, span)?;
         Some(match self.graph.node(id).role {
             Role::Intermediate => id,
             _ => self.identity(id, span),

@@ -75,9 +75,9 @@ impl<'a> Lowering<'a, '_> {
             );
             return None;
         }
-        let sequences = self.scan_operands(&sequences, "a sequence")?;
-        let carries = self.scan_operands(&carries, "a carry")?;
-        let constants = self.scan_operands(&constants, "a `with` value")?;
+        let sequences = self.scan_operands(&sequences)?;
+        let carries = self.scan_operands(&carries)?;
+        let constants = self.scan_operands(&constants)?;
         for carry in &carries {
             let dtype = self.graph.node(carry.id).dtype();
             if !dtype.is_float() || self.bools.contains(&carry.id) {
@@ -275,24 +275,17 @@ impl<'a> Lowering<'a, '_> {
 
     /// Lowers the operands of one group (sequences, carries or constants);
     /// a number becomes a scalar constant. `None` if any failed.
-    fn scan_operands(&mut self, exprs: &[ExprId], what: &str) -> Option<Vec<Given>> {
+    fn scan_operands(&mut self, exprs: &[ExprId]) -> Option<Vec<Given>> {
         let mut given = Vec::new();
         let mut failed = false;
         for &expr in exprs {
             let span = self.ast().expr(expr).span;
-            match self.expr(expr) {
-                Value::Node(id) => given.push(Given { id, span }),
-                Value::Scalar(v) => {
-                    let dtype = self.default_float;
-                    given.push(Given {
-                        id: self.constant(v, dtype, span),
-                        span,
-                    });
-                }
-                Value::Poison => failed = true,
+            let value = self.expr(expr);
+            match self.node_of(value, span) {
+                Some(id) => given.push(Given { id, span }),
+                None => failed = true,
             }
         }
-        let _ = what;
         (!failed).then_some(given)
     }
 
@@ -323,19 +316,18 @@ impl<'a> Lowering<'a, '_> {
             }
             leaf
         };
-        let carry_leaves: Vec<NodeId> = carries
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                leaf(
-                    self,
-                    &outer,
-                    c.id,
-                    format!("carry{i}"),
-                    outer.node(c.id).shape().clone(),
-                )
-            })
-            .collect();
+        // (Carries and constants: the whole value every step.)
+        let whole = |lowering: &mut Self, givens: &[Given], prefix: &str| -> Vec<NodeId> {
+            givens
+                .iter()
+                .enumerate()
+                .map(|(i, g)| {
+                    let shape = outer.node(g.id).shape().clone();
+                    leaf(lowering, &outer, g.id, format!("{prefix}{i}"), shape)
+                })
+                .collect()
+        };
+        let carry_leaves = whole(self, carries, "carry");
         let sequence_leaves: Vec<NodeId> = sequences
             .iter()
             .enumerate()
@@ -344,37 +336,19 @@ impl<'a> Lowering<'a, '_> {
                 leaf(self, &outer, s, format!("x{j}"), element)
             })
             .collect();
-        let constant_leaves: Vec<NodeId> = constants
-            .iter()
-            .enumerate()
-            .map(|(c, w)| {
-                leaf(
-                    self,
-                    &outer,
-                    w.id,
-                    format!("with{c}"),
-                    outer.node(w.id).shape().clone(),
-                )
-            })
-            .collect();
+        let constant_leaves = whole(self, constants, "with");
         let mut arguments: Vec<Value> = sequence_leaves.iter().map(|&id| Value::Node(id)).collect();
         arguments.extend(carry_leaves.iter().map(|&id| Value::Node(id)));
         arguments.extend(constant_leaves.iter().map(|&id| Value::Node(id)));
-        self.calls.push((span, function.name.name.clone()));
         let values = self.inline_values(function, arguments, span);
-        self.calls.pop();
 
         let mut returned = Vec::new();
         let mut failed = false;
         for (value, &expr) in values.into_iter().zip(&function.results) {
             let at = self.ast().expr(expr).span;
-            match value {
-                Value::Node(id) => returned.push((id, at, self.bools.contains(&id))),
-                Value::Scalar(v) => {
-                    let dtype = self.default_float;
-                    returned.push((self.constant(v, dtype, at), at, false));
-                }
-                Value::Poison => failed = true,
+            match self.node_of(value, at) {
+                Some(id) => returned.push((id, at, self.bools.contains(&id))),
+                None => failed = true,
             }
         }
         let disallowed = self.graph.ids().into_iter().find(|&id| {
@@ -384,14 +358,8 @@ impl<'a> Lowering<'a, '_> {
             )
         });
         let grad_call = self.graph.grad_calls.first().map(|g| g.span);
-        for id in std::mem::take(&mut self.superseded) {
-            let unused = self.graph.node(id).role == Role::Intermediate
-                && self.graph.users(id).is_empty()
-                && !returned.iter().any(|r| r.0 == id);
-            if unused {
-                self.graph.remove(id);
-            }
-        }
+        let kept: Vec<NodeId> = returned.iter().map(|r| r.0).collect();
+        self.remove_superseded(&kept);
         let body = std::mem::replace(&mut self.graph, outer);
         self.bools = outer_bools;
         self.superseded = outer_superseded;
